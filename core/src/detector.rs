@@ -1,0 +1,230 @@
+//! The detectors behind one type: fit on normal images, score one image into
+//! a raw image score and a raw anomaly map at the image's own size.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use image::Rgb32FImage;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::anomaly_map::{AnomalyMap, DEFAULT_BLUR_SIGMA};
+use crate::features::{FeatureExtractor, PatchGrid};
+use crate::flow::{Flow, FlowConfig};
+use crate::images::{ImageLimits, load_image};
+use crate::model_file::{ModelFileError, take};
+use crate::padim::{Padim, PadimConfig};
+use crate::patchcore::{PatchCore, PatchCoreConfig};
+use crate::progress::Progress;
+use crate::recon::{Recon, ReconConfig};
+
+/// Which detector, with its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DetectorConfig {
+    PatchCore(PatchCoreConfig),
+    Padim(PadimConfig),
+    /// FastFlow-style normalizing flow, trained.
+    Flow(FlowConfig),
+    /// DFR-style feature autoencoder, trained.
+    Recon(ReconConfig),
+}
+
+impl DetectorConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::PatchCore(_) => "patchcore",
+            Self::Padim(_) => "padim",
+            Self::Flow(_) => "flow",
+            Self::Recon(_) => "recon",
+        }
+    }
+}
+
+/// A fitted detector.
+#[derive(Debug, Clone)]
+pub enum Detector {
+    PatchCore(PatchCore),
+    Padim(Padim),
+    Flow(Flow),
+    Recon(Recon),
+}
+
+/// What a detector says about one image, before calibration.
+#[derive(Debug, Clone)]
+pub struct RawInspection {
+    pub score: f32,
+    /// Per-pixel scores at the image's own size.
+    pub map: AnomalyMap,
+}
+
+impl Detector {
+    /// Fits on the normal images at `paths`.
+    pub fn fit(
+        extractor: &FeatureExtractor,
+        paths: &[PathBuf],
+        config: &DetectorConfig,
+        limits: &ImageLimits,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
+        if paths.is_empty() {
+            return Err(Error::InvalidConfig("no training images".into()));
+        }
+        // The trained detectors read their own features (stage maps for the
+        // flow) and split off their validation images themselves.
+        let started = Instant::now();
+        match config {
+            DetectorConfig::Flow(c) => {
+                let (flow, _) = Flow::fit(extractor, paths, c, limits, started, progress)?;
+                return Ok(Self::Flow(flow));
+            }
+            DetectorConfig::Recon(c) => {
+                let (recon, _) = Recon::fit(extractor, paths, c, limits, started, progress)?;
+                return Ok(Self::Recon(recon));
+            }
+            DetectorConfig::PatchCore(_) | DetectorConfig::Padim(_) => {}
+        }
+        progress.start("features", paths.len() as u64);
+        let mut grids = Vec::with_capacity(paths.len());
+        for path in paths {
+            let image = load_image(path, limits)?;
+            grids.push(extractor.extract(&image)?.features);
+            progress.advance(1);
+        }
+        progress.finish();
+        match config {
+            DetectorConfig::PatchCore(c) => {
+                let all = Tensor::cat(&grids, 0)?;
+                drop(grids);
+                Ok(Self::PatchCore(PatchCore::fit(&all, c, progress)?))
+            }
+            DetectorConfig::Padim(c) => Ok(Self::Padim(Padim::fit(&grids, c, progress)?)),
+            DetectorConfig::Flow(_) | DetectorConfig::Recon(_) => Err(Error::InvalidConfig(
+                "trained detectors are fitted above".into(),
+            )),
+        }
+    }
+
+    /// Scores one image.
+    pub fn inspect(
+        &self,
+        extractor: &FeatureExtractor,
+        image: &Rgb32FImage,
+    ) -> Result<RawInspection, Error> {
+        if let Self::Flow(model) = self {
+            let (maps, input_size) = extractor.stage_maps(image)?;
+            let (scores, grid_width, grid_height) = model.score(&maps)?;
+            let map = grid_to_map(
+                grid_width,
+                grid_height,
+                input_size,
+                scores,
+                image.dimensions(),
+            )?;
+            // Like PaDiM: the peak of the smoothed map.
+            return Ok(RawInspection {
+                score: map.max(),
+                map,
+            });
+        }
+        let grid = extractor.extract(image)?;
+        let (patch_scores, image_score) = match self {
+            Self::PatchCore(model) => {
+                let s = model.score(&grid.features)?;
+                (s.patches, Some(s.image))
+            }
+            Self::Padim(model) => (model.score(&grid.features)?, None),
+            Self::Recon(model) => (model.score(&grid.features)?, None),
+            Self::Flow(_) => {
+                return Err(Error::InvalidConfig("flows are scored above".into()));
+            }
+        };
+        let map = upsampled_map(&grid, patch_scores, image.dimensions())?;
+        // PaDiM's and the autoencoder's image score is the peak of the
+        // smoothed map.
+        let score = image_score.unwrap_or_else(|| map.max());
+        Ok(RawInspection { score, map })
+    }
+
+    /// Memory-bank size, for detectors that have one.
+    pub fn memory_bank_size(&self) -> Option<usize> {
+        match self {
+            Self::PatchCore(m) => Some(m.bank_size()),
+            Self::Padim(_) | Self::Flow(_) | Self::Recon(_) => None,
+        }
+    }
+
+    /// The tensors a model file stores.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        match self {
+            Self::PatchCore(m) => BTreeMap::from([("patchcore.bank".into(), m.bank().clone())]),
+            Self::Padim(m) => m
+                .parts()
+                .into_iter()
+                .map(|(k, t)| (k.to_string(), t.clone()))
+                .collect(),
+            Self::Flow(m) => m.tensors().clone(),
+            Self::Recon(m) => m.tensors().clone(),
+        }
+    }
+
+    /// Rebuilds a detector from a model file's tensors.
+    pub fn from_tensors(
+        config: &DetectorConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Self, Error> {
+        let mut get = |name: &str| -> Result<Tensor, ModelFileError> { take(tensors, name, path) };
+        Ok(match config {
+            DetectorConfig::PatchCore(c) => {
+                Self::PatchCore(PatchCore::from_bank(get("patchcore.bank")?, c.neighbours)?)
+            }
+            DetectorConfig::Padim(_) => Self::Padim(Padim::from_parts(
+                get("padim.channels")?,
+                get("padim.mean")?,
+                get("padim.inverse_covariance")?,
+            )?),
+            DetectorConfig::Flow(c) => Self::Flow(Flow::from_tensors(c, tensors, path)?),
+            DetectorConfig::Recon(_) => Self::Recon(Recon::from_tensors(tensors, path)?),
+        })
+    }
+}
+
+/// Patch scores → map at the backbone input size (blurred, σ = 4 there) →
+/// map at the image's own size.
+fn upsampled_map(
+    grid: &PatchGrid,
+    patch_scores: Vec<f32>,
+    image_size: (u32, u32),
+) -> Result<AnomalyMap, Error> {
+    grid_to_map(
+        grid.grid_width,
+        grid.grid_height,
+        grid.input_size,
+        patch_scores,
+        image_size,
+    )
+}
+
+/// [`upsampled_map`] for a `grid_width × grid_height` grid computed at
+/// backbone input size `input_size`.
+fn grid_to_map(
+    grid_width: usize,
+    grid_height: usize,
+    input_size: (u32, u32),
+    patch_scores: Vec<f32>,
+    image_size: (u32, u32),
+) -> Result<AnomalyMap, Error> {
+    let coarse = AnomalyMap::new(grid_width, grid_height, patch_scores)
+        .ok_or_else(|| Error::InvalidConfig("patch scores do not fill the grid".into()))?;
+    let (iw, ih) = input_size;
+    let at_input = AnomalyMap::from_grid(&coarse, iw as usize, ih as usize, DEFAULT_BLUR_SIGMA);
+    let (w, h) = (image_size.0 as usize, image_size.1 as usize);
+    Ok(if (w, h) == (iw as usize, ih as usize) {
+        at_input
+    } else {
+        at_input.resized_bilinear(w, h)
+    })
+}

@@ -1,0 +1,273 @@
+//! From an image to patch features.
+//!
+//! A pretrained CNN returns named stages; each stage is averaged over its
+//! 3×3 neighbourhood ("locally aware" features, as PatchCore does), deeper
+//! stages are upsampled bilinearly to the grid of the shallowest one, and the
+//! channels are concatenated. The result is one feature vector per grid cell.
+
+use candle_core::{DType, Device, Tensor};
+use flawscope_models::{EfficientNetLite, LiteVariant, Preprocess, Stage};
+use image::{DynamicImage, Rgb32FImage};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Which pretrained network produces the features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackboneKind {
+    /// EfficientNet-Lite0, ImageNet weights, embedded in the binary.
+    Lite0,
+}
+
+impl BackboneKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lite0 => "lite0",
+        }
+    }
+}
+
+impl std::str::FromStr for BackboneKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "lite0" => Ok(Self::Lite0),
+            other => Err(Error::InvalidConfig(format!(
+                "unknown backbone {other:?}; available: lite0"
+            ))),
+        }
+    }
+}
+
+/// How an image is resized before the backbone sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Resize {
+    /// Every image to exactly `width × height` (aspect may change). Needed by
+    /// detectors that model each grid position separately (PaDiM, flows).
+    Fixed { width: u32, height: u32 },
+    /// Keep the aspect ratio and give the image about `side²` pixels, each
+    /// side a multiple of 32 (at least 64). Grids then differ between
+    /// images, which memory-bank detectors handle naturally.
+    KeepAspect { side: u32 },
+}
+
+impl Resize {
+    /// The backbone input size for an image of `width × height`.
+    pub fn input_size(self, width: u32, height: u32) -> (u32, u32) {
+        match self {
+            Self::Fixed { width, height } => (width, height),
+            Self::KeepAspect { side } => {
+                let aspect = f64::from(width.max(1)) / f64::from(height.max(1));
+                let area = f64::from(side) * f64::from(side);
+                let h = (area / aspect).sqrt();
+                let w = h * aspect;
+                let snap = |v: f64| ((v / 32.0).round() as u32 * 32).clamp(64, side * 4);
+                (snap(w), snap(h))
+            }
+        }
+    }
+}
+
+/// What the feature extractor computes; stored in every model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureConfig {
+    pub backbone: BackboneKind,
+    /// Stages to concatenate; the first listed sets the grid.
+    #[serde(with = "stage_names")]
+    pub stages: Vec<Stage>,
+    pub resize: Resize,
+}
+
+/// Patch features of one image: `features` is `[grid_h · grid_w, channels]`,
+/// row-major over the grid.
+#[derive(Debug, Clone)]
+pub struct PatchGrid {
+    pub features: Tensor,
+    pub grid_width: usize,
+    pub grid_height: usize,
+    /// The backbone input size the grid was computed at.
+    pub input_size: (u32, u32),
+}
+
+impl PatchGrid {
+    pub fn channels(&self) -> usize {
+        self.features.dims().get(1).copied().unwrap_or(0)
+    }
+}
+
+/// A backbone plus the recipe that turns its stages into patch features.
+pub struct FeatureExtractor {
+    net: EfficientNetLite,
+    config: FeatureConfig,
+}
+
+impl FeatureExtractor {
+    pub fn new(config: FeatureConfig, device: &Device) -> Result<Self, Error> {
+        if config.stages.is_empty() {
+            return Err(Error::InvalidConfig("no backbone stages chosen".into()));
+        }
+        let net = match config.backbone {
+            BackboneKind::Lite0 => EfficientNetLite::embedded_lite0(device)?,
+        };
+        Ok(Self { net, config })
+    }
+
+    pub fn config(&self) -> &FeatureConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        self.net.device()
+    }
+
+    /// Width of each patch feature vector.
+    pub fn channels(&self) -> usize {
+        self.config
+            .stages
+            .iter()
+            .map(|s| LiteVariant::Lite0.stage_channels(*s))
+            .sum()
+    }
+
+    /// Backbone input tensor `[1, 3, H, W]` for an image.
+    pub fn input_tensor(&self, image: &Rgb32FImage) -> Result<Tensor, Error> {
+        let (w, h) = self.config.resize.input_size(image.width(), image.height());
+        let dynamic = DynamicImage::ImageRgb32F(image.clone());
+        Ok(Preprocess::new(w, h).image(&dynamic, self.net.device())?)
+    }
+
+    /// The raw maps of the configured stages, each `[1, C, h, w]` f32, in
+    /// network order (no local averaging, no upsampling), and the backbone
+    /// input size `(width, height)`. Trained detectors (flows) model each
+    /// stage at its own resolution.
+    pub fn stage_maps(&self, image: &Rgb32FImage) -> Result<(Vec<Tensor>, (u32, u32)), Error> {
+        let input = self.input_tensor(image)?;
+        let (_, _, h, w) = input.dims4()?;
+        let maps = self
+            .net
+            .forward_stages(&input, &self.config.stages)?
+            .into_iter()
+            .map(|(_, map)| map.to_dtype(DType::F32))
+            .collect::<Result<Vec<_>, _>>()?;
+        if maps.is_empty() {
+            return Err(Error::InvalidConfig("backbone returned no stage".into()));
+        }
+        Ok((maps, (w as u32, h as u32)))
+    }
+
+    /// Patch features of one image.
+    pub fn extract(&self, image: &Rgb32FImage) -> Result<PatchGrid, Error> {
+        let input = self.input_tensor(image)?;
+        let (_, _, h, w) = input.dims4()?;
+        let stages = self.net.forward_stages(&input, &self.config.stages)?;
+        // The first stage listed sets the grid; the others are resampled to
+        // it (finer ones averaged down, coarser ones upsampled bilinearly).
+        let mut maps = Vec::with_capacity(stages.len());
+        let mut grid = None;
+        for wanted in &self.config.stages {
+            let Some((_, map)) = stages.iter().find(|(s, _)| s == wanted) else {
+                continue;
+            };
+            let pooled = locally_aware(map)?;
+            let (_, _, gh, gw) = pooled.dims4()?;
+            let (gh0, gw0) = *grid.get_or_insert((gh, gw));
+            maps.push(resample(pooled, gh0, gw0)?);
+        }
+        let (grid_height, grid_width) =
+            grid.ok_or_else(|| Error::InvalidConfig("backbone returned no stage".into()))?;
+        let joined = Tensor::cat(&maps, 1)?; // [1, C, gh, gw]
+        let channels = joined.dim(1)?;
+        let features = joined
+            .reshape((channels, grid_height * grid_width))?
+            .t()?
+            .contiguous()?
+            .to_dtype(DType::F32)?;
+        Ok(PatchGrid {
+            features,
+            grid_width,
+            grid_height,
+            input_size: (w as u32, h as u32),
+        })
+    }
+}
+
+/// Parses a stage name (`stage3`, `head`, …).
+pub fn parse_stage(name: &str) -> Result<Stage, Error> {
+    Stage::ALL
+        .into_iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| Error::InvalidConfig(format!("unknown backbone stage {name:?}")))
+}
+
+/// Stages are stored by name in model files.
+mod stage_names {
+    use flawscope_models::Stage;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(stages: &[Stage], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(stages.iter().map(|stage| stage.name()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Stage>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|name| super::parse_stage(name).map_err(D::Error::custom))
+            .collect()
+    }
+}
+
+/// Brings a `[1, C, h, w]` map to `target_h × target_w`: an exact
+/// average over blocks when the map is an integer multiple of the target,
+/// bilinear interpolation otherwise.
+fn resample(map: Tensor, target_h: usize, target_w: usize) -> Result<Tensor, Error> {
+    let (_, _, h, w) = map.dims4()?;
+    if (h, w) == (target_h, target_w) {
+        return Ok(map);
+    }
+    if h > target_h && h % target_h == 0 && w % target_w == 0 && h / target_h == w / target_w {
+        let k = h / target_h;
+        return Ok(map.avg_pool2d_with_stride(k, k)?);
+    }
+    Ok(map.upsample_bilinear2d(target_h, target_w, false)?)
+}
+
+/// 3×3 average with zero padding (PyTorch's `AvgPool2d(3, 1, 1)`).
+fn locally_aware(map: &Tensor) -> Result<Tensor, Error> {
+    let padded = map.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    Ok(padded.avg_pool2d_with_stride(3, 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_aspect_sizes_are_multiples_of_32_near_the_area() {
+        let resize = Resize::KeepAspect { side: 256 };
+        assert_eq!(resize.input_size(300, 300), (256, 256));
+        let (w, h) = resize.input_size(103, 400);
+        assert_eq!((w % 32, h % 32), (0, 0));
+        assert!(h > w);
+        let area = f64::from(w * h);
+        assert!((area / 65536.0 - 1.0).abs() < 0.25, "{w}×{h}");
+    }
+
+    #[test]
+    fn features_have_one_row_per_grid_cell() {
+        let config = FeatureConfig {
+            backbone: BackboneKind::Lite0,
+            stages: vec![Stage::Stage3, Stage::Stage4],
+            resize: Resize::Fixed {
+                width: 128,
+                height: 96,
+            },
+        };
+        let extractor = FeatureExtractor::new(config, &Device::Cpu).unwrap();
+        let image = Rgb32FImage::from_pixel(50, 40, image::Rgb([0.5, 0.2, 0.9]));
+        let grid = extractor.extract(&image).unwrap();
+        assert_eq!((grid.grid_width, grid.grid_height), (16, 12));
+        assert_eq!(grid.features.dims(), &[16 * 12, extractor.channels()]);
+    }
+}

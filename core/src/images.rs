@@ -1,0 +1,243 @@
+//! Reading images safely.
+//!
+//! Every image, whatever its format (PNG, JPEG, BMP, TIFF) or pixel type
+//! (grey, RGB, RGBA, 8 or 16 bit), becomes one form: [`Rgb32FImage`], three
+//! channels of `f32` in `[0, 1]`. The header is read first and an image whose
+//! pixel count exceeds the budget is refused before any pixel buffer is
+//! allocated, so a decompression bomb costs nothing.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use image::{ImageFormat, ImageReader, Rgb32FImage};
+
+/// Default pixel budget: 40 megapixels.
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// Extensions treated as images when scanning folders.
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+
+/// Limits applied before an image is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest accepted `width × height`.
+    pub max_pixels: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
+    }
+}
+
+/// Why an image could not be read. Each variant names the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read {source_name}: {cause}")]
+    Io {
+        source_name: String,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error("{source_name} is empty")]
+    Empty { source_name: String },
+    #[error("{source_name} is not a supported image (PNG, JPEG, BMP or TIFF expected)")]
+    UnsupportedFormat { source_name: String },
+    #[error(
+        "{source_name} is {width}×{height} = {pixels} pixels, over the budget of {max_pixels} pixels"
+    )]
+    TooLarge {
+        source_name: String,
+        width: u32,
+        height: u32,
+        pixels: u64,
+        max_pixels: u64,
+    },
+    #[error("{source_name} has a zero-sized dimension ({width}×{height})")]
+    ZeroSized {
+        source_name: String,
+        width: u32,
+        height: u32,
+    },
+    #[error("{source_name} is corrupt or truncated: {cause}")]
+    Corrupt {
+        source_name: String,
+        #[source]
+        cause: image::ImageError,
+    },
+}
+
+/// True when `path` has one of the [`IMAGE_EXTENSIONS`] (case-insensitive).
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Reads an image file. The format is taken from the content, not the
+/// extension, so a JPEG named `.png` still loads.
+pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<Rgb32FImage, ImageError> {
+    let source_name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|cause| ImageError::Io {
+        source_name: source_name.clone(),
+        cause,
+    })?;
+    decode_image(&bytes, &source_name, limits)
+}
+
+/// Decodes image bytes (from a file or a request body). `source_name` is
+/// used in error messages only.
+pub fn decode_image(
+    bytes: &[u8],
+    source_name: &str,
+    limits: &ImageLimits,
+) -> Result<Rgb32FImage, ImageError> {
+    let source_name = source_name.to_string();
+    if bytes.is_empty() {
+        return Err(ImageError::Empty { source_name });
+    }
+    let format = sniff_format(bytes).ok_or_else(|| ImageError::UnsupportedFormat {
+        source_name: source_name.clone(),
+    })?;
+    let corrupt = |cause| ImageError::Corrupt {
+        source_name: source_name.clone(),
+        cause,
+    };
+
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(corrupt)?;
+    check_dimensions(&source_name, width, height, limits)?;
+
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(width);
+    decoder_limits.max_image_height = Some(height);
+    // Room for the decoded image at 16 bits × 4 channels plus the f32 copy.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8 + 12));
+    reader.limits(decoder_limits);
+    let decoded = reader.decode().map_err(corrupt)?;
+    Ok(decoded.to_rgb32f())
+}
+
+/// Reads only the header and returns `(width, height)`, enforcing the budget.
+pub fn image_dimensions(path: &Path, limits: &ImageLimits) -> Result<(u32, u32), ImageError> {
+    let source_name = path.display().to_string();
+    let reader = ImageReader::open(path)
+        .map_err(|cause| ImageError::Io {
+            source_name: source_name.clone(),
+            cause,
+        })?
+        .with_guessed_format()
+        .map_err(|cause| ImageError::Io {
+            source_name: source_name.clone(),
+            cause,
+        })?;
+    if reader.format().is_none_or(|f| !is_supported(f)) {
+        return Err(ImageError::UnsupportedFormat { source_name });
+    }
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|cause| ImageError::Corrupt {
+            source_name: source_name.clone(),
+            cause,
+        })?;
+    check_dimensions(&source_name, width, height, limits)?;
+    Ok((width, height))
+}
+
+fn check_dimensions(
+    source_name: &str,
+    width: u32,
+    height: u32,
+    limits: &ImageLimits,
+) -> Result<(), ImageError> {
+    if width == 0 || height == 0 {
+        return Err(ImageError::ZeroSized {
+            source_name: source_name.to_string(),
+            width,
+            height,
+        });
+    }
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
+        return Err(ImageError::TooLarge {
+            source_name: source_name.to_string(),
+            width,
+            height,
+            pixels,
+            max_pixels: limits.max_pixels,
+        });
+    }
+    Ok(())
+}
+
+fn is_supported(format: ImageFormat) -> bool {
+    matches!(
+        format,
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Bmp | ImageFormat::Tiff
+    )
+}
+
+fn sniff_format(bytes: &[u8]) -> Option<ImageFormat> {
+    image::guess_format(bytes).ok().filter(|f| is_supported(*f))
+}
+
+/// Lists the image files directly inside `dir`, sorted by name.
+pub fn list_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() && has_image_extension(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayImage, Luma};
+
+    fn png_bytes(img: &GrayImage) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn grey_png_becomes_rgb_in_unit_range() {
+        let img = GrayImage::from_fn(5, 3, |x, _| Luma([(x * 60) as u8]));
+        let rgb = decode_image(&png_bytes(&img), "mem", &ImageLimits::default()).unwrap();
+        assert_eq!(rgb.dimensions(), (5, 3));
+        let p = rgb.get_pixel(4, 0);
+        assert!((p[0] - 240.0 / 255.0).abs() < 1e-6);
+        assert_eq!(p[0], p[2]);
+    }
+
+    #[test]
+    fn budget_is_enforced_from_the_header() {
+        let img = GrayImage::new(100, 100);
+        let limits = ImageLimits { max_pixels: 9_999 };
+        let err = decode_image(&png_bytes(&img), "big.png", &limits).unwrap_err();
+        assert!(matches!(err, ImageError::TooLarge { pixels: 10_000, .. }));
+        assert!(err.to_string().contains("big.png"));
+    }
+
+    #[test]
+    fn garbage_is_unsupported_and_empty_is_empty() {
+        let limits = ImageLimits::default();
+        assert!(matches!(
+            decode_image(b"hello world, not an image", "x", &limits),
+            Err(ImageError::UnsupportedFormat { .. })
+        ));
+        assert!(matches!(
+            decode_image(b"", "x", &limits),
+            Err(ImageError::Empty { .. })
+        ));
+    }
+}

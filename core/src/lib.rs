@@ -1,0 +1,66 @@
+//! The anomaly-detection engine.
+//!
+//! Data flows one way: an image is read ([`images`]), a backbone from
+//! `flawscope-models` turns it into patch features ([`features`]), a detector
+//! ([`patchcore`], [`padim`], the trained [`flow`] and [`recon`], behind
+//! [`detector`]; [`train`] holds their shared training loop) scores the
+//! features into an [`anomaly_map`], and [`calibration`] turns scores into a
+//! verdict.
+//! [`inspector`] ties these into one fitted model stored in one file
+//! ([`model_file`]). [`dataset`] reads folders of images, [`evaluation`] and
+//! [`metrics`] measure how well a detector separates good from bad.
+
+pub mod anomaly_map;
+pub mod any_model;
+pub mod calibration;
+pub mod coreset;
+pub mod dataset;
+pub mod detector;
+pub mod evaluation;
+pub mod features;
+pub mod flow;
+pub mod heatmap;
+pub mod images;
+pub mod inspector;
+pub mod metrics;
+pub mod model_file;
+pub mod padim;
+pub mod patchcore;
+pub mod progress;
+pub mod recon;
+pub mod regions;
+pub mod train;
+#[cfg(test)]
+mod trained_tests;
+pub mod winclip;
+
+pub use candle_core::Device;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Image(#[from] images::ImageError),
+    #[error(transparent)]
+    Dataset(#[from] dataset::DatasetError),
+    #[error(transparent)]
+    Model(#[from] flawscope_models::ModelError),
+    #[error(transparent)]
+    ModelFile(#[from] model_file::ModelFileError),
+    #[error(transparent)]
+    Calibration(#[from] calibration::CalibrationError),
+    #[error(transparent)]
+    Prompt(#[from] flawscope_prompts::PromptError),
+    #[error(transparent)]
+    WinClip(#[from] winclip::WinClipError),
+    #[error(transparent)]
+    Metric(#[from] metrics::MetricError),
+    #[error("tensor computation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error("training failed: {0}")]
+    Training(String),
+    #[error("cannot encode image: {0}")]
+    Encode(String),
+}

@@ -1,0 +1,256 @@
+//! PatchCore (Roth et al., CVPR 2022): a memory bank of normal patch
+//! features; a test patch is as anomalous as it is far from its nearest bank
+//! vector.
+//!
+//! Fitting thins all training patches with a greedy k-center coreset (see
+//! [`crate::coreset`]). Scoring computes every query-to-bank distance as
+//! `‖q‖² − 2 q·b + ‖b‖²` in matrix products over chunks of the bank. The
+//! image score is the largest patch score, reweighted by how isolated its
+//! nearest bank vector is among that vector's own nearest neighbours.
+
+use candle_core::{D, DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::coreset::greedy_coreset;
+use crate::progress::Progress;
+
+/// Bank rows compared with the queries in one matrix product.
+const BANK_CHUNK: usize = 8_192;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PatchCoreConfig {
+    /// Fraction of training patches kept in the bank.
+    pub coreset_ratio: f64,
+    /// Hard cap on the bank size, whatever the ratio.
+    pub max_bank: Option<usize>,
+    /// Dimension of the random projection used for coreset distances.
+    pub projection_dim: usize,
+    /// Neighbourhood size of the image-score reweighting.
+    pub neighbours: usize,
+    pub seed: u64,
+}
+
+impl Default for PatchCoreConfig {
+    fn default() -> Self {
+        Self {
+            coreset_ratio: 0.1,
+            max_bank: None,
+            projection_dim: 128,
+            neighbours: 9,
+            seed: 0,
+        }
+    }
+}
+
+/// A fitted PatchCore memory bank.
+#[derive(Debug, Clone)]
+pub struct PatchCore {
+    /// `[bank_size, channels]`.
+    bank: Tensor,
+    /// `[1, bank_size]`: squared norms of the bank rows.
+    bank_norms: Tensor,
+    neighbours: usize,
+}
+
+/// Patch scores of one image and its image-level score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchScores {
+    /// One score per query row, in query order.
+    pub patches: Vec<f32>,
+    pub image: f32,
+}
+
+impl PatchCore {
+    /// Builds the bank from training patches `[n, channels]`.
+    pub fn fit(
+        patches: &Tensor,
+        config: &PatchCoreConfig,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
+        let (n, dim) = patches.dims2()?;
+        if n == 0 {
+            return Err(Error::InvalidConfig("no training patches".into()));
+        }
+        if !(config.coreset_ratio > 0.0 && config.coreset_ratio <= 1.0) {
+            return Err(Error::InvalidConfig(format!(
+                "coreset ratio must be in (0, 1], got {}",
+                config.coreset_ratio
+            )));
+        }
+        let mut k = ((n as f64) * config.coreset_ratio).ceil() as usize;
+        if let Some(cap) = config.max_bank {
+            k = k.min(cap.max(1));
+        }
+        let bank = if k >= n {
+            patches.clone()
+        } else {
+            let host: Vec<f32> = patches.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let chosen =
+                greedy_coreset(&host, dim, k, config.projection_dim, config.seed, progress);
+            let ids: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
+            let ids = Tensor::from_vec(ids, k, patches.device())?;
+            patches.index_select(&ids, 0)?
+        };
+        Self::from_bank(bank, config.neighbours)
+    }
+
+    /// Wraps an existing bank `[bank_size, channels]` (as loaded from a file).
+    pub fn from_bank(bank: Tensor, neighbours: usize) -> Result<Self, Error> {
+        let bank = bank.to_dtype(DType::F32)?.contiguous()?;
+        let (size, _) = bank.dims2()?;
+        if size == 0 {
+            return Err(Error::InvalidConfig("empty memory bank".into()));
+        }
+        let bank_norms = bank.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
+        Ok(Self {
+            bank,
+            bank_norms,
+            neighbours: neighbours.max(1),
+        })
+    }
+
+    pub fn bank(&self) -> &Tensor {
+        &self.bank
+    }
+
+    pub fn bank_size(&self) -> usize {
+        self.bank.dims()[0]
+    }
+
+    pub fn neighbours(&self) -> usize {
+        self.neighbours
+    }
+
+    pub fn device(&self) -> &Device {
+        self.bank.device()
+    }
+
+    /// Scores query patches `[p, channels]`.
+    pub fn score(&self, queries: &Tensor) -> Result<PatchScores, Error> {
+        let queries = queries.to_dtype(DType::F32)?.contiguous()?;
+        let (nearest_dist, nearest_index) = self.nearest(&queries)?;
+        let patches: Vec<f32> = nearest_dist.iter().map(|d| d.max(0.0).sqrt()).collect();
+
+        // Reweight the most anomalous patch (PatchCore eq. 7): its score is
+        // multiplied by 1 − softmax weight of its nearest bank vector among
+        // that vector's own neighbourhood, measured from the test patch.
+        let (star, &star_score) = patches
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .ok_or_else(|| Error::InvalidConfig("no query patches".into()))?;
+        let image = star_score * self.isolation_weight(&queries, star, nearest_index[star])?;
+        Ok(PatchScores { patches, image })
+    }
+
+    /// Squared distance to, and index of, the nearest bank row per query.
+    fn nearest(&self, queries: &Tensor) -> Result<(Vec<f32>, Vec<u32>), Error> {
+        let (p, _) = queries.dims2()?;
+        let query_norms = queries.sqr()?.sum_keepdim(1)?; // [p, 1]
+        let mut best = vec![f32::INFINITY; p];
+        let mut best_index = vec![0u32; p];
+        let size = self.bank_size();
+        let mut start = 0;
+        while start < size {
+            let len = BANK_CHUNK.min(size - start);
+            let bank = self.bank.narrow(0, start, len)?;
+            let norms = self.bank_norms.narrow(1, start, len)?;
+            let d2 = queries
+                .matmul(&bank.t()?)?
+                .affine(-2.0, 0.0)?
+                .broadcast_add(&query_norms)?
+                .broadcast_add(&norms)?;
+            let mins: Vec<f32> = d2.min(D::Minus1)?.to_vec1()?;
+            let args: Vec<u32> = d2.argmin(D::Minus1)?.to_vec1()?;
+            for i in 0..p {
+                if mins[i] < best[i] {
+                    best[i] = mins[i];
+                    best_index[i] = args[i] + start as u32;
+                }
+            }
+            start += len;
+        }
+        Ok((best, best_index))
+    }
+
+    fn isolation_weight(&self, queries: &Tensor, star: usize, nearest: u32) -> Result<f32, Error> {
+        let k = self.neighbours.min(self.bank_size());
+        if k < 2 {
+            return Ok(1.0);
+        }
+        let anchor = self.bank.narrow(0, nearest as usize, 1)?;
+        let (anchor_d2, _) = self.distances_to_bank(&anchor)?;
+        // The k bank rows closest to the anchor (the anchor itself first).
+        let mut order: Vec<usize> = (0..anchor_d2.len()).collect();
+        order.select_nth_unstable_by(k - 1, |&a, &b| anchor_d2[a].total_cmp(&anchor_d2[b]));
+        order.truncate(k);
+        if !order.contains(&(nearest as usize)) {
+            order[k - 1] = nearest as usize;
+        }
+        let query = queries.narrow(0, star, 1)?;
+        let (query_d2, _) = self.distances_to_bank(&query)?;
+        let dists: Vec<f32> = order.iter().map(|&i| query_d2[i].max(0.0).sqrt()).collect();
+        let anchor_pos = order
+            .iter()
+            .position(|&i| i == nearest as usize)
+            .unwrap_or(0);
+        let top = dists.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = dists.iter().map(|d| (d - top).exp()).collect();
+        let total: f32 = exps.iter().sum();
+        Ok(1.0 - exps[anchor_pos] / total)
+    }
+
+    /// Squared distances from one row `[1, c]` to every bank row.
+    fn distances_to_bank(&self, row: &Tensor) -> Result<(Vec<f32>, f32), Error> {
+        let norm = row.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        let d2 = row
+            .matmul(&self.bank.t()?)?
+            .affine(-2.0, f64::from(norm))?
+            .broadcast_add(&self.bank_norms)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok((d2, norm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+
+    #[test]
+    fn far_patches_score_high_and_known_patches_score_zero() {
+        let dev = Device::Cpu;
+        let train: Vec<f32> = (0..400).map(|i| ((i * 37) % 11) as f32 * 0.1).collect();
+        let train = Tensor::from_vec(train, (100, 4), &dev).unwrap();
+        let config = PatchCoreConfig {
+            coreset_ratio: 1.0,
+            ..Default::default()
+        };
+        let model = PatchCore::fit(&train, &config, &NoProgress).unwrap();
+        let known = train.narrow(0, 10, 3).unwrap();
+        let scores = model.score(&known).unwrap();
+        assert!(scores.patches.iter().all(|s| *s < 1e-3), "{scores:?}");
+
+        let far = Tensor::from_vec(vec![5.0f32, 5.0, 5.0, 5.0], (1, 4), &dev).unwrap();
+        let both = Tensor::cat(&[&known, &far], 0).unwrap();
+        let scores = model.score(&both).unwrap();
+        assert!(scores.patches[3] > 5.0);
+        assert!(scores.image > 0.0 && scores.image <= scores.patches[3]);
+    }
+
+    #[test]
+    fn bank_respects_ratio_and_cap() {
+        let dev = Device::Cpu;
+        let train = Tensor::randn(0f32, 1.0, (1000, 8), &dev).unwrap();
+        let model = PatchCore::fit(&train, &PatchCoreConfig::default(), &NoProgress).unwrap();
+        assert_eq!(model.bank_size(), 100);
+        let capped = PatchCoreConfig {
+            max_bank: Some(40),
+            ..Default::default()
+        };
+        let model = PatchCore::fit(&train, &capped, &NoProgress).unwrap();
+        assert_eq!(model.bank_size(), 40);
+    }
+}

@@ -1,0 +1,448 @@
+//! Fast CPU kernels for MobileNet-style layers, as candle custom ops.
+//!
+//! candle runs a grouped convolution as one convolution per group, so a
+//! depthwise layer (one group per channel) is an order of magnitude slower
+//! than it needs to be. [`depthwise_conv2d_same`] computes it directly: one
+//! task per (image, channel) plane, parallelised with rayon, with the bias
+//! and an optional ReLU6 fused in. [`bias_act`] is the matching epilogue for
+//! the 1×1 convolutions, which run as matrix products: bias, optional ReLU6
+//! and optional residual add in one pass.
+//!
+//! Both take TensorFlow "SAME" semantics where padding matters and fall back
+//! to stock candle operations on non-CPU devices or non-f32 tensors.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+/// Output size and padding of TensorFlow "SAME" padding along one axis.
+///
+/// Returns `(output, pad_before, pad_after)` with `output = ceil(input /
+/// stride)`; when the total padding is odd the extra row/column goes after
+/// (bottom/right), as in TensorFlow.
+pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize, usize) {
+    let stride = stride.max(1);
+    let out = input.div_ceil(stride);
+    let needed = (out.saturating_sub(1) * stride + kernel).saturating_sub(input);
+    let before = needed / 2;
+    (out, before, needed - before)
+}
+
+/// Depthwise 2-D convolution with TF "SAME" padding, bias and optional ReLU6.
+///
+/// `x` is `[N, C, H, W]`, `weight` is `[C, 1, K, K]`, `bias` is `[C]`; the
+/// result is `[N, C, ceil(H/stride), ceil(W/stride)]`.
+pub fn depthwise_conv2d_same(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    relu6: bool,
+) -> candle_core::Result<Tensor> {
+    let (_n, c, h, w) = x.dims4()?;
+    let (wc, one, kh, kw) = weight.dims4()?;
+    if wc != c || one != 1 || kh != kw {
+        bail!(
+            "depthwise weight {:?} does not fit input {:?}",
+            weight.dims(),
+            x.dims()
+        );
+    }
+    if bias.dims() != [c] {
+        bail!("depthwise bias {:?} does not fit {c} channels", bias.dims());
+    }
+    if stride == 0 {
+        bail!("depthwise stride must be at least 1");
+    }
+    let (out_h, pad_top, pad_bottom) = same_padding(h, kh, stride);
+    let (out_w, pad_left, pad_right) = same_padding(w, kw, stride);
+    let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
+    if x.device().is_cpu() && all_f32 {
+        let op = DepthwiseOp {
+            kernel: kh,
+            stride,
+            pad_top,
+            pad_left,
+            out_h,
+            out_w,
+            relu6,
+        };
+        x.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+    } else {
+        let padded = x
+            .pad_with_zeros(2, pad_top, pad_bottom)?
+            .pad_with_zeros(3, pad_left, pad_right)?;
+        let y = padded.conv2d(weight, 0, stride, 1, c)?;
+        let y = y.broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        if relu6 { y.clamp(0f32, 6f32) } else { Ok(y) }
+    }
+}
+
+/// `y = act(x + bias[c]) (+ residual)` over `[N, C, ...]` in one pass.
+///
+/// `act` is ReLU6 when `relu6` is set, the identity otherwise; the residual,
+/// when given, must have the shape of `x` and is added after the activation.
+pub fn bias_act(
+    x: &Tensor,
+    bias: &Tensor,
+    relu6: bool,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 {
+        bail!("bias_act needs at least [N, C], got {dims:?}");
+    }
+    let c = dims[1];
+    if bias.dims() != [c] {
+        bail!("bias {:?} does not fit {c} channels", bias.dims());
+    }
+    if let Some(r) = residual
+        && r.dims() != dims
+    {
+        bail!("residual {:?} does not match {:?}", r.dims(), dims);
+    }
+    let all_f32 = x.dtype() == DType::F32
+        && bias.dtype() == DType::F32
+        && residual.is_none_or(|r| r.dtype() == DType::F32);
+    if x.device().is_cpu() && all_f32 {
+        let op = BiasActOp { relu6 };
+        let x = x.contiguous()?;
+        let bias = bias.contiguous()?;
+        match residual {
+            None => x.apply_op2_no_bwd(&bias, &op),
+            Some(r) => x.apply_op3_no_bwd(&bias, &r.contiguous()?, &op),
+        }
+    } else {
+        let mut bshape = vec![1usize; dims.len()];
+        bshape[1] = c;
+        let mut y = x.broadcast_add(&bias.reshape(bshape)?)?;
+        if relu6 {
+            y = y.clamp(0f32, 6f32)?;
+        }
+        match residual {
+            None => Ok(y),
+            Some(r) => y + r,
+        }
+    }
+}
+
+/// The contiguous f32 data of a CPU storage, or an error.
+fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{what}: expected f32 data");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{what}: expected a contiguous tensor");
+    };
+    match data.get(start..end) {
+        Some(s) => Ok(s),
+        None => bail!("{what}: layout exceeds storage"),
+    }
+}
+
+struct DepthwiseOp {
+    kernel: usize,
+    stride: usize,
+    pad_top: usize,
+    pad_left: usize,
+    out_h: usize,
+    out_w: usize,
+    relu6: bool,
+}
+
+impl CustomOp3 for DepthwiseOp {
+    fn name(&self) -> &'static str {
+        "flawscope-depthwise-conv2d-same"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let x = f32_slice(xs, xl, "depthwise input")?;
+        let weight = f32_slice(ws, wl, "depthwise weight")?;
+        let bias = f32_slice(bs, bl, "depthwise bias")?;
+        let k = self.kernel;
+        if weight.len() != c * k * k || bias.len() != c || x.len() != n * c * h * w {
+            bail!("depthwise: tensor sizes do not agree");
+        }
+        let plane_out = self.out_h * self.out_w;
+        let mut out = vec![0f32; n * c * plane_out];
+        if plane_out > 0 && h * w > 0 {
+            out.par_chunks_mut(plane_out)
+                .zip(x.par_chunks(h * w))
+                .enumerate()
+                .for_each(|(plane, (o, inp))| {
+                    let ch = plane % c;
+                    self.plane(
+                        inp,
+                        h,
+                        w,
+                        &weight[ch * k * k..(ch + 1) * k * k],
+                        bias[ch],
+                        o,
+                    );
+                });
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((n, c, self.out_h, self.out_w)),
+        ))
+    }
+}
+
+impl DepthwiseOp {
+    /// One channel of one image: `out[oy, ox] = b + Σ w[ky, kx] · in[iy, ix]`
+    /// with `iy = oy·s + ky − pad_top`, `ix = ox·s + kx − pad_left`, zero
+    /// outside the input.
+    fn plane(&self, inp: &[f32], h: usize, w: usize, wk: &[f32], b: f32, out: &mut [f32]) {
+        let (k, s, ow) = (self.kernel, self.stride, self.out_w);
+        // For each kx, the range of ox whose ix falls inside [0, w).
+        let ranges: Vec<(usize, usize)> = (0..k)
+            .map(|kx| {
+                let lo = self.pad_left.saturating_sub(kx).div_ceil(s);
+                let hi = match (w - 1 + self.pad_left).checked_sub(kx) {
+                    Some(last) => (last / s + 1).min(ow),
+                    None => 0,
+                };
+                (lo, hi.max(lo))
+            })
+            .collect();
+        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+            row.fill(b);
+            for ky in 0..k {
+                let Some(iy) = (oy * s + ky).checked_sub(self.pad_top) else {
+                    continue;
+                };
+                if iy >= h {
+                    continue;
+                }
+                let irow = &inp[iy * w..(iy + 1) * w];
+                for (kx, &(lo, hi)) in ranges.iter().enumerate() {
+                    if lo >= hi {
+                        continue;
+                    }
+                    let wv = wk[ky * k + kx];
+                    // ix of ox = lo; non-negative by construction of `lo`.
+                    let ix0 = lo * s + kx - self.pad_left;
+                    let dst = &mut row[lo..hi];
+                    if s == 1 {
+                        for (o, &v) in dst.iter_mut().zip(&irow[ix0..ix0 + (hi - lo)]) {
+                            *o += wv * v;
+                        }
+                    } else {
+                        for (o, &v) in dst.iter_mut().zip(irow[ix0..].iter().step_by(s)) {
+                            *o += wv * v;
+                        }
+                    }
+                }
+            }
+            if self.relu6 {
+                for v in row.iter_mut() {
+                    *v = v.clamp(0.0, 6.0);
+                }
+            }
+        }
+    }
+}
+
+struct BiasActOp {
+    relu6: bool,
+}
+
+impl BiasActOp {
+    fn run(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+        bias: &[f32],
+        residual: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = shape.dims();
+        let (n, c) = match dims {
+            [n, c, ..] => (*n, *c),
+            _ => bail!("bias_act: expected [N, C, ...]"),
+        };
+        let inner: usize = dims[2..].iter().product();
+        if x.len() != n * c * inner
+            || bias.len() != c
+            || residual.is_some_and(|r| r.len() != x.len())
+        {
+            bail!("bias_act: tensor sizes do not agree");
+        }
+        let mut out = vec![0f32; x.len()];
+        if inner > 0 {
+            let relu6 = self.relu6;
+            out.par_chunks_mut(inner)
+                .zip(x.par_chunks(inner))
+                .enumerate()
+                .for_each(|(plane, (o, xi))| {
+                    let b = bias[plane % c];
+                    if relu6 {
+                        for (o, &v) in o.iter_mut().zip(xi) {
+                            *o = (v + b).clamp(0.0, 6.0);
+                        }
+                    } else {
+                        for (o, &v) in o.iter_mut().zip(xi) {
+                            *o = v + b;
+                        }
+                    }
+                    if let Some(r) = residual {
+                        let r = &r[plane * inner..(plane + 1) * inner];
+                        for (o, &v) in o.iter_mut().zip(r) {
+                            *o += v;
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), shape.clone()))
+    }
+}
+
+impl CustomOp2 for BiasActOp {
+    fn name(&self) -> &'static str {
+        "flawscope-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "bias_act input")?;
+        let b = f32_slice(bs, bl, "bias_act bias")?;
+        self.run(xl.shape(), x, b, None)
+    }
+}
+
+impl CustomOp3 for BiasActOp {
+    fn name(&self) -> &'static str {
+        "flawscope-bias-act-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "bias_act input")?;
+        let b = f32_slice(bs, bl, "bias_act bias")?;
+        let r = f32_slice(rs, rl, "bias_act residual")?;
+        self.run(xl.shape(), x, b, Some(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use candle_core::Device;
+
+    /// Reference: pad explicitly, grouped conv2d, bias, clamp.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, relu6: bool) -> Tensor {
+        let (_, c, h, wd) = x.dims4().unwrap();
+        let k = w.dim(2).unwrap();
+        let (_, pt, pb) = same_padding(h, k, stride);
+        let (_, pl, pr) = same_padding(wd, k, stride);
+        let p = x
+            .pad_with_zeros(2, pt, pb)
+            .unwrap()
+            .pad_with_zeros(3, pl, pr)
+            .unwrap();
+        let y = p.conv2d(w, 0, stride, 1, c).unwrap();
+        let y = y.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
+        if relu6 {
+            y.clamp(0f32, 6f32).unwrap()
+        } else {
+            y
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        assert_eq!(same_padding(224, 3, 2), (112, 0, 1));
+        assert_eq!(same_padding(225, 3, 2), (113, 1, 1));
+        assert_eq!(same_padding(112, 5, 2), (56, 1, 2));
+        assert_eq!(same_padding(14, 5, 1), (14, 2, 2));
+        assert_eq!(same_padding(7, 3, 1), (7, 1, 1));
+        assert_eq!(same_padding(1, 5, 2), (1, 2, 2));
+        assert_eq!(same_padding(1, 1, 1), (1, 0, 0));
+    }
+
+    #[test]
+    fn depthwise_matches_grouped_conv() {
+        let dev = Device::Cpu;
+        for &(h, w, k, s, relu6) in &[
+            (9, 7, 3, 1, true),
+            (9, 7, 3, 2, false),
+            (10, 13, 5, 2, true),
+            (6, 6, 5, 1, false),
+            (1, 1, 5, 2, false),
+            (2, 3, 3, 2, true),
+            (17, 4, 5, 1, true),
+        ] {
+            let x = Tensor::randn(0f32, 2.0, (2, 3, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (3, 1, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
+            let got = depthwise_conv2d_same(&x, &wt, &b, s, relu6).unwrap();
+            let want = reference(&x, &wt, &b, s, relu6);
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-5, "h={h} w={w} k={k} s={s}: diff {d}");
+        }
+    }
+
+    #[test]
+    fn depthwise_rejects_bad_shapes() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 5, 5), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((4, 1, 3, 3), DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        assert!(depthwise_conv2d_same(&x, &w, &b, 1, false).is_err());
+        let w = Tensor::zeros((3, 1, 3, 3), DType::F32, &dev).unwrap();
+        assert!(depthwise_conv2d_same(&x, &w, &b, 1, false).is_err());
+    }
+
+    #[test]
+    fn bias_act_matches_candle_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 4.0, (2, 5, 3, 4), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (2, 5, 3, 4), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let plus_b = x.broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap()).unwrap();
+        let got = bias_act(&x, &b, true, None).unwrap();
+        assert!(max_diff(&got, &plus_b.clamp(0f32, 6f32).unwrap()) < 1e-6);
+        let got = bias_act(&x, &b, false, Some(&r)).unwrap();
+        assert!(max_diff(&got, &(&plus_b + &r).unwrap()) < 1e-6);
+        assert!(bias_act(&x, &r, false, None).is_err());
+    }
+}

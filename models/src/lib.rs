@@ -1,0 +1,17 @@
+//! Pretrained networks that turn an image into features.
+//!
+//! Each backbone loads real weights from safetensors, owns its preprocessing,
+//! and returns its intermediate stages by name so a detector can pick the ones
+//! it needs. Nothing here knows about anomalies.
+
+pub mod clip;
+pub mod clip_weights;
+pub mod depthwise;
+pub mod efficientnet;
+pub mod error;
+
+/// The tensor library the models run on, re-exported so callers use the
+/// same version.
+pub use candle_core;
+pub use efficientnet::{EfficientNetLite, LiteVariant, Preprocess, Stage};
+pub use error::ModelError;

@@ -1,0 +1,136 @@
+//! Short human-readable answers for chat-ops: verdict, score, where the
+//! anomaly is and how large.
+
+use crate::inference::Scored;
+
+/// Where `(x, y)` lies in a `width × height` image, in words ("in the upper
+/// left", "at the top", "in the centre", …).
+pub fn position(x: usize, y: usize, width: usize, height: usize) -> &'static str {
+    let third = |v: usize, len: usize| (v.saturating_mul(3) / len.max(1)).min(2);
+    match (third(y, height), third(x, width)) {
+        (0, 0) => "in the upper left",
+        (0, 1) => "at the top",
+        (0, _) => "in the upper right",
+        (1, 0) => "on the left",
+        (1, 1) => "in the centre",
+        (1, _) => "on the right",
+        (_, 0) => "in the lower left",
+        (_, 1) => "at the bottom",
+        _ => "in the lower right",
+    }
+}
+
+/// A share of the image as a percentage in words.
+pub fn percent(fraction: f64) -> String {
+    let p = fraction * 100.0;
+    if p < 0.1 {
+        "under 0.1%".to_owned()
+    } else {
+        format!("about {p:.1}%")
+    }
+}
+
+/// The answer for one scored image.
+pub fn describe(model: &str, scored: &Scored) -> String {
+    let verdict = format!(
+        "{model}: {} — score {:.2} (threshold {:.2}).",
+        if scored.is_anomalous {
+            "anomalous"
+        } else {
+            "looks normal"
+        },
+        scored.score,
+        scored.threshold
+    );
+    let total = scored.width.saturating_mul(scored.height).max(1) as f64;
+    let main = scored.regions.first().map(|r| {
+        let (cx, cy) = (r.x + r.w / 2, r.y + r.h / 2);
+        (
+            position(cx, cy, scored.width, scored.height),
+            percent(r.area as f64 / total),
+        )
+    });
+    let others = scored.regions.len().saturating_sub(1);
+    let more = match others {
+        0 => String::new(),
+        1 => format!(
+            " 1 more area is flagged; {} of the image in all.",
+            percent(scored.anomalous_fraction())
+        ),
+        n => format!(
+            " {n} more areas are flagged; {} of the image in all.",
+            percent(scored.anomalous_fraction())
+        ),
+    };
+    match (scored.is_anomalous, main) {
+        (true, Some((place, size))) => {
+            format!("{verdict} The main anomaly is {place}, {size} of the image.{more}")
+        }
+        (true, None) => {
+            let (x, y) = scored.hotspot;
+            format!(
+                "{verdict} No single area stands out in the map; the strongest response is {}.",
+                position(x, y, scored.width, scored.height)
+            )
+        }
+        (false, Some((place, size))) => {
+            format!("{verdict} A borderline area is {place}, {size} of the image.{more}")
+        }
+        (false, None) => verdict,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flawscope_core::regions::Region;
+
+    use super::*;
+
+    fn scored(is_anomalous: bool, regions: Vec<Region>) -> Scored {
+        let anomalous_pixels = regions.iter().map(|r| r.area).sum();
+        Scored {
+            score: if is_anomalous { 0.87 } else { 0.2 },
+            is_anomalous,
+            threshold: 0.5,
+            width: 300,
+            height: 200,
+            regions,
+            anomalous_pixels,
+            hotspot: (290, 190),
+            heatmap_png: None,
+            map: None,
+        }
+    }
+
+    #[test]
+    fn positions_cover_the_nine_cells() {
+        assert_eq!(position(0, 0, 300, 300), "in the upper left");
+        assert_eq!(position(150, 10, 300, 300), "at the top");
+        assert_eq!(position(150, 150, 300, 300), "in the centre");
+        assert_eq!(position(299, 299, 300, 300), "in the lower right");
+        assert_eq!(position(5, 5, 0, 0), "in the lower right");
+    }
+
+    #[test]
+    fn answers_say_verdict_place_and_size() {
+        let region = Region {
+            x: 10,
+            y: 5,
+            w: 40,
+            h: 30,
+            peak: 0.9,
+            area: 600,
+        };
+        let text = describe("cells", &scored(true, vec![region]));
+        assert_eq!(
+            text,
+            "cells: anomalous — score 0.87 (threshold 0.50). The main anomaly is in the upper left, about 1.0% of the image."
+        );
+        let two = describe("cells", &scored(true, vec![region, region]));
+        assert!(two.ends_with("1 more area is flagged; about 2.0% of the image in all."));
+        let ok = describe("cells", &scored(false, vec![]));
+        assert_eq!(ok, "cells: looks normal — score 0.20 (threshold 0.50).");
+        let diffuse = describe("cells", &scored(true, vec![]));
+        assert!(diffuse.ends_with("the strongest response is in the lower right."));
+    }
+}

@@ -1,0 +1,156 @@
+//! Decoding and scoring off the async runtime, in `spawn_blocking`, while an
+//! inference slot is held.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use base64::Engine as _;
+use flawscope_core::anomaly_map::AnomalyMap;
+use flawscope_core::heatmap::overlay_png;
+use flawscope_core::images::decode_image;
+use flawscope_core::inspector::Inspector;
+use flawscope_core::regions::{Region, area_above, regions};
+use image::Rgb32FImage;
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::state::{AppState, Slot};
+
+/// What a caller wants besides the verdict.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras {
+    pub heatmap_png: bool,
+    pub map: bool,
+}
+
+/// A scored image.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub score: f32,
+    pub is_anomalous: bool,
+    pub threshold: f32,
+    pub width: usize,
+    pub height: usize,
+    pub regions: Vec<Region>,
+    /// Map pixels at or above the threshold (all regions, not only the
+    /// listed ones).
+    pub anomalous_pixels: usize,
+    /// Where the map peaks, `(x, y)`.
+    pub hotspot: (usize, usize),
+    /// Base64 overlay PNG, when asked for.
+    pub heatmap_png: Option<String>,
+    /// The calibrated map, when asked for.
+    pub map: Option<AnomalyMap>,
+}
+
+/// The JSON result of scoring one image with a model.
+#[derive(Debug, Serialize)]
+pub struct ScoreResponse {
+    pub model: String,
+    pub score: f32,
+    pub is_anomalous: bool,
+    pub threshold: f32,
+    pub width: usize,
+    pub height: usize,
+    pub regions: Vec<Region>,
+    /// Fraction of the image at or above the threshold, 0–1.
+    pub anomalous_fraction: f64,
+    pub latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heatmap_png: Option<String>,
+}
+
+impl Scored {
+    pub fn anomalous_fraction(&self) -> f64 {
+        let total = self.width.saturating_mul(self.height);
+        if total == 0 {
+            0.0
+        } else {
+            self.anomalous_pixels as f64 / total as f64
+        }
+    }
+
+    pub fn response(self, model: &str, started: std::time::Instant) -> ScoreResponse {
+        ScoreResponse {
+            model: model.to_owned(),
+            score: self.score,
+            is_anomalous: self.is_anomalous,
+            threshold: self.threshold,
+            width: self.width,
+            height: self.height,
+            anomalous_fraction: self.anomalous_fraction(),
+            regions: self.regions,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            heatmap_png: self.heatmap_png,
+        }
+    }
+}
+
+/// Runs `work` on the blocking pool; the slot is held until it returns,
+/// even when the request that asked for it has timed out.
+pub async fn blocking<T, F>(slot: Slot, work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        work()
+    })
+    .await
+    .map_err(|join| ApiError::Internal(format!("inference task failed: {join}")))?
+}
+
+/// Decodes image bytes within the pixel budget.
+pub fn decode(state: &AppState, bytes: &[u8]) -> Result<Rgb32FImage, ApiError> {
+    decode_image(bytes, "the uploaded image", &state.config().image_limits)
+        .map_err(|e| ApiError::from_image(&e))
+}
+
+/// Decodes and scores `bytes` with `model`.
+pub async fn inspect(
+    state: &AppState,
+    model: Arc<Inspector>,
+    bytes: Bytes,
+    extras: Extras,
+    slot: Slot,
+) -> Result<Scored, ApiError> {
+    let state = state.clone();
+    blocking(slot, move || {
+        let image = decode(&state, &bytes)?;
+        drop(bytes);
+        let inspection = model.inspect(&image).map_err(|e| ApiError::from_core(&e))?;
+        let heatmap_png = if extras.heatmap_png {
+            let png = overlay_png(&image, &inspection.map).map_err(|e| ApiError::from_core(&e))?;
+            Some(base64::engine::general_purpose::STANDARD.encode(png))
+        } else {
+            None
+        };
+        let map = inspection.map;
+        Ok(Scored {
+            score: inspection.score,
+            is_anomalous: inspection.is_anomalous,
+            threshold: inspection.threshold,
+            width: map.width,
+            height: map.height,
+            regions: regions(&map, inspection.threshold),
+            anomalous_pixels: area_above(&map, inspection.threshold),
+            hotspot: hotspot(&map),
+            heatmap_png,
+            map: extras.map.then_some(map),
+        })
+    })
+    .await
+}
+
+/// Position of the highest map value (the first one on ties; NaN ignored).
+pub fn hotspot(map: &AnomalyMap) -> (usize, usize) {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, v) in map.values.iter().enumerate() {
+        if *v > best.1 {
+            best = (i, *v);
+        }
+    }
+    let width = map.width.max(1);
+    (best.0 % width, best.0 / width)
+}

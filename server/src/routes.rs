@@ -1,0 +1,413 @@
+//! The router, its middleware, and the health, metrics and `/v1` handlers.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::answer::describe;
+use crate::error::ApiError;
+use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect};
+use crate::oip;
+use crate::state::{AppState, ZeroShot};
+use crate::upload::{RawBody, read_upload};
+
+/// Routes open without a token.
+pub const HEALTH_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"];
+
+/// Most prompts accepted by `/v1/zero-shot`.
+pub const MAX_PROMPTS: usize = 32;
+
+/// The whole service.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.config().body_limit;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{name}/score", post(score))
+        .route("/v1/zero-shot", post(zero_shot))
+        .route("/v1/ask", post(ask))
+        .route("/v2", get(oip::server_metadata))
+        .route("/v2/health/live", get(oip::live))
+        .route("/v2/health/ready", get(oip::ready))
+        .route("/v2/models/{name}", get(oip::model_metadata))
+        .route("/v2/models/{name}/ready", get(oip::model_ready))
+        .route("/v2/models/{name}/infer", post(oip::infer))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), timeout))
+        .layer(from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Counts every request (including refused ones) by route pattern.
+async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let may_leave_body_unread = has_body(request.headers());
+    let _in_flight = state.metrics().start();
+    let started = Instant::now();
+    let mut response = next.run(request).await;
+    state
+        .metrics()
+        .record(&route, response.status().as_u16(), started.elapsed());
+    // An error answered before the body was read leaves the connection
+    // unusable; say so instead of letting the client find a broken pipe.
+    if may_leave_body_unread
+        && (response.status().is_client_error() || response.status().is_server_error())
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn has_body(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+/// With a token configured, every route but health needs
+/// `Authorization: Bearer <token>`.
+async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(token) = state.token() else {
+        return next.run(request).await;
+    };
+    if HEALTH_ROUTES.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+    match presented {
+        Some(candidate) if token.matches(candidate) => next.run(request).await,
+        _ => ApiError::Unauthorized.into_response(),
+    }
+}
+
+/// Bounds the time of every request.
+async fn timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.config().timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout(limit).into_response(),
+    }
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound(format!("no route {}", request.uri().path()))
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    Ok(Json(
+        json!({"status": "ready", "models": state.models().len()}),
+    ))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics().render(&[
+        (
+            "flawscope_models_loaded",
+            "Models served.",
+            state.models().len() as f64,
+        ),
+        (
+            "flawscope_inference_slots_busy",
+            "Inference slots in use.",
+            state.busy_slots() as f64,
+        ),
+        (
+            "flawscope_inference_slots",
+            "Inference slots in all (--max-concurrent).",
+            state.config().max_concurrent as f64,
+        ),
+    ]);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct ModelSummary<'a> {
+    name: &'a str,
+    detector: &'static str,
+    backbone: &'static str,
+    /// Decision threshold on the 0–1 score.
+    threshold: f32,
+    /// The same threshold on the detector's raw score.
+    raw_threshold: f32,
+    /// Share of held-back normal images the threshold flagged.
+    estimated_false_alarm_rate: f64,
+    training_images: usize,
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let models: Vec<ModelSummary> = state
+        .models()
+        .iter()
+        .map(|(name, inspector)| {
+            let info = inspector.info();
+            ModelSummary {
+                name,
+                detector: info.detector.name(),
+                backbone: info.features.backbone.name(),
+                threshold: flawscope_core::calibration::DECISION_THRESHOLD,
+                raw_threshold: info.calibration.threshold,
+                estimated_false_alarm_rate: info.calibration.estimated_far,
+                training_images: info.training_images,
+            }
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+/// The `{name}` of a path; a name that does not decode is just unknown.
+pub fn model_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(name)| name)
+        .map_err(|_| ApiError::NotFound("no such model".into()))
+}
+
+/// `?heatmap=png` → true; other `heatmap` values → 400.
+fn wants_heatmap(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut wanted = false;
+    for pair in query.unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == "heatmap" {
+            if value != "png" {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    "heatmap must be \"png\" (the only format)",
+                ));
+            }
+            wanted = true;
+        }
+    }
+    Ok(wanted)
+}
+
+/// `POST /v1/models/{name}/score`: raw image body or multipart `image`.
+async fn score(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Result<Json<ScoreResponse>, ApiError> {
+    let started = Instant::now();
+    let name = model_name(path)?;
+    let model = state.model(&name)?;
+    let extras = Extras {
+        heatmap_png: wants_heatmap(request.uri().query())?,
+        map: false,
+    };
+    let slot = state.try_slot()?;
+    let mut upload = read_upload(&state, request, RawBody::Image, &[]).await?;
+    let image = upload.require_image()?;
+    let scored = inspect(&state, model, image, extras, slot).await?;
+    Ok(Json(scored.response(&name, started)))
+}
+
+/// Picks the model for `/v1/ask`: the `model` field, the only model, or
+/// the one model named in the text.
+fn choose_model(state: &AppState, field: Option<&str>, text: &str) -> Result<String, ApiError> {
+    if let Some(name) = field {
+        state.model(name)?;
+        return Ok(name.to_owned());
+    }
+    let names: Vec<&String> = state.models().keys().collect();
+    if let [only] = names.as_slice() {
+        return Ok((*only).clone());
+    }
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !(c.is_alphanumeric() || matches!(c, '.' | '-' | '_')))
+        .map(|w| w.trim_end_matches('.'))
+        .collect();
+    let mentioned: Vec<&&String> = names
+        .iter()
+        .filter(|n| words.contains(&n.to_lowercase().as_str()))
+        .collect();
+    match mentioned.as_slice() {
+        [one] => Ok((**one).clone()),
+        _ => Err(ApiError::bad_request(
+            "model_required",
+            format!(
+                "several models are loaded ({}); say which with the \"model\" field",
+                names
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct AskResponse {
+    answer: String,
+    question: String,
+    model: String,
+    result: ScoreResponse,
+}
+
+/// `POST /v1/ask`: multipart `image`, `text`, optional `model`.
+async fn ask(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<AskResponse>, ApiError> {
+    let started = Instant::now();
+    let slot = state.try_slot()?;
+    let mut upload = read_upload(&state, request, RawBody::Refused, &["text", "model"]).await?;
+    let question = upload.text("text").unwrap_or("").to_owned();
+    let name = choose_model(&state, upload.text("model"), &question)?;
+    let model = state.model(&name)?;
+    let image = upload.require_image()?;
+    let scored = inspect(&state, model, image, Extras::default(), slot).await?;
+    let answer = describe(&name, &scored);
+    Ok(Json(AskResponse {
+        answer,
+        question,
+        result: scored.response(&name, started),
+        model: name,
+    }))
+}
+
+#[derive(Serialize)]
+struct ZeroShotResponse {
+    object: String,
+    prompts: Vec<String>,
+    score: f32,
+    is_anomalous: bool,
+    threshold: f32,
+    regions: Vec<flawscope_core::regions::Region>,
+    latency_ms: f64,
+}
+
+/// `POST /v1/zero-shot`: multipart `image`, `object`, one or more `prompt`.
+/// 503 while no zero-shot engine is configured.
+async fn zero_shot(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<ZeroShotResponse>, ApiError> {
+    let started = Instant::now();
+    let engine = match state.zero_shot() {
+        ZeroShot::Engine(engine) => engine.clone(),
+        ZeroShot::Unavailable(reason) => return Err(ApiError::ZeroShotUnavailable(reason.clone())),
+    };
+    let slot = state.try_slot()?;
+    let mut upload = read_upload(&state, request, RawBody::Refused, &["object", "prompt"]).await?;
+    let object = upload
+        .text("object")
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "missing_object",
+                "say what the object is in the \"object\" field",
+            )
+        })?
+        .to_owned();
+    let prompts: Vec<String> = upload
+        .fields
+        .get("prompt")
+        .map(|v| {
+            v.iter()
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_prompt",
+            "describe a defect in at least one \"prompt\" field",
+        ));
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::bad_request(
+            "too_many_prompts",
+            format!("at most {MAX_PROMPTS} prompts"),
+        ));
+    }
+    let image = upload.require_image()?;
+    let (object, prompts, result) = {
+        let state = state.clone();
+        blocking(slot, move || {
+            let decoded = decode(&state, &image)?;
+            let result = engine
+                .score(&decoded, &object, &prompts)
+                .map_err(|e| ApiError::from_core(&e))?;
+            Ok((object, prompts, result))
+        })
+        .await?
+    };
+    let threshold = flawscope_core::calibration::DECISION_THRESHOLD;
+    let regions = result
+        .map
+        .as_ref()
+        .map(|m| flawscope_core::regions::regions(m, threshold))
+        .unwrap_or_default();
+    Ok(Json(ZeroShotResponse {
+        object,
+        prompts,
+        score: result.score,
+        is_anomalous: result.score >= threshold,
+        threshold,
+        regions,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heatmap_query() {
+        assert!(!wants_heatmap(None).unwrap());
+        assert!(wants_heatmap(Some("heatmap=png")).unwrap());
+        assert!(wants_heatmap(Some("x=1&heatmap=png")).unwrap());
+        assert!(wants_heatmap(Some("heatmap=jpeg")).is_err());
+        assert!(wants_heatmap(Some("heatmap")).is_err());
+    }
+}

@@ -1,0 +1,309 @@
+//! What every request shares: the models (loaded once, at startup), the
+//! limits, the token, the inference slots and the metrics.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use flawscope_core::Device;
+use flawscope_core::anomaly_map::AnomalyMap;
+use flawscope_core::images::ImageLimits;
+use flawscope_core::inspector::Inspector;
+use image::Rgb32FImage;
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{ApiError, ServerError};
+use crate::metrics::Metrics;
+
+/// Limits of the service.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Inference requests running at once; more are refused with 503.
+    pub max_concurrent: usize,
+    /// Longest time one request may take.
+    pub timeout: Duration,
+    /// Largest request body in bytes.
+    pub body_limit: usize,
+    /// Pixel budget, checked from the image header before decoding.
+    pub image_limits: ImageLimits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            timeout: Duration::from_secs(30),
+            body_limit: 20 * 1024 * 1024,
+            image_limits: ImageLimits::default(),
+        }
+    }
+}
+
+/// What a zero-shot scorer says about one image.
+#[derive(Debug, Clone)]
+pub struct ZeroShotScore {
+    /// 0–1, anomalous at and above 0.5.
+    pub score: f32,
+    /// Per-pixel 0–1 map at the image's size, when the scorer makes one.
+    pub map: Option<AnomalyMap>,
+}
+
+/// A zero-shot (text-prompted) anomaly scorer, such as WinCLIP; plugged into
+/// [`AppState::with_zero_shot`] once one exists.
+pub trait ZeroShotScorer: Send + Sync {
+    /// Scores `image` as an `object`, with user defect descriptions.
+    fn score(
+        &self,
+        image: &Rgb32FImage,
+        object: &str,
+        prompts: &[String],
+    ) -> Result<ZeroShotScore, flawscope_core::Error>;
+}
+
+/// Why `/v1/zero-shot` answers 503 when nothing else was said.
+pub const NO_ZERO_SHOT: &str = "zero-shot scoring is not available: no CLIP weights are configured \
+     (start the server with --clip-weights DIR or set FLAWSCOPE_CLIP_WEIGHTS)";
+
+/// The zero-shot engine, or why there is none.
+#[derive(Clone)]
+pub enum ZeroShot {
+    Engine(Arc<dyn ZeroShotScorer>),
+    Unavailable(String),
+}
+
+/// One served model.
+pub struct ServedModel {
+    pub name: String,
+    pub inspector: Arc<Inspector>,
+}
+
+/// A bearer token, kept as its SHA-256 so comparison takes the same time
+/// whatever the candidate's length or content.
+#[derive(Clone)]
+pub struct Token([u8; 32]);
+
+impl Token {
+    pub fn new(secret: &str) -> Self {
+        Self(Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Reads a token file (surrounding whitespace ignored).
+    pub fn from_file(path: &Path) -> Result<Self, ServerError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ServerError::TokenFile {
+            path: path.to_owned(),
+            cause,
+        })?;
+        let secret = text.trim();
+        if secret.is_empty() {
+            return Err(ServerError::EmptyToken(path.to_owned()));
+        }
+        Ok(Self::new(secret))
+    }
+
+    /// Constant-time comparison with a candidate.
+    pub fn matches(&self, candidate: &str) -> bool {
+        let other: [u8; 32] = Sha256::digest(candidate.as_bytes()).into();
+        self.0
+            .iter()
+            .zip(other.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+/// Shared state; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    models: Arc<BTreeMap<String, Arc<Inspector>>>,
+    config: Arc<ServerConfig>,
+    token: Option<Token>,
+    slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    zero_shot: ZeroShot,
+    draining: Arc<AtomicBool>,
+}
+
+/// A held inference slot; the slot frees when the last clone drops, so work
+/// that outlives a timed-out request still counts against the limit.
+#[derive(Clone)]
+pub struct Slot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+impl AppState {
+    /// State serving `models` under their names.
+    pub fn new(models: Vec<ServedModel>, config: ServerConfig) -> Result<Self, ServerError> {
+        if config.max_concurrent == 0 || config.max_concurrent > Semaphore::MAX_PERMITS {
+            return Err(ServerError::InvalidConfig(
+                "the concurrency limit must be at least 1".into(),
+            ));
+        }
+        if config.timeout.is_zero() {
+            return Err(ServerError::InvalidConfig(
+                "the request timeout must be positive".into(),
+            ));
+        }
+        if config.body_limit == 0 {
+            return Err(ServerError::InvalidConfig(
+                "the body limit must be positive".into(),
+            ));
+        }
+        let mut map = BTreeMap::new();
+        for model in models {
+            if !is_servable_name(&model.name) {
+                return Err(ServerError::BadModelName(PathBuf::from(model.name)));
+            }
+            map.insert(model.name, model.inspector);
+        }
+        Ok(Self {
+            models: Arc::new(map),
+            slots: Arc::new(Semaphore::new(config.max_concurrent)),
+            config: Arc::new(config),
+            token: None,
+            metrics: Arc::new(Metrics::default()),
+            zero_shot: ZeroShot::Unavailable(NO_ZERO_SHOT.into()),
+            draining: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Requires `Authorization: Bearer <token>` on every route but health.
+    pub fn with_token(mut self, token: Token) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// Plugs in a zero-shot engine.
+    pub fn with_zero_shot(mut self, engine: Arc<dyn ZeroShotScorer>) -> Self {
+        self.zero_shot = ZeroShot::Engine(engine);
+        self
+    }
+
+    /// Says why `/v1/zero-shot` is unavailable.
+    pub fn with_zero_shot_unavailable(mut self, reason: impl Into<String>) -> Self {
+        self.zero_shot = ZeroShot::Unavailable(reason.into());
+        self
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    pub fn models(&self) -> &BTreeMap<String, Arc<Inspector>> {
+        &self.models
+    }
+
+    /// The model called `name`, or 404. Names are only looked up in the map
+    /// built at startup; they never reach the file system.
+    pub fn model(&self, name: &str) -> Result<Arc<Inspector>, ApiError> {
+        self.models
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no model named {name:?}")))
+    }
+
+    pub fn token(&self) -> Option<&Token> {
+        self.token.as_ref()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn zero_shot(&self) -> &ZeroShot {
+        &self.zero_shot
+    }
+
+    /// An inference slot, or 503 when all are busy (no queue).
+    pub fn try_slot(&self) -> Result<Slot, ApiError> {
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map(|permit| Slot(Arc::new(permit)))
+            .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// Inference slots in use.
+    pub fn busy_slots(&self) -> usize {
+        self.config
+            .max_concurrent
+            .saturating_sub(self.slots.available_permits())
+    }
+
+    /// Marks the service as shutting down: readiness turns 503.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// Model names: `[A-Za-z0-9._-]+`, not starting with '.', at most 128 bytes.
+pub fn is_servable_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// Loads every `*.flawscope` file directly inside `dir`, named by file stem.
+pub fn load_models(dir: &Path, device: &Device) -> Result<Vec<ServedModel>, ServerError> {
+    let dir_error = |cause| ServerError::ModelDir {
+        dir: dir.to_owned(),
+        cause,
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(dir_error)? {
+        let path = entry.map_err(dir_error)?.path();
+        if path.extension().is_some_and(|e| e == "flawscope") && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    if paths.is_empty() {
+        return Err(ServerError::NoModels(dir.to_owned()));
+    }
+    let mut models = Vec::with_capacity(paths.len());
+    for path in paths {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .filter(|s| is_servable_name(s))
+            .ok_or_else(|| ServerError::BadModelName(path.clone()))?
+            .to_owned();
+        let inspector =
+            Inspector::load(&path, device).map_err(|cause| ServerError::Model { path, cause })?;
+        models.push(ServedModel {
+            name,
+            inspector: Arc::new(inspector),
+        });
+    }
+    Ok(models)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_compares_whole_secret() {
+        let token = Token::new("s3cret");
+        assert!(token.matches("s3cret"));
+        assert!(!token.matches("s3cre"));
+        assert!(!token.matches("s3cret "));
+        assert!(!token.matches(""));
+    }
+
+    #[test]
+    fn servable_names() {
+        for ok in ["cells", "solar_cell-v2.1"] {
+            assert!(is_servable_name(ok), "{ok}");
+        }
+        for bad in ["", "..", ".hidden", "a/b", "a\\b", "a b", "é"] {
+            assert!(!is_servable_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,872 @@
+//! Router tests: every route through `app(state).oneshot(request)`, with a
+//! PatchCore model fitted once on the shipped solar-cell sample.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes, to_bytes};
+use axum::http::{HeaderMap, Request, StatusCode, header};
+use base64::Engine as _;
+use flawscope_core::Device;
+use flawscope_core::detector::DetectorConfig;
+use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
+use flawscope_core::images::ImageLimits;
+use flawscope_core::inspector::{FitOptions, Inspector};
+use flawscope_core::patchcore::PatchCoreConfig;
+use flawscope_core::progress::NoProgress;
+use flawscope_server::{
+    AppState, ServedModel, ServerConfig, Token, ZeroShotScore, ZeroShotScorer, app, load_models,
+};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+fn demo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell")
+}
+
+fn images_in(split: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(demo().join(split))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// One model per test binary: fitted on 12 good cells.
+fn model() -> Arc<Inspector> {
+    static MODEL: OnceLock<Arc<Inspector>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let train: Vec<PathBuf> = images_in("train/good").into_iter().take(12).collect();
+            let options = FitOptions {
+                features: FeatureConfig {
+                    backbone: BackboneKind::Lite0,
+                    stages: vec![
+                        parse_stage("stage4").unwrap(),
+                        parse_stage("stage5").unwrap(),
+                    ],
+                    resize: Resize::KeepAspect { side: 256 },
+                },
+                detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
+                holdout: 0.25,
+                max_far: 0.01,
+                anomalies: Vec::new(),
+                limits: ImageLimits::default(),
+            };
+            Arc::new(Inspector::fit(&train, &options, &Device::Cpu, &NoProgress).unwrap())
+        })
+        .clone()
+}
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        max_concurrent: 4,
+        ..ServerConfig::default()
+    }
+}
+
+fn state_with(names: &[&str], config: ServerConfig) -> AppState {
+    let models = names
+        .iter()
+        .map(|n| ServedModel {
+            name: (*n).to_owned(),
+            inspector: model(),
+        })
+        .collect();
+    AppState::new(models, config).unwrap()
+}
+
+fn state() -> AppState {
+    state_with(&["cells"], config())
+}
+
+fn good_png() -> Vec<u8> {
+    std::fs::read(&images_in("test/good")[0]).unwrap()
+}
+
+fn defect_png() -> Vec<u8> {
+    std::fs::read(&images_in("test/defect")[0]).unwrap()
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Asserts the uniform error body and returns its code.
+    fn error_code(&self) -> String {
+        let v = self.json();
+        let error = v["error"].as_object().unwrap_or_else(|| panic!("{v}"));
+        assert_eq!(error.len(), 2, "{v}");
+        assert!(!error["message"].as_str().unwrap().is_empty());
+        assert_eq!(
+            self.headers[header::CONTENT_TYPE],
+            "application/json",
+            "{v}"
+        );
+        error["code"].as_str().unwrap().to_owned()
+    }
+}
+
+async fn send(app: Router, request: Request<Body>) -> Reply {
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+fn post_bytes(uri: &str, bytes: Vec<u8>) -> Request<Body> {
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .body(Body::from(bytes))
+        .unwrap()
+}
+
+const BOUNDARY: &str = "flawscope-test-boundary";
+
+enum Part<'a> {
+    Text(&'a str, &'a str),
+    File(&'a str, &'a [u8]),
+}
+
+fn multipart(uri: &str, parts: &[Part]) -> Request<Body> {
+    let mut body = Vec::new();
+    for part in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        match part {
+            Part::Text(name, value) => {
+                body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                        .as_bytes(),
+                );
+            }
+            Part::File(name, bytes) => {
+                body.extend_from_slice(
+                    format!(
+                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"x.png\"\r\n\
+                         Content-Type: image/png\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                body.extend_from_slice(bytes);
+                body.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    Request::post(uri)
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn json_request(uri: &str, value: &Value) -> Request<Body> {
+    let body = serde_json::to_vec(value).unwrap();
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// Checks the invariants of a score result against its image size.
+fn check_result(v: &Value) {
+    let score = v["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score), "{v}");
+    assert_eq!(v["threshold"], 0.5);
+    assert_eq!(v["is_anomalous"].as_bool().unwrap(), score >= 0.5, "{v}");
+    let (w, h) = (v["width"].as_u64().unwrap(), v["height"].as_u64().unwrap());
+    let regions = v["regions"].as_array().unwrap();
+    assert!(regions.len() <= 20);
+    let mut last = f64::INFINITY;
+    for r in regions {
+        let peak = r["peak"].as_f64().unwrap();
+        assert!(peak >= 0.5 && peak <= last, "{v}");
+        last = peak;
+        assert!(r["x"].as_u64().unwrap() + r["w"].as_u64().unwrap() <= w);
+        assert!(r["y"].as_u64().unwrap() + r["h"].as_u64().unwrap() <= h);
+    }
+    assert!(v["latency_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn health_routes_answer() {
+    let app = app(state());
+    for uri in ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"] {
+        let reply = send(app.clone(), get(uri)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{uri}");
+    }
+    assert_eq!(send(app.clone(), get("/readyz")).await.json()["models"], 1);
+    assert_eq!(
+        send(app.clone(), get("/v2/health/live")).await.json()["live"],
+        true
+    );
+    let meta = send(app, get("/v2")).await.json();
+    assert_eq!(meta["name"], "flawscope");
+}
+
+#[tokio::test]
+async fn readiness_turns_503_while_draining() {
+    let state = state();
+    state.set_draining();
+    let app = app(state);
+    assert_eq!(
+        send(app.clone(), get("/healthz")).await.status,
+        StatusCode::OK
+    );
+    for uri in ["/readyz", "/v2/health/ready", "/v2/models/cells/ready"] {
+        let reply = send(app.clone(), get(uri)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(reply.error_code(), "shutting_down");
+    }
+}
+
+#[tokio::test]
+async fn models_are_listed() {
+    let reply = send(app(state_with(&["a", "b"], config())), get("/v1/models")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    let models = v["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    assert_eq!(models[0]["name"], "a");
+    assert_eq!(models[0]["detector"], "patchcore");
+    assert_eq!(models[0]["backbone"], "lite0");
+    assert_eq!(models[0]["threshold"], 0.5);
+    assert!(models[0]["raw_threshold"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn score_raw_and_multipart_with_heatmap() {
+    let app = app(state());
+    let reply = send(
+        app.clone(),
+        post_bytes("/v1/models/cells/score", good_png()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    assert_eq!(v["model"], "cells");
+    assert_eq!(
+        (v["width"].as_u64(), v["height"].as_u64()),
+        (Some(300), Some(300))
+    );
+    assert!(v.get("heatmap_png").is_none());
+    check_result(&v);
+
+    let defect = defect_png();
+    let reply = send(
+        app,
+        multipart(
+            "/v1/models/cells/score?heatmap=png",
+            &[Part::File("image", &defect)],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    check_result(&v);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(v["heatmap_png"].as_str().unwrap())
+        .unwrap();
+    let overlay = image::load_from_memory(&png).unwrap();
+    assert_eq!((overlay.width(), overlay.height()), (300, 300));
+}
+
+#[tokio::test]
+async fn a_defect_is_flagged_with_a_region() {
+    let app = app(state());
+    let mut flagged = 0;
+    for path in images_in("test/defect") {
+        let bytes = std::fs::read(path).unwrap();
+        let v = send(app.clone(), post_bytes("/v1/models/cells/score", bytes))
+            .await
+            .json();
+        check_result(&v);
+        if v["is_anomalous"] == true && !v["regions"].as_array().unwrap().is_empty() {
+            flagged += 1;
+        }
+    }
+    assert!(flagged > 0, "no defective cell was flagged with a region");
+}
+
+/// A valid PNG whose IHDR claims `width × height`, CRC fixed.
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut png = good_png();
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for b in bytes {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[tokio::test]
+async fn bad_images_are_400_and_huge_ones_413() {
+    let app = app(state());
+    let uri = "/v1/models/cells/score";
+    let good = good_png();
+    for (bytes, code) in [
+        (Vec::new(), "empty_image"),
+        (b"definitely not an image".to_vec(), "unsupported_image"),
+        (good[..good.len() / 2].to_vec(), "invalid_image"),
+    ] {
+        let reply = send(app.clone(), post_bytes(uri, bytes)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert_eq!(reply.error_code(), code);
+    }
+    // The CRC is right, so only the size check stops it.
+    let same = png_claiming(300, 300);
+    assert_eq!(same, good, "the CRC recomputation matches the original");
+
+    let started = std::time::Instant::now();
+    let reply = send(app.clone(), post_bytes(uri, png_claiming(60_000, 60_000))).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.error_code(), "payload_too_large");
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("60000×60000")
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // An image field that is empty or missing.
+    let reply = send(app.clone(), multipart(uri, &[Part::Text("note", "hi")])).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.error_code(), "missing_image");
+    let reply = send(app, multipart(uri, &[Part::File("image", b"")])).await;
+    assert_eq!(reply.error_code(), "empty_image");
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413() {
+    let app = app(state());
+    let big = vec![0u8; 25 * 1024 * 1024];
+    // Declared length: refused before reading.
+    let reply = send(
+        app.clone(),
+        post_bytes("/v1/models/cells/score", big.clone()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.error_code(), "payload_too_large");
+    // No declared length: cut off while reading.
+    for uri in ["/v1/models/cells/score", "/v2/models/cells/infer"] {
+        let request = Request::post(uri).body(Body::from(big.clone())).unwrap();
+        let reply = send(app.clone(), request).await;
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{uri}");
+        assert_eq!(reply.error_code(), "payload_too_large");
+    }
+    let mut form = multipart("/v1/ask", &[Part::File("image", &big)]);
+    form.headers_mut().remove(header::CONTENT_LENGTH);
+    let reply = send(app, form).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.error_code(), "payload_too_large");
+}
+
+#[tokio::test]
+async fn unknown_and_hostile_model_names_are_404() {
+    let app = app(state());
+    for name in [
+        "nope",
+        "..",
+        "%2e%2e",
+        "..%2Fcells",
+        "..%2F..%2F..%2Fetc%2Fpasswd",
+        "a%2Fb",
+        "%FF",
+        "cells%00",
+    ] {
+        for (uri, body) in [
+            (format!("/v1/models/{name}/score"), good_png()),
+            (format!("/v2/models/{name}/infer"), b"{}".to_vec()),
+        ] {
+            let reply = send(app.clone(), post_bytes(&uri, body)).await;
+            assert_eq!(reply.status, StatusCode::NOT_FOUND, "{uri}");
+            assert_eq!(reply.error_code(), "not_found");
+        }
+        let reply = send(app.clone(), get(&format!("/v2/models/{name}"))).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{name}");
+    }
+    // A raw '/' or '..' segment does not even match the route.
+    for uri in ["/v1/models/a/b/score", "/v1/models/../score", "/nothing"] {
+        let reply = send(app.clone(), post_bytes(uri, good_png())).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(reply.error_code(), "not_found");
+    }
+    let reply = send(app, get("/v1/models/cells/score")).await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.error_code(), "method_not_allowed");
+}
+
+#[tokio::test]
+async fn models_come_from_their_folder_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("models");
+    std::fs::create_dir(&dir).unwrap();
+    model().save(&dir.join("cells.flawscope")).unwrap();
+    // A model next to the folder, reachable with '..' if names touched files.
+    model().save(&tmp.path().join("secret.flawscope")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a model").unwrap();
+
+    let models = load_models(&dir, &Device::Cpu).unwrap();
+    assert_eq!(models.len(), 1);
+    let app = app(AppState::new(models, config()).unwrap());
+    let ok = send(
+        app.clone(),
+        post_bytes("/v1/models/cells/score", good_png()),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    for name in ["secret", "..%2Fsecret", "%2E%2E%2Fsecret", "..%5Csecret"] {
+        let reply = send(
+            app.clone(),
+            post_bytes(&format!("/v1/models/{name}/score"), good_png()),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{name}");
+    }
+
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert!(load_models(&empty, &Device::Cpu).is_err());
+    assert!(load_models(Path::new("/definitely/not/here"), &Device::Cpu).is_err());
+}
+
+#[tokio::test]
+async fn token_guards_all_but_health() {
+    let app = app(state().with_token(Token::new("s3cret-token")));
+    for uri in ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"] {
+        assert_eq!(
+            send(app.clone(), get(uri)).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+    let guarded = [
+        get("/v1/models"),
+        get("/metrics"),
+        get("/v2/models/cells"),
+        get("/v2/models/cells/ready"),
+        get("/no/such/route"),
+        post_bytes("/v1/models/cells/score", good_png()),
+        post_bytes("/v1/zero-shot", Vec::new()),
+        post_bytes("/v1/ask", Vec::new()),
+        post_bytes("/v2/models/cells/infer", Vec::new()),
+    ];
+    for request in guarded {
+        let uri = request.uri().to_string();
+        let reply = send(app.clone(), request).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{uri}");
+        assert_eq!(reply.error_code(), "unauthorized");
+        assert_eq!(reply.headers[header::WWW_AUTHENTICATE], "Bearer");
+    }
+    for value in [
+        "Bearer wrong",
+        "Bearer s3cret-toke",
+        "Basic s3cret-token",
+        "s3cret-token",
+    ] {
+        let request = Request::get("/v1/models")
+            .header(header::AUTHORIZATION, value)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            send(app.clone(), request).await.status,
+            StatusCode::UNAUTHORIZED,
+            "{value}"
+        );
+    }
+    let request = Request::get("/v1/models")
+        .header(header::AUTHORIZATION, "bearer s3cret-token")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(app, request).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn zero_shot_is_503_without_an_engine() {
+    let app = app(state());
+    let png = good_png();
+    let reply = send(
+        app,
+        multipart(
+            "/v1/zero-shot",
+            &[
+                Part::File("image", &png),
+                Part::Text("object", "solar cell"),
+                Part::Text("prompt", "a crack"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.error_code(), "zero_shot_unavailable");
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("--clip-weights"), "{message}");
+    assert!(message.contains("FLAWSCOPE_CLIP_WEIGHTS"), "{message}");
+    assert!(reply.headers.get(header::RETRY_AFTER).is_none());
+}
+
+/// A stand-in engine that checks the plumbing only.
+struct Stub;
+
+impl ZeroShotScorer for Stub {
+    fn score(
+        &self,
+        image: &image::Rgb32FImage,
+        object: &str,
+        prompts: &[String],
+    ) -> Result<ZeroShotScore, flawscope_core::Error> {
+        assert_eq!(object, "solar cell");
+        assert_eq!(prompts, ["a crack", "a dark spot"]);
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let mut values = vec![0.0; w * h];
+        values[0] = 0.9;
+        Ok(ZeroShotScore {
+            score: 0.7,
+            map: flawscope_core::anomaly_map::AnomalyMap::new(w, h, values),
+        })
+    }
+}
+
+#[tokio::test]
+async fn zero_shot_engine_plugs_in() {
+    let app = app(state().with_zero_shot(Arc::new(Stub)));
+    let png = good_png();
+    let reply = send(
+        app.clone(),
+        multipart(
+            "/v1/zero-shot",
+            &[
+                Part::File("image", &png),
+                Part::Text("object", "solar cell"),
+                Part::Text("prompt", "a crack"),
+                Part::Text("prompt", "a dark spot"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    assert_eq!(v["is_anomalous"], true);
+    assert_eq!(v["regions"][0]["area"], 1);
+    let reply = send(
+        app,
+        multipart(
+            "/v1/zero-shot",
+            &[
+                Part::File("image", &png),
+                Part::Text("object", "solar cell"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.error_code(), "missing_prompt");
+}
+
+#[tokio::test]
+async fn ask_answers_in_words() {
+    let app1 = app(state());
+    let png = defect_png();
+    let reply = send(
+        app1,
+        multipart(
+            "/v1/ask",
+            &[
+                Part::Text("text", "is this cell ok?"),
+                Part::File("image", &png),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    let answer = v["answer"].as_str().unwrap();
+    assert!(answer.starts_with("cells: "), "{answer}");
+    assert!(answer.contains("score"), "{answer}");
+    if v["result"]["is_anomalous"] == true && !v["result"]["regions"].as_array().unwrap().is_empty()
+    {
+        assert!(answer.contains("% of the image"), "{answer}");
+    }
+    assert_eq!(v["question"], "is this cell ok?");
+    check_result(&v["result"]);
+
+    // Two models: the field or a mention in the text picks one.
+    let app2 = app(state_with(&["cells", "tiles"], config()));
+    let reply = send(
+        app2.clone(),
+        multipart(
+            "/v1/ask",
+            &[
+                Part::Text("text", "anything wrong?"),
+                Part::File("image", &png),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.error_code(), "model_required");
+    let reply = send(
+        app2.clone(),
+        multipart(
+            "/v1/ask",
+            &[
+                Part::Text("text", "check this with tiles please"),
+                Part::File("image", &png),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.json()["model"], "tiles");
+    let reply = send(
+        app2.clone(),
+        multipart(
+            "/v1/ask",
+            &[Part::Text("model", "nope"), Part::File("image", &png)],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    // A raw body is not a form.
+    let reply = send(app2, post_bytes("/v1/ask", png.clone())).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.error_code(), "expected_multipart");
+}
+
+#[tokio::test]
+async fn oip_metadata_and_infer() {
+    let app = app(state());
+    let meta = send(app.clone(), get("/v2/models/cells")).await;
+    assert_eq!(meta.status, StatusCode::OK);
+    let meta = meta.json();
+    assert_eq!(meta["name"], "cells");
+    assert_eq!(meta["inputs"][0]["datatype"], "BYTES");
+    assert_eq!(meta["outputs"][2]["name"], "anomaly_map");
+    let ready = send(app.clone(), get("/v2/models/cells/ready")).await;
+    assert_eq!(ready.json()["ready"], true);
+
+    let b64 = base64::engine::general_purpose::STANDARD.encode(good_png());
+    let request = json!({
+        "id": "req-1",
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+    });
+    let reply = send(
+        app.clone(),
+        json_request("/v2/models/cells/infer", &request),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    assert_eq!(v["model_name"], "cells");
+    assert_eq!(v["id"], "req-1");
+    assert_eq!(v["outputs"][0]["name"], "score");
+    assert_eq!(v["outputs"][0]["datatype"], "FP32");
+    assert_eq!(v["outputs"][0]["shape"], json!([1]));
+    let score = v["outputs"][0]["data"][0].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score));
+    assert_eq!(v["outputs"][1]["name"], "is_anomalous");
+
+    let request = json!({
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+        "outputs": [{"name": "score"}, {"name": "anomaly_map"}],
+    });
+    let v = send(
+        app.clone(),
+        json_request("/v2/models/cells/infer", &request),
+    )
+    .await
+    .json();
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 2);
+    let map = &v["outputs"][1];
+    assert_eq!(map["name"], "anomaly_map");
+    assert_eq!(map["shape"], json!([300, 300]));
+    assert_eq!(map["data"].as_array().unwrap().len(), 90_000);
+    assert!(v.get("id").is_none());
+
+    for bad in [
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]}),
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}),
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+               "outputs": [{"name": "logits"}]}),
+        json!({"inputs": []}),
+        json!({"nothing": true}),
+    ] {
+        let reply = send(app.clone(), json_request("/v2/models/cells/infer", &bad)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let not_png = base64::engine::general_purpose::STANDARD.encode(b"not an image");
+    let request = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [not_png]}]});
+    let reply = send(app, json_request("/v2/models/cells/infer", &request)).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.error_code(), "unsupported_image");
+}
+
+#[tokio::test]
+async fn metrics_count_routes_statuses_and_latency() {
+    let app = app(state());
+    send(
+        app.clone(),
+        post_bytes("/v1/models/cells/score", good_png()),
+    )
+    .await;
+    send(app.clone(), post_bytes("/v1/models/nope/score", good_png())).await;
+    send(app.clone(), get("/nowhere")).await;
+    let reply = send(app, get("/metrics")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply.headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    for line in [
+        "flawscope_http_requests_total{route=\"/v1/models/{name}/score\",status=\"200\"} 1",
+        "flawscope_http_requests_total{route=\"/v1/models/{name}/score\",status=\"404\"} 1",
+        "flawscope_http_requests_total{route=\"unmatched\",status=\"404\"} 1",
+        "flawscope_http_request_duration_seconds_bucket{route=\"/v1/models/{name}/score\",le=\"+Inf\"} 2",
+        "flawscope_http_request_duration_seconds_count{route=\"/v1/models/{name}/score\"} 2",
+        "flawscope_http_requests_in_flight 1",
+        "flawscope_models_loaded 1",
+        "flawscope_inference_slots 4",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    // The raw model name never becomes a label.
+    assert!(!text.contains("nope"));
+}
+
+#[tokio::test]
+async fn excess_load_is_shed_with_retry_after() {
+    let state = state_with(
+        &["cells"],
+        ServerConfig {
+            max_concurrent: 1,
+            ..config()
+        },
+    );
+    let app = app(state.clone());
+    let held = state.try_slot().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(good_png());
+    let png = good_png();
+    for request in [
+        post_bytes("/v1/models/cells/score", good_png()),
+        multipart("/v1/ask", &[Part::File("image", &png)]),
+        json_request(
+            "/v2/models/cells/infer",
+            &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]}),
+        ),
+    ] {
+        let uri = request.uri().to_string();
+        let reply = send(app.clone(), request).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(reply.error_code(), "overloaded");
+        assert_eq!(reply.headers[header::RETRY_AFTER], "1");
+        // The body was left unread, so the connection is not reused.
+        assert_eq!(reply.headers[header::CONNECTION], "close");
+    }
+    // Health and metadata are never shed.
+    assert_eq!(
+        send(app.clone(), get("/v1/models")).await.status,
+        StatusCode::OK
+    );
+    drop(held);
+    let reply = send(app, post_bytes("/v1/models/cells/score", good_png())).await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn slow_requests_time_out_and_keep_their_slot_until_done() {
+    let state = state_with(
+        &["cells"],
+        ServerConfig {
+            max_concurrent: 1,
+            timeout: Duration::from_millis(1),
+            ..config()
+        },
+    );
+    let app = app(state.clone());
+    let reply = send(
+        app.clone(),
+        post_bytes("/v1/models/cells/score", good_png()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.error_code(), "timeout");
+    // The abandoned inference still holds the only slot, then frees it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while state.busy_slots() > 0 {
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn invalid_settings_are_refused() {
+    for config in [
+        ServerConfig {
+            max_concurrent: 0,
+            ..ServerConfig::default()
+        },
+        ServerConfig {
+            timeout: Duration::ZERO,
+            ..ServerConfig::default()
+        },
+        ServerConfig {
+            body_limit: 0,
+            ..ServerConfig::default()
+        },
+    ] {
+        assert!(AppState::new(Vec::new(), config).is_err());
+    }
+    let bad_name = ServedModel {
+        name: "../x".into(),
+        inspector: model(),
+    };
+    assert!(AppState::new(vec![bad_name], ServerConfig::default()).is_err());
+}

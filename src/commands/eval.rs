@@ -1,0 +1,85 @@
+//! `flawscope eval`: fit on a labelled dataset's normal images, score its
+//! test set, and report the field's metrics.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use flawscope_core::dataset::Dataset;
+use flawscope_core::evaluation::evaluate;
+use flawscope_core::images::ImageLimits;
+
+use super::Outcome;
+use super::options::{DetectorArgs, device};
+use crate::progress::Bars;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Dataset in the MVTec layout.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Only this category (default: every category).
+    #[arg(long)]
+    pub category: Option<String>,
+    #[command(flatten)]
+    pub detector: DetectorArgs,
+    /// One JSON object per category instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    let (features, detector) = args.detector.configs()?;
+    let dataset = Dataset::open(&args.dataset)
+        .with_context(|| format!("reading dataset {}", args.dataset.display()))?;
+    let categories = match &args.category {
+        Some(name) => vec![dataset.category(name)?.clone()],
+        None => dataset.categories.clone(),
+    };
+    let bars = Bars::new(false);
+    let device = device();
+    if !args.json {
+        println!(
+            "{:<16} {:<10} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8}",
+            "category",
+            "detector",
+            "img AUROC",
+            "pix AUROC",
+            "AUPRO",
+            "F1-max",
+            "fit s",
+            "ms/img",
+            "bank"
+        );
+    }
+    for category in &categories {
+        let report = evaluate(
+            category,
+            &features,
+            &detector,
+            &ImageLimits::default(),
+            &device,
+            &bars,
+        )
+        .with_context(|| format!("evaluating category {}", category.name))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+            println!(
+                "{:<16} {:<10} {:>9.3} {:>9} {:>7} {:>7.3} {:>8.1} {:>8.1} {:>8}",
+                report.category,
+                report.detector,
+                report.image_auroc,
+                opt(report.pixel_auroc),
+                opt(report.aupro),
+                report.f1_max,
+                report.fit_seconds,
+                report.ms_per_image,
+                report
+                    .memory_bank_size
+                    .map_or("-".to_string(), |n| n.to_string()),
+            );
+        }
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,170 @@
+//! Command-line options shared by `fit` and `eval`: which detector, on which
+//! features.
+
+use clap::ValueEnum;
+use flawscope_core::Device;
+use flawscope_core::detector::DetectorConfig;
+use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
+use flawscope_core::flow::FlowConfig;
+use flawscope_core::padim::PadimConfig;
+use flawscope_core::patchcore::PatchCoreConfig;
+use flawscope_core::recon::ReconConfig;
+use flawscope_core::train::TrainingConfig;
+
+use super::UsageError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DetectorKind {
+    /// Memory bank of normal patches, nearest-neighbour distance.
+    Patchcore,
+    /// One Gaussian per grid position, Mahalanobis distance.
+    Padim,
+    /// Normalizing flow on backbone stages (trained), negative log-likelihood.
+    Flow,
+    /// Feature autoencoder (trained), reconstruction error.
+    Recon,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DetectorArgs {
+    /// Detector to fit.
+    #[arg(long, value_enum, default_value = "patchcore")]
+    pub detector: DetectorKind,
+    /// Pretrained backbone.
+    #[arg(long, default_value = "lite0")]
+    pub backbone: String,
+    /// Backbone stages to use, comma-separated (default depends on the detector).
+    #[arg(long, value_delimiter = ',')]
+    pub stages: Option<Vec<String>>,
+    /// Input side in pixels (default depends on the detector).
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Resize every image to a square instead of keeping its aspect ratio
+    /// (PaDiM, flow and recon always do).
+    #[arg(long)]
+    pub square: bool,
+    /// PatchCore: fraction of training patches kept in the memory bank.
+    #[arg(long, default_value_t = 0.1)]
+    pub coreset: f64,
+    /// PatchCore: hard cap on the memory-bank size, to bound memory.
+    #[arg(long)]
+    pub max_bank: Option<usize>,
+    /// PaDiM: number of feature channels kept.
+    #[arg(long, default_value_t = 100)]
+    pub padim_channels: usize,
+    /// Seed for every random choice (for flow and recon: initial weights,
+    /// validation split and batch order).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Flow, recon: most training epochs (default depends on the detector;
+    /// training stops earlier when the held-back validation loss stalls).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Flow, recon: stop training once fitting has run this many minutes
+    /// (the best weights so far are kept).
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+}
+
+impl DetectorArgs {
+    /// The feature recipe and detector settings these options describe.
+    pub fn configs(&self) -> Result<(FeatureConfig, DetectorConfig), UsageError> {
+        let backbone: BackboneKind = self
+            .backbone
+            .parse()
+            .map_err(|e: flawscope_core::Error| UsageError(e.to_string()))?;
+        let (default_stages, default_size): (&[&str], u32) = match self.detector {
+            DetectorKind::Patchcore => (&["stage4", "stage5"], 256),
+            DetectorKind::Padim => (&["stage2", "stage3", "stage4"], 256),
+            DetectorKind::Flow => (&["stage4", "stage5"], 256),
+            DetectorKind::Recon => (&["stage4", "stage5"], 256),
+        };
+        let stages = match &self.stages {
+            Some(names) => names
+                .iter()
+                .map(|n| parse_stage(n.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| UsageError(e.to_string()))?,
+            None => default_stages
+                .iter()
+                .map(|n| parse_stage(n))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| UsageError(e.to_string()))?,
+        };
+        let side = self.size.unwrap_or(default_size);
+        if !(32..=2048).contains(&side) {
+            return Err(UsageError(format!(
+                "--size must be between 32 and 2048, got {side}"
+            )));
+        }
+        let fixed_grid = matches!(
+            self.detector,
+            DetectorKind::Padim | DetectorKind::Flow | DetectorKind::Recon
+        );
+        let resize = if self.square || fixed_grid {
+            Resize::Fixed {
+                width: side,
+                height: side,
+            }
+        } else {
+            Resize::KeepAspect { side }
+        };
+        let detector = match self.detector {
+            DetectorKind::Patchcore => DetectorConfig::PatchCore(PatchCoreConfig {
+                coreset_ratio: self.coreset,
+                max_bank: self.max_bank,
+                seed: self.seed,
+                ..Default::default()
+            }),
+            DetectorKind::Padim => DetectorConfig::Padim(PadimConfig {
+                channels: self.padim_channels,
+                seed: self.seed,
+                ..Default::default()
+            }),
+            DetectorKind::Flow => {
+                let defaults = FlowConfig::default();
+                DetectorConfig::Flow(FlowConfig {
+                    training: self.training(defaults.training)?,
+                    ..defaults
+                })
+            }
+            DetectorKind::Recon => {
+                let defaults = ReconConfig::default();
+                DetectorConfig::Recon(ReconConfig {
+                    training: self.training(defaults.training)?,
+                    ..defaults
+                })
+            }
+        };
+        Ok((
+            FeatureConfig {
+                backbone,
+                stages,
+                resize,
+            },
+            detector,
+        ))
+    }
+}
+
+impl DetectorArgs {
+    /// A trained detector's training settings with `--epochs`,
+    /// `--max-minutes` and `--seed` applied.
+    fn training(&self, defaults: TrainingConfig) -> Result<TrainingConfig, UsageError> {
+        let training = TrainingConfig {
+            epochs: self.epochs.unwrap_or(defaults.epochs),
+            max_minutes: self.max_minutes.or(defaults.max_minutes),
+            seed: self.seed,
+            ..defaults
+        };
+        training
+            .validate()
+            .map_err(|e| UsageError(format!("--epochs / --max-minutes: {e}")))?;
+        Ok(training)
+    }
+}
+
+/// The compute device: CUDA when built with it and present, else CPU.
+pub fn device() -> Device {
+    Device::cuda_if_available(0).unwrap_or(Device::Cpu)
+}

@@ -1,0 +1,130 @@
+//! `flawscope serve`: the HTTP service (see the `flawscope-server` crate).
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use flawscope_server::{AppState, ServerConfig, ServerError, Token, load_models};
+
+use super::options::device;
+use super::{Outcome, UsageError};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Folder of model files: each NAME.flawscope is served as NAME.
+    #[arg(long, default_value = ".")]
+    pub models: PathBuf,
+    /// Address to listen on (port 0 picks a free port). The first line on
+    /// stdout is `listening on ADDR`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// File holding a bearer token; every route but health then needs
+    /// `Authorization: Bearer TOKEN`.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Inference requests at once; more are refused with 503 (default: CPU cores).
+    #[arg(long)]
+    pub max_concurrent: Option<usize>,
+    /// Longest time one request may take, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    /// Largest request body, in MB.
+    #[arg(long, default_value_t = 20)]
+    pub body_limit_mb: usize,
+    /// CLIP checkpoint folder for /v1/zero-shot (also FLAWSCOPE_CLIP_WEIGHTS).
+    #[arg(long)]
+    pub clip_weights: Option<PathBuf>,
+}
+
+fn usage_or_failure(err: ServerError) -> anyhow::Error {
+    match err {
+        ServerError::Model { .. } => anyhow::Error::new(err),
+        other => UsageError(other.to_string()).into(),
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    if !(1..=3600).contains(&args.timeout_secs) {
+        return Err(UsageError("--timeout-secs must be between 1 and 3600".into()).into());
+    }
+    if !(1..=1024).contains(&args.body_limit_mb) {
+        return Err(UsageError("--body-limit-mb must be between 1 and 1024".into()).into());
+    }
+    let mut config = ServerConfig {
+        timeout: Duration::from_secs(args.timeout_secs),
+        body_limit: args.body_limit_mb * 1024 * 1024,
+        ..ServerConfig::default()
+    };
+    if let Some(n) = args.max_concurrent {
+        if !(1..=1024).contains(&n) {
+            return Err(UsageError("--max-concurrent must be between 1 and 1024".into()).into());
+        }
+        config.max_concurrent = n;
+    }
+    let token = args
+        .token_file
+        .as_deref()
+        .map(Token::from_file)
+        .transpose()
+        .map_err(usage_or_failure)?;
+    let models = load_models(&args.models, &device()).map_err(usage_or_failure)?;
+    let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+    let mut state = AppState::new(models, config.clone()).map_err(usage_or_failure)?;
+    if let Some(token) = token {
+        state = state.with_token(token);
+    }
+    let clip = args.clip_weights.clone().or_else(|| {
+        std::env::var_os(flawscope_models::clip_weights::WEIGHTS_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    if let Some(dir) = clip {
+        eprintln!(
+            "warning: CLIP weights at {} are not used yet: this build has no zero-shot engine, \
+             so /v1/zero-shot answers 503",
+            dir.display()
+        );
+        state = state.with_zero_shot_unavailable(format!(
+            "zero-shot scoring is not available: CLIP weights are configured ({}), but this \
+             build of flawscope has no zero-shot engine yet",
+            dir.display()
+        ));
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("listening on {}", args.addr))?;
+        let local = listener.local_addr().context("reading the bound address")?;
+        let shutdown =
+            flawscope_server::shutdown_signal().context("installing the signal handlers")?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening on {local}")?;
+        stdout.flush()?;
+        eprintln!(
+            "serving {} model(s) [{}] on http://{local}; {} inference slot(s), {} s timeout, \
+             {} MB body limit{}",
+            names.len(),
+            names.join(", "),
+            config.max_concurrent,
+            args.timeout_secs,
+            args.body_limit_mb,
+            if state.token().is_some() {
+                ", bearer token required"
+            } else {
+                ""
+            }
+        );
+        flawscope_server::serve(listener, state, shutdown)
+            .await
+            .context("serving HTTP")
+    })?;
+    eprintln!("stopped");
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,40 @@
+//! `flawscope tui`: triage a folder in the terminal; scores and decisions go
+//! to a results store that the next session resumes from.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::Outcome;
+use super::options::device;
+
+/// Environment variable naming a file for timing lines (first row shown,
+/// key-to-redraw latency).
+pub const TRACE_ENV: &str = "FLAWSCOPE_TUI_TRACE";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Folder of images to triage.
+    pub path: PathBuf,
+    /// Model file written by `flawscope fit`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Results database [default: PATH/.flawscope-results.sqlite].
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let options = flawscope_tui::Options {
+        folder: args.path.clone(),
+        model: args.model.clone(),
+        db: args.db.clone(),
+        device: device(),
+        trace: std::env::var_os(TRACE_ENV).map(PathBuf::from),
+        started,
+    };
+    flawscope_tui::run(options).with_context(|| format!("triaging {}", args.path.display()))?;
+    Ok(Outcome::Success)
+}

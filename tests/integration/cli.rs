@@ -1,0 +1,77 @@
+//! The `flawscope` command as a user runs it.
+
+use std::process::{Command, Output};
+
+/// Runs the built `flawscope` binary with `args`.
+pub fn flawscope(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flawscope"))
+        .args(args)
+        .output()
+        .expect("the flawscope binary runs")
+}
+
+#[test]
+fn dataset_info_reads_a_small_mvtec_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cat = tmp.path().join("bolt");
+    for rel in [
+        "train/good/1.png",
+        "train/good/2.png",
+        "test/good/3.png",
+        "test/crack/4.png",
+    ] {
+        let path = cat.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::GrayImage::new(4, 3).save(&path).unwrap();
+    }
+    std::fs::create_dir_all(cat.join("ground_truth/crack")).unwrap();
+    image::GrayImage::new(4, 3)
+        .save(cat.join("ground_truth/crack/4_mask.png"))
+        .unwrap();
+
+    let out = flawscope(&["dataset-info", tmp.path().to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bolt = &info["categories"][0];
+    assert_eq!(bolt["category"], "bolt");
+    assert_eq!(bolt["train_good"], 2);
+    assert_eq!(bolt["test_good"], 1);
+    assert_eq!(bolt["test_defects"]["crack"], 1);
+    assert_eq!(bolt["masks"], 1);
+
+    let table = flawscope(&["dataset-info", cat.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("bolt"));
+}
+
+#[test]
+fn dataset_info_on_an_empty_folder_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = flawscope(&["dataset-info", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("holds no dataset"), "{stderr}");
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    let out = flawscope(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    let subcommands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    assert!(subcommands.contains(&"dataset-info"), "{help}");
+    for sub in subcommands {
+        let out = flawscope(&[sub, "--help"]);
+        assert_eq!(out.status.code(), Some(0), "{sub} --help");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{sub}"
+        );
+    }
+}

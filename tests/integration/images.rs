@@ -1,0 +1,197 @@
+//! Image loading: every format and pixel type, and the ways files go wrong.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use flawscope_core::dataset::{DatasetError, scan_image_folder};
+use flawscope_core::images::{ImageError, ImageLimits, decode_image, image_dimensions, load_image};
+use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
+
+/// A 7×5 (non-square) test pattern in every pixel type; the top-left pixel
+/// is a known mid grey so conversions can be checked.
+fn patterns() -> Vec<(&'static str, DynamicImage)> {
+    let (w, h) = (7, 5);
+    let v8 = |x: u32, y: u32| (x * 30 + y * 7) as u8;
+    let v16 = |x: u32, y: u32| (x * 30 + y * 7) as u16 * 257;
+    vec![
+        (
+            "grey8",
+            DynamicImage::ImageLuma8(ImageBuffer::from_fn(w, h, |x, y| Luma([v8(x, y)]))),
+        ),
+        (
+            "greyalpha8",
+            DynamicImage::ImageLumaA8(ImageBuffer::from_fn(w, h, |x, y| LumaA([v8(x, y), 255]))),
+        ),
+        (
+            "grey16",
+            DynamicImage::ImageLuma16(ImageBuffer::from_fn(w, h, |x, y| Luma([v16(x, y)]))),
+        ),
+        (
+            "rgb8",
+            DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| Rgb([v8(x, y); 3]))),
+        ),
+        (
+            "rgba8",
+            DynamicImage::ImageRgba8(ImageBuffer::from_fn(w, h, |x, y| {
+                Rgba([v8(x, y), v8(x, y), v8(x, y), 255])
+            })),
+        ),
+        (
+            "rgb16",
+            DynamicImage::ImageRgb16(ImageBuffer::from_fn(w, h, |x, y| Rgb([v16(x, y); 3]))),
+        ),
+        (
+            "rgba16",
+            DynamicImage::ImageRgba16(ImageBuffer::from_fn(w, h, |x, y| {
+                Rgba([v16(x, y), v16(x, y), v16(x, y), 65535])
+            })),
+        ),
+    ]
+}
+
+fn encode(img: &DynamicImage, format: ImageFormat) -> Option<Vec<u8>> {
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, format).ok()?;
+    Some(out.into_inner())
+}
+
+fn check_pattern(bytes: &[u8], name: &str, tolerance: f32) {
+    let img = decode_image(bytes, name, &ImageLimits::default())
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(img.dimensions(), (7, 5), "{name}");
+    for (x, y) in [(0, 0), (6, 4), (3, 2)] {
+        let expected = (x * 30 + y * 7) as f32 / 255.0;
+        let p = img.get_pixel(x, y);
+        for c in 0..3 {
+            assert!(
+                (p[c] - expected).abs() <= tolerance,
+                "{name} ({x},{y}) c{c}: {} vs {expected}",
+                p[c]
+            );
+        }
+    }
+}
+
+#[test]
+fn every_format_and_pixel_type_loads_into_one_form() {
+    let mut checked = 0;
+    for (kind, img) in patterns() {
+        for (format, tolerance) in [
+            (ImageFormat::Png, 1e-6),
+            (ImageFormat::Tiff, 1e-6),
+            (ImageFormat::Bmp, 1e-6),
+            (ImageFormat::Jpeg, 0.08),
+        ] {
+            // Not every encoder takes every pixel type (JPEG has no 16-bit,
+            // BMP no 16-bit); the ones that do must round-trip.
+            let Some(bytes) = encode(&img, format) else {
+                continue;
+            };
+            check_pattern(&bytes, &format!("{kind}.{format:?}"), tolerance);
+            checked += 1;
+        }
+    }
+    // PNG and TIFF take all 7 types; JPEG and BMP at least grey8 and rgb8.
+    assert!(checked >= 18, "only {checked} combinations were encodable");
+}
+
+#[test]
+fn files_are_read_by_content_not_extension() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jpeg = encode(&patterns()[3].1, ImageFormat::Jpeg).unwrap();
+    let path = tmp.path().join("really_a_jpeg.png");
+    std::fs::write(&path, jpeg).unwrap();
+    let img = load_image(&path, &ImageLimits::default()).unwrap();
+    assert_eq!(img.dimensions(), (7, 5));
+}
+
+#[test]
+fn truncated_png_is_an_error_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = DynamicImage::ImageRgb8(ImageBuffer::from_fn(64, 48, |x, y| {
+        Rgb([x as u8, y as u8, 7])
+    }));
+    let bytes = encode(&big, ImageFormat::Png).unwrap();
+    let path = tmp.path().join("cut.png");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_image(&path, &ImageLimits::default()).unwrap_err();
+    assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("cut.png"), "{err}");
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A valid PNG whose header claims `width × height`, with a tiny body.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = encode(&patterns()[0].1, ImageFormat::Png).unwrap();
+    // Signature (8) + length (4) + "IHDR" (4), then width and height.
+    bytes[16..20].copy_from_slice(&width.to_be_bytes());
+    bytes[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
+}
+
+#[test]
+fn decompression_bomb_header_is_refused_before_decoding() {
+    let bytes = png_claiming(50_000, 50_000);
+    let err = decode_image(&bytes, "bomb.png", &ImageLimits::default()).unwrap_err();
+    match err {
+        ImageError::TooLarge {
+            width,
+            height,
+            pixels,
+            ..
+        } => {
+            assert_eq!((width, height, pixels), (50_000, 50_000, 2_500_000_000));
+        }
+        other => panic!("expected TooLarge, got {other}"),
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bomb.png");
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        image_dimensions(&path, &ImageLimits::default()),
+        Err(ImageError::TooLarge { .. })
+    ));
+    // The budget is configurable: a smaller one refuses a real small image.
+    let small = encode(&patterns()[0].1, ImageFormat::Png).unwrap();
+    assert!(decode_image(&small, "s", &ImageLimits { max_pixels: 34 }).is_err());
+    assert!(decode_image(&small, "s", &ImageLimits { max_pixels: 35 }).is_ok());
+}
+
+#[test]
+fn unsupported_formats_are_named() {
+    // A GIF header: a real image format we do not accept.
+    let err = decode_image(
+        b"GIF89a\x01\x00\x01\x00\x00\x00\x00;",
+        "anim.gif",
+        &ImageLimits::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ImageError::UnsupportedFormat { .. }), "{err}");
+    assert!(err.to_string().contains("anim.gif"));
+}
+
+#[test]
+fn empty_folder_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("notes.txt"), "no images here").unwrap();
+    let err = scan_image_folder(tmp.path()).unwrap_err();
+    assert!(matches!(err, DatasetError::NoImages(_)));
+    assert!(err.to_string().contains("holds no images"), "{err}");
+    assert!(scan_image_folder(Path::new("/definitely/not/here")).is_err());
+}

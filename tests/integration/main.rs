@@ -1,0 +1,13 @@
+//! The one integration-test binary: fixture-driven checks of each crate and
+//! end-to-end runs of the `flawscope` command.
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod clip;
+mod efficientnet;
+mod images;
+mod metrics;
+mod pipeline;
+mod serve;
+mod shared_data;
+mod tui;

@@ -1,0 +1,230 @@
+//! Resumable batch scoring into the results store.
+//!
+//! [`run_batch`] walks a list of image files; for each it reads the bytes,
+//! hashes them and skips the file when the store already holds a score for
+//! the same path, content and model. Otherwise it scores the image and
+//! commits the row before moving on, so a run that is stopped (or killed)
+//! resumes where it left off. The `flawscope score --db` command and the
+//! TUI's background worker both use it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use flawscope_core::anomaly_map::AnomalyMap;
+use flawscope_core::heatmap::overlay;
+use flawscope_core::images::{ImageLimits, decode_image};
+use flawscope_core::inspector::{Inspection, Inspector};
+use image::Rgb32FImage;
+
+use crate::store::{ModelRef, NewScore, Store, StoreError, StoredResult, content_hash};
+
+/// Longest side, in pixels, of the heatmap previews kept for the TUI.
+pub const PREVIEW_SIDE: u32 = 128;
+
+/// Why one image could not be scored; the batch goes on with the next.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error(transparent)]
+    Core(#[from] flawscope_core::Error),
+    #[error(transparent)]
+    Image(#[from] flawscope_core::images::ImageError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A small heatmap overlay of an image, RGB, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preview {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<[u8; 3]>,
+}
+
+impl Preview {
+    /// The anomaly map over the image, shrunk so its longest side is at most
+    /// `max_side`.
+    pub fn from_map(image: &Rgb32FImage, map: &AnomalyMap, max_side: u32) -> Self {
+        let (w, h) = image.dimensions();
+        let side = max_side.max(1);
+        let scale = (f64::from(side) / f64::from(w.max(h).max(1))).min(1.0);
+        let tw = ((f64::from(w) * scale).round() as u32).max(1);
+        let th = ((f64::from(h) * scale).round() as u32).max(1);
+        let small = image::imageops::thumbnail(image, tw, th);
+        let blended = overlay(&small, map);
+        Self {
+            width: blended.width(),
+            height: blended.height(),
+            pixels: blended.pixels().map(|p| p.0).collect(),
+        }
+    }
+
+    /// The pixel at `(x, y)`, clamped to the edges.
+    pub fn get(&self, x: u32, y: u32) -> [u8; 3] {
+        let x = x.min(self.width.saturating_sub(1));
+        let y = y.min(self.height.saturating_sub(1));
+        self.pixels
+            .get((y as usize) * (self.width as usize) + x as usize)
+            .copied()
+            .unwrap_or([0, 0, 0])
+    }
+}
+
+/// The outcome of scoring one image.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// 0–1.
+    pub score: f32,
+    pub raw_score: f32,
+    /// 0–1 threshold of the verdict.
+    pub threshold: f32,
+    pub preview: Option<Preview>,
+}
+
+/// Scores an image from its file bytes.
+pub trait Scorer: Sync {
+    fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError>;
+}
+
+/// A fitted model as a [`Scorer`], optionally making previews.
+#[derive(Clone)]
+pub struct InspectorScorer {
+    pub inspector: Arc<Inspector>,
+    pub limits: ImageLimits,
+    /// Longest preview side; `None` makes no preview.
+    pub preview_side: Option<u32>,
+}
+
+impl InspectorScorer {
+    /// Decodes and inspects an image.
+    pub fn inspect(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<(Rgb32FImage, Inspection), ScoreError> {
+        let image = decode_image(bytes, &path.display().to_string(), &self.limits)?;
+        let inspection = self.inspector.inspect(&image)?;
+        Ok((image, inspection))
+    }
+}
+
+impl Scorer for InspectorScorer {
+    fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError> {
+        let (image, inspection) = self.inspect(path, bytes)?;
+        let preview = self
+            .preview_side
+            .map(|side| Preview::from_map(&image, &inspection.map, side));
+        Ok(Scored {
+            score: inspection.score,
+            raw_score: inspection.raw_score,
+            threshold: inspection.threshold,
+            preview,
+        })
+    }
+}
+
+/// What happened to one file of a batch.
+#[derive(Debug, Clone)]
+pub enum BatchItem {
+    /// Already in the store with the same content: not scored again.
+    Unchanged(StoredResult),
+    /// Scored now and committed.
+    Scored(StoredResult, Option<Preview>),
+    /// Could not be read or scored.
+    Failed { path: PathBuf, error: String },
+}
+
+/// Counts of a finished (or stopped) batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub scored: usize,
+    pub unchanged: usize,
+    pub failed: usize,
+    /// Stopped by the cancel flag before the end.
+    pub cancelled: bool,
+}
+
+/// How a batch treats files already in the store.
+pub struct BatchOptions<'a> {
+    /// Set to stop after the current image.
+    pub cancel: &'a AtomicBool,
+    /// Rescore even an unchanged file when this says so (for example when
+    /// its heatmap file is missing).
+    pub rescore: &'a (dyn Fn(&Path) -> bool + Sync),
+}
+
+/// The path under which a file is stored: absolute, symlinks kept.
+pub fn store_path(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Scores `files` into `store` for `model`, skipping unchanged ones.
+/// `on_item` hears about every file, in order. Only a store failure stops
+/// the batch early (with the error); unreadable images are reported as
+/// [`BatchItem::Failed`] and the batch goes on.
+pub fn run_batch(
+    files: &[PathBuf],
+    scorer: &dyn Scorer,
+    store: &Store,
+    model: &ModelRef,
+    options: &BatchOptions<'_>,
+    mut on_item: impl FnMut(BatchItem),
+) -> Result<BatchSummary, StoreError> {
+    let mut summary = BatchSummary::default();
+    for file in files {
+        if options.cancel.load(Ordering::Relaxed) {
+            summary.cancelled = true;
+            break;
+        }
+        let path = store_path(file);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                summary.failed += 1;
+                on_item(BatchItem::Failed {
+                    error: format!("cannot read {}: {err}", path.display()),
+                    path,
+                });
+                continue;
+            }
+        };
+        let hash = content_hash(&bytes);
+        if let Some(stored) = store.lookup(model, &path)?
+            && stored.content_hash == hash
+            && !(options.rescore)(&path)
+        {
+            summary.unchanged += 1;
+            on_item(BatchItem::Unchanged(stored));
+            continue;
+        }
+        match scorer.score(&path, &bytes) {
+            Ok(scored) => {
+                let row = store.record_score(
+                    model,
+                    &NewScore {
+                        path: &path,
+                        content_hash: &hash,
+                        score: scored.score,
+                        raw_score: scored.raw_score,
+                        threshold: scored.threshold,
+                    },
+                )?;
+                summary.scored += 1;
+                on_item(BatchItem::Scored(row, scored.preview));
+            }
+            Err(err) => {
+                summary.failed += 1;
+                on_item(BatchItem::Failed {
+                    error: err.to_string(),
+                    path,
+                });
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// Never rescore unchanged files.
+pub fn never(_: &Path) -> bool {
+    false
+}

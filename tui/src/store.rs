@@ -1,0 +1,733 @@
+//! The results store: one SQLite file holding, per image and model, the
+//! score, the verdict and the person's decision.
+//!
+//! - The file runs in WAL mode, so a reader (the TUI, `flawscope export`)
+//!   sees a consistent snapshot while a writer (a scoring run) commits rows.
+//! - Every row is committed on its own as soon as it is written: a run that
+//!   is killed loses nothing it had already stored.
+//! - The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] lists
+//!   the steps from an empty file, applied in order inside transactions.
+//! - A file that is not a database, or a damaged one, is
+//!   [`StoreError::Corrupt`], never a panic.
+//!
+//! A row is keyed by `(path, model)`. The model is identified by the SHA-256
+//! of its file, so a copied or renamed model file is the same model. A
+//! decision belongs to the image (path + content hash), whatever model scored
+//! it: it is written to every row of that image, and a new model's row for an
+//! unchanged image starts with the decision already made.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Schema steps; step `i` takes `user_version` from `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: models, results, settings.
+    "CREATE TABLE models (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        identity TEXT NOT NULL UNIQUE
+    );
+    CREATE TABLE results (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        score REAL NOT NULL,
+        raw_score REAL NOT NULL,
+        threshold REAL NOT NULL,
+        verdict TEXT NOT NULL CHECK (verdict IN ('ok', 'anomalous')),
+        decision TEXT NOT NULL DEFAULT 'none' CHECK (decision IN ('none', 'ok', 'ng')),
+        decided_at TEXT,
+        scored_at TEXT NOT NULL,
+        UNIQUE (path, model_id)
+    );
+    CREATE INDEX results_by_image ON results (path, content_hash);
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );",
+];
+
+/// UTC time with milliseconds, as SQLite writes it.
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// How long a connection waits for another's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "{path} is not a flawscope results database or it is damaged ({detail}); move it away or pass another --db"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "{path} was written by a newer flawscope (schema version {found}; this one knows up to {supported})"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("results database {0} does not exist")]
+    Missing(PathBuf),
+    #[error("results database {path}: {cause}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        cause: rusqlite::Error,
+    },
+    #[error("cannot read {path}: {cause}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error("results database {path} holds an unknown {field} value {value:?}")]
+    BadValue {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+    },
+}
+
+/// A person's call on an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    None,
+    Ok,
+    Ng,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Ok => "ok",
+            Self::Ng => "ng",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "none" => Some(Self::None),
+            "ok" => Some(Self::Ok),
+            "ng" => Some(Self::Ng),
+            _ => None,
+        }
+    }
+}
+
+/// The model's call on an image, at the threshold it was scored with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    Anomalous,
+}
+
+impl Verdict {
+    pub fn of(score: f32, threshold: f32) -> Self {
+        if score >= threshold {
+            Self::Anomalous
+        } else {
+            Self::Ok
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Anomalous => "anomalous",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "ok" => Some(Self::Ok),
+            "anomalous" => Some(Self::Anomalous),
+            _ => None,
+        }
+    }
+}
+
+/// A model as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRef {
+    pub id: i64,
+    /// How the user named it (the path given).
+    pub name: String,
+    /// `sha256:<hex>` of the model file.
+    pub identity: String,
+}
+
+/// A score to record.
+#[derive(Debug, Clone, Copy)]
+pub struct NewScore<'a> {
+    pub path: &'a Path,
+    pub content_hash: &'a str,
+    /// 0–1.
+    pub score: f32,
+    pub raw_score: f32,
+    /// The 0–1 threshold the verdict was taken at.
+    pub threshold: f32,
+}
+
+/// One stored row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredResult {
+    pub path: PathBuf,
+    pub content_hash: String,
+    pub model: String,
+    pub model_identity: String,
+    pub score: f32,
+    pub raw_score: f32,
+    pub threshold: f32,
+    pub verdict: Verdict,
+    pub decision: Decision,
+    /// UTC, ISO 8601; `None` while undecided.
+    pub decided_at: Option<String>,
+    /// UTC, ISO 8601.
+    pub scored_at: String,
+}
+
+/// An open results database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const SELECT_RESULTS: &str =
+    "SELECT r.path, r.content_hash, m.name, m.identity, r.score, r.raw_score,
+        r.threshold, r.verdict, r.decision, r.decided_at, r.scored_at
+     FROM results r JOIN models m ON m.id = r.model_id";
+
+impl Store {
+    /// Opens the database at `path`, creating it (and its schema) if needed.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|cause| classify(path, cause))?;
+        Self::prepare(conn, path)
+    }
+
+    /// Opens an existing database; a missing file is [`StoreError::Missing`].
+    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        Self::open(path)
+    }
+
+    fn prepare(conn: Connection, path: &Path) -> Result<Self, StoreError> {
+        let mut store = Self {
+            conn,
+            path: path.to_path_buf(),
+        };
+        store
+            .conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| store.err(e))?;
+        // The first statement that reads the file: a non-database fails here.
+        let mode: String = store
+            .conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(|e| store.err(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt {
+                path: store.path.clone(),
+                detail: format!("cannot switch to WAL mode (journal mode is {mode})"),
+            });
+        }
+        // In WAL mode NORMAL keeps every committed row across a crash of the
+        // program; only a power cut can lose the last commits.
+        store
+            .conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| store.err(e))?;
+        store
+            .conn
+            .pragma_update(None, "foreign_keys", "ON")
+            .map_err(|e| store.err(e))?;
+        store.check_integrity()?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn err(&self, cause: rusqlite::Error) -> StoreError {
+        classify(&self.path, cause)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_integrity(&self) -> Result<(), StoreError> {
+        let mut problems = Vec::new();
+        self.conn
+            .pragma_query(None, "quick_check", |row| {
+                problems.push(row.get::<_, String>(0)?);
+                Ok(())
+            })
+            .map_err(|e| self.err(e))?;
+        if problems.len() == 1 && problems[0] == "ok" {
+            return Ok(());
+        }
+        Err(StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: problems.into_iter().take(3).collect::<Vec<_>>().join("; "),
+        })
+    }
+
+    /// The schema version of the open file.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let supported = MIGRATIONS.len() as i64;
+        if self.schema_version()? == supported {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| classify(&path, e))?;
+        // Read again under the write lock: another process may have migrated.
+        let found: i64 = tx
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(|e| classify(&path, e))?;
+        if found > supported {
+            return Err(StoreError::TooNew {
+                path,
+                found,
+                supported,
+            });
+        }
+        if found < 0 {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: format!("schema version {found}"),
+            });
+        }
+        for (step, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            tx.execute_batch(sql).map_err(|e| classify(&path, e))?;
+            tx.pragma_update(None, "user_version", step as i64 + 1)
+                .map_err(|e| classify(&path, e))?;
+        }
+        tx.commit().map_err(|e| classify(&path, e))
+    }
+
+    /// The store's entry for a model, created on first use.
+    pub fn model(&self, name: &str, identity: &str) -> Result<ModelRef, StoreError> {
+        let id = self
+            .conn
+            .query_row(
+                "INSERT INTO models (name, identity) VALUES (?1, ?2)
+                 ON CONFLICT (identity) DO UPDATE SET name = excluded.name
+                 RETURNING id",
+                params![name, identity],
+                |row| row.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(ModelRef {
+            id,
+            name: name.to_string(),
+            identity: identity.to_string(),
+        })
+    }
+
+    /// The stored row of `path` for `model`, if any.
+    pub fn lookup(
+        &self,
+        model: &ModelRef,
+        path: &Path,
+    ) -> Result<Option<StoredResult>, StoreError> {
+        let sql = format!("{SELECT_RESULTS} WHERE r.model_id = ?1 AND r.path = ?2");
+        let raw = self
+            .conn
+            .query_row(&sql, params![model.id, path_text(path)], RawRow::read)
+            .optional()
+            .map_err(|e| self.err(e))?;
+        raw.map(|r| r.into_result(&self.path)).transpose()
+    }
+
+    /// Writes (or replaces) the score of an image for a model, committed at
+    /// once. When the image's content changed since its last score, its
+    /// decision is reset; a new row inherits the decision already made on
+    /// the same content under another model.
+    pub fn record_score(
+        &self,
+        model: &ModelRef,
+        score: &NewScore<'_>,
+    ) -> Result<StoredResult, StoreError> {
+        let verdict = Verdict::of(score.score, score.threshold);
+        let sql = format!(
+            "INSERT INTO results (path, content_hash, model_id, score, raw_score, threshold,
+                                  verdict, decision, decided_at, scored_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
+                 COALESCE((SELECT decision FROM results WHERE path = ?1 AND content_hash = ?2
+                           AND decision <> 'none' ORDER BY decided_at DESC LIMIT 1), 'none'),
+                 (SELECT decided_at FROM results WHERE path = ?1 AND content_hash = ?2
+                  AND decision <> 'none' ORDER BY decided_at DESC LIMIT 1),
+                 {NOW})
+             ON CONFLICT (path, model_id) DO UPDATE SET
+                 score = excluded.score,
+                 raw_score = excluded.raw_score,
+                 threshold = excluded.threshold,
+                 verdict = excluded.verdict,
+                 scored_at = excluded.scored_at,
+                 decision = CASE WHEN results.content_hash = excluded.content_hash
+                                 THEN results.decision ELSE excluded.decision END,
+                 decided_at = CASE WHEN results.content_hash = excluded.content_hash
+                                   THEN results.decided_at ELSE excluded.decided_at END,
+                 content_hash = excluded.content_hash
+             RETURNING decision, decided_at, scored_at"
+        );
+        let (decision, decided_at, scored_at): (String, Option<String>, String) = self
+            .conn
+            .query_row(
+                &sql,
+                params![
+                    path_text(score.path),
+                    score.content_hash,
+                    model.id,
+                    f64::from(score.score),
+                    f64::from(score.raw_score),
+                    f64::from(score.threshold),
+                    verdict.as_str(),
+                ],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(StoredResult {
+            path: score.path.to_path_buf(),
+            content_hash: score.content_hash.to_string(),
+            model: model.name.clone(),
+            model_identity: model.identity.clone(),
+            score: score.score,
+            raw_score: score.raw_score,
+            threshold: score.threshold,
+            verdict,
+            decision: parse_decision(&self.path, &decision)?,
+            decided_at,
+            scored_at,
+        })
+    }
+
+    /// Records a decision on an image (every model's row of this path and
+    /// content), committed at once. Returns how many rows changed.
+    pub fn set_decision(
+        &self,
+        path: &Path,
+        content_hash: &str,
+        decision: Decision,
+    ) -> Result<usize, StoreError> {
+        let sql = format!(
+            "UPDATE results
+             SET decision = ?1,
+                 decided_at = CASE WHEN ?1 = 'none' THEN NULL ELSE {NOW} END
+             WHERE path = ?2 AND content_hash = ?3"
+        );
+        self.conn
+            .execute(
+                &sql,
+                params![decision.as_str(), path_text(path), content_hash],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every row scored by `model`, by path.
+    pub fn results_for_model(&self, model: &ModelRef) -> Result<Vec<StoredResult>, StoreError> {
+        let sql = format!("{SELECT_RESULTS} WHERE r.model_id = ?1 ORDER BY r.path");
+        self.query(&sql, params![model.id])
+    }
+
+    /// Every row, by path then model.
+    pub fn all_results(&self) -> Result<Vec<StoredResult>, StoreError> {
+        let sql = format!("{SELECT_RESULTS} ORDER BY r.path, m.name, m.identity");
+        self.query(&sql, [])
+    }
+
+    fn query(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<StoredResult>, StoreError> {
+        let mut statement = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let raw = statement
+            .query_map(params, RawRow::read)
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        raw.into_iter().map(|r| r.into_result(&self.path)).collect()
+    }
+
+    /// A stored setting.
+    pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT value FROM settings WHERE key = ?1",
+                params![key],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+/// A row as SQLite returns it, checked by [`RawRow::into_result`].
+struct RawRow {
+    path: String,
+    content_hash: String,
+    model: String,
+    model_identity: String,
+    score: f64,
+    raw_score: f64,
+    threshold: f64,
+    verdict: String,
+    decision: String,
+    decided_at: Option<String>,
+    scored_at: String,
+}
+
+impl RawRow {
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            path: row.get(0)?,
+            content_hash: row.get(1)?,
+            model: row.get(2)?,
+            model_identity: row.get(3)?,
+            score: row.get(4)?,
+            raw_score: row.get(5)?,
+            threshold: row.get(6)?,
+            verdict: row.get(7)?,
+            decision: row.get(8)?,
+            decided_at: row.get(9)?,
+            scored_at: row.get(10)?,
+        })
+    }
+
+    fn into_result(self, db: &Path) -> Result<StoredResult, StoreError> {
+        let verdict = Verdict::parse(&self.verdict).ok_or_else(|| StoreError::BadValue {
+            path: db.to_path_buf(),
+            field: "verdict",
+            value: self.verdict.clone(),
+        })?;
+        Ok(StoredResult {
+            path: PathBuf::from(self.path),
+            content_hash: self.content_hash,
+            model: self.model,
+            model_identity: self.model_identity,
+            score: self.score as f32,
+            raw_score: self.raw_score as f32,
+            threshold: self.threshold as f32,
+            verdict,
+            decision: parse_decision(db, &self.decision)?,
+            decided_at: self.decided_at,
+            scored_at: self.scored_at,
+        })
+    }
+}
+
+fn parse_decision(db: &Path, text: &str) -> Result<Decision, StoreError> {
+    Decision::parse(text).ok_or_else(|| StoreError::BadValue {
+        path: db.to_path_buf(),
+        field: "decision",
+        value: text.to_string(),
+    })
+}
+
+/// Maps SQLite's "not a database" and "corrupt" codes to
+/// [`StoreError::Corrupt`].
+fn classify(path: &Path, cause: rusqlite::Error) -> StoreError {
+    match cause.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: cause.to_string(),
+        },
+        _ => StoreError::Sqlite {
+            path: path.to_path_buf(),
+            cause,
+        },
+    }
+}
+
+/// Paths are stored as text; a non-UTF-8 path is stored lossily.
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// `sha256:<hex>` of bytes.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex_digest(Sha256::digest(bytes).as_slice())
+}
+
+/// `sha256:<hex>` of a file, read in chunks (model files can be large).
+pub fn file_hash(path: &Path) -> Result<String, StoreError> {
+    let io = |cause| StoreError::Io {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hex_digest(hasher.finalize().as_slice()))
+}
+
+fn hex_digest(digest: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(7 + digest.len() * 2);
+    out.push_str("sha256:");
+    for byte in digest {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn score<'a>(path: &'a Path, hash: &'a str, score: f32) -> NewScore<'a> {
+        NewScore {
+            path,
+            content_hash: hash,
+            score,
+            raw_score: score * 10.0,
+            threshold: 0.5,
+        }
+    }
+
+    #[test]
+    fn fresh_file_gets_the_latest_schema_in_wal_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("r.sqlite");
+        let store = Store::open(&db).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let mode: String = store
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(store);
+        // Reopening migrates nothing and keeps the version.
+        assert_eq!(
+            Store::open(&db).unwrap().schema_version().unwrap(),
+            MIGRATIONS.len() as i64
+        );
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("r.sqlite");
+        drop(Store::open(&db).unwrap());
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&db).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn scores_decisions_and_rescoring() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("r.sqlite")).unwrap();
+        let a = store.model("a.flawscope", "sha256:aa").unwrap();
+        let b = store.model("b.flawscope", "sha256:bb").unwrap();
+        assert_eq!(store.model("renamed", "sha256:aa").unwrap().id, a.id);
+        let img = Path::new("/x/1.png");
+
+        let row = store.record_score(&a, &score(img, "h1", 0.7)).unwrap();
+        assert_eq!(
+            (row.verdict, row.decision),
+            (Verdict::Anomalous, Decision::None)
+        );
+        assert_eq!(store.set_decision(img, "h1", Decision::Ng).unwrap(), 1);
+        // Another model inherits the decision on the same content.
+        let row_b = store.record_score(&b, &score(img, "h1", 0.2)).unwrap();
+        assert_eq!((row_b.verdict, row_b.decision), (Verdict::Ok, Decision::Ng));
+        assert!(row_b.decided_at.is_some());
+        // Rescoring unchanged content keeps the decision ...
+        let again = store.record_score(&a, &score(img, "h1", 0.8)).unwrap();
+        assert_eq!(again.decision, Decision::Ng);
+        // ... changed content resets it.
+        let changed = store.record_score(&a, &score(img, "h2", 0.1)).unwrap();
+        assert_eq!(
+            (changed.decision, changed.decided_at),
+            (Decision::None, None)
+        );
+        let found = store.lookup(&a, img).unwrap().unwrap();
+        assert_eq!(found.content_hash, "h2");
+        assert_eq!(found.model, "renamed");
+        assert_eq!(store.results_for_model(&b).unwrap().len(), 1);
+        assert_eq!(store.all_results().unwrap().len(), 2);
+        // Undoing to none clears the time.
+        store.set_decision(img, "h1", Decision::None).unwrap();
+        let b_row = store.lookup(&b, img).unwrap().unwrap();
+        assert_eq!((b_row.decision, b_row.decided_at), (Decision::None, None));
+    }
+
+    #[test]
+    fn settings_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("r.sqlite")).unwrap();
+        assert_eq!(store.setting("threshold").unwrap(), None);
+        store.set_setting("threshold", "0.42").unwrap();
+        store.set_setting("threshold", "0.43").unwrap();
+        assert_eq!(store.setting("threshold").unwrap().as_deref(), Some("0.43"));
+    }
+
+    #[test]
+    fn hashes_are_tagged_sha256() {
+        let h = content_hash(b"abc");
+        assert_eq!(
+            h,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("f");
+        std::fs::write(&f, b"abc").unwrap();
+        assert_eq!(file_hash(&f).unwrap(), h);
+        assert!(matches!(
+            file_hash(&tmp.path().join("missing")),
+            Err(StoreError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_file_is_an_error_for_open_existing() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Store::open_existing(&tmp.path().join("none.sqlite")),
+            Err(StoreError::Missing(_))
+        ));
+    }
+}
