@@ -37,15 +37,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::features::FeatureExtractor;
+use crate::gaussian;
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{ModelFileError, take};
 use crate::progress::Progress;
 use crate::train::{
     Initialiser, Trainable, TrainingConfig, TrainingReport, conv_same, split_validation, train,
 };
-
-/// Added to variances before standardising.
-const VARIANCE_FLOOR: f64 = 1e-6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FlowConfig {
@@ -120,10 +118,12 @@ struct Coupling {
 #[derive(Debug, Clone)]
 struct StageFlow {
     channels: usize,
-    /// `[C]`.
+    /// Grid positions `h · w`.
+    positions: usize,
+    /// `[h · w, C]`.
     mean: Tensor,
-    /// `[C]`: 1 / standard deviation.
-    inv_std: Tensor,
+    /// `[h · w, C, C]`: per-position whitening, see [`crate::gaussian`].
+    whiten: Tensor,
     blocks: Vec<Coupling>,
 }
 
@@ -144,13 +144,24 @@ fn name(stage: usize, block: Option<usize>, part: &str) -> String {
 }
 
 fn kernel_of(block: usize) -> usize {
+    if std::env::var("TMP_K1").is_ok() {
+        return 1;
+    }
     if block.is_multiple_of(2) { 3 } else { 1 }
 }
 
 impl StageFlow {
-    /// Standardises a `[B, h, w, C]` map.
+    /// Whitens a `[B, h, w, C]` map position by position.
     fn standardise(&self, x: &Tensor) -> Result<Tensor, Error> {
-        Ok(x.broadcast_sub(&self.mean)?.broadcast_mul(&self.inv_std)?)
+        let (b, h, w, c) = x.dims4()?;
+        if h * w != self.positions || c != self.channels {
+            return Err(Error::InvalidConfig(format!(
+                "the flow was fitted on {} positions × {} channels, got {h}×{w} × {c} (use the model's fixed input size)",
+                self.positions, self.channels
+            )));
+        }
+        let z = gaussian::apply(&self.mean, &self.whiten, &x.reshape((b, h * w, c))?)?;
+        Ok(z.reshape((b, h, w, c))?)
     }
 
     /// Per-channel negative log-likelihood `[B, h, w]` of standardised
@@ -205,11 +216,11 @@ impl Flow {
         let mut flows = Vec::with_capacity(stages);
         for s in 0..stages {
             let mean = get(name(s, None, "mean"))?.to_dtype(DType::F32)?;
-            let inv_std = get(name(s, None, "inv_std"))?.to_dtype(DType::F32)?;
-            let channels = mean.dims1()?;
-            if channels < 2 || inv_std.dims1()? != channels {
+            let whiten = get(name(s, None, "whiten"))?.to_dtype(DType::F32)?;
+            let (positions, channels) = gaussian::check(&mean, &whiten)?;
+            if channels < 2 {
                 return Err(Error::InvalidConfig(format!(
-                    "flow stage {s} has inconsistent statistics"
+                    "flow stage {s} has fewer than 2 channels"
                 )));
             }
             let split = channels / 2;
@@ -245,8 +256,9 @@ impl Flow {
             }
             flows.push(StageFlow {
                 channels,
+                positions,
                 mean,
-                inv_std,
+                whiten,
                 blocks: couplings,
             });
         }
@@ -277,7 +289,7 @@ impl Flow {
         }
         let mut named = BTreeMap::new();
         for s in 0..stages {
-            for part in ["mean", "inv_std"] {
+            for part in ["mean", "whiten"] {
                 let n = name(s, None, part);
                 named.insert(n.clone(), take(tensors, &n, path)?);
             }
@@ -369,7 +381,7 @@ impl Flow {
         let mut fixed = BTreeMap::new();
         let mut weights = BTreeMap::new();
         for (s, features) in stages.iter().enumerate() {
-            let (count, _, _, c) = features.dims4()?;
+            let (count, h, w, c) = features.dims4()?;
             if count != n {
                 return Err(Error::InvalidConfig(
                     "flow stages disagree on the number of images".into(),
@@ -381,12 +393,13 @@ impl Flow {
                 ));
             }
             // Statistics over the training part only.
-            let rows = features.index_select(&train_index, 0)?.reshape(((), c))?;
-            let mean = rows.mean(0)?;
-            let var = rows.broadcast_sub(&mean)?.sqr()?.mean(0)?;
-            let inv_std = (var + VARIANCE_FLOOR)?.sqrt()?.recip()?;
+            let samples =
+                features
+                    .index_select(&train_index, 0)?
+                    .reshape((train_ids.len(), h * w, c))?;
+            let (mean, whiten) = gaussian::fit(&samples)?;
             fixed.insert(name(s, None, "mean"), mean);
-            fixed.insert(name(s, None, "inv_std"), inv_std);
+            fixed.insert(name(s, None, "whiten"), whiten);
             let split = c / 2;
             let half = c - split;
             let hidden = ((c as f64 * config.hidden_ratio).round() as usize).max(1);
@@ -496,13 +509,6 @@ impl Flow {
                 .to_dtype(DType::F32)?
                 .permute((0, 2, 3, 1))?
                 .contiguous()?;
-            if x.dim(3)? != flow.channels {
-                return Err(Error::InvalidConfig(format!(
-                    "the flow expects {} channels, got {}",
-                    flow.channels,
-                    x.dim(3)?
-                )));
-            }
             let nll = flow.nll(&flow.standardise(&x)?, self.clamp)?.unsqueeze(1)?; // [1,1,h,w]
             let (_, _, h, w) = nll.dims4()?;
             let (gh, gw) = *grid.get_or_insert((h, w));

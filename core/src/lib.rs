@@ -9,6 +9,9 @@
 //! [`inspector`] ties these into one fitted model stored in one file
 //! ([`model_file`]). [`dataset`] reads folders of images, [`evaluation`] and
 //! [`metrics`] measure how well a detector separates good from bad.
+//! [`winclip`] scores with CLIP and text prompts instead (zero-shot, or
+//! few-shot with a handful of normal images); [`any_model`] loads a model
+//! file of either family behind one `inspect` call.
 
 pub mod anomaly_map;
 pub mod any_model;
@@ -19,6 +22,7 @@ pub mod detector;
 pub mod evaluation;
 pub mod features;
 pub mod flow;
+pub mod gaussian;
 pub mod heatmap;
 pub mod images;
 pub mod inspector;

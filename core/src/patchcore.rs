@@ -8,7 +8,8 @@
 //! image score is the largest patch score, reweighted by how isolated its
 //! nearest bank vector is among that vector's own nearest neighbours.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -145,33 +146,38 @@ impl PatchCore {
     }
 
     /// Squared distance to, and index of, the nearest bank row per query.
+    ///
+    /// `‖q − b‖² = ‖q‖² − 2 q·b + ‖b‖²`: the products come from one matrix
+    /// multiplication per bank chunk, and the rest is one pass over them.
     fn nearest(&self, queries: &Tensor) -> Result<(Vec<f32>, Vec<u32>), Error> {
         let (p, _) = queries.dims2()?;
-        let query_norms = queries.sqr()?.sum_keepdim(1)?; // [p, 1]
-        let mut best = vec![f32::INFINITY; p];
-        let mut best_index = vec![0u32; p];
+        let query_norms: Vec<f32> = queries.sqr()?.sum(1)?.to_vec1()?;
+        let bank_norms: Vec<f32> = self.bank_norms.flatten_all()?.to_vec1()?;
+        let mut best = vec![(f32::INFINITY, 0u32); p];
         let size = self.bank_size();
         let mut start = 0;
         while start < size {
             let len = BANK_CHUNK.min(size - start);
             let bank = self.bank.narrow(0, start, len)?;
-            let norms = self.bank_norms.narrow(1, start, len)?;
-            let d2 = queries
-                .matmul(&bank.t()?)?
-                .affine(-2.0, 0.0)?
-                .broadcast_add(&query_norms)?
-                .broadcast_add(&norms)?;
-            let mins: Vec<f32> = d2.min(D::Minus1)?.to_vec1()?;
-            let args: Vec<u32> = d2.argmin(D::Minus1)?.to_vec1()?;
-            for i in 0..p {
-                if mins[i] < best[i] {
-                    best[i] = mins[i];
-                    best_index[i] = args[i] + start as u32;
-                }
-            }
+            let dots: Vec<f32> = queries.matmul(&bank.t()?)?.flatten_all()?.to_vec1()?;
+            let norms = &bank_norms[start..start + len];
+            best.par_iter_mut()
+                .zip(dots.par_chunks(len))
+                .for_each(|(best, row)| {
+                    for (j, (dot, norm)) in row.iter().zip(norms).enumerate() {
+                        let partial = norm - 2.0 * dot;
+                        if partial < best.0 {
+                            *best = (partial, (start + j) as u32);
+                        }
+                    }
+                });
             start += len;
         }
-        Ok((best, best_index))
+        Ok(best
+            .into_iter()
+            .zip(query_norms)
+            .map(|((partial, index), qn)| (partial + qn, index))
+            .unzip())
     }
 
     fn isolation_weight(&self, queries: &Tensor, star: usize, nearest: u32) -> Result<f32, Error> {

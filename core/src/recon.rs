@@ -116,10 +116,10 @@ impl Recon {
                     .ok_or_else(|| Error::InvalidConfig(format!("tensor {n} is missing")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let c = parts[0].dims1()?;
+        let c = parts[0].dims().last().copied().unwrap_or(0);
         let (c1, hidden) = parts[2].dims2()?;
         let (h2, latent) = parts[4].dims2()?;
-        let consistent = parts[1].dims1()? == c
+        let consistent = parts[1].dims() == parts[0].dims()
             && c1 == c
             && parts[3].dims1()? == hidden
             && h2 == hidden
@@ -150,13 +150,21 @@ impl Recon {
     }
 
     pub fn channels(&self) -> usize {
-        self.parts[0].dims().first().copied().unwrap_or(0)
+        self.parts[0].dims().last().copied().unwrap_or(0)
     }
 
     fn standardise(&self, x: &Tensor) -> Result<Tensor, Error> {
-        Ok(x.to_dtype(DType::F32)?
-            .broadcast_sub(&self.parts[0])?
-            .broadcast_mul(&self.parts[1])?)
+        let x = x.to_dtype(DType::F32)?;
+        let c = x.dim(D::Minus1)?;
+        let mean = &self.parts[0];
+        let x = if mean.rank() == 2 {
+            x.reshape(((), mean.dim(0)?, c))?
+        } else {
+            x
+        };
+        Ok(x.broadcast_sub(mean)?
+            .broadcast_mul(&self.parts[1])?
+            .reshape(((), c))?)
     }
 
     /// Squared reconstruction error per row (mean over channels) of
@@ -220,8 +228,14 @@ impl Recon {
             Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
         };
         let raw_train = gather(&train_ids)?;
+        let raw_train = if std::env::var("TMP_POS").is_ok() {
+            raw_train.reshape((train_ids.len(), (), c))?
+        } else {
+            raw_train
+        };
         let mean = raw_train.mean(0)?;
         let var = raw_train.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+        let raw_train = raw_train.reshape(((), c))?;
         let inv_std = (var + VARIANCE_FLOOR)?.sqrt()?.recip()?;
 
         let mut init = Initialiser::new(training.seed, &device);

@@ -139,6 +139,18 @@ pub struct ClipCheckpoint {
 }
 
 impl ClipCheckpoint {
+    /// A short name for reports: the preset, plus the folder name when the
+    /// weights came from a folder given by hand (`ViT-B/16@tiny_clip`).
+    pub fn label(&self) -> String {
+        match self.source.as_str() {
+            "hub-cache" | "download" => self.preset.clone(),
+            _ => match self.dir.file_name() {
+                Some(name) => format!("{}@{}", self.preset, name.to_string_lossy()),
+                None => self.preset.clone(),
+            },
+        }
+    }
+
     /// Key of these weights in a [`TextEmbeddingCache`].
     pub fn cache_id(&self) -> String {
         format!(
@@ -213,6 +225,8 @@ impl WinClip {
         device: &Device,
     ) -> Result<Self, Error> {
         check_checkpoint_dir(dir)?;
+        // Absolute, so that a model file made here finds it from anywhere.
+        let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
         let config_sha256 = file_sha256(&dir.join("config.json"))?;
         let clip = ClipModel::load(dir, device)?;
         let tokenizer = ClipTokenizer::from_dir(dir)?;
@@ -1075,7 +1089,7 @@ pub fn evaluate(
         } else {
             format!("winclip+{shots}")
         },
-        backbone: format!("clip {}", engine.checkpoint.preset),
+        backbone: format!("clip {}", engine.checkpoint.label()),
         image_auroc: image_auroc(&scores, &labels)?,
         pixel_auroc: pixel_report.map(|r| r.pixel_auroc),
         aupro: pixel_report.map(|r| r.aupro),

@@ -117,6 +117,28 @@ pub struct ResolvedWeights {
     pub source: WeightsSource,
 }
 
+impl ResolvedWeights {
+    /// An id of these exact weights for caches of derived data (text
+    /// embeddings): the canonical folder plus the weight file's size and
+    /// modification time, so replacing the weights in place changes it.
+    pub fn model_id(&self) -> String {
+        let dir = self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone());
+        let stamp = WEIGHT_FILES
+            .iter()
+            .find_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| {
+                let secs = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                format!("{}-{secs}", m.len())
+            })
+            .unwrap_or_default();
+        format!("{}#{stamp}", dir.display())
+    }
+}
+
 /// Everything resolution looks at, so it can be set without touching the
 /// process environment (see [`WeightsLookup::from_env`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -243,7 +243,7 @@ fn main() -> Result<()> {
     let state = AppState::new(
         vec![ServedModel {
             name: "bench".into(),
-            inspector: Arc::new(inspector),
+            inspector: Arc::new(flawscope_core::any_model::AnyModel::Classical(inspector)),
         }],
         config,
     )?;

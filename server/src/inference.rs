@@ -6,9 +6,9 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use base64::Engine as _;
 use flawscope_core::anomaly_map::AnomalyMap;
+use flawscope_core::any_model::AnyModel;
 use flawscope_core::heatmap::overlay_png;
 use flawscope_core::images::decode_image;
-use flawscope_core::inspector::Inspector;
 use flawscope_core::regions::{Region, area_above, regions};
 use image::Rgb32FImage;
 use serde::Serialize;
@@ -110,7 +110,7 @@ pub fn decode(state: &AppState, bytes: &[u8]) -> Result<Rgb32FImage, ApiError> {
 /// Decodes and scores `bytes` with `model`.
 pub async fn inspect(
     state: &AppState,
-    model: Arc<Inspector>,
+    model: Arc<AnyModel>,
     bytes: Bytes,
     extras: Extras,
     slot: Slot,

@@ -8,6 +8,7 @@ use axum::extract::{Path, Request, State};
 use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use flawscope_core::any_model::AnyModel;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -60,7 +61,10 @@ pub async fn model_metadata(
 ) -> Result<Json<Value>, ApiError> {
     let name = model_name(path)?;
     let model = state.model(&name)?;
-    let info = model.info();
+    let backbone = match &*model {
+        AnyModel::Classical(inspector) => inspector.info().features.backbone.name().to_owned(),
+        AnyModel::WinClip(winclip) => format!("clip-{}", winclip.info().clip.preset),
+    };
     let inputs = [TensorMetadata {
         name: "image",
         datatype: "BYTES",
@@ -86,7 +90,7 @@ pub async fn model_metadata(
     Ok(Json(json!({
         "name": name,
         "versions": [],
-        "platform": format!("flawscope-{}-{}", info.detector.name(), info.features.backbone.name()),
+        "platform": format!("flawscope-{}-{backbone}", model.detector_name()),
         "inputs": inputs,
         "outputs": outputs,
     })))

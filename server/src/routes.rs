@@ -19,6 +19,7 @@ use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect};
 use crate::oip;
 use crate::state::{AppState, ZeroShot};
 use crate::upload::{RawBody, read_upload};
+use flawscope_core::any_model::AnyModel;
 
 /// Routes open without a token.
 pub const HEALTH_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"];
@@ -173,8 +174,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
 #[derive(Serialize)]
 struct ModelSummary<'a> {
     name: &'a str,
-    detector: &'static str,
-    backbone: &'static str,
+    detector: &'a str,
+    backbone: String,
     /// Decision threshold on the 0–1 score.
     threshold: f32,
     /// The same threshold on the detector's raw score.
@@ -188,16 +189,30 @@ async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
     let models: Vec<ModelSummary> = state
         .models()
         .iter()
-        .map(|(name, inspector)| {
-            let info = inspector.info();
-            ModelSummary {
-                name,
-                detector: info.detector.name(),
-                backbone: info.features.backbone.name(),
-                threshold: flawscope_core::calibration::DECISION_THRESHOLD,
-                raw_threshold: info.calibration.threshold,
-                estimated_false_alarm_rate: info.calibration.estimated_far,
-                training_images: info.training_images,
+        .map(|(name, model)| match &**model {
+            AnyModel::Classical(inspector) => {
+                let info = inspector.info();
+                ModelSummary {
+                    name,
+                    detector: info.detector.name(),
+                    backbone: info.features.backbone.name().to_owned(),
+                    threshold: flawscope_core::calibration::DECISION_THRESHOLD,
+                    raw_threshold: info.calibration.threshold,
+                    estimated_false_alarm_rate: info.calibration.estimated_far,
+                    training_images: info.training_images,
+                }
+            }
+            AnyModel::WinClip(winclip) => {
+                let info = winclip.info();
+                ModelSummary {
+                    name,
+                    detector: model.detector_name(),
+                    backbone: format!("clip-{}", info.clip.preset),
+                    threshold: flawscope_core::calibration::DECISION_THRESHOLD,
+                    raw_threshold: info.calibration.threshold,
+                    estimated_false_alarm_rate: info.calibration.estimated_far,
+                    training_images: info.shot_images.len(),
+                }
             }
         })
         .collect();

@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use flawscope_core::Device;
 use flawscope_core::anomaly_map::AnomalyMap;
+use flawscope_core::any_model::AnyModel;
 use flawscope_core::images::ImageLimits;
-use flawscope_core::inspector::Inspector;
+use flawscope_core::winclip::WinClip;
+use flawscope_models::clip_weights::WeightsLookup;
 use image::Rgb32FImage;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -74,10 +76,27 @@ pub enum ZeroShot {
     Unavailable(String),
 }
 
-/// One served model.
+/// One served model: a classical or a WinCLIP model file.
 pub struct ServedModel {
     pub name: String,
-    pub inspector: Arc<Inspector>,
+    pub inspector: Arc<AnyModel>,
+}
+
+/// The WinCLIP engine answers `/v1/zero-shot`: the object and prompts are
+/// chosen per request; class vectors are cached across requests.
+impl ZeroShotScorer for WinClip {
+    fn score(
+        &self,
+        image: &Rgb32FImage,
+        object: &str,
+        prompts: &[String],
+    ) -> Result<ZeroShotScore, flawscope_core::Error> {
+        let inspection = self.zero_shot(image, object, prompts)?;
+        Ok(ZeroShotScore {
+            score: inspection.score,
+            map: Some(inspection.map),
+        })
+    }
 }
 
 /// A bearer token, kept as its SHA-256 so comparison takes the same time
@@ -117,7 +136,7 @@ impl Token {
 /// Shared state; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    models: Arc<BTreeMap<String, Arc<Inspector>>>,
+    models: Arc<BTreeMap<String, Arc<AnyModel>>>,
     config: Arc<ServerConfig>,
     token: Option<Token>,
     slots: Arc<Semaphore>,
@@ -189,13 +208,13 @@ impl AppState {
         &self.config
     }
 
-    pub fn models(&self) -> &BTreeMap<String, Arc<Inspector>> {
+    pub fn models(&self) -> &BTreeMap<String, Arc<AnyModel>> {
         &self.models
     }
 
     /// The model called `name`, or 404. Names are only looked up in the map
     /// built at startup; they never reach the file system.
-    pub fn model(&self, name: &str) -> Result<Arc<Inspector>, ApiError> {
+    pub fn model(&self, name: &str) -> Result<Arc<AnyModel>, ApiError> {
         self.models
             .get(name)
             .cloned()
@@ -249,8 +268,13 @@ pub fn is_servable_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
-/// Loads every `*.flawscope` file directly inside `dir`, named by file stem.
-pub fn load_models(dir: &Path, device: &Device) -> Result<Vec<ServedModel>, ServerError> {
+/// Loads every `*.flawscope` file directly inside `dir`, named by file stem;
+/// WinCLIP model files find their CLIP weights through `lookup`.
+pub fn load_models(
+    dir: &Path,
+    device: &Device,
+    lookup: &WeightsLookup,
+) -> Result<Vec<ServedModel>, ServerError> {
     let dir_error = |cause| ServerError::ModelDir {
         dir: dir.to_owned(),
         cause,
@@ -274,8 +298,8 @@ pub fn load_models(dir: &Path, device: &Device) -> Result<Vec<ServedModel>, Serv
             .filter(|s| is_servable_name(s))
             .ok_or_else(|| ServerError::BadModelName(path.clone()))?
             .to_owned();
-        let inspector =
-            Inspector::load(&path, device).map_err(|cause| ServerError::Model { path, cause })?;
+        let inspector = AnyModel::load(&path, device, lookup)
+            .map_err(|cause| ServerError::Model { path, cause })?;
         models.push(ServedModel {
             name,
             inspector: Arc::new(inspector),

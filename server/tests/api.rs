@@ -11,12 +11,15 @@ use axum::body::{Body, Bytes, to_bytes};
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use base64::Engine as _;
 use flawscope_core::Device;
+use flawscope_core::any_model::AnyModel;
 use flawscope_core::detector::DetectorConfig;
 use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
 use flawscope_core::images::ImageLimits;
 use flawscope_core::inspector::{FitOptions, Inspector};
 use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::progress::NoProgress;
+use flawscope_core::winclip::{WinClip, WinClipModel};
+use flawscope_models::clip_weights::WeightsLookup;
 use flawscope_server::{
     AppState, ServedModel, ServerConfig, Token, ZeroShotScore, ZeroShotScorer, app, load_models,
 };
@@ -38,8 +41,8 @@ fn images_in(split: &str) -> Vec<PathBuf> {
 }
 
 /// One model per test binary: fitted on 12 good cells.
-fn model() -> Arc<Inspector> {
-    static MODEL: OnceLock<Arc<Inspector>> = OnceLock::new();
+fn model() -> Arc<AnyModel> {
+    static MODEL: OnceLock<Arc<AnyModel>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
             let train: Vec<PathBuf> = images_in("train/good").into_iter().take(12).collect();
@@ -58,9 +61,24 @@ fn model() -> Arc<Inspector> {
                 anomalies: Vec::new(),
                 limits: ImageLimits::default(),
             };
-            Arc::new(Inspector::fit(&train, &options, &Device::Cpu, &NoProgress).unwrap())
+            Arc::new(AnyModel::Classical(
+                Inspector::fit(&train, &options, &Device::Cpu, &NoProgress).unwrap(),
+            ))
         })
         .clone()
+}
+
+/// Saves the shared classical model to `path`.
+fn save_model(path: &Path) {
+    match &*model() {
+        AnyModel::Classical(inspector) => inspector.save(path).unwrap(),
+        AnyModel::WinClip(_) => unreachable!("the shared model is classical"),
+    }
+}
+
+/// The committed tiny CLIP checkpoint.
+fn tiny_clip() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_clip")
 }
 
 fn config() -> ServerConfig {
@@ -444,12 +462,12 @@ async fn models_come_from_their_folder_only() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("models");
     std::fs::create_dir(&dir).unwrap();
-    model().save(&dir.join("cells.flawscope")).unwrap();
+    save_model(&dir.join("cells.flawscope"));
     // A model next to the folder, reachable with '..' if names touched files.
-    model().save(&tmp.path().join("secret.flawscope")).unwrap();
+    save_model(&tmp.path().join("secret.flawscope"));
     std::fs::write(dir.join("notes.txt"), "not a model").unwrap();
 
-    let models = load_models(&dir, &Device::Cpu).unwrap();
+    let models = load_models(&dir, &Device::Cpu, &no_clip()).unwrap();
     assert_eq!(models.len(), 1);
     let app = app(AppState::new(models, config()).unwrap());
     let ok = send(
@@ -469,8 +487,8 @@ async fn models_come_from_their_folder_only() {
 
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    assert!(load_models(&empty, &Device::Cpu).is_err());
-    assert!(load_models(Path::new("/definitely/not/here"), &Device::Cpu).is_err());
+    assert!(load_models(&empty, &Device::Cpu, &no_clip()).is_err());
+    assert!(load_models(Path::new("/definitely/not/here"), &Device::Cpu, &no_clip()).is_err());
 }
 
 #[tokio::test]
@@ -607,6 +625,65 @@ async fn zero_shot_engine_plugs_in() {
     .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert_eq!(reply.error_code(), "missing_prompt");
+}
+
+/// No CLIP weights anywhere (the environment is ignored).
+fn no_clip() -> WeightsLookup {
+    WeightsLookup::from_vars(None, |_| None)
+}
+
+fn tiny_engine() -> Arc<WinClip> {
+    Arc::new(WinClip::from_dir(&tiny_clip(), "tiny", None, "flag", &Device::Cpu).unwrap())
+}
+
+#[tokio::test]
+async fn zero_shot_with_the_tiny_clip_checkpoint() {
+    let app = app(state().with_zero_shot(tiny_engine()));
+    let png = defect_png();
+    let reply = send(
+        app,
+        multipart(
+            "/v1/zero-shot",
+            &[
+                Part::File("image", &png),
+                Part::Text("object", "solar cell"),
+                Part::Text("prompt", "a crack"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    let score = v["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score), "{v}");
+    assert!(v["regions"].is_array(), "{v}");
+    assert_eq!(v["object"], "solar cell");
+    assert_eq!(v["prompts"], json!(["a crack"]));
+    assert_eq!(v["is_anomalous"], score >= 0.5);
+}
+
+#[tokio::test]
+async fn winclip_model_files_are_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = tiny_engine();
+    let winclip = WinClipModel::zero_shot(engine, "solar cell", &[]).unwrap();
+    winclip.save(&tmp.path().join("zs.flawscope")).unwrap();
+    save_model(&tmp.path().join("cells.flawscope"));
+    // The model file names the folder it was made with.
+    let models = load_models(tmp.path(), &Device::Cpu, &no_clip()).unwrap();
+    let app = app(AppState::new(models, config()).unwrap());
+    let v = send(app.clone(), get("/v1/models")).await.json();
+    let detectors: Vec<&str> = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["detector"].as_str().unwrap())
+        .collect();
+    assert_eq!(detectors, ["patchcore", "winclip"], "{v}");
+    let reply = send(app, post_bytes("/v1/models/zs/score", defect_png())).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let score = reply.json()["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score));
 }
 
 #[tokio::test]

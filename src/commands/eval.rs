@@ -9,7 +9,8 @@ use flawscope_core::evaluation::evaluate;
 use flawscope_core::images::ImageLimits;
 
 use super::Outcome;
-use super::options::{DetectorArgs, device};
+use super::options::{DetectorArgs, DetectorKind, DeviceChoice};
+use super::winclip::ClipArgs;
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -25,10 +26,27 @@ pub struct Args {
     /// One JSON object per category instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// WinCLIP: normal training images (the first by path) in the few-shot
+    /// memory; 0 or absent: zero-shot.
+    #[arg(long)]
+    pub shots: Option<usize>,
+    #[command(flatten)]
+    pub clip: ClipArgs,
+    /// Where the networks run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let (features, detector) = args.detector.configs()?;
+    let device = args.device.device()?;
+    let winclip = match args.detector.detector {
+        DetectorKind::Winclip => Some(args.clip.engine(&device)?),
+        _ => None,
+    };
+    let configs = match winclip {
+        Some(_) => None,
+        None => Some(args.detector.configs()?),
+    };
     let dataset = Dataset::open(&args.dataset)
         .with_context(|| format!("reading dataset {}", args.dataset.display()))?;
     let categories = match &args.category {
@@ -36,7 +54,6 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         None => dataset.categories.clone(),
     };
     let bars = Bars::new(false);
-    let device = device();
     if !args.json {
         println!(
             "{:<16} {:<10} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8}",
@@ -52,14 +69,21 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         );
     }
     for category in &categories {
-        let report = evaluate(
-            category,
-            &features,
-            &detector,
-            &ImageLimits::default(),
-            &device,
-            &bars,
-        )
+        let report = match (&winclip, &configs) {
+            (Some(engine), _) => {
+                super::winclip::evaluate(engine, category, &args.clip, args.shots, &bars)
+            }
+            (None, Some((features, detector))) => evaluate(
+                category,
+                features,
+                detector,
+                &ImageLimits::default(),
+                &device,
+                &bars,
+            )
+            .map_err(anyhow::Error::new),
+            (None, None) => anyhow::bail!("no detector configured"),
+        }
         .with_context(|| format!("evaluating category {}", category.name))?;
         if args.json {
             println!("{}", serde_json::to_string(&report)?);

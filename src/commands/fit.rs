@@ -9,7 +9,8 @@ use flawscope_core::images::ImageLimits;
 use flawscope_core::inspector::{FitOptions, Inspector};
 
 use super::Outcome;
-use super::options::{DetectorArgs, device};
+use super::options::{DetectorArgs, DetectorKind, DeviceChoice};
+use super::winclip::ClipArgs;
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -32,9 +33,22 @@ pub struct Args {
     /// maximises F1 within the false-alarm limit.
     #[arg(long)]
     pub anomalies: Option<PathBuf>,
+    /// WinCLIP: how many normal images (the first by path) make the
+    /// few-shot memory; 0 writes a zero-shot model.
+    #[arg(long)]
+    pub shots: Option<usize>,
+    #[command(flatten)]
+    pub clip: ClipArgs,
+    /// Where the networks run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    let device = args.device.device()?;
+    if args.detector.detector == DetectorKind::Winclip {
+        return super::winclip::fit(&args.train, &args.out, &args.clip, args.shots, &device);
+    }
     let (features, detector) = args.detector.configs()?;
     let normal = scan_image_folder(&args.train)
         .with_context(|| format!("reading training images in {}", args.train.display()))?;
@@ -52,7 +66,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         limits: ImageLimits::default(),
     };
     let started = std::time::Instant::now();
-    let inspector = Inspector::fit(&normal, &options, &device(), &Bars::new(false))
+    let inspector = Inspector::fit(&normal, &options, &device, &Bars::new(false))
         .context("fitting the model")?;
     inspector
         .save(&args.out)

@@ -10,6 +10,7 @@ pub mod options;
 pub mod score;
 pub mod serve;
 pub mod tui;
+pub mod winclip;
 
 use std::process::ExitCode;
 

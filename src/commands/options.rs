@@ -23,6 +23,9 @@ pub enum DetectorKind {
     Flow,
     /// Feature autoencoder (trained), reconstruction error.
     Recon,
+    /// WinCLIP: CLIP and text prompts, plus --shots K normal images as a
+    /// memory (K = 0: zero-shot). Takes --object, --prompt, --clip-weights.
+    Winclip,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -78,6 +81,7 @@ impl DetectorArgs {
             DetectorKind::Padim => (&["stage2", "stage3", "stage4"], 256),
             DetectorKind::Flow => (&["stage4", "stage5"], 256),
             DetectorKind::Recon => (&["stage4", "stage5"], 256),
+            DetectorKind::Winclip => return Err(winclip_has_no_features()),
         };
         let stages = match &self.stages {
             Some(names) => names
@@ -135,6 +139,7 @@ impl DetectorArgs {
                     ..defaults
                 })
             }
+            DetectorKind::Winclip => return Err(winclip_has_no_features()),
         };
         Ok((
             FeatureConfig {
@@ -167,4 +172,40 @@ impl DetectorArgs {
 /// The compute device: CUDA when built with it and present, else CPU.
 pub fn device() -> Device {
     Device::cuda_if_available(0).unwrap_or(Device::Cpu)
+}
+
+fn winclip_has_no_features() -> UsageError {
+    UsageError("--detector winclip works with `fit` and `eval` only".into())
+}
+
+/// `--device`: where the networks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum DeviceChoice {
+    /// CUDA when this build has it and a GPU is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// The device; `cuda` on a build without CUDA, or with no usable GPU,
+    /// is a usage error (exit code 2).
+    pub fn device(self) -> Result<Device, UsageError> {
+        match self {
+            Self::Auto => Ok(device()),
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda => {
+                if !flawscope_models::candle_core::utils::cuda_is_available() {
+                    return Err(UsageError(
+                        "--device cuda: this flawscope was built without CUDA; rebuild with \
+                         `cargo build --release --features cuda` or use --device cpu"
+                            .into(),
+                    ));
+                }
+                Device::new_cuda(0)
+                    .map_err(|e| UsageError(format!("--device cuda: no usable CUDA device ({e})")))
+            }
+        }
+    }
 }

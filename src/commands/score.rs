@@ -5,24 +5,40 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
+use flawscope_core::any_model::AnyModel;
 use flawscope_core::dataset::scan_image_folder;
 use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, decode_image, load_image};
-use flawscope_core::inspector::{Inspection, Inspector};
+use flawscope_core::inspector::Inspection;
 use flawscope_core::progress::Progress;
 use flawscope_tui::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
 use flawscope_tui::store::{Store, StoredResult, Verdict, file_hash};
 use serde::Serialize;
 
 use super::Outcome;
-use super::options::device;
+use super::options::DeviceChoice;
+use super::winclip::{ClipArgs, load_model, zero_shot_model};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model file written by `flawscope fit`.
+    /// Model file written by `flawscope fit` (any detector, WinCLIP included).
+    #[arg(
+        long,
+        required_unless_present = "zero_shot",
+        conflicts_with = "zero_shot"
+    )]
+    pub model: Option<PathBuf>,
+    /// No model file: WinCLIP zero-shot scoring of --object with CLIP and
+    /// text prompts (needs CLIP weights: --clip-weights DIR or
+    /// FLAWSCOPE_CLIP_WEIGHTS).
     #[arg(long)]
-    pub model: PathBuf,
+    pub zero_shot: bool,
+    #[command(flatten)]
+    pub clip: ClipArgs,
+    /// Where the networks run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
     /// Images or folders of images.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -64,8 +80,11 @@ pub fn expand_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let inspector = Inspector::load(&args.model, &device())
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let device = args.device.device()?;
+    let inspector = match &args.model {
+        Some(path) => load_model(path, &args.clip, &device)?,
+        None => zero_shot_model(&args.clip, &device)?,
+    };
     let files = expand_paths(&args.paths)?;
     if let Some(dir) = &args.heatmaps {
         std::fs::create_dir_all(dir)
@@ -81,7 +100,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     for path in &files {
         match score_one(&inspector, path, args.heatmaps.as_deref(), &limits) {
             Ok((inspection, heatmap)) => {
-                print_line(args.json, path, &inspection, heatmap.as_deref())?;
+                match print_line(args.json, path, &inspection, heatmap.as_deref()) {
+                    Ok(()) => {}
+                    // The reader went away (`| head`): stop quietly.
+                    Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    Err(err) => return Err(err).context("writing the results"),
+                }
             }
             Err(err) => {
                 failures += 1;
@@ -102,7 +126,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 }
 
 fn score_one(
-    inspector: &Inspector,
+    inspector: &AnyModel,
     path: &Path,
     heatmaps: Option<&Path>,
     limits: &ImageLimits,
@@ -128,7 +152,8 @@ fn print_line(
     path: &Path,
     inspection: &Inspection,
     heatmap: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     if json {
         let line = ScoreLine {
             path,
@@ -137,9 +162,10 @@ fn print_line(
             threshold: inspection.threshold,
             heatmap,
         };
-        println!("{}", serde_json::to_string(&line)?);
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
     } else {
-        println!(
+        writeln!(
+            out,
             "{:.3}  {:<9}  {}",
             inspection.score,
             if inspection.is_anomalous {
@@ -148,9 +174,9 @@ fn print_line(
                 "ok"
             },
             path.display()
-        );
+        )?;
     }
-    Ok(())
+    out.flush()
 }
 
 /// Where the heatmap of `path` goes in `dir`.
@@ -164,13 +190,17 @@ fn heatmap_path(dir: &Path, path: &Path) -> PathBuf {
 /// Scores into the results store, skipping unchanged images (`--db`).
 fn run_with_store(
     args: &Args,
-    inspector: Inspector,
+    inspector: AnyModel,
     files: &[PathBuf],
     db: &Path,
 ) -> anyhow::Result<Outcome> {
     let store = Store::open(db)?;
-    let identity = file_hash(&args.model)?;
-    let model = store.model(&args.model.display().to_string(), &identity)?;
+    let (name, identity) = match (&args.model, &inspector) {
+        (Some(path), _) => (path.display().to_string(), file_hash(path)?),
+        (None, AnyModel::WinClip(m)) => (format!("zero-shot {}", m.info().object), m.identity()),
+        (None, AnyModel::Classical(_)) => anyhow::bail!("no model file to record"),
+    };
+    let model = store.model(&name, &identity)?;
     let scorer = StoreScorer {
         inspector,
         heatmaps: args.heatmaps.clone(),
@@ -228,7 +258,7 @@ fn run_with_store(
 
 /// Decodes, inspects and (with `--heatmaps`) writes the overlay.
 struct StoreScorer {
-    inspector: Inspector,
+    inspector: AnyModel,
     heatmaps: Option<PathBuf>,
     limits: ImageLimits,
 }

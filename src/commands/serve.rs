@@ -9,6 +9,7 @@ use anyhow::Context;
 use flawscope_server::{AppState, ServerConfig, ServerError, Token, load_models};
 
 use super::options::device;
+use super::winclip::ClipArgs;
 use super::{Outcome, UsageError};
 
 #[derive(clap::Args)]
@@ -33,9 +34,15 @@ pub struct Args {
     /// Largest request body, in MB.
     #[arg(long, default_value_t = 20)]
     pub body_limit_mb: usize,
-    /// CLIP checkpoint folder for /v1/zero-shot (also FLAWSCOPE_CLIP_WEIGHTS).
-    #[arg(long)]
+    /// CLIP checkpoint folder for /v1/zero-shot and WinCLIP model files
+    /// (also FLAWSCOPE_CLIP_WEIGHTS). Without either, /v1/zero-shot answers
+    /// 503 unless --clip-model is given (then the Hugging Face cache is used).
+    #[arg(long, value_name = "DIR")]
     pub clip_weights: Option<PathBuf>,
+    /// CLIP preset for /v1/zero-shot (vit-b-16, vit-l-14, vit-l-14-336);
+    /// giving it asks for zero-shot even without a weights folder.
+    #[arg(long)]
+    pub clip_model: Option<String>,
 }
 
 fn usage_or_failure(err: ServerError) -> anyhow::Error {
@@ -69,28 +76,34 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .map(Token::from_file)
         .transpose()
         .map_err(usage_or_failure)?;
-    let models = load_models(&args.models, &device()).map_err(usage_or_failure)?;
+    let clip = ClipArgs {
+        object: None,
+        prompts: Vec::new(),
+        clip_weights: args.clip_weights.clone(),
+        clip_model: args
+            .clip_model
+            .clone()
+            .unwrap_or_else(|| "vit-b-16".to_owned()),
+    };
+    let lookup = clip.lookup();
+    let device = device();
+    let models = load_models(&args.models, &device, &lookup).map_err(usage_or_failure)?;
     let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
     let mut state = AppState::new(models, config.clone()).map_err(usage_or_failure)?;
     if let Some(token) = token {
         state = state.with_token(token);
     }
-    let clip = args.clip_weights.clone().or_else(|| {
-        std::env::var_os(flawscope_models::clip_weights::WEIGHTS_ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    });
-    if let Some(dir) = clip {
+    // Zero-shot only when asked for: a weights folder (flag or environment)
+    // or an explicit --clip-model; never a surprise download at startup.
+    let asked = lookup.flag_dir.is_some() || lookup.env_dir.is_some() || args.clip_model.is_some();
+    if asked {
+        let engine = clip.engine(&device)?;
         eprintln!(
-            "warning: CLIP weights at {} are not used yet: this build has no zero-shot engine, \
-             so /v1/zero-shot answers 503",
-            dir.display()
+            "zero-shot: CLIP {} from {}",
+            engine.checkpoint().label(),
+            engine.checkpoint().dir.display()
         );
-        state = state.with_zero_shot_unavailable(format!(
-            "zero-shot scoring is not available: CLIP weights are configured ({}), but this \
-             build of flawscope has no zero-shot engine yet",
-            dir.display()
-        ));
+        state = state.with_zero_shot(engine);
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

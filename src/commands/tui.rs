@@ -17,9 +17,13 @@ pub const TRACE_ENV: &str = "FLAWSCOPE_TUI_TRACE";
 pub struct Args {
     /// Folder of images to triage.
     pub path: PathBuf,
-    /// Model file written by `flawscope fit`.
+    /// Model file written by `flawscope fit` (classical or WinCLIP).
     #[arg(long)]
     pub model: PathBuf,
+    /// CLIP checkpoint folder for WinCLIP model files (also
+    /// FLAWSCOPE_CLIP_WEIGHTS).
+    #[arg(long, value_name = "DIR")]
+    pub clip_weights: Option<PathBuf>,
     /// Results database [default: PATH/.flawscope-results.sqlite].
     #[arg(long)]
     pub db: Option<PathBuf>,
@@ -30,6 +34,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let options = flawscope_tui::Options {
         folder: args.path.clone(),
         model: args.model.clone(),
+        clip_weights: args.clip_weights.clone(),
         db: args.db.clone(),
         device: device(),
         trace: std::env::var_os(TRACE_ENV).map(PathBuf::from),

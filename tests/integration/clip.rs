@@ -462,6 +462,8 @@ fn clip_weights_found_in_order() {
         (found.dir.clone(), found.source),
         (snapshot, WeightsSource::HubCache)
     );
+    assert!(found.model_id().contains(VIT_B_16.revision));
+    assert_eq!(found.model_id(), found.clone().model_id());
     ClipModel::load(&found.dir, &Device::Cpu).unwrap();
 }
 

@@ -11,3 +11,4 @@ mod pipeline;
 mod serve;
 mod shared_data;
 mod tui;
+mod winclip;

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
-use std::io::{BufWriter, Stdout, Write, stdout};
+use std::io::{BufWriter, Write, stdout};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,14 +21,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use flawscope_core::Device;
+use flawscope_core::any_model::AnyModel;
 use flawscope_core::dataset::{DatasetError, scan_image_folder};
 use flawscope_core::images::ImageLimits;
-use flawscope_core::inspector::Inspector;
-use ratatui::backend::CrosstermBackend;
+use flawscope_models::clip_weights::WeightsLookup;
+use ratatui::crossterm::cursor::Show;
 use ratatui::crossterm::event::{self as term_event, Event as TermEvent, KeyEventKind};
 use ratatui::crossterm::execute;
-use ratatui::crossterm::terminal::{EnterAlternateScreen, enable_raw_mode};
-use ratatui::{Frame, Terminal};
+use ratatui::{DefaultTerminal, Frame};
 
 use crate::app::{Action, App, Event, SessionInfo};
 use crate::scoring::{
@@ -73,8 +73,11 @@ pub enum TuiError {
 pub struct Options {
     /// Folder of images.
     pub folder: PathBuf,
-    /// Model file from `flawscope fit`.
+    /// Model file from `flawscope fit` (classical or WinCLIP).
     pub model: PathBuf,
+    /// CLIP checkpoint folder for WinCLIP model files; else
+    /// FLAWSCOPE_CLIP_WEIGHTS, else where the model was made.
+    pub clip_weights: Option<PathBuf>,
     /// Results database; [`default_db`] when `None`.
     pub db: Option<PathBuf>,
     pub device: Device,
@@ -123,30 +126,20 @@ impl Trace {
     }
 }
 
-/// Output buffer: a whole frame (a full-screen heatmap is ~100 KB of colour
-/// escapes) goes to the terminal in a few writes instead of hundreds of
-/// line-buffered 1 KB ones.
-const FRAME_BUFFER: usize = 1 << 18;
-
-type Term = Terminal<CrosstermBackend<BufWriter<Stdout>>>;
-
-/// Raw mode, alternate screen, buffered output.
-fn init_terminal() -> std::io::Result<Term> {
-    enable_raw_mode()?;
-    execute!(stdout(), EnterAlternateScreen)?;
-    Terminal::new(CrosstermBackend::new(BufWriter::with_capacity(
-        FRAME_BUFFER,
-        stdout(),
-    )))
-}
-
 /// Restores the terminal when dropped (normal exit and errors).
 struct TerminalGuard;
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
-        ratatui::restore();
+        restore_terminal();
     }
+}
+
+/// Raw mode off, main screen back, cursor shown.
+fn restore_terminal() {
+    ratatui::restore();
+    // Nothing more can be done when the terminal is gone.
+    let _ = execute!(stdout(), Show);
 }
 
 /// On the main thread a panic restores the terminal (raw mode off, main
@@ -163,7 +156,7 @@ fn install_panic_hook() {
         {
             return;
         }
-        ratatui::restore();
+        restore_terminal();
         previous(info);
     }));
 }
@@ -205,6 +198,7 @@ pub fn run(options: Options) -> Result<(), TuiError> {
         model: options.model.clone(),
         model_identity,
         db: db.clone(),
+        clip_weights: options.clip_weights.clone(),
         device: options.device.clone(),
         tx: tx.clone(),
         cancel: stop.clone(),
@@ -213,12 +207,14 @@ pub fn run(options: Options) -> Result<(), TuiError> {
     };
     spawn("flawscope-scoring", tx.clone(), move || worker.run())?;
 
-    install_panic_hook();
-    let mut terminal = init_terminal().map_err(|err| {
-        ratatui::restore();
+    // `try_init` installs ratatui's hook (restore, then report); ours goes on
+    // top so that a background thread's panic leaves the screen alone.
+    let mut terminal = ratatui::try_init().map_err(|err| {
+        restore_terminal();
         TuiError::Terminal(err)
     })?;
     let guard = TerminalGuard;
+    install_panic_hook();
     trace.log(format_args!("terminal_ready"));
     let input_stop = stop.clone();
     spawn("flawscope-input", tx.clone(), move || {
@@ -248,7 +244,7 @@ pub fn run(options: Options) -> Result<(), TuiError> {
 }
 
 fn event_loop(
-    terminal: &mut Term,
+    terminal: &mut DefaultTerminal,
     app: &mut App,
     rx: &Receiver<Sent>,
     preview_tx: &Sender<PathBuf>,
@@ -441,6 +437,7 @@ struct Worker {
     model: PathBuf,
     model_identity: String,
     db: PathBuf,
+    clip_weights: Option<PathBuf>,
     device: Device,
     tx: Sender<Sent>,
     cancel: Arc<AtomicBool>,
@@ -504,7 +501,11 @@ impl Worker {
         self.send(Event::Phase("loading model".into()));
         let pool = self.pool.clone();
         let inspector = in_pool(pool.as_deref(), || {
-            Inspector::load(&self.model, &self.device)
+            AnyModel::load(
+                &self.model,
+                &self.device,
+                &WeightsLookup::from_env(self.clip_weights.clone()),
+            )
         })
         .map_err(|e| format!("loading model {}: {e}", self.model.display()))?;
         let scorer = InspectorScorer {

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use flawscope_core::anomaly_map::AnomalyMap;
+use flawscope_core::any_model::AnyModel;
 use flawscope_core::heatmap::overlay;
 use flawscope_core::images::{ImageLimits, decode_image};
-use flawscope_core::inspector::{Inspection, Inspector};
+use flawscope_core::inspector::Inspection;
 use image::Rgb32FImage;
 
 use crate::store::{ModelRef, NewScore, Store, StoreError, StoredResult, content_hash};
@@ -86,10 +87,11 @@ pub trait Scorer: Sync {
     fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError>;
 }
 
-/// A fitted model as a [`Scorer`], optionally making previews.
+/// A model file of any kind (classical or WinCLIP) as a [`Scorer`],
+/// optionally making previews.
 #[derive(Clone)]
 pub struct InspectorScorer {
-    pub inspector: Arc<Inspector>,
+    pub inspector: Arc<AnyModel>,
     pub limits: ImageLimits,
     /// Longest preview side; `None` makes no preview.
     pub preview_side: Option<u32>,
@@ -227,4 +229,64 @@ pub fn run_batch(
 /// Never rescore unchanged files.
 pub fn never(_: &Path) -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use flawscope_core::Device;
+    use flawscope_core::winclip::{WinClip, WinClipModel};
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    #[test]
+    fn batch_scores_with_tiny_clip_zero_shot() {
+        let engine = WinClip::from_dir(
+            &root().join("tests/fixtures/tiny_clip"),
+            "tiny",
+            None,
+            "flag",
+            &Device::Cpu,
+        )
+        .unwrap();
+        let model =
+            WinClipModel::zero_shot(Arc::new(engine), "solar cell", &["a crack".into()]).unwrap();
+        let scorer = InspectorScorer {
+            inspector: Arc::new(AnyModel::WinClip(model)),
+            limits: ImageLimits::default(),
+            preview_side: Some(PREVIEW_SIDE),
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("demo/solar_cell/test/defect"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "png"))
+            .collect();
+        files.sort();
+        files.truncate(2);
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("r.sqlite")).unwrap();
+        let model_ref = store.model("zero-shot", "winclip:test").unwrap();
+        let cancel = AtomicBool::new(false);
+        let options = BatchOptions {
+            cancel: &cancel,
+            rescore: &never,
+        };
+        let mut items = Vec::new();
+        let summary = run_batch(&files, &scorer, &store, &model_ref, &options, |item| {
+            items.push(item)
+        })
+        .unwrap();
+        assert_eq!(summary.scored, 2, "{items:?}");
+        for item in items {
+            let BatchItem::Scored(row, preview) = item else {
+                panic!("{item:?}");
+            };
+            assert!((0.0..=1.0).contains(&row.score));
+            assert!(preview.is_some());
+        }
+    }
 }

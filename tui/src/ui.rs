@@ -641,6 +641,16 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_in_names_never_reach_the_terminal() {
+        let mut app = app();
+        let evil = "evil\x1b]52;c;aGk=\x07\x1b[2J.png";
+        app.handle_event(Event::Item(BatchItem::Scored(result(evil, 0.99), None)));
+        let text = lines(&render(&app, 120, 30)).join("\n");
+        assert!(text.contains("evil"), "{text}");
+        assert!(!text.contains('\x1b') && !text.contains('\x07'));
+    }
+
+    #[test]
     fn offsets_keep_the_selection_visible() {
         assert_eq!(list_offset(0, 10, 100), 0);
         assert_eq!(list_offset(50, 10, 100), 45);

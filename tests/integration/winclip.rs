@@ -1,0 +1,371 @@
+//! WinCLIP zero-shot and few-shot scoring, end to end, on the tiny random
+//! CLIP checkpoint of `tests/fixtures/tiny_clip` (real weights cannot be
+//! downloaded in tests): shapes, ranges, heatmaps and model files, not
+//! accuracy. The `shared_mtd_winclip_*` tests do the same on real MTD
+//! images.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flawscope_core::Device;
+use flawscope_core::any_model::{AnyModel, detector_kind};
+use flawscope_core::images::{ImageLimits, load_image};
+use flawscope_core::winclip::{WinClip, harmonic_window_aggregation, zero_shot_grid};
+use flawscope_models::clip::sliding_windows;
+use flawscope_models::clip_weights::WeightsLookup;
+
+use crate::cli::flawscope;
+use crate::shared_data::shared_data;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny_clip() -> String {
+    root()
+        .join("tests/fixtures/tiny_clip")
+        .display()
+        .to_string()
+}
+
+fn demo(rel: &str) -> String {
+    root()
+        .join("demo/solar_cell")
+        .join(rel)
+        .display()
+        .to_string()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The `score --json` lines.
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every line is in range, and its heatmap is a PNG of the image's size.
+fn check_scored(lines: &[serde_json::Value], images: &[String]) {
+    assert_eq!(lines.len(), images.len(), "{lines:?}");
+    for (line, image) in lines.iter().zip(images) {
+        assert_eq!(line["path"].as_str().unwrap(), image);
+        let score = line["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score), "{line}");
+        assert_eq!(line["threshold"].as_f64().unwrap(), 0.5);
+        assert_eq!(
+            line["is_anomalous"].as_bool().unwrap(),
+            score >= 0.5,
+            "{line}"
+        );
+        let heatmap = Path::new(line["heatmap"].as_str().unwrap());
+        let png = image::open(heatmap).unwrap();
+        let original = image::open(image).unwrap();
+        assert_eq!(
+            (png.width(), png.height()),
+            (original.width(), original.height())
+        );
+    }
+}
+
+/// A model's maps on `images`: the image's size, finite, in [0, 1].
+fn check_maps(model: &AnyModel, images: &[String]) {
+    for path in images {
+        let image = load_image(Path::new(path), &ImageLimits::default()).unwrap();
+        let inspection = model.inspect(&image).unwrap();
+        assert_eq!(
+            (inspection.map.width, inspection.map.height),
+            (image.width() as usize, image.height() as usize)
+        );
+        assert!(
+            inspection
+                .map
+                .values
+                .iter()
+                .all(|v| v.is_finite() && (0.0..=1.0).contains(v))
+        );
+        assert!((0.0..=1.0).contains(&inspection.score));
+        assert_eq!(inspection.threshold, 0.5);
+    }
+}
+
+fn zero_shot_cli(images: &[String]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let heatmaps = tmp.path().join("maps");
+    let clip = tiny_clip();
+    let mut args = vec![
+        "score",
+        "--zero-shot",
+        "--object",
+        "solar cell",
+        "--prompt",
+        "a crack",
+        "--prompt",
+        "a dark inactive area",
+        "--clip-weights",
+        &clip,
+        "--device",
+        "cpu",
+        "--json",
+        "--heatmaps",
+        heatmaps.to_str().unwrap(),
+    ];
+    args.extend(images.iter().map(String::as_str));
+    let out = flawscope(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    check_scored(&json_lines(&out), images);
+}
+
+fn few_shot_cli(train: &str, shots: &str, images: &[String]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("few.flawscope");
+    let model = model.to_str().unwrap();
+    let clip = tiny_clip();
+    let out = flawscope(&[
+        "fit",
+        "--detector",
+        "winclip",
+        "--shots",
+        shots,
+        "--train",
+        train,
+        "--object",
+        "tile",
+        "--prompt",
+        "a crack",
+        "--clip-weights",
+        &clip,
+        "--out",
+        model,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(detector_kind(Path::new(model)).as_deref(), Some("winclip"));
+
+    // The model file finds its CLIP folder again without --clip-weights.
+    let heatmaps = tmp.path().join("maps");
+    let mut args = vec![
+        "score",
+        "--model",
+        model,
+        "--json",
+        "--heatmaps",
+        heatmaps.to_str().unwrap(),
+    ];
+    args.extend(images.iter().map(String::as_str));
+    let out = flawscope(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    check_scored(&json_lines(&out), images);
+
+    // The library's one call for any model file.
+    let lookup = WeightsLookup::from_vars(None, |_| None);
+    let loaded = AnyModel::load(Path::new(model), &Device::Cpu, &lookup).unwrap();
+    assert_eq!(loaded.detector_name(), "winclip");
+    match &loaded {
+        AnyModel::WinClip(m) => {
+            let info = m.info();
+            assert_eq!(info.detector.shots, shots.parse::<usize>().unwrap());
+            assert_eq!(info.shot_images.len(), info.detector.shots);
+            assert_eq!(info.object, "tile");
+            assert_eq!(info.prompts, vec!["a crack".to_string()]);
+        }
+        AnyModel::Classical(_) => panic!("a winclip file loaded as a classical model"),
+    }
+    check_maps(&loaded, images);
+}
+
+#[test]
+fn winclip_zero_shot_scores_demo_images() {
+    let images = vec![
+        demo("test/defect/cell0001.png"),
+        demo("test/good/cell0060.png"),
+    ];
+    zero_shot_cli(&images);
+
+    // The same through the library: the engine's own zero-shot call.
+    let engine =
+        WinClip::from_dir(Path::new(&tiny_clip()), "tiny", None, "flag", &Device::Cpu).unwrap();
+    let image = load_image(Path::new(&images[0]), &ImageLimits::default()).unwrap();
+    let prompts = vec!["a crack".to_string()];
+    let first = engine.zero_shot(&image, "solar cell", &prompts).unwrap();
+    assert_eq!((first.map.width, first.map.height), (300, 300));
+    assert!(first.map.values.iter().all(|v| v.is_finite()));
+    let again = engine.zero_shot(&image, "solar_cell", &prompts).unwrap();
+    assert_eq!(first.raw_score, again.raw_score);
+}
+
+#[test]
+fn winclip_few_shot_fits_and_scores_demo_images() {
+    let images = vec![
+        demo("test/defect/cell0002.png"),
+        demo("test/good/cell0397.png"),
+    ];
+    few_shot_cli(&demo("train/good"), "2", &images);
+}
+
+#[test]
+fn winclip_eval_runs_zero_and_few_shot() {
+    for shots in ["0", "2"] {
+        let out = flawscope(&[
+            "eval",
+            "--dataset",
+            &root().join("demo/solar_cell").display().to_string(),
+            "--detector",
+            "winclip",
+            "--shots",
+            shots,
+            "--clip-weights",
+            &tiny_clip(),
+            "--json",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let report = &json_lines(&out)[0];
+        assert_eq!(report["test_images"], 16);
+        assert_eq!(report["train_images"], shots.parse::<u64>().unwrap());
+        let auroc = report["image_auroc"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&auroc), "{report}");
+    }
+}
+
+/// `score --zero-shot` with no weights anywhere and no network.
+#[test]
+fn winclip_without_weights_exits_2_with_one_line() {
+    let hub = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_flawscope"))
+        .args([
+            "score",
+            "--zero-shot",
+            "--object",
+            "metal nut",
+            &demo("test/good/cell0060.png"),
+        ])
+        .env_remove("FLAWSCOPE_CLIP_WEIGHTS")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", hub.path())
+        .env("HF_HUB_CACHE", hub.path())
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--clip-weights DIR"), "{err}");
+    assert!(err.contains("FLAWSCOPE_CLIP_WEIGHTS"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn winclip_usage_errors_exit_2() {
+    let image = demo("test/good/cell0060.png");
+    // No object.
+    let out = flawscope(&[
+        "score",
+        "--zero-shot",
+        "--clip-weights",
+        &tiny_clip(),
+        &image,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--object"));
+    // Neither a model nor --zero-shot.
+    let out = flawscope(&["score", &image]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // Few-shot without --shots.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m.flawscope");
+    let out = flawscope(&[
+        "fit",
+        "--detector",
+        "winclip",
+        "--train",
+        &demo("train/good"),
+        "--object",
+        "cell",
+        "--clip-weights",
+        &tiny_clip(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--shots"));
+    // CUDA asked for on a build without it.
+    if !flawscope_models::candle_core::utils::cuda_is_available() {
+        let out = flawscope(&[
+            "score",
+            "--zero-shot",
+            "--object",
+            "cell",
+            "--device",
+            "cuda",
+            "--clip-weights",
+            &tiny_clip(),
+            &image,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains("without CUDA"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn winclip_harmonic_aggregation_on_hand_made_windows() {
+    // 3x3 grid, the four 2x2 windows; the centre patch sees all four.
+    let windows = sliding_windows(3, 3, 2, 1);
+    let scores = [0.5, 0.25, 1.0, 0.5];
+    let patches = harmonic_window_aggregation(&scores, &windows, 9).unwrap();
+    let want_centre = 4.0 / (2.0 + 4.0 + 1.0 + 2.0);
+    assert!((patches[4] - want_centre).abs() < 1e-12);
+    assert!((patches[0] - 0.5).abs() < 1e-12);
+    assert!((patches[2] - 0.25).abs() < 1e-12);
+    // Top middle: windows 0 and 1.
+    assert!((patches[1] - 2.0 / (2.0 + 4.0)).abs() < 1e-12);
+    // With the image score and a second scale, all by harmonic mean.
+    let combined = zero_shot_grid(0.5, &[patches.clone(), vec![1.0; 9]]).unwrap();
+    let expected = 3.0 / (2.0 + 1.0 / want_centre + 1.0);
+    assert!((combined[4] - expected).abs() < 1e-12);
+}
+
+/// A few MTD images (the first of each test folder), as strings.
+fn mtd_images() -> Vec<String> {
+    let tile = shared_data().join("mtd/magnetic_tile/test");
+    ["good", "crack", "blowhole"]
+        .iter()
+        .map(|folder| {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(tile.join(folder))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            files[0].display().to_string()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs ../shared/data; run by .ci/run"]
+fn shared_mtd_winclip_zero_shot() {
+    let images = mtd_images();
+    zero_shot_cli(&images);
+}
+
+#[test]
+#[ignore = "needs ../shared/data; run by .ci/run"]
+fn shared_mtd_winclip_few_shot() {
+    let train = shared_data().join("mtd/magnetic_tile/train/good");
+    few_shot_cli(&train.display().to_string(), "2", &mtd_images());
+}
+
+#[test]
+fn winclip_engine_is_shareable() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Arc<WinClip>>();
+    send_sync::<AnyModel>();
+}
