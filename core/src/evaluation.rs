@@ -1,18 +1,20 @@
 //! Evaluation on a labelled category: fit on `train/good`, score `test/`,
 //! and measure. No test image is ever seen while fitting.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use image::Rgb32FImage;
 use serde::Serialize;
 
 use crate::Error;
+use crate::anomaly_map::AnomalyMap;
 use crate::dataset::{Category, Mask};
 use crate::detector::{Detector, DetectorConfig};
 use crate::features::{FeatureConfig, FeatureExtractor};
 use crate::images::{ImageLimits, load_image};
-use crate::metrics::{PixelMetrics, f1_max, image_auroc};
+use crate::metrics::{PixelMetrics, PixelReport, f1_max, image_auroc};
 use crate::progress::Progress;
 
 /// One category's results.
@@ -58,7 +60,51 @@ pub fn evaluate(
         progress,
     )?;
     let fit_seconds = fit_start.elapsed().as_secs_f64();
+    let results = score_test_set(category, limits, progress, |image| {
+        let raw = detector.inspect(&extractor, image)?;
+        Ok((raw.score, raw.map))
+    })?;
+    results.into_report(
+        category,
+        FitSummary {
+            detector: detector_config.name().to_string(),
+            backbone: features.backbone.name().to_string(),
+            fit_seconds,
+            memory_bank_size: detector.memory_bank_size(),
+            train_images: category.train_good.len(),
+        },
+    )
+}
 
+/// How a model was fitted, for the report.
+#[derive(Debug, Clone)]
+pub struct FitSummary {
+    pub detector: String,
+    pub backbone: String,
+    pub fit_seconds: f64,
+    pub memory_bank_size: Option<usize>,
+    pub train_images: usize,
+}
+
+/// Scores of a test set, before they become a [`CategoryReport`].
+#[derive(Debug, Clone)]
+pub struct TestSetResults {
+    pub scores: Vec<f32>,
+    pub labels: Vec<bool>,
+    /// Pixel metrics, when the category has masks.
+    pub pixels: Option<PixelReport>,
+    pub ms_per_image: f64,
+}
+
+/// Scores every test image of `category` with `inspect` (image → score and
+/// map at the image's size) and accumulates the pixel metrics on the way.
+/// Only the time spent in `inspect` counts as inference time.
+pub fn score_test_set(
+    category: &Category,
+    limits: &ImageLimits,
+    progress: &dyn Progress,
+    mut inspect: impl FnMut(&Rgb32FImage) -> Result<(f32, AnomalyMap), Error>,
+) -> Result<TestSetResults, Error> {
     let with_masks = category.has_masks();
     let mut pixels = PixelMetrics::new();
     let mut scores = Vec::with_capacity(category.test.len());
@@ -68,9 +114,9 @@ pub fn evaluate(
     for sample in &category.test {
         let image = load_image(&sample.path, limits)?;
         let start = Instant::now();
-        let raw = detector.inspect(&extractor, &image)?;
+        let (score, map) = inspect(&image)?;
         inference += start.elapsed();
-        scores.push(raw.score);
+        scores.push(score);
         labels.push(sample.is_anomalous());
         if with_masks {
             let mask = match (&sample.mask, sample.is_anomalous()) {
@@ -83,54 +129,67 @@ pub fn evaluate(
                 }
             };
             pixels.add_image(
-                &raw.map.values,
+                &map.values,
                 mask.as_ref().map(|m| m.pixels.as_slice()),
-                raw.map.width,
-                raw.map.height,
+                map.width,
+                map.height,
             )?;
         }
         progress.advance(1);
     }
     progress.finish();
+    Ok(TestSetResults {
+        pixels: if with_masks {
+            Some(pixels.finish()?)
+        } else {
+            None
+        },
+        ms_per_image: inference.as_secs_f64() * 1000.0 / category.test.len().max(1) as f64,
+        scores,
+        labels,
+    })
+}
 
-    let f1 = f1_max(&scores, &labels)?;
-    let pixel_report = if with_masks {
-        Some(pixels.finish()?)
-    } else {
-        None
-    };
-    let mut per_defect_image_auroc = BTreeMap::new();
-    let defect_types: std::collections::BTreeSet<&str> = category
-        .test
-        .iter()
-        .filter(|s| s.is_anomalous())
-        .map(|s| s.defect_type.as_str())
-        .collect();
-    for defect in defect_types {
-        let (s, l): (Vec<f32>, Vec<bool>) = category
+impl TestSetResults {
+    /// The image-level metrics, overall and per defect type.
+    pub fn into_report(
+        self,
+        category: &Category,
+        fit: FitSummary,
+    ) -> Result<CategoryReport, Error> {
+        let f1 = f1_max(&self.scores, &self.labels)?;
+        let mut per_defect_image_auroc = BTreeMap::new();
+        let defect_types: BTreeSet<&str> = category
             .test
             .iter()
-            .zip(&scores)
-            .filter(|(sample, _)| !sample.is_anomalous() || sample.defect_type == defect)
-            .map(|(sample, score)| (*score, sample.is_anomalous()))
-            .unzip();
-        per_defect_image_auroc.insert(defect.to_string(), image_auroc(&s, &l)?);
+            .filter(|s| s.is_anomalous())
+            .map(|s| s.defect_type.as_str())
+            .collect();
+        for defect in defect_types {
+            let (s, l): (Vec<f32>, Vec<bool>) = category
+                .test
+                .iter()
+                .zip(&self.scores)
+                .filter(|(sample, _)| !sample.is_anomalous() || sample.defect_type == defect)
+                .map(|(sample, score)| (*score, sample.is_anomalous()))
+                .unzip();
+            per_defect_image_auroc.insert(defect.to_string(), image_auroc(&s, &l)?);
+        }
+        Ok(CategoryReport {
+            category: category.name.clone(),
+            detector: fit.detector,
+            backbone: fit.backbone,
+            image_auroc: image_auroc(&self.scores, &self.labels)?,
+            pixel_auroc: self.pixels.map(|r| r.pixel_auroc),
+            aupro: self.pixels.map(|r| r.aupro),
+            f1_max: f1.f1,
+            f1_threshold: f1.threshold,
+            fit_seconds: fit.fit_seconds,
+            ms_per_image: self.ms_per_image,
+            memory_bank_size: fit.memory_bank_size,
+            train_images: fit.train_images,
+            test_images: category.test.len(),
+            per_defect_image_auroc,
+        })
     }
-
-    Ok(CategoryReport {
-        category: category.name.clone(),
-        detector: detector_config.name().to_string(),
-        backbone: features.backbone.name().to_string(),
-        image_auroc: image_auroc(&scores, &labels)?,
-        pixel_auroc: pixel_report.map(|r| r.pixel_auroc),
-        aupro: pixel_report.map(|r| r.aupro),
-        f1_max: f1.f1,
-        f1_threshold: f1.threshold,
-        fit_seconds,
-        ms_per_image: inference.as_secs_f64() * 1000.0 / category.test.len().max(1) as f64,
-        memory_bank_size: detector.memory_bank_size(),
-        train_images: category.train_good.len(),
-        test_images: category.test.len(),
-        per_defect_image_auroc,
-    })
 }

@@ -1,10 +1,10 @@
 //! A FastFlow-style 2-D normalizing flow (Yu et al., 2021) on frozen
 //! backbone stages.
 //!
-//! Each configured stage gets its own flow. Its features are first
-//! standardised per channel (training statistics; FastFlow uses a layer
-//! norm for the same purpose), then pass through `blocks` affine coupling
-//! blocks. A block permutes the channels with a fixed random permutation,
+//! Each configured stage gets its own flow. Its features are first whitened
+//! position by position ([`crate::gaussian`]: a fixed, invertible affine
+//! layer fitted on the training images, where FastFlow has a layer norm),
+//! then pass through `blocks` affine coupling blocks. A block permutes the channels with a fixed random permutation,
 //! splits them in two halves, and lets a small convolutional subnet of the
 //! first half (conv → ReLU → conv; 3×3 kernels in even blocks and 1×1 in
 //! odd ones, as FastFlow alternates them) predict a log-scale `s` and a
@@ -25,8 +25,17 @@
 //! averaged; the detector then upsamples and blurs it like PaDiM's, and the
 //! image score is the peak of that smoothed map.
 //!
-//! All images must share one grid (batches are stacked), so the flow needs
-//! a fixed input size.
+//! All images must share one grid (batches are stacked, and the whitening
+//! is per position), so the flow needs a fixed input size.
+//!
+//! Departures from FastFlow, for the CPU budget: 4 blocks with subnets half
+//! as wide as the stage (FastFlow: 8 blocks, full width), a few epochs
+//! instead of hundreds. And the per-position whitening: with per-channel
+//! standardisation alone the trained flow reached only ≈ 0.70 image AUROC
+//! on MTD (the tiles are aligned, a shared convolutional flow cannot know
+//! what belongs where); with it ≈ 0.95. Most of that separation is the
+//! Gaussian layer's: the same flow before training (identity couplings)
+//! scores ≈ 0.95 as well, and training adds ≈ 0.001–0.01.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -59,18 +68,18 @@ pub struct FlowConfig {
 impl Default for FlowConfig {
     fn default() -> Self {
         Self {
-            blocks: 8,
-            hidden_ratio: 1.0,
+            blocks: 4,
+            hidden_ratio: 0.5,
             clamp: 2.0,
             training: TrainingConfig {
-                epochs: 30,
+                epochs: 10,
                 max_minutes: None,
                 seed: 0,
                 learning_rate: 1e-3,
                 weight_decay: 1e-5,
                 batch_size: 16,
                 validation_fraction: 0.1,
-                patience: 4,
+                patience: 2,
             },
         }
     }
@@ -144,9 +153,6 @@ fn name(stage: usize, block: Option<usize>, part: &str) -> String {
 }
 
 fn kernel_of(block: usize) -> usize {
-    if std::env::var("TMP_K1").is_ok() {
-        return 1;
-    }
     if block.is_multiple_of(2) { 3 } else { 1 }
 }
 
@@ -191,8 +197,8 @@ impl StageFlow {
         }
         let energy = x.sqr()?.sum(D::Minus1)?.affine(0.5, 0.0)?;
         let nll = match log_det {
-            Some(d) if std::env::var("TMP_NOLOGDET").is_err() => energy.sub(&d)?,
-            _ => energy,
+            Some(d) => energy.sub(&d)?,
+            None => energy,
         };
         Ok(nll.affine(1.0 / c as f64, 0.0)?)
     }
@@ -328,6 +334,7 @@ impl Flow {
                 per_stage = vec![Vec::with_capacity(paths.len()); maps.len()];
             }
             for (list, map) in per_stage.iter_mut().zip(maps) {
+                let map = map.permute((0, 2, 3, 1))?.contiguous()?;
                 if let Some(first) = list.first()
                     && first.dims() != map.dims()
                 {
@@ -336,7 +343,7 @@ impl Flow {
                             .into(),
                     ));
                 }
-                list.push(map.permute((0, 2, 3, 1))?.contiguous()?);
+                list.push(map);
             }
             progress.advance(1);
         }

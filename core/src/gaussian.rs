@@ -10,7 +10,7 @@
 //! product are aligned; a translation-invariant network alone cannot know
 //! that a bright edge belongs at the top and not in the middle).
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::Error;
@@ -119,11 +119,6 @@ fn inverse_cholesky_transposed(cov: &[f32], d: usize) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// Squared norm over the last dimension.
-pub fn squared_norm(z: &Tensor) -> Result<Tensor, Error> {
-    Ok(z.sqr()?.sum(D::Minus1)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,8 +128,10 @@ mod tests {
     fn whitened_training_samples_have_identity_covariance() {
         let dev = Device::Cpu;
         // Correlated 2-D samples at 3 positions.
-        let base = Tensor::randn(0f32, 1.0, (400, 3, 2), &dev).unwrap();
-        let mix = Tensor::new(&[[2.0f32, 0.0], [1.5, 0.5]], &dev).unwrap();
+        let base = crate::train::Initialiser::new(5, &dev)
+            .uniform(&[400, 3, 2], 1.0)
+            .unwrap();
+        let mix = Tensor::new(&[[1.0f32, 0.0], [0.5, 1.0]], &dev).unwrap();
         let samples = base
             .reshape((1200, 2))
             .unwrap()

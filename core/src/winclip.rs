@@ -59,7 +59,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::{D, Device, Tensor};
 use flawscope_models::ModelError;
@@ -77,11 +77,10 @@ use sha2::{Digest, Sha256};
 use crate::Error;
 use crate::anomaly_map::{AnomalyMap, DEFAULT_BLUR_SIGMA};
 use crate::calibration::{Calibration, DECISION_THRESHOLD};
-use crate::dataset::{Category, Mask};
-use crate::evaluation::CategoryReport;
+use crate::dataset::Category;
+use crate::evaluation::{CategoryReport, FitSummary, score_test_set};
 use crate::images::{ImageLimits, load_image};
 use crate::inspector::Inspection;
-use crate::metrics::{PixelMetrics, f1_max, image_auroc};
 use crate::model_file::{self, take};
 use crate::progress::Progress;
 
@@ -1026,82 +1025,24 @@ pub fn evaluate(
     )?;
     let fit_seconds = fit_start.elapsed().as_secs_f64();
 
-    let with_masks = category.has_masks();
-    let mut pixels = PixelMetrics::new();
-    let mut scores = Vec::with_capacity(category.test.len());
-    let mut labels = Vec::with_capacity(category.test.len());
-    let mut inference = Duration::ZERO;
-    progress.start("test", category.test.len() as u64);
-    for sample in &category.test {
-        let image = load_image(&sample.path, limits)?;
-        let start = Instant::now();
-        let inspection = model.inspect(&image)?;
-        inference += start.elapsed();
-        scores.push(inspection.raw_score);
-        labels.push(sample.is_anomalous());
-        if with_masks {
-            let mask = match (&sample.mask, sample.is_anomalous()) {
-                (Some(path), _) => Some(Mask::load(path, image.dimensions(), limits)?),
-                (None, false) => None,
-                (None, true) => {
-                    progress.advance(1);
-                    continue;
-                }
-            };
-            pixels.add_image(
-                &inspection.map.values,
-                mask.as_ref().map(|m| m.pixels.as_slice()),
-                inspection.map.width,
-                inspection.map.height,
-            )?;
-        }
-        progress.advance(1);
-    }
-    progress.finish();
-
-    let f1 = f1_max(&scores, &labels)?;
-    let pixel_report = if with_masks {
-        Some(pixels.finish()?)
-    } else {
-        None
-    };
-    let mut per_defect_image_auroc = BTreeMap::new();
-    let defect_types: std::collections::BTreeSet<&str> = category
-        .test
-        .iter()
-        .filter(|s| s.is_anomalous())
-        .map(|s| s.defect_type.as_str())
-        .collect();
-    for defect in defect_types {
-        let (s, l): (Vec<f32>, Vec<bool>) = category
-            .test
-            .iter()
-            .zip(&scores)
-            .filter(|(sample, _)| !sample.is_anomalous() || sample.defect_type == defect)
-            .map(|(sample, score)| (*score, sample.is_anomalous()))
-            .unzip();
-        per_defect_image_auroc.insert(defect.to_string(), image_auroc(&s, &l)?);
-    }
-    Ok(CategoryReport {
-        category: category.name.clone(),
-        detector: if shots == 0 {
-            "winclip".into()
-        } else {
-            format!("winclip+{shots}")
+    let results = score_test_set(category, limits, progress, |image| {
+        let inspection = model.inspect(image)?;
+        Ok((inspection.raw_score, inspection.map))
+    })?;
+    results.into_report(
+        category,
+        FitSummary {
+            detector: if shots == 0 {
+                "winclip".into()
+            } else {
+                format!("winclip+{shots}")
+            },
+            backbone: format!("clip {}", engine.checkpoint.label()),
+            fit_seconds,
+            memory_bank_size: model.info.memory_bank_size,
+            train_images: shot_paths.len(),
         },
-        backbone: format!("clip {}", engine.checkpoint.label()),
-        image_auroc: image_auroc(&scores, &labels)?,
-        pixel_auroc: pixel_report.map(|r| r.pixel_auroc),
-        aupro: pixel_report.map(|r| r.aupro),
-        f1_max: f1.f1,
-        f1_threshold: f1.threshold,
-        fit_seconds,
-        ms_per_image: inference.as_secs_f64() * 1000.0 / category.test.len().max(1) as f64,
-        memory_bank_size: model.info.memory_bank_size,
-        train_images: shot_paths.len(),
-        test_images: category.test.len(),
-        per_defect_image_auroc,
-    })
+    )
 }
 
 #[cfg(test)]

@@ -77,7 +77,7 @@ impl DetectorArgs {
             .parse()
             .map_err(|e: flawscope_core::Error| UsageError(e.to_string()))?;
         let (default_stages, default_size): (&[&str], u32) = match self.detector {
-            DetectorKind::Patchcore => (&["stage4", "stage5"], 256),
+            DetectorKind::Patchcore => (&["stage4", "stage5"], 224),
             DetectorKind::Padim => (&["stage2", "stage3", "stage4"], 256),
             DetectorKind::Flow => (&["stage4", "stage5"], 256),
             DetectorKind::Recon => (&["stage4", "stage5"], 256),
