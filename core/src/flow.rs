@@ -73,7 +73,9 @@ impl Default for FlowConfig {
             clamp: 2.0,
             training: TrainingConfig {
                 epochs: 10,
-                max_minutes: None,
+                // A safety net for busy machines; an idle 2-core CPU fits MTD
+                // in about 2.5 minutes.
+                max_minutes: Some(10.0),
                 seed: 0,
                 learning_rate: 1e-3,
                 weight_decay: 1e-5,

@@ -79,7 +79,8 @@ impl Default for ReconConfig {
             latent: 32,
             training: TrainingConfig {
                 epochs: 10,
-                max_minutes: None,
+                // A safety net for busy machines.
+                max_minutes: Some(10.0),
                 seed: 0,
                 learning_rate: 1e-3,
                 weight_decay: 1e-5,

@@ -59,12 +59,12 @@ pub struct DetectorArgs {
     /// validation split and batch order).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Flow, recon: most training epochs (default depends on the detector;
+    /// Flow, recon: most training epochs (default 10;
     /// training stops earlier when the held-back validation loss stalls).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Flow, recon: stop training once fitting has run this many minutes
-    /// (the best weights so far are kept).
+    /// (the best weights so far are kept; default 10, a safety net).
     #[arg(long)]
     pub max_minutes: Option<f64>,
 }
