@@ -115,13 +115,30 @@ fn inverse_cholesky_transposed(cov: &[f32], d: usize, delta: f64) -> Option<Vec<
     let trace: f64 = (0..d).map(|i| f64::from(cov[i * d + i])).sum();
     let mu = trace / d.max(1) as f64;
     let diagonal = delta * mu + RELATIVE_RIDGE * mu + ABSOLUTE_RIDGE;
+    let inv = inverse_cholesky_factor(d, |i, j| {
+        (1.0 - delta) * f64::from(cov[i * d + j]) + if i == j { diagonal } else { 0.0 }
+    })?;
+    // Transpose while converting.
+    let mut out = vec![0.0f32; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            out[j * d + i] = inv[i * d + j] as f32;
+        }
+    }
+    Some(out)
+}
+
+/// `L⁻¹` (lower triangular, row-major) of the Cholesky factor of the
+/// symmetric positive definite `d × d` matrix whose lower triangle `entry(i,
+/// j)` gives; `None` when it is not positive definite.
+pub(crate) fn inverse_cholesky_factor(
+    d: usize,
+    entry: impl Fn(usize, usize) -> f64,
+) -> Option<Vec<f64>> {
     let mut l = vec![0.0f64; d * d];
     for i in 0..d {
         for j in 0..=i {
-            let mut sum = (1.0 - delta) * f64::from(cov[i * d + j]);
-            if i == j {
-                sum += diagonal;
-            }
+            let mut sum = entry(i, j);
             for k in 0..j {
                 sum -= l[i * d + k] * l[j * d + k];
             }
@@ -135,7 +152,7 @@ fn inverse_cholesky_transposed(cov: &[f32], d: usize, delta: f64) -> Option<Vec<
             }
         }
     }
-    // inv(L) by forward substitution (lower triangular).
+    // inv(L) by forward substitution.
     let mut inv = vec![0.0f64; d * d];
     for col in 0..d {
         for i in col..d {
@@ -146,14 +163,7 @@ fn inverse_cholesky_transposed(cov: &[f32], d: usize, delta: f64) -> Option<Vec<
             inv[i * d + col] = sum / l[i * d + i];
         }
     }
-    // Transpose while converting.
-    let mut out = vec![0.0f32; d * d];
-    for i in 0..d {
-        for j in 0..d {
-            out[j * d + i] = inv[i * d + j] as f32;
-        }
-    }
-    Some(out)
+    Some(inv)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::gaussian::inverse_cholesky_factor;
 use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -162,37 +163,10 @@ impl Padim {
 
 /// Inverse of `cov + ε·I` (symmetric positive definite) by Cholesky, in f64.
 fn invert_spd(cov: &[f32], d: usize, epsilon: f64) -> Option<Vec<f32>> {
-    let mut l = vec![0.0f64; d * d];
-    for i in 0..d {
-        for j in 0..=i {
-            let mut sum = f64::from(cov[i * d + j]);
-            if i == j {
-                sum += epsilon;
-            }
-            for k in 0..j {
-                sum -= l[i * d + k] * l[j * d + k];
-            }
-            if i == j {
-                if sum <= 0.0 {
-                    return None;
-                }
-                l[i * d + i] = sum.sqrt();
-            } else {
-                l[i * d + j] = sum / l[j * d + j];
-            }
-        }
-    }
-    // inv(L) by forward substitution, then inv(A) = inv(L)ᵀ inv(L).
-    let mut li = vec![0.0f64; d * d];
-    for col in 0..d {
-        for i in col..d {
-            let mut sum = if i == col { 1.0 } else { 0.0 };
-            for k in col..i {
-                sum -= l[i * d + k] * li[k * d + col];
-            }
-            li[i * d + col] = sum / l[i * d + i];
-        }
-    }
+    let li = inverse_cholesky_factor(d, |i, j| {
+        f64::from(cov[i * d + j]) + if i == j { epsilon } else { 0.0 }
+    })?;
+    // inv(A) = inv(L)ᵀ inv(L).
     let mut inv = vec![0.0f32; d * d];
     for i in 0..d {
         for j in 0..=i {
