@@ -36,6 +36,20 @@ impl AnomalyMap {
         if sigma > 0.0 { up.blurred(sigma) } else { up }
     }
 
+    /// The pixel-wise mean of two maps of the same size (`None` otherwise).
+    pub fn averaged_with(&self, other: &AnomalyMap) -> Option<Self> {
+        ((self.width, self.height) == (other.width, other.height)).then(|| Self {
+            width: self.width,
+            height: self.height,
+            values: self
+                .values
+                .iter()
+                .zip(&other.values)
+                .map(|(a, b)| 0.5 * (a + b))
+                .collect(),
+        })
+    }
+
     pub fn max(&self) -> f32 {
         self.values
             .iter()

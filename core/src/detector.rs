@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::anomaly_map::{AnomalyMap, DEFAULT_BLUR_SIGMA};
-use crate::features::{FeatureExtractor, PatchGrid};
+use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, PatchGrid, Resize};
 use crate::flow::{Flow, FlowConfig};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{ModelFileError, take};
@@ -46,10 +46,49 @@ impl DetectorConfig {
 /// A fitted detector.
 #[derive(Debug, Clone)]
 pub enum Detector {
-    PatchCore(PatchCore),
+    /// `fine` scores the image at the configured input size; `coarse`, when
+    /// configured, scores it again at a smaller size, and the two image
+    /// scores and the two maps are averaged.
+    PatchCore {
+        fine: PatchCore,
+        coarse: Option<CoarsePatchCore>,
+    },
     Padim(Padim),
     Flow(Flow),
     Recon(Recon),
+}
+
+/// PatchCore's second, coarse scale: a bank of its own, built from features
+/// at `resize` with inside-only border averaging (see [`crate::features`]).
+#[derive(Debug, Clone)]
+pub struct CoarsePatchCore {
+    pub bank: PatchCore,
+    pub resize: Resize,
+}
+
+impl CoarsePatchCore {
+    const BORDER: BorderAveraging = BorderAveraging::InsideOnly;
+
+    /// The coarse scale `config` asks for, if any, for features resized by
+    /// `fine` (a square fine input gives a square coarse one).
+    fn resize(config: &PatchCoreConfig, fine: Resize) -> Option<Resize> {
+        let side = config.coarse_side?;
+        Some(match fine {
+            Resize::Fixed { .. } => Resize::Fixed {
+                width: side,
+                height: side,
+            },
+            Resize::KeepAspect { .. } => Resize::KeepAspect { side },
+        })
+    }
+
+    fn extract(
+        &self,
+        extractor: &FeatureExtractor,
+        image: &Rgb32FImage,
+    ) -> Result<PatchGrid, Error> {
+        extractor.extract_at(image, self.resize, Self::BORDER)
+    }
 }
 
 /// What a detector says about one image, before calibration.
@@ -86,11 +125,20 @@ impl Detector {
             }
             DetectorConfig::PatchCore(_) | DetectorConfig::Padim(_) => {}
         }
+        let coarse_resize = match config {
+            DetectorConfig::PatchCore(c) => CoarsePatchCore::resize(c, extractor.config().resize),
+            _ => None,
+        };
         progress.start("features", paths.len() as u64);
         let mut grids = Vec::with_capacity(paths.len());
+        let mut coarse_grids = Vec::new();
         for path in paths {
             let image = load_image(path, limits)?;
             grids.push(extractor.extract(&image)?.features);
+            if let Some(resize) = coarse_resize {
+                let grid = extractor.extract_at(&image, resize, CoarsePatchCore::BORDER)?;
+                coarse_grids.push(grid.features);
+            }
             progress.advance(1);
         }
         progress.finish();
@@ -98,7 +146,16 @@ impl Detector {
             DetectorConfig::PatchCore(c) => {
                 let all = Tensor::cat(&grids, 0)?;
                 drop(grids);
-                Ok(Self::PatchCore(PatchCore::fit(&all, c, progress)?))
+                let fine = PatchCore::fit(&all, c, progress)?;
+                drop(all);
+                let coarse = match coarse_resize {
+                    Some(resize) => Some(CoarsePatchCore {
+                        bank: PatchCore::fit(&Tensor::cat(&coarse_grids, 0)?, c, progress)?,
+                        resize,
+                    }),
+                    None => None,
+                };
+                Ok(Self::PatchCore { fine, coarse })
             }
             DetectorConfig::Padim(c) => Ok(Self::Padim(Padim::fit(&grids, c, progress)?)),
             DetectorConfig::Flow(_) | DetectorConfig::Recon(_) => Err(Error::InvalidConfig(
@@ -131,9 +188,22 @@ impl Detector {
         }
         let grid = extractor.extract(image)?;
         let (patch_scores, image_score) = match self {
-            Self::PatchCore(model) => {
-                let s = model.score(&grid.features)?;
-                (s.patches, Some(s.image))
+            Self::PatchCore { fine, coarse } => {
+                let s = fine.score(&grid.features)?;
+                let mut score = s.image;
+                let mut map = upsampled_map(&grid, s.patches, image.dimensions())?;
+                // Two scales: each scores the image as PatchCore does, and
+                // the two image scores and the two maps are averaged.
+                if let Some(coarse) = coarse {
+                    let coarse_grid = coarse.extract(extractor, image)?;
+                    let c = coarse.bank.score(&coarse_grid.features)?;
+                    let coarse_map = upsampled_map(&coarse_grid, c.patches, image.dimensions())?;
+                    map = map.averaged_with(&coarse_map).ok_or_else(|| {
+                        Error::InvalidConfig("coarse and fine maps differ in size".into())
+                    })?;
+                    score = 0.5 * (score + c.image);
+                }
+                return Ok(RawInspection { score, map });
             }
             Self::Padim(model) => (model.score(&grid.features)?, None),
             Self::Recon(model) => (model.score(&grid.features)?, None),
@@ -151,7 +221,9 @@ impl Detector {
     /// Memory-bank size, for detectors that have one.
     pub fn memory_bank_size(&self) -> Option<usize> {
         match self {
-            Self::PatchCore(m) => Some(m.bank_size()),
+            Self::PatchCore { fine, coarse } => {
+                Some(fine.bank_size() + coarse.as_ref().map_or(0, |c| c.bank.bank_size()))
+            }
             Self::Padim(_) | Self::Flow(_) | Self::Recon(_) => None,
         }
     }
@@ -159,7 +231,13 @@ impl Detector {
     /// The tensors a model file stores.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         match self {
-            Self::PatchCore(m) => BTreeMap::from([("patchcore.bank".into(), m.bank().clone())]),
+            Self::PatchCore { fine, coarse } => {
+                let mut tensors = BTreeMap::from([("patchcore.bank".into(), fine.bank().clone())]);
+                if let Some(coarse) = coarse {
+                    tensors.insert("patchcore.coarse_bank".into(), coarse.bank.bank().clone());
+                }
+                tensors
+            }
             Self::Padim(m) => m
                 .parts()
                 .into_iter()
@@ -170,16 +248,26 @@ impl Detector {
         }
     }
 
-    /// Rebuilds a detector from a model file's tensors.
+    /// Rebuilds a detector from a model file's tensors; `features` is the
+    /// recipe it was fitted with.
     pub fn from_tensors(
         config: &DetectorConfig,
+        features: &FeatureConfig,
         tensors: &mut HashMap<String, Tensor>,
         path: &Path,
     ) -> Result<Self, Error> {
         let mut get = |name: &str| -> Result<Tensor, ModelFileError> { take(tensors, name, path) };
         Ok(match config {
             DetectorConfig::PatchCore(c) => {
-                Self::PatchCore(PatchCore::from_bank(get("patchcore.bank")?, c.neighbours)?)
+                let fine = PatchCore::from_bank(get("patchcore.bank")?, c.neighbours)?;
+                let coarse = match CoarsePatchCore::resize(c, features.resize) {
+                    Some(resize) => Some(CoarsePatchCore {
+                        bank: PatchCore::from_bank(get("patchcore.coarse_bank")?, c.neighbours)?,
+                        resize,
+                    }),
+                    None => None,
+                };
+                Self::PatchCore { fine, coarse }
             }
             DetectorConfig::Padim(_) => Self::Padim(Padim::from_parts(
                 get("padim.channels")?,

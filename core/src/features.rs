@@ -4,6 +4,13 @@
 //! 3×3 neighbourhood ("locally aware" features, as PatchCore does), deeper
 //! stages are upsampled bilinearly to the grid of the shallowest one, and the
 //! channels are concatenated. The result is one feature vector per grid cell.
+//!
+//! At the image border the 3×3 neighbourhood sticks out of the map. PatchCore
+//! counts the missing cells as zeros ([`BorderAveraging::ZeroPadded`]), which
+//! shrinks border features towards zero and so damps border scores; that
+//! suits fine grids. On coarse grids, where a third of the cells or more lie
+//! on the border, [`BorderAveraging::InsideOnly`] averages over the cells
+//! that exist.
 
 use candle_core::{DType, Device, Tensor};
 use flawscope_models::{EfficientNetLite, LiteVariant, Preprocess, Stage};
@@ -70,6 +77,16 @@ impl Resize {
     }
 }
 
+/// How the 3×3 local average treats cells outside the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BorderAveraging {
+    /// Missing cells count as zeros (PyTorch's `AvgPool2d(3, 1, 1)`).
+    ZeroPadded,
+    /// The average of the cells inside the map only.
+    InsideOnly,
+}
+
 /// What the feature extractor computes; stored in every model file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeatureConfig {
@@ -133,7 +150,11 @@ impl FeatureExtractor {
 
     /// Backbone input tensor `[1, 3, H, W]` for an image.
     pub fn input_tensor(&self, image: &Rgb32FImage) -> Result<Tensor, Error> {
-        let (w, h) = self.config.resize.input_size(image.width(), image.height());
+        self.input_tensor_at(image, self.config.resize)
+    }
+
+    fn input_tensor_at(&self, image: &Rgb32FImage, resize: Resize) -> Result<Tensor, Error> {
+        let (w, h) = resize.input_size(image.width(), image.height());
         let dynamic = DynamicImage::ImageRgb32F(image.clone());
         Ok(Preprocess::new(w, h).image(&dynamic, self.net.device())?)
     }
@@ -157,9 +178,21 @@ impl FeatureExtractor {
         Ok((maps, (w as u32, h as u32)))
     }
 
-    /// Patch features of one image.
+    /// Patch features of one image, as configured (zero-padded border
+    /// averaging).
     pub fn extract(&self, image: &Rgb32FImage) -> Result<PatchGrid, Error> {
-        let input = self.input_tensor(image)?;
+        self.extract_at(image, self.config.resize, BorderAveraging::ZeroPadded)
+    }
+
+    /// Patch features of one image at another input size and border rule
+    /// (same backbone and stages).
+    pub fn extract_at(
+        &self,
+        image: &Rgb32FImage,
+        resize: Resize,
+        border: BorderAveraging,
+    ) -> Result<PatchGrid, Error> {
+        let input = self.input_tensor_at(image, resize)?;
         let (_, _, h, w) = input.dims4()?;
         let stages = self.net.forward_stages(&input, &self.config.stages)?;
         // The first stage listed sets the grid; the others are resampled to
@@ -170,7 +203,7 @@ impl FeatureExtractor {
             let Some((_, map)) = stages.iter().find(|(s, _)| s == wanted) else {
                 continue;
             };
-            let pooled = locally_aware(map)?;
+            let pooled = locally_aware(map, border)?;
             let (_, _, gh, gw) = pooled.dims4()?;
             let (gh0, gw0) = *grid.get_or_insert((gh, gw));
             maps.push(resample(pooled, gh0, gw0)?);
@@ -233,10 +266,23 @@ fn resample(map: Tensor, target_h: usize, target_w: usize) -> Result<Tensor, Err
     Ok(map.upsample_bilinear2d(target_h, target_w, false)?)
 }
 
-/// 3×3 average with zero padding (PyTorch's `AvgPool2d(3, 1, 1)`).
-fn locally_aware(map: &Tensor) -> Result<Tensor, Error> {
-    let padded = map.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    Ok(padded.avg_pool2d_with_stride(3, 1)?)
+/// 3×3 average of every cell's neighbourhood, border cells as `border` says.
+fn locally_aware(map: &Tensor, border: BorderAveraging) -> Result<Tensor, Error> {
+    let average_3x3 = |t: &Tensor| -> Result<Tensor, Error> {
+        let padded = t.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+        Ok(padded.avg_pool2d_with_stride(3, 1)?)
+    };
+    let zero_padded = average_3x3(map)?;
+    match border {
+        BorderAveraging::ZeroPadded => Ok(zero_padded),
+        BorderAveraging::InsideOnly => {
+            // The same average over a map of ones is the fraction of each
+            // neighbourhood that lies inside.
+            let (_, _, h, w) = map.dims4()?;
+            let inside = average_3x3(&Tensor::ones((1, 1, h, w), map.dtype(), map.device())?)?;
+            Ok(zero_padded.broadcast_div(&inside)?)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -269,5 +315,31 @@ mod tests {
         let grid = extractor.extract(&image).unwrap();
         assert_eq!((grid.grid_width, grid.grid_height), (16, 12));
         assert_eq!(grid.features.dims(), &[16 * 12, extractor.channels()]);
+
+        let coarse = extractor
+            .extract_at(
+                &image,
+                Resize::KeepAspect { side: 64 },
+                BorderAveraging::InsideOnly,
+            )
+            .unwrap();
+        // 64 × 64 input, grid set by stage 3 (stride 8).
+        assert_eq!((coarse.grid_width, coarse.grid_height), (8, 8));
+        assert_eq!(coarse.channels(), extractor.channels());
+    }
+
+    #[test]
+    fn border_averaging_zero_pads_or_averages_inside_cells() {
+        // A constant 1-channel 3×4 map: inside-only averaging keeps it
+        // constant everywhere; zero padding shrinks the corners to 4/9.
+        let map = Tensor::full(2.0f32, (1, 1, 3, 4), &Device::Cpu).unwrap();
+        let inside = locally_aware(&map, BorderAveraging::InsideOnly).unwrap();
+        let values = inside.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values.iter().all(|v| (v - 2.0).abs() < 1e-6), "{values:?}");
+
+        let zero = locally_aware(&map, BorderAveraging::ZeroPadded).unwrap();
+        let values = zero.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((values[0] - 2.0 * 4.0 / 9.0).abs() < 1e-6, "{values:?}");
+        assert!((values[5] - 2.0).abs() < 1e-6, "{values:?}");
     }
 }

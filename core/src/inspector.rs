@@ -127,7 +127,7 @@ impl Inspector {
     /// Loads a model file.
     pub fn load(path: &Path, device: &Device) -> Result<Self, Error> {
         let (info, mut tensors): (ModelInfo, _) = model_file::load(path, device)?;
-        let detector = Detector::from_tensors(&info.detector, &mut tensors, path)?;
+        let detector = Detector::from_tensors(&info.detector, &info.features, &mut tensors, path)?;
         let extractor = FeatureExtractor::new(info.features.clone(), device)?;
         Ok(Self {
             extractor,

@@ -30,6 +30,11 @@ pub struct PatchCoreConfig {
     /// Neighbourhood size of the image-score reweighting.
     pub neighbours: usize,
     pub seed: u64,
+    /// Input side of a second, coarse scale whose map is averaged into the
+    /// anomaly map (it sees broad defects the fine grid misses); `None`: one
+    /// scale. Model files from before this setting load as `None`.
+    #[serde(default)]
+    pub coarse_side: Option<u32>,
 }
 
 impl Default for PatchCoreConfig {
@@ -40,6 +45,7 @@ impl Default for PatchCoreConfig {
             projection_dim: 128,
             neighbours: 9,
             seed: 0,
+            coarse_side: Some(128),
         }
     }
 }
@@ -244,6 +250,15 @@ mod tests {
         let scores = model.score(&both).unwrap();
         assert!(scores.patches[3] > 5.0);
         assert!(scores.image > 0.0 && scores.image <= scores.patches[3]);
+    }
+
+    #[test]
+    fn settings_saved_before_the_coarse_scale_load_as_one_scale() {
+        let old =
+            r#"{"coreset_ratio":0.1,"max_bank":null,"projection_dim":128,"neighbours":9,"seed":0}"#;
+        let config: PatchCoreConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(config.coarse_side, None);
+        assert_eq!(PatchCoreConfig::default().coarse_side, Some(128));
     }
 
     #[test]

@@ -130,7 +130,8 @@ fn check(fx: &Fixture, config: DetectorConfig, detector: Detector, report: &Trai
     let (loaded_config, mut tensors): (DetectorConfig, _) =
         model_file::load(&path, &Device::Cpu).unwrap();
     assert_eq!(loaded_config, config);
-    let loaded = Detector::from_tensors(&loaded_config, &mut tensors, &path).unwrap();
+    let loaded =
+        Detector::from_tensors(&loaded_config, fx.extractor.config(), &mut tensors, &path).unwrap();
     for path in fx.normal_tests.iter().chain([&fx.defect]) {
         let image = load_image(path, &ImageLimits::default()).unwrap();
         let a = detector.inspect(&fx.extractor, &image).unwrap();

@@ -49,9 +49,14 @@ pub struct DetectorArgs {
     /// PatchCore: fraction of training patches kept in the memory bank.
     #[arg(long, default_value_t = 0.1)]
     pub coreset: f64,
-    /// PatchCore: hard cap on the memory-bank size, to bound memory.
+    /// PatchCore: hard cap on the memory-bank size, to bound memory
+    /// (applies to each scale's bank).
     #[arg(long)]
     pub max_bank: Option<usize>,
+    /// PatchCore: input side of a second, coarse scale whose map is averaged
+    /// into the anomaly map (it finds broad defects); 0 turns it off.
+    #[arg(long, default_value_t = 128)]
+    pub coarse_size: u32,
     /// PaDiM: number of feature channels kept.
     #[arg(long, default_value_t = 100)]
     pub padim_channels: usize,
@@ -101,6 +106,12 @@ impl DetectorArgs {
                 "--size must be between 32 and 2048, got {side}"
             )));
         }
+        if self.coarse_size != 0 && !(32..=2048).contains(&self.coarse_size) {
+            return Err(UsageError(format!(
+                "--coarse-size must be 0 (off) or between 32 and 2048, got {}",
+                self.coarse_size
+            )));
+        }
         let fixed_grid = matches!(
             self.detector,
             DetectorKind::Padim | DetectorKind::Flow | DetectorKind::Recon
@@ -118,6 +129,7 @@ impl DetectorArgs {
                 coreset_ratio: self.coreset,
                 max_bank: self.max_bank,
                 seed: self.seed,
+                coarse_side: (self.coarse_size > 0).then_some(self.coarse_size),
                 ..Default::default()
             }),
             DetectorKind::Padim => DetectorConfig::Padim(PadimConfig {
