@@ -30,9 +30,11 @@ pub struct PatchCoreConfig {
     /// Neighbourhood size of the image-score reweighting.
     pub neighbours: usize,
     pub seed: u64,
-    /// Input side of a second, coarse scale whose map is averaged into the
-    /// anomaly map (it sees broad defects the fine grid misses); `None`: one
-    /// scale. Model files from before this setting load as `None`.
+    /// Input side of a second, coarse scale with a bank of its own; its
+    /// image score and map are averaged with the fine ones (it sees broad
+    /// defects the fine grid marks only in places; see
+    /// [`crate::detector::CoarsePatchCore`]). `None`: one scale. Model files
+    /// from before this setting load as `None`.
     #[serde(default)]
     pub coarse_side: Option<u32>,
 }

@@ -53,8 +53,9 @@ pub struct DetectorArgs {
     /// (applies to each scale's bank).
     #[arg(long)]
     pub max_bank: Option<usize>,
-    /// PatchCore: input side of a second, coarse scale whose map is averaged
-    /// into the anomaly map (it finds broad defects); 0 turns it off.
+    /// PatchCore: input side of a second, coarse scale whose image score and
+    /// map are averaged with the fine ones (it finds broad defects); 0 turns
+    /// it off.
     #[arg(long, default_value_t = 128)]
     pub coarse_size: u32,
     /// PaDiM: number of feature channels kept.
