@@ -84,7 +84,7 @@ impl DetectorArgs {
             .map_err(|e: flawscope_core::Error| UsageError(e.to_string()))?;
         let (default_stages, default_size): (&[&str], u32) = match self.detector {
             DetectorKind::Patchcore => (&["stage4", "stage5"], 224),
-            DetectorKind::Padim => (&["stage2", "stage3", "stage4"], 256),
+            DetectorKind::Padim => (&["stage3", "stage4", "stage5"], 256),
             DetectorKind::Flow => (&["stage4", "stage5"], 256),
             DetectorKind::Recon => (&["stage4", "stage5"], 256),
             DetectorKind::Winclip => return Err(winclip_has_no_features()),
