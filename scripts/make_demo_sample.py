@@ -12,7 +12,7 @@ from pathlib import Path
 
 SOURCE = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/elpv") / "mono"
 TARGET = Path(__file__).resolve().parent.parent / "demo" / "solar_cell"
-PICKS = [("train/good", 40), ("test/good", 8), ("test/defect", 8)]
+PICKS = [("train/good", 100), ("test/good", 8), ("test/defect", 8)]
 ORIGIN = {"train/good": "train/good", "test/good": "test/good", "test/defect": "test/defect_p100"}
 
 for split, count in PICKS:
