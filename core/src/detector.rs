@@ -187,26 +187,12 @@ impl Detector {
             });
         }
         let grid = extractor.extract(image)?;
-        let (patch_scores, image_score) = match self {
+        let patch_scores = match self {
             Self::PatchCore { fine, coarse } => {
-                let s = fine.score(&grid.features)?;
-                let mut score = s.image;
-                let mut map = upsampled_map(&grid, s.patches, image.dimensions())?;
-                // Two scales: each scores the image as PatchCore does, and
-                // the two image scores and the two maps are averaged.
-                if let Some(coarse) = coarse {
-                    let coarse_grid = coarse.extract(extractor, image)?;
-                    let c = coarse.bank.score(&coarse_grid.features)?;
-                    let coarse_map = upsampled_map(&coarse_grid, c.patches, image.dimensions())?;
-                    map = map.averaged_with(&coarse_map).ok_or_else(|| {
-                        Error::InvalidConfig("coarse and fine maps differ in size".into())
-                    })?;
-                    score = 0.5 * (score + c.image);
-                }
-                return Ok(RawInspection { score, map });
+                return patchcore_inspection(fine, coarse.as_ref(), &grid, extractor, image);
             }
-            Self::Padim(model) => (model.score(&grid.features)?, None),
-            Self::Recon(model) => (model.score(&grid.features)?, None),
+            Self::Padim(model) => model.score(&grid.features)?,
+            Self::Recon(model) => model.score(&grid.features)?,
             Self::Flow(_) => {
                 return Err(Error::InvalidConfig("flows are scored above".into()));
             }
@@ -214,8 +200,10 @@ impl Detector {
         let map = upsampled_map(&grid, patch_scores, image.dimensions())?;
         // PaDiM's and the autoencoder's image score is the peak of the
         // smoothed map.
-        let score = image_score.unwrap_or_else(|| map.max());
-        Ok(RawInspection { score, map })
+        Ok(RawInspection {
+            score: map.max(),
+            map,
+        })
     }
 
     /// Memory-bank size, for detectors that have one.
@@ -278,6 +266,35 @@ impl Detector {
             DetectorConfig::Recon(_) => Self::Recon(Recon::from_tensors(tensors, path)?),
         })
     }
+}
+
+/// PatchCore on the fine `grid` and, when there is a coarse scale, on the
+/// image again at that scale: each scores the image as PatchCore does, and
+/// the two image scores and the two maps are averaged.
+fn patchcore_inspection(
+    fine: &PatchCore,
+    coarse: Option<&CoarsePatchCore>,
+    grid: &PatchGrid,
+    extractor: &FeatureExtractor,
+    image: &Rgb32FImage,
+) -> Result<RawInspection, Error> {
+    let scores = fine.score(&grid.features)?;
+    let map = upsampled_map(grid, scores.patches, image.dimensions())?;
+    let Some(coarse) = coarse else {
+        return Ok(RawInspection {
+            score: scores.image,
+            map,
+        });
+    };
+    let coarse_grid = coarse.extract(extractor, image)?;
+    let coarse_scores = coarse.bank.score(&coarse_grid.features)?;
+    let coarse_map = upsampled_map(&coarse_grid, coarse_scores.patches, image.dimensions())?;
+    Ok(RawInspection {
+        score: 0.5 * (scores.image + coarse_scores.image),
+        map: map
+            .averaged_with(&coarse_map)
+            .ok_or_else(|| Error::InvalidConfig("coarse and fine maps differ in size".into()))?,
+    })
 }
 
 /// Patch scores → map at the backbone input size (blurred, σ = 4 there) →

@@ -106,8 +106,8 @@ fn shared_mtd_patchcore_accuracy() {
     eprintln!("{tile}");
     assert_eq!(tile["train_images"], 763);
     assert_eq!(tile["test_images"], 581);
-    // Measured 0.963 / 0.807; the margins catch regressions.
+    // Measured 0.966 / 0.855; the floors are the goals of issue 3.
     assert!(tile["image_auroc"].as_f64().unwrap() >= 0.95, "{tile}");
-    assert!(tile["pixel_auroc"].as_f64().unwrap() >= 0.79, "{tile}");
+    assert!(tile["pixel_auroc"].as_f64().unwrap() >= 0.85, "{tile}");
     assert!(tile["aupro"].as_f64().unwrap() > 0.5, "{tile}");
 }
