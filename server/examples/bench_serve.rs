@@ -35,6 +35,7 @@ struct Options {
     requests: usize,
     clients: usize,
     max_concurrent: Option<usize>,
+    max_queued: Option<usize>,
     backoff: Duration,
     model: Option<PathBuf>,
 }
@@ -44,6 +45,7 @@ fn parse_args() -> Result<Options> {
         requests: 2000,
         clients: 32,
         max_concurrent: None,
+        max_queued: None,
         backoff: Duration::from_millis(100),
         model: None,
     };
@@ -54,6 +56,7 @@ fn parse_args() -> Result<Options> {
             "--requests" => options.requests = value()?.parse()?,
             "--clients" => options.clients = value()?.parse()?,
             "--max-concurrent" => options.max_concurrent = Some(value()?.parse()?),
+            "--max-queued" => options.max_queued = Some(value()?.parse()?),
             "--backoff-ms" => options.backoff = Duration::from_millis(value()?.parse()?),
             "--model" => options.model = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown option {other}").into()),
@@ -238,8 +241,12 @@ fn main() -> Result<()> {
     let mut config = ServerConfig::default();
     if let Some(n) = options.max_concurrent {
         config.max_concurrent = n;
+        config.max_queued = 4 * n;
     }
-    let slots = config.max_concurrent;
+    if let Some(n) = options.max_queued {
+        config.max_queued = n;
+    }
+    let (slots, queue) = (config.max_concurrent, config.max_queued);
     let state = AppState::new(
         vec![ServedModel {
             name: "bench".into(),
@@ -316,10 +323,11 @@ fn main() -> Result<()> {
         all.service.sort();
         let ok = all.end_to_end.len();
         println!(
-            "requests {}  clients {}  inference slots {}  cpus {}  load before: {}",
+            "requests {}  clients {}  inference slots {}  queue {}  cpus {}  load before: {}",
             options.requests,
             options.clients,
             slots,
+            queue,
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         );

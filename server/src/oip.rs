@@ -216,7 +216,7 @@ pub async fn infer(
              base64 BYTES element (binary_data=False)",
         ));
     }
-    let slot = state.try_slot()?;
+    let slot = state.slot().await?;
     let body = read_body(&state, request).await?;
     let parsed: InferRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(

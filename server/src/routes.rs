@@ -256,7 +256,7 @@ async fn score(
         heatmap_png: wants_heatmap(request.uri().query())?,
         map: false,
     };
-    let slot = state.try_slot()?;
+    let slot = state.slot().await?;
     let mut upload = read_upload(&state, request, RawBody::Image, &[]).await?;
     let image = upload.require_image()?;
     let scored = inspect(&state, model, image, extras, slot).await?;
@@ -313,7 +313,7 @@ async fn ask(
     request: Request,
 ) -> Result<Json<AskResponse>, ApiError> {
     let started = Instant::now();
-    let slot = state.try_slot()?;
+    let slot = state.slot().await?;
     let mut upload = read_upload(&state, request, RawBody::Refused, &["text", "model"]).await?;
     let question = upload.text("text").unwrap_or("").to_owned();
     let name = choose_model(&state, upload.text("model"), &question)?;
@@ -351,7 +351,7 @@ async fn zero_shot(
         ZeroShot::Engine(engine) => engine.clone(),
         ZeroShot::Unavailable(reason) => return Err(ApiError::ZeroShotUnavailable(reason.clone())),
     };
-    let slot = state.try_slot()?;
+    let slot = state.slot().await?;
     let mut upload = read_upload(&state, request, RawBody::Refused, &["object", "prompt"]).await?;
     let object = upload
         .text("object")

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flawscope_core::Device;
@@ -23,8 +23,13 @@ use crate::metrics::Metrics;
 /// Limits of the service.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Inference requests running at once; more are refused with 503.
+    /// Inference requests running at once; more wait in the queue.
     pub max_concurrent: usize,
+    /// Requests that may wait for a slot; beyond that they are refused with
+    /// 503 at once (0: no queue).
+    pub max_queued: usize,
+    /// Longest wait in the queue before a 503.
+    pub queue_wait: Duration,
     /// Longest time one request may take.
     pub timeout: Duration,
     /// Largest request body in bytes.
@@ -35,8 +40,11 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
+        let max_concurrent = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
-            max_concurrent: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_concurrent,
+            max_queued: 4 * max_concurrent,
+            queue_wait: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
             body_limit: 20 * 1024 * 1024,
             image_limits: ImageLimits::default(),
@@ -140,6 +148,8 @@ pub struct AppState {
     config: Arc<ServerConfig>,
     token: Option<Token>,
     slots: Arc<Semaphore>,
+    /// Requests waiting for a slot now.
+    queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     zero_shot: ZeroShot,
     draining: Arc<AtomicBool>,
@@ -178,6 +188,7 @@ impl AppState {
         Ok(Self {
             models: Arc::new(map),
             slots: Arc::new(Semaphore::new(config.max_concurrent)),
+            queued: Arc::new(AtomicUsize::new(0)),
             config: Arc::new(config),
             token: None,
             metrics: Arc::new(Metrics::default()),
@@ -233,12 +244,35 @@ impl AppState {
         &self.zero_shot
     }
 
-    /// An inference slot, or 503 when all are busy (no queue).
+    /// An inference slot at once, or 503 when all are busy.
     pub fn try_slot(&self) -> Result<Slot, ApiError> {
         Arc::clone(&self.slots)
             .try_acquire_owned()
             .map(|permit| Slot(Arc::new(permit)))
             .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// An inference slot: at once when one is free, else after waiting in
+    /// the queue (at most `queue_wait`); 503 when the queue is full or the
+    /// wait runs out.
+    pub async fn slot(&self) -> Result<Slot, ApiError> {
+        if let Ok(slot) = self.try_slot() {
+            return Ok(slot);
+        }
+        let place = QueuePlace::join(&self.queued);
+        if place.ahead >= self.config.max_queued {
+            return Err(ApiError::Overloaded);
+        }
+        let wait = Arc::clone(&self.slots).acquire_owned();
+        match tokio::time::timeout(self.config.queue_wait, wait).await {
+            Ok(Ok(permit)) => Ok(Slot(Arc::new(permit))),
+            Ok(Err(_)) | Err(_) => Err(ApiError::Overloaded),
+        }
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
     }
 
     /// Inference slots in use.
@@ -255,6 +289,27 @@ impl AppState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// A place in the slot queue; leaving (also by a cancelled request) frees
+/// it.
+struct QueuePlace<'a> {
+    queued: &'a AtomicUsize,
+    /// Requests that were already waiting when this one joined.
+    ahead: usize,
+}
+
+impl<'a> QueuePlace<'a> {
+    fn join(queued: &'a AtomicUsize) -> Self {
+        let ahead = queued.fetch_add(1, Ordering::SeqCst);
+        Self { queued, ahead }
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

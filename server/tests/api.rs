@@ -864,6 +864,7 @@ async fn excess_load_is_shed_with_retry_after() {
         &["cells"],
         ServerConfig {
             max_concurrent: 1,
+            max_queued: 0,
             ..config()
         },
     );
@@ -895,6 +896,63 @@ async fn excess_load_is_shed_with_retry_after() {
     drop(held);
     let reply = send(app, post_bytes("/v1/models/cells/score", good_png())).await;
     assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn busy_slots_queue_a_few_requests_and_shed_the_rest() {
+    let state = state_with(
+        &["cells"],
+        ServerConfig {
+            max_concurrent: 1,
+            max_queued: 1,
+            queue_wait: Duration::from_secs(60),
+            ..config()
+        },
+    );
+    let app = app(state.clone());
+    let held = state.try_slot().unwrap();
+    // The first extra request waits in the queue …
+    let waiting = tokio::spawn(send(
+        app.clone(),
+        post_bytes("/v1/models/cells/score", good_png()),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while state.queued() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // … the next finds the queue full and is shed at once …
+    let shed = send(
+        app.clone(),
+        post_bytes("/v1/models/cells/score", good_png()),
+    )
+    .await;
+    assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.error_code(), "overloaded");
+    // … and the waiting one is answered once the slot frees.
+    drop(held);
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(state.queued(), 0);
+}
+
+#[tokio::test]
+async fn a_queued_request_is_shed_when_its_wait_runs_out() {
+    let state = state_with(
+        &["cells"],
+        ServerConfig {
+            max_concurrent: 1,
+            max_queued: 4,
+            queue_wait: Duration::from_millis(50),
+            ..config()
+        },
+    );
+    let app = app(state.clone());
+    let _held = state.try_slot().unwrap();
+    let reply = send(app, post_bytes("/v1/models/cells/score", good_png())).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.headers[header::RETRY_AFTER], "1");
+    assert_eq!(state.queued(), 0, "the queue place is given back");
 }
 
 #[tokio::test]

@@ -25,9 +25,16 @@ pub struct Args {
     /// `Authorization: Bearer TOKEN`.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Inference requests at once; more are refused with 503 (default: CPU cores).
+    /// Inference requests at once; more wait in a queue (default: CPU cores).
     #[arg(long)]
     pub max_concurrent: Option<usize>,
+    /// Requests that may wait for an inference slot; more are refused with
+    /// 503 and Retry-After at once (default: 4 × --max-concurrent; 0: no queue).
+    #[arg(long)]
+    pub max_queued: Option<usize>,
+    /// Longest wait in the queue, in seconds, before a 503.
+    #[arg(long, default_value_t = 5)]
+    pub queue_wait_secs: u64,
     /// Longest time one request may take, in seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
@@ -70,6 +77,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
         config.max_concurrent = n;
     }
+    config.max_queued = match args.max_queued {
+        Some(n) if n > 4096 => {
+            return Err(UsageError("--max-queued must be at most 4096".into()).into());
+        }
+        Some(n) => n,
+        None => 4 * config.max_concurrent,
+    };
+    if args.queue_wait_secs > 3600 {
+        return Err(UsageError("--queue-wait-secs must be at most 3600".into()).into());
+    }
+    config.queue_wait = Duration::from_secs(args.queue_wait_secs);
     let token = args
         .token_file
         .as_deref()
@@ -121,11 +139,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         writeln!(stdout, "listening on {local}")?;
         stdout.flush()?;
         eprintln!(
-            "serving {} model(s) [{}] on http://{local}; {} inference slot(s), {} s timeout, \
-             {} MB body limit{}",
+            "serving {} model(s) [{}] on http://{local}; {} inference slot(s), queue of {} \
+             (≤ {} s wait), {} s timeout, {} MB body limit{}",
             names.len(),
             names.join(", "),
             config.max_concurrent,
+            config.max_queued,
+            args.queue_wait_secs,
             args.timeout_secs,
             args.body_limit_mb,
             if state.token().is_some() {
