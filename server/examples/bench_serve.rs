@@ -241,7 +241,7 @@ fn main() -> Result<()> {
     let mut config = ServerConfig::default();
     if let Some(n) = options.max_concurrent {
         config.max_concurrent = n;
-        config.max_queued = 4 * n;
+        config.max_queued = flawscope_server::QUEUE_PER_SLOT * n;
     }
     if let Some(n) = options.max_queued {
         config.max_queued = n;

@@ -20,6 +20,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::error::{ApiError, ServerError};
 use crate::metrics::Metrics;
 
+/// Default queue length per inference slot (the queue wait bounds the
+/// time a request can spend in it anyway).
+pub const QUEUE_PER_SLOT: usize = 16;
+
 /// Limits of the service.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -43,7 +47,7 @@ impl Default for ServerConfig {
         let max_concurrent = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             max_concurrent,
-            max_queued: 4 * max_concurrent,
+            max_queued: QUEUE_PER_SLOT * max_concurrent,
             queue_wait: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
             body_limit: 20 * 1024 * 1024,

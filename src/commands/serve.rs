@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long)]
     pub max_concurrent: Option<usize>,
     /// Requests that may wait for an inference slot; more are refused with
-    /// 503 and Retry-After at once (default: 4 × --max-concurrent; 0: no queue).
+    /// 503 and Retry-After at once (default: 16 × --max-concurrent; 0: no queue).
     #[arg(long)]
     pub max_queued: Option<usize>,
     /// Longest wait in the queue, in seconds, before a 503.
@@ -82,7 +82,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             return Err(UsageError("--max-queued must be at most 4096".into()).into());
         }
         Some(n) => n,
-        None => 4 * config.max_concurrent,
+        None => flawscope_server::QUEUE_PER_SLOT * config.max_concurrent,
     };
     if args.queue_wait_secs > 3600 {
         return Err(UsageError("--queue-wait-secs must be at most 3600".into()).into());
