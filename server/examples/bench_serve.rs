@@ -240,8 +240,7 @@ fn main() -> Result<()> {
 
     let mut config = ServerConfig::default();
     if let Some(n) = options.max_concurrent {
-        config.max_concurrent = n;
-        config.max_queued = flawscope_server::QUEUE_PER_SLOT * n;
+        config = config.with_slots(n);
     }
     if let Some(n) = options.max_queued {
         config.max_queued = n;

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 
 /// Default queue length per inference slot (the queue wait bounds the
 /// time a request can spend in it anyway).
-pub const QUEUE_PER_SLOT: usize = 16;
+const QUEUE_PER_SLOT: usize = 16;
 
 /// Limits of the service.
 #[derive(Debug, Clone)]
@@ -42,17 +42,30 @@ pub struct ServerConfig {
     pub image_limits: ImageLimits,
 }
 
+impl ServerConfig {
+    /// `slots` inference slots, with the default queue for that many.
+    pub fn with_slots(self, slots: usize) -> Self {
+        Self {
+            max_concurrent: slots,
+            max_queued: QUEUE_PER_SLOT * slots,
+            ..self
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
-        let max_concurrent = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // One slot per CPU core; `with_slots` sets both slot fields.
+        let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
-            max_concurrent,
-            max_queued: QUEUE_PER_SLOT * max_concurrent,
+            max_concurrent: 0,
+            max_queued: 0,
             queue_wait: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
             body_limit: 20 * 1024 * 1024,
             image_limits: ImageLimits::default(),
         }
+        .with_slots(slots)
     }
 }
 

@@ -75,15 +75,14 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         if !(1..=1024).contains(&n) {
             return Err(UsageError("--max-concurrent must be between 1 and 1024".into()).into());
         }
-        config.max_concurrent = n;
+        config = config.with_slots(n);
     }
-    config.max_queued = match args.max_queued {
-        Some(n) if n > 4096 => {
+    if let Some(n) = args.max_queued {
+        if n > 4096 {
             return Err(UsageError("--max-queued must be at most 4096".into()).into());
         }
-        Some(n) => n,
-        None => flawscope_server::QUEUE_PER_SLOT * config.max_concurrent,
-    };
+        config.max_queued = n;
+    }
     if args.queue_wait_secs > 3600 {
         return Err(UsageError("--queue-wait-secs must be at most 3600".into()).into());
     }
