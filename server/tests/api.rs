@@ -169,6 +169,18 @@ enum Part<'a> {
     File(&'a str, &'a [u8]),
 }
 
+/// `/v1/zero-shot` for a solar cell, prompt "a crack".
+fn zero_shot_crack(png: &[u8]) -> Request<Body> {
+    multipart(
+        "/v1/zero-shot",
+        &[
+            Part::File("image", png),
+            Part::Text("object", "solar cell"),
+            Part::Text("prompt", "a crack"),
+        ],
+    )
+}
+
 fn multipart(uri: &str, parts: &[Part]) -> Request<Body> {
     let mut body = Vec::new();
     for part in parts {
@@ -546,18 +558,7 @@ async fn token_guards_all_but_health() {
 async fn zero_shot_is_503_without_an_engine() {
     let app = app(state());
     let png = good_png();
-    let reply = send(
-        app,
-        multipart(
-            "/v1/zero-shot",
-            &[
-                Part::File("image", &png),
-                Part::Text("object", "solar cell"),
-                Part::Text("prompt", "a crack"),
-            ],
-        ),
-    )
-    .await;
+    let reply = send(app, zero_shot_crack(&png)).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.error_code(), "zero_shot_unavailable");
     let message = reply.json()["error"]["message"]
@@ -640,18 +641,7 @@ fn tiny_engine() -> Arc<WinClip> {
 async fn zero_shot_with_the_tiny_clip_checkpoint() {
     let app = app(state().with_zero_shot(tiny_engine()));
     let png = defect_png();
-    let reply = send(
-        app,
-        multipart(
-            "/v1/zero-shot",
-            &[
-                Part::File("image", &png),
-                Part::Text("object", "solar cell"),
-                Part::Text("prompt", "a crack"),
-            ],
-        ),
-    )
-    .await;
+    let reply = send(app, zero_shot_crack(&png)).await;
     assert_eq!(reply.status, StatusCode::OK);
     let v = reply.json();
     let score = v["score"].as_f64().unwrap();

@@ -98,23 +98,31 @@ fn zero_shot_cli(images: &[String]) {
     let tmp = tempfile::tempdir().unwrap();
     let heatmaps = tmp.path().join("maps");
     let clip = tiny_clip();
-    let mut args = vec![
-        "score",
-        "--zero-shot",
-        "--object",
-        "solar cell",
-        "--prompt",
-        "a crack",
-        "--prompt",
-        "a dark inactive area",
-        "--clip-weights",
-        &clip,
-        "--device",
-        "cpu",
-        "--json",
-        "--heatmaps",
-        heatmaps.to_str().unwrap(),
-    ];
+    score_cli(
+        &[
+            "--zero-shot",
+            "--object",
+            "solar cell",
+            "--prompt",
+            "a crack",
+            "--prompt",
+            "a dark inactive area",
+            "--clip-weights",
+            &clip,
+            "--device",
+            "cpu",
+        ],
+        &heatmaps,
+        images,
+    );
+}
+
+/// `flawscope score OPTIONS --json --heatmaps DIR IMAGES…` succeeds and
+/// scores every image.
+fn score_cli(options: &[&str], heatmaps: &Path, images: &[String]) {
+    let mut args = vec!["score"];
+    args.extend_from_slice(options);
+    args.extend(["--json", "--heatmaps", heatmaps.to_str().unwrap()]);
     args.extend(images.iter().map(String::as_str));
     let out = flawscope(&args);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -147,19 +155,7 @@ fn few_shot_cli(train: &str, shots: &str, images: &[String]) {
     assert_eq!(detector_kind(Path::new(model)).as_deref(), Some("winclip"));
 
     // The model file finds its CLIP folder again without --clip-weights.
-    let heatmaps = tmp.path().join("maps");
-    let mut args = vec![
-        "score",
-        "--model",
-        model,
-        "--json",
-        "--heatmaps",
-        heatmaps.to_str().unwrap(),
-    ];
-    args.extend(images.iter().map(String::as_str));
-    let out = flawscope(&args);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    check_scored(&json_lines(&out), images);
+    score_cli(&["--model", model], &tmp.path().join("maps"), images);
 
     // The library's one call for any model file.
     let lookup = WeightsLookup::from_vars(None, |_| None);
