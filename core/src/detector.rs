@@ -81,14 +81,6 @@ impl CoarsePatchCore {
             Resize::KeepAspect { .. } => Resize::KeepAspect { side },
         })
     }
-
-    fn extract(
-        &self,
-        extractor: &FeatureExtractor,
-        image: &Rgb32FImage,
-    ) -> Result<PatchGrid, Error> {
-        extractor.extract_at(image, self.resize, Self::BORDER)
-    }
 }
 
 /// What a detector says about one image, before calibration.
@@ -286,7 +278,7 @@ fn patchcore_inspection(
             map,
         });
     };
-    let coarse_grid = coarse.extract(extractor, image)?;
+    let coarse_grid = extractor.extract_at(image, coarse.resize, CoarsePatchCore::BORDER)?;
     let coarse_scores = coarse.bank.score(&coarse_grid.features)?;
     let coarse_map = upsampled_map(&coarse_grid, coarse_scores.patches, image.dimensions())?;
     Ok(RawInspection {
