@@ -34,6 +34,7 @@ pub mod progress;
 pub mod recon;
 pub mod regions;
 pub mod train;
+pub mod verdict;
 #[cfg(test)]
 mod trained_tests;
 pub mod winclip;

@@ -125,7 +125,7 @@ impl Row {
 
     /// The verdict at `threshold`, `None` for a failed image.
     pub fn verdict(&self, threshold: f32) -> Option<Verdict> {
-        self.score.map(|s| Verdict::of(s, threshold))
+        self.score.map(|s| Verdict::at(s, threshold))
     }
 }
 
@@ -679,7 +679,7 @@ mod tests {
             score,
             raw_score: score,
             threshold: 0.5,
-            verdict: Verdict::of(score, 0.5),
+            verdict: Verdict::at(score, 0.5),
             decision: Decision::None,
             decided_at: None,
             scored_at: "2025-01-01T00:00:00.000Z".into(),

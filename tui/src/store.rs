@@ -123,38 +123,7 @@ impl Decision {
     }
 }
 
-/// The model's call on an image, at the threshold it was scored with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Ok,
-    Anomalous,
-}
-
-impl Verdict {
-    pub fn of(score: f32, threshold: f32) -> Self {
-        if score >= threshold {
-            Self::Anomalous
-        } else {
-            Self::Ok
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::Anomalous => "anomalous",
-        }
-    }
-
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "ok" => Some(Self::Ok),
-            "anomalous" => Some(Self::Anomalous),
-            _ => None,
-        }
-    }
-}
+pub use flawscope_core::verdict::Verdict;
 
 /// A model as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,7 +337,7 @@ impl Store {
         model: &ModelRef,
         score: &NewScore<'_>,
     ) -> Result<StoredResult, StoreError> {
-        let verdict = Verdict::of(score.score, score.threshold);
+        let verdict = Verdict::at(score.score, score.threshold);
         let sql = format!(
             "INSERT INTO results (path, content_hash, model_id, score, raw_score, threshold,
                                   verdict, decision, decided_at, scored_at)

@@ -429,7 +429,7 @@ mod tests {
             score,
             raw_score: score,
             threshold: 0.5,
-            verdict: Verdict::of(score, 0.5),
+            verdict: Verdict::at(score, 0.5),
             decision: Decision::None,
             decided_at: None,
             scored_at: "2025-01-01T00:00:00.000Z".into(),
