@@ -25,7 +25,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::progress::NoProgress;
-use flawscope_core::winclip::{WinClip, WinClipModel, prompt_set};
+use flawscope_core::detector::DetectorConfig;
+use flawscope_core::model::{FitOptions, Model};
+use flawscope_core::runtime::Runtime;
+use flawscope_core::winclip::{WinClip, WinClipConfig, prompt_set};
+use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use flawscope_models::clip::{ClipPreprocessor, ResizeMode, sliding_windows};
 use image::DynamicImage;
 
@@ -190,9 +194,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     println!("text side, cached:                   {:>9.4} ms", ms(warm));
 
-    let zero_shot = median(runs, |_| {
-        Ok(engine.zero_shot(&image, "metal nut", &prompts)?)
-    })?;
+    let runtime = Runtime::with_clip(Device::Cpu, WeightsLookup::from_vars(None, |_| None), VIT_B_16)
+        .with_engine(Arc::clone(&engine));
+    let zero_shot_model = Model::zero_shot(&runtime, "metal nut", &prompts)?;
+    let zero_shot = median(runs, |_| Ok(zero_shot_model.inspect(&image)?))?;
     println!(
         "zero-shot image {}x{} -> 224² (1 + 169 + 144 windows), text cached: {:>7.1} ms",
         image.width(),
@@ -221,14 +226,18 @@ fn main() -> Result<(), Box<dyn Error>> {
         root.join("demo/solar_cell/train/good/cell0004.png"),
         root.join("demo/solar_cell/train/good/cell0009.png"),
     ];
-    let few = WinClipModel::fit(
-        Arc::clone(&engine),
-        "metal nut",
-        &prompts,
-        &shots,
-        &limits,
-        &NoProgress,
-    )?;
+    let options = FitOptions {
+        features: None,
+        detector: DetectorConfig::WinClip(WinClipConfig {
+            shots: shots.len(),
+            ..WinClipConfig::zero_shot("metal nut", &prompts)
+        }),
+        holdout: 0.1,
+        max_far: 0.01,
+        anomalies: Vec::new(),
+        limits: limits.clone(),
+    };
+    let few = Model::fit(&shots, &options, &runtime, &NoProgress)?;
     let few_shot = median(runs, |_| Ok(few.inspect(&image)?))?;
     println!(
         "few-shot (k = 2, memory {}) image:  {:>9.1} ms",

@@ -36,17 +36,30 @@ impl AnomalyMap {
         if sigma > 0.0 { up.blurred(sigma) } else { up }
     }
 
-    /// The pixel-wise mean of two maps of the same size (`None` otherwise).
-    pub fn averaged_with(&self, other: &AnomalyMap) -> Option<Self> {
-        ((self.width, self.height) == (other.width, other.height)).then(|| Self {
-            width: self.width,
-            height: self.height,
-            values: self
-                .values
-                .iter()
-                .zip(&other.values)
-                .map(|(a, b)| 0.5 * (a + b))
-                .collect(),
+    /// The pixel-wise mean of maps of one size (`None` when there are none
+    /// or their sizes differ).
+    pub fn mean(maps: &[AnomalyMap]) -> Option<Self> {
+        let first = maps.first()?;
+        if maps
+            .iter()
+            .any(|m| (m.width, m.height) != (first.width, first.height))
+        {
+            return None;
+        }
+        let mut values = first.values.clone();
+        for map in &maps[1..] {
+            for (sum, v) in values.iter_mut().zip(&map.values) {
+                *sum += v;
+            }
+        }
+        if maps.len() > 1 {
+            let inverse = 1.0 / maps.len() as f32;
+            values.iter_mut().for_each(|v| *v *= inverse);
+        }
+        Some(Self {
+            width: first.width,
+            height: first.height,
+            values,
         })
     }
 

@@ -1,9 +1,16 @@
-//! The detectors behind one type: fit on normal images, score one image into
-//! a raw image score and a raw anomaly map at the image's own size.
+//! One interface for every detector: fit on normal images → a fitted
+//! [`Detector`]; score an image → a raw image score plus patch-score grids
+//! ([`DetectorOutput`]). Turning grids into a map at the image's size is
+//! shared code here ([`DetectorOutput::into_raw`]); calibration into a
+//! verdict is shared code in [`crate::model`].
+//!
+//! [`DetectorConfig`] is the registry: the one place that lists the
+//! detectors, stored in every model file as `detector` (tagged by `kind`).
+//! Adding a detector means a file implementing [`Detector`], a variant here,
+//! and its command-line options (see the README, "Adding a detector").
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::Tensor;
 use image::Rgb32FImage;
@@ -11,16 +18,125 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::anomaly_map::{AnomalyMap, DEFAULT_BLUR_SIGMA};
-use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, PatchGrid, Resize};
-use crate::flow::{Flow, FlowConfig};
-use crate::images::{ImageLimits, load_image};
-use crate::model_file::{ModelFileError, take};
-use crate::padim::{Padim, PadimConfig};
-use crate::patchcore::{PatchCore, PatchCoreConfig};
+use crate::features::{FeatureConfig, PatchGrid, Resize};
+use crate::flow::{FlowConfig, FlowDetector};
+use crate::images::ImageLimits;
+use crate::padim::{PadimConfig, PadimDetector};
+use crate::patchcore::{PatchCoreConfig, PatchCoreDetector};
 use crate::progress::Progress;
-use crate::recon::{Recon, ReconConfig};
+use crate::recon::{ReconConfig, ReconDetector};
+use crate::runtime::Runtime;
+use crate::winclip::{WinClipConfig, WinClipDetector};
 
-/// Which detector, with its settings.
+/// A fitted detector, whatever its kind.
+pub trait Detector: Send + Sync {
+    /// Raw image score and patch-score grids of one image.
+    fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error>;
+
+    /// The tensors a model file stores.
+    fn tensors(&self) -> BTreeMap<String, Tensor>;
+
+    /// Rows of the memory bank, for detectors that keep one.
+    fn memory_bank_size(&self) -> Option<usize> {
+        None
+    }
+
+    /// The settings to store when fitting completed them (WinCLIP records
+    /// its CLIP checkpoint and shot images); `None` keeps the ones asked for.
+    fn fitted_config(&self) -> Option<DetectorConfig> {
+        None
+    }
+
+    /// Images the detector was fitted on, when it chose them itself
+    /// (WinCLIP's first K shots); `None`: all it was given.
+    fn images_used(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// What a detector computes for one image, before any map is built.
+#[derive(Debug, Clone)]
+pub struct DetectorOutput {
+    pub image_score: ImageScore,
+    /// One grid per scale; their maps are averaged.
+    pub grids: Vec<ScoreGrid>,
+}
+
+/// Where the raw image score comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ImageScore {
+    /// The detector computed it (PatchCore's reweighted maximum, WinCLIP).
+    Given(f32),
+    /// The peak of the finished map (PaDiM, flow, recon).
+    MapPeak,
+}
+
+/// Patch scores on a `width × height` grid computed at the network input
+/// size `input_size`, row-major.
+#[derive(Debug, Clone)]
+pub struct ScoreGrid {
+    pub width: usize,
+    pub height: usize,
+    pub values: Vec<f32>,
+    pub input_size: (u32, u32),
+    /// Blur of the map at the input size.
+    pub blur_sigma: f32,
+}
+
+impl ScoreGrid {
+    /// Scores of the patches of `grid`, blurred with the default σ.
+    pub fn of(grid: &PatchGrid, values: Vec<f32>) -> Self {
+        Self {
+            width: grid.grid_width,
+            height: grid.grid_height,
+            values,
+            input_size: grid.input_size,
+            blur_sigma: DEFAULT_BLUR_SIGMA,
+        }
+    }
+
+    /// Grid → map at the input size (bilinear, blurred there) → map at
+    /// `image_size`.
+    pub fn to_map(&self, image_size: (u32, u32)) -> Result<AnomalyMap, Error> {
+        let coarse = AnomalyMap::new(self.width, self.height, self.values.clone())
+            .ok_or_else(|| Error::InvalidConfig("patch scores do not fill the grid".into()))?;
+        let (iw, ih) = (self.input_size.0 as usize, self.input_size.1 as usize);
+        let at_input = AnomalyMap::from_grid(&coarse, iw, ih, self.blur_sigma);
+        let (w, h) = (image_size.0 as usize, image_size.1 as usize);
+        Ok(if (w, h) == (iw, ih) {
+            at_input
+        } else {
+            at_input.resized_bilinear(w, h)
+        })
+    }
+}
+
+/// A raw image score and a raw map at the image's own size.
+#[derive(Debug, Clone)]
+pub struct RawInspection {
+    pub score: f32,
+    pub map: AnomalyMap,
+}
+
+impl DetectorOutput {
+    /// The map of every grid at `image_size`, averaged, and the image score.
+    pub fn into_raw(self, image_size: (u32, u32)) -> Result<RawInspection, Error> {
+        let maps = self
+            .grids
+            .iter()
+            .map(|g| g.to_map(image_size))
+            .collect::<Result<Vec<_>, _>>()?;
+        let map = AnomalyMap::mean(&maps)
+            .ok_or_else(|| Error::InvalidConfig("a detector gave no map, or maps differ".into()))?;
+        let score = match self.image_score {
+            ImageScore::Given(score) => score,
+            ImageScore::MapPeak => map.max(),
+        };
+        Ok(RawInspection { score, map })
+    }
+}
+
+/// Which detector, with its settings: the registry of detectors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum DetectorConfig {
@@ -30,6 +146,19 @@ pub enum DetectorConfig {
     Flow(FlowConfig),
     /// DFR-style feature autoencoder, trained.
     Recon(ReconConfig),
+    /// CLIP and text prompts, plus a few normal images (WinCLIP).
+    WinClip(WinClipConfig),
+}
+
+/// Everything a detector may need to fit.
+pub struct FitInputs<'a> {
+    /// The normal images to fit on (held-back ones excluded).
+    pub normal: &'a [PathBuf],
+    /// The feature recipe, for detectors on the CNN backbone.
+    pub features: Option<&'a FeatureConfig>,
+    pub runtime: &'a Runtime,
+    pub limits: &'a ImageLimits,
+    pub progress: &'a dyn Progress,
 }
 
 impl DetectorConfig {
@@ -39,289 +168,141 @@ impl DetectorConfig {
             Self::Padim(_) => "padim",
             Self::Flow(_) => "flow",
             Self::Recon(_) => "recon",
+            Self::WinClip(_) => "winclip",
         }
     }
-}
 
-/// A fitted detector.
-#[derive(Debug, Clone)]
-pub enum Detector {
-    /// `fine` scores the image at the configured input size; `coarse`, when
-    /// configured, scores it again at a smaller size, and the two image
-    /// scores and the two maps are averaged.
-    PatchCore {
-        fine: PatchCore,
-        coarse: Option<CoarsePatchCore>,
-    },
-    Padim(Padim),
-    Flow(Flow),
-    Recon(Recon),
-}
+    /// The name in reports: WinCLIP with K shots is `winclip+K`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::WinClip(c) if c.shots > 0 => format!("winclip+{}", c.shots),
+            _ => self.name().to_owned(),
+        }
+    }
 
-/// PatchCore's second, coarse scale: a bank of its own, built from features
-/// at `resize` with inside-only border averaging (see [`crate::features`]).
-#[derive(Debug, Clone)]
-pub struct CoarsePatchCore {
-    pub bank: PatchCore,
-    pub resize: Resize,
-}
+    /// The detector's default feature recipe (`None`: it brings its own
+    /// network).
+    pub fn default_features(&self) -> Option<FeatureConfig> {
+        match self {
+            Self::PatchCore(_) => Some(PatchCoreConfig::default_features()),
+            Self::Padim(_) => Some(PadimConfig::default_features()),
+            Self::Flow(_) => Some(FlowConfig::default_features()),
+            Self::Recon(_) => Some(ReconConfig::default_features()),
+            Self::WinClip(_) => None,
+        }
+    }
 
-impl CoarsePatchCore {
-    const BORDER: BorderAveraging = BorderAveraging::InsideOnly;
+    /// Whether the detector scores on a fixed square grid (its input is
+    /// always resized to a square, whatever is asked).
+    pub fn square_input_only(&self) -> bool {
+        matches!(self, Self::Padim(_) | Self::Flow(_) | Self::Recon(_))
+    }
 
-    /// The coarse scale `config` asks for, if any, for features resized by
-    /// `fine` (a square fine input gives a square coarse one).
-    fn resize(config: &PatchCoreConfig, fine: Resize) -> Option<Resize> {
-        let side = config.coarse_side?;
-        Some(match fine {
-            Resize::Fixed { .. } => Resize::Fixed {
-                width: side,
-                height: side,
+    /// Whether its threshold is fitted on held-back normal images. WinCLIP's
+    /// raw score is already a probability with its natural threshold at 0.5.
+    pub fn is_calibrated(&self) -> bool {
+        !matches!(self, Self::WinClip(_))
+    }
+
+    /// The network named in reports.
+    pub fn backbone_label(&self, features: Option<&FeatureConfig>) -> String {
+        match (self, features) {
+            (Self::WinClip(c), _) => match &c.clip {
+                Some(clip) => format!("clip-{}", clip.preset),
+                None => "clip".to_owned(),
             },
-            Resize::KeepAspect { .. } => Resize::KeepAspect { side },
+            (_, Some(f)) => f.backbone.name().to_owned(),
+            (_, None) => "none".to_owned(),
+        }
+    }
+
+    /// The feature recipe of a detector on the CNN backbone.
+    fn features<'a>(&self, features: Option<&'a FeatureConfig>) -> Result<&'a FeatureConfig, Error> {
+        features.ok_or_else(|| {
+            Error::InvalidConfig(format!("the {} detector needs a feature recipe", self.name()))
         })
     }
-}
 
-/// What a detector says about one image, before calibration.
-#[derive(Debug, Clone)]
-pub struct RawInspection {
-    pub score: f32,
-    /// Per-pixel scores at the image's own size.
-    pub map: AnomalyMap,
-}
-
-impl Detector {
-    /// Fits on the normal images at `paths`.
-    pub fn fit(
-        extractor: &FeatureExtractor,
-        paths: &[PathBuf],
-        config: &DetectorConfig,
-        limits: &ImageLimits,
-        progress: &dyn Progress,
-    ) -> Result<Self, Error> {
-        if paths.is_empty() {
+    /// Fits this detector.
+    pub fn fit(&self, inputs: &FitInputs<'_>) -> Result<Box<dyn Detector>, Error> {
+        // WinCLIP fits on text alone when it has no shots.
+        if inputs.normal.is_empty() && !matches!(self, Self::WinClip(_)) {
             return Err(Error::InvalidConfig("no training images".into()));
         }
-        // The trained detectors read their own features (stage maps for the
-        // flow) and split off their validation images themselves.
-        let started = Instant::now();
-        match config {
-            DetectorConfig::Flow(c) => {
-                let (flow, _) = Flow::fit(extractor, paths, c, limits, started, progress)?;
-                return Ok(Self::Flow(flow));
-            }
-            DetectorConfig::Recon(c) => {
-                let (recon, _) = Recon::fit(extractor, paths, c, limits, started, progress)?;
-                return Ok(Self::Recon(recon));
-            }
-            DetectorConfig::PatchCore(_) | DetectorConfig::Padim(_) => {}
-        }
-        let coarse_resize = match config {
-            DetectorConfig::PatchCore(c) => CoarsePatchCore::resize(c, extractor.config().resize),
-            _ => None,
-        };
-        progress.start("features", paths.len() as u64);
-        let mut grids = Vec::with_capacity(paths.len());
-        let mut coarse_grids = Vec::new();
-        for path in paths {
-            let image = load_image(path, limits)?;
-            grids.push(extractor.extract(&image)?.features);
-            if let Some(resize) = coarse_resize {
-                let grid = extractor.extract_at(&image, resize, CoarsePatchCore::BORDER)?;
-                coarse_grids.push(grid.features);
-            }
-            progress.advance(1);
-        }
-        progress.finish();
-        match config {
-            DetectorConfig::PatchCore(c) => {
-                let all = Tensor::cat(&grids, 0)?;
-                drop(grids);
-                let fine = PatchCore::fit(&all, c, progress)?;
-                drop(all);
-                let coarse = match coarse_resize {
-                    Some(resize) => Some(CoarsePatchCore {
-                        bank: PatchCore::fit(&Tensor::cat(&coarse_grids, 0)?, c, progress)?,
-                        resize,
-                    }),
-                    None => None,
-                };
-                Ok(Self::PatchCore { fine, coarse })
-            }
-            DetectorConfig::Padim(c) => Ok(Self::Padim(Padim::fit(&grids, c, progress)?)),
-            DetectorConfig::Flow(_) | DetectorConfig::Recon(_) => Err(Error::InvalidConfig(
-                "trained detectors are fitted above".into(),
-            )),
-        }
-    }
-
-    /// Scores one image.
-    pub fn inspect(
-        &self,
-        extractor: &FeatureExtractor,
-        image: &Rgb32FImage,
-    ) -> Result<RawInspection, Error> {
-        if let Self::Flow(model) = self {
-            let (maps, input_size) = extractor.stage_maps(image)?;
-            let (scores, grid_width, grid_height) = model.score(&maps)?;
-            let map = grid_to_map(
-                grid_width,
-                grid_height,
-                input_size,
-                scores,
-                image.dimensions(),
-            )?;
-            // Like PaDiM: the peak of the smoothed map.
-            return Ok(RawInspection {
-                score: map.max(),
-                map,
-            });
-        }
-        let grid = extractor.extract(image)?;
-        let patch_scores = match self {
-            Self::PatchCore { fine, coarse } => {
-                return patchcore_inspection(fine, coarse.as_ref(), &grid, extractor, image);
-            }
-            Self::Padim(model) => model.score(&grid.features)?,
-            Self::Recon(model) => model.score(&grid.features)?,
-            Self::Flow(_) => {
-                return Err(Error::InvalidConfig("flows are scored above".into()));
-            }
-        };
-        let map = upsampled_map(&grid, patch_scores, image.dimensions())?;
-        // PaDiM's and the autoencoder's image score is the peak of the
-        // smoothed map.
-        Ok(RawInspection {
-            score: map.max(),
-            map,
+        Ok(match self {
+            Self::PatchCore(c) => Box::new(PatchCoreDetector::fit(
+                c,
+                self.features(inputs.features)?,
+                inputs,
+            )?),
+            Self::Padim(c) => Box::new(PadimDetector::fit(
+                c,
+                self.features(inputs.features)?,
+                inputs,
+            )?),
+            Self::Flow(c) => Box::new(FlowDetector::fit(
+                c,
+                self.features(inputs.features)?,
+                inputs,
+            )?),
+            Self::Recon(c) => Box::new(ReconDetector::fit(
+                c,
+                self.features(inputs.features)?,
+                inputs,
+            )?),
+            Self::WinClip(c) => Box::new(WinClipDetector::fit(c, inputs)?),
         })
     }
 
-    /// Memory-bank size, for detectors that have one.
-    pub fn memory_bank_size(&self) -> Option<usize> {
-        match self {
-            Self::PatchCore { fine, coarse } => {
-                Some(fine.bank_size() + coarse.as_ref().map_or(0, |c| c.bank.bank_size()))
-            }
-            Self::Padim(_) | Self::Flow(_) | Self::Recon(_) => None,
-        }
-    }
-
-    /// The tensors a model file stores.
-    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        match self {
-            Self::PatchCore { fine, coarse } => {
-                let mut tensors = BTreeMap::from([("patchcore.bank".into(), fine.bank().clone())]);
-                if let Some(coarse) = coarse {
-                    tensors.insert("patchcore.coarse_bank".into(), coarse.bank.bank().clone());
-                }
-                tensors
-            }
-            Self::Padim(m) => m
-                .parts()
-                .into_iter()
-                .map(|(k, t)| (k.to_string(), t.clone()))
-                .collect(),
-            Self::Flow(m) => m.tensors().clone(),
-            Self::Recon(m) => m.tensors().clone(),
-        }
-    }
-
-    /// Rebuilds a detector from a model file's tensors; `features` is the
-    /// recipe it was fitted with.
-    pub fn from_tensors(
-        config: &DetectorConfig,
-        features: &FeatureConfig,
+    /// Rebuilds a fitted detector from a model file's tensors.
+    pub fn load(
+        &self,
+        features: Option<&FeatureConfig>,
         tensors: &mut HashMap<String, Tensor>,
         path: &Path,
-    ) -> Result<Self, Error> {
-        let mut get = |name: &str| -> Result<Tensor, ModelFileError> { take(tensors, name, path) };
-        Ok(match config {
-            DetectorConfig::PatchCore(c) => {
-                let fine = PatchCore::from_bank(get("patchcore.bank")?, c.neighbours)?;
-                let coarse = match CoarsePatchCore::resize(c, features.resize) {
-                    Some(resize) => Some(CoarsePatchCore {
-                        bank: PatchCore::from_bank(get("patchcore.coarse_bank")?, c.neighbours)?,
-                        resize,
-                    }),
-                    None => None,
-                };
-                Self::PatchCore { fine, coarse }
-            }
-            DetectorConfig::Padim(_) => Self::Padim(Padim::from_parts(
-                get("padim.channels")?,
-                get("padim.mean")?,
-                get("padim.inverse_covariance")?,
+        runtime: &Runtime,
+    ) -> Result<Box<dyn Detector>, Error> {
+        let device = runtime.device();
+        Ok(match self {
+            Self::PatchCore(c) => Box::new(PatchCoreDetector::load(
+                c,
+                self.features(features)?,
+                tensors,
+                path,
+                device,
             )?),
-            DetectorConfig::Flow(c) => Self::Flow(Flow::from_tensors(c, tensors, path)?),
-            DetectorConfig::Recon(_) => Self::Recon(Recon::from_tensors(tensors, path)?),
+            Self::Padim(_) => Box::new(PadimDetector::load(
+                self.features(features)?,
+                tensors,
+                path,
+                device,
+            )?),
+            Self::Flow(c) => Box::new(FlowDetector::load(
+                c,
+                self.features(features)?,
+                tensors,
+                path,
+                device,
+            )?),
+            Self::Recon(_) => Box::new(ReconDetector::load(
+                self.features(features)?,
+                tensors,
+                path,
+                device,
+            )?),
+            Self::WinClip(c) => Box::new(WinClipDetector::load(c, tensors, path, runtime)?),
         })
     }
 }
 
-/// PatchCore on the fine `grid` and, when there is a coarse scale, on the
-/// image again at that scale: each scores the image as PatchCore does, and
-/// the two image scores and the two maps are averaged.
-fn patchcore_inspection(
-    fine: &PatchCore,
-    coarse: Option<&CoarsePatchCore>,
-    grid: &PatchGrid,
-    extractor: &FeatureExtractor,
-    image: &Rgb32FImage,
-) -> Result<RawInspection, Error> {
-    let scores = fine.score(&grid.features)?;
-    let map = upsampled_map(grid, scores.patches, image.dimensions())?;
-    let Some(coarse) = coarse else {
-        return Ok(RawInspection {
-            score: scores.image,
-            map,
-        });
-    };
-    let coarse_grid = extractor.extract_at(image, coarse.resize, CoarsePatchCore::BORDER)?;
-    let coarse_scores = coarse.bank.score(&coarse_grid.features)?;
-    let coarse_map = upsampled_map(&coarse_grid, coarse_scores.patches, image.dimensions())?;
-    Ok(RawInspection {
-        score: 0.5 * (scores.image + coarse_scores.image),
-        map: map
-            .averaged_with(&coarse_map)
-            .ok_or_else(|| Error::InvalidConfig("coarse and fine maps differ in size".into()))?,
-    })
-}
-
-/// Patch scores → map at the backbone input size (blurred, σ = 4 there) →
-/// map at the image's own size.
-fn upsampled_map(
-    grid: &PatchGrid,
-    patch_scores: Vec<f32>,
-    image_size: (u32, u32),
-) -> Result<AnomalyMap, Error> {
-    grid_to_map(
-        grid.grid_width,
-        grid.grid_height,
-        grid.input_size,
-        patch_scores,
-        image_size,
-    )
-}
-
-/// [`upsampled_map`] for a `grid_width × grid_height` grid computed at
-/// backbone input size `input_size`.
-fn grid_to_map(
-    grid_width: usize,
-    grid_height: usize,
-    input_size: (u32, u32),
-    patch_scores: Vec<f32>,
-    image_size: (u32, u32),
-) -> Result<AnomalyMap, Error> {
-    let coarse = AnomalyMap::new(grid_width, grid_height, patch_scores)
-        .ok_or_else(|| Error::InvalidConfig("patch scores do not fill the grid".into()))?;
-    let (iw, ih) = input_size;
-    let at_input = AnomalyMap::from_grid(&coarse, iw as usize, ih as usize, DEFAULT_BLUR_SIGMA);
-    let (w, h) = (image_size.0 as usize, image_size.1 as usize);
-    Ok(if (w, h) == (iw as usize, ih as usize) {
-        at_input
+/// A square input of `side` when `square`, else the aspect kept.
+pub fn resize_for(side: u32, square: bool) -> Resize {
+    if square {
+        Resize::Fixed {
+            width: side,
+            height: side,
+        }
     } else {
-        at_input.resized_bilinear(w, h)
-    })
+        Resize::KeepAspect { side }
+    }
 }

@@ -4,18 +4,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use flawscope_prompts::object_phrase;
 use image::Rgb32FImage;
 use serde::Serialize;
 
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
 use crate::dataset::{Category, Mask};
-use crate::detector::{Detector, DetectorConfig};
-use crate::features::{FeatureConfig, FeatureExtractor};
+use crate::detector::{DetectorConfig, FitInputs};
+use crate::features::FeatureConfig;
 use crate::images::{ImageLimits, load_image};
 use crate::metrics::{PixelMetrics, PixelReport, f1_max, image_auroc};
 use crate::progress::Progress;
+use crate::runtime::Runtime;
 
 /// One category's results.
 #[derive(Debug, Clone, Serialize)]
@@ -41,37 +42,48 @@ pub struct CategoryReport {
     pub per_defect_image_auroc: BTreeMap<String, f64>,
 }
 
-/// Fits on the category's normal training images and scores its test set.
+/// Fits `detector` on the category's normal training images (all of them:
+/// no threshold is needed) and scores its test set with the raw scores.
+/// A WinCLIP detector without an object inspects the category's name
+/// (`metal_nut` → "metal nut").
 pub fn evaluate(
     category: &Category,
-    features: &FeatureConfig,
-    detector_config: &DetectorConfig,
+    features: Option<&FeatureConfig>,
+    detector: &DetectorConfig,
+    runtime: &Runtime,
     limits: &ImageLimits,
-    device: &Device,
     progress: &dyn Progress,
 ) -> Result<CategoryReport, Error> {
-    let extractor = FeatureExtractor::new(features.clone(), device)?;
+    let mut config = detector.clone();
+    if let DetectorConfig::WinClip(c) = &mut config
+        && c.object.trim().is_empty()
+    {
+        c.object = object_phrase(&category.name);
+    }
     let fit_start = Instant::now();
-    let detector = Detector::fit(
-        &extractor,
-        &category.train_good,
-        detector_config,
+    let fitted = config.fit(&FitInputs {
+        normal: &category.train_good,
+        features,
+        runtime,
         limits,
         progress,
-    )?;
+    })?;
     let fit_seconds = fit_start.elapsed().as_secs_f64();
     let results = score_test_set(category, limits, progress, |image| {
-        let raw = detector.inspect(&extractor, image)?;
+        let raw = fitted.score(image)?.into_raw(image.dimensions())?;
         Ok((raw.score, raw.map))
     })?;
+    let stored = fitted.fitted_config().unwrap_or(config);
     results.into_report(
         category,
         FitSummary {
-            detector: detector_config.name().to_string(),
-            backbone: features.backbone.name().to_string(),
+            detector: stored.label(),
+            backbone: stored.backbone_label(features),
             fit_seconds,
-            memory_bank_size: detector.memory_bank_size(),
-            train_images: category.train_good.len(),
+            memory_bank_size: fitted.memory_bank_size(),
+            train_images: fitted
+                .images_used()
+                .unwrap_or(category.train_good.len()),
         },
     )
 }

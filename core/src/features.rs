@@ -97,6 +97,33 @@ pub struct FeatureConfig {
     pub resize: Resize,
 }
 
+impl FeatureConfig {
+    /// EfficientNet-Lite0 with `stages` at `resize`.
+    pub fn lite0(stages: &[Stage], resize: Resize) -> Self {
+        Self {
+            backbone: BackboneKind::Lite0,
+            stages: stages.to_vec(),
+            resize,
+        }
+    }
+}
+
+/// The patch features of every normal image of `inputs`, with progress.
+pub fn extract_all(
+    extractor: &FeatureExtractor,
+    inputs: &crate::detector::FitInputs<'_>,
+) -> Result<Vec<Tensor>, Error> {
+    inputs.progress.start("features", inputs.normal.len() as u64);
+    let mut grids = Vec::with_capacity(inputs.normal.len());
+    for path in inputs.normal {
+        let image = crate::images::load_image(path, inputs.limits)?;
+        grids.push(extractor.extract(&image)?.features);
+        inputs.progress.advance(1);
+    }
+    inputs.progress.finish();
+    Ok(grids)
+}
+
 /// Patch features of one image: `features` is `[grid_h · grid_w, channels]`,
 /// row-major over the grid.
 #[derive(Debug, Clone)]

@@ -41,11 +41,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{D, DType, Device, Tensor};
+use flawscope_models::Stage;
+use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::features::FeatureExtractor;
+use crate::anomaly_map::DEFAULT_BLUR_SIGMA;
+use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::features::{FeatureConfig, FeatureExtractor, Resize};
 use crate::gaussian;
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{ModelFileError, take};
@@ -536,5 +540,83 @@ impl Flow {
         };
         let mean = sum.affine(1.0 / self.stages.len() as f64, 0.0)?;
         Ok((mean.flatten_all()?.to_vec1()?, gw, gh))
+    }
+}
+
+impl FlowConfig {
+    /// Stages 4 + 5 at 256 × 256.
+    pub fn default_features() -> FeatureConfig {
+        FeatureConfig::lite0(
+            &[Stage::Stage4, Stage::Stage5],
+            Resize::Fixed {
+                width: 256,
+                height: 256,
+            },
+        )
+    }
+}
+
+/// The flow on the backbone's stage maps.
+pub struct FlowDetector {
+    extractor: FeatureExtractor,
+    flow: Flow,
+}
+
+impl FlowDetector {
+    /// A detector from a fitted model and the extractor it was fitted on.
+    pub fn new(extractor: FeatureExtractor, flow: Flow) -> Self {
+        Self { extractor, flow }
+    }
+
+    pub fn fit(
+        config: &FlowConfig,
+        features: &FeatureConfig,
+        inputs: &FitInputs<'_>,
+    ) -> Result<Self, Error> {
+        let started = Instant::now();
+        let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
+        let (flow, _) = Flow::fit(
+            &extractor,
+            inputs.normal,
+            config,
+            inputs.limits,
+            started,
+            inputs.progress,
+        )?;
+        Ok(Self { extractor, flow })
+    }
+
+    pub fn load(
+        config: &FlowConfig,
+        features: &FeatureConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        path: &Path,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            flow: Flow::from_tensors(config, tensors, path)?,
+            extractor: FeatureExtractor::new(features.clone(), device)?,
+        })
+    }
+}
+
+impl Detector for FlowDetector {
+    fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let (maps, input_size) = self.extractor.stage_maps(image)?;
+        let (values, width, height) = self.flow.score(&maps)?;
+        Ok(DetectorOutput {
+            image_score: ImageScore::MapPeak,
+            grids: vec![ScoreGrid {
+                width,
+                height,
+                values,
+                input_size,
+                blur_sigma: DEFAULT_BLUR_SIGMA,
+            }],
+        })
+    }
+
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.flow.tensors().clone()
     }
 }

@@ -6,15 +6,15 @@
 //! [`detector`]; [`train`] holds their shared training loop) scores the
 //! features into an [`anomaly_map`], and [`calibration`] turns scores into a
 //! verdict.
-//! [`inspector`] ties these into one fitted model stored in one file
-//! ([`model_file`]). [`dataset`] reads folders of images, [`evaluation`] and
-//! [`metrics`] measure how well a detector separates good from bad.
-//! [`winclip`] scores with CLIP and text prompts instead (zero-shot, or
-//! few-shot with a handful of normal images); [`any_model`] loads a model
-//! file of either family behind one `inspect` call.
+//! [`winclip`] is a detector too: it scores with CLIP and text prompts
+//! (zero-shot, or few-shot with a handful of normal images).
+//! [`model`] ties detector and calibration into one fitted model stored in
+//! one file ([`model_file`]); the [`verdict`] is decided in one place.
+//! [`runtime`] holds the device and the CLIP weights models run on.
+//! [`dataset`] reads folders of images, [`evaluation`] and [`metrics`]
+//! measure how well a detector separates good from bad.
 
 pub mod anomaly_map;
-pub mod any_model;
 pub mod calibration;
 pub mod coreset;
 pub mod dataset;
@@ -25,13 +25,14 @@ pub mod flow;
 pub mod gaussian;
 pub mod heatmap;
 pub mod images;
-pub mod inspector;
+pub mod model;
 pub mod metrics;
 pub mod model_file;
 pub mod padim;
 pub mod patchcore;
 pub mod progress;
 pub mod recon;
+pub mod runtime;
 pub mod regions;
 pub mod train;
 pub mod verdict;

@@ -5,12 +5,20 @@
 //! patch scores its Mahalanobis distance to its position's Gaussian. All
 //! images must share one grid, so PaDiM needs a fixed input size.
 
-use candle_core::{DType, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use flawscope_models::Stage;
+use image::Rgb32FImage;
 use rand::{SeedableRng, rngs::StdRng, seq::index::sample};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::features::{FeatureConfig, FeatureExtractor, Resize, extract_all};
+use crate::model_file::take;
 use crate::gaussian::inverse_cholesky_factor;
 use crate::progress::Progress;
 
@@ -214,5 +222,73 @@ mod tests {
             .unwrap()
             .0;
         assert_eq!(worst, 2);
+    }
+}
+
+impl PadimConfig {
+    /// Stages 3 + 4 + 5 (a 32 × 32 grid) at 256 × 256.
+    pub fn default_features() -> FeatureConfig {
+        FeatureConfig::lite0(
+            &[Stage::Stage3, Stage::Stage4, Stage::Stage5],
+            Resize::Fixed {
+                width: 256,
+                height: 256,
+            },
+        )
+    }
+}
+
+/// PaDiM on the backbone's patch features.
+pub struct PadimDetector {
+    extractor: FeatureExtractor,
+    padim: Padim,
+}
+
+impl PadimDetector {
+    pub fn fit(
+        config: &PadimConfig,
+        features: &FeatureConfig,
+        inputs: &FitInputs<'_>,
+    ) -> Result<Self, Error> {
+        let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
+        let grids = extract_all(&extractor, inputs)?;
+        let padim = Padim::fit(&grids, config, inputs.progress)?;
+        Ok(Self { extractor, padim })
+    }
+
+    pub fn load(
+        features: &FeatureConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        path: &Path,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        let padim = Padim::from_parts(
+            take(tensors, "padim.channels", path)?,
+            take(tensors, "padim.mean", path)?,
+            take(tensors, "padim.inverse_covariance", path)?,
+        )?;
+        Ok(Self {
+            extractor: FeatureExtractor::new(features.clone(), device)?,
+            padim,
+        })
+    }
+}
+
+impl Detector for PadimDetector {
+    fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let grid = self.extractor.extract(image)?;
+        let scores = self.padim.score(&grid.features)?;
+        Ok(DetectorOutput {
+            image_score: ImageScore::MapPeak,
+            grids: vec![ScoreGrid::of(&grid, scores)],
+        })
+    }
+
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.padim
+            .parts()
+            .into_iter()
+            .map(|(k, t)| (k.to_string(), t.clone()))
+            .collect()
     }
 }

@@ -8,11 +8,20 @@
 //! image score is the largest patch score, reweighted by how isolated its
 //! nearest bank vector is among that vector's own nearest neighbours.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
+use flawscope_models::Stage;
+use image::Rgb32FImage;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, Resize};
+use crate::images::load_image;
+use crate::model_file::take;
 use crate::coreset::greedy_coreset;
 use crate::progress::Progress;
 
@@ -33,7 +42,7 @@ pub struct PatchCoreConfig {
     /// Input side of a second, coarse scale with a bank of its own; its
     /// image score and map are averaged with the fine ones (it sees broad
     /// defects the fine grid marks only in places; see
-    /// [`crate::detector::CoarsePatchCore`]). `None`: one scale. Model files
+    /// [`CoarsePatchCore`]). `None`: one scale. Model files
     /// from before this setting load as `None`.
     #[serde(default)]
     pub coarse_side: Option<u32>,
@@ -275,5 +284,146 @@ mod tests {
         };
         let model = PatchCore::fit(&train, &capped, &NoProgress).unwrap();
         assert_eq!(model.bank_size(), 40);
+    }
+}
+
+/// PatchCore on the backbone: the fine scale at the configured input size
+/// and, when configured, a coarse scale with a bank of its own; the two
+/// image scores and the two maps are averaged.
+pub struct PatchCoreDetector {
+    extractor: FeatureExtractor,
+    fine: PatchCore,
+    coarse: Option<CoarsePatchCore>,
+}
+
+/// PatchCore's second, coarse scale: a bank built from features at `resize`
+/// with inside-only border averaging (see [`crate::features`]).
+pub struct CoarsePatchCore {
+    bank: PatchCore,
+    resize: Resize,
+}
+
+impl CoarsePatchCore {
+    const BORDER: BorderAveraging = BorderAveraging::InsideOnly;
+
+    /// The coarse scale `config` asks for, if any, for features resized by
+    /// `fine` (a square fine input gives a square coarse one).
+    fn resize(config: &PatchCoreConfig, fine: Resize) -> Option<Resize> {
+        let side = config.coarse_side?;
+        Some(match fine {
+            Resize::Fixed { .. } => Resize::Fixed {
+                width: side,
+                height: side,
+            },
+            Resize::KeepAspect { .. } => Resize::KeepAspect { side },
+        })
+    }
+}
+
+impl PatchCoreConfig {
+    /// Stages 4 + 5 at about 224², aspect kept.
+    pub fn default_features() -> FeatureConfig {
+        FeatureConfig::lite0(&[Stage::Stage4, Stage::Stage5], Resize::KeepAspect { side: 224 })
+    }
+}
+
+impl PatchCoreDetector {
+    pub fn fit(
+        config: &PatchCoreConfig,
+        features: &FeatureConfig,
+        inputs: &FitInputs<'_>,
+    ) -> Result<Self, Error> {
+        let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
+        let coarse_resize = CoarsePatchCore::resize(config, features.resize);
+        let progress = inputs.progress;
+        progress.start("features", inputs.normal.len() as u64);
+        let mut grids = Vec::with_capacity(inputs.normal.len());
+        let mut coarse_grids = Vec::new();
+        for path in inputs.normal {
+            let image = load_image(path, inputs.limits)?;
+            grids.push(extractor.extract(&image)?.features);
+            if let Some(resize) = coarse_resize {
+                let grid = extractor.extract_at(&image, resize, CoarsePatchCore::BORDER)?;
+                coarse_grids.push(grid.features);
+            }
+            progress.advance(1);
+        }
+        progress.finish();
+        let all = Tensor::cat(&grids, 0)?;
+        drop(grids);
+        let fine = PatchCore::fit(&all, config, progress)?;
+        drop(all);
+        let coarse = match coarse_resize {
+            Some(resize) => Some(CoarsePatchCore {
+                bank: PatchCore::fit(&Tensor::cat(&coarse_grids, 0)?, config, progress)?,
+                resize,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            extractor,
+            fine,
+            coarse,
+        })
+    }
+
+    pub fn load(
+        config: &PatchCoreConfig,
+        features: &FeatureConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        path: &Path,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        let fine = PatchCore::from_bank(take(tensors, FINE_BANK, path)?, config.neighbours)?;
+        let coarse = match CoarsePatchCore::resize(config, features.resize) {
+            Some(resize) => Some(CoarsePatchCore {
+                bank: PatchCore::from_bank(take(tensors, COARSE_BANK, path)?, config.neighbours)?,
+                resize,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            extractor: FeatureExtractor::new(features.clone(), device)?,
+            fine,
+            coarse,
+        })
+    }
+}
+
+const FINE_BANK: &str = "patchcore.bank";
+const COARSE_BANK: &str = "patchcore.coarse_bank";
+
+impl Detector for PatchCoreDetector {
+    fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let grid = self.extractor.extract(image)?;
+        let scores = self.fine.score(&grid.features)?;
+        let mut grids = vec![ScoreGrid::of(&grid, scores.patches)];
+        let Some(coarse) = &self.coarse else {
+            return Ok(DetectorOutput {
+                image_score: ImageScore::Given(scores.image),
+                grids,
+            });
+        };
+        let coarse_grid =
+            self.extractor
+                .extract_at(image, coarse.resize, CoarsePatchCore::BORDER)?;
+        let coarse_scores = coarse.bank.score(&coarse_grid.features)?;
+        grids.push(ScoreGrid::of(&coarse_grid, coarse_scores.patches));
+        Ok(DetectorOutput {
+            image_score: ImageScore::Given(0.5 * (scores.image + coarse_scores.image)),
+            grids,
+        })
+    }
+
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut tensors = BTreeMap::from([(FINE_BANK.into(), self.fine.bank().clone())]);
+        if let Some(coarse) = &self.coarse {
+            tensors.insert(COARSE_BANK.into(), coarse.bank.bank().clone());
+        }
+        tensors
+    }
+
+    fn memory_bank_size(&self) -> Option<usize> {
+        Some(self.fine.bank_size() + self.coarse.as_ref().map_or(0, |c| c.bank.bank_size()))
     }
 }

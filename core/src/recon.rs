@@ -34,11 +34,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{D, DType, Device, Tensor};
+use flawscope_models::Stage;
+use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::features::FeatureExtractor;
+use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::features::{FeatureConfig, FeatureExtractor, Resize};
 use crate::gaussian;
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::take;
@@ -331,5 +334,76 @@ impl Recon {
             )));
         }
         Ok(self.errors(&self.standardise(features)?)?.to_vec1()?)
+    }
+}
+
+impl ReconConfig {
+    /// Stages 4 + 5 at 256 × 256.
+    pub fn default_features() -> FeatureConfig {
+        FeatureConfig::lite0(
+            &[Stage::Stage4, Stage::Stage5],
+            Resize::Fixed {
+                width: 256,
+                height: 256,
+            },
+        )
+    }
+}
+
+/// The feature autoencoder on the backbone's patch features.
+pub struct ReconDetector {
+    extractor: FeatureExtractor,
+    recon: Recon,
+}
+
+impl ReconDetector {
+    /// A detector from a fitted model and the extractor it was fitted on.
+    pub fn new(extractor: FeatureExtractor, recon: Recon) -> Self {
+        Self { extractor, recon }
+    }
+
+    pub fn fit(
+        config: &ReconConfig,
+        features: &FeatureConfig,
+        inputs: &FitInputs<'_>,
+    ) -> Result<Self, Error> {
+        let started = Instant::now();
+        let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
+        let (recon, _) = Recon::fit(
+            &extractor,
+            inputs.normal,
+            config,
+            inputs.limits,
+            started,
+            inputs.progress,
+        )?;
+        Ok(Self { extractor, recon })
+    }
+
+    pub fn load(
+        features: &FeatureConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        path: &Path,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            recon: Recon::from_tensors(tensors, path)?,
+            extractor: FeatureExtractor::new(features.clone(), device)?,
+        })
+    }
+}
+
+impl Detector for ReconDetector {
+    fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let grid = self.extractor.extract(image)?;
+        let scores = self.recon.score(&grid.features)?;
+        Ok(DetectorOutput {
+            image_score: ImageScore::MapPeak,
+            grids: vec![ScoreGrid::of(&grid, scores)],
+        })
+    }
+
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.recon.tensors().clone()
     }
 }

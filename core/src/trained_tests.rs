@@ -11,12 +11,13 @@ use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::detector::{Detector, DetectorConfig};
+use crate::runtime::Runtime;
 use crate::features::{BackboneKind, FeatureConfig, FeatureExtractor, Resize};
-use crate::flow::{Flow, FlowConfig};
+use crate::flow::{Flow, FlowConfig, FlowDetector};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file;
 use crate::progress::NoProgress;
-use crate::recon::{Recon, ReconConfig};
+use crate::recon::{Recon, ReconConfig, ReconDetector};
 use crate::train::{TrainingConfig, TrainingReport};
 
 const SIDE: u32 = 64;
@@ -102,14 +103,29 @@ fn training(epochs: usize, batch_size: usize, learning_rate: f64) -> TrainingCon
     }
 }
 
-fn score(detector: &Detector, extractor: &FeatureExtractor, path: &Path) -> f32 {
+fn score(detector: &dyn Detector, path: &Path) -> f32 {
     let image = load_image(path, &ImageLimits::default()).unwrap();
-    detector.inspect(extractor, &image).unwrap().score
+    raw(detector, &image).score
+}
+
+fn raw(detector: &dyn Detector, image: &image::Rgb32FImage) -> crate::detector::RawInspection {
+    let output = detector.score(image).unwrap();
+    output.into_raw(image.dimensions()).unwrap()
+}
+
+/// A second extractor with the fixture's recipe, for a detector to own.
+fn extractor(fx: &Fixture) -> FeatureExtractor {
+    FeatureExtractor::new(fx.extractor.config().clone(), &Device::Cpu).unwrap()
 }
 
 /// Loss falls, the defect outscores the normals, and a saved-and-loaded
 /// model gives bit-identical scores and maps.
-fn check(fx: &Fixture, config: DetectorConfig, detector: Detector, report: &TrainingReport) {
+fn check(
+    fx: &Fixture,
+    config: DetectorConfig,
+    detector: &dyn Detector,
+    report: &TrainingReport,
+) {
     let first = report.history.first().unwrap();
     let last = report.history.last().unwrap();
     assert!(
@@ -118,9 +134,9 @@ fn check(fx: &Fixture, config: DetectorConfig, detector: Detector, report: &Trai
         report.history
     );
 
-    let defect = score(&detector, &fx.extractor, &fx.defect);
+    let defect = score(detector, &fx.defect);
     for normal in &fx.normal_tests {
-        let s = score(&detector, &fx.extractor, normal);
+        let s = score(detector, normal);
         assert!(defect > s, "defect {defect} vs normal {s}");
     }
 
@@ -130,12 +146,19 @@ fn check(fx: &Fixture, config: DetectorConfig, detector: Detector, report: &Trai
     let (loaded_config, mut tensors): (DetectorConfig, _) =
         model_file::load(&path, &Device::Cpu).unwrap();
     assert_eq!(loaded_config, config);
-    let loaded =
-        Detector::from_tensors(&loaded_config, fx.extractor.config(), &mut tensors, &path).unwrap();
+    let runtime = Runtime::new(Device::Cpu);
+    let loaded = loaded_config
+        .load(
+            Some(fx.extractor.config()),
+            &mut tensors,
+            &path,
+            &runtime,
+        )
+        .unwrap();
     for path in fx.normal_tests.iter().chain([&fx.defect]) {
         let image = load_image(path, &ImageLimits::default()).unwrap();
-        let a = detector.inspect(&fx.extractor, &image).unwrap();
-        let b = loaded.inspect(&fx.extractor, &image).unwrap();
+        let a = raw(detector, &image);
+        let b = raw(loaded.as_ref(), &image);
         assert_eq!(a.score.to_bits(), b.score.to_bits());
         assert_eq!(a.map, b.map);
     }
@@ -162,7 +185,7 @@ fn flow_learns_normal_texture_and_survives_a_model_file() {
     check(
         &fx,
         DetectorConfig::Flow(config),
-        Detector::Flow(flow),
+        &FlowDetector::new(extractor(&fx), flow),
         &report,
     );
 }
@@ -187,7 +210,7 @@ fn recon_learns_normal_texture_and_survives_a_model_file() {
     check(
         &fx,
         DetectorConfig::Recon(config),
-        Detector::Recon(recon),
+        &ReconDetector::new(extractor(&fx), recon),
         &report,
     );
 }
@@ -214,10 +237,10 @@ fn training_is_reproducible_from_the_seed() {
     let (a, report_a) = fit();
     let (b, report_b) = fit();
     assert_eq!(report_a, report_b);
-    let da = Detector::Recon(a);
-    let db = Detector::Recon(b);
+    let da = ReconDetector::new(extractor(&fx), a);
+    let db = ReconDetector::new(extractor(&fx), b);
     assert_eq!(
-        score(&da, &fx.extractor, &fx.defect).to_bits(),
-        score(&db, &fx.extractor, &fx.defect).to_bits()
+        score(&da, &fx.defect).to_bits(),
+        score(&db, &fx.defect).to_bits()
     );
 }

@@ -22,7 +22,8 @@ use flawscope_core::Device;
 use flawscope_core::detector::DetectorConfig;
 use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
 use flawscope_core::images::{ImageLimits, list_images};
-use flawscope_core::inspector::{FitOptions, Inspector};
+use flawscope_core::model::{FitOptions, Model};
+use flawscope_core::runtime::Runtime;
 use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::progress::NoProgress;
 use flawscope_server::{AppState, ServedModel, ServerConfig};
@@ -72,24 +73,25 @@ fn demo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell")
 }
 
-fn model(path: Option<&Path>) -> Result<Inspector> {
+fn model(path: Option<&Path>) -> Result<Model> {
+    let runtime = Runtime::new(Device::Cpu);
     if let Some(path) = path {
-        return Ok(Inspector::load(path, &Device::Cpu)?);
+        return Ok(Model::load(path, &runtime)?);
     }
     let train = list_images(&demo().join("train/good"))?;
     let options = FitOptions {
-        features: FeatureConfig {
+        features: Some(FeatureConfig {
             backbone: BackboneKind::Lite0,
             stages: vec![parse_stage("stage4")?, parse_stage("stage5")?],
             resize: Resize::KeepAspect { side: 256 },
-        },
+        }),
         detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
         holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
         limits: ImageLimits::default(),
     };
-    Ok(Inspector::fit(&train, &options, &Device::Cpu, &NoProgress)?)
+    Ok(Model::fit(&train, &options, &runtime, &NoProgress)?)
 }
 
 /// `VmRSS` and `VmHWM` of this process, in MiB.
@@ -249,7 +251,7 @@ fn main() -> Result<()> {
     let state = AppState::new(
         vec![ServedModel {
             name: "bench".into(),
-            inspector: Arc::new(flawscope_core::any_model::AnyModel::Classical(inspector)),
+            model: Arc::new(inspector),
         }],
         config,
     )?;

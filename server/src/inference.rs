@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use base64::Engine as _;
 use flawscope_core::anomaly_map::AnomalyMap;
-use flawscope_core::any_model::AnyModel;
+use flawscope_core::model::{Inspection, Model};
 use flawscope_core::heatmap::overlay_png;
 use flawscope_core::images::decode_image;
 use flawscope_core::regions::{Region, area_above, regions};
@@ -58,6 +58,11 @@ pub struct ScoreResponse {
     pub latency_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heatmap_png: Option<String>,
+    /// Zero-shot requests: the object and defect descriptions scored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prompts: Vec<String>,
 }
 
 impl Scored {
@@ -82,6 +87,8 @@ impl Scored {
             regions: self.regions,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             heatmap_png: self.heatmap_png,
+            object: None,
+            prompts: Vec::new(),
         }
     }
 }
@@ -110,7 +117,7 @@ pub fn decode(state: &AppState, bytes: &[u8]) -> Result<Rgb32FImage, ApiError> {
 /// Decodes and scores `bytes` with `model`.
 pub async fn inspect(
     state: &AppState,
-    model: Arc<AnyModel>,
+    model: Arc<Model>,
     bytes: Bytes,
     extras: Extras,
     slot: Slot,
@@ -120,27 +127,36 @@ pub async fn inspect(
         let image = decode(&state, &bytes)?;
         drop(bytes);
         let inspection = model.inspect(&image).map_err(|e| ApiError::from_core(&e))?;
-        let heatmap_png = if extras.heatmap_png {
-            let png = overlay_png(&image, &inspection.map).map_err(|e| ApiError::from_core(&e))?;
-            Some(base64::engine::general_purpose::STANDARD.encode(png))
-        } else {
-            None
-        };
-        let map = inspection.map;
-        Ok(Scored {
-            score: inspection.score,
-            is_anomalous: inspection.is_anomalous,
-            threshold: inspection.threshold,
-            width: map.width,
-            height: map.height,
-            regions: regions(&map, inspection.threshold),
-            anomalous_pixels: area_above(&map, inspection.threshold),
-            hotspot: hotspot(&map),
-            heatmap_png,
-            map: extras.map.then_some(map),
-        })
+        scored(&image, inspection, extras)
     })
     .await
+}
+
+/// The response parts of one inspection of `image`.
+pub fn scored(
+    image: &Rgb32FImage,
+    inspection: Inspection,
+    extras: Extras,
+) -> Result<Scored, ApiError> {
+    let heatmap_png = if extras.heatmap_png {
+        let png = overlay_png(image, &inspection.map).map_err(|e| ApiError::from_core(&e))?;
+        Some(base64::engine::general_purpose::STANDARD.encode(png))
+    } else {
+        None
+    };
+    let map = inspection.map;
+    Ok(Scored {
+        score: inspection.score,
+        is_anomalous: inspection.is_anomalous,
+        threshold: inspection.threshold,
+        width: map.width,
+        height: map.height,
+        regions: regions(&map, inspection.threshold),
+        anomalous_pixels: area_above(&map, inspection.threshold),
+        hotspot: hotspot(&map),
+        heatmap_png,
+        map: extras.map.then_some(map),
+    })
 }
 
 /// Position of the highest map value (the first one on ties; NaN ignored).

@@ -18,8 +18,8 @@ pub use error::{ApiError, ServerError, error_json};
 pub use metrics::Metrics;
 pub use routes::{HEALTH_ROUTES, app};
 pub use state::{
-    AppState, NO_ZERO_SHOT, ServedModel, ServerConfig, Slot, Token, ZeroShot, ZeroShotScore,
-    ZeroShotScorer, is_servable_name, load_models,
+    AppState, NO_ZERO_SHOT, ServedModel, ServerConfig, Slot, Token, ZeroShot, ZeroShotScorer,
+    is_servable_name, load_models,
 };
 
 /// Extra time, past the request timeout, that shutdown waits for requests

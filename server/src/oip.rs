@@ -8,7 +8,6 @@ use axum::extract::{Path, Request, State};
 use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use flawscope_core::any_model::AnyModel;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -61,10 +60,7 @@ pub async fn model_metadata(
 ) -> Result<Json<Value>, ApiError> {
     let name = model_name(path)?;
     let model = state.model(&name)?;
-    let backbone = match &*model {
-        AnyModel::Classical(inspector) => inspector.info().features.backbone.name().to_owned(),
-        AnyModel::WinClip(winclip) => format!("clip-{}", winclip.info().clip.preset),
-    };
+    let backbone = model.summary().backbone;
     let inputs = [TensorMetadata {
         name: "image",
         datatype: "BYTES",

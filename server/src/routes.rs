@@ -15,11 +15,10 @@ use serde_json::json;
 
 use crate::answer::describe;
 use crate::error::ApiError;
-use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect};
+use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect, scored};
 use crate::oip;
 use crate::state::{AppState, ZeroShot};
 use crate::upload::{RawBody, read_upload};
-use flawscope_core::any_model::AnyModel;
 
 /// Routes open without a token.
 pub const HEALTH_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"];
@@ -171,49 +170,21 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// One line of `/v1/models`.
 #[derive(Serialize)]
-struct ModelSummary<'a> {
+struct ModelListing<'a> {
     name: &'a str,
-    detector: &'a str,
-    backbone: String,
-    /// Decision threshold on the 0–1 score.
-    threshold: f32,
-    /// The same threshold on the detector's raw score.
-    raw_threshold: f32,
-    /// Share of held-back normal images the threshold flagged.
-    estimated_false_alarm_rate: f64,
-    training_images: usize,
+    #[serde(flatten)]
+    summary: flawscope_core::model::ModelSummary,
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let models: Vec<ModelSummary> = state
+    let models: Vec<ModelListing> = state
         .models()
         .iter()
-        .map(|(name, model)| match &**model {
-            AnyModel::Classical(inspector) => {
-                let info = inspector.info();
-                ModelSummary {
-                    name,
-                    detector: info.detector.name(),
-                    backbone: info.features.backbone.name().to_owned(),
-                    threshold: flawscope_core::calibration::DECISION_THRESHOLD,
-                    raw_threshold: info.calibration.threshold,
-                    estimated_false_alarm_rate: info.calibration.estimated_far,
-                    training_images: info.training_images,
-                }
-            }
-            AnyModel::WinClip(winclip) => {
-                let info = winclip.info();
-                ModelSummary {
-                    name,
-                    detector: model.detector_name(),
-                    backbone: format!("clip-{}", info.clip.preset),
-                    threshold: flawscope_core::calibration::DECISION_THRESHOLD,
-                    raw_threshold: info.calibration.threshold,
-                    estimated_false_alarm_rate: info.calibration.estimated_far,
-                    training_images: info.shot_images.len(),
-                }
-            }
+        .map(|(name, model)| ModelListing {
+            name,
+            summary: model.summary(),
         })
         .collect();
     Json(json!({ "models": models }))
@@ -329,24 +300,17 @@ async fn ask(
     }))
 }
 
-#[derive(Serialize)]
-struct ZeroShotResponse {
-    object: String,
-    prompts: Vec<String>,
-    score: f32,
-    is_anomalous: bool,
-    threshold: f32,
-    regions: Vec<flawscope_core::regions::Region>,
-    latency_ms: f64,
-}
-
 /// `POST /v1/zero-shot`: multipart `image`, `object`, one or more `prompt`.
 /// 503 while no zero-shot engine is configured.
 async fn zero_shot(
     State(state): State<AppState>,
     request: Request,
-) -> Result<Json<ZeroShotResponse>, ApiError> {
+) -> Result<Json<ScoreResponse>, ApiError> {
     let started = Instant::now();
+    let extras = Extras {
+        heatmap_png: wants_heatmap(request.uri().query())?,
+        map: false,
+    };
     let engine = match state.zero_shot() {
         ZeroShot::Engine(engine) => engine.clone(),
         ZeroShot::Unavailable(reason) => return Err(ApiError::ZeroShotUnavailable(reason.clone())),
@@ -385,32 +349,22 @@ async fn zero_shot(
         ));
     }
     let image = upload.require_image()?;
-    let (object, prompts, result) = {
+    let scored = {
         let state = state.clone();
+        let (object, prompts) = (object.clone(), prompts.clone());
         blocking(slot, move || {
             let decoded = decode(&state, &image)?;
-            let result = engine
-                .score(&decoded, &object, &prompts)
+            let inspection = engine
+                .inspect(&decoded, &object, &prompts)
                 .map_err(|e| ApiError::from_core(&e))?;
-            Ok((object, prompts, result))
+            scored(&decoded, inspection, extras)
         })
         .await?
     };
-    let threshold = flawscope_core::calibration::DECISION_THRESHOLD;
-    let regions = result
-        .map
-        .as_ref()
-        .map(|m| flawscope_core::regions::regions(m, threshold))
-        .unwrap_or_default();
-    Ok(Json(ZeroShotResponse {
-        object,
-        prompts,
-        score: result.score,
-        is_anomalous: result.score >= threshold,
-        threshold,
-        regions,
-        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-    }))
+    let mut response = scored.response("zero-shot", started);
+    response.object = Some(object);
+    response.prompts = prompts;
+    Ok(Json(response))
 }
 
 #[cfg(test)]

@@ -7,12 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use flawscope_core::Device;
-use flawscope_core::anomaly_map::AnomalyMap;
-use flawscope_core::any_model::AnyModel;
 use flawscope_core::images::ImageLimits;
-use flawscope_core::winclip::WinClip;
-use flawscope_models::clip_weights::WeightsLookup;
+use flawscope_core::model::{Inspection, Model};
+use flawscope_core::runtime::Runtime;
 use image::Rgb32FImage;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -69,25 +66,16 @@ impl Default for ServerConfig {
     }
 }
 
-/// What a zero-shot scorer says about one image.
-#[derive(Debug, Clone)]
-pub struct ZeroShotScore {
-    /// 0–1, anomalous at and above 0.5.
-    pub score: f32,
-    /// Per-pixel 0–1 map at the image's size, when the scorer makes one.
-    pub map: Option<AnomalyMap>,
-}
-
 /// A zero-shot (text-prompted) anomaly scorer, such as WinCLIP; plugged into
 /// [`AppState::with_zero_shot`] once one exists.
 pub trait ZeroShotScorer: Send + Sync {
     /// Scores `image` as an `object`, with user defect descriptions.
-    fn score(
+    fn inspect(
         &self,
         image: &Rgb32FImage,
         object: &str,
         prompts: &[String],
-    ) -> Result<ZeroShotScore, flawscope_core::Error>;
+    ) -> Result<Inspection, flawscope_core::Error>;
 }
 
 /// Why `/v1/zero-shot` answers 503 when nothing else was said.
@@ -101,26 +89,23 @@ pub enum ZeroShot {
     Unavailable(String),
 }
 
-/// One served model: a classical or a WinCLIP model file.
+/// One served model file.
 pub struct ServedModel {
     pub name: String,
-    pub inspector: Arc<AnyModel>,
+    pub model: Arc<Model>,
 }
 
-/// The WinCLIP engine answers `/v1/zero-shot`: the object and prompts are
-/// chosen per request; class vectors are cached across requests.
-impl ZeroShotScorer for WinClip {
-    fn score(
+/// The runtime answers `/v1/zero-shot` with a WinCLIP model made per
+/// request from its object and prompts; the text side is cached across
+/// requests by the shared CLIP engine.
+impl ZeroShotScorer for Runtime {
+    fn inspect(
         &self,
         image: &Rgb32FImage,
         object: &str,
         prompts: &[String],
-    ) -> Result<ZeroShotScore, flawscope_core::Error> {
-        let inspection = self.zero_shot(image, object, prompts)?;
-        Ok(ZeroShotScore {
-            score: inspection.score,
-            map: Some(inspection.map),
-        })
+    ) -> Result<Inspection, flawscope_core::Error> {
+        Model::zero_shot(self, object, prompts)?.inspect(image)
     }
 }
 
@@ -161,7 +146,7 @@ impl Token {
 /// Shared state; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    models: Arc<BTreeMap<String, Arc<AnyModel>>>,
+    models: Arc<BTreeMap<String, Arc<Model>>>,
     config: Arc<ServerConfig>,
     token: Option<Token>,
     slots: Arc<Semaphore>,
@@ -200,7 +185,7 @@ impl AppState {
             if !is_servable_name(&model.name) {
                 return Err(ServerError::BadModelName(PathBuf::from(model.name)));
             }
-            map.insert(model.name, model.inspector);
+            map.insert(model.name, model.model);
         }
         Ok(Self {
             models: Arc::new(map),
@@ -236,13 +221,13 @@ impl AppState {
         &self.config
     }
 
-    pub fn models(&self) -> &BTreeMap<String, Arc<AnyModel>> {
+    pub fn models(&self) -> &BTreeMap<String, Arc<Model>> {
         &self.models
     }
 
     /// The model called `name`, or 404. Names are only looked up in the map
     /// built at startup; they never reach the file system.
-    pub fn model(&self, name: &str) -> Result<Arc<AnyModel>, ApiError> {
+    pub fn model(&self, name: &str) -> Result<Arc<Model>, ApiError> {
         self.models
             .get(name)
             .cloned()
@@ -341,12 +326,8 @@ pub fn is_servable_name(name: &str) -> bool {
 }
 
 /// Loads every `*.flawscope` file directly inside `dir`, named by file stem;
-/// WinCLIP model files find their CLIP weights through `lookup`.
-pub fn load_models(
-    dir: &Path,
-    device: &Device,
-    lookup: &WeightsLookup,
-) -> Result<Vec<ServedModel>, ServerError> {
+/// models find their networks (CLIP weights included) through `runtime`.
+pub fn load_models(dir: &Path, runtime: &Runtime) -> Result<Vec<ServedModel>, ServerError> {
     let dir_error = |cause| ServerError::ModelDir {
         dir: dir.to_owned(),
         cause,
@@ -370,11 +351,11 @@ pub fn load_models(
             .filter(|s| is_servable_name(s))
             .ok_or_else(|| ServerError::BadModelName(path.clone()))?
             .to_owned();
-        let inspector = AnyModel::load(&path, device, lookup)
-            .map_err(|cause| ServerError::Model { path, cause })?;
+        let model =
+            Model::load(&path, runtime).map_err(|cause| ServerError::Model { path, cause })?;
         models.push(ServedModel {
             name,
-            inspector: Arc::new(inspector),
+            model: Arc::new(model),
         });
     }
     Ok(models)

@@ -11,17 +11,17 @@ use axum::body::{Body, Bytes, to_bytes};
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use base64::Engine as _;
 use flawscope_core::Device;
-use flawscope_core::any_model::AnyModel;
 use flawscope_core::detector::DetectorConfig;
 use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
 use flawscope_core::images::ImageLimits;
-use flawscope_core::inspector::{FitOptions, Inspector};
+use flawscope_core::model::{FitOptions, Inspection, Model};
 use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::progress::NoProgress;
-use flawscope_core::winclip::{WinClip, WinClipModel};
-use flawscope_models::clip_weights::WeightsLookup;
+use flawscope_core::runtime::Runtime;
+use flawscope_core::winclip::WinClip;
+use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use flawscope_server::{
-    AppState, ServedModel, ServerConfig, Token, ZeroShotScore, ZeroShotScorer, app, load_models,
+    AppState, ServedModel, ServerConfig, Token, ZeroShotScorer, app, load_models,
 };
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -41,39 +41,35 @@ fn images_in(split: &str) -> Vec<PathBuf> {
 }
 
 /// One model per test binary: fitted on 12 good cells.
-fn model() -> Arc<AnyModel> {
-    static MODEL: OnceLock<Arc<AnyModel>> = OnceLock::new();
+fn model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
             let train: Vec<PathBuf> = images_in("train/good").into_iter().take(12).collect();
             let options = FitOptions {
-                features: FeatureConfig {
+                features: Some(FeatureConfig {
                     backbone: BackboneKind::Lite0,
                     stages: vec![
                         parse_stage("stage4").unwrap(),
                         parse_stage("stage5").unwrap(),
                     ],
                     resize: Resize::KeepAspect { side: 256 },
-                },
+                }),
                 detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
                 holdout: 0.25,
                 max_far: 0.01,
                 anomalies: Vec::new(),
                 limits: ImageLimits::default(),
             };
-            Arc::new(AnyModel::Classical(
-                Inspector::fit(&train, &options, &Device::Cpu, &NoProgress).unwrap(),
-            ))
+            let runtime = Runtime::with_clip(Device::Cpu, no_clip(), VIT_B_16);
+            Arc::new(Model::fit(&train, &options, &runtime, &NoProgress).unwrap())
         })
         .clone()
 }
 
 /// Saves the shared classical model to `path`.
 fn save_model(path: &Path) {
-    match &*model() {
-        AnyModel::Classical(inspector) => inspector.save(path).unwrap(),
-        AnyModel::WinClip(_) => unreachable!("the shared model is classical"),
-    }
+    model().save(path).unwrap();
 }
 
 /// The committed tiny CLIP checkpoint.
@@ -93,7 +89,7 @@ fn state_with(names: &[&str], config: ServerConfig) -> AppState {
         .iter()
         .map(|n| ServedModel {
             name: (*n).to_owned(),
-            inspector: model(),
+            model: model(),
         })
         .collect();
     AppState::new(models, config).unwrap()
@@ -479,7 +475,7 @@ async fn models_come_from_their_folder_only() {
     save_model(&tmp.path().join("secret.flawscope"));
     std::fs::write(dir.join("notes.txt"), "not a model").unwrap();
 
-    let models = load_models(&dir, &Device::Cpu, &no_clip()).unwrap();
+    let models = load_models(&dir, &Runtime::new(Device::Cpu)).unwrap();
     assert_eq!(models.len(), 1);
     let app = app(AppState::new(models, config()).unwrap());
     let ok = send(
@@ -499,8 +495,8 @@ async fn models_come_from_their_folder_only() {
 
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    assert!(load_models(&empty, &Device::Cpu, &no_clip()).is_err());
-    assert!(load_models(Path::new("/definitely/not/here"), &Device::Cpu, &no_clip()).is_err());
+    assert!(load_models(&empty, &Runtime::new(Device::Cpu)).is_err());
+    assert!(load_models(Path::new("/definitely/not/here"), &Runtime::new(Device::Cpu)).is_err());
 }
 
 #[tokio::test]
@@ -574,20 +570,25 @@ async fn zero_shot_is_503_without_an_engine() {
 struct Stub;
 
 impl ZeroShotScorer for Stub {
-    fn score(
+    fn inspect(
         &self,
         image: &image::Rgb32FImage,
         object: &str,
         prompts: &[String],
-    ) -> Result<ZeroShotScore, flawscope_core::Error> {
+    ) -> Result<Inspection, flawscope_core::Error> {
         assert_eq!(object, "solar cell");
         assert_eq!(prompts, ["a crack", "a dark spot"]);
         let (w, h) = (image.width() as usize, image.height() as usize);
         let mut values = vec![0.0; w * h];
         values[0] = 0.9;
-        Ok(ZeroShotScore {
+        let map = flawscope_core::anomaly_map::AnomalyMap::new(w, h, values)
+            .expect("the map fills the image");
+        Ok(Inspection {
             score: 0.7,
-            map: flawscope_core::anomaly_map::AnomalyMap::new(w, h, values),
+            raw_score: 0.7,
+            is_anomalous: true,
+            threshold: 0.5,
+            map,
         })
     }
 }
@@ -637,30 +638,47 @@ fn tiny_engine() -> Arc<WinClip> {
     Arc::new(WinClip::from_dir(&tiny_clip(), "tiny", None, "flag", &Device::Cpu).unwrap())
 }
 
+/// A runtime whose CLIP is the tiny checkpoint.
+fn tiny_runtime() -> Arc<Runtime> {
+    Arc::new(Runtime::with_clip(Device::Cpu, no_clip(), VIT_B_16).with_engine(tiny_engine()))
+}
+
 #[tokio::test]
 async fn zero_shot_with_the_tiny_clip_checkpoint() {
-    let app = app(state().with_zero_shot(tiny_engine()));
+    let app = app(state().with_zero_shot(tiny_runtime()));
     let png = defect_png();
-    let reply = send(app, zero_shot_crack(&png)).await;
+    let reply = send(app.clone(), zero_shot_crack(&png)).await;
     assert_eq!(reply.status, StatusCode::OK);
     let v = reply.json();
+    // The same response as /v1/models/{name}/score.
+    assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(300), Some(300)), "{v}");
+    assert!(v["anomalous_fraction"].is_number(), "{v}");
     let score = v["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{v}");
     assert!(v["regions"].is_array(), "{v}");
     assert_eq!(v["object"], "solar cell");
     assert_eq!(v["prompts"], json!(["a crack"]));
     assert_eq!(v["is_anomalous"], score >= 0.5);
+    // ?heatmap=png works as on the score route.
+    let mut request = zero_shot_crack(&png);
+    *request.uri_mut() = "/v1/zero-shot?heatmap=png".parse().unwrap();
+    let v = send(app, request).await.json();
+    let png_bytes = base64::engine::general_purpose::STANDARD
+        .decode(v["heatmap_png"].as_str().unwrap())
+        .unwrap();
+    let overlay = image::load_from_memory(&png_bytes).unwrap();
+    assert_eq!((overlay.width(), overlay.height()), (300, 300));
 }
 
 #[tokio::test]
 async fn winclip_model_files_are_served() {
     let tmp = tempfile::tempdir().unwrap();
-    let engine = tiny_engine();
-    let winclip = WinClipModel::zero_shot(engine, "solar cell", &[]).unwrap();
+    let winclip = Model::zero_shot(&tiny_runtime(), "solar cell", &[]).unwrap();
     winclip.save(&tmp.path().join("zs.flawscope")).unwrap();
     save_model(&tmp.path().join("cells.flawscope"));
     // The model file names the folder it was made with.
-    let models = load_models(tmp.path(), &Device::Cpu, &no_clip()).unwrap();
+    let runtime = Runtime::with_clip(Device::Cpu, no_clip(), VIT_B_16);
+    let models = load_models(tmp.path(), &runtime).unwrap();
     let app = app(AppState::new(models, config()).unwrap());
     let v = send(app.clone(), get("/v1/models")).await.json();
     let detectors: Vec<&str> = v["models"]
@@ -991,7 +1009,7 @@ fn invalid_settings_are_refused() {
     }
     let bad_name = ServedModel {
         name: "../x".into(),
-        inspector: model(),
+        model: model(),
     };
     assert!(AppState::new(vec![bad_name], ServerConfig::default()).is_err());
 }

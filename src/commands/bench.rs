@@ -10,15 +10,16 @@ use std::time::Instant;
 
 use anyhow::Context;
 use flawscope_core::dataset::scan_image_folder;
-use flawscope_core::detector::Detector;
-use flawscope_core::features::FeatureExtractor;
+use flawscope_core::detector::FitInputs;
 use flawscope_core::images::{ImageLimits, load_image};
-use flawscope_core::inspector::split_holdout;
+use flawscope_core::model::split_holdout;
+use flawscope_core::runtime::Runtime;
 use flawscope_models::{EfficientNetLite, Preprocess};
 use image::Rgb32FImage;
 use serde::Serialize;
 
 use super::Outcome;
+use super::clip::ClipArgs;
 use super::options::{DetectorArgs, device};
 use crate::progress::Bars;
 
@@ -119,12 +120,11 @@ fn fit(
     detector_args: &DetectorArgs,
     json: bool,
 ) -> anyhow::Result<Outcome> {
-    let (features, detector_config) = detector_args.configs()?;
+    let (features, detector_config) = detector_args.configs(&ClipArgs::default(), None)?;
     let all = scan_image_folder(train)
         .with_context(|| format!("reading training images in {}", train.display()))?;
     let limits = ImageLimits::default();
-    let device = device();
-    let extractor = FeatureExtractor::new(features, &device)?;
+    let runtime = Runtime::new(device());
     let bars = Bars::new(json);
     if !json {
         println!(
@@ -141,7 +141,13 @@ fn fit(
             split_holdout(&all, fraction).map_err(|e| super::UsageError(e.to_string()))?
         };
         let start = Instant::now();
-        let detector = Detector::fit(&extractor, &subset, &detector_config, &limits, &bars)?;
+        let detector = detector_config.fit(&FitInputs {
+            normal: &subset,
+            features: features.as_ref(),
+            runtime: &runtime,
+            limits: &limits,
+            progress: &bars,
+        })?;
         let fit_seconds = start.elapsed().as_secs_f64();
 
         let to_score: Vec<&PathBuf> = rest.iter().chain(&subset).take(score_images).collect();
@@ -149,7 +155,7 @@ fn fit(
         for path in &to_score {
             let image = load_image(path, &limits)?;
             let start = Instant::now();
-            detector.inspect(&extractor, &image)?;
+            detector.score(&image)?.into_raw(image.dimensions())?;
             times.push(start.elapsed().as_secs_f64() * 1000.0);
         }
         let row = FitBench {

@@ -7,9 +7,11 @@ use anyhow::Context;
 use flawscope_core::dataset::Dataset;
 use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, load_image};
-use flawscope_core::inspector::{FitOptions, Inspector};
+use flawscope_core::model::{FitOptions, Model, split_holdout};
+use flawscope_core::runtime::Runtime;
 use flawscope_core::metrics::image_auroc;
 
+use super::clip::ClipArgs;
 use super::options::{DetectorArgs, device};
 use super::{Outcome, UsageError};
 use crate::progress::Bars;
@@ -47,7 +49,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let dataset = Dataset::open(&sample)
         .with_context(|| format!("reading demo sample {}", sample.display()))?;
     let category = &dataset.categories[0];
-    let (features, detector) = args.detector.configs()?;
+    let (features, detector) = args.detector.configs(&ClipArgs::default(), None)?;
     let limits = ImageLimits::default();
     let options = FitOptions {
         features,
@@ -57,12 +59,16 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         anomalies: Vec::new(),
         limits,
     };
+    let (fit_on, held_back) = split_holdout(&category.train_good, options.holdout)?;
     println!(
-        "fitting {} on {} normal solar-cell images (ELPV, CC BY-NC-SA 4.0) …",
+        "fitting {} on {} normal solar-cell images, {} more held back for the threshold \
+         (ELPV, CC BY-NC-SA 4.0) …",
         options.detector.name(),
-        category.train_good.len()
+        fit_on.len(),
+        held_back.len()
     );
-    let inspector = Inspector::fit(&category.train_good, &options, &device(), &Bars::new(false))?;
+    let runtime = Runtime::new(device());
+    let inspector = Model::fit(&category.train_good, &options, &runtime, &Bars::new(false))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
 

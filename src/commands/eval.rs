@@ -9,8 +9,8 @@ use flawscope_core::evaluation::evaluate;
 use flawscope_core::images::ImageLimits;
 
 use super::Outcome;
-use super::options::{DetectorArgs, DetectorKind, DeviceChoice};
-use super::winclip::ClipArgs;
+use super::clip::{ClipArgs, setup_error};
+use super::options::{DetectorArgs, DeviceChoice};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -38,15 +38,8 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let device = args.device.device()?;
-    let winclip = match args.detector.detector {
-        DetectorKind::Winclip => Some(args.clip.engine(&device)?),
-        _ => None,
-    };
-    let configs = match winclip {
-        Some(_) => None,
-        None => Some(args.detector.configs()?),
-    };
+    let (features, detector) = args.detector.configs(&args.clip, args.shots)?;
+    let runtime = args.clip.runtime(args.device.device()?)?;
     let dataset = Dataset::open(&args.dataset)
         .with_context(|| format!("reading dataset {}", args.dataset.display()))?;
     let categories = match &args.category {
@@ -69,21 +62,15 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         );
     }
     for category in &categories {
-        let report = match (&winclip, &configs) {
-            (Some(engine), _) => {
-                super::winclip::evaluate(engine, category, &args.clip, args.shots, &bars)
-            }
-            (None, Some((features, detector))) => evaluate(
-                category,
-                features,
-                detector,
-                &ImageLimits::default(),
-                &device,
-                &bars,
-            )
-            .map_err(anyhow::Error::new),
-            (None, None) => anyhow::bail!("no detector configured"),
-        }
+        let report = evaluate(
+            category,
+            features.as_ref(),
+            &detector,
+            &runtime,
+            &ImageLimits::default(),
+            &bars,
+        )
+        .map_err(setup_error)
         .with_context(|| format!("evaluating category {}", category.name))?;
         if args.json {
             println!("{}", serde_json::to_string(&report)?);

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use flawscope_core::dataset::scan_image_folder;
 use flawscope_core::images::ImageLimits;
-use flawscope_core::inspector::{FitOptions, Inspector};
+use flawscope_core::calibration::ThresholdMethod;
+use flawscope_core::model::{FitOptions, Model};
 
-use super::Outcome;
-use super::options::{DetectorArgs, DetectorKind, DeviceChoice};
-use super::winclip::ClipArgs;
+use super::clip::{ClipArgs, setup_error};
+use super::options::{DetectorArgs, DeviceChoice};
+use super::{Outcome, UsageError};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -45,11 +46,23 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let device = args.device.device()?;
-    if args.detector.detector == DetectorKind::Winclip {
-        return super::winclip::fit(&args.train, &args.out, &args.clip, args.shots, &device);
+    // Checked before any work: a bad limit should not cost a fit.
+    if !(0.0..1.0).contains(&args.max_far) {
+        return Err(UsageError(format!(
+            "--max-far must be at least 0 and below 1, got {}",
+            args.max_far
+        ))
+        .into());
     }
-    let (features, detector) = args.detector.configs()?;
+    if !(args.holdout > 0.0 && args.holdout < 1.0) {
+        return Err(UsageError(format!(
+            "--holdout must be between 0 and 1 (exclusive), got {}",
+            args.holdout
+        ))
+        .into());
+    }
+    let (features, detector) = args.detector.configs(&args.clip, args.shots)?;
+    let runtime = args.clip.runtime(args.device.device()?)?;
     let normal = scan_image_folder(&args.train)
         .with_context(|| format!("reading training images in {}", args.train.display()))?;
     let anomalies = match &args.anomalies {
@@ -66,23 +79,31 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         limits: ImageLimits::default(),
     };
     let started = std::time::Instant::now();
-    let inspector = Inspector::fit(&normal, &options, &device, &Bars::new(false))
+    let model = Model::fit(&normal, &options, &runtime, &Bars::new(false))
+        .map_err(setup_error)
         .context("fitting the model")?;
-    inspector
+    model
         .save(&args.out)
         .with_context(|| format!("saving the model to {}", args.out.display()))?;
-    let info = inspector.info();
-    let c = &info.calibration;
+    let summary = model.summary();
+    let threshold = match model.info().calibration.method {
+        ThresholdMethod::Probability => {
+            "threshold 0.5 (not calibrated: the score is a probability)".to_owned()
+        }
+        _ => format!(
+            "threshold {:.4} (raw), estimated false-alarm rate {:.3} on {} held-back normal images",
+            summary.raw_threshold, summary.estimated_false_alarm_rate, summary.calibration_images
+        ),
+    };
     eprintln!(
-        "fitted {} on {} images in {:.1} s{}; threshold {:.4} (raw), estimated false-alarm rate {:.3} on {} held-back normal images; wrote {}",
-        info.detector.name(),
-        info.training_images,
+        "fitted {} ({}) on {} images in {:.1} s{}; {threshold}; wrote {}",
+        model.info().detector.label(),
+        summary.backbone,
+        summary.training_images,
         started.elapsed().as_secs_f64(),
-        info.memory_bank_size
+        summary
+            .memory_bank_size
             .map_or(String::new(), |n| format!(", memory bank {n}")),
-        c.threshold,
-        c.estimated_far,
-        c.normal_images,
         args.out.display()
     );
     Ok(Outcome::Success)

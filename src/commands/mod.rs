@@ -1,6 +1,7 @@
 //! One module per subcommand. Each exposes `Args` (clap) and `run`.
 
 pub mod bench;
+pub mod clip;
 pub mod dataset_info;
 pub mod demo;
 pub mod eval;
@@ -10,7 +11,7 @@ pub mod options;
 pub mod score;
 pub mod serve;
 pub mod tui;
-pub mod winclip;
+
 
 use std::process::ExitCode;
 

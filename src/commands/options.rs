@@ -3,15 +3,17 @@
 
 use clap::ValueEnum;
 use flawscope_core::Device;
-use flawscope_core::detector::DetectorConfig;
+use flawscope_core::detector::{DetectorConfig, resize_for};
 use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
 use flawscope_core::flow::FlowConfig;
 use flawscope_core::padim::PadimConfig;
 use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::recon::ReconConfig;
 use flawscope_core::train::TrainingConfig;
+use flawscope_core::winclip::WinClipConfig;
 
 use super::UsageError;
+use super::clip::ClipArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DetectorKind {
@@ -76,55 +78,14 @@ pub struct DetectorArgs {
 }
 
 impl DetectorArgs {
-    /// The feature recipe and detector settings these options describe.
-    pub fn configs(&self) -> Result<(FeatureConfig, DetectorConfig), UsageError> {
-        let backbone: BackboneKind = self
-            .backbone
-            .parse()
-            .map_err(|e: flawscope_core::Error| UsageError(e.to_string()))?;
-        let (default_stages, default_size): (&[&str], u32) = match self.detector {
-            DetectorKind::Patchcore => (&["stage4", "stage5"], 224),
-            DetectorKind::Padim => (&["stage3", "stage4", "stage5"], 256),
-            DetectorKind::Flow => (&["stage4", "stage5"], 256),
-            DetectorKind::Recon => (&["stage4", "stage5"], 256),
-            DetectorKind::Winclip => return Err(winclip_has_no_features()),
-        };
-        let stages = match &self.stages {
-            Some(names) => names
-                .iter()
-                .map(|n| parse_stage(n.trim()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| UsageError(e.to_string()))?,
-            None => default_stages
-                .iter()
-                .map(|n| parse_stage(n))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| UsageError(e.to_string()))?,
-        };
-        let side = self.size.unwrap_or(default_size);
-        if !(32..=2048).contains(&side) {
-            return Err(UsageError(format!(
-                "--size must be between 32 and 2048, got {side}"
-            )));
-        }
-        if self.coarse_size != 0 && !(32..=2048).contains(&self.coarse_size) {
-            return Err(UsageError(format!(
-                "--coarse-size must be 0 (off) or between 32 and 2048, got {}",
-                self.coarse_size
-            )));
-        }
-        let fixed_grid = matches!(
-            self.detector,
-            DetectorKind::Padim | DetectorKind::Flow | DetectorKind::Recon
-        );
-        let resize = if self.square || fixed_grid {
-            Resize::Fixed {
-                width: side,
-                height: side,
-            }
-        } else {
-            Resize::KeepAspect { side }
-        };
+    /// The feature recipe (none for WinCLIP) and detector settings these
+    /// options describe; WinCLIP takes its object, prompts and shots from
+    /// `clip` and `shots`. Unset options keep each detector's defaults.
+    pub fn configs(
+        &self,
+        clip: &ClipArgs,
+        shots: Option<usize>,
+    ) -> Result<(Option<FeatureConfig>, DetectorConfig), UsageError> {
         let detector = match self.detector {
             DetectorKind::Patchcore => DetectorConfig::PatchCore(PatchCoreConfig {
                 coreset_ratio: self.coreset,
@@ -152,16 +113,51 @@ impl DetectorArgs {
                     ..defaults
                 })
             }
-            DetectorKind::Winclip => return Err(winclip_has_no_features()),
+            DetectorKind::Winclip => DetectorConfig::WinClip(WinClipConfig {
+                shots: shots.unwrap_or(0),
+                ..WinClipConfig::zero_shot(clip.object.as_deref().unwrap_or(""), &clip.prompts)
+            }),
         };
-        Ok((
-            FeatureConfig {
-                backbone,
-                stages,
-                resize,
-            },
-            detector,
-        ))
+        if self.coarse_size != 0 && !(32..=2048).contains(&self.coarse_size) {
+            return Err(UsageError(format!(
+                "--coarse-size must be 0 (off) or between 32 and 2048, got {}",
+                self.coarse_size
+            )));
+        }
+        let Some(defaults) = detector.default_features() else {
+            return Ok((None, detector));
+        };
+        let backbone: BackboneKind = self
+            .backbone
+            .parse()
+            .map_err(|e: flawscope_core::Error| UsageError(e.to_string()))?;
+        let stages = match &self.stages {
+            Some(names) => names
+                .iter()
+                .map(|n| parse_stage(n.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| UsageError(e.to_string()))?,
+            None => defaults.stages.clone(),
+        };
+        let default_side = match defaults.resize {
+            Resize::Fixed { width, .. } => width,
+            Resize::KeepAspect { side } => side,
+        };
+        let side = self.size.unwrap_or(default_side);
+        if !(32..=2048).contains(&side) {
+            return Err(UsageError(format!(
+                "--size must be between 32 and 2048, got {side}"
+            )));
+        }
+        let square = self.square
+            || detector.square_input_only()
+            || matches!(defaults.resize, Resize::Fixed { .. });
+        let features = FeatureConfig {
+            backbone,
+            stages,
+            resize: resize_for(side, square),
+        };
+        Ok((Some(features), detector))
     }
 }
 
@@ -185,10 +181,6 @@ impl DetectorArgs {
 /// The compute device: CUDA when built with it and present, else CPU.
 pub fn device() -> Device {
     Device::cuda_if_available(0).unwrap_or(Device::Cpu)
-}
-
-fn winclip_has_no_features() -> UsageError {
-    UsageError("--detector winclip works with `fit` and `eval` only".into())
 }
 
 /// `--device`: where the networks run.

@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use flawscope_core::any_model::AnyModel;
+use flawscope_core::model::{Inspection, Model};
 use flawscope_core::dataset::scan_image_folder;
 use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, decode_image, load_image};
-use flawscope_core::inspector::Inspection;
 use flawscope_core::progress::Progress;
 use flawscope_tui::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
 use flawscope_tui::store::{Store, StoredResult, Verdict, file_hash};
@@ -17,7 +16,7 @@ use serde::Serialize;
 
 use super::Outcome;
 use super::options::DeviceChoice;
-use super::winclip::{ClipArgs, load_model, zero_shot_model};
+use super::clip::{ClipArgs, load_model, zero_shot_model};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -80,10 +79,10 @@ pub fn expand_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let device = args.device.device()?;
+    let runtime = args.clip.runtime(args.device.device()?)?;
     let inspector = match &args.model {
-        Some(path) => load_model(path, &args.clip, &device)?,
-        None => zero_shot_model(&args.clip, &device)?,
+        Some(path) => load_model(path, &runtime)?,
+        None => zero_shot_model(&args.clip, &runtime)?,
     };
     let files = expand_paths(&args.paths)?;
     if let Some(dir) = &args.heatmaps {
@@ -126,7 +125,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 }
 
 fn score_one(
-    inspector: &AnyModel,
+    inspector: &Model,
     path: &Path,
     heatmaps: Option<&Path>,
     limits: &ImageLimits,
@@ -190,15 +189,18 @@ fn heatmap_path(dir: &Path, path: &Path) -> PathBuf {
 /// Scores into the results store, skipping unchanged images (`--db`).
 fn run_with_store(
     args: &Args,
-    inspector: AnyModel,
+    inspector: Model,
     files: &[PathBuf],
     db: &Path,
 ) -> anyhow::Result<Outcome> {
     let store = Store::open(db)?;
-    let (name, identity) = match (&args.model, &inspector) {
-        (Some(path), _) => (path.display().to_string(), file_hash(path)?),
-        (None, AnyModel::WinClip(m)) => (format!("zero-shot {}", m.info().object), m.identity()),
-        (None, AnyModel::Classical(_)) => anyhow::bail!("no model file to record"),
+    // A model file is known by its bytes; a zero-shot model by what it computes.
+    let (name, identity) = match &args.model {
+        Some(path) => (path.display().to_string(), file_hash(path)?),
+        None => (
+            format!("zero-shot {}", inspector.summary().object.unwrap_or_default()),
+            inspector.identity()?,
+        ),
     };
     let model = store.model(&name, &identity)?;
     let scorer = StoreScorer {
@@ -258,7 +260,7 @@ fn run_with_store(
 
 /// Decodes, inspects and (with `--heatmaps`) writes the overlay.
 struct StoreScorer {
-    inspector: AnyModel,
+    inspector: Model,
     heatmaps: Option<PathBuf>,
     limits: ImageLimits,
 }

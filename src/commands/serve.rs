@@ -3,13 +3,14 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use flawscope_server::{AppState, ServerConfig, ServerError, Token, load_models};
 
 use super::options::device;
-use super::winclip::ClipArgs;
+use super::clip::{ClipArgs, setup_error};
 use super::{Outcome, UsageError};
 
 #[derive(clap::Args)]
@@ -103,8 +104,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .unwrap_or_else(|| "vit-b-16".to_owned()),
     };
     let lookup = clip.lookup();
-    let device = device();
-    let models = load_models(&args.models, &device, &lookup).map_err(usage_or_failure)?;
+    let runtime = Arc::new(clip.runtime(device())?);
+    let models = load_models(&args.models, &runtime).map_err(usage_or_failure)?;
     let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
     let mut state = AppState::new(models, config.clone()).map_err(usage_or_failure)?;
     if let Some(token) = token {
@@ -114,20 +115,20 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     // or an explicit --clip-model; never a surprise download at startup.
     let asked = lookup.flag_dir.is_some() || lookup.env_dir.is_some() || args.clip_model.is_some();
     if asked {
-        let engine = clip.engine(&device)?;
+        let engine = runtime.clip().map_err(setup_error)?;
         eprintln!(
             "zero-shot: CLIP {} from {}",
             engine.checkpoint().label(),
             engine.checkpoint().dir.display()
         );
-        state = state.with_zero_shot(engine);
+        state = state.with_zero_shot(runtime);
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    tokio.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.addr)
             .await
             .with_context(|| format!("listening on {}", args.addr))?;

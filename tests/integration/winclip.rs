@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flawscope_core::Device;
-use flawscope_core::any_model::{AnyModel, detector_kind};
+use flawscope_core::detector::DetectorConfig;
+use flawscope_core::model::Model;
+use flawscope_core::runtime::Runtime;
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::winclip::{WinClip, harmonic_window_aggregation, zero_shot_grid};
 use flawscope_models::clip::sliding_windows;
-use flawscope_models::clip_weights::WeightsLookup;
+use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 
 use crate::cli::flawscope;
 use crate::shared_data::shared_data;
@@ -74,7 +76,7 @@ fn check_scored(lines: &[serde_json::Value], images: &[String]) {
 }
 
 /// A model's maps on `images`: the image's size, finite, in [0, 1].
-fn check_maps(model: &AnyModel, images: &[String]) {
+fn check_maps(model: &Model, images: &[String]) {
     for path in images {
         let image = load_image(Path::new(path), &ImageLimits::default()).unwrap();
         let inspection = model.inspect(&image).unwrap();
@@ -152,25 +154,23 @@ fn few_shot_cli(train: &str, shots: &str, images: &[String]) {
         model,
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(detector_kind(Path::new(model)).as_deref(), Some("winclip"));
 
     // The model file finds its CLIP folder again without --clip-weights.
     score_cli(&["--model", model], &tmp.path().join("maps"), images);
 
     // The library's one call for any model file.
     let lookup = WeightsLookup::from_vars(None, |_| None);
-    let loaded = AnyModel::load(Path::new(model), &Device::Cpu, &lookup).unwrap();
+    let runtime = Runtime::with_clip(Device::Cpu, lookup, VIT_B_16);
+    let loaded = Model::load(Path::new(model), &runtime).unwrap();
     assert_eq!(loaded.detector_name(), "winclip");
-    match &loaded {
-        AnyModel::WinClip(m) => {
-            let info = m.info();
-            assert_eq!(info.detector.shots, shots.parse::<usize>().unwrap());
-            assert_eq!(info.shot_images.len(), info.detector.shots);
-            assert_eq!(info.object, "tile");
-            assert_eq!(info.prompts, vec!["a crack".to_string()]);
-        }
-        AnyModel::Classical(_) => panic!("a winclip file loaded as a classical model"),
-    }
+    let DetectorConfig::WinClip(config) = &loaded.info().detector else {
+        panic!("a winclip file loaded as another detector");
+    };
+    assert_eq!(config.shots, shots.parse::<usize>().unwrap());
+    assert_eq!(config.shot_images.len(), config.shots);
+    assert_eq!(config.object, "tile");
+    assert_eq!(config.prompts, vec!["a crack".to_string()]);
+    assert_eq!(loaded.summary().object.as_deref(), Some("tile"));
     check_maps(&loaded, images);
 }
 
@@ -182,15 +182,23 @@ fn winclip_zero_shot_scores_demo_images() {
     ];
     zero_shot_cli(&images);
 
-    // The same through the library: the engine's own zero-shot call.
+    // The same through the library: a zero-shot model, made from text.
     let engine =
         WinClip::from_dir(Path::new(&tiny_clip()), "tiny", None, "flag", &Device::Cpu).unwrap();
+    let lookup = WeightsLookup::from_vars(None, |_| None);
+    let runtime = Runtime::with_clip(Device::Cpu, lookup, VIT_B_16).with_engine(Arc::new(engine));
     let image = load_image(Path::new(&images[0]), &ImageLimits::default()).unwrap();
     let prompts = vec!["a crack".to_string()];
-    let first = engine.zero_shot(&image, "solar cell", &prompts).unwrap();
+    let zero_shot = |object: &str| {
+        Model::zero_shot(&runtime, object, &prompts)
+            .unwrap()
+            .inspect(&image)
+            .unwrap()
+    };
+    let first = zero_shot("solar cell");
     assert_eq!((first.map.width, first.map.height), (300, 300));
     assert!(first.map.values.iter().all(|v| v.is_finite()));
-    let again = engine.zero_shot(&image, "solar_cell", &prompts).unwrap();
+    let again = zero_shot("solar_cell");
     assert_eq!(first.raw_score, again.raw_score);
 }
 
@@ -363,5 +371,5 @@ fn shared_mtd_winclip_few_shot() {
 fn winclip_engine_is_shareable() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Arc<WinClip>>();
-    send_sync::<AnyModel>();
+    send_sync::<Model>();
 }

@@ -21,10 +21,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use flawscope_core::Device;
-use flawscope_core::any_model::AnyModel;
+use flawscope_core::model::Model;
+use flawscope_core::runtime::Runtime;
 use flawscope_core::dataset::{DatasetError, scan_image_folder};
 use flawscope_core::images::ImageLimits;
-use flawscope_models::clip_weights::WeightsLookup;
+use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use ratatui::crossterm::cursor::Show;
 use ratatui::crossterm::event::{self as term_event, Event as TermEvent, KeyEventKind};
 use ratatui::crossterm::execute;
@@ -501,11 +502,9 @@ impl Worker {
         self.send(Event::Phase("loading model".into()));
         let pool = self.pool.clone();
         let inspector = in_pool(pool.as_deref(), || {
-            AnyModel::load(
-                &self.model,
-                &self.device,
-                &WeightsLookup::from_env(self.clip_weights.clone()),
-            )
+            let lookup = WeightsLookup::from_env(self.clip_weights.clone());
+            let runtime = Runtime::with_clip(self.device.clone(), lookup, VIT_B_16);
+            Model::load(&self.model, &runtime)
         })
         .map_err(|e| format!("loading model {}: {e}", self.model.display()))?;
         let scorer = InspectorScorer {

@@ -12,10 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use flawscope_core::anomaly_map::AnomalyMap;
-use flawscope_core::any_model::AnyModel;
 use flawscope_core::heatmap::overlay;
 use flawscope_core::images::{ImageLimits, decode_image};
-use flawscope_core::inspector::Inspection;
+use flawscope_core::model::{Inspection, Model};
 use image::Rgb32FImage;
 
 use crate::store::{ModelRef, NewScore, Store, StoreError, StoredResult, content_hash};
@@ -91,7 +90,7 @@ pub trait Scorer: Sync {
 /// optionally making previews.
 #[derive(Clone)]
 pub struct InspectorScorer {
-    pub inspector: Arc<AnyModel>,
+    pub inspector: Arc<Model>,
     pub limits: ImageLimits,
     /// Longest preview side; `None` makes no preview.
     pub preview_side: Option<u32>,
@@ -237,7 +236,9 @@ mod tests {
 
     use super::*;
     use flawscope_core::Device;
-    use flawscope_core::winclip::{WinClip, WinClipModel};
+    use flawscope_core::runtime::Runtime;
+    use flawscope_core::winclip::WinClip;
+    use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 
     fn root() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -253,10 +254,11 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let model =
-            WinClipModel::zero_shot(Arc::new(engine), "solar cell", &["a crack".into()]).unwrap();
+        let lookup = WeightsLookup::from_vars(None, |_| None);
+        let runtime = Runtime::with_clip(Device::Cpu, lookup, VIT_B_16).with_engine(Arc::new(engine));
+        let model = Model::zero_shot(&runtime, "solar cell", &["a crack".into()]).unwrap();
         let scorer = InspectorScorer {
-            inspector: Arc::new(AnyModel::WinClip(model)),
+            inspector: Arc::new(model),
             limits: ImageLimits::default(),
             preview_side: Some(PREVIEW_SIDE),
         };

@@ -1,0 +1,365 @@
+//! A fitted model as users meet it: detector + calibration, saved in one
+//! file, answering "is this image anomalous, where, and how sure". Every
+//! face (CLI, server, TUI) loads, inspects and describes models through this
+//! one type, whatever the detector.
+
+use std::path::{Path, PathBuf};
+
+use image::Rgb32FImage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+use crate::anomaly_map::AnomalyMap;
+use crate::calibration::{Calibration, DECISION_THRESHOLD};
+use crate::detector::{Detector, DetectorConfig, FitInputs, RawInspection};
+use crate::features::FeatureConfig;
+use crate::images::{ImageLimits, load_image};
+use crate::model_file::{self, ModelFileError};
+use crate::progress::Progress;
+use crate::runtime::Runtime;
+use crate::verdict::Verdict;
+use crate::winclip::WinClipConfig;
+
+/// Everything about a model except its tensors; stored as the model file's
+/// JSON metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The CNN feature recipe; `None` for detectors with their own network
+    /// (WinCLIP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<FeatureConfig>,
+    pub detector: DetectorConfig,
+    pub calibration: Calibration,
+    /// Images the detector was fitted on (held-back ones excluded).
+    #[serde(default)]
+    pub training_images: usize,
+    pub memory_bank_size: Option<usize>,
+    /// The flawscope version that wrote the file.
+    pub written_by: String,
+}
+
+/// What a model is, for listings and metadata (`/v1/models`, `fit`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    pub detector: String,
+    pub backbone: String,
+    /// Raw score at the decision threshold.
+    pub raw_threshold: f32,
+    /// The 0–1 threshold: always 0.5.
+    pub threshold: f32,
+    pub max_far: f64,
+    pub estimated_false_alarm_rate: f64,
+    pub calibration_images: usize,
+    pub training_images: usize,
+    pub memory_bank_size: Option<usize>,
+    /// What is inspected and the typed defect descriptions, for
+    /// vision-language detectors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prompts: Vec<String>,
+}
+
+/// How to fit a model.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// `None` for detectors with their own network.
+    pub features: Option<FeatureConfig>,
+    pub detector: DetectorConfig,
+    /// Fraction of the normal images held back for calibration.
+    pub holdout: f64,
+    /// At most this fraction of held-back normal images may be flagged.
+    pub max_far: f64,
+    /// Labelled anomalous images, if any, for an F1-optimal threshold.
+    pub anomalies: Vec<PathBuf>,
+    pub limits: ImageLimits,
+}
+
+/// The verdict on one image.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// 0–1; anomalous at and above [`Inspection::threshold`].
+    pub score: f32,
+    pub raw_score: f32,
+    pub is_anomalous: bool,
+    /// Always [`DECISION_THRESHOLD`] (0.5): calibration puts it there.
+    pub threshold: f32,
+    /// Calibrated 0–1 map at the image's own size.
+    pub map: AnomalyMap,
+}
+
+/// A loaded or freshly fitted model.
+pub struct Model {
+    detector: Box<dyn Detector>,
+    info: ModelInfo,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("info", &self.info).finish()
+    }
+}
+
+impl Model {
+    /// Fits on normal images. Calibrated detectors hold a deterministic part
+    /// of them back to set the threshold.
+    pub fn fit(
+        normal: &[PathBuf],
+        options: &FitOptions,
+        runtime: &Runtime,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
+        let calibrated = options.detector.is_calibrated();
+        let (train, held_back) = if calibrated {
+            split_holdout(normal, options.holdout)?
+        } else {
+            (normal.to_vec(), Vec::new())
+        };
+        let detector = options.detector.fit(&FitInputs {
+            normal: &train,
+            features: options.features.as_ref(),
+            runtime,
+            limits: &options.limits,
+            progress,
+        })?;
+        let calibration = if calibrated {
+            let score_all = |paths: &[PathBuf], phase: &str| -> Result<Vec<f32>, Error> {
+                progress.start(phase, paths.len() as u64);
+                let mut scores = Vec::with_capacity(paths.len());
+                for path in paths {
+                    let image = load_image(path, &options.limits)?;
+                    scores.push(raw_inspection(detector.as_ref(), &image)?.score);
+                    progress.advance(1);
+                }
+                progress.finish();
+                Ok(scores)
+            };
+            let normal_scores = score_all(&held_back, "calibration (normal)")?;
+            let anomalous_scores = score_all(&options.anomalies, "calibration (anomalous)")?;
+            Calibration::from_labelled_scores(&normal_scores, &anomalous_scores, options.max_far)?
+        } else {
+            Calibration::probability()
+        };
+        let info = ModelInfo {
+            features: options.features.clone(),
+            detector: detector
+                .fitted_config()
+                .unwrap_or_else(|| options.detector.clone()),
+            calibration,
+            training_images: detector.images_used().unwrap_or(train.len()),
+            memory_bank_size: detector.memory_bank_size(),
+            written_by: format!("flawscope {}", env!("CARGO_PKG_VERSION")),
+        };
+        Ok(Self { detector, info })
+    }
+
+    /// A WinCLIP model of `object` with defect descriptions `prompts`, from
+    /// text alone (no model file, no normal images).
+    pub fn zero_shot(runtime: &Runtime, object: &str, prompts: &[String]) -> Result<Self, Error> {
+        let options = FitOptions {
+            features: None,
+            detector: DetectorConfig::WinClip(WinClipConfig::zero_shot(object, prompts)),
+            holdout: 0.0,
+            max_far: 0.0,
+            anomalies: Vec::new(),
+            limits: ImageLimits::default(),
+        };
+        Self::fit(&[], &options, runtime, &crate::progress::NoProgress)
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The detector's name (`patchcore`, `padim`, `flow`, `recon`, `winclip`).
+    pub fn detector_name(&self) -> &'static str {
+        self.info.detector.name()
+    }
+
+    /// What the model is, for listings.
+    pub fn summary(&self) -> ModelSummary {
+        let c = &self.info.calibration;
+        let (object, prompts) = match &self.info.detector {
+            DetectorConfig::WinClip(w) => (Some(w.object.clone()), w.prompts.clone()),
+            _ => (None, Vec::new()),
+        };
+        ModelSummary {
+            detector: self.detector_name().to_owned(),
+            backbone: self
+                .info
+                .detector
+                .backbone_label(self.info.features.as_ref()),
+            raw_threshold: c.threshold,
+            threshold: DECISION_THRESHOLD,
+            max_far: c.max_far,
+            estimated_false_alarm_rate: c.estimated_far,
+            calibration_images: c.normal_images,
+            training_images: self.info.training_images,
+            memory_bank_size: self.info.memory_bank_size,
+            object,
+            prompts,
+        }
+    }
+
+    /// A stable id of what this model computes: the SHA-256 of its metadata
+    /// and tensors, for result stores.
+    pub fn identity(&self) -> Result<String, Error> {
+        let mut hash = Sha256::new();
+        hash.update(serde_json::to_vec(&self.info).map_err(ModelFileError::from)?);
+        for (name, tensor) in self.detector.tensors() {
+            hash.update(name.as_bytes());
+            let values = tensor
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for v in values {
+                hash.update(v.to_le_bytes());
+            }
+        }
+        Ok(format!("{}:{:x}", self.detector_name(), hash.finalize()))
+    }
+
+    /// Saves to one model file (atomically).
+    pub fn save(&self, path: &Path) -> Result<(), Error> {
+        model_file::save(path, &self.info, &self.detector.tensors())?;
+        Ok(())
+    }
+
+    /// Loads a model file of any detector.
+    pub fn load(path: &Path, runtime: &Runtime) -> Result<Self, Error> {
+        let (metadata, mut tensors): (serde_json::Value, _) =
+            model_file::load(path, runtime.device())?;
+        let info: ModelInfo = serde_json::from_value(upgrade_metadata(metadata)).map_err(|e| {
+            ModelFileError::NotAModel {
+                path: path.to_owned(),
+                reason: format!("unreadable metadata: {e}"),
+            }
+        })?;
+        let detector =
+            info.detector
+                .load(info.features.as_ref(), &mut tensors, path, runtime)?;
+        Ok(Self { detector, info })
+    }
+
+    /// The raw score and map of one image, before calibration.
+    pub fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
+        raw_inspection(self.detector.as_ref(), image)
+    }
+
+    /// Scores one image.
+    pub fn inspect(&self, image: &Rgb32FImage) -> Result<Inspection, Error> {
+        let raw = self.inspect_raw(image)?;
+        let calibration = &self.info.calibration;
+        let score = calibration.normalise(raw.score);
+        let map = AnomalyMap {
+            width: raw.map.width,
+            height: raw.map.height,
+            values: raw
+                .map
+                .values
+                .iter()
+                .map(|v| calibration.normalise(*v))
+                .collect(),
+        };
+        Ok(Inspection {
+            score,
+            raw_score: raw.score,
+            is_anomalous: Verdict::at(score, DECISION_THRESHOLD).is_anomalous(),
+            threshold: DECISION_THRESHOLD,
+            map,
+        })
+    }
+}
+
+/// The detector's output on `image`, turned into a map at its size.
+fn raw_inspection(detector: &dyn Detector, image: &Rgb32FImage) -> Result<RawInspection, Error> {
+    detector.score(image)?.into_raw(image.dimensions())
+}
+
+/// Metadata of files written before WinCLIP became a detector like the
+/// others: its object, prompts, checkpoint and shots sat beside `detector`.
+fn upgrade_metadata(mut metadata: serde_json::Value) -> serde_json::Value {
+    let is_old_winclip = metadata.pointer("/detector/kind").and_then(|k| k.as_str())
+        == Some("winclip")
+        && metadata.get("object").is_some();
+    if is_old_winclip && let Some(top) = metadata.as_object_mut() {
+        let moved: Vec<(String, serde_json::Value)> = ["object", "prompts", "clip", "shot_images"]
+            .iter()
+            .filter_map(|k| top.remove(*k).map(|v| ((*k).to_owned(), v)))
+            .collect();
+        if let Some(detector) = top.get_mut("detector").and_then(|d| d.as_object_mut()) {
+            detector.extend(moved);
+        }
+    }
+    metadata
+}
+
+/// Splits normal images into (fit, held back). The images whose file names
+/// hash lowest are held back, so the split is stable across runs and moves.
+pub fn split_holdout(
+    paths: &[PathBuf],
+    fraction: f64,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), Error> {
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return Err(Error::InvalidConfig(format!(
+            "the held-back fraction must be in (0, 1), got {fraction}"
+        )));
+    }
+    if paths.len() < 2 {
+        return Err(Error::InvalidConfig(format!(
+            "need at least 2 normal images (one to fit, one to calibrate), got {}",
+            paths.len()
+        )));
+    }
+    let mut keyed: Vec<(u64, &PathBuf)> = paths
+        .iter()
+        .map(|p| {
+            let name = p.file_name().unwrap_or(p.as_os_str());
+            (stable_hash(&name.to_string_lossy()), p)
+        })
+        .collect();
+    keyed.sort();
+    let held = ((paths.len() as f64 * fraction).round() as usize).clamp(1, paths.len() - 1);
+    let held_back: Vec<PathBuf> = keyed[..held].iter().map(|(_, p)| (*p).clone()).collect();
+    let mut train: Vec<PathBuf> = keyed[held..].iter().map(|(_, p)| (*p).clone()).collect();
+    train.sort();
+    Ok((train, held_back))
+}
+
+/// FNV-1a: stable across platforms and Rust versions.
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_is_stable_and_disjoint() {
+        let paths: Vec<PathBuf> = (0..50).map(|i| PathBuf::from(format!("{i}.png"))).collect();
+        let (train, held) = split_holdout(&paths, 0.1).unwrap();
+        assert_eq!((train.len(), held.len()), (45, 5));
+        assert!(held.iter().all(|p| !train.contains(p)));
+        let mut reversed = paths.clone();
+        reversed.reverse();
+        let (_, held_again) = split_holdout(&reversed, 0.1).unwrap();
+        assert_eq!(held, held_again);
+        assert!(split_holdout(&paths[..1], 0.1).is_err());
+    }
+
+    #[test]
+    fn old_winclip_metadata_moves_under_detector() {
+        let old = serde_json::json!({
+            "detector": {"kind": "winclip", "shots": 0},
+            "object": "nut", "prompts": ["a scratch"], "shot_images": [],
+            "calibration": {}
+        });
+        let new = upgrade_metadata(old);
+        assert_eq!(new.pointer("/detector/object"), Some(&serde_json::json!("nut")));
+        assert!(new.get("object").is_none());
+    }
+}

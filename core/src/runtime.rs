@@ -1,0 +1,112 @@
+//! Where models run and where their networks come from: the compute device
+//! and the CLIP weights, shared by every model a process loads.
+//!
+//! One CLIP engine is loaded at most once per checkpoint and shared (behind
+//! an [`Arc`]) by all WinCLIP layers, so a server with many models, or a
+//! zero-shot request per HTTP call, costs one copy of the weights.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::Device;
+use flawscope_models::clip_weights::{ClipPreset, VIT_B_16, WeightsLookup};
+
+use crate::Error;
+use crate::winclip::{ClipCheckpoint, WinClip};
+
+/// The device plus the CLIP weights lookup, with the engines loaded so far.
+pub struct Runtime {
+    device: Device,
+    lookup: WeightsLookup,
+    preset: ClipPreset,
+    /// The engine of `preset` (or the one given), once loaded.
+    default: Mutex<Option<Arc<WinClip>>>,
+    /// Every engine loaded for model files.
+    engines: Mutex<Vec<Arc<WinClip>>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("device", &self.device)
+            .field("preset", &self.preset.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// `device`, with CLIP weights looked up as [`WeightsLookup::from_env`]
+    /// says for the ViT-B/16 preset.
+    pub fn new(device: Device) -> Self {
+        Self::with_clip(device, WeightsLookup::from_env(None), VIT_B_16)
+    }
+
+    /// `device`, with CLIP weights found through `lookup` for `preset`.
+    pub fn with_clip(device: Device, lookup: WeightsLookup, preset: ClipPreset) -> Self {
+        Self {
+            device,
+            lookup,
+            preset,
+            default: Mutex::new(None),
+            engines: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Uses an engine already loaded (tests, benchmarks): later lookups of
+    /// its checkpoint return it.
+    pub fn with_engine(self, engine: Arc<WinClip>) -> Self {
+        self.engines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::clone(&engine));
+        *self.default.lock().unwrap_or_else(PoisonError::into_inner) = Some(engine);
+        self
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn lookup(&self) -> &WeightsLookup {
+        &self.lookup
+    }
+
+    /// The CLIP engine of the configured preset (loaded on first use).
+    pub fn clip(&self) -> Result<Arc<WinClip>, Error> {
+        let mut default = self.default.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(engine) = default.as_ref() {
+            return Ok(Arc::clone(engine));
+        }
+        let engine = Arc::new(WinClip::resolve(&self.lookup, &self.preset, &self.device)?);
+        *default = Some(Arc::clone(&engine));
+        self.engines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::clone(&engine));
+        Ok(engine)
+    }
+
+    /// The CLIP engine a model file made with `stored` needs (see
+    /// [`WinClip::for_checkpoint`] for the lookup order).
+    pub fn clip_for(
+        &self,
+        stored: &ClipCheckpoint,
+        model_path: &Path,
+    ) -> Result<Arc<WinClip>, Error> {
+        let mut engines = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(engine) = engines
+            .iter()
+            .find(|e| e.checkpoint().config_sha256 == stored.config_sha256)
+        {
+            return Ok(Arc::clone(engine));
+        }
+        let engine = Arc::new(WinClip::for_checkpoint(
+            stored,
+            &self.lookup,
+            &self.device,
+            model_path,
+        )?);
+        engines.push(Arc::clone(&engine));
+        Ok(engine)
+    }
+}

@@ -1,0 +1,305 @@
+//! WinCLIP as a detector like the others: fitted on the first K normal
+//! images (K = 0: text alone), stored in a model file, scoring an image into
+//! a raw score and a patch grid at the CLIP input size.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use image::Rgb32FImage;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::ClipCheckpoint;
+use super::engine::WinClip;
+use super::scoring::{check_scales, score_image};
+use super::{DEFAULT_SCALES, WinClipError, checked_object, first_shots, prompt_set};
+use crate::Error;
+use crate::anomaly_map::DEFAULT_BLUR_SIGMA;
+use crate::detector::{Detector, DetectorConfig, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::images::load_image;
+use crate::model_file::take;
+use crate::runtime::Runtime;
+
+const TEXT_TENSOR: &str = "winclip.text";
+const PATCH_MEMORY: &str = "winclip.memory.patches";
+const WINDOW_MEMORY: &str = "winclip.memory.windows";
+
+/// WinCLIP settings, stored in the model file as its `detector`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WinClipConfig {
+    /// Normal images in the few-shot memory (0: zero-shot).
+    pub shots: usize,
+    /// Window sides in patches.
+    pub scales: Vec<usize>,
+    /// `s` of the softmax over the two classes; `None` until fitted (then
+    /// the checkpoint's).
+    pub logit_scale: Option<f32>,
+    /// Blur of the map at the CLIP input size.
+    pub blur_sigma: f32,
+    /// The object as the prompts name it ("metal nut").
+    #[serde(default)]
+    pub object: String,
+    /// User defect descriptions (extra anomalous states).
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// The checkpoint fitted with; `None` until fitted.
+    #[serde(default)]
+    pub clip: Option<ClipCheckpoint>,
+    /// File names of the few-shot images, in memory order.
+    #[serde(default)]
+    pub shot_images: Vec<String>,
+}
+
+impl Default for WinClipConfig {
+    fn default() -> Self {
+        Self {
+            shots: 0,
+            scales: DEFAULT_SCALES.to_vec(),
+            logit_scale: None,
+            blur_sigma: DEFAULT_BLUR_SIGMA,
+            object: String::new(),
+            prompts: Vec::new(),
+            clip: None,
+            shot_images: Vec::new(),
+        }
+    }
+}
+
+impl WinClipConfig {
+    /// Zero-shot settings for `object` and defect descriptions `prompts`.
+    pub fn zero_shot(object: &str, prompts: &[String]) -> Self {
+        Self {
+            object: object.to_owned(),
+            prompts: prompts.to_vec(),
+            ..Self::default()
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(s) = self.logit_scale
+            && !(s.is_finite() && s > 0.0)
+        {
+            return Err(format!("logit scale {s} is not positive"));
+        }
+        if !(self.blur_sigma.is_finite() && self.blur_sigma >= 0.0) {
+            return Err(format!("blur sigma {} is invalid", self.blur_sigma));
+        }
+        if self.scales.is_empty() {
+            return Err("no window scale".into());
+        }
+        Ok(())
+    }
+}
+
+/// The few-shot memory, unit rows.
+pub(crate) struct Memory {
+    /// `[k·rows·cols, D]`.
+    pub patches: Tensor,
+    /// Per scale of the config, `[k·windows, D]`.
+    pub windows: Vec<Tensor>,
+}
+
+impl Memory {
+    fn rows(&self) -> Result<usize, Error> {
+        let mut n = self.patches.dim(0)?;
+        for w in &self.windows {
+            n += w.dim(0)?;
+        }
+        Ok(n)
+    }
+}
+
+/// A fitted WinCLIP layer: class vectors and (few-shot) the memory of normal
+/// images, over a shared [`WinClip`] engine.
+pub struct WinClipDetector {
+    engine: Arc<WinClip>,
+    config: WinClipConfig,
+    text: Tensor,
+    memory: Option<Memory>,
+}
+
+impl WinClipDetector {
+    /// The first `config.shots` of the normal images (by path) make the
+    /// memory; no shot gives the zero-shot detector.
+    pub fn fit(config: &WinClipConfig, inputs: &FitInputs<'_>) -> Result<Self, Error> {
+        config
+            .check()
+            .map_err(|reason| WinClipError::Config(reason))?;
+        let engine = inputs.runtime.clip()?;
+        let object = checked_object(&config.object)?;
+        let vectors = engine.class_vectors(&object, &prompt_set(&config.prompts)?)?;
+        let text = engine.text_tensor(&vectors)?;
+        let (rows, cols) = engine.grid();
+        check_scales(&config.scales, rows, cols)?;
+        let shots = first_shots(inputs.normal, config.shots)?;
+        let memory = if shots.is_empty() {
+            None
+        } else {
+            Some(Self::memory(&engine, &config.scales, &shots, inputs)?)
+        };
+        let config = WinClipConfig {
+            object,
+            logit_scale: Some(config.logit_scale.unwrap_or_else(|| engine.logit_scale())),
+            clip: Some(engine.checkpoint().clone()),
+            shot_images: shots
+                .iter()
+                .map(|p| {
+                    p.file_name()
+                        .unwrap_or(p.as_os_str())
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect(),
+            ..config.clone()
+        };
+        Ok(Self {
+            engine,
+            config,
+            text,
+            memory,
+        })
+    }
+
+    fn memory(
+        engine: &WinClip,
+        scales: &[usize],
+        shots: &[PathBuf],
+        inputs: &FitInputs<'_>,
+    ) -> Result<Memory, Error> {
+        let mut patches = Vec::with_capacity(shots.len());
+        let mut windows: Vec<Vec<Tensor>> = vec![Vec::with_capacity(shots.len()); scales.len()];
+        inputs
+            .progress
+            .start("few-shot memory", shots.len() as u64);
+        for path in shots {
+            let image = load_image(path, inputs.limits)?;
+            let e = engine.embed(&image, scales, true)?;
+            let p = e
+                .patches
+                .ok_or_else(|| WinClipError::Config("no patch embeddings".into()))?;
+            patches.push(p);
+            for (bank, (_, emb)) in windows.iter_mut().zip(e.windows) {
+                bank.push(emb);
+            }
+            inputs.progress.advance(1);
+        }
+        inputs.progress.finish();
+        Ok(Memory {
+            patches: Tensor::cat(&patches, 0)?,
+            windows: windows
+                .iter()
+                .map(|w| Tensor::cat(w, 0))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Rebuilds the detector from a model file, finding its CLIP weights
+    /// through `runtime` (they must have the stored `config.json`).
+    pub fn load(
+        config: &WinClipConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        path: &Path,
+        runtime: &Runtime,
+    ) -> Result<Self, Error> {
+        let bad = |reason: String| WinClipError::BadModelFile {
+            path: path.to_owned(),
+            reason,
+        };
+        config.check().map_err(bad)?;
+        let stored = config
+            .clip
+            .as_ref()
+            .ok_or_else(|| bad("no CLIP checkpoint recorded".into()))?;
+        let engine = runtime.clip_for(stored, path)?;
+        if engine.checkpoint().config_sha256 != stored.config_sha256 {
+            return Err(WinClipError::CheckpointMismatch {
+                model: path.to_owned(),
+                expected: stored.config_sha256.clone(),
+                found_dir: engine.checkpoint().dir.clone(),
+                found: engine.checkpoint().config_sha256.clone(),
+            }
+            .into());
+        }
+        let (rows, cols) = engine.grid();
+        check_scales(&config.scales, rows, cols)?;
+        let dim = engine.clip().embed_dim();
+        let text = take(tensors, TEXT_TENSOR, path)?;
+        if text.dims() != [2, dim] {
+            return Err(bad(format!(
+                "class vectors are {:?}, expected [2, {dim}]",
+                text.dims()
+            ))
+            .into());
+        }
+        let memory = if config.shots > 0 {
+            let check = |t: Tensor, name: &str| -> Result<Tensor, Error> {
+                match t.dims() {
+                    [n, d] if *d == dim && *n > 0 => Ok(t),
+                    other => Err(bad(format!("{name} is {other:?}, expected [n, {dim}]")).into()),
+                }
+            };
+            let patches = check(take(tensors, PATCH_MEMORY, path)?, PATCH_MEMORY)?;
+            let mut windows = Vec::with_capacity(config.scales.len());
+            for k in &config.scales {
+                let name = format!("{WINDOW_MEMORY}.{k}");
+                windows.push(check(take(tensors, &name, path)?, &name)?);
+            }
+            Some(Memory { patches, windows })
+        } else {
+            None
+        };
+        Ok(Self {
+            engine,
+            config: config.clone(),
+            text,
+            memory,
+        })
+    }
+}
+
+impl Detector for WinClipDetector {
+    fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let scored = score_image(
+            &self.engine,
+            &self.config,
+            &self.text,
+            self.memory.as_ref(),
+            image,
+        )?;
+        let side = self.engine.input_size() as u32;
+        Ok(DetectorOutput {
+            image_score: ImageScore::Given(scored.score as f32),
+            grids: vec![ScoreGrid {
+                width: scored.cols,
+                height: scored.rows,
+                values: scored.grid.iter().map(|&v| v as f32).collect(),
+                input_size: (side, side),
+                blur_sigma: self.config.blur_sigma,
+            }],
+        })
+    }
+
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut tensors = BTreeMap::from([(TEXT_TENSOR.to_owned(), self.text.clone())]);
+        if let Some(memory) = &self.memory {
+            tensors.insert(PATCH_MEMORY.to_owned(), memory.patches.clone());
+            for (k, w) in self.config.scales.iter().zip(&memory.windows) {
+                tensors.insert(format!("{WINDOW_MEMORY}.{k}"), w.clone());
+            }
+        }
+        tensors
+    }
+
+    fn memory_bank_size(&self) -> Option<usize> {
+        self.memory.as_ref().and_then(|m| m.rows().ok())
+    }
+
+    fn fitted_config(&self) -> Option<DetectorConfig> {
+        Some(DetectorConfig::WinClip(self.config.clone()))
+    }
+
+    fn images_used(&self) -> Option<usize> {
+        Some(self.config.shot_images.len())
+    }
+}

@@ -1,0 +1,283 @@
+//! The WinCLIP engine: a CLIP model, its tokenizer, and a cache of the
+//! text side (class vectors), shared by every WinCLIP layer on one
+//! checkpoint.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::{Device, Tensor};
+use flawscope_models::ModelError;
+use flawscope_models::clip::{ClipModel, ClipPreprocessor, ResizeMode, sliding_windows};
+use flawscope_models::clip_weights::{ClipPreset, WeightsLookup, check_checkpoint_dir};
+use flawscope_prompts::{
+    ClassVectors, ClipTokenizer, PromptSet, SentenceEncoder, TextEmbeddingCache,
+};
+use image::{DynamicImage, Rgb32FImage};
+
+use super::checkpoint::{ClipCheckpoint, file_sha256, source_name};
+use super::scoring::{check_scales, unit_rows};
+use super::{FALLBACK_LOGIT_SCALE, WinClipError};
+use crate::Error;
+
+/// The WinCLIP engine: a CLIP model, its tokenizer and a cache of class
+/// vectors. Shared (behind an [`Arc`]) by every model that uses the same
+/// checkpoint; safe to call from several threads.
+pub struct WinClip {
+    clip: ClipModel,
+    tokenizer: ClipTokenizer,
+    checkpoint: ClipCheckpoint,
+    text_cache: Mutex<TextEmbeddingCache>,
+}
+
+impl std::fmt::Debug for WinClip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WinClip")
+            .field("checkpoint", &self.checkpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WinClip {
+    /// Finds the weights of `preset` (see [`WeightsLookup::resolve`] for the
+    /// order) and loads them onto `device`.
+    pub fn resolve(
+        lookup: &WeightsLookup,
+        preset: &ClipPreset,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        let found = lookup.resolve(preset)?;
+        Self::from_dir(
+            &found.dir,
+            preset.name,
+            Some(preset.model_id()),
+            source_name(found.source),
+            device,
+        )
+    }
+
+    /// Loads the checkpoint folder `dir` (`config.json`, `tokenizer.json`,
+    /// weights); `preset`, `repo` and `source` only label it.
+    pub fn from_dir(
+        dir: &Path,
+        preset: &str,
+        repo: Option<String>,
+        source: &str,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        check_checkpoint_dir(dir)?;
+        // Absolute, so that a model file made here finds it from anywhere.
+        let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+        let config_sha256 = file_sha256(&dir.join("config.json"))?;
+        let clip = ClipModel::load(dir, device)?;
+        let tokenizer = ClipTokenizer::from_dir(dir)?;
+        Ok(Self {
+            clip,
+            tokenizer,
+            checkpoint: ClipCheckpoint {
+                preset: preset.to_owned(),
+                repo,
+                dir: dir.to_owned(),
+                source: source.to_owned(),
+                config_sha256,
+            },
+            text_cache: Mutex::new(TextEmbeddingCache::in_memory()),
+        })
+    }
+
+    /// The engine a model file needs. Lookup order: `--clip-weights` /
+    /// `FLAWSCOPE_CLIP_WEIGHTS` when set; else the folder the model was made
+    /// with, if it still holds the same `config.json`; else the hub cache
+    /// (or a download) of the stored preset. The weights found must have the
+    /// stored `config.json` hash.
+    pub fn for_checkpoint(
+        stored: &ClipCheckpoint,
+        lookup: &WeightsLookup,
+        device: &Device,
+        model_path: &Path,
+    ) -> Result<Self, Error> {
+        let preset = ClipPreset::find(&stored.preset);
+        let explicit = lookup.flag_dir.is_some() || lookup.env_dir.is_some();
+        let same_folder = !explicit
+            && check_checkpoint_dir(&stored.dir).is_ok()
+            && file_sha256(&stored.dir.join("config.json"))
+                .is_ok_and(|sha| sha == stored.config_sha256);
+        let engine = if same_folder {
+            Self::from_dir(
+                &stored.dir,
+                &stored.preset,
+                stored.repo.clone(),
+                "model-file",
+                device,
+            )?
+        } else {
+            let preset = preset.ok_or_else(|| ModelError::NoClipWeights {
+                model: stored.preset.clone(),
+                searched: format!("{} (gone or changed)", stored.dir.display()),
+                reason: "the preset is not a known one, so it cannot be looked up".into(),
+            })?;
+            Self::resolve(lookup, &preset, device)?
+        };
+        if engine.checkpoint.config_sha256 != stored.config_sha256 {
+            return Err(WinClipError::CheckpointMismatch {
+                model: model_path.to_owned(),
+                expected: stored.config_sha256.clone(),
+                found_dir: engine.checkpoint.dir.clone(),
+                found: engine.checkpoint.config_sha256.clone(),
+            }
+            .into());
+        }
+        Ok(engine)
+    }
+
+    /// Replaces the in-memory class-vector cache (for example with a
+    /// file-backed one, [`TextEmbeddingCache::with_file`]).
+    pub fn with_text_cache(mut self, cache: TextEmbeddingCache) -> Self {
+        self.text_cache = Mutex::new(cache);
+        self
+    }
+
+    /// The checkpoint's identity.
+    pub fn checkpoint(&self) -> &ClipCheckpoint {
+        &self.checkpoint
+    }
+
+    /// The CLIP model.
+    pub fn clip(&self) -> &ClipModel {
+        &self.clip
+    }
+
+    /// Side of the square CLIP input (224 for ViT-B/16).
+    pub fn input_size(&self) -> usize {
+        self.clip.config().vision.image_size
+    }
+
+    /// Patch grid `(rows, cols)` at the CLIP input size.
+    pub fn grid(&self) -> (usize, usize) {
+        let s = self.input_size();
+        self.clip.grid(s, s)
+    }
+
+    /// The checkpoint's `exp(logit_scale)`, or [`FALLBACK_LOGIT_SCALE`].
+    pub fn logit_scale(&self) -> f32 {
+        self.clip
+            .logit_scale()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(FALLBACK_LOGIT_SCALE)
+    }
+
+    /// The (normal, anomalous) class vectors of `object` under `prompts`,
+    /// from the cache or computed (and cached) on a miss.
+    pub fn class_vectors(
+        &self,
+        object: &str,
+        prompts: &PromptSet,
+    ) -> Result<Arc<ClassVectors>, Error> {
+        let encoder = TextEncoder {
+            clip: &self.clip,
+            tokenizer: &self.tokenizer,
+            id: self.checkpoint.cache_id(),
+        };
+        let mut cache = self
+            .text_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        cache.class_vectors(&encoder, object, prompts)
+    }
+
+    /// The class vectors as a `[2, embed_dim]` tensor (normal, anomalous).
+    pub(crate) fn text_tensor(&self, vectors: &ClassVectors) -> Result<Tensor, Error> {
+        let dim = self.clip.embed_dim();
+        if vectors.normal.len() != dim || vectors.anomalous.len() != dim {
+            return Err(WinClipError::Config(format!(
+                "class vectors have {} and {} values, the checkpoint embeds in {dim}",
+                vectors.normal.len(),
+                vectors.anomalous.len()
+            ))
+            .into());
+        }
+        let data = [vectors.normal.as_slice(), vectors.anomalous.as_slice()].concat();
+        Ok(Tensor::from_vec(data, (2, dim), self.clip.device())?)
+    }
+
+    fn pixels(&self, image: &Rgb32FImage) -> Result<Tensor, Error> {
+        let pre = ClipPreprocessor::new(self.input_size()).with_mode(ResizeMode::Stretch);
+        let dynamic = DynamicImage::ImageRgb32F(image.clone());
+        Ok(pre.tensor(std::slice::from_ref(&dynamic), self.clip.device())?)
+    }
+
+    /// Unit embeddings of one image: class token, optionally every patch,
+    /// and every window of each scale.
+    pub(crate) fn embed(
+        &self,
+        image: &Rgb32FImage,
+        scales: &[usize],
+        with_patches: bool,
+    ) -> Result<Embedded, Error> {
+        let (rows, cols) = self.grid();
+        check_scales(scales, rows, cols)?;
+        let pixels = self.pixels(image)?;
+        let (class, patches) = if with_patches {
+            let (class, patches) = self.clip.encode_image_and_patches(&pixels)?;
+            (class, Some(unit_rows(&patches.squeeze(0)?)?))
+        } else {
+            (self.clip.encode_image(&pixels)?, None)
+        };
+        let per_scale: Vec<Vec<Vec<usize>>> = scales
+            .iter()
+            .map(|&k| sliding_windows(rows, cols, k, 1))
+            .collect();
+        let all: Vec<Vec<usize>> = per_scale.iter().flatten().cloned().collect();
+        let embedded = unit_rows(&self.clip.encode_windows(&pixels, &all)?)?;
+        let mut windows = Vec::with_capacity(per_scale.len());
+        let mut start = 0;
+        for list in per_scale {
+            let n = list.len();
+            windows.push((list, embedded.narrow(0, start, n)?));
+            start += n;
+        }
+        Ok(Embedded {
+            class: unit_rows(&class)?,
+            patches,
+            windows,
+            patches_count: rows * cols,
+            rows,
+            cols,
+        })
+    }
+}
+
+/// Unit embeddings of one image.
+pub(crate) struct Embedded {
+    /// `[1, D]`.
+    pub(crate) class: Tensor,
+    /// `[rows*cols, D]`, when asked for.
+    pub(crate) patches: Option<Tensor>,
+    /// Per scale: its windows and their `[windows, D]` embeddings.
+    pub(crate) windows: Vec<(Vec<Vec<usize>>, Tensor)>,
+    pub(crate) patches_count: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+
+struct TextEncoder<'a> {
+    clip: &'a ClipModel,
+    tokenizer: &'a ClipTokenizer,
+    id: String,
+}
+
+impl SentenceEncoder for TextEncoder<'_> {
+    type Error = Error;
+
+    fn model_id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn encode_sentences(&self, sentences: &[String]) -> Result<Vec<Vec<f32>>, Error> {
+        let batch = self.tokenizer.encode_batch(sentences)?;
+        let ids = Tensor::from_vec(batch.ids, (batch.rows, batch.len), self.clip.device())?;
+        let embedded = self.clip.encode_text(&ids)?;
+        Ok(embedded.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+    }
+}
+

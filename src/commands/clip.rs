@@ -1,0 +1,93 @@
+//! The CLIP options (object, defect descriptions, weights) and loading a
+//! model of any kind with them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use flawscope_core::Device;
+use flawscope_core::model::Model;
+use flawscope_core::runtime::Runtime;
+use flawscope_core::winclip::WinClipError;
+use flawscope_models::ModelError;
+use flawscope_models::clip_weights::{ClipPreset, PRESETS, WeightsLookup};
+
+use super::UsageError;
+
+/// What WinCLIP needs to know: the object, defect descriptions, and where
+/// the CLIP weights are.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClipArgs {
+    /// WinCLIP: what is inspected, as the prompts name it ("metal nut");
+    /// `eval` defaults to the category name.
+    #[arg(long)]
+    pub object: Option<String>,
+    /// WinCLIP: a defect description, added to the anomalous prompts
+    /// ("scratch on the thread"); repeatable.
+    #[arg(long = "prompt", value_name = "TEXT")]
+    pub prompts: Vec<String>,
+    /// CLIP checkpoint folder (config.json, tokenizer.json,
+    /// model.safetensors); else FLAWSCOPE_CLIP_WEIGHTS, else the Hugging Face
+    /// cache.
+    #[arg(long, value_name = "DIR")]
+    pub clip_weights: Option<PathBuf>,
+    /// CLIP preset looked up in the Hugging Face cache (vit-b-16, vit-l-14,
+    /// vit-l-14-336).
+    #[arg(long, default_value = "vit-b-16")]
+    pub clip_model: String,
+}
+
+impl ClipArgs {
+    /// Where CLIP weights are looked for.
+    pub fn lookup(&self) -> WeightsLookup {
+        WeightsLookup::from_env(self.clip_weights.clone())
+    }
+
+    fn preset(&self) -> Result<ClipPreset, UsageError> {
+        ClipPreset::find(&self.clip_model).ok_or_else(|| {
+            let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+            UsageError(format!(
+                "unknown --clip-model {:?}; known: {}",
+                self.clip_model,
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// Where models run: `device`, with the CLIP weights these options
+    /// point at (loaded only when a model needs them).
+    pub fn runtime(&self, device: Device) -> Result<Runtime, UsageError> {
+        Ok(Runtime::with_clip(device, self.lookup(), self.preset()?))
+    }
+
+    pub fn object(&self, what: &str) -> Result<&str, UsageError> {
+        self.object
+            .as_deref()
+            .ok_or_else(|| UsageError(format!("{what} needs --object NAME (what is inspected)")))
+    }
+}
+
+/// Missing or mismatched CLIP weights are a setup problem (exit code 2),
+/// reported as one line; everything else is a failure.
+pub fn setup_error(err: flawscope_core::Error) -> anyhow::Error {
+    use flawscope_core::Error as E;
+    match &err {
+        E::Model(ModelError::NoClipWeights { .. } | ModelError::MissingFile { .. })
+        | E::WinClip(WinClipError::CheckpointMismatch { .. } | WinClipError::EmptyObject) => {
+            UsageError(err.to_string()).into()
+        }
+        _ => anyhow::Error::new(err),
+    }
+}
+
+/// `score --zero-shot`: a zero-shot model for `--object` and `--prompt`s.
+pub fn zero_shot_model(clip: &ClipArgs, runtime: &Runtime) -> anyhow::Result<Model> {
+    let object = clip.object("--zero-shot")?;
+    Model::zero_shot(runtime, object, &clip.prompts).map_err(setup_error)
+}
+
+/// `score --model FILE`: a model file of any kind.
+pub fn load_model(path: &Path, runtime: &Runtime) -> anyhow::Result<Model> {
+    Model::load(path, runtime)
+        .map_err(setup_error)
+        .with_context(|| format!("loading model {}", path.display()))
+}
