@@ -56,9 +56,58 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(code) => code.into(),
+        // A reader that went away (`score ... | head`) is not an error.
+        Err(err) if is_broken_pipe(&err) => commands::Outcome::Success.into(),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", describe(&err));
             commands::Outcome::from_error(&err).into()
         }
+    }
+}
+
+/// The error and its causes, each cause said once: many errors already
+/// quote their cause in their own message.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read x: {0}")]
+    struct Quoting(#[source] std::io::Error);
+
+    #[test]
+    fn causes_quoted_by_their_error_are_said_once() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "failed to fill whole buffer",
+        );
+        let err = anyhow::Error::new(Quoting(io)).context("scoring a.png");
+        assert_eq!(
+            describe(&err),
+            "scoring a.png: cannot read x: failed to fill whole buffer"
+        );
     }
 }

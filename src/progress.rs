@@ -20,6 +20,16 @@ impl Bars {
         }
     }
 
+    /// Runs `f` with the bar hidden, so lines printed meanwhile do not
+    /// leave stale bar lines between them.
+    pub fn suspend<T>(&self, f: impl FnOnce() -> T) -> T {
+        let bar = self.current.lock().ok().and_then(|guard| guard.clone());
+        match bar {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
+    }
+
     fn with_bar(&self, f: impl FnOnce(&ProgressBar)) {
         if let Ok(guard) = self.current.lock()
             && let Some(bar) = guard.as_ref()

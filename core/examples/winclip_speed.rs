@@ -23,14 +23,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use flawscope_core::images::{ImageLimits, load_image};
-use flawscope_core::progress::NoProgress;
 use flawscope_core::detector::DetectorConfig;
+use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{FitOptions, Model};
+use flawscope_core::progress::NoProgress;
 use flawscope_core::runtime::Runtime;
 use flawscope_core::winclip::{WinClip, WinClipConfig, prompt_set};
-use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use flawscope_models::clip::{ClipPreprocessor, ResizeMode, sliding_windows};
+use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use image::DynamicImage;
 
 /// `(tower, width, mlp width, layers)`.
@@ -194,8 +194,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     println!("text side, cached:                   {:>9.4} ms", ms(warm));
 
-    let runtime = Runtime::with_clip(Device::Cpu, WeightsLookup::from_vars(None, |_| None), VIT_B_16)
-        .with_engine(Arc::clone(&engine));
+    let runtime = Runtime::with_clip(
+        Device::Cpu,
+        WeightsLookup::from_vars(None, |_| None),
+        VIT_B_16,
+    )
+    .with_engine(Arc::clone(&engine));
     let zero_shot_model = Model::zero_shot(&runtime, "metal nut", &prompts)?;
     let zero_shot = median(runs, |_| Ok(zero_shot_model.inspect(&image)?))?;
     println!(
@@ -235,7 +239,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
-        limits: limits.clone(),
+        limits,
     };
     let few = Model::fit(&shots, &options, &runtime, &NoProgress)?;
     let few_shot = median(runs, |_| Ok(few.inspect(&image)?))?;

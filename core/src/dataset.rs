@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use image::GrayImage;
 use serde::Serialize;
 
-use crate::images::{ImageError, ImageLimits, list_images};
+use crate::images::{ImageError, ImageLimits, has_image_extension, list_images};
 
 /// The defect-type folder name of normal images.
 pub const GOOD: &str = "good";
@@ -319,9 +319,53 @@ pub fn scan_image_folder(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     Ok(images)
 }
 
+/// The images in `dir` and all its subfolders (hidden folders skipped;
+/// symbolic links followed, loops refused), sorted by path.
+pub fn scan_image_tree(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+    if !dir.is_dir() {
+        return Err(DatasetError::NotADirectory(dir.to_path_buf()));
+    }
+    let mut images = Vec::new();
+    let walk = walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+    for entry in walk {
+        let entry = entry.map_err(|e| DatasetError::Io {
+            path: e.path().unwrap_or(dir).to_path_buf(),
+            cause: e.into(),
+        })?;
+        if entry.file_type().is_file() && has_image_extension(entry.path()) {
+            images.push(entry.into_path());
+        }
+    }
+    if images.is_empty() {
+        return Err(DatasetError::NoImages(dir.to_path_buf()));
+    }
+    images.sort();
+    Ok(images)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_scan_reads_subfolders_and_skips_hidden_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_png(&tmp.path().join("good/000.png"), 4, 4, 1);
+        write_png(&tmp.path().join("crack/000.png"), 4, 4, 1);
+        write_png(&tmp.path().join("top.png"), 4, 4, 1);
+        write_png(&tmp.path().join(".cache/x.png"), 4, 4, 1);
+        let found = scan_image_tree(tmp.path()).unwrap();
+        let names: Vec<String> = found
+            .iter()
+            .map(|p| p.strip_prefix(tmp.path()).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["crack/000.png", "good/000.png", "top.png"]);
+        assert_eq!(scan_image_folder(tmp.path()).unwrap().len(), 1);
+    }
 
     fn write_png(path: &Path, w: u32, h: u32, value: u8) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();

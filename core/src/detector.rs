@@ -217,9 +217,15 @@ impl DetectorConfig {
     }
 
     /// The feature recipe of a detector on the CNN backbone.
-    fn features<'a>(&self, features: Option<&'a FeatureConfig>) -> Result<&'a FeatureConfig, Error> {
+    fn features<'a>(
+        &self,
+        features: Option<&'a FeatureConfig>,
+    ) -> Result<&'a FeatureConfig, Error> {
         features.ok_or_else(|| {
-            Error::InvalidConfig(format!("the {} detector needs a feature recipe", self.name()))
+            Error::InvalidConfig(format!(
+                "the {} detector needs a feature recipe",
+                self.name()
+            ))
         })
     }
 

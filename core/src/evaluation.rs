@@ -81,9 +81,7 @@ pub fn evaluate(
             backbone: stored.backbone_label(features),
             fit_seconds,
             memory_bank_size: fitted.memory_bank_size(),
-            train_images: fitted
-                .images_used()
-                .unwrap_or(category.train_good.len()),
+            train_images: fitted.images_used().unwrap_or(category.train_good.len()),
         },
     )
 }

@@ -113,7 +113,9 @@ pub fn extract_all(
     extractor: &FeatureExtractor,
     inputs: &crate::detector::FitInputs<'_>,
 ) -> Result<Vec<Tensor>, Error> {
-    inputs.progress.start("features", inputs.normal.len() as u64);
+    inputs
+        .progress
+        .start("features", inputs.normal.len() as u64);
     let mut grids = Vec::with_capacity(inputs.normal.len());
     for path in inputs.normal {
         let image = crate::images::load_image(path, inputs.limits)?;

@@ -25,19 +25,19 @@ pub mod flow;
 pub mod gaussian;
 pub mod heatmap;
 pub mod images;
-pub mod model;
 pub mod metrics;
+pub mod model;
 pub mod model_file;
 pub mod padim;
 pub mod patchcore;
 pub mod progress;
 pub mod recon;
-pub mod runtime;
 pub mod regions;
+pub mod runtime;
 pub mod train;
-pub mod verdict;
 #[cfg(test)]
 mod trained_tests;
+pub mod verdict;
 pub mod winclip;
 
 pub use candle_core::Device;
@@ -69,4 +69,18 @@ pub enum Error {
     Training(String),
     #[error("cannot encode image: {0}")]
     Encode(String),
+}
+
+impl Error {
+    /// Whether the user fixes this by changing the setup rather than the
+    /// input: missing or mismatched network weights, an empty object name.
+    pub fn is_setup_problem(&self) -> bool {
+        use flawscope_models::ModelError as M;
+        use winclip::WinClipError as W;
+        matches!(
+            self,
+            Self::Model(M::NoClipWeights { .. } | M::MissingFile { .. })
+                | Self::WinClip(W::CheckpointMismatch { .. } | W::EmptyObject)
+        )
+    }
 }

@@ -236,9 +236,9 @@ impl Model {
                 reason: format!("unreadable metadata: {e}"),
             }
         })?;
-        let detector =
-            info.detector
-                .load(info.features.as_ref(), &mut tensors, path, runtime)?;
+        let detector = info
+            .detector
+            .load(info.features.as_ref(), &mut tensors, path, runtime)?;
         Ok(Self { detector, info })
     }
 
@@ -359,7 +359,10 @@ mod tests {
             "calibration": {}
         });
         let new = upgrade_metadata(old);
-        assert_eq!(new.pointer("/detector/object"), Some(&serde_json::json!("nut")));
+        assert_eq!(
+            new.pointer("/detector/object"),
+            Some(&serde_json::json!("nut"))
+        );
         assert!(new.get("object").is_none());
     }
 }

@@ -86,11 +86,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ModelFileError>
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".flawscope-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(write_err)?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".flawscope-").suffix(".tmp");
+    // A temporary file is private (0600) by default, and the rename keeps
+    // that mode; ask for 0666 so the result gets the user's umask.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(dir).map_err(write_err)?;
     tmp.write_all(bytes).map_err(write_err)?;
     tmp.as_file().sync_all().map_err(write_err)?;
     tmp.persist(path).map_err(|e| write_err(e.error))?;
@@ -178,6 +180,25 @@ fn checksum(json: &str, tensors: &BTreeMap<String, Tensor>) -> Result<String, Mo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The written file has the mode a plain `File::create` would give it
+    /// under this process's umask, not the temporary file's 0600.
+    #[cfg(unix)]
+    #[test]
+    fn written_files_get_the_umask_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let expected = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+        let path = dir.path().join("out.bin");
+        write_atomically(&path, b"bytes").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode, expected,
+            "mode {mode:o}, a plain file gets {expected:o}"
+        );
+    }
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Meta {

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
 use crate::features::{FeatureConfig, FeatureExtractor, Resize, extract_all};
-use crate::model_file::take;
 use crate::gaussian::inverse_cholesky_factor;
+use crate::model_file::take;
 use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -186,45 +186,6 @@ fn invert_spd(cov: &[f32], d: usize, epsilon: f64) -> Option<Vec<f32>> {
     Some(inv)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::progress::NoProgress;
-    use candle_core::Device;
-
-    #[test]
-    fn inverse_times_matrix_is_identity() {
-        let cov = [4.0f32, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 2.0];
-        let inv = invert_spd(&cov, 3, 0.0).unwrap();
-        for i in 0..3 {
-            for j in 0..3 {
-                let v: f32 = (0..3).map(|k| cov[i * 3 + k] * inv[k * 3 + j]).sum();
-                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-5);
-            }
-        }
-    }
-
-    #[test]
-    fn outlying_position_scores_highest() {
-        let dev = Device::Cpu;
-        let images: Vec<Tensor> = (0..30)
-            .map(|_| Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap())
-            .collect();
-        let model = Padim::fit(&images, &PadimConfig::default(), &NoProgress).unwrap();
-        let mut test = vec![0.0f32; 30];
-        test[2 * 5..3 * 5].copy_from_slice(&[8.0; 5]);
-        let test = Tensor::from_vec(test, (6, 5), &dev).unwrap();
-        let scores = model.score(&test).unwrap();
-        let worst = scores
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0;
-        assert_eq!(worst, 2);
-    }
-}
-
 impl PadimConfig {
     /// Stages 3 + 4 + 5 (a 32 × 32 grid) at 256 × 256.
     pub fn default_features() -> FeatureConfig {
@@ -290,5 +251,44 @@ impl Detector for PadimDetector {
             .into_iter()
             .map(|(k, t)| (k.to_string(), t.clone()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use candle_core::Device;
+
+    #[test]
+    fn inverse_times_matrix_is_identity() {
+        let cov = [4.0f32, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 2.0];
+        let inv = invert_spd(&cov, 3, 0.0).unwrap();
+        for i in 0..3 {
+            for j in 0..3 {
+                let v: f32 = (0..3).map(|k| cov[i * 3 + k] * inv[k * 3 + j]).sum();
+                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn outlying_position_scores_highest() {
+        let dev = Device::Cpu;
+        let images: Vec<Tensor> = (0..30)
+            .map(|_| Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap())
+            .collect();
+        let model = Padim::fit(&images, &PadimConfig::default(), &NoProgress).unwrap();
+        let mut test = vec![0.0f32; 30];
+        test[2 * 5..3 * 5].copy_from_slice(&[8.0; 5]);
+        let test = Tensor::from_vec(test, (6, 5), &dev).unwrap();
+        let scores = model.score(&test).unwrap();
+        let worst = scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        assert_eq!(worst, 2);
     }
 }

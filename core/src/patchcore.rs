@@ -18,11 +18,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::coreset::greedy_coreset;
 use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
 use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, Resize};
 use crate::images::load_image;
 use crate::model_file::take;
-use crate::coreset::greedy_coreset;
 use crate::progress::Progress;
 
 /// Bank rows compared with the queries in one matrix product.
@@ -237,56 +237,6 @@ impl PatchCore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::progress::NoProgress;
-
-    #[test]
-    fn far_patches_score_high_and_known_patches_score_zero() {
-        let dev = Device::Cpu;
-        let train: Vec<f32> = (0..400).map(|i| ((i * 37) % 11) as f32 * 0.1).collect();
-        let train = Tensor::from_vec(train, (100, 4), &dev).unwrap();
-        let config = PatchCoreConfig {
-            coreset_ratio: 1.0,
-            ..Default::default()
-        };
-        let model = PatchCore::fit(&train, &config, &NoProgress).unwrap();
-        let known = train.narrow(0, 10, 3).unwrap();
-        let scores = model.score(&known).unwrap();
-        assert!(scores.patches.iter().all(|s| *s < 1e-3), "{scores:?}");
-
-        let far = Tensor::from_vec(vec![5.0f32, 5.0, 5.0, 5.0], (1, 4), &dev).unwrap();
-        let both = Tensor::cat(&[&known, &far], 0).unwrap();
-        let scores = model.score(&both).unwrap();
-        assert!(scores.patches[3] > 5.0);
-        assert!(scores.image > 0.0 && scores.image <= scores.patches[3]);
-    }
-
-    #[test]
-    fn settings_saved_before_the_coarse_scale_load_as_one_scale() {
-        let old =
-            r#"{"coreset_ratio":0.1,"max_bank":null,"projection_dim":128,"neighbours":9,"seed":0}"#;
-        let config: PatchCoreConfig = serde_json::from_str(old).unwrap();
-        assert_eq!(config.coarse_side, None);
-        assert_eq!(PatchCoreConfig::default().coarse_side, Some(128));
-    }
-
-    #[test]
-    fn bank_respects_ratio_and_cap() {
-        let dev = Device::Cpu;
-        let train = Tensor::randn(0f32, 1.0, (1000, 8), &dev).unwrap();
-        let model = PatchCore::fit(&train, &PatchCoreConfig::default(), &NoProgress).unwrap();
-        assert_eq!(model.bank_size(), 100);
-        let capped = PatchCoreConfig {
-            max_bank: Some(40),
-            ..Default::default()
-        };
-        let model = PatchCore::fit(&train, &capped, &NoProgress).unwrap();
-        assert_eq!(model.bank_size(), 40);
-    }
-}
-
 /// PatchCore on the backbone: the fine scale at the configured input size
 /// and, when configured, a coarse scale with a bank of its own; the two
 /// image scores and the two maps are averaged.
@@ -323,7 +273,10 @@ impl CoarsePatchCore {
 impl PatchCoreConfig {
     /// Stages 4 + 5 at about 224², aspect kept.
     pub fn default_features() -> FeatureConfig {
-        FeatureConfig::lite0(&[Stage::Stage4, Stage::Stage5], Resize::KeepAspect { side: 224 })
+        FeatureConfig::lite0(
+            &[Stage::Stage4, Stage::Stage5],
+            Resize::KeepAspect { side: 224 },
+        )
     }
 }
 
@@ -425,5 +378,55 @@ impl Detector for PatchCoreDetector {
 
     fn memory_bank_size(&self) -> Option<usize> {
         Some(self.fine.bank_size() + self.coarse.as_ref().map_or(0, |c| c.bank.bank_size()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+
+    #[test]
+    fn far_patches_score_high_and_known_patches_score_zero() {
+        let dev = Device::Cpu;
+        let train: Vec<f32> = (0..400).map(|i| ((i * 37) % 11) as f32 * 0.1).collect();
+        let train = Tensor::from_vec(train, (100, 4), &dev).unwrap();
+        let config = PatchCoreConfig {
+            coreset_ratio: 1.0,
+            ..Default::default()
+        };
+        let model = PatchCore::fit(&train, &config, &NoProgress).unwrap();
+        let known = train.narrow(0, 10, 3).unwrap();
+        let scores = model.score(&known).unwrap();
+        assert!(scores.patches.iter().all(|s| *s < 1e-3), "{scores:?}");
+
+        let far = Tensor::from_vec(vec![5.0f32, 5.0, 5.0, 5.0], (1, 4), &dev).unwrap();
+        let both = Tensor::cat(&[&known, &far], 0).unwrap();
+        let scores = model.score(&both).unwrap();
+        assert!(scores.patches[3] > 5.0);
+        assert!(scores.image > 0.0 && scores.image <= scores.patches[3]);
+    }
+
+    #[test]
+    fn settings_saved_before_the_coarse_scale_load_as_one_scale() {
+        let old =
+            r#"{"coreset_ratio":0.1,"max_bank":null,"projection_dim":128,"neighbours":9,"seed":0}"#;
+        let config: PatchCoreConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(config.coarse_side, None);
+        assert_eq!(PatchCoreConfig::default().coarse_side, Some(128));
+    }
+
+    #[test]
+    fn bank_respects_ratio_and_cap() {
+        let dev = Device::Cpu;
+        let train = Tensor::randn(0f32, 1.0, (1000, 8), &dev).unwrap();
+        let model = PatchCore::fit(&train, &PatchCoreConfig::default(), &NoProgress).unwrap();
+        assert_eq!(model.bank_size(), 100);
+        let capped = PatchCoreConfig {
+            max_bank: Some(40),
+            ..Default::default()
+        };
+        let model = PatchCore::fit(&train, &capped, &NoProgress).unwrap();
+        assert_eq!(model.bank_size(), 40);
     }
 }

@@ -11,13 +11,13 @@ use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::detector::{Detector, DetectorConfig};
-use crate::runtime::Runtime;
 use crate::features::{BackboneKind, FeatureConfig, FeatureExtractor, Resize};
 use crate::flow::{Flow, FlowConfig, FlowDetector};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file;
 use crate::progress::NoProgress;
 use crate::recon::{Recon, ReconConfig, ReconDetector};
+use crate::runtime::Runtime;
 use crate::train::{TrainingConfig, TrainingReport};
 
 const SIDE: u32 = 64;
@@ -120,12 +120,7 @@ fn extractor(fx: &Fixture) -> FeatureExtractor {
 
 /// Loss falls, the defect outscores the normals, and a saved-and-loaded
 /// model gives bit-identical scores and maps.
-fn check(
-    fx: &Fixture,
-    config: DetectorConfig,
-    detector: &dyn Detector,
-    report: &TrainingReport,
-) {
+fn check(fx: &Fixture, config: DetectorConfig, detector: &dyn Detector, report: &TrainingReport) {
     let first = report.history.first().unwrap();
     let last = report.history.last().unwrap();
     assert!(
@@ -148,12 +143,7 @@ fn check(
     assert_eq!(loaded_config, config);
     let runtime = Runtime::new(Device::Cpu);
     let loaded = loaded_config
-        .load(
-            Some(fx.extractor.config()),
-            &mut tensors,
-            &path,
-            &runtime,
-        )
+        .load(Some(fx.extractor.config()), &mut tensors, &path, &runtime)
         .unwrap();
     for path in fx.normal_tests.iter().chain([&fx.defect]) {
         let image = load_image(path, &ImageLimits::default()).unwrap();

@@ -496,7 +496,13 @@ async fn models_come_from_their_folder_only() {
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     assert!(load_models(&empty, &Runtime::new(Device::Cpu)).is_err());
-    assert!(load_models(Path::new("/definitely/not/here"), &Runtime::new(Device::Cpu)).is_err());
+    assert!(
+        load_models(
+            Path::new("/definitely/not/here"),
+            &Runtime::new(Device::Cpu)
+        )
+        .is_err()
+    );
 }
 
 #[tokio::test]
@@ -651,7 +657,11 @@ async fn zero_shot_with_the_tiny_clip_checkpoint() {
     assert_eq!(reply.status, StatusCode::OK);
     let v = reply.json();
     // The same response as /v1/models/{name}/score.
-    assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(300), Some(300)), "{v}");
+    assert_eq!(
+        (v["width"].as_u64(), v["height"].as_u64()),
+        (Some(300), Some(300)),
+        "{v}"
+    );
     assert!(v["anomalous_fraction"].is_number(), "{v}");
     let score = v["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{v}");

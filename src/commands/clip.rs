@@ -7,8 +7,6 @@ use anyhow::Context;
 use flawscope_core::Device;
 use flawscope_core::model::Model;
 use flawscope_core::runtime::Runtime;
-use flawscope_core::winclip::WinClipError;
-use flawscope_models::ModelError;
 use flawscope_models::clip_weights::{ClipPreset, PRESETS, WeightsLookup};
 
 use super::UsageError;
@@ -69,13 +67,10 @@ impl ClipArgs {
 /// Missing or mismatched CLIP weights are a setup problem (exit code 2),
 /// reported as one line; everything else is a failure.
 pub fn setup_error(err: flawscope_core::Error) -> anyhow::Error {
-    use flawscope_core::Error as E;
-    match &err {
-        E::Model(ModelError::NoClipWeights { .. } | ModelError::MissingFile { .. })
-        | E::WinClip(WinClipError::CheckpointMismatch { .. } | WinClipError::EmptyObject) => {
-            UsageError(err.to_string()).into()
-        }
-        _ => anyhow::Error::new(err),
+    if err.is_setup_problem() {
+        UsageError(err.to_string()).into()
+    } else {
+        anyhow::Error::new(err)
     }
 }
 

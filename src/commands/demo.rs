@@ -7,9 +7,9 @@ use anyhow::Context;
 use flawscope_core::dataset::Dataset;
 use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, load_image};
+use flawscope_core::metrics::image_auroc;
 use flawscope_core::model::{FitOptions, Model, split_holdout};
 use flawscope_core::runtime::Runtime;
-use flawscope_core::metrics::image_auroc;
 
 use super::clip::ClipArgs;
 use super::options::{DetectorArgs, device};

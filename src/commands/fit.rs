@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use flawscope_core::calibration::ThresholdMethod;
 use flawscope_core::dataset::scan_image_folder;
 use flawscope_core::images::ImageLimits;
-use flawscope_core::calibration::ThresholdMethod;
 use flawscope_core::model::{FitOptions, Model};
 
 use super::clip::{ClipArgs, setup_error};

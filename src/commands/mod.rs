@@ -12,7 +12,6 @@ pub mod score;
 pub mod serve;
 pub mod tui;
 
-
 use std::process::ExitCode;
 
 /// How a command ended, mapped to the process exit code.

@@ -1,22 +1,25 @@
 //! `flawscope score`: score images or folders with a fitted model.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use flawscope_core::model::{Inspection, Model};
-use flawscope_core::dataset::scan_image_folder;
+use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, decode_image, load_image};
+use flawscope_core::model::{Inspection, Model};
 use flawscope_core::progress::Progress;
 use flawscope_tui::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
 use flawscope_tui::store::{Store, StoredResult, Verdict, file_hash};
+use image::Rgb32FImage;
 use serde::Serialize;
 
 use super::Outcome;
-use super::options::DeviceChoice;
 use super::clip::{ClipArgs, load_model, zero_shot_model};
+use super::options::DeviceChoice;
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -41,7 +44,13 @@ pub struct Args {
     /// Images or folders of images.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
-    /// Write an overlay PNG per image into this folder.
+    /// Also read the subfolders of folders (hidden ones skipped). Without
+    /// it, only the images directly inside a folder are scored.
+    #[arg(long, short = 'r')]
+    pub recursive: bool,
+    /// Write an overlay PNG per image into this folder, under the image's
+    /// path relative to the folder it was found in (`crack/000.png` →
+    /// `crack/000_heatmap.png`), so no two inputs share a map.
     #[arg(long)]
     pub heatmaps: Option<PathBuf>,
     /// One JSON object per line instead of a table.
@@ -65,17 +74,75 @@ pub struct ScoreLine<'a> {
     pub heatmap: Option<&'a Path>,
 }
 
-/// Expands folders into their images; plain files are kept as given.
-pub fn expand_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for path in paths {
-        if path.is_dir() {
-            files.extend(scan_image_folder(path)?);
+/// An image to score and where its heatmap goes, relative to `--heatmaps`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    pub path: PathBuf,
+    pub heatmap: PathBuf,
+}
+
+/// The images behind `paths` with distinct heatmap names: an image found in
+/// a folder keeps its path inside that folder; a file named directly keeps
+/// the path it was given (without its root or `..` parts).
+pub fn inputs(paths: &[PathBuf], recursive: bool) -> anyhow::Result<Vec<Input>> {
+    let mut found = Vec::new();
+    for arg in paths {
+        if arg.is_dir() {
+            let images = if recursive {
+                scan_image_tree(arg)?
+            } else {
+                scan_image_folder(arg)?
+            };
+            for path in images {
+                let relative = path.strip_prefix(arg).unwrap_or(&path).to_path_buf();
+                found.push((path, relative));
+            }
         } else {
-            files.push(path.clone());
+            found.push((arg.clone(), plain_relative(arg)));
         }
     }
-    Ok(files)
+    let mut seen_paths = std::collections::HashSet::new();
+    let mut taken = std::collections::HashSet::new();
+    let mut inputs = Vec::with_capacity(found.len());
+    for (path, relative) in found {
+        if !seen_paths.insert(path.clone()) {
+            continue;
+        }
+        let mut heatmap = heatmap_name(&relative, 1);
+        let mut n = 2;
+        while !taken.insert(heatmap.clone()) {
+            heatmap = heatmap_name(&relative, n);
+            n += 1;
+        }
+        inputs.push(Input { path, heatmap });
+    }
+    Ok(inputs)
+}
+
+/// `path` without its root, prefix or `.` parts, `..` kept as `_up`.
+fn plain_relative(path: &Path) -> PathBuf {
+    use std::path::Component;
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(part) => Some(PathBuf::from(part)),
+            Component::ParentDir => Some(PathBuf::from("_up")),
+            Component::RootDir | Component::Prefix(_) | Component::CurDir => None,
+        })
+        .collect()
+}
+
+/// `dir/stem.ext` → `dir/stem_heatmap.png` (`_heatmap-N` for the N-th
+/// image that would otherwise share it).
+fn heatmap_name(relative: &Path, n: usize) -> PathBuf {
+    let stem = relative
+        .file_stem()
+        .map_or_else(|| "image".into(), |s| s.to_string_lossy());
+    let name = if n == 1 {
+        format!("{stem}_heatmap.png")
+    } else {
+        format!("{stem}_heatmap-{n}.png")
+    };
+    relative.with_file_name(name)
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
@@ -84,22 +151,26 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         Some(path) => load_model(path, &runtime)?,
         None => zero_shot_model(&args.clip, &runtime)?,
     };
-    let files = expand_paths(&args.paths)?;
+    let inputs = inputs(&args.paths, args.recursive)?;
     if let Some(dir) = &args.heatmaps {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating heatmap folder {}", dir.display()))?;
     }
     if let Some(db) = &args.db {
-        return run_with_store(args, inspector, &files, db);
+        return run_with_store(args, inspector, &inputs, db);
     }
     let limits = ImageLimits::default();
-    let bars = Bars::new(files.len() < 2);
-    bars.start("scoring", files.len() as u64);
+    let bars = Bars::new(inputs.len() < 2);
+    bars.start("scoring", inputs.len() as u64);
     let mut failures = 0usize;
-    for path in &files {
-        match score_one(&inspector, path, args.heatmaps.as_deref(), &limits) {
-            Ok((inspection, heatmap)) => {
-                match print_line(args.json, path, &inspection, heatmap.as_deref()) {
+    for input in &inputs {
+        let path = &input.path;
+        let heatmap = args.heatmaps.as_ref().map(|dir| dir.join(&input.heatmap));
+        match score_one(&inspector, path, heatmap.as_deref(), &limits) {
+            Ok(inspection) => {
+                let printed =
+                    bars.suspend(|| print_line(args.json, path, &inspection, heatmap.as_deref()));
+                match printed {
                     Ok(()) => {}
                     // The reader went away (`| head`): stop quietly.
                     Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
@@ -108,7 +179,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             }
             Err(err) => {
                 failures += 1;
-                eprintln!("error: {err:#}");
+                bars.suspend(|| eprintln!("error: {err:#}"));
             }
         }
         bars.advance(1);
@@ -117,7 +188,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if failures > 0 {
         eprintln!(
             "{failures} of {} images could not be scored (see the errors above)",
-            files.len()
+            inputs.len()
         );
         return Ok(Outcome::PartialFailure);
     }
@@ -127,23 +198,27 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 fn score_one(
     inspector: &Model,
     path: &Path,
-    heatmaps: Option<&Path>,
+    heatmap: Option<&Path>,
     limits: &ImageLimits,
-) -> anyhow::Result<(Inspection, Option<PathBuf>)> {
+) -> anyhow::Result<Inspection> {
     let image = load_image(path, limits)?;
     let inspection = inspector
         .inspect(&image)
         .with_context(|| format!("scoring {}", path.display()))?;
-    let heatmap = match heatmaps {
-        Some(dir) => {
-            let out = heatmap_path(dir, path);
-            save_overlay(&out, &image, &inspection.map)
-                .with_context(|| format!("writing heatmap {}", out.display()))?;
-            Some(out)
-        }
-        None => None,
-    };
-    Ok((inspection, heatmap))
+    if let Some(out) = heatmap {
+        write_heatmap(out, &image, &inspection)?;
+    }
+    Ok(inspection)
+}
+
+/// Writes the overlay, making its subfolder first.
+fn write_heatmap(out: &Path, image: &Rgb32FImage, inspection: &Inspection) -> anyhow::Result<()> {
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating heatmap folder {}", parent.display()))?;
+    }
+    save_overlay(out, image, &inspection.map)
+        .with_context(|| format!("writing heatmap {}", out.display()))
 }
 
 fn print_line(
@@ -178,43 +253,42 @@ fn print_line(
     out.flush()
 }
 
-/// Where the heatmap of `path` goes in `dir`.
-fn heatmap_path(dir: &Path, path: &Path) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map_or_else(|| "image".into(), |s| s.to_string_lossy());
-    dir.join(format!("{stem}_heatmap.png"))
-}
-
 /// Scores into the results store, skipping unchanged images (`--db`).
 fn run_with_store(
     args: &Args,
     inspector: Model,
-    files: &[PathBuf],
+    inputs: &[Input],
     db: &Path,
 ) -> anyhow::Result<Outcome> {
     let store = Store::open(db)?;
+    let files: Vec<PathBuf> = inputs.iter().map(|i| i.path.clone()).collect();
+    let heatmaps: Arc<HashMap<PathBuf, PathBuf>> = Arc::new(match &args.heatmaps {
+        Some(dir) => inputs
+            .iter()
+            .map(|i| (i.path.clone(), dir.join(&i.heatmap)))
+            .collect(),
+        None => HashMap::new(),
+    });
     // A model file is known by its bytes; a zero-shot model by what it computes.
     let (name, identity) = match &args.model {
         Some(path) => (path.display().to_string(), file_hash(path)?),
         None => (
-            format!("zero-shot {}", inspector.summary().object.unwrap_or_default()),
+            format!(
+                "zero-shot {}",
+                inspector.summary().object.unwrap_or_default()
+            ),
             inspector.identity()?,
         ),
     };
     let model = store.model(&name, &identity)?;
     let scorer = StoreScorer {
         inspector,
-        heatmaps: args.heatmaps.clone(),
+        heatmaps: Arc::clone(&heatmaps),
         limits: ImageLimits::default(),
     };
     // An unchanged image is scored again only when its heatmap is missing.
-    let heatmaps = args.heatmaps.clone();
-    let rescore = move |path: &Path| {
-        heatmaps
-            .as_deref()
-            .is_some_and(|dir| !heatmap_path(dir, path).is_file())
-    };
+    let wanted = Arc::clone(&heatmaps);
+    let rescore = move |path: &Path| wanted.get(path).is_some_and(|out| !out.is_file());
     let cancel = AtomicBool::new(false);
     let options = BatchOptions {
         cancel: &cancel,
@@ -223,17 +297,18 @@ fn run_with_store(
     let bars = Bars::new(files.len() < 2);
     bars.start("scoring", files.len() as u64);
     let mut print_error = None;
-    let summary = run_batch(files, &scorer, &store, &model, &options, |item| {
-        let printed = match &item {
-            BatchItem::Scored(row, _) | BatchItem::Unchanged(row) => {
-                let heatmap = args.heatmaps.as_deref().map(|d| heatmap_path(d, &row.path));
-                print_stored(args.json, row, heatmap.as_deref())
-            }
+    let summary = run_batch(&files, &scorer, &store, &model, &options, |item| {
+        let printed = bars.suspend(|| match &item {
+            BatchItem::Scored(row, _) | BatchItem::Unchanged(row) => print_stored(
+                args.json,
+                row,
+                heatmaps.get(&row.path).map(PathBuf::as_path),
+            ),
             BatchItem::Failed { error, .. } => {
                 eprintln!("error: {error}");
                 Ok(())
             }
-        };
+        });
         if let Err(err) = printed {
             // Standard output is gone (a closed pipe): stop after this image.
             cancel.store(true, Ordering::Relaxed);
@@ -261,7 +336,7 @@ fn run_with_store(
 /// Decodes, inspects and (with `--heatmaps`) writes the overlay.
 struct StoreScorer {
     inspector: Model,
-    heatmaps: Option<PathBuf>,
+    heatmaps: Arc<HashMap<PathBuf, PathBuf>>,
     limits: ImageLimits,
 }
 
@@ -269,8 +344,13 @@ impl Scorer for StoreScorer {
     fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError> {
         let image = decode_image(bytes, &path.display().to_string(), &self.limits)?;
         let inspection = self.inspector.inspect(&image)?;
-        if let Some(dir) = &self.heatmaps {
-            save_overlay(&heatmap_path(dir, path), &image, &inspection.map)?;
+        if let Some(out) = self.heatmaps.get(path) {
+            if let Some(parent) = out.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    ScoreError::Other(format!("creating heatmap folder {}: {e}", parent.display()))
+                })?;
+            }
+            save_overlay(out, &image, &inspection.map)?;
         }
         Ok(Scored {
             score: inspection.score,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use flawscope_server::{AppState, ServerConfig, ServerError, Token, load_models};
 
-use super::options::device;
 use super::clip::{ClipArgs, setup_error};
+use super::options::device;
 use super::{Outcome, UsageError};
 
 #[derive(clap::Args)]

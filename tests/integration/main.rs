@@ -5,6 +5,7 @@
 mod cli;
 mod clip;
 mod efficientnet;
+mod hostile;
 mod images;
 mod metrics;
 mod pipeline;

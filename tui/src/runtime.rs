@@ -21,10 +21,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use flawscope_core::Device;
-use flawscope_core::model::Model;
-use flawscope_core::runtime::Runtime;
 use flawscope_core::dataset::{DatasetError, scan_image_folder};
 use flawscope_core::images::ImageLimits;
+use flawscope_core::model::Model;
+use flawscope_core::runtime::Runtime;
 use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use ratatui::crossterm::cursor::Show;
 use ratatui::crossterm::event::{self as term_event, Event as TermEvent, KeyEventKind};

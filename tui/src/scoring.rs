@@ -255,7 +255,8 @@ mod tests {
         )
         .unwrap();
         let lookup = WeightsLookup::from_vars(None, |_| None);
-        let runtime = Runtime::with_clip(Device::Cpu, lookup, VIT_B_16).with_engine(Arc::new(engine));
+        let runtime =
+            Runtime::with_clip(Device::Cpu, lookup, VIT_B_16).with_engine(Arc::new(engine));
         let model = Model::zero_shot(&runtime, "solar cell", &["a crack".into()]).unwrap();
         let scorer = InspectorScorer {
             inspector: Arc::new(model),

@@ -123,9 +123,7 @@ impl WinClipDetector {
     /// The first `config.shots` of the normal images (by path) make the
     /// memory; no shot gives the zero-shot detector.
     pub fn fit(config: &WinClipConfig, inputs: &FitInputs<'_>) -> Result<Self, Error> {
-        config
-            .check()
-            .map_err(|reason| WinClipError::Config(reason))?;
+        config.check().map_err(WinClipError::Config)?;
         let engine = inputs.runtime.clip()?;
         let object = checked_object(&config.object)?;
         let vectors = engine.class_vectors(&object, &prompt_set(&config.prompts)?)?;
@@ -169,9 +167,7 @@ impl WinClipDetector {
     ) -> Result<Memory, Error> {
         let mut patches = Vec::with_capacity(shots.len());
         let mut windows: Vec<Vec<Tensor>> = vec![Vec::with_capacity(shots.len()); scales.len()];
-        inputs
-            .progress
-            .start("few-shot memory", shots.len() as u64);
+        inputs.progress.start("few-shot memory", shots.len() as u64);
         for path in shots {
             let image = load_image(path, inputs.limits)?;
             let e = engine.embed(&image, scales, true)?;

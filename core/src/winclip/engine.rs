@@ -259,7 +259,6 @@ pub(crate) struct Embedded {
     pub(crate) cols: usize,
 }
 
-
 struct TextEncoder<'a> {
     clip: &'a ClipModel,
     tokenizer: &'a ClipTokenizer,
@@ -280,4 +279,3 @@ impl SentenceEncoder for TextEncoder<'_> {
         Ok(embedded.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
     }
 }
-

@@ -131,7 +131,6 @@ fn checked_object(object: &str) -> Result<String, WinClipError> {
     }
 }
 
-
 /// The first `shots` images of `paths` in a stable order (sorted by path).
 pub fn first_shots(paths: &[PathBuf], shots: usize) -> Result<Vec<PathBuf>, WinClipError> {
     if paths.len() < shots {
@@ -145,4 +144,3 @@ pub fn first_shots(paths: &[PathBuf], shots: usize) -> Result<Vec<PathBuf>, WinC
     sorted.truncate(shots);
     Ok(sorted)
 }
-

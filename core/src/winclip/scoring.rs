@@ -209,4 +209,3 @@ pub(crate) fn mean_grid(levels: &[Vec<f64>]) -> Result<Vec<f64>, WinClipError> {
         .map(|i| levels.iter().map(|l| l[i]).sum::<f64>() / k)
         .collect())
 }
-

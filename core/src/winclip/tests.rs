@@ -174,7 +174,7 @@ fn zero_shot_and_few_shot_on_the_tiny_checkpoint() {
         holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
-        limits: limits.clone(),
+        limits,
     };
     let few = Model::fit(&shots, &options, &runtime, &NoProgress).unwrap();
     // 8x8 grid: 64 patches + 49 + 36 windows per shot.
