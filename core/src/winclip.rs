@@ -1141,7 +1141,7 @@ mod tests {
     }
 
     fn tiny() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_clip")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_clip")
     }
 
     fn engine() -> Arc<WinClip> {

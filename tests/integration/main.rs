@@ -3,10 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
-mod clip;
-mod efficientnet;
 mod images;
-mod metrics;
 mod pipeline;
 mod serve;
 mod shared_data;
