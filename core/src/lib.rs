@@ -34,9 +34,9 @@ pub mod progress;
 pub mod recon;
 pub mod regions;
 pub mod train;
-pub mod verdict;
 #[cfg(test)]
 mod trained_tests;
+pub mod verdict;
 pub mod winclip;
 
 pub use candle_core::Device;
