@@ -3,7 +3,7 @@
 
 Needs: torch, numpy, Pillow, scikit-image (for the sample photos).
 
-1. Writes the test photos ``tests/fixtures/images/{chelsea,coffee}.png``:
+1. Writes the test photos ``models/tests/fixtures/images/{chelsea,coffee}.png``:
    scikit-image's ``chelsea`` and ``coffee`` (CC0), centre-cropped to a square
    and resized to 224x224 with Pillow's bilinear filter.  At 224x224 the Rust
    preprocessing does not resample, so its input tensor must equal the one
@@ -13,7 +13,7 @@ Needs: torch, numpy, Pillow, scikit-image (for the sample photos).
    eps 1e-3, no squeeze-excite, stem 32 / head 1280 channels), loads the
    ORIGINAL legacy ``.pth`` from the PyPI wheel with ``torch.load`` (not the
    converted safetensors, and with un-folded batch norm), and runs it.
-3. Writes ``tests/fixtures/efficientnet/lite0_reference.safetensors`` with:
+3. Writes ``models/tests/fixtures/efficientnet/lite0_reference.safetensors`` with:
      input                      [1,3,224,224]  preprocessed chelsea
      <case>.<stage>.mean        [C]   per-channel spatial mean
      <case>.<stage>.sample      [n]   flattened tensor, every step-th value
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGES = os.path.join(ROOT, "tests", "fixtures", "images")
-OUT = os.path.join(ROOT, "tests", "fixtures", "efficientnet")
+IMAGES = os.path.join(ROOT, "models", "tests", "fixtures", "images")
+OUT = os.path.join(ROOT, "models", "tests", "fixtures", "efficientnet")
 SIZE = 224
 SAMPLES_PER_STAGE = 4096
 

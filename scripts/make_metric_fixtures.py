@@ -7,7 +7,7 @@ The output is deterministic (fixed seed, sorted keys, fixed float format):
 
     python3 scripts/make_metric_fixtures.py
 
-writes tests/fixtures/metrics/*.json.
+writes core/tests/fixtures/metrics/*.json.
 
 Every score is a float32. In the JSON it is written as the shortest decimal
 that reads back (decimal -> f64 -> f32, as serde_json does) to the same
@@ -35,7 +35,7 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 SEED = 20240611
-OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "metrics"
+OUT_DIR = Path(__file__).resolve().parent.parent / "core" / "tests" / "fixtures" / "metrics"
 LIMITS = (0.3, 0.05, 1.0)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the tiny random CLIP checkpoint and golden outputs used by the Rust tests.
 
-Writes tests/fixtures/tiny_clip/:
+Writes models/tests/fixtures/tiny_clip/:
   config.json, model.safetensors  a 2-layer text / 3-layer vision CLIPModel with
                                   random weights (fixed seed), saved by transformers
   pytorch_model_f16.bin           the same weights, float16, saved by torch.save
@@ -151,7 +151,7 @@ def main():
     src.add_argument("--bpe", help="bpe_simple_vocab_16e6.txt.gz")
     src.add_argument("--open-clip-wheel", help="open_clip_torch wheel that ships the BPE file")
     parser.add_argument("--merges", type=int, default=2000)
-    parser.add_argument("--out", default="tests/fixtures/tiny_clip")
+    parser.add_argument("--out", default="models/tests/fixtures/tiny_clip")
     args = parser.parse_args()
     out = args.out
     os.makedirs(out, exist_ok=True)

@@ -159,7 +159,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let start = Instant::now();
     write_checkpoint(
         dir.path(),
-        &root.join("tests/fixtures/tiny_clip/tokenizer.json"),
+        &root.join("models/tests/fixtures/tiny_clip/tokenizer.json"),
     )?;
     println!(
         "random ViT-B/16 checkpoint written in {:.1?}",

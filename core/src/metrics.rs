@@ -12,6 +12,8 @@
 
 use serde::Serialize;
 
+use crate::regions::label_components;
+
 /// Why a metric could not be computed. Metrics never return NaN.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MetricError {
@@ -38,6 +40,8 @@ pub enum MetricError {
     InvalidLimit(f64),
     #[error("the bin count must be between {min} and {max}, got {0}", min = MIN_BINS, max = MAX_BINS)]
     InvalidBins(usize),
+    #[error("a {width}×{height} map is too large to label its regions")]
+    TooLarge { width: usize, height: usize },
 }
 
 /// Checks that scores and labels pair up, are non-empty and finite.
@@ -363,6 +367,14 @@ impl PixelMetrics {
             });
         }
         check_finite(scores)?;
+        // Labelled before anything changes, so that a refused image leaves no trace.
+        let labelled = match mask {
+            Some(mask) => Some(
+                label_regions(mask, width, height)
+                    .ok_or(MetricError::TooLarge { width, height })?,
+            ),
+            None => None,
+        };
 
         let (lowest, highest) = scores
             .iter()
@@ -371,7 +383,7 @@ impl PixelMetrics {
             });
         self.make_room(lowest, highest);
 
-        let Some(mask) = mask else {
+        let Some((labels, sizes)) = labelled else {
             for &score in scores {
                 let bin = self.bin_mut(score);
                 bin.normal += 1;
@@ -381,7 +393,6 @@ impl PixelMetrics {
             self.normal += scores.len() as u64;
             return Ok(());
         };
-        let (labels, sizes) = label_regions(mask, width, height);
         let shares: Vec<f64> = sizes.iter().map(|&n| 1.0 / n as f64).collect();
         for (&score, &label) in scores.iter().zip(&labels) {
             let bin = self.bin_mut(score);
@@ -562,34 +573,20 @@ fn coarser(cell: i64, shift: u32) -> i64 {
 /// Labels the 8-connected regions of set pixels in a row-major mask.
 ///
 /// Returns one label per pixel (0 = not set, `1..=n` = region) and the
-/// size of each region, region `i` at index `i - 1`.
-fn label_regions(mask: &[bool], width: usize, height: usize) -> (Vec<u32>, Vec<u64>) {
-    let mut labels = vec![0u32; mask.len()];
-    let mut sizes = Vec::new();
-    let mut stack = Vec::new();
-    for start in 0..mask.len() {
-        if !mask[start] || labels[start] != 0 {
-            continue;
-        }
-        sizes.push(0u64);
-        let label = sizes.len() as u32;
-        labels[start] = label;
-        stack.push(start);
-        while let Some(pixel) = stack.pop() {
-            sizes[label as usize - 1] += 1;
-            let (x, y) = (pixel % width, pixel / width);
-            for ny in y.saturating_sub(1)..=(y + 1).min(height - 1) {
-                for nx in x.saturating_sub(1)..=(x + 1).min(width - 1) {
-                    let next = ny * width + nx;
-                    if mask[next] && labels[next] == 0 {
-                        labels[next] = label;
-                        stack.push(next);
-                    }
-                }
-            }
+/// size of each region, region `i` at index `i - 1`; `None` for a mask
+/// larger than [`label_components`] takes.
+fn label_regions(mask: &[bool], width: usize, height: usize) -> Option<(Vec<u32>, Vec<u64>)> {
+    let (labels, count) = label_components(width, height, |i| mask.get(i) == Some(&true))?;
+    let mut sizes = vec![0u64; count];
+    for &label in &labels {
+        if let Some(size) = (label as usize)
+            .checked_sub(1)
+            .and_then(|k| sizes.get_mut(k))
+        {
+            *size += 1;
         }
     }
-    (labels, sizes)
+    Some((labels, sizes))
 }
 
 #[cfg(test)]
@@ -624,7 +621,7 @@ mod tests {
             match mask {
                 None => normal.extend_from_slice(scores),
                 Some(mask) => {
-                    let (labels, sizes) = label_regions(mask, *w, *h);
+                    let (labels, sizes) = label_regions(mask, *w, *h).unwrap();
                     let mut own = vec![Vec::new(); sizes.len()];
                     for (&s, &l) in scores.iter().zip(&labels) {
                         if l == 0 {
@@ -790,13 +787,13 @@ mod tests {
             0, 0, 1, 0, 0,
             0, 0, 0, 0, 0,
         ].map(|v| v == 1);
-        let (labels, sizes) = label_regions(&mask, 5, 4);
+        let (labels, sizes) = label_regions(&mask, 5, 4).unwrap();
         assert_eq!(sizes, vec![5, 1]);
         assert_eq!(labels[12], labels[0]);
         assert_eq!(labels[9], 2);
-        let (_, sizes) = label_regions(&[false; 6], 3, 2);
+        let (_, sizes) = label_regions(&[false; 6], 3, 2).unwrap();
         assert!(sizes.is_empty());
-        let (_, sizes) = label_regions(&[true; 6], 6, 1);
+        let (_, sizes) = label_regions(&[true; 6], 6, 1).unwrap();
         assert_eq!(sizes, vec![6]);
     }
 

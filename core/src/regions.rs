@@ -1,6 +1,8 @@
 //! Anomalous regions: the connected areas of an anomaly map at or above a
 //! threshold, as bounding boxes a caller can draw or describe.
 
+use image::{GrayImage, Luma};
+use imageproc::region_labelling::{Connectivity, connected_components};
 use serde::Serialize;
 
 use crate::anomaly_map::AnomalyMap;
@@ -28,53 +30,45 @@ pub struct Region {
 /// The 8-connected components of `map.values >= threshold`, sorted by peak
 /// (highest first, then largest area), at most [`MAX_REGIONS`]. NaN values
 /// never belong to a region. A map whose `values` are shorter than
-/// `width × height` is read as below the threshold where values are missing.
+/// `width × height` is read as below the threshold where values are missing;
+/// a map of 2³² cells or more has no regions.
 pub fn regions(map: &AnomalyMap, threshold: f32) -> Vec<Region> {
-    let (width, height) = (map.width, map.height);
-    let Some(len) = width.checked_mul(height) else {
+    let above = |i: usize| map.values.get(i).is_some_and(|v| *v >= threshold);
+    let Some((labels, count)) = label_components(map.width, map.height, above) else {
         return Vec::new();
     };
-    let above = |i: usize| map.values.get(i).is_some_and(|v| *v >= threshold);
-    let mut visited = vec![false; len];
-    let mut stack = Vec::new();
-    let mut found = Vec::new();
-    for start in 0..len {
-        if visited[start] || !above(start) {
+    let mut found = vec![
+        Region {
+            x: usize::MAX,
+            y: usize::MAX,
+            w: 0,
+            h: 0,
+            peak: f32::NEG_INFINITY,
+            area: 0,
+        };
+        count
+    ];
+    // `w` and `h` hold the right and bottom edges until the boxes are closed.
+    for (i, &label) in labels.iter().enumerate() {
+        let Some(r) = (label as usize)
+            .checked_sub(1)
+            .and_then(|k| found.get_mut(k))
+        else {
             continue;
+        };
+        let (x, y) = (i % map.width, i / map.width);
+        r.x = r.x.min(x);
+        r.y = r.y.min(y);
+        r.w = r.w.max(x);
+        r.h = r.h.max(y);
+        r.area += 1;
+        if let Some(v) = map.values.get(i) {
+            r.peak = r.peak.max(*v);
         }
-        visited[start] = true;
-        stack.push(start);
-        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-        let mut peak = f32::NEG_INFINITY;
-        let mut area = 0;
-        while let Some(i) = stack.pop() {
-            let (x, y) = (i % width, i / width);
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x);
-            y1 = y1.max(y);
-            area += 1;
-            if let Some(v) = map.values.get(i) {
-                peak = peak.max(*v);
-            }
-            for ny in y.saturating_sub(1)..=(y + 1).min(height - 1) {
-                for nx in x.saturating_sub(1)..=(x + 1).min(width - 1) {
-                    let j = ny * width + nx;
-                    if !visited[j] && above(j) {
-                        visited[j] = true;
-                        stack.push(j);
-                    }
-                }
-            }
-        }
-        found.push(Region {
-            x: x0,
-            y: y0,
-            w: x1 - x0 + 1,
-            h: y1 - y0 + 1,
-            peak,
-            area,
-        });
+    }
+    for r in &mut found {
+        r.w = r.w - r.x + 1;
+        r.h = r.h - r.y + 1;
     }
     found.sort_by(|a, b| {
         b.peak
@@ -84,6 +78,40 @@ pub fn regions(map: &AnomalyMap, threshold: f32) -> Vec<Region> {
     });
     found.truncate(MAX_REGIONS);
     found
+}
+
+/// The 8-connected components of the cells where `is_set(i)` holds in a
+/// row-major `width × height` grid (imageproc's two-pass labelling): one
+/// label per cell (0 = not set, `1..=n` numbered in raster order of each
+/// component's first cell) and `n`. `None` for grids imageproc cannot take
+/// (a side over `u32::MAX`, or 2³² cells or more).
+pub(crate) fn label_components(
+    width: usize,
+    height: usize,
+    is_set: impl Fn(usize) -> bool,
+) -> Option<(Vec<u32>, usize)> {
+    let len = width.checked_mul(height)?;
+    if len == 0 {
+        return Some((Vec::new(), 0));
+    }
+    if u32::try_from(len).is_err() {
+        return None;
+    }
+    if len == 1 {
+        // imageproc 0.27 indexes its union-find out of bounds (a panic) on a
+        // single set cell; that grid's answer is plain.
+        return Some(if is_set(0) {
+            (vec![1], 1)
+        } else {
+            (vec![0], 0)
+        });
+    }
+    let (w, h) = (u32::try_from(width).ok()?, u32::try_from(height).ok()?);
+    let mask: Vec<u8> = (0..len).map(|i| u8::from(is_set(i))).collect();
+    let mask = GrayImage::from_raw(w, h, mask)?;
+    let labels = connected_components(&mask, Connectivity::Eight, Luma([0u8])).into_raw();
+    let count = labels.iter().copied().max().unwrap_or(0) as usize;
+    Some((labels, count))
 }
 
 /// How many map values are at or above `threshold`.
@@ -180,5 +208,47 @@ mod tests {
             values: vec![1.0],
         };
         assert!(regions(&huge, 0.5).is_empty());
+    }
+
+    #[test]
+    fn equal_regions_keep_raster_order() {
+        // Two 2-pixel regions with equal peak and area: the one met first
+        // in raster order comes first, the sort being stable.
+        let m = map(&[
+            "...55", //
+            "55...", //
+        ]);
+        let found = regions(&m, 0.5);
+        assert_eq!(found.len(), 2);
+        assert_eq!((found[0].x, found[0].y), (3, 0));
+        assert_eq!((found[1].x, found[1].y), (0, 1));
+    }
+
+    #[test]
+    fn labels_are_consecutive_in_raster_order() {
+        // A U shape whose arms meet only in the second row, then a lone cell:
+        // labels 1 and 2, with no gap left by the merged arm.
+        let set = [
+            1, 0, 1, 0, 0, //
+            1, 1, 1, 0, 1, //
+        ];
+        let (labels, count) = label_components(5, 2, |i| set[i] == 1).unwrap();
+        assert_eq!(count, 2);
+        assert_eq!(labels, vec![1, 0, 1, 0, 0, 1, 1, 1, 0, 2]);
+    }
+
+    #[test]
+    fn grids_imageproc_cannot_take_are_refused_without_allocating() {
+        assert!(label_components(1 << 32, 1, |_| true).is_none());
+        assert!(label_components(1 << 16, 1 << 16, |_| true).is_none());
+        assert_eq!(label_components(0, 7, |_| true), Some((Vec::new(), 0)));
+    }
+
+    #[test]
+    fn one_cell_maps() {
+        let m = map(&["9"]);
+        let found = regions(&m, 0.5);
+        assert_eq!((found.len(), found[0].area, found[0].w), (1, 1, 1));
+        assert!(regions(&m, 0.95).is_empty());
     }
 }

@@ -177,8 +177,8 @@ impl SentenceEncoder for TextSide<'_> {
 
 fn main() -> Result<(), Box<dyn Error>> {
     let mut runs = 5usize;
-    let mut tokenizer_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/tiny_clip/tokenizer.json");
+    let mut tokenizer_path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_clip/tokenizer.json");
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {

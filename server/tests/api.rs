@@ -74,7 +74,7 @@ fn save_model(path: &Path) {
 
 /// The committed tiny CLIP checkpoint.
 fn tiny_clip() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_clip")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_clip")
 }
 
 fn config() -> ServerConfig {

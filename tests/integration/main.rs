@@ -3,11 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
-mod clip;
-mod efficientnet;
 mod hostile;
 mod images;
-mod metrics;
 mod pipeline;
 mod serve;
 mod shared_data;

@@ -1,5 +1,5 @@
 //! WinCLIP zero-shot and few-shot scoring, end to end, on the tiny random
-//! CLIP checkpoint of `tests/fixtures/tiny_clip` (real weights cannot be
+//! CLIP checkpoint of `models/tests/fixtures/tiny_clip` (real weights cannot be
 //! downloaded in tests): shapes, ranges, heatmaps and model files, not
 //! accuracy. The `shared_mtd_winclip_*` tests do the same on real MTD
 //! images.
@@ -27,7 +27,7 @@ fn root() -> PathBuf {
 
 fn tiny_clip() -> String {
     root()
-        .join("tests/fixtures/tiny_clip")
+        .join("models/tests/fixtures/tiny_clip")
         .display()
         .to_string()
 }

@@ -247,7 +247,7 @@ mod tests {
     #[test]
     fn batch_scores_with_tiny_clip_zero_shot() {
         let engine = WinClip::from_dir(
-            &root().join("tests/fixtures/tiny_clip"),
+            &root().join("models/tests/fixtures/tiny_clip"),
             "tiny",
             None,
             "flag",

@@ -110,7 +110,7 @@ fn first_shots_are_stable() {
 }
 
 fn tiny() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_clip")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_clip")
 }
 
 fn engine() -> Arc<WinClip> {

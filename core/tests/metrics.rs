@@ -1,5 +1,6 @@
 //! `flawscope_core::metrics` against the scikit-learn / numpy references in
-//! `tests/fixtures/metrics/` (written by `scripts/make_metric_fixtures.py`).
+//! `core/tests/fixtures/metrics/` (written by `scripts/make_metric_fixtures.py`).
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

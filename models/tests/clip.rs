@@ -4,6 +4,7 @@
 //! computed in float64). Every embedding must be within 1e-4 (absolute) of
 //! the reference; token ids and preprocessed pixels must match exactly (up to
 //! float rounding).
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

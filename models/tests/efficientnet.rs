@@ -6,6 +6,7 @@
 //! Tolerance for every stored value `r` and our value `v`:
 //! `|v − r| ≤ 1e-4 · max(1, |r|)`, i.e. absolute 1e-4 for values up to 1 and
 //! relative 1e-4 above.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
