@@ -12,8 +12,8 @@ use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, decode_image, load_image};
 use flawscope_core::model::{Inspection, Model};
 use flawscope_core::progress::Progress;
-use flawscope_tui::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
-use flawscope_tui::store::{Store, StoredResult, Verdict, file_hash};
+use flawscope_results::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
+use flawscope_results::store::{Store, StoredResult, Verdict, file_hash};
 use image::Rgb32FImage;
 use serde::Serialize;
 

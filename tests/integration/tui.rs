@@ -211,6 +211,11 @@ fn tui_triage_in_tmux_records_decisions_and_resumes() {
     let screen = tmux.wait_for("the NG mark", limit, |s| s.contains(" marked NG"));
     let ng_name = marked(&screen, "NG");
     assert_ne!(ok_name, ng_name);
+    // The person's threshold, remembered in the store, goes to the export.
+    tmux.keys("-");
+    tmux.wait_for("the moved threshold", limit, |s| {
+        s.contains("threshold 0.49")
+    });
     tmux.keys("q");
     tmux.wait_for("a clean exit", limit, |s| s.contains("EXITED:0"));
     drop(tmux);
@@ -226,6 +231,19 @@ fn tui_triage_in_tmux_records_decisions_and_resumes() {
         .map(|r| (file_name(r), r["decision"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(decided.len(), 2, "{decided:?}");
+    let number = |value: &serde_json::Value| value.as_f64().unwrap() as f32;
+    for row in &rows {
+        let at = |t: f32| {
+            if number(&row["score"]) >= t {
+                "anomalous"
+            } else {
+                "ok"
+            }
+        };
+        assert_eq!(number(&row["person_threshold"]), 0.49);
+        assert_eq!(row["person_verdict"], at(0.49), "{row}");
+        assert_eq!(row["verdict"], at(number(&row["threshold"])), "{row}");
+    }
     assert!(
         decided.contains(&(ok_name.clone(), "ok".into())),
         "{decided:?}"
@@ -294,7 +312,7 @@ fn score_db_killed_mid_run_resumes_without_rescoring() {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
-        let rows = flawscope_tui::store::Store::open(&db)
+        let rows = flawscope_results::store::Store::open(&db)
             .and_then(|s| s.all_results())
             .map(|r| r.len())
             .unwrap_or(0);
@@ -370,4 +388,43 @@ fn tui_refuses_a_corrupt_database_before_touching_the_terminal() {
     );
     let out = flawscope(&["export", "--db", db.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn another_applications_database_is_refused_and_left_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    copy_test_images(&images, 1);
+    // Another program's database that happens to have a `results` table.
+    let db = tmp.path().join("other.sqlite");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("CREATE TABLE results (sample TEXT); INSERT INTO results VALUES ('a');")
+            .unwrap();
+    }
+    let before = std::fs::read(&db).unwrap();
+    let model = tmp.path().join("missing.flawscope");
+    for args in [
+        vec![
+            "tui",
+            images.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        vec!["export", "--db", db.to_str().unwrap()],
+    ] {
+        let out = flawscope(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("is not a flawscope results database (application_id"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("CREATE TABLE"), "{stderr}");
+        assert_eq!(std::fs::read(&db).unwrap(), before, "{args:?} changed it");
+        let names = std::fs::read_dir(tmp.path()).unwrap().count();
+        assert_eq!(names, 2, "no -wal / -shm / -journal left beside it");
+    }
 }

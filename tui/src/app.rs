@@ -8,10 +8,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
+use flawscope_results::scoring::{BatchItem, BatchSummary, Preview};
+use flawscope_results::store::{Decision, StoredResult, Verdict};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
-
-use crate::scoring::{BatchItem, BatchSummary, Preview};
-use crate::store::{Decision, StoredResult, Verdict};
 
 /// Threshold step of `+` / `-`.
 pub const THRESHOLD_STEP: f32 = 0.01;
@@ -608,7 +607,7 @@ impl App {
     fn shows(&self, row: &Row) -> bool {
         let by_filter = match self.filter {
             Filter::All => true,
-            Filter::Anomalous => row.score.is_some_and(|s| s >= self.threshold),
+            Filter::Anomalous => row.verdict(self.threshold) == Some(Verdict::Anomalous),
             Filter::Undecided => row.score.is_some() && row.decision == Decision::None,
         };
         by_filter && (self.search.is_empty() || contains_ignore_case(&row.name, &self.search))

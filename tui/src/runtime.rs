@@ -31,18 +31,16 @@ use ratatui::crossterm::event::{self as term_event, Event as TermEvent, KeyEvent
 use ratatui::crossterm::execute;
 use ratatui::{DefaultTerminal, Frame};
 
-use crate::app::{Action, App, Event, SessionInfo};
-use crate::scoring::{
+use flawscope_results::scoring::{
     BatchOptions, InspectorScorer, PREVIEW_SIDE, Preview, ScoreError, Scored, Scorer, never,
     run_batch, store_path,
 };
-use crate::store::{ModelRef, Store, StoreError, file_hash};
+use flawscope_results::store::{ModelRef, Store, StoreError, file_hash};
+
+use crate::app::{Action, App, Event, SessionInfo};
 
 /// The database file used when none is given, inside the image folder.
 pub const DEFAULT_DB_NAME: &str = ".flawscope-results.sqlite";
-
-/// The store setting holding the last threshold used.
-const THRESHOLD_SETTING: &str = "tui.threshold";
 
 /// How long the main loop waits for an event before looking again.
 const POLL: Duration = Duration::from_millis(50);
@@ -177,10 +175,7 @@ pub fn run(options: Options) -> Result<(), TuiError> {
         .unwrap_or_else(|| default_db(&options.folder));
     let store = Store::open(&db)?;
     let model_identity = file_hash(&options.model)?;
-    let threshold = store
-        .setting(THRESHOLD_SETTING)?
-        .and_then(|t| t.parse::<f32>().ok())
-        .unwrap_or(0.5);
+    let threshold = store.person_threshold()?.unwrap_or(0.5);
     let mut app = App::new(
         SessionInfo {
             folder: options.folder.display().to_string(),
@@ -357,7 +352,7 @@ fn perform(action: Action, app: &mut App, store: &Store) {
             }
         }
         Action::SaveThreshold(threshold) => {
-            if let Err(err) = store.set_setting(THRESHOLD_SETTING, &threshold.to_string()) {
+            if let Err(err) = store.set_person_threshold(threshold) {
                 app.report(format!("threshold not saved: {err}"), true);
             }
         }

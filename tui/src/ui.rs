@@ -1,6 +1,8 @@
 //! Drawing the [`App`]: header, progress gauge, the list, the heatmap
 //! preview in coloured half-blocks, the score histogram and the help.
 
+use flawscope_results::scoring::Preview;
+use flawscope_results::store::{Decision, Verdict};
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style, Stylize};
@@ -8,8 +10,6 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Clear, Gauge, Paragraph, Widget, Wrap};
 
 use crate::app::{App, Mode, PreviewState, Row, decision_label};
-use crate::scoring::Preview;
-use crate::store::{Decision, Verdict};
 
 /// Colours of the verdicts and decisions.
 pub const ANOMALOUS: Color = Color::Red;
@@ -294,7 +294,10 @@ pub fn threshold_column(threshold: f32, width: u16) -> u16 {
 }
 
 fn render_histogram(app: &App, area: Rect, buf: &mut Buffer) {
-    let anomalous = app.scores().filter(|s| *s >= app.threshold()).count();
+    let anomalous = app
+        .scores()
+        .filter(|&s| Verdict::at(s, app.threshold()).is_anomalous())
+        .count();
     let block = Block::bordered().title(format!(
         " Scores · threshold {:.2} (+/-) · {} anomalous ",
         app.threshold(),
@@ -314,7 +317,8 @@ fn render_histogram(app: &App, area: Rect, buf: &mut Buffer) {
         let x = inner.x + col as u16;
         // Height in eighths of a cell; any non-empty bin shows.
         let mut eighths = (count * usize::from(bars_height) * 8).div_ceil(max);
-        let colour = if (col as f32 + 0.5) / f32::from(inner.width) >= app.threshold() {
+        let bin_centre = (col as f32 + 0.5) / f32::from(inner.width);
+        let colour = if Verdict::at(bin_centre, app.threshold()).is_anomalous() {
             ANOMALOUS
         } else {
             NORMAL
@@ -411,14 +415,14 @@ fn render_help(app: &App, area: Rect, buf: &mut Buffer) {
 mod tests {
     use std::path::PathBuf;
 
+    use flawscope_results::scoring::{BatchItem, BatchSummary};
+    use flawscope_results::store::StoredResult;
     use ratatui::Terminal;
     use ratatui::backend::TestBackend;
     use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
     use super::*;
     use crate::app::{Event, SessionInfo};
-    use crate::scoring::{BatchItem, BatchSummary};
-    use crate::store::StoredResult;
 
     fn result(name: &str, score: f32) -> StoredResult {
         StoredResult {

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use flawscope_tui::scoring::{
+use flawscope_results::scoring::{
     BatchItem, BatchOptions, ScoreError, Scored, Scorer, never, run_batch, store_path,
 };
-use flawscope_tui::store::{Decision, NewScore, Store, StoreError};
+use flawscope_results::store::{Decision, NewScore, Store, StoreError};
 
 /// Scores from the first byte of the file; counts calls per path; can
 /// "crash" (panic) on the n-th call, like a process killed mid-image.
@@ -69,7 +69,7 @@ fn batch(
     files: &[PathBuf],
     scorer: &FakeScorer,
     db: &Path,
-) -> Result<flawscope_tui::scoring::BatchSummary, StoreError> {
+) -> Result<flawscope_results::scoring::BatchSummary, StoreError> {
     let store = Store::open(db)?;
     let model = store.model("fake.flawscope", "sha256:fake")?;
     let cancel = AtomicBool::new(false);

@@ -5,10 +5,16 @@
 //!   sees a consistent snapshot while a writer (a scoring run) commits rows.
 //! - Every row is committed on its own as soon as it is written: a run that
 //!   is killed loses nothing it had already stored.
-//! - The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] lists
-//!   the steps from an empty file, applied in order inside transactions.
-//! - A file that is not a database, or a damaged one, is
-//!   [`StoreError::Corrupt`], never a panic.
+//! - The file is marked as flawscope's with `PRAGMA application_id`
+//!   ([`APPLICATION_ID`]); the schema is versioned with `PRAGMA
+//!   user_version`, and [`MIGRATIONS`] lists the steps from an empty file,
+//!   applied in order inside transactions.
+//! - Before anything is written, an existing file is read without changing
+//!   it: only an empty database, one of ours, or one written before the mark
+//!   existed (recognised by its exact schema) is opened. Another
+//!   application's database is [`StoreError::Foreign`], a file that is not a
+//!   database or a damaged one [`StoreError::Corrupt`]; both leave the file
+//!   as it was, and neither is a panic.
 //!
 //! A row is keyed by `(path, model)`. The model is identified by the SHA-256
 //! of its file, so a copied or renamed model file is the same model. A
@@ -21,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Schema steps; step `i` takes `user_version` from `i` to `i + 1`.
@@ -53,6 +59,16 @@ pub const MIGRATIONS: &[&str] = &[
     );",
 ];
 
+/// `PRAGMA application_id` of a results database: the bytes "FLWS".
+pub const APPLICATION_ID: i32 = i32::from_be_bytes(*b"FLWS");
+
+/// The store setting holding the threshold a person chose in the TUI
+/// (`+` / `-`).
+pub const PERSON_THRESHOLD_SETTING: &str = "tui.threshold";
+
+/// The first bytes of every SQLite database file.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
 /// UTC time with milliseconds, as SQLite writes it.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
@@ -61,6 +77,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("threshold {0} is not within 0–1")]
+    BadThreshold(f32),
     #[error(
         "{path} is not a flawscope results database or it is damaged ({detail}); move it away or pass another --db"
     )]
@@ -72,6 +90,15 @@ pub enum StoreError {
         path: PathBuf,
         found: i64,
         supported: i64,
+    },
+    #[error(
+        "{path} is not a flawscope results database (application_id {application_id:#010x}, {contents}); it was left unchanged: pass another --db"
+    )]
+    Foreign {
+        path: PathBuf,
+        application_id: u32,
+        /// What the file holds, e.g. `tables: a, b`.
+        contents: String,
     },
     #[error("results database {0} does not exist")]
     Missing(PathBuf),
@@ -96,7 +123,7 @@ pub enum StoreError {
 }
 
 /// A person's call on an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
     None,
@@ -179,20 +206,11 @@ const SELECT_RESULTS: &str =
 
 impl Store {
     /// Opens the database at `path`, creating it (and its schema) if needed.
+    /// An existing file is first read without changing it, and refused
+    /// unless it is empty or a results database.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let found = inspect_file(path)?;
         let conn = Connection::open(path).map_err(|cause| classify(path, cause))?;
-        Self::prepare(conn, path)
-    }
-
-    /// Opens an existing database; a missing file is [`StoreError::Missing`].
-    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
-        if !path.is_file() {
-            return Err(StoreError::Missing(path.to_path_buf()));
-        }
-        Self::open(path)
-    }
-
-    fn prepare(conn: Connection, path: &Path) -> Result<Self, StoreError> {
         let mut store = Self {
             conn,
             path: path.to_path_buf(),
@@ -201,7 +219,11 @@ impl Store {
             .conn
             .busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| store.err(e))?;
-        // The first statement that reads the file: a non-database fails here.
+        if found != Found::Ours(MIGRATIONS.len() as i64) {
+            store.initialise()?;
+        }
+        // Only now is the file known to be ours: switching to WAL rewrites
+        // its header.
         let mode: String = store
             .conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
@@ -222,9 +244,15 @@ impl Store {
             .conn
             .pragma_update(None, "foreign_keys", "ON")
             .map_err(|e| store.err(e))?;
-        store.check_integrity()?;
-        store.migrate()?;
         Ok(store)
+    }
+
+    /// Opens an existing database; a missing file is [`StoreError::Missing`].
+    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        Self::open(path)
     }
 
     fn err(&self, cause: rusqlite::Error) -> StoreError {
@@ -235,23 +263,6 @@ impl Store {
         &self.path
     }
 
-    fn check_integrity(&self) -> Result<(), StoreError> {
-        let mut problems = Vec::new();
-        self.conn
-            .pragma_query(None, "quick_check", |row| {
-                problems.push(row.get::<_, String>(0)?);
-                Ok(())
-            })
-            .map_err(|e| self.err(e))?;
-        if problems.len() == 1 && problems[0] == "ok" {
-            return Ok(());
-        }
-        Err(StoreError::Corrupt {
-            path: self.path.clone(),
-            detail: problems.into_iter().take(3).collect::<Vec<_>>().join("; "),
-        })
-    }
-
     /// The schema version of the open file.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         self.conn
@@ -259,39 +270,29 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    fn migrate(&mut self) -> Result<(), StoreError> {
-        let supported = MIGRATIONS.len() as i64;
-        if self.schema_version()? == supported {
-            return Ok(());
-        }
+    /// Stamps and migrates the file to the latest schema, in one
+    /// transaction that first looks at the file again under the write lock
+    /// (another process may have changed it since [`inspect_file`]).
+    fn initialise(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
+        let sql = |e| classify(&path, e);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| classify(&path, e))?;
-        // Read again under the write lock: another process may have migrated.
-        let found: i64 = tx
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(|e| classify(&path, e))?;
-        if found > supported {
-            return Err(StoreError::TooNew {
-                path,
-                found,
-                supported,
-            });
-        }
-        if found < 0 {
-            return Err(StoreError::Corrupt {
-                path,
-                detail: format!("schema version {found}"),
-            });
-        }
-        for (step, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-            tx.execute_batch(sql).map_err(|e| classify(&path, e))?;
+            .map_err(sql)?;
+        let from = match inspect(&tx, &path)? {
+            Found::Ours(version) if version == MIGRATIONS.len() as i64 => return Ok(()),
+            Found::Empty => 0,
+            Found::Ours(version) | Found::Unstamped(version) => version,
+        };
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(sql)?;
+        for (step, migration) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+            tx.execute_batch(migration).map_err(sql)?;
             tx.pragma_update(None, "user_version", step as i64 + 1)
-                .map_err(|e| classify(&path, e))?;
+                .map_err(sql)?;
         }
-        tx.commit().map_err(|e| classify(&path, e))
+        tx.commit().map_err(sql)
     }
 
     /// The store's entry for a model, created on first use.
@@ -461,6 +462,29 @@ impl Store {
             .map_err(|e| self.err(e))?;
         Ok(())
     }
+
+    /// The threshold a person chose in the TUI, if one was ever set.
+    pub fn person_threshold(&self) -> Result<Option<f32>, StoreError> {
+        let Some(text) = self.setting(PERSON_THRESHOLD_SETTING)? else {
+            return Ok(None);
+        };
+        match text.parse::<f32>() {
+            Ok(threshold) if (0.0..=1.0).contains(&threshold) => Ok(Some(threshold)),
+            _ => Err(StoreError::BadValue {
+                path: self.path.clone(),
+                field: "person threshold",
+                value: text,
+            }),
+        }
+    }
+
+    /// Remembers the threshold a person chose (0–1).
+    pub fn set_person_threshold(&self, threshold: f32) -> Result<(), StoreError> {
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(StoreError::BadThreshold(threshold));
+        }
+        self.set_setting(PERSON_THRESHOLD_SETTING, &threshold.to_string())
+    }
 }
 
 /// A row as SQLite returns it, checked by [`RawRow::into_result`].
@@ -538,6 +562,221 @@ fn classify(path: &Path, cause: rusqlite::Error) -> StoreError {
             cause,
         },
     }
+}
+
+/// What an existing database holds, as far as opening it is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// No schema and no marks: ours to initialise.
+    Empty,
+    /// Marked with [`APPLICATION_ID`], at this schema version.
+    Ours(i64),
+    /// Not marked, but exactly the schema of this version: written by a
+    /// flawscope from before the mark.
+    Unstamped(i64),
+}
+
+/// Looks at the file at `path` without changing a byte of it (nor creating
+/// `-wal` / `-shm` files beside it) and says whether it may be opened.
+fn inspect_file(path: &Path) -> Result<Found, StoreError> {
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Empty),
+        Err(cause) => {
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                cause,
+            });
+        }
+    };
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    };
+    if !metadata.is_file() {
+        return Err(corrupt("not a regular file"));
+    }
+    if metadata.len() == 0 {
+        return Ok(Found::Empty);
+    }
+    let mut header = [0u8; 100];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut header))
+        .map_err(|cause| match cause.kind() {
+            std::io::ErrorKind::UnexpectedEof => corrupt("file is not a database"),
+            _ => StoreError::Io {
+                path: path.to_path_buf(),
+                cause,
+            },
+        })?;
+    if &header[..16] != SQLITE_MAGIC {
+        return Err(corrupt("file is not a database"));
+    }
+    // A read-only connection to a WAL-mode file creates `-wal` and `-shm`
+    // files and leaves them; without a `-wal` file the main file holds
+    // everything, so it is read as immutable (no locks, no side files).
+    let wal_mode = header[18] == 2 || header[19] == 2;
+    let immutable = wal_mode && !side_file(path, "-wal").exists();
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+        | rusqlite::OpenFlags::SQLITE_OPEN_URI
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let sql = |e| classify(path, e);
+    let conn = Connection::open_with_flags(file_uri(path, immutable), flags).map_err(sql)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+    let found = inspect(&conn, path)?;
+    if found != Found::Empty {
+        check_integrity(&conn, path)?;
+    }
+    Ok(found)
+}
+
+/// Classifies the database open on `conn`; only reads.
+fn inspect(conn: &Connection, path: &Path) -> Result<Found, StoreError> {
+    let sql = |e| classify(path, e);
+    let application_id: i32 = conn
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(sql)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(sql)?;
+    let layout = schema_layout(conn).map_err(sql)?;
+    let supported = MIGRATIONS.len() as i64;
+    if application_id == APPLICATION_ID {
+        if version > supported {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                supported,
+            });
+        }
+        if version < 0 {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("schema version {version}"),
+            });
+        }
+        return Ok(Found::Ours(version));
+    }
+    if application_id == 0 {
+        if layout.is_empty() && version == 0 {
+            return Ok(Found::Empty);
+        }
+        if (1..=supported).contains(&version)
+            && layout == schema_of_version(version).map_err(sql)?
+        {
+            return Ok(Found::Unstamped(version));
+        }
+    }
+    let tables: Vec<&str> = layout
+        .iter()
+        .filter_map(|entry| entry.strip_prefix("table "))
+        .collect();
+    let contents = if tables.is_empty() {
+        format!("no tables, user_version {version}")
+    } else {
+        format!("tables: {}", tables.join(", "))
+    };
+    Err(StoreError::Foreign {
+        path: path.to_path_buf(),
+        // The id is a 32-bit tag: shown as its bits.
+        application_id: application_id as u32,
+        contents,
+    })
+}
+
+/// The database's schema as sorted lines: `table T`, `column T.C TYPE`,
+/// `index I ON T`, `view V`, `trigger R` (SQLite's own objects left out).
+fn schema_layout(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut layout = Vec::new();
+    let mut objects = conn.prepare(
+        "SELECT type, name, tbl_name FROM sqlite_master
+         WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY type, name",
+    )?;
+    let mut rows = objects.query([])?;
+    while let Some(row) = rows.next()? {
+        let (kind, name, table): (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        match kind.as_str() {
+            "table" => layout.push(format!("table {name}")),
+            "index" => layout.push(format!("index {name} ON {table}")),
+            _ => layout.push(format!("{kind} {name}")),
+        }
+    }
+    let mut columns = conn.prepare(
+        "SELECT m.name, c.name, c.type, c.\"notnull\", c.pk
+         FROM sqlite_master m, pragma_table_info(m.name) c
+         WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+    )?;
+    let mut rows = columns.query([])?;
+    while let Some(row) = rows.next()? {
+        let (table, column, kind, not_null, pk): (String, String, String, bool, i64) = (
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+        );
+        layout.push(format!(
+            "column {table}.{column} {kind} not_null={not_null} pk={pk}"
+        ));
+    }
+    layout.sort();
+    Ok(layout)
+}
+
+/// The layout [`MIGRATIONS`] up to `version` create, built in memory.
+fn schema_of_version(version: i64) -> rusqlite::Result<Vec<String>> {
+    let conn = Connection::open_in_memory()?;
+    for migration in MIGRATIONS.iter().take(version.max(0) as usize) {
+        conn.execute_batch(migration)?;
+    }
+    schema_layout(&conn)
+}
+
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let mut problems = Vec::new();
+    conn.pragma_query(None, "quick_check", |row| {
+        problems.push(row.get::<_, String>(0)?);
+        Ok(())
+    })
+    .map_err(|e| classify(path, e))?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: problems.into_iter().take(3).collect::<Vec<_>>().join("; "),
+    })
+}
+
+/// `path` with `suffix` appended to its file name (SQLite's side files).
+fn side_file(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// A read-only `file:` URI for `path`, every byte outside the unreserved
+/// set percent-encoded (SQLite decodes them back to the same bytes).
+fn file_uri(path: &Path, immutable: bool) -> String {
+    use std::fmt::Write;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut uri = String::from("file:");
+    if !absolute.as_os_str().as_encoded_bytes().starts_with(b"/") {
+        uri.push('/');
+    }
+    for &byte in absolute.as_os_str().as_encoded_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(uri, "%{byte:02X}");
+        }
+    }
+    uri.push_str("?mode=ro");
+    if immutable {
+        uri.push_str("&immutable=1");
+    }
+    uri
 }
 
 /// Paths are stored as text; a non-UTF-8 path is stored lossily.

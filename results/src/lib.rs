@@ -1,0 +1,14 @@
+//! The results store and what reads or fills it: one SQLite file per
+//! folder or run holding every image's score, verdict and a person's
+//! decision, shared by `flawscope score --db`, `flawscope tui` and
+//! `flawscope export`.
+//!
+//! - [`store`]: the store itself (WAL, versioned schema, marked as
+//!   flawscope's; another application's database is refused untouched).
+//! - [`scoring`]: resumable batch scoring into the store.
+//! - [`export`]: the rows as CSV or JSON lines, with the verdict at the
+//!   model's threshold and at the person's.
+
+pub mod export;
+pub mod scoring;
+pub mod store;

@@ -1,0 +1,147 @@
+//! `export`: which threshold each verdict used, CSV and JSON lines that read
+//! back to the same rows.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use flawscope_results::export::{ExportRow, rows, write_csv, write_jsonl};
+use flawscope_results::store::{Decision, NewScore, Store, Verdict};
+
+fn store_with_rows(db: &Path) -> Store {
+    let store = Store::open(db).unwrap();
+    let model = store.model("cells.flawscope", "sha256:m").unwrap();
+    for (name, score) in [
+        ("low.png", 0.3),
+        ("odd, \"name\".png", 0.45),
+        ("high.png", 0.7),
+    ] {
+        let path = Path::new("/img").join(name);
+        store
+            .record_score(
+                &model,
+                &NewScore {
+                    path: &path,
+                    content_hash: &format!("sha256:{name}"),
+                    score,
+                    raw_score: score * 10.0,
+                    threshold: 0.5,
+                },
+            )
+            .unwrap();
+    }
+    store
+        .set_decision(
+            &Path::new("/img").join("high.png"),
+            "sha256:high.png",
+            Decision::Ng,
+        )
+        .unwrap();
+    store
+}
+
+fn by_name<'a>(rows: &'a [ExportRow], name: &str) -> &'a ExportRow {
+    rows.iter().find(|r| r.path.ends_with(name)).unwrap()
+}
+
+#[test]
+fn each_verdict_states_its_threshold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_with_rows(&tmp.path().join("r.sqlite"));
+
+    // No person threshold yet: only the model's verdict.
+    let exported = rows(&store).unwrap();
+    assert_eq!(exported.len(), 3);
+    for row in &exported {
+        assert_eq!(row.threshold, 0.5);
+        assert_eq!(row.verdict, Verdict::at(row.score, 0.5));
+        assert_eq!((row.person_threshold, row.person_verdict), (None, None));
+    }
+
+    // A person moved the threshold to 0.4 in the TUI: the model's verdict
+    // stays, the person's follows the new threshold.
+    store.set_person_threshold(0.4).unwrap();
+    let exported = rows(&store).unwrap();
+    let odd = by_name(&exported, "odd, \"name\".png");
+    assert_eq!((odd.verdict, odd.threshold), (Verdict::Ok, 0.5));
+    assert_eq!(odd.person_threshold, Some(0.4));
+    assert_eq!(odd.person_verdict, Some(Verdict::Anomalous));
+    let low = by_name(&exported, "low.png");
+    assert_eq!(low.person_verdict, Some(Verdict::Ok));
+    let high = by_name(&exported, "high.png");
+    assert_eq!(
+        (high.verdict, high.person_verdict, high.decision),
+        (Verdict::Anomalous, Some(Verdict::Anomalous), Decision::Ng)
+    );
+    assert!(store.set_person_threshold(1.5).is_err());
+}
+
+#[test]
+fn csv_has_a_header_and_reads_back_to_the_same_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_with_rows(&tmp.path().join("r.sqlite"));
+    for person in [None, Some(0.4)] {
+        if let Some(threshold) = person {
+            store.set_person_threshold(threshold).unwrap();
+        }
+        let exported = rows(&store).unwrap();
+        let mut text = Vec::new();
+        write_csv(&exported, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.starts_with(
+                "path,content_hash,model,model_identity,score,raw_score,threshold,verdict,\
+                 person_threshold,person_verdict,decision,decided_at,scored_at\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 4, "{text}");
+        // The person's columns are empty while no threshold was set.
+        let low = text.lines().find(|l| l.contains("low.png")).unwrap();
+        let expected = match person {
+            None => ",0.5,ok,,,none,",
+            Some(_) => ",0.5,ok,0.4,ok,none,",
+        };
+        assert!(low.contains(expected), "{low}");
+        let back: Vec<ExportRow> = csv::Reader::from_reader(text.as_bytes())
+            .deserialize()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(back, exported);
+    }
+}
+
+#[test]
+fn jsonl_reads_back_to_the_same_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_with_rows(&tmp.path().join("r.sqlite"));
+    let exported = rows(&store).unwrap();
+    let mut text = Vec::new();
+    write_jsonl(&exported, &mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    let values: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(values.len(), 3);
+    assert!(values.iter().all(|v| v["person_threshold"].is_null()));
+    let back: Vec<ExportRow> = values
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    assert_eq!(back, exported);
+}
+
+#[test]
+fn an_empty_store_exports_the_csv_header_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("r.sqlite")).unwrap();
+    let mut text = Vec::new();
+    write_csv(&rows(&store).unwrap(), &mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(text.lines().count(), 1);
+    assert!(text.starts_with("path,content_hash,"), "{text}");
+    assert!(text.trim_end().ends_with(",decided_at,scored_at"), "{text}");
+    let mut text = Vec::new();
+    write_jsonl(&[], &mut text).unwrap();
+    assert!(text.is_empty());
+}
