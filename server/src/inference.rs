@@ -1,5 +1,6 @@
-//! Decoding and scoring off the async runtime, in `spawn_blocking`, while an
-//! inference slot is held.
+//! Decoding and scoring off the async runtime, in `spawn_blocking`:
+//! decoding before an inference slot is taken (a bad image is refused
+//! whatever the load), scoring while one is held.
 
 use std::sync::Arc;
 
@@ -101,24 +102,25 @@ where
     .map_err(|join| ApiError::Internal(format!("inference task failed: {join}")))?
 }
 
-/// Decodes image bytes within the pixel budget.
-pub fn decode(state: &AppState, bytes: &[u8]) -> Result<Rgb32FImage, ApiError> {
-    decode_image(bytes, "the uploaded image", &state.config().image_limits)
-        .map_err(|e| ApiError::from_image(&e))
+/// Decodes image bytes within the pixel budget, on the blocking pool and
+/// without a slot.
+pub async fn decode(state: &AppState, bytes: Bytes) -> Result<Rgb32FImage, ApiError> {
+    let limits = state.config().image_limits;
+    tokio::task::spawn_blocking(move || {
+        decode_image(&bytes, "the uploaded image", &limits).map_err(|e| ApiError::from_image(&e))
+    })
+    .await
+    .map_err(|join| ApiError::Internal(format!("decoding task failed: {join}")))?
 }
 
-/// Decodes and scores `bytes` with `model`.
+/// Scores a decoded image with `model`.
 pub async fn inspect(
-    state: &AppState,
     model: Arc<AnyModel>,
-    bytes: Bytes,
+    image: Rgb32FImage,
     extras: Extras,
     slot: Slot,
 ) -> Result<Scored, ApiError> {
-    let state = state.clone();
     blocking(slot, move || {
-        let image = decode(&state, &bytes)?;
-        drop(bytes);
         let inspection = model.inspect(&image).map_err(|e| ApiError::from_core(&e))?;
         let heatmap_png = if extras.heatmap_png {
             let png = overlay_png(&image, &inspection.map).map_err(|e| ApiError::from_core(&e))?;
