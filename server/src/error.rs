@@ -197,4 +197,6 @@ pub enum ServerError {
     EmptyToken(PathBuf),
     #[error("invalid setting: {0}")]
     InvalidConfig(String),
+    #[error("cannot start the image decoding threads: {0}")]
+    DecodeThreads(#[source] rayon::ThreadPoolBuildError),
 }

@@ -1,6 +1,6 @@
-//! Decoding and scoring off the async runtime, in `spawn_blocking`:
-//! decoding before an inference slot is taken (a bad image is refused
-//! whatever the load), scoring while one is held.
+//! Decoding and scoring off the async runtime: decoding on a few threads of
+//! its own before an inference slot is taken (a bad image is refused
+//! whatever the load), scoring in `spawn_blocking` while one is held.
 
 use std::sync::Arc;
 
@@ -102,15 +102,20 @@ where
     .map_err(|join| ApiError::Internal(format!("inference task failed: {join}")))?
 }
 
-/// Decodes image bytes within the pixel budget, on the blocking pool and
+/// Decodes image bytes within the pixel budget, on the decoding threads and
 /// without a slot.
 pub async fn decode(state: &AppState, bytes: Bytes) -> Result<Rgb32FImage, ApiError> {
     let limits = state.config().image_limits;
-    tokio::task::spawn_blocking(move || {
-        decode_image(&bytes, "the uploaded image", &limits).map_err(|e| ApiError::from_image(&e))
-    })
-    .await
-    .map_err(|join| ApiError::Internal(format!("decoding task failed: {join}")))?
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    state.decoders().spawn(move || {
+        let decoded = decode_image(&bytes, "the uploaded image", &limits)
+            .map_err(|e| ApiError::from_image(&e));
+        // Nobody listens when the request has gone meanwhile.
+        let _ = sender.send(decoded);
+    });
+    receiver
+        .await
+        .map_err(|_| ApiError::Internal("decoding the image failed (panic)".into()))?
 }
 
 /// Scores a decoded image with `model`.

@@ -1155,14 +1155,31 @@ async fn invalid_uploads_are_refused_at_once_while_all_slots_are_busy() {
     let uri = "/v1/models/cells/score";
     let fast = queue_wait / 5;
 
-    for (body, code) in [
-        (Vec::new(), "empty_image"),
-        (b"definitely not an image".to_vec(), "unsupported_image"),
+    let not_png = base64::engine::general_purpose::STANDARD.encode(b"not an image");
+    let oip = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [not_png]}]});
+    for (route, body, code) in [
+        (uri, Vec::new(), "empty_image"),
+        (
+            uri,
+            b"definitely not an image".to_vec(),
+            "unsupported_image",
+        ),
+        ("/v1/ask", good_png(), "expected_multipart"),
+        (
+            "/v2/models/cells/infer",
+            b"{}".to_vec(),
+            "invalid_inference_request",
+        ),
+        (
+            "/v2/models/cells/infer",
+            oip.to_string().into_bytes(),
+            "unsupported_image",
+        ),
     ] {
-        let (status, v, took) = exchange(addr, uri, &body).await;
-        assert_eq!(status, 400, "{v}");
-        assert_eq!(v["error"]["code"], code);
-        assert!(took < fast, "{code} took {took:?}");
+        let (status, v, took) = exchange(addr, route, &body).await;
+        assert_eq!(status, 400, "{route}: {v}");
+        assert_eq!(v["error"]["code"], code, "{route}");
+        assert!(took < fast, "{route} {code} took {took:?}");
     }
 
     // 22 MB declared: refused from the head.
