@@ -32,6 +32,8 @@ pub enum ApiError {
     ShuttingDown,
     #[error("the request took longer than {0:?}")]
     Timeout(std::time::Duration),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     /// Logged with its detail; the client sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -56,6 +58,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +75,7 @@ impl ApiError {
             Self::ZeroShotUnavailable(_) => "zero_shot_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::Timeout(_) => "timeout",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::Internal(_) => "internal",
         }
     }
@@ -130,8 +134,10 @@ pub fn error_json(code: &str, message: &str) -> Vec<u8> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Self::Internal(detail) = &self {
-            eprintln!("flawscope serve: internal error: {detail}");
+        match &self {
+            Self::Internal(detail) => tracing::error!(%detail, "internal error"),
+            Self::Timeout(limit) => tracing::warn!(?limit, "request timed out"),
+            other => tracing::debug!(code = other.code(), message = %other, "request refused"),
         }
         let status = self.status();
         let body = error_json(self.code(), &self.public_message());
@@ -191,4 +197,6 @@ pub enum ServerError {
     EmptyToken(PathBuf),
     #[error("invalid setting: {0}")]
     InvalidConfig(String),
+    #[error("cannot start the image decoding threads: {0}")]
+    DecodeThreads(#[source] rayon::ThreadPoolBuildError),
 }

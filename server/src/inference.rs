@@ -1,5 +1,6 @@
-//! Decoding and scoring off the async runtime, in `spawn_blocking`, while an
-//! inference slot is held.
+//! Decoding and scoring off the async runtime: decoding on a few threads of
+//! its own before an inference slot is taken (a bad image is refused
+//! whatever the load), scoring in `spawn_blocking` while one is held.
 
 use std::sync::Arc;
 
@@ -108,24 +109,30 @@ where
     .map_err(|join| ApiError::Internal(format!("inference task failed: {join}")))?
 }
 
-/// Decodes image bytes within the pixel budget.
-pub fn decode(state: &AppState, bytes: &[u8]) -> Result<Rgb32FImage, ApiError> {
-    decode_image(bytes, "the uploaded image", &state.config().image_limits)
-        .map_err(|e| ApiError::from_image(&e))
+/// Decodes image bytes within the pixel budget, on the decoding threads and
+/// without a slot.
+pub async fn decode(state: &AppState, bytes: Bytes) -> Result<Rgb32FImage, ApiError> {
+    let limits = state.config().image_limits;
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    state.decoders().spawn(move || {
+        let decoded = decode_image(&bytes, "the uploaded image", &limits)
+            .map_err(|e| ApiError::from_image(&e));
+        // Nobody listens when the request has gone meanwhile.
+        let _ = sender.send(decoded);
+    });
+    receiver
+        .await
+        .map_err(|_| ApiError::Internal("decoding the image failed (panic)".into()))?
 }
 
-/// Decodes and scores `bytes` with `model`.
+/// Scores a decoded image with `model`.
 pub async fn inspect(
-    state: &AppState,
     model: Arc<Model>,
-    bytes: Bytes,
+    image: Rgb32FImage,
     extras: Extras,
     slot: Slot,
 ) -> Result<Scored, ApiError> {
-    let state = state.clone();
     blocking(slot, move || {
-        let image = decode(&state, &bytes)?;
-        drop(bytes);
         let inspection = model.inspect(&image).map_err(|e| ApiError::from_core(&e))?;
         scored(&image, inspection, extras)
     })

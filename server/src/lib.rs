@@ -1,6 +1,7 @@
 //! HTTP service: scores images sent by bots and other programs with the
 //! models of a folder and answers with JSON (own `/v1` API, chat-ops
-//! `/v1/ask`, Open Inference Protocol v2, Prometheus `/metrics`).
+//! `/v1/ask`, Open Inference Protocol v2, Prometheus `/metrics`). Logs go
+//! through `tracing`; the binary installs the subscriber.
 
 mod answer;
 mod error;
@@ -43,7 +44,7 @@ where
     let signal = async move {
         shutdown.await;
         draining.set_draining();
-        eprintln!("flawscope serve: shutting down; finishing the requests in flight");
+        tracing::info!("shutting down; finishing the requests in flight");
         let _ = started_tx.send(());
     };
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(signal);
@@ -57,7 +58,7 @@ where
     tokio::select! {
         result = server.into_future() => result,
         () = deadline => {
-            eprintln!("flawscope serve: requests still open after {grace:?}; stopping anyway");
+            tracing::warn!(?grace, "requests still open after the grace period; stopping anyway");
             Ok(())
         }
     }

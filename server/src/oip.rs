@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::inference::{Extras, inspect};
+use crate::inference::{Extras, decode, inspect};
 use crate::routes::model_name;
 use crate::state::AppState;
 use crate::upload::read_body;
@@ -212,7 +212,9 @@ pub async fn infer(
              base64 BYTES element (binary_data=False)",
         ));
     }
-    let slot = state.slot().await?;
+    // The request is read, parsed and its image decoded before a slot is
+    // taken, so a slow or bad upload never holds one.
+    let _body = state.body_permit()?;
     let body = read_body(&state, request).await?;
     let parsed: InferRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
@@ -238,7 +240,9 @@ pub async fn infer(
         heatmap_png: false,
         map: wanted.contains(&OUTPUT_ANOMALY_MAP),
     };
-    let mut scored = inspect(&state, model, image.into(), extras, slot).await?;
+    let image = decode(&state, image.into()).await?;
+    let slot = state.slot().await?;
+    let mut scored = inspect(model, image, extras, slot).await?;
     let mut outputs = Vec::with_capacity(wanted.len());
     for w in wanted {
         let output = match w {

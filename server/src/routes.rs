@@ -4,13 +4,13 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::answer::describe;
@@ -52,19 +52,26 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Counts every request (including refused ones) by route pattern.
+/// Counts and logs every request (including refused ones) by route pattern.
 async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = request.method().clone();
     let may_leave_body_unread = has_body(request.headers());
     let _in_flight = state.metrics().start();
     let started = Instant::now();
     let mut response = next.run(request).await;
-    state
-        .metrics()
-        .record(&route, response.status().as_u16(), started.elapsed());
+    let (status, elapsed) = (response.status().as_u16(), started.elapsed());
+    state.metrics().record(&route, status, elapsed);
+    tracing::info!(
+        %method,
+        route,
+        status,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
     // An error answered before the body was read leaves the connection
     // unusable; say so instead of letting the client find a broken pipe.
     if may_leave_body_unread
@@ -159,6 +166,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "Inference slots in all (--max-concurrent).",
             state.config().max_concurrent as f64,
         ),
+        (
+            "flawscope_request_bodies_held",
+            "Requests holding a body (being read, decoded, queued or scored).",
+            state.buffered() as f64,
+        ),
     ]);
     (
         [(
@@ -196,41 +208,45 @@ pub fn model_name(path: Result<Path<String>, PathRejection>) -> Result<String, A
         .map_err(|_| ApiError::NotFound("no such model".into()))
 }
 
+/// The query of `/v1/models/{name}/score`; other keys are ignored.
+#[derive(Debug, Deserialize)]
+struct ScoreQuery {
+    heatmap: Option<String>,
+}
+
 /// `?heatmap=png` → true; other `heatmap` values → 400.
-fn wants_heatmap(query: Option<&str>) -> Result<bool, ApiError> {
-    let mut wanted = false;
-    for pair in query.unwrap_or("").split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if key == "heatmap" {
-            if value != "png" {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    "heatmap must be \"png\" (the only format)",
-                ));
-            }
-            wanted = true;
-        }
+fn wants_heatmap(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<bool, ApiError> {
+    let invalid =
+        || ApiError::bad_request("invalid_query", "heatmap must be \"png\" (the only format)");
+    let Query(query) = query.map_err(|_| invalid())?;
+    match query.heatmap.as_deref() {
+        None => Ok(false),
+        Some("png") => Ok(true),
+        Some(_) => Err(invalid()),
     }
-    Ok(wanted)
 }
 
 /// `POST /v1/models/{name}/score`: raw image body or multipart `image`.
 async fn score(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ScoreQuery>, QueryRejection>,
     request: Request,
 ) -> Result<Json<ScoreResponse>, ApiError> {
     let started = Instant::now();
     let name = model_name(path)?;
     let model = state.model(&name)?;
     let extras = Extras {
-        heatmap_png: wants_heatmap(request.uri().query())?,
+        heatmap_png: wants_heatmap(query)?,
         map: false,
     };
-    let slot = state.slot().await?;
+    // The body is read and decoded before a slot is taken, so a slow or
+    // bad upload never holds one.
+    let _body = state.body_permit()?;
     let mut upload = read_upload(&state, request, RawBody::Image, &[]).await?;
-    let image = upload.require_image()?;
-    let scored = inspect(&state, model, image, extras, slot).await?;
+    let image = decode(&state, upload.require_image()?).await?;
+    let slot = state.slot().await?;
+    let scored = inspect(model, image, extras, slot).await?;
     Ok(Json(scored.response(&name, started)))
 }
 
@@ -284,13 +300,14 @@ async fn ask(
     request: Request,
 ) -> Result<Json<AskResponse>, ApiError> {
     let started = Instant::now();
-    let slot = state.slot().await?;
+    let _body = state.body_permit()?;
     let mut upload = read_upload(&state, request, RawBody::Refused, &["text", "model"]).await?;
     let question = upload.text("text").unwrap_or("").to_owned();
     let name = choose_model(&state, upload.text("model"), &question)?;
     let model = state.model(&name)?;
-    let image = upload.require_image()?;
-    let scored = inspect(&state, model, image, Extras::default(), slot).await?;
+    let image = decode(&state, upload.require_image()?).await?;
+    let slot = state.slot().await?;
+    let scored = inspect(model, image, Extras::default(), slot).await?;
     let answer = describe(&name, &scored);
     Ok(Json(AskResponse {
         answer,
@@ -304,18 +321,19 @@ async fn ask(
 /// 503 while no zero-shot engine is configured.
 async fn zero_shot(
     State(state): State<AppState>,
+    query: Result<Query<ScoreQuery>, QueryRejection>,
     request: Request,
 ) -> Result<Json<ScoreResponse>, ApiError> {
     let started = Instant::now();
     let extras = Extras {
-        heatmap_png: wants_heatmap(request.uri().query())?,
+        heatmap_png: wants_heatmap(query)?,
         map: false,
     };
     let engine = match state.zero_shot() {
         ZeroShot::Engine(engine) => engine.clone(),
         ZeroShot::Unavailable(reason) => return Err(ApiError::ZeroShotUnavailable(reason.clone())),
     };
-    let slot = state.slot().await?;
+    let _body = state.body_permit()?;
     let mut upload = read_upload(&state, request, RawBody::Refused, &["object", "prompt"]).await?;
     let object = upload
         .text("object")
@@ -348,16 +366,15 @@ async fn zero_shot(
             format!("at most {MAX_PROMPTS} prompts"),
         ));
     }
-    let image = upload.require_image()?;
+    let image = decode(&state, upload.require_image()?).await?;
+    let slot = state.slot().await?;
     let scored = {
-        let state = state.clone();
         let (object, prompts) = (object.clone(), prompts.clone());
         blocking(slot, move || {
-            let decoded = decode(&state, &image)?;
             let inspection = engine
-                .inspect(&decoded, &object, &prompts)
+                .inspect(&image, &object, &prompts)
                 .map_err(|e| ApiError::from_core(&e))?;
-            scored(&decoded, inspection, extras)
+            scored(&image, inspection, extras)
         })
         .await?
     };
@@ -371,12 +388,25 @@ async fn zero_shot(
 mod tests {
     use super::*;
 
+    fn heatmap(uri: &str) -> Result<bool, ApiError> {
+        let uri: axum::http::Uri = uri.parse().unwrap();
+        wants_heatmap(Query::try_from_uri(&uri))
+    }
+
     #[test]
     fn heatmap_query() {
-        assert!(!wants_heatmap(None).unwrap());
-        assert!(wants_heatmap(Some("heatmap=png")).unwrap());
-        assert!(wants_heatmap(Some("x=1&heatmap=png")).unwrap());
-        assert!(wants_heatmap(Some("heatmap=jpeg")).is_err());
-        assert!(wants_heatmap(Some("heatmap")).is_err());
+        assert!(!heatmap("/s").unwrap());
+        assert!(!heatmap("/s?x=1").unwrap());
+        assert!(heatmap("/s?heatmap=png").unwrap());
+        assert!(heatmap("/s?x=1&heatmap=png").unwrap());
+        for bad in [
+            "/s?heatmap=jpeg",
+            "/s?heatmap",
+            "/s?heatmap=",
+            "/s?heatmap=PNG",
+        ] {
+            let err = heatmap(bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_query", "{bad}");
+        }
     }
 }

@@ -33,6 +33,9 @@ pub struct ServerConfig {
     pub queue_wait: Duration,
     /// Longest time one request may take.
     pub timeout: Duration,
+    /// Longest time to receive a request body, from when reading starts;
+    /// 408 after that. Bodies are read before an inference slot is taken.
+    pub body_timeout: Duration,
     /// Largest request body in bytes.
     pub body_limit: usize,
     /// Pixel budget, checked from the image header before decoding.
@@ -48,6 +51,16 @@ impl ServerConfig {
             ..self
         }
     }
+
+    /// Requests that may hold a body (being read, decoded, queued or scored)
+    /// at once; beyond that a request is refused with 503 before its body
+    /// is read. Twice what the slots and the queue can admit, so uploads in
+    /// progress do not crowd out the admitted ones.
+    pub fn max_buffered(&self) -> usize {
+        self.max_concurrent
+            .saturating_add(self.max_queued)
+            .saturating_mul(2)
+    }
 }
 
 impl Default for ServerConfig {
@@ -59,6 +72,7 @@ impl Default for ServerConfig {
             max_queued: 0,
             queue_wait: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(10),
             body_limit: 20 * 1024 * 1024,
             image_limits: ImageLimits::default(),
         }
@@ -150,6 +164,12 @@ pub struct AppState {
     config: Arc<ServerConfig>,
     token: Option<Token>,
     slots: Arc<Semaphore>,
+    /// Bounds the request bodies held at once ([`ServerConfig::max_buffered`]).
+    bodies: Arc<Semaphore>,
+    /// Decodes uploads before they wait for a slot. Its own few threads,
+    /// not Tokio's blocking pool: inference then stays on few threads and so
+    /// in few allocator arenas (sharing the pool doubled the benchmark's RSS).
+    decoders: Arc<rayon::ThreadPool>,
     /// Requests waiting for a slot now.
     queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -162,6 +182,10 @@ pub struct AppState {
 #[derive(Clone)]
 pub struct Slot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
+/// Leave to hold one request body (and the image decoded from it) until
+/// dropped.
+pub(crate) struct BodyPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+
 impl AppState {
     /// State serving `models` under their names.
     pub fn new(models: Vec<ServedModel>, config: ServerConfig) -> Result<Self, ServerError> {
@@ -170,9 +194,9 @@ impl AppState {
                 "the concurrency limit must be at least 1".into(),
             ));
         }
-        if config.timeout.is_zero() {
+        if config.timeout.is_zero() || config.body_timeout.is_zero() {
             return Err(ServerError::InvalidConfig(
-                "the request timeout must be positive".into(),
+                "the request and body timeouts must be positive".into(),
             ));
         }
         if config.body_limit == 0 {
@@ -180,6 +204,15 @@ impl AppState {
                 "the body limit must be positive".into(),
             ));
         }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let decoders = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.max_concurrent.min(cores))
+            .thread_name(|i| format!("flawscope-decode-{i}"))
+            // A decoder that panics on a hostile file fails that request
+            // (500), not the process.
+            .panic_handler(|_| tracing::error!("an image decoder panicked"))
+            .build()
+            .map_err(ServerError::DecodeThreads)?;
         let mut map = BTreeMap::new();
         for model in models {
             if !is_servable_name(&model.name) {
@@ -190,6 +223,10 @@ impl AppState {
         Ok(Self {
             models: Arc::new(map),
             slots: Arc::new(Semaphore::new(config.max_concurrent)),
+            decoders: Arc::new(decoders),
+            bodies: Arc::new(Semaphore::new(
+                config.max_buffered().min(Semaphore::MAX_PERMITS),
+            )),
             queued: Arc::new(AtomicUsize::new(0)),
             config: Arc::new(config),
             token: None,
@@ -270,6 +307,28 @@ impl AppState {
             Ok(Ok(permit)) => Ok(Slot(Arc::new(permit))),
             Ok(Err(_)) | Err(_) => Err(ApiError::Overloaded),
         }
+    }
+
+    /// Leave to read a request body, or 503 at once when
+    /// [`ServerConfig::max_buffered`] bodies are already held.
+    pub(crate) fn body_permit(&self) -> Result<BodyPermit, ApiError> {
+        Arc::clone(&self.bodies)
+            .try_acquire_owned()
+            .map(BodyPermit)
+            .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// The threads that decode uploads.
+    pub(crate) fn decoders(&self) -> &rayon::ThreadPool {
+        &self.decoders
+    }
+
+    /// Request bodies held now (being read, decoded, queued or scored).
+    pub fn buffered(&self) -> usize {
+        self.config
+            .max_buffered()
+            .min(Semaphore::MAX_PERMITS)
+            .saturating_sub(self.bodies.available_permits())
     }
 
     /// Requests waiting for a slot now.

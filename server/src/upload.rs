@@ -1,5 +1,6 @@
 //! Reading request bodies: raw bytes, or a multipart form with an `image`
-//! file and a few short text fields. Every failure maps to 400 or 413.
+//! file and a few short text fields, within the body deadline. Every
+//! failure maps to 400, 408 or 413.
 
 use std::collections::BTreeMap;
 
@@ -86,8 +87,23 @@ fn check_declared_length(state: &AppState, headers: &HeaderMap) -> Result<(), Ap
     }
 }
 
-/// The whole body, within the limit.
+/// Runs `read` within the body deadline; 408 when the client is slower.
+async fn within_deadline<T>(
+    state: &AppState,
+    read: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    let limit = state.config().body_timeout;
+    tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or(Err(ApiError::BodyTimeout(limit)))
+}
+
+/// The whole body, within the size limit and the body deadline.
 pub async fn read_body(state: &AppState, request: Request) -> Result<Bytes, ApiError> {
+    within_deadline(state, read_bytes(state, request)).await
+}
+
+async fn read_bytes(state: &AppState, request: Request) -> Result<Bytes, ApiError> {
     check_declared_length(state, request.headers())?;
     Bytes::from_request(request, &())
         .await
@@ -100,9 +116,19 @@ pub async fn read_body(state: &AppState, request: Request) -> Result<Bytes, ApiE
         })
 }
 
-/// A multipart form (or, with [`RawBody::Image`], a raw image body). Text
-/// fields other than `text_fields` are ignored; so are unnamed parts.
+/// A multipart form (or, with [`RawBody::Image`], a raw image body), within
+/// the size limit and the body deadline. Text fields other than
+/// `text_fields` are ignored; so are unnamed parts.
 pub async fn read_upload(
+    state: &AppState,
+    request: Request,
+    raw: RawBody,
+    text_fields: &[&str],
+) -> Result<Upload, ApiError> {
+    within_deadline(state, read_form(state, request, raw, text_fields)).await
+}
+
+async fn read_form(
     state: &AppState,
     request: Request,
     raw: RawBody,
@@ -112,7 +138,7 @@ pub async fn read_upload(
     if !is_multipart(request.headers()) {
         return match raw {
             RawBody::Image => Ok(Upload {
-                image: Some(read_body(state, request).await?),
+                image: Some(read_bytes(state, request).await?),
                 fields: BTreeMap::new(),
             }),
             RawBody::Refused => Err(ApiError::bad_request(

@@ -1,5 +1,6 @@
 //! Router tests: every route through `app(state).oneshot(request)`, with a
-//! PatchCore model fitted once on the shipped solar-cell sample.
+//! PatchCore model fitted once on the shipped solar-cell sample; slow and
+//! invalid uploads on a real loopback socket at the end.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -903,7 +904,8 @@ async fn excess_load_is_shed_with_retry_after() {
         assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
         assert_eq!(reply.error_code(), "overloaded");
         assert_eq!(reply.headers[header::RETRY_AFTER], "1");
-        // The body was left unread, so the connection is not reused.
+        // Errors after a body close the connection (the middleware cannot
+        // tell whether the body was read to its end).
         assert_eq!(reply.headers[header::CONNECTION], "close");
     }
     // Health and metadata are never shed.
@@ -973,25 +975,48 @@ async fn a_queued_request_is_shed_when_its_wait_runs_out() {
     assert_eq!(state.queued(), 0, "the queue place is given back");
 }
 
+/// A zero-shot engine that sleeps before it answers.
+struct Sleepy(Duration);
+
+impl ZeroShotScorer for Sleepy {
+    fn inspect(
+        &self,
+        image: &image::Rgb32FImage,
+        _object: &str,
+        _prompts: &[String],
+    ) -> Result<Inspection, flawscope_core::Error> {
+        std::thread::sleep(self.0);
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let map = flawscope_core::anomaly_map::AnomalyMap::new(w, h, vec![0.0; w * h])
+            .expect("the map fills the image");
+        Ok(Inspection {
+            score: 0.0,
+            raw_score: 0.0,
+            is_anomalous: false,
+            threshold: 0.5,
+            map,
+        })
+    }
+}
+
 #[tokio::test]
 async fn slow_requests_time_out_and_keep_their_slot_until_done() {
     let state = state_with(
         &["cells"],
         ServerConfig {
             max_concurrent: 1,
-            timeout: Duration::from_millis(1),
+            timeout: Duration::from_millis(500),
             ..config()
         },
-    );
-    let app = app(state.clone());
-    let reply = send(
-        app.clone(),
-        post_bytes("/v1/models/cells/score", good_png()),
     )
-    .await;
+    .with_zero_shot(Arc::new(Sleepy(Duration::from_secs(2))));
+    let app = app(state.clone());
+    let png = good_png();
+    let reply = send(app.clone(), zero_shot_crack(&png)).await;
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(reply.error_code(), "timeout");
     // The abandoned inference still holds the only slot, then frees it.
+    assert_eq!(state.busy_slots(), 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while state.busy_slots() > 0 {
         assert!(std::time::Instant::now() < deadline, "slot never freed");
@@ -1011,6 +1036,10 @@ fn invalid_settings_are_refused() {
             ..ServerConfig::default()
         },
         ServerConfig {
+            body_timeout: Duration::ZERO,
+            ..ServerConfig::default()
+        },
+        ServerConfig {
             body_limit: 0,
             ..ServerConfig::default()
         },
@@ -1022,4 +1051,280 @@ fn invalid_settings_are_refused() {
         model: model(),
     };
     assert!(AppState::new(vec![bad_name], ServerConfig::default()).is_err());
+}
+
+// ---- The service on a real loopback socket: slow and invalid uploads. ----
+
+/// Serves `state` on a free loopback port for the rest of the test.
+async fn serve_on_loopback(state: AppState) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(flawscope_server::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// Reads a whole `Connection: close` response: status and body. A reset
+/// after the response (the server closing with upload bytes unread) is
+/// not an error here.
+async fn read_response(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u16, Value) {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 8192];
+        while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+            raw.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("no response within 60 s");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = serde_json::from_slice(&raw[split + 4..]).unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Request head for `POST uri` with `Connection: close` and `extra` headers.
+fn post_head(uri: &str, extra: &str) -> String {
+    format!(
+        "POST {uri} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n\
+         Connection: close\r\n{extra}\r\n"
+    )
+}
+
+/// One whole request over a fresh connection: status, body and time taken.
+async fn exchange(addr: std::net::SocketAddr, uri: &str, body: &[u8]) -> (u16, Value, Duration) {
+    use tokio::io::AsyncWriteExt;
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = post_head(uri, &format!("Content-Length: {}\r\n", body.len()));
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let (status, v) = read_response(&mut stream).await;
+    (status, v, started.elapsed())
+}
+
+/// A client that sends the head of a 1000-byte upload, then one body byte
+/// every 0.5 s until the server answers or closes; returns what it got.
+fn slow_upload(addr: std::net::SocketAddr, uri: &'static str) -> tokio::task::JoinHandle<u16> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let head = post_head(uri, "Content-Length: 1000\r\n");
+        writer.write_all(head.as_bytes()).await.unwrap();
+        let drip = async move {
+            for _ in 0..1000 {
+                if writer.write_all(b"x").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            std::future::pending::<()>().await;
+        };
+        let answer = async move {
+            use tokio::io::AsyncReadExt;
+            let mut raw = Vec::new();
+            let _ = reader.read_to_end(&mut raw).await;
+            String::from_utf8_lossy(&raw)
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        };
+        tokio::select! {
+            status = answer => status,
+            () = drip => unreachable!("the drip never ends"),
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_uploads_do_not_hold_inference_slots() {
+    let state = state_with(&["cells"], config().with_slots(2));
+    let addr = serve_on_loopback(state.clone()).await;
+    let uri = "/v1/models/cells/score";
+    let png = good_png();
+    // The normal latency, unloaded (the slowest of three, after a warm-up).
+    exchange(addr, uri, &png).await;
+    let mut normal = Duration::ZERO;
+    for _ in 0..3 {
+        let (status, v, took) = exchange(addr, uri, &png).await;
+        assert_eq!(status, 200, "{v}");
+        normal = normal.max(took);
+    }
+    // As many slow uploads as there are slots, well under way.
+    let slow = [slow_upload(addr, uri), slow_upload(addr, uri)];
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for i in 0..10 {
+        let (status, v, took) = exchange(addr, uri, &png).await;
+        assert_eq!(status, 200, "request {i}: {v}");
+        check_result(&v);
+        assert!(
+            took <= Duration::from_secs(2) + normal,
+            "request {i} took {took:?} (unloaded: {normal:?})"
+        );
+    }
+    for upload in &slow {
+        assert!(!upload.is_finished(), "a slow upload was cut off early");
+    }
+    slow.iter().for_each(tokio::task::JoinHandle::abort);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_uploads_are_refused_at_once_while_all_slots_are_busy() {
+    use tokio::io::AsyncWriteExt;
+    let state = state_with(&["cells"], config().with_slots(2));
+    let queue_wait = state.config().queue_wait;
+    let held = [state.try_slot().unwrap(), state.try_slot().unwrap()];
+    let addr = serve_on_loopback(state.clone()).await;
+    let uri = "/v1/models/cells/score";
+    let fast = queue_wait / 5;
+
+    let not_png = base64::engine::general_purpose::STANDARD.encode(b"not an image");
+    let oip = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [not_png]}]});
+    for (route, body, code) in [
+        (uri, Vec::new(), "empty_image"),
+        (
+            uri,
+            b"definitely not an image".to_vec(),
+            "unsupported_image",
+        ),
+        ("/v1/ask", good_png(), "expected_multipart"),
+        (
+            "/v2/models/cells/infer",
+            b"{}".to_vec(),
+            "invalid_inference_request",
+        ),
+        (
+            "/v2/models/cells/infer",
+            oip.to_string().into_bytes(),
+            "unsupported_image",
+        ),
+    ] {
+        let (status, v, took) = exchange(addr, route, &body).await;
+        assert_eq!(status, 400, "{route}: {v}");
+        assert_eq!(v["error"]["code"], code, "{route}");
+        assert!(took < fast, "{route} {code} took {took:?}");
+    }
+
+    // 22 MB declared: refused from the head.
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = post_head(uri, &format!("Content-Length: {}\r\n", 22 * 1024 * 1024));
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (status, v) = read_response(&mut stream).await;
+    assert_eq!(status, 413, "{v}");
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    assert!(started.elapsed() < fast, "took {:?}", started.elapsed());
+
+    // 22 MB chunked, no declared length: cut off at the limit.
+    let started = std::time::Instant::now();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        let head = post_head(uri, "Transfer-Encoding: chunked\r\n");
+        writer.write_all(head.as_bytes()).await?;
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..(22 * 16) {
+            writer.write_all(b"10000\r\n").await?;
+            writer.write_all(&chunk).await?;
+            writer.write_all(b"\r\n").await?;
+        }
+        writer.write_all(b"0\r\n\r\n").await
+    });
+    let (status, v) = read_response(&mut reader).await;
+    assert_eq!(status, 413, "{v}");
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    assert!(
+        started.elapsed() < queue_wait / 2,
+        "took {:?}",
+        started.elapsed()
+    );
+    sender.abort();
+
+    // A valid image still waits for a slot.
+    assert_eq!(state.busy_slots(), 2);
+    drop(held);
+    let (status, v, _) = exchange(addr, uri, &good_png()).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_slower_than_the_body_timeout_gets_408() {
+    let body_timeout = Duration::from_secs(1);
+    let state = state_with(
+        &["cells"],
+        ServerConfig {
+            body_timeout,
+            ..config().with_slots(1)
+        },
+    );
+    let addr = serve_on_loopback(state.clone()).await;
+    let started = std::time::Instant::now();
+    let uploads = [
+        slow_upload(addr, "/v1/models/cells/score"),
+        slow_upload(addr, "/v2/models/cells/infer"),
+    ];
+    for upload in uploads {
+        let status = tokio::time::timeout(Duration::from_secs(20), upload)
+            .await
+            .expect("the slow upload was never answered")
+            .unwrap();
+        assert_eq!(status, 408);
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= body_timeout && took < body_timeout * 5,
+        "answered after {took:?}"
+    );
+    assert_eq!(state.busy_slots(), 0);
+    // Not the request timeout (504): the body deadline is its own.
+    assert_eq!(state.metrics().requests("/v1/models/{name}/score", 408), 1);
+    let (status, v, _) = exchange(addr, "/v1/models/cells/score", &good_png()).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bodies_held_at_once_are_bounded() {
+    // One slot, no queue: two bodies at once.
+    let state = state_with(
+        &["cells"],
+        ServerConfig {
+            max_queued: 0,
+            ..config().with_slots(1)
+        },
+    );
+    assert_eq!(state.config().max_buffered(), 2);
+    let addr = serve_on_loopback(state.clone()).await;
+    let uri = "/v1/models/cells/score";
+    let slow = [slow_upload(addr, uri), slow_upload(addr, uri)];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while state.buffered() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uploads never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, v, took) = exchange(addr, uri, &good_png()).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "overloaded");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // Hanging up frees the bodies.
+    slow.iter().for_each(tokio::task::JoinHandle::abort);
+    while state.buffered() > 0 {
+        assert!(std::time::Instant::now() < deadline, "bodies never freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, v, _) = exchange(addr, uri, &good_png()).await;
+    assert_eq!(status, 200, "{v}");
 }

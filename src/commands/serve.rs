@@ -1,6 +1,6 @@
 //! `flawscope serve`: the HTTP service (see the `flawscope-server` crate).
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +39,10 @@ pub struct Args {
     /// Longest time one request may take, in seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
+    /// Longest time to receive a request body, in seconds (408 after that).
+    /// Bodies are read before an inference slot is taken.
+    #[arg(long, default_value_t = 10)]
+    pub body_timeout_secs: u64,
     /// Largest request body, in MB.
     #[arg(long, default_value_t = 20)]
     pub body_limit_mb: usize,
@@ -60,15 +64,32 @@ fn usage_or_failure(err: ServerError) -> anyhow::Error {
     }
 }
 
+/// Logs to stderr; `RUST_LOG` filters (default `info`: one line per request).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Already set (a second server in one process) is fine.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter)
+        .try_init();
+}
+
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    init_logging();
     if !(1..=3600).contains(&args.timeout_secs) {
         return Err(UsageError("--timeout-secs must be between 1 and 3600".into()).into());
+    }
+    if !(1..=3600).contains(&args.body_timeout_secs) {
+        return Err(UsageError("--body-timeout-secs must be between 1 and 3600".into()).into());
     }
     if !(1..=1024).contains(&args.body_limit_mb) {
         return Err(UsageError("--body-limit-mb must be between 1 and 1024".into()).into());
     }
     let mut config = ServerConfig {
         timeout: Duration::from_secs(args.timeout_secs),
+        body_timeout: Duration::from_secs(args.body_timeout_secs),
         body_limit: args.body_limit_mb * 1024 * 1024,
         ..ServerConfig::default()
     };
@@ -116,7 +137,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let asked = lookup.flag_dir.is_some() || lookup.env_dir.is_some() || args.clip_model.is_some();
     if asked {
         let engine = runtime.clip().map_err(setup_error)?;
-        eprintln!(
+        tracing::info!(
             "zero-shot: CLIP {} from {}",
             engine.checkpoint().label(),
             engine.checkpoint().dir.display()
@@ -138,15 +159,16 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let mut stdout = std::io::stdout();
         writeln!(stdout, "listening on {local}")?;
         stdout.flush()?;
-        eprintln!(
+        tracing::info!(
             "serving {} model(s) [{}] on http://{local}; {} inference slot(s), queue of {} \
-             (≤ {} s wait), {} s timeout, {} MB body limit{}",
+             (≤ {} s wait), {} s timeout, {} s body timeout, {} MB body limit{}",
             names.len(),
             names.join(", "),
             config.max_concurrent,
             config.max_queued,
             args.queue_wait_secs,
             args.timeout_secs,
+            args.body_timeout_secs,
             args.body_limit_mb,
             if state.token().is_some() {
                 ", bearer token required"
@@ -158,6 +180,6 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .await
             .context("serving HTTP")
     })?;
-    eprintln!("stopped");
+    tracing::info!("stopped");
     Ok(Outcome::Success)
 }
