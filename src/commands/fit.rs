@@ -61,7 +61,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         ))
         .into());
     }
-    let (features, detector) = args.detector.configs(&args.clip, args.shots)?;
+    let (features, detector) = args.detector.fit_configs(&args.clip, args.shots)?;
     let runtime = args.clip.runtime(args.device.device()?)?;
     let normal = scan_image_folder(&args.train)
         .with_context(|| format!("reading training images in {}", args.train.display()))?;

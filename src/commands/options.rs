@@ -78,6 +78,21 @@ pub struct DetectorArgs {
 }
 
 impl DetectorArgs {
+    /// [`configs`](Self::configs) for `fit`, where WinCLIP must be told how
+    /// many shots to keep (0 writes a zero-shot model file).
+    pub fn fit_configs(
+        &self,
+        clip: &ClipArgs,
+        shots: Option<usize>,
+    ) -> Result<(Option<FeatureConfig>, DetectorConfig), UsageError> {
+        if self.detector == DetectorKind::Winclip && shots.is_none() {
+            return Err(UsageError(
+                "--detector winclip needs --shots K (0 for a zero-shot model)".into(),
+            ));
+        }
+        self.configs(clip, shots)
+    }
+
     /// The feature recipe (none for WinCLIP) and detector settings these
     /// options describe; WinCLIP takes its object, prompts and shots from
     /// `clip` and `shots`. Unset options keep each detector's defaults.

@@ -17,6 +17,9 @@ pub const TRACE_ENV: &str = "FLAWSCOPE_TUI_TRACE";
 pub struct Args {
     /// Folder of images to triage.
     pub path: PathBuf,
+    /// Also triage the images in its subfolders (hidden ones skipped).
+    #[arg(long, short = 'r')]
+    pub recursive: bool,
     /// Model file written by `flawscope fit` (classical or WinCLIP).
     #[arg(long)]
     pub model: PathBuf,
@@ -33,6 +36,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let options = flawscope_tui::Options {
         folder: args.path.clone(),
+        recursive: args.recursive,
         model: args.model.clone(),
         clip_weights: args.clip_weights.clone(),
         db: args.db.clone(),

@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use flawscope_core::Device;
-use flawscope_core::dataset::{DatasetError, scan_image_folder};
+use flawscope_core::dataset::{DatasetError, scan_image_folder, scan_image_tree};
 use flawscope_core::images::ImageLimits;
 use flawscope_core::model::Model;
 use flawscope_core::runtime::Runtime;
@@ -72,6 +72,8 @@ pub enum TuiError {
 pub struct Options {
     /// Folder of images.
     pub folder: PathBuf,
+    /// Read the folder's subfolders too (hidden ones skipped).
+    pub recursive: bool,
     /// Model file from `flawscope fit` (classical or WinCLIP).
     pub model: PathBuf,
     /// CLIP checkpoint folder for WinCLIP model files; else
@@ -168,7 +170,11 @@ pub fn run(options: Options) -> Result<(), TuiError> {
     trace.log(format_args!("start"));
     // Everything that can fail on bad input is checked before the screen
     // switches, so its error prints plainly.
-    let files = scan_image_folder(&options.folder)?;
+    let files = if options.recursive {
+        scan_image_tree(&options.folder)?
+    } else {
+        scan_image_folder(&options.folder)?
+    };
     let db = options
         .db
         .clone()
