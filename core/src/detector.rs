@@ -119,6 +119,15 @@ pub struct RawInspection {
 }
 
 impl DetectorOutput {
+    /// One grid of patch scores whose map's peak is the image score (PaDiM,
+    /// recon).
+    pub fn peak_of(grid: &PatchGrid, scores: Vec<f32>) -> Self {
+        Self {
+            image_score: ImageScore::MapPeak,
+            grids: vec![ScoreGrid::of(grid, scores)],
+        }
+    }
+
     /// The map of every grid at `image_size`, averaged, and the image score.
     pub fn into_raw(self, image_size: (u32, u32)) -> Result<RawInspection, Error> {
         let maps = self

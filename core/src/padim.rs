@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::detector::{Detector, DetectorOutput, FitInputs};
 use crate::features::{FeatureConfig, FeatureExtractor, Resize, extract_all};
 use crate::gaussian::inverse_cholesky_factor;
 use crate::model_file::take;
@@ -239,10 +239,7 @@ impl Detector for PadimDetector {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
         let grid = self.extractor.extract(image)?;
         let scores = self.padim.score(&grid.features)?;
-        Ok(DetectorOutput {
-            image_score: ImageScore::MapPeak,
-            grids: vec![ScoreGrid::of(&grid, scores)],
-        })
+        Ok(DetectorOutput::peak_of(&grid, scores))
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {

@@ -40,7 +40,7 @@ use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::detector::{Detector, DetectorOutput, FitInputs};
 use crate::features::{FeatureConfig, FeatureExtractor, Resize};
 use crate::gaussian;
 use crate::images::{ImageLimits, load_image};
@@ -397,10 +397,7 @@ impl Detector for ReconDetector {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
         let grid = self.extractor.extract(image)?;
         let scores = self.recon.score(&grid.features)?;
-        Ok(DetectorOutput {
-            image_score: ImageScore::MapPeak,
-            grids: vec![ScoreGrid::of(&grid, scores)],
-        })
+        Ok(DetectorOutput::peak_of(&grid, scores))
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
