@@ -5,7 +5,6 @@
 mod cli;
 mod clip;
 mod efficientnet;
-mod images;
 mod metrics;
 mod pipeline;
 mod serve;
