@@ -22,6 +22,8 @@ pub mod detector;
 pub mod evaluation;
 pub mod features;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gaussian;
 pub mod heatmap;
 pub mod images;
@@ -34,9 +36,9 @@ pub mod progress;
 pub mod recon;
 pub mod regions;
 pub mod train;
-pub mod verdict;
 #[cfg(test)]
 mod trained_tests;
+pub mod verdict;
 pub mod winclip;
 
 pub use candle_core::Device;

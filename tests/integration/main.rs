@@ -5,6 +5,7 @@
 mod cli;
 mod clip;
 mod efficientnet;
+mod hostile;
 mod metrics;
 mod pipeline;
 mod serve;
