@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use image::GrayImage;
 use serde::Serialize;
 
 use crate::images::{ImageError, ImageLimits, has_image_extension, list_images};
@@ -290,18 +289,32 @@ impl Mask {
     }
 
     /// Resizes to `width × height` by nearest neighbour (for comparing with a
-    /// map computed at another resolution).
+    /// map computed at another resolution). Picks the pixels `image`'s
+    /// `FilterType::Nearest` picks, one output pixel at a time: its
+    /// two-pass resize holds a `width × source height` buffer, which a mask
+    /// of an extreme shape makes huge.
     pub fn resized(&self, width: u32, height: u32) -> Self {
-        let grey = GrayImage::from_fn(self.width, self.height, |x, y| {
-            let on = self.pixels[(y * self.width + x) as usize];
-            image::Luma([if on { 255 } else { 0 }])
-        });
-        let small =
-            image::imageops::resize(&grey, width, height, image::imageops::FilterType::Nearest);
+        let pick = |o: u32, from: u32, to: u32| {
+            let ratio = from as f32 / to as f32;
+            ((o as f32 + 0.5) * ratio)
+                .floor()
+                .clamp(0.0, from.saturating_sub(1) as f32) as usize
+        };
+        let pixels = if self.width == 0 || self.height == 0 {
+            vec![false; width as usize * height as usize]
+        } else {
+            let xs: Vec<usize> = (0..width).map(|x| pick(x, self.width, width)).collect();
+            (0..height)
+                .flat_map(|y| {
+                    let row = pick(y, self.height, height) * self.width as usize;
+                    xs.iter().map(move |&x| self.pixels[row + x])
+                })
+                .collect()
+        };
         Self {
             width,
             height,
-            pixels: small.pixels().map(|p| p[0] > 127).collect(),
+            pixels,
         }
     }
 }
@@ -350,6 +363,7 @@ pub fn scan_image_tree(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::GrayImage;
 
     #[test]
     fn tree_scan_reads_subfolders_and_skips_hidden_ones() {
@@ -428,5 +442,26 @@ mod tests {
             Dataset::open(tmp.path()),
             Err(DatasetError::NoCategories(_))
         ));
+    }
+
+    #[test]
+    fn mask_resize_picks_what_image_nearest_picks() {
+        let mask = Mask {
+            width: 13,
+            height: 7,
+            pixels: (0..91u32).map(|i| (i * 37) % 5 < 2).collect(),
+        };
+        let grey = GrayImage::from_fn(13, 7, |x, y| {
+            image::Luma([if mask.pixels[(y * 13 + x) as usize] {
+                255
+            } else {
+                0
+            }])
+        });
+        for (w, h) in [(13, 7), (5, 3), (40, 9), (7, 30), (1, 1), (100, 2)] {
+            let theirs = image::imageops::resize(&grey, w, h, image::imageops::FilterType::Nearest);
+            let want: Vec<bool> = theirs.pixels().map(|p| p[0] > 127).collect();
+            assert_eq!(mask.resized(w, h).pixels, want, "{w}×{h}");
+        }
     }
 }

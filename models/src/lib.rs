@@ -9,6 +9,7 @@ pub mod clip_weights;
 pub mod depthwise;
 pub mod efficientnet;
 pub mod error;
+pub mod resample;
 
 /// The tensor library the models run on, re-exported so callers use the
 /// same version.

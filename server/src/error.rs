@@ -96,6 +96,10 @@ impl ApiError {
             ImageError::UnsupportedFormat { .. } => {
                 Self::bad_request("unsupported_image", err.to_string())
             }
+            ImageError::Truncated { .. } => Self::bad_request("truncated_image", err.to_string()),
+            ImageError::ExtremeAspect { .. } => {
+                Self::bad_request("unsupported_image_shape", err.to_string())
+            }
             ImageError::ZeroSized { .. } | ImageError::Corrupt { .. } => {
                 Self::bad_request("invalid_image", err.to_string())
             }

@@ -5,6 +5,8 @@
 
 mod answer;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inference;
 mod metrics;
 mod oip;

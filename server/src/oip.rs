@@ -194,6 +194,21 @@ fn image_bytes(request: &InferRequest) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| bad(format!("input {:?} is not valid base64: {e}", input.name)))
 }
 
+fn parse_request(body: &[u8]) -> Result<InferRequest, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_inference_request",
+            format!("not a v2 inference request: {e}"),
+        )
+    })
+}
+
+/// The image bytes of an `infer` request body, parsed as `infer` parses it
+/// (for the fuzz target and its regression test).
+pub(crate) fn request_image(body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    image_bytes(&parse_request(body)?)
+}
+
 /// `POST /v2/models/{name}/infer`.
 pub async fn infer(
     State(state): State<AppState>,
@@ -216,12 +231,7 @@ pub async fn infer(
     // taken, so a slow or bad upload never holds one.
     let _body = state.body_permit()?;
     let body = read_body(&state, request).await?;
-    let parsed: InferRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_inference_request",
-            format!("not a v2 inference request: {e}"),
-        )
-    })?;
+    let parsed = parse_request(&body)?;
     drop(body);
     let wanted: Vec<&str> = match &parsed.outputs {
         Some(outputs) if !outputs.is_empty() => outputs.iter().map(|o| o.name.as_str()).collect(),

@@ -4,7 +4,7 @@
 
 mod cli;
 mod hostile;
-mod images;
+mod hostile_images;
 mod pipeline;
 mod serve;
 mod shared_data;

@@ -6,11 +6,21 @@
 //! widened when shrinking, 22-bit fixed-point weights, horizontal pass then
 //! vertical pass, each rounded to `u8`), so the pixels fed to the network are
 //! the ones the Python reference implementations see.
+//!
+//! Only the pixels the network sees are computed: after a shortest-side
+//! resize just the centre crop (from just the source rows and columns its
+//! filter taps read), so a 1 000 000 × 1 image does not become a
+//! 224 000 000 × 224 intermediate. A stretched side that shrinks by more
+//! than [`PRE_REDUCE_FACTOR`](crate::resample::PRE_REDUCE_FACTOR) is area-averaged down first (there the result
+//! is close to Pillow's, no longer equal).
+
+use std::ops::Range;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, RgbImage};
+use image::{DynamicImage, GenericImageView, RgbImage};
 
 use crate::ModelError;
+use crate::resample::{area_reduce, pre_reduced_size};
 
 /// CLIP's per-channel mean (RGB, on the 0..1 scale).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -85,7 +95,7 @@ impl ClipPreprocessor {
                     (height, width)
                 };
                 // Python: int(size * long / short), a true division then a truncation.
-                let new_long = ((self.size * long) as f64 / short as f64) as usize;
+                let new_long = (self.size.saturating_mul(long) as f64 / short as f64) as usize;
                 if width <= height {
                     (self.size, new_long)
                 } else {
@@ -118,21 +128,32 @@ impl ClipPreprocessor {
         if self.size == 0 {
             return Err(ModelError::InvalidInput("preprocessing size is 0".into()));
         }
-        let rgb = image.to_rgb8();
-        let (rw, rh) = self.resized_size(rgb.width() as usize, rgb.height() as usize);
-        let resized = resize_bicubic(&rgb, rw, rh)?;
-        if rw == self.size && rh == self.size {
-            return Ok(resized);
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let (rw, rh) = self.resized_size(w, h);
+        if self.mode == ResizeMode::Stretch {
+            let side =
+                u32::try_from(self.size).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
+            let rgb = match (pre_reduced_size(image.dimensions(), (side, side)), image) {
+                (None, _) => image.to_rgb8(),
+                // Averaged in f32 without an 8-bit copy of the whole image.
+                (Some((sw, sh)), DynamicImage::ImageRgb32F(f)) => {
+                    DynamicImage::ImageRgb32F(area_reduce(f, sw, sh)?).to_rgb8()
+                }
+                (Some((sw, sh)), other) => area_reduce(&other.to_rgb8(), sw, sh)?,
+            };
+            return resize_bicubic(&rgb, rw, rh);
         }
         let (left, top) = center_crop_origin(rw, rh, self.size);
+        let cols = left..(left + self.size).min(rw);
+        let rows = top..(top + self.size).min(rh);
+        let crop = resize_window(image, (rw, rh), cols, rows)?;
+        if crop.dimensions() == (self.size as u32, self.size as u32) {
+            return Ok(crop);
+        }
         let side = u32::try_from(self.size).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
         let mut out = RgbImage::new(side, side);
-        for (x, y, px) in out.enumerate_pixels_mut() {
-            let sx = x as usize + left;
-            let sy = y as usize + top;
-            if sx < rw && sy < rh {
-                *px = *resized.get_pixel(sx as u32, sy as u32);
-            }
+        for (x, y, px) in crop.enumerate_pixels() {
+            out.put_pixel(x, y, *px);
         }
         Ok(out)
     }
@@ -197,11 +218,13 @@ struct Taps {
     weights: Vec<i64>,
 }
 
-fn taps(in_size: usize, out_size: usize) -> Vec<Taps> {
+/// The taps of output pixels `outputs` of a resize from `in_size` to
+/// `out_size` (each computed as in the full resize).
+fn taps(in_size: usize, out_size: usize, outputs: Range<usize>) -> Vec<Taps> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
-    (0..out_size)
+    outputs
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             // C's (int) cast truncates toward zero, then negatives are clamped.
@@ -236,6 +259,13 @@ fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// The source range the taps read (`None` when there are no taps).
+fn reach(taps: &[Taps]) -> Option<Range<usize>> {
+    let start = taps.iter().map(|t| t.first).min()?;
+    let end = taps.iter().map(|t| t.first + t.weights.len()).max()?;
+    Some(start..end.max(start))
+}
+
 /// Pillow-exact 8-bit bicubic resize of an RGB image.
 pub fn resize_bicubic(
     image: &RgbImage,
@@ -251,48 +281,131 @@ pub fn resize_bicubic(
     if (width, height) == (in_w, in_h) {
         return Ok(image.clone());
     }
-    let src = image.as_raw();
+    let region = Region {
+        pixels: image.as_raw(),
+        width: in_w,
+        origin: (0, 0),
+    };
+    bicubic_passes(&region, (in_w, in_h), (width, height), 0..width, 0..height)
+}
+
+/// Columns `cols` and rows `rows` of the Pillow-exact bicubic resize of
+/// `image` to `size`; only the source pixels their taps read are converted
+/// to RGB and filtered.
+fn resize_window(
+    image: &DynamicImage,
+    size: (usize, usize),
+    cols: Range<usize>,
+    rows: Range<usize>,
+) -> Result<RgbImage, ModelError> {
+    let full = (image.width() as usize, image.height() as usize);
+    if size.0 == 0 || size.1 == 0 || full.0 == 0 || full.1 == 0 {
+        return Err(ModelError::InvalidInput(format!(
+            "cannot resize {}x{} to {}x{}",
+            full.0, full.1, size.0, size.1
+        )));
+    }
+    // A side that keeps its length is not filtered: its window is read as is.
+    let span = |input: usize, output: usize, range: &Range<usize>| {
+        if input == output {
+            Some(range.clone())
+        } else {
+            reach(&taps(input, output, range.clone()))
+        }
+    };
+    let (Some(xs), Some(ys)) = (span(full.0, size.0, &cols), span(full.1, size.1, &rows)) else {
+        return Err(ModelError::InvalidInput("empty resize window".into()));
+    };
+    let as_u32 = |v: usize| u32::try_from(v).map_err(|e| ModelError::InvalidInput(e.to_string()));
+    let crop = if (xs.clone(), ys.clone()) == (0..full.0, 0..full.1) {
+        image.to_rgb8()
+    } else {
+        image
+            .crop_imm(
+                as_u32(xs.start)?,
+                as_u32(ys.start)?,
+                as_u32(xs.len())?,
+                as_u32(ys.len())?,
+            )
+            .to_rgb8()
+    };
+    let region = Region {
+        pixels: crop.as_raw(),
+        width: xs.len(),
+        origin: (xs.start, ys.start),
+    };
+    bicubic_passes(&region, full, size, cols, rows)
+}
+
+/// Part of an RGB image: its pixels, its width, and where its top-left
+/// pixel lies in the whole image.
+struct Region<'a> {
+    pixels: &'a [u8],
+    width: usize,
+    origin: (usize, usize),
+}
+
+/// The horizontal then the vertical pass of a resize from `full` to `size`
+/// (each skipped when its side does not change), computing only output
+/// columns `cols` and rows `rows`; `region` holds every source pixel their
+/// taps read.
+fn bicubic_passes(
+    region: &Region<'_>,
+    full: (usize, usize),
+    size: (usize, usize),
+    cols: Range<usize>,
+    rows: Range<usize>,
+) -> Result<RgbImage, ModelError> {
+    let (ox, oy) = region.origin;
+    let region_h = region.pixels.len() / (region.width * 3).max(1);
     let round = 1i64 << (PRECISION_BITS - 1);
-    // Horizontal pass (skipped when the width does not change).
-    let (mid, mid_w) = if width != in_w {
-        let taps = taps(in_w, width);
-        let mut mid = vec![0u8; width * in_h * 3];
-        for y in 0..in_h {
-            let row = &src[y * in_w * 3..(y + 1) * in_w * 3];
+    let out_w = cols.len();
+    // Horizontal pass over every row of the region.
+    let mid = if size.0 != full.0 {
+        let taps = taps(full.0, size.0, cols.clone());
+        let mut mid = vec![0u8; out_w * region_h * 3];
+        for (y, row) in region.pixels.chunks_exact(region.width * 3).enumerate() {
             for (x, t) in taps.iter().enumerate() {
                 for c in 0..3 {
                     let acc = t.weights.iter().enumerate().fold(round, |acc, (k, &w)| {
-                        acc + i64::from(row[(t.first + k) * 3 + c]) * w
+                        acc + i64::from(row[(t.first - ox + k) * 3 + c]) * w
                     });
-                    mid[(y * width + x) * 3 + c] = clip8(acc);
+                    mid[(y * out_w + x) * 3 + c] = clip8(acc);
                 }
             }
         }
-        (mid, width)
+        mid
     } else {
-        (src.to_vec(), in_w)
+        let skip = (cols.start - ox) * 3;
+        region
+            .pixels
+            .chunks_exact(region.width * 3)
+            .flat_map(|row| &row[skip..skip + out_w * 3])
+            .copied()
+            .collect()
     };
-    // Vertical pass (skipped when the height does not change).
-    let out = if height != in_h {
-        let taps = taps(in_h, height);
-        let mut out = vec![0u8; mid_w * height * 3];
+    // Vertical pass.
+    let out = if size.1 != full.1 {
+        let taps = taps(full.1, size.1, rows.clone());
+        let mut out = vec![0u8; out_w * rows.len() * 3];
         for (y, t) in taps.iter().enumerate() {
-            for x in 0..mid_w {
+            for x in 0..out_w {
                 for c in 0..3 {
                     let acc = t.weights.iter().enumerate().fold(round, |acc, (k, &w)| {
-                        acc + i64::from(mid[((t.first + k) * mid_w + x) * 3 + c]) * w
+                        acc + i64::from(mid[((t.first - oy + k) * out_w + x) * 3 + c]) * w
                     });
-                    out[(y * mid_w + x) * 3 + c] = clip8(acc);
+                    out[(y * out_w + x) * 3 + c] = clip8(acc);
                 }
             }
         }
         out
     } else {
-        mid
+        let start = (rows.start - oy) * out_w * 3;
+        mid[start..start + rows.len() * out_w * 3].to_vec()
     };
     let (w, h) = (
-        u32::try_from(width).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
-        u32::try_from(height).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
+        u32::try_from(out_w).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
+        u32::try_from(rows.len()).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
     );
     RgbImage::from_raw(w, h, out)
         .ok_or_else(|| ModelError::InvalidInput("resized buffer has the wrong size".into()))

@@ -1,4 +1,6 @@
-//! Image loading: every format and pixel type, and the ways files go wrong.
+//! Image loading: every format and pixel type, and the ways files go wrong
+//! (cut short, absurd shapes, bombs).
+#![allow(clippy::unwrap_used)]
 
 use std::io::Cursor;
 use std::path::Path;
@@ -115,7 +117,7 @@ fn truncated_png_is_an_error_naming_the_file() {
     let path = tmp.path().join("cut.png");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_image(&path, &ImageLimits::default()).unwrap_err();
-    assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
+    assert!(matches!(err, ImageError::Truncated { .. }), "{err}");
     assert!(err.to_string().contains("cut.png"), "{err}");
 }
 
@@ -135,7 +137,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 }
 
 /// A valid PNG whose header claims `width × height`, with a tiny body.
-pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     let mut bytes = encode(&patterns()[0].1, ImageFormat::Png).unwrap();
     // Signature (8) + length (4) + "IHDR" (4), then width and height.
     bytes[16..20].copy_from_slice(&width.to_be_bytes());
@@ -169,8 +171,12 @@ fn decompression_bomb_header_is_refused_before_decoding() {
     ));
     // The budget is configurable: a smaller one refuses a real small image.
     let small = encode(&patterns()[0].1, ImageFormat::Png).unwrap();
-    assert!(decode_image(&small, "s", &ImageLimits { max_pixels: 34 }).is_err());
-    assert!(decode_image(&small, "s", &ImageLimits { max_pixels: 35 }).is_ok());
+    let budget = |max_pixels| ImageLimits {
+        max_pixels,
+        ..ImageLimits::default()
+    };
+    assert!(decode_image(&small, "s", &budget(34)).is_err());
+    assert!(decode_image(&small, "s", &budget(35)).is_ok());
 }
 
 #[test]
@@ -194,4 +200,161 @@ fn empty_folder_is_a_clear_error() {
     assert!(matches!(err, DatasetError::NoImages(_)));
     assert!(err.to_string().contains("holds no images"), "{err}");
     assert!(scan_image_folder(Path::new("/definitely/not/here")).is_err());
+}
+
+/// A real grey PNG of `width × height` (a gradient along the long side);
+/// a 40 000 000 × 1 one compresses to about 40 KB.
+fn grey_png(width: u32, height: u32) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(width, height, |x, y| Luma([((x + y) / 4096 % 256) as u8]));
+    encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png).unwrap()
+}
+
+#[test]
+fn lines_past_the_aspect_bound_are_refused_from_the_header() {
+    // 40 000 000 × 1 is within the pixel budget; it used to abort the
+    // process resizing (a 41 GB intermediate buffer).
+    let line = grey_png(40_000_000, 1);
+    assert!(line.len() < 1 << 20, "{} bytes", line.len());
+    let err = decode_image(&line, "line.png", &ImageLimits::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ImageError::ExtremeAspect {
+                width: 40_000_000,
+                height: 1,
+                max_aspect_ratio: 10_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("line.png"), "{err}");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("line.png");
+    std::fs::write(&path, &line).unwrap();
+    assert!(matches!(
+        load_image(&path, &ImageLimits::default()),
+        Err(ImageError::ExtremeAspect { .. })
+    ));
+    assert!(matches!(
+        image_dimensions(&path, &ImageLimits::default()),
+        Err(ImageError::ExtremeAspect { .. })
+    ));
+    // 1 000 000 × 1 peaked at 1.19 GB; both orientations, and a band.
+    for (w, h) in [(1_000_000, 1), (1, 1_000_000), (2_000_000, 20), (10_001, 1)] {
+        let err = decode_image(&png_claiming(w, h), "x", &ImageLimits::default()).unwrap_err();
+        assert!(
+            matches!(err, ImageError::ExtremeAspect { .. }),
+            "{w}×{h}: {err}"
+        );
+    }
+}
+
+#[test]
+fn shapes_at_the_aspect_bound_decode_and_preprocess() {
+    use flawscope_core::features::Resize;
+    use flawscope_models::Preprocess;
+    use flawscope_models::clip::{ClipPreprocessor, ResizeMode};
+    for (w, h) in [(10_000, 1), (1, 10_000), (20_000, 2)] {
+        let img = decode_image(&grey_png(w, h), "x", &ImageLimits::default())
+            .unwrap_or_else(|e| panic!("{w}×{h}: {e}"));
+        let (iw, ih) = Resize::KeepAspect { side: 224 }.input_size(w, h);
+        assert!(iw.max(ih) <= 896 && iw.min(ih) >= 64, "{iw}×{ih}");
+        let chw = Preprocess::new(iw, ih).to_chw_rgb32f(&img).unwrap();
+        assert_eq!(chw.len(), 3 * (iw * ih) as usize);
+        let dynamic = DynamicImage::ImageRgb32F(img);
+        for mode in [ResizeMode::ShortestSideCenterCrop, ResizeMode::Stretch] {
+            let pixels = ClipPreprocessor::new(224)
+                .with_mode(mode)
+                .pixels(&dynamic)
+                .unwrap();
+            assert_eq!(pixels.len(), 3 * 224 * 224);
+        }
+    }
+}
+
+/// A 300 × 300 pattern in `format`.
+fn photo(format: ImageFormat, grey: bool) -> Vec<u8> {
+    let rgb = ImageBuffer::from_fn(300, 300, |x, y| {
+        Rgb([(x ^ y) as u8, (x * 3) as u8, (y * 7) as u8])
+    });
+    let img = DynamicImage::ImageRgb8(rgb);
+    let img = if grey {
+        DynamicImage::ImageLuma8(img.to_luma8())
+    } else {
+        img
+    };
+    encode(&img, format).unwrap()
+}
+
+#[test]
+fn truncated_files_of_every_format_are_refused() {
+    for format in [
+        ImageFormat::Png,
+        ImageFormat::Jpeg,
+        ImageFormat::Bmp,
+        ImageFormat::Tiff,
+    ] {
+        for grey in [false, true] {
+            let bytes = photo(format, grey);
+            let name = format!("{format:?} grey={grey}");
+            assert!(decode_image(&bytes, &name, &ImageLimits::default()).is_ok());
+            // The reporter's cuts (30–90 % of a JPEG scored 1.0), the first
+            // bytes only, and the last two bytes missing (a JPEG's end
+            // marker, a PNG's checksum).
+            let cuts = [1, 10, 30, 50, 70, 90, 99].map(|pct| bytes.len() * pct / 100);
+            for cut in cuts.into_iter().chain([bytes.len() - 2]) {
+                let err = decode_image(&bytes[..cut], &name, &ImageLimits::default()).unwrap_err();
+                assert!(
+                    matches!(err, ImageError::Truncated { .. }),
+                    "{name} cut at {cut} of {}: {err}",
+                    bytes.len()
+                );
+                assert!(err.to_string().contains("truncated"), "{err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bytes_after_the_end_are_tolerated() {
+    for format in [ImageFormat::Png, ImageFormat::Jpeg] {
+        let mut bytes = photo(format, false);
+        bytes.extend_from_slice(b"\0\0trailing bytes some writers leave");
+        assert!(
+            decode_image(&bytes, "x", &ImageLimits::default()).is_ok(),
+            "{format:?}"
+        );
+    }
+}
+
+/// The JPEG with an APP1 segment inserted after SOI whose payload holds a
+/// complete little JPEG (SOI ... EOI), as an EXIF thumbnail does.
+fn jpeg_with_thumbnail(jpeg: &[u8]) -> Vec<u8> {
+    let payload = [b"Exif\0\0".as_slice(), &[0xFF, 0xD8, 0xFF, 0xD9]].concat();
+    let length = u16::try_from(payload.len() + 2).unwrap().to_be_bytes();
+    [&jpeg[..2], &[0xFF, 0xE1], &length, &payload, &jpeg[2..]].concat()
+}
+
+#[test]
+fn an_end_marker_inside_a_thumbnail_does_not_make_a_cut_jpeg_whole() {
+    let jpeg = jpeg_with_thumbnail(&photo(ImageFormat::Jpeg, false));
+    assert!(decode_image(&jpeg, "x", &ImageLimits::default()).is_ok());
+    let cut = &jpeg[..jpeg.len() * 2 / 3];
+    assert!(matches!(
+        decode_image(cut, "x", &ImageLimits::default()),
+        Err(ImageError::Truncated { .. })
+    ));
+}
+
+#[test]
+fn jpeg_pixels_are_the_image_crates() {
+    // JPEG is decoded by the same decoder in strict mode: valid files must
+    // give exactly what `image` gives.
+    for grey in [false, true] {
+        let bytes = photo(ImageFormat::Jpeg, grey);
+        let ours = decode_image(&bytes, "x", &ImageLimits::default()).unwrap();
+        let theirs = image::load_from_memory(&bytes).unwrap().to_rgb32f();
+        assert_eq!(ours, theirs, "grey={grey}");
+    }
 }
