@@ -37,12 +37,15 @@ fn state() -> &'static AppState {
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(
-        || match tokio::runtime::Builder::new_current_thread().build() {
+    RUNTIME.get_or_init(|| {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
             Ok(runtime) => runtime,
             Err(err) => unreachable!("a current-thread runtime starts: {err}"),
-        },
-    )
+        }
+    })
 }
 
 /// Parses `data` as a request: the first byte picks the route (even: the
