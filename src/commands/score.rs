@@ -13,7 +13,7 @@ use flawscope_core::images::{ImageLimits, decode_image, load_image};
 use flawscope_core::model::{Inspection, Model};
 use flawscope_core::progress::Progress;
 use flawscope_results::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
-use flawscope_results::store::{Store, StoredResult, Verdict, file_hash};
+use flawscope_results::store::{Store, Verdict, file_hash};
 use image::Rgb32FImage;
 use serde::Serialize;
 
@@ -168,8 +168,18 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let heatmap = args.heatmaps.as_ref().map(|dir| dir.join(&input.heatmap));
         match score_one(&inspector, path, heatmap.as_deref(), &limits) {
             Ok(inspection) => {
-                let printed =
-                    bars.suspend(|| print_line(args.json, path, &inspection, heatmap.as_deref()));
+                let printed = bars.suspend(|| {
+                    print_line(
+                        args.json,
+                        &ScoreLine {
+                            path,
+                            score: inspection.score,
+                            is_anomalous: inspection.is_anomalous,
+                            threshold: inspection.threshold,
+                            heatmap: heatmap.as_deref(),
+                        },
+                    )
+                });
                 match printed {
                     Ok(()) => {}
                     // The reader went away (`| head`): stop quietly.
@@ -221,33 +231,19 @@ fn write_heatmap(out: &Path, image: &Rgb32FImage, inspection: &Inspection) -> an
         .with_context(|| format!("writing heatmap {}", out.display()))
 }
 
-fn print_line(
-    json: bool,
-    path: &Path,
-    inspection: &Inspection,
-    heatmap: Option<&Path>,
-) -> std::io::Result<()> {
+/// Prints one result as a table row or a JSON line (the one printer of
+/// both loops).
+fn print_line(json: bool, line: &ScoreLine<'_>) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
-        let line = ScoreLine {
-            path,
-            score: inspection.score,
-            is_anomalous: inspection.is_anomalous,
-            threshold: inspection.threshold,
-            heatmap,
-        };
-        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+        writeln!(out, "{}", serde_json::to_string(line)?)?;
     } else {
+        let verdict = if line.is_anomalous { "ANOMALOUS" } else { "ok" };
         writeln!(
             out,
-            "{:.3}  {:<9}  {}",
-            inspection.score,
-            if inspection.is_anomalous {
-                "ANOMALOUS"
-            } else {
-                "ok"
-            },
-            path.display()
+            "{:.3}  {verdict:<9}  {}",
+            line.score,
+            line.path.display()
         )?;
     }
     out.flush()
@@ -299,10 +295,15 @@ fn run_with_store(
     let mut print_error = None;
     let summary = run_batch(&files, &scorer, &store, &model, &options, |item| {
         let printed = bars.suspend(|| match &item {
-            BatchItem::Scored(row, _) | BatchItem::Unchanged(row) => print_stored(
+            BatchItem::Scored(row, _) | BatchItem::Unchanged(row) => print_line(
                 args.json,
-                row,
-                heatmaps.get(&row.path).map(PathBuf::as_path),
+                &ScoreLine {
+                    path: &row.path,
+                    score: row.score,
+                    is_anomalous: row.verdict == Verdict::Anomalous,
+                    threshold: row.threshold,
+                    heatmap: heatmaps.get(&row.path).map(PathBuf::as_path),
+                },
             ),
             BatchItem::Failed { error, .. } => {
                 eprintln!("error: {error}");
@@ -318,7 +319,7 @@ fn run_with_store(
     })?;
     bars.finish();
     if let Some(err) = print_error {
-        return Err(err);
+        return Err(err.into());
     }
     eprintln!(
         "{} scored, {} unchanged (not rescored), {} failed; results in {}",
@@ -359,28 +360,4 @@ impl Scorer for StoreScorer {
             preview: None,
         })
     }
-}
-
-fn print_stored(json: bool, row: &StoredResult, heatmap: Option<&Path>) -> anyhow::Result<()> {
-    let is_anomalous = row.verdict == Verdict::Anomalous;
-    let mut stdout = std::io::stdout().lock();
-    if json {
-        let line = ScoreLine {
-            path: &row.path,
-            score: row.score,
-            is_anomalous,
-            threshold: row.threshold,
-            heatmap,
-        };
-        writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
-    } else {
-        writeln!(
-            stdout,
-            "{:.3}  {:<9}  {}",
-            row.score,
-            if is_anomalous { "ANOMALOUS" } else { "ok" },
-            row.path.display()
-        )?;
-    }
-    Ok(())
 }
