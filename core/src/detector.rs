@@ -52,6 +52,11 @@ pub trait Detector: Send + Sync {
     fn images_used(&self) -> Option<usize> {
         None
     }
+
+    /// The raw score and the map at the image's own size.
+    fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
+        self.score(image)?.into_raw(image.dimensions())
+    }
 }
 
 /// What a detector computes for one image, before any map is built.

@@ -70,7 +70,7 @@ pub fn evaluate(
     })?;
     let fit_seconds = fit_start.elapsed().as_secs_f64();
     let results = score_test_set(category, limits, progress, |image| {
-        let raw = fitted.score(image)?.into_raw(image.dimensions())?;
+        let raw = fitted.inspect_raw(image)?;
         Ok((raw.score, raw.map))
     })?;
     let stored = fitted.fitted_config().unwrap_or(config);

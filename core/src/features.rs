@@ -108,21 +108,21 @@ impl FeatureConfig {
     }
 }
 
-/// The patch features of every normal image of `inputs`, with progress.
+/// The patch features of every image at `paths`, with progress.
 pub fn extract_all(
     extractor: &FeatureExtractor,
-    inputs: &crate::detector::FitInputs<'_>,
+    paths: &[std::path::PathBuf],
+    limits: &crate::images::ImageLimits,
+    progress: &dyn crate::progress::Progress,
 ) -> Result<Vec<Tensor>, Error> {
-    inputs
-        .progress
-        .start("features", inputs.normal.len() as u64);
-    let mut grids = Vec::with_capacity(inputs.normal.len());
-    for path in inputs.normal {
-        let image = crate::images::load_image(path, inputs.limits)?;
+    progress.start("features", paths.len() as u64);
+    let mut grids = Vec::with_capacity(paths.len());
+    for path in paths {
+        let image = crate::images::load_image(path, limits)?;
         grids.push(extractor.extract(&image)?.features);
-        inputs.progress.advance(1);
+        progress.advance(1);
     }
-    inputs.progress.finish();
+    progress.finish();
     Ok(grids)
 }
 

@@ -129,7 +129,7 @@ impl Model {
                 let mut scores = Vec::with_capacity(paths.len());
                 for path in paths {
                     let image = load_image(path, &options.limits)?;
-                    scores.push(raw_inspection(detector.as_ref(), &image)?.score);
+                    scores.push(detector.inspect_raw(&image)?.score);
                     progress.advance(1);
                 }
                 progress.finish();
@@ -244,7 +244,7 @@ impl Model {
 
     /// The raw score and map of one image, before calibration.
     pub fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
-        raw_inspection(self.detector.as_ref(), image)
+        self.detector.inspect_raw(image)
     }
 
     /// Scores one image.
@@ -270,11 +270,6 @@ impl Model {
             map,
         })
     }
-}
-
-/// The detector's output on `image`, turned into a map at its size.
-fn raw_inspection(detector: &dyn Detector, image: &Rgb32FImage) -> Result<RawInspection, Error> {
-    detector.score(image)?.into_raw(image.dimensions())
 }
 
 /// Metadata of files written before WinCLIP became a detector like the

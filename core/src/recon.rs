@@ -41,9 +41,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::detector::{Detector, DetectorOutput, FitInputs};
-use crate::features::{FeatureConfig, FeatureExtractor, Resize};
+use crate::features::{FeatureConfig, FeatureExtractor, Resize, extract_all};
 use crate::gaussian;
-use crate::images::{ImageLimits, load_image};
+use crate::images::ImageLimits;
 use crate::model_file::take;
 use crate::progress::Progress;
 use crate::train::{
@@ -207,14 +207,7 @@ impl Recon {
         progress: &dyn Progress,
     ) -> Result<(Self, TrainingReport), Error> {
         config.validate()?;
-        progress.start("features", paths.len() as u64);
-        let mut images = Vec::with_capacity(paths.len());
-        for path in paths {
-            let image = load_image(path, limits)?;
-            images.push(extractor.extract(&image)?.features);
-            progress.advance(1);
-        }
-        progress.finish();
+        let images = extract_all(extractor, paths, limits, progress)?;
         Self::fit_features(&images, config, started, progress)
     }
 

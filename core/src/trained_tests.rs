@@ -109,8 +109,7 @@ fn score(detector: &dyn Detector, path: &Path) -> f32 {
 }
 
 fn raw(detector: &dyn Detector, image: &image::Rgb32FImage) -> crate::detector::RawInspection {
-    let output = detector.score(image).unwrap();
-    output.into_raw(image.dimensions()).unwrap()
+    detector.inspect_raw(image).unwrap()
 }
 
 /// A second extractor with the fixture's recipe, for a detector to own.

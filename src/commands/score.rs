@@ -346,12 +346,8 @@ impl Scorer for StoreScorer {
         let image = decode_image(bytes, &path.display().to_string(), &self.limits)?;
         let inspection = self.inspector.inspect(&image)?;
         if let Some(out) = self.heatmaps.get(path) {
-            if let Some(parent) = out.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    ScoreError::Other(format!("creating heatmap folder {}: {e}", parent.display()))
-                })?;
-            }
-            save_overlay(out, &image, &inspection.map)?;
+            write_heatmap(out, &image, &inspection)
+                .map_err(|e| ScoreError::Other(format!("{e:#}")))?;
         }
         Ok(Scored {
             score: inspection.score,
