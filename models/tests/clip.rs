@@ -236,6 +236,12 @@ fn clip_patch_embeddings_match_transformers() {
         &reference["image_embeds_ab"].narrow(0, 0, 1).unwrap(),
     );
     assert!(max_diff(&patches, &patches2) == 0.0);
+    // The unprojected tokens WinCLIP's few-shot memory holds: the same class
+    // embedding and hidden-sized rows (their values are checked end to end
+    // against anomalib in core/tests/winclip_reference.rs).
+    let (image3, tokens) = model.encode_image_and_patch_tokens(&pixels).unwrap();
+    assert!(max_diff(&image, &image3) < 1e-6);
+    assert_eq!(tokens.dims(), &[1, 64, 48]);
 }
 
 #[test]
@@ -536,7 +542,7 @@ fn clip_class_vectors_through_the_cache() {
     // The mean of the normal sentences, checked against a direct computation.
     let sentences = prompts.sentences("screw");
     let rows = side.encode_sentences(&sentences.normal).unwrap();
-    let direct = flawscope_prompts::average_normalised(&rows).unwrap();
+    let direct = flawscope_prompts::normalised_mean(&rows).unwrap();
     let d = direct
         .iter()
         .zip(&v.normal)

@@ -23,8 +23,9 @@ pub trait SentenceEncoder {
     fn encode_sentences(&self, sentences: &[String]) -> Result<Vec<Vec<f32>>, Self::Error>;
 }
 
-/// The two class vectors of WinCLIP: the unit-length mean of the unit-length
-/// embeddings of each class's sentences.
+/// The two class vectors of WinCLIP: the mean of the embeddings of each
+/// class's sentences, scaled to unit length (as anomalib's WinCLIP does: the
+/// sentences are averaged as the text tower gives them, not normalised first).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassVectors {
     /// Mean direction of the normal sentences (unit length).
@@ -54,7 +55,9 @@ struct CacheFile {
     entries: Vec<CacheEntry>,
 }
 
-const CACHE_VERSION: u32 = 1;
+// 2: class vectors are the normalised mean of the raw sentence embeddings
+// (version 1 averaged unit rows); older files are ignored, not misread.
+const CACHE_VERSION: u32 = 2;
 
 /// In-memory cache of [`ClassVectors`], optionally backed by a JSON file that
 /// is read on open and rewritten (atomically) whenever an entry is added.
@@ -131,8 +134,8 @@ impl TextEmbeddingCache {
         if sentences.anomalous.is_empty() {
             return Err(PromptError::EmptyClass { class: "anomalous" }.into());
         }
-        let normal = average_normalised(&encoder.encode_sentences(&sentences.normal)?)?;
-        let anomalous = average_normalised(&encoder.encode_sentences(&sentences.anomalous)?)?;
+        let normal = normalised_mean(&encoder.encode_sentences(&sentences.normal)?)?;
+        let anomalous = normalised_mean(&encoder.encode_sentences(&sentences.anomalous)?)?;
         if normal.len() != anomalous.len() {
             return Err(PromptError::Embeddings(format!(
                 "normal vectors have {} values, anomalous {}",
@@ -198,11 +201,11 @@ fn cache_error(path: &Path, e: impl std::fmt::Display) -> PromptError {
     }
 }
 
-/// Normalises each row to unit length, averages them, and normalises the mean.
+/// The mean of the rows, scaled to unit length.
 ///
-/// Errors on no rows, rows of different lengths, a zero or non-finite row, or
-/// a zero mean.
-pub fn average_normalised(rows: &[Vec<f32>]) -> Result<Vec<f32>, PromptError> {
+/// Errors on no rows, rows of different lengths, a non-finite value, or a
+/// zero mean.
+pub fn normalised_mean(rows: &[Vec<f32>]) -> Result<Vec<f32>, PromptError> {
     let first = rows
         .first()
         .ok_or_else(|| PromptError::Embeddings("no embedding to average".into()))?;
@@ -218,16 +221,13 @@ pub fn average_normalised(rows: &[Vec<f32>]) -> Result<Vec<f32>, PromptError> {
                 row.len()
             )));
         }
-        let norm = row
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            .sqrt();
-        if !norm.is_finite() || norm == 0.0 {
-            return Err(PromptError::Embeddings(format!("row {i} has norm {norm}")));
+        if row.iter().any(|v| !v.is_finite()) {
+            return Err(PromptError::Embeddings(format!(
+                "row {i} has a non-finite value"
+            )));
         }
         for (s, &v) in sum.iter_mut().zip(row) {
-            *s += f64::from(v) / norm;
+            *s += f64::from(v);
         }
     }
     let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
@@ -271,14 +271,16 @@ mod tests {
     }
 
     #[test]
-    fn averages_unit_rows() {
-        let v = average_normalised(&[vec![2.0, 0.0], vec![0.0, 5.0]]).unwrap();
-        let s = std::f32::consts::FRAC_1_SQRT_2;
-        assert!((v[0] - s).abs() < 1e-6 && (v[1] - s).abs() < 1e-6);
-        assert!(average_normalised(&[]).is_err());
-        assert!(average_normalised(&[vec![1.0], vec![1.0, 2.0]]).is_err());
-        assert!(average_normalised(&[vec![0.0, 0.0]]).is_err());
-        assert!(average_normalised(&[vec![1.0, 0.0], vec![-1.0, 0.0]]).is_err());
+    fn averages_rows_then_normalises() {
+        // The mean (1, 2.5) is not the mean of the unit rows (0.5, 0.5).
+        let v = normalised_mean(&[vec![2.0, 0.0], vec![0.0, 5.0]]).unwrap();
+        let n = (1.0f32 + 6.25).sqrt();
+        assert!((v[0] - 1.0 / n).abs() < 1e-6 && (v[1] - 2.5 / n).abs() < 1e-6);
+        assert!(normalised_mean(&[]).is_err());
+        assert!(normalised_mean(&[vec![1.0], vec![1.0, 2.0]]).is_err());
+        assert!(normalised_mean(&[vec![0.0, 0.0]]).is_err());
+        assert!(normalised_mean(&[vec![1.0, 0.0], vec![-1.0, 0.0]]).is_err());
+        assert!(normalised_mean(&[vec![f32::NAN, 0.0]]).is_err());
     }
 
     #[test]

@@ -29,14 +29,15 @@ pub const ANOMALOUS_STATES: [&str; 4] = [
 /// Sentence templates describing the photo; `{}` is a filled state phrase.
 pub const TEMPLATES: [&str; 21] = [
     "a cropped photo of the {}.",
-    "a cropped photo of a {}.",
     "a close-up photo of a {}.",
     "a close-up photo of the {}.",
     "a bright photo of a {}.",
     "a bright photo of the {}.",
     "a dark photo of the {}.",
     "a dark photo of a {}.",
-    "a jpeg corrupted photo of a {}.",
+    // Twice, as in anomalib's list: it weighs this template double, and the
+    // same list gives the same class vectors (core/tests/winclip_reference.rs).
+    "a jpeg corrupted photo of the {}.",
     "a jpeg corrupted photo of the {}.",
     "a blurry photo of the {}.",
     "a blurry photo of a {}.",
@@ -48,6 +49,7 @@ pub const TEMPLATES: [&str; 21] = [
     "a photo of the large {}.",
     "a photo of the {} for visual inspection.",
     "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
     "a photo of a {} for anomaly detection.",
 ];
 

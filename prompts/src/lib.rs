@@ -17,7 +17,7 @@ mod ensemble;
 mod error;
 mod tokenizer;
 
-pub use cache::{ClassVectors, SentenceEncoder, TextEmbeddingCache, average_normalised};
+pub use cache::{ClassVectors, SentenceEncoder, TextEmbeddingCache, normalised_mean};
 pub use ensemble::{
     ANOMALOUS_STATES, NORMAL_STATES, PromptSentences, PromptSet, TEMPLATES, object_phrase,
 };

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::ClipCheckpoint;
 use super::engine::WinClip;
 use super::scoring::{check_scales, score_image};
-use super::{DEFAULT_SCALES, WinClipError, checked_object, first_shots, prompt_set};
+use super::{
+    DEFAULT_LOGIT_SCALE, DEFAULT_SCALES, WinClipError, checked_object, first_shots, prompt_set,
+};
 use crate::Error;
 use crate::anomaly_map::DEFAULT_BLUR_SIGMA;
 use crate::detector::{Detector, DetectorConfig, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
@@ -33,7 +35,7 @@ pub struct WinClipConfig {
     /// Window sides in patches.
     pub scales: Vec<usize>,
     /// `s` of the softmax over the two classes; `None` until fitted (then
-    /// the checkpoint's).
+    /// [`DEFAULT_LOGIT_SCALE`]).
     pub logit_scale: Option<f32>,
     /// Blur of the map at the CLIP input size.
     pub blur_sigma: f32,
@@ -49,6 +51,27 @@ pub struct WinClipConfig {
     /// File names of the few-shot images, in memory order.
     #[serde(default)]
     pub shot_images: Vec<String>,
+    /// The space of the few-shot patch memory. Files written before this
+    /// field existed hold projected patches, hence the serde default.
+    #[serde(default = "PatchFeatures::projected")]
+    pub patch_features: PatchFeatures,
+}
+
+/// Which patch features the few-shot memory compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchFeatures {
+    /// Post-layernorm tokens, not projected (open_clip's `output_tokens`,
+    /// as anomalib's WinCLIP compares them): the default.
+    Tokens,
+    /// Tokens projected into the joint space (flawscope before 2026-12).
+    Projected,
+}
+
+impl PatchFeatures {
+    fn projected() -> Self {
+        Self::Projected
+    }
 }
 
 impl Default for WinClipConfig {
@@ -62,6 +85,7 @@ impl Default for WinClipConfig {
             prompts: Vec::new(),
             clip: None,
             shot_images: Vec::new(),
+            patch_features: PatchFeatures::Tokens,
         }
     }
 }
@@ -134,11 +158,11 @@ impl WinClipDetector {
         let memory = if shots.is_empty() {
             None
         } else {
-            Some(Self::memory(&engine, &config.scales, &shots, inputs)?)
+            Some(Self::memory(&engine, config, &shots, inputs)?)
         };
         let config = WinClipConfig {
             object,
-            logit_scale: Some(config.logit_scale.unwrap_or_else(|| engine.logit_scale())),
+            logit_scale: Some(config.logit_scale.unwrap_or(DEFAULT_LOGIT_SCALE)),
             clip: Some(engine.checkpoint().clone()),
             shot_images: shots
                 .iter()
@@ -161,16 +185,17 @@ impl WinClipDetector {
 
     fn memory(
         engine: &WinClip,
-        scales: &[usize],
+        config: &WinClipConfig,
         shots: &[PathBuf],
         inputs: &FitInputs<'_>,
     ) -> Result<Memory, Error> {
+        let scales = &config.scales;
         let mut patches = Vec::with_capacity(shots.len());
         let mut windows: Vec<Vec<Tensor>> = vec![Vec::with_capacity(shots.len()); scales.len()];
         inputs.progress.start("few-shot memory", shots.len() as u64);
         for path in shots {
             let image = load_image(path, inputs.limits)?;
-            let e = engine.embed(&image, scales, true)?;
+            let e = engine.embed(&image, scales, Some(config.patch_features))?;
             let p = e
                 .patches
                 .ok_or_else(|| WinClipError::Config("no patch embeddings".into()))?;
@@ -222,17 +247,21 @@ impl WinClipDetector {
             .into());
         }
         let memory = if config.shots > 0 {
-            let check = |t: Tensor, name: &str| -> Result<Tensor, Error> {
+            let check = |t: Tensor, name: &str, dim: usize| -> Result<Tensor, Error> {
                 match t.dims() {
                     [n, d] if *d == dim && *n > 0 => Ok(t),
                     other => Err(bad(format!("{name} is {other:?}, expected [n, {dim}]")).into()),
                 }
             };
-            let patches = check(take(tensors, PATCH_MEMORY, path)?, PATCH_MEMORY)?;
+            let patch_dim = match config.patch_features {
+                PatchFeatures::Tokens => engine.clip().config().vision.hidden_size,
+                PatchFeatures::Projected => dim,
+            };
+            let patches = check(take(tensors, PATCH_MEMORY, path)?, PATCH_MEMORY, patch_dim)?;
             let mut windows = Vec::with_capacity(config.scales.len());
             for k in &config.scales {
                 let name = format!("{WINDOW_MEMORY}.{k}");
-                windows.push(check(take(tensors, &name, path)?, &name)?);
+                windows.push(check(take(tensors, &name, path)?, &name, dim)?);
             }
             Some(Memory { patches, windows })
         } else {

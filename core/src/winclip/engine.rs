@@ -14,9 +14,10 @@ use flawscope_prompts::{
 };
 use image::{DynamicImage, Rgb32FImage};
 
+use super::WinClipError;
 use super::checkpoint::{ClipCheckpoint, file_sha256, source_name};
+use super::detector::PatchFeatures;
 use super::scoring::{check_scales, unit_rows};
-use super::{FALLBACK_LOGIT_SCALE, WinClipError};
 use crate::Error;
 
 /// The WinCLIP engine: a CLIP model, its tokenizer and a cache of class
@@ -157,14 +158,6 @@ impl WinClip {
         self.clip.grid(s, s)
     }
 
-    /// The checkpoint's `exp(logit_scale)`, or [`FALLBACK_LOGIT_SCALE`].
-    pub fn logit_scale(&self) -> f32 {
-        self.clip
-            .logit_scale()
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .unwrap_or(FALLBACK_LOGIT_SCALE)
-    }
-
     /// The (normal, anomalous) class vectors of `object` under `prompts`,
     /// from the cache or computed (and cached) on a miss.
     pub fn class_vectors(
@@ -205,22 +198,27 @@ impl WinClip {
         Ok(pre.tensor(std::slice::from_ref(&dynamic), self.clip.device())?)
     }
 
-    /// Unit embeddings of one image: class token, optionally every patch,
-    /// and every window of each scale.
+    /// Unit embeddings of one image: class token, optionally every patch
+    /// (in the space `patches` names), and every window of each scale.
     pub(crate) fn embed(
         &self,
         image: &Rgb32FImage,
         scales: &[usize],
-        with_patches: bool,
+        patches: Option<PatchFeatures>,
     ) -> Result<Embedded, Error> {
         let (rows, cols) = self.grid();
         check_scales(scales, rows, cols)?;
         let pixels = self.pixels(image)?;
-        let (class, patches) = if with_patches {
-            let (class, patches) = self.clip.encode_image_and_patches(&pixels)?;
-            (class, Some(unit_rows(&patches.squeeze(0)?)?))
-        } else {
-            (self.clip.encode_image(&pixels)?, None)
+        let (class, patches) = match patches {
+            Some(PatchFeatures::Tokens) => {
+                let (class, tokens) = self.clip.encode_image_and_patch_tokens(&pixels)?;
+                (class, Some(unit_rows(&tokens.squeeze(0)?)?))
+            }
+            Some(PatchFeatures::Projected) => {
+                let (class, patches) = self.clip.encode_image_and_patches(&pixels)?;
+                (class, Some(unit_rows(&patches.squeeze(0)?)?))
+            }
+            None => (self.clip.encode_image(&pixels)?, None),
         };
         let per_scale: Vec<Vec<Vec<usize>>> = scales
             .iter()
@@ -250,7 +248,7 @@ impl WinClip {
 pub(crate) struct Embedded {
     /// `[1, D]`.
     pub(crate) class: Tensor,
-    /// `[rows*cols, D]`, when asked for.
+    /// `[rows*cols, D or hidden]`, when asked for.
     pub(crate) patches: Option<Tensor>,
     /// Per scale: its windows and their `[windows, D]` embeddings.
     pub(crate) windows: Vec<(Vec<Vec<usize>>, Tensor)>,

@@ -8,13 +8,13 @@
 //! ([`PromptSet::winclip`]), with user defect descriptions as extra
 //! anomalous states ([`PromptSet::with_defects`]), gives two unit class
 //! vectors `t_n` (normal) and `t_a` (anomalous): the normalised mean of the
-//! unit sentence embeddings of each class. They are computed once per
+//! sentence embeddings of each class. They are computed once per
 //! (checkpoint, object, prompt set) through a [`TextEmbeddingCache`], so
 //! repeated queries cost only the image pass.
 //!
-//! For a unit image-side embedding `e`, with `s` the checkpoint's logit scale
-//! (`exp(logit_scale)`, 100 for OpenAI CLIP; 100 when the checkpoint has
-//! none):
+//! For a unit image-side embedding `e`, with `s = 1/0.07` (WinCLIP's
+//! temperature as anomalib sets it, [`DEFAULT_LOGIT_SCALE`]; a model file
+//! stores the `s` it was made with):
 //!
 //! ```text
 //! p(e) = softmax(s·[cos(e, t_n), cos(e, t_a)])[anomalous] = σ(s·(cos(e, t_a) − cos(e, t_n)))
@@ -31,9 +31,9 @@
 //!
 //! # Few-shot (WinCLIP+)
 //!
-//! The memory holds the unit patch embeddings (post-layernorm, projected:
-//! [`ClipModel::encode_patches`]) of the `k` normal images and, per scale,
-//! their unit window embeddings. A test vector `v` against the memory `R` of
+//! The memory holds the unit patch tokens (post-layernorm, not projected:
+//! [`ClipModel::encode_image_and_patch_tokens`]) of the `k` normal images
+//! and, per scale, their unit window embeddings (projected). A test vector `v` against the memory `R` of
 //! its level scores `a(v) = min_{r ∈ R} (1 − cos(v, r)) / 2`.
 //!
 //! - `F_0(i) = a(patch i)` against the patch memory;
@@ -43,7 +43,11 @@
 //! - final patch score `A(i) = (Z(i) + F(i)) / 2` and image score
 //!   `S = (S0 + max_i F(i)) / 2`.
 //!
-//! (These are the formulas of anomalib's WinCLIP reproduction.)
+//! These are the formulas of anomalib's WinCLIP reproduction, and on the
+//! same weights flawscope gives anomalib's numbers: scripts/make_winclip_reference.py
+//! runs anomalib's own `WinClipModel` on the tiny test checkpoint, and
+//! `core/tests/winclip_reference.rs` matches its scores and maps within 1e-4.
+//! The one deliberate difference is the map blur below (switched off there).
 //!
 //! # Maps and verdicts
 //!
@@ -77,7 +81,7 @@ use flawscope_prompts::{PromptSet, object_phrase};
 use crate::Error;
 
 pub use checkpoint::ClipCheckpoint;
-pub use detector::{WinClipConfig, WinClipDetector};
+pub use detector::{PatchFeatures, WinClipConfig, WinClipDetector};
 pub use engine::WinClip;
 pub use scoring::{
     anomalous_probability, harmonic_mean, harmonic_window_aggregation, zero_shot_grid,
@@ -87,8 +91,9 @@ pub use scoring::{
 pub const DETECTOR_KIND: &str = "winclip";
 /// Window sides, in patches, of the zero-shot and few-shot maps.
 pub const DEFAULT_SCALES: [usize; 2] = [2, 3];
-/// Logit scale used when a checkpoint has none (OpenAI CLIP's value).
-pub const FALLBACK_LOGIT_SCALE: f32 = 100.0;
+/// `s` of the two-class softmax: 1/0.07, the temperature anomalib's WinCLIP
+/// uses (CLIP's initial one), whatever the checkpoint's own logit scale.
+pub const DEFAULT_LOGIT_SCALE: f32 = 1.0 / 0.07;
 
 /// What can go wrong specifically in WinCLIP.
 #[derive(Debug, thiserror::Error)]

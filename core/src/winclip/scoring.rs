@@ -5,9 +5,9 @@
 use candle_core::{D, Device, Tensor};
 use image::Rgb32FImage;
 
-use super::WinClipError;
 use super::detector::{Memory, WinClipConfig};
 use super::engine::WinClip;
+use super::{DEFAULT_LOGIT_SCALE, WinClipError};
 use crate::Error;
 
 /// Raw image score and patch grid (`rows × cols`, row-major) of one image.
@@ -27,8 +27,8 @@ pub(crate) fn score_image(
     memory: Option<&Memory>,
     image: &Rgb32FImage,
 ) -> Result<Scored, Error> {
-    let e = engine.embed(image, &config.scales, memory.is_some())?;
-    let scale = config.logit_scale.unwrap_or_else(|| engine.logit_scale());
+    let e = engine.embed(image, &config.scales, memory.map(|_| config.patch_features))?;
+    let scale = config.logit_scale.unwrap_or(DEFAULT_LOGIT_SCALE);
     let image_score = *probabilities(&e.class, text, scale)?
         .first()
         .ok_or(WinClipError::NonFinite)?;

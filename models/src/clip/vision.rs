@@ -215,6 +215,28 @@ impl ClipModel {
         ))
     }
 
+    /// [`ClipModel::encode_image`] and every patch token of the last layer,
+    /// post-layernormed but *not* projected, `[batch, rows*cols, hidden]`:
+    /// the patch features WinCLIP's few-shot memory holds (as open_clip's
+    /// `output_tokens`, which anomalib uses), from one forward pass.
+    pub fn encode_image_and_patch_tokens(
+        &self,
+        pixels: &Tensor,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let (tokens, _) = self.embed(pixels)?;
+        let out = self
+            .vision
+            .encoder
+            .forward(&tokens, None, usize::MAX, |_, _| {})?;
+        let normed = self.vision.post_ln.forward(&out.contiguous()?)?;
+        let n = normed.dim(1)?;
+        let class = self
+            .vision
+            .projection
+            .forward(&normed.i((.., 0, ..))?.contiguous()?)?;
+        Ok((class, normed.narrow(1, 1, n - 1)?.contiguous()?))
+    }
+
     /// Raw tokens of the chosen layers, each `[batch, 1 + rows*cols, hidden]`
     /// (class token first), numbered as `transformers`' `hidden_states`:
     /// 0 is the embeddings after the pre-layernorm, `i` the output of layer
