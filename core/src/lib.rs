@@ -83,6 +83,11 @@ impl Error {
             self,
             Self::Model(M::NoClipWeights { .. } | M::MissingFile { .. })
                 | Self::WinClip(W::CheckpointMismatch { .. } | W::EmptyObject)
+                | Self::Prompt(
+                    flawscope_prompts::PromptError::EmptyDescription
+                        | flawscope_prompts::PromptError::TooLong { .. }
+                        | flawscope_prompts::PromptError::Placeholder { .. }
+                )
         )
     }
 }

@@ -5,11 +5,12 @@
 //! an [`Arc`]) by all WinCLIP layers, so a server with many models, or a
 //! zero-shot request per HTTP call, costs one copy of the weights.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::Device;
 use flawscope_models::clip_weights::{ClipPreset, VIT_B_16, WeightsLookup};
+use flawscope_prompts::TextEmbeddingCache;
 
 use crate::Error;
 use crate::winclip::{ClipCheckpoint, WinClip};
@@ -19,6 +20,8 @@ pub struct Runtime {
     device: Device,
     lookup: WeightsLookup,
     preset: ClipPreset,
+    /// Folder of the on-disk text-embedding cache, if any.
+    text_cache: Option<PathBuf>,
     /// The engine of `preset` (or the one given), once loaded.
     default: Mutex<Option<Arc<WinClip>>>,
     /// Every engine loaded for model files.
@@ -47,9 +50,30 @@ impl Runtime {
             device,
             lookup,
             preset,
+            text_cache: None,
             default: Mutex::new(None),
             engines: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Keeps the CLIP text side (class vectors) of the engines loaded from
+    /// now on in the folder `dir`, shared with other processes (see
+    /// [`TextEmbeddingCache::in_dir`]).
+    pub fn with_text_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.text_cache = dir;
+        self
+    }
+
+    /// The text cache folder in use, if any.
+    pub fn text_cache_dir(&self) -> Option<&Path> {
+        self.text_cache.as_deref()
+    }
+
+    fn prepared(&self, engine: WinClip) -> Result<Arc<WinClip>, Error> {
+        Ok(Arc::new(match &self.text_cache {
+            Some(dir) => engine.with_text_cache(TextEmbeddingCache::in_dir(dir)?),
+            None => engine,
+        }))
     }
 
     /// Uses an engine already loaded (tests, benchmarks): later lookups of
@@ -77,7 +101,7 @@ impl Runtime {
         if let Some(engine) = default.as_ref() {
             return Ok(Arc::clone(engine));
         }
-        let engine = Arc::new(WinClip::resolve(&self.lookup, &self.preset, &self.device)?);
+        let engine = self.prepared(WinClip::resolve(&self.lookup, &self.preset, &self.device)?)?;
         *default = Some(Arc::clone(&engine));
         self.engines
             .lock()
@@ -100,13 +124,24 @@ impl Runtime {
         {
             return Ok(Arc::clone(engine));
         }
-        let engine = Arc::new(WinClip::for_checkpoint(
+        let engine = self.prepared(WinClip::for_checkpoint(
             stored,
             &self.lookup,
             &self.device,
             model_path,
-        )?);
+        )?)?;
         engines.push(Arc::clone(&engine));
         Ok(engine)
     }
+}
+
+/// Where the CLIP text side is cached by default: `FLAWSCOPE_CACHE_DIR`,
+/// else the user's cache folder (`$XDG_CACHE_HOME` or `~/.cache` on Linux),
+/// under `flawscope/text-embeddings`. `None` when neither is known.
+pub fn default_text_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("FLAWSCOPE_CACHE_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| dirs::cache_dir().map(|d| d.join("flawscope")))?;
+    Some(base.join("text-embeddings"))
 }

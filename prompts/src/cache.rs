@@ -1,5 +1,6 @@
 //! Averaged class vectors per (model, object, prompt set), kept in memory and
-//! optionally in a JSON file, so the text tower runs once per object.
+//! optionally on disk, so the text tower runs once per object: in a process,
+//! and, with a cache folder, once per machine.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ensemble::Fnv1a;
 use crate::{PromptError, PromptSet, object_phrase};
 
 /// Something that turns sentences into embeddings: the CLIP text tower plus
@@ -43,28 +45,29 @@ struct CacheKey {
 
 #[derive(Serialize, Deserialize)]
 struct CacheEntry {
+    version: u32,
     #[serde(flatten)]
     key: CacheKey,
     #[serde(flatten)]
     vectors: ClassVectors,
 }
 
-#[derive(Serialize, Deserialize)]
-struct CacheFile {
-    version: u32,
-    entries: Vec<CacheEntry>,
-}
-
 // 2: class vectors are the normalised mean of the raw sentence embeddings
-// (version 1 averaged unit rows); older files are ignored, not misread.
+// (version 1 averaged unit rows); older entries are ignored, not misread.
 const CACHE_VERSION: u32 = 2;
 
-/// In-memory cache of [`ClassVectors`], optionally backed by a JSON file that
-/// is read on open and rewritten (atomically) whenever an entry is added.
+/// In-memory cache of [`ClassVectors`], optionally backed by a folder with
+/// one JSON file per entry.
+///
+/// Several processes may share the folder: an entry is written to a
+/// temporary file and renamed into place, so a reader sees a whole entry or
+/// none, and two processes computing the same entry write the same bytes.
+/// A file that cannot be read back (cut short, another version, another key
+/// under the same name) is a miss, recomputed and replaced.
 #[derive(Debug, Default)]
 pub struct TextEmbeddingCache {
     entries: HashMap<CacheKey, Arc<ClassVectors>>,
-    file: Option<PathBuf>,
+    dir: Option<PathBuf>,
 }
 
 impl TextEmbeddingCache {
@@ -73,50 +76,72 @@ impl TextEmbeddingCache {
         Self::default()
     }
 
-    /// A cache backed by `path`; a missing file is an empty cache.
-    pub fn with_file(path: &Path) -> Result<Self, PromptError> {
-        let mut cache = Self {
+    /// A cache backed by the folder `dir` (created if missing).
+    pub fn in_dir(dir: &Path) -> Result<Self, PromptError> {
+        std::fs::create_dir_all(dir).map_err(|e| cache_error(dir, e))?;
+        Ok(Self {
             entries: HashMap::new(),
-            file: Some(path.to_owned()),
-        };
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cache),
-            Err(e) => return Err(cache_error(path, e)),
-        };
-        let file: CacheFile = serde_json::from_str(&text).map_err(|e| cache_error(path, e))?;
-        if file.version != CACHE_VERSION {
-            // An older layout: start afresh, it is only a cache.
-            return Ok(cache);
-        }
-        for entry in file.entries {
-            cache.entries.insert(entry.key, Arc::new(entry.vectors));
-        }
-        Ok(cache)
+            dir: Some(dir.to_owned()),
+        })
     }
 
-    /// Number of cached (model, object, prompt set) entries.
+    /// The backing folder, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Number of entries held in memory.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether the cache holds nothing.
+    /// Whether memory holds no entry.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    /// The cached vectors, if any, without computing.
+    /// The cached vectors, if any (from memory, else the folder), without
+    /// computing.
     pub fn get(
-        &self,
+        &mut self,
         model_id: &str,
         object: &str,
         prompts: &PromptSet,
     ) -> Option<Arc<ClassVectors>> {
-        self.entries.get(&key(model_id, object, prompts)).cloned()
+        self.lookup(&key(model_id, object, prompts))
+    }
+
+    fn lookup(&mut self, key: &CacheKey) -> Option<Arc<ClassVectors>> {
+        if let Some(found) = self.entries.get(key) {
+            return Some(Arc::clone(found));
+        }
+        let path = self.entry_path(key)?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let entry: CacheEntry = serde_json::from_str(&text).ok()?;
+        if entry.version != CACHE_VERSION || &entry.key != key {
+            return None;
+        }
+        let vectors = Arc::new(entry.vectors);
+        self.entries.insert(key.clone(), Arc::clone(&vectors));
+        Some(vectors)
+    }
+
+    fn entry_path(&self, key: &CacheKey) -> Option<PathBuf> {
+        let mut hash = Fnv1a::new();
+        for part in [key.model.as_bytes(), key.object.as_bytes()] {
+            hash.write(&(part.len() as u64).to_le_bytes());
+            hash.write(part);
+        }
+        hash.write(&key.prompts.to_le_bytes());
+        Some(
+            self.dir
+                .as_ref()?
+                .join(format!("{:016x}.json", hash.finish())),
+        )
     }
 
     /// The class vectors of `object` under `prompts`, computed with `encoder`
-    /// on a miss (and written to the backing file, if any).
+    /// on a miss (and written to the folder, if any).
     pub fn class_vectors<E: SentenceEncoder>(
         &mut self,
         encoder: &E,
@@ -124,8 +149,8 @@ impl TextEmbeddingCache {
         prompts: &PromptSet,
     ) -> Result<Arc<ClassVectors>, E::Error> {
         let key = key(&encoder.model_id(), object, prompts);
-        if let Some(found) = self.entries.get(&key) {
-            return Ok(Arc::clone(found));
+        if let Some(found) = self.lookup(&key) {
+            return Ok(found);
         }
         let sentences = prompts.sentences(object);
         if sentences.normal.is_empty() {
@@ -145,44 +170,33 @@ impl TextEmbeddingCache {
             .into());
         }
         let vectors = Arc::new(ClassVectors { normal, anomalous });
+        self.store(&key, &vectors)?;
         self.entries.insert(key, Arc::clone(&vectors));
-        self.save()?;
         Ok(vectors)
     }
 
-    /// Writes the backing file (no-op for an in-memory cache).
-    pub fn save(&self) -> Result<(), PromptError> {
-        let Some(path) = &self.file else {
+    fn store(&self, key: &CacheKey, vectors: &ClassVectors) -> Result<(), PromptError> {
+        let Some(path) = self.entry_path(key) else {
             return Ok(());
         };
-        let mut entries: Vec<CacheEntry> = self
-            .entries
-            .iter()
-            .map(|(k, v)| CacheEntry {
-                key: k.clone(),
-                vectors: (**v).clone(),
-            })
-            .collect();
-        entries.sort_by(|a, b| {
-            (&a.key.model, &a.key.object, a.key.prompts).cmp(&(
-                &b.key.model,
-                &b.key.object,
-                b.key.prompts,
-            ))
-        });
-        let text = serde_json::to_string(&CacheFile {
+        let text = serde_json::to_string(&CacheEntry {
             version: CACHE_VERSION,
-            entries,
+            key: key.clone(),
+            vectors: vectors.clone(),
         })
-        .map_err(|e| cache_error(path, e))?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| cache_error(path, e))?;
-        }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".tmp{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, text).map_err(|e| cache_error(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| cache_error(path, e))
+        .map_err(|e| cache_error(&path, e))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".entry-").suffix(".tmp");
+        // Temporary files are private (0600); ask for 0666 so the entry gets
+        // the user's umask, like every file flawscope writes.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let mut tmp = builder.tempfile_in(dir).map_err(|e| cache_error(dir, e))?;
+        std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| cache_error(&path, e))?;
+        tmp.persist(&path)
+            .map_err(|e| cache_error(&path, e.error))?;
+        Ok(())
     }
 }
 
@@ -286,12 +300,12 @@ mod tests {
     #[test]
     fn caches_in_memory_and_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub").join("text.json");
+        let folder = dir.path().join("sub").join("text");
         let fake = Fake {
             calls: Cell::new(0),
         };
         let prompts = PromptSet::winclip();
-        let mut cache = TextEmbeddingCache::with_file(&path).unwrap();
+        let mut cache = TextEmbeddingCache::in_dir(&folder).unwrap();
         let a = cache.class_vectors(&fake, "screw", &prompts).unwrap();
         let b = cache.class_vectors(&fake, "screw", &prompts).unwrap();
         assert_eq!(fake.calls.get(), 2, "one call per class, then cached");
@@ -302,21 +316,78 @@ mod tests {
         cache.class_vectors(&fake, "screw", &with_defect).unwrap();
         assert_eq!(fake.calls.get(), 4);
         assert_eq!(cache.len(), 2);
+        assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 2);
 
-        let reopened = TextEmbeddingCache::with_file(&path).unwrap();
-        assert_eq!(reopened.len(), 2);
-        assert_eq!(reopened.get("fake", "screw", &prompts).unwrap(), a);
+        // A second process: nothing is encoded again.
+        let second = Fake {
+            calls: Cell::new(0),
+        };
+        let mut reopened = TextEmbeddingCache::in_dir(&folder).unwrap();
+        assert!(reopened.is_empty());
+        let again = reopened.class_vectors(&second, "screw", &prompts).unwrap();
+        reopened
+            .class_vectors(&second, "screw", &with_defect)
+            .unwrap();
+        assert_eq!(second.calls.get(), 0, "both entries come from the folder");
+        assert_eq!(again, a);
         assert!(reopened.get("other", "screw", &prompts).is_none());
     }
 
     #[test]
-    fn corrupt_file_is_an_error() {
+    fn broken_entries_are_misses_and_get_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("text.json");
-        std::fs::write(&path, "{not json").unwrap();
-        assert!(matches!(
-            TextEmbeddingCache::with_file(&path),
-            Err(PromptError::CacheFile { .. })
-        ));
+        let fake = Fake {
+            calls: Cell::new(0),
+        };
+        let prompts = PromptSet::winclip();
+        let mut cache = TextEmbeddingCache::in_dir(dir.path()).unwrap();
+        let a = cache.class_vectors(&fake, "screw", &prompts).unwrap();
+        let entry = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let whole = std::fs::read_to_string(&entry).unwrap();
+        for broken in [&whole[..whole.len() / 2], "{not json", ""] {
+            std::fs::write(&entry, broken).unwrap();
+            let mut fresh = TextEmbeddingCache::in_dir(dir.path()).unwrap();
+            let calls = fake.calls.get();
+            assert_eq!(fresh.class_vectors(&fake, "screw", &prompts).unwrap(), a);
+            assert_eq!(fake.calls.get(), calls + 2, "recomputed");
+            assert_eq!(std::fs::read_to_string(&entry).unwrap(), whole, "replaced");
+        }
+    }
+
+    #[test]
+    fn processes_sharing_a_folder_agree() {
+        // Threads stand in for processes: each has its own cache on the
+        // same folder, and all race to write the same entry.
+        let dir = tempfile::tempdir().unwrap();
+        let prompts = PromptSet::winclip();
+        let results: Vec<Arc<ClassVectors>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let fake = Fake {
+                            calls: Cell::new(0),
+                        };
+                        let mut cache = TextEmbeddingCache::in_dir(dir.path()).unwrap();
+                        cache.class_vectors(&fake, "screw", &prompts).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.windows(2).all(|w| w[0] == w[1]));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names.len(),
+            1,
+            "one entry, no temporary file left: {names:?}"
+        );
     }
 }

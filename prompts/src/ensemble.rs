@@ -111,11 +111,11 @@ impl PromptSet {
     /// thread"`, filled into every template. A description that already holds
     /// a `{}` is used as the state verbatim (`"a cracked {}"`). Underscores
     /// become spaces (`"broken_large"` → `"broken large"`) and whitespace is
-    /// collapsed; a blank description is ignored.
+    /// collapsed; a blank description is an error.
     pub fn with_defect(mut self, description: &str) -> Result<Self, PromptError> {
         let phrase = object_phrase(description);
         if phrase.is_empty() {
-            return Ok(self);
+            return Err(PromptError::EmptyDescription);
         }
         let state = if phrase.contains("{}") {
             check_placeholder(&phrase)?;
@@ -206,6 +206,33 @@ impl PromptSet {
         }
     }
 
+    /// Checks that every sentence for `object` fits in `limit` tokens as
+    /// `count` counts them (start and end tokens included); the error names
+    /// the longest sentence over the limit.
+    pub fn check_lengths(
+        &self,
+        object: &str,
+        limit: usize,
+        count: impl Fn(&str) -> Result<usize, PromptError>,
+    ) -> Result<(), PromptError> {
+        let sentences = self.sentences(object);
+        let mut longest: Option<(usize, &String)> = None;
+        for sentence in sentences.normal.iter().chain(&sentences.anomalous) {
+            let tokens = count(sentence)?;
+            if tokens > limit && longest.is_none_or(|(n, _)| tokens > n) {
+                longest = Some((tokens, sentence));
+            }
+        }
+        match longest {
+            Some((tokens, sentence)) => Err(PromptError::TooLong {
+                sentence: sentence.clone(),
+                tokens,
+                limit,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// A stable 64-bit fingerprint of the sentences produced for `object`:
     /// equal sentence lists give equal fingerprints across runs, platforms and
     /// compiler versions (FNV-1a, not `std`'s hasher). Used as a cache key.
@@ -247,21 +274,21 @@ fn fill(pattern: &str, value: &str) -> String {
     pattern.replacen("{}", value, 1)
 }
 
-struct Fnv1a(u64);
+pub(crate) struct Fnv1a(u64);
 
 impl Fnv1a {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
     }
 
-    fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
             self.0 ^= u64::from(b);
             self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
 
-    fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0
     }
 }
@@ -287,14 +314,39 @@ mod tests {
     }
 
     #[test]
+    fn blank_descriptions_are_refused() {
+        for blank in ["", "   ", "_ _", "\t\n"] {
+            assert!(matches!(
+                PromptSet::winclip().with_defect(blank),
+                Err(PromptError::EmptyDescription)
+            ));
+        }
+    }
+
+    #[test]
+    fn long_sentences_are_named_with_their_length() {
+        let words = |s: &str| Ok(s.split_whitespace().count() + 2);
+        let set = PromptSet::winclip().with_defect("deep scratch").unwrap();
+        // The longest sentence: "a photo of the screw with deep scratch for
+        // visual inspection." is 11 words + start + end.
+        assert!(set.check_lengths("screw", 13, words).is_ok());
+        match set.check_lengths("screw", 12, words) {
+            Err(PromptError::TooLong {
+                sentence,
+                tokens,
+                limit,
+            }) => {
+                assert_eq!((tokens, limit), (13, 12));
+                assert!(sentence.contains("deep scratch"), "{sentence}");
+            }
+            other => panic!("expected TooLong, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn defects_become_anomalous_states() {
         let set = PromptSet::winclip()
-            .with_defects(&[
-                "scratch on the thread",
-                "  ",
-                "a cracked {}",
-                "broken_large",
-            ])
+            .with_defects(&["scratch on the thread", "a cracked {}", "broken_large"])
             .unwrap();
         let s = set.sentences("screw");
         assert_eq!(s.anomalous.len(), 7 * 21);

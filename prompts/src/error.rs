@@ -45,6 +45,26 @@ pub enum PromptError {
         class: &'static str,
     },
 
+    /// A defect description is empty (or only whitespace and underscores).
+    #[error(
+        "a defect description is empty: type what the defect looks like (for example \"scratch on the thread\")"
+    )]
+    EmptyDescription,
+
+    /// A sentence is longer than the text encoder reads.
+    #[error(
+        "the prompt {sentence:?} is {tokens} tokens long; CLIP reads at most {limit} \
+         (start and end included): shorten the defect description or the object name"
+    )]
+    TooLong {
+        /// The longest sentence the description or object makes.
+        sentence: String,
+        /// Its length in tokens, start and end tokens included.
+        tokens: usize,
+        /// The encoder's context length.
+        limit: usize,
+    },
+
     /// Embeddings handed back by an encoder are unusable.
     #[error("invalid embeddings: {0}")]
     Embeddings(String),

@@ -41,6 +41,8 @@ impl TokenBatch {
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without truncation or padding, to count tokens.
+    counting: Tokenizer,
     path: PathBuf,
     context_length: usize,
     bos_id: u32,
@@ -73,8 +75,17 @@ impl ClipTokenizer {
         };
         let bos_id = id(BOS)?;
         let eos_id = id(EOS)?;
+        let mut counting = inner.clone();
+        counting
+            .with_truncation(None)
+            .map_err(|e| PromptError::NotClipTokenizer {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        counting.with_padding(None);
         Self {
             inner,
+            counting,
             path: path.to_owned(),
             context_length: CLIP_CONTEXT_LENGTH,
             bos_id,
@@ -135,6 +146,19 @@ impl ClipTokenizer {
     /// Number of ids the tokenizer can produce (the model's vocabulary must be at least this big).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// Number of tokens of `text`, start and end tokens included, before
+    /// any truncation ([`ClipTokenizer::encode`] cuts at the context length).
+    pub fn token_count(&self, text: &str) -> Result<usize, PromptError> {
+        let encoding = self
+            .counting
+            .encode(text, true)
+            .map_err(|e| PromptError::Encode {
+                text: text.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(encoding.get_ids().len())
     }
 
     /// Token ids of one sentence, exactly [`ClipTokenizer::context_length`] long.

@@ -10,6 +10,7 @@ pub mod fuzzing;
 mod inference;
 mod metrics;
 mod oip;
+mod question;
 mod routes;
 mod state;
 mod upload;

@@ -17,6 +17,7 @@ use crate::answer::describe;
 use crate::error::ApiError;
 use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect, scored};
 use crate::oip;
+use crate::question;
 use crate::state::{AppState, ZeroShot};
 use crate::upload::{RawBody, read_upload};
 
@@ -251,7 +252,7 @@ async fn score(
 }
 
 /// Picks the model for `/v1/ask`: the `model` field, the only model, or
-/// the one model named in the text.
+/// the one model the text means ([`question::match_model`]).
 fn choose_model(state: &AppState, field: Option<&str>, text: &str) -> Result<String, ApiError> {
     if let Some(name) = field {
         state.model(name)?;
@@ -261,18 +262,18 @@ fn choose_model(state: &AppState, field: Option<&str>, text: &str) -> Result<Str
     if let [only] = names.as_slice() {
         return Ok((*only).clone());
     }
-    let lower = text.to_lowercase();
-    let words: Vec<&str> = lower
-        .split(|c: char| !(c.is_alphanumeric() || matches!(c, '.' | '-' | '_')))
-        .map(|w| w.trim_end_matches('.'))
-        .collect();
-    let mentioned: Vec<&&String> = names
+    let summaries: Vec<(&str, Option<String>)> = state
+        .models()
         .iter()
-        .filter(|n| words.contains(&n.to_lowercase().as_str()))
+        .map(|(name, model)| (name.as_str(), model.summary().object))
         .collect();
-    match mentioned.as_slice() {
-        [one] => Ok((**one).clone()),
-        _ => Err(ApiError::bad_request(
+    let candidates: Vec<(&str, Option<&str>)> = summaries
+        .iter()
+        .map(|(name, object)| (*name, object.as_deref()))
+        .collect();
+    match question::match_model(text, &candidates) {
+        Some(one) => Ok(one.to_owned()),
+        None => Err(ApiError::bad_request(
             "model_required",
             format!(
                 "several models are loaded ({}); say which with the \"model\" field",
@@ -291,6 +292,12 @@ struct AskResponse {
     answer: String,
     question: String,
     model: String,
+    /// The defect phrases read from the question ([`question::defect_phrases`]).
+    defects_asked: Vec<String>,
+    /// Whether each asked defect was checked on its own: not yet, since a
+    /// model has no text layer; `note` says so in words.
+    defects_checked: bool,
+    note: String,
     result: ScoreResponse,
 }
 
@@ -308,10 +315,27 @@ async fn ask(
     let image = decode(&state, upload.require_image()?).await?;
     let slot = state.slot().await?;
     let scored = inspect(model, image, Extras::default(), slot).await?;
-    let answer = describe(&name, &scored);
+    let asked = question::defect_phrases(&question);
+    let note = if asked.is_empty() {
+        "no defect was named; the answer is the model's general anomaly verdict".to_owned()
+    } else {
+        format!(
+            "asked about {}: {name} has no text layer, so these were not checked one by one; \
+             the answer is the model's general anomaly verdict",
+            asked
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let answer = format!("{} ({note}.)", describe(&name, &scored));
     Ok(Json(AskResponse {
         answer,
         question,
+        defects_asked: asked,
+        defects_checked: false,
+        note,
         result: scored.response(&name, started),
         model: name,
     }))

@@ -759,6 +759,30 @@ async fn ask_answers_in_words() {
     )
     .await;
     assert_eq!(reply.json()["model"], "tiles");
+    // "cell" finds "cells" (a plural is not another word), and the answer
+    // names the defects asked about, saying they were not checked one by one.
+    let reply = send(
+        app2.clone(),
+        multipart(
+            "/v1/ask",
+            &[
+                Part::Text("text", "any chips or scratches on this cell?"),
+                Part::File("image", &png),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    assert_eq!(v["model"], "cells");
+    assert_eq!(
+        v["defects_asked"],
+        json!(["chips", "scratches on this cell"])
+    );
+    assert_eq!(v["defects_checked"], false);
+    let answer = v["answer"].as_str().unwrap();
+    assert!(answer.contains("\"chips\""), "{answer}");
+    assert!(answer.contains("not checked one by one"), "{answer}");
     let reply = send(
         app2.clone(),
         multipart(

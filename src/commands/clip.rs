@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flawscope_core::Device;
 use flawscope_core::model::Model;
-use flawscope_core::runtime::Runtime;
+use flawscope_core::runtime::{Runtime, default_text_cache_dir};
 use flawscope_models::clip_weights::{ClipPreset, PRESETS, WeightsLookup};
 
 use super::UsageError;
@@ -53,8 +53,25 @@ impl ClipArgs {
 
     /// Where models run: `device`, with the CLIP weights these options
     /// point at (loaded only when a model needs them).
+    /// The CLIP text side is cached on disk ([`default_text_cache_dir`]),
+    /// so a second run encodes no sentence it has seen.
     pub fn runtime(&self, device: Device) -> Result<Runtime, UsageError> {
-        Ok(Runtime::with_clip(device, self.lookup(), self.preset()?))
+        Ok(Runtime::with_clip(device, self.lookup(), self.preset()?)
+            .with_text_cache_dir(default_text_cache_dir()))
+    }
+
+    /// `--object` and `--prompt` only apply when zero-shot scoring: a model
+    /// file carries its own object and descriptions.
+    pub fn refuse_text_for_model(&self, model: &Path) -> Result<(), UsageError> {
+        if self.object.is_some() || !self.prompts.is_empty() {
+            return Err(UsageError(format!(
+                "--object and --prompt apply to --zero-shot; {} was fitted with its own \
+                 (see `flawscope describe {}`), so they would be ignored",
+                model.display(),
+                model.display()
+            )));
+        }
+        Ok(())
     }
 
     pub fn object(&self, what: &str) -> Result<&str, UsageError> {

@@ -146,6 +146,9 @@ fn heatmap_name(relative: &Path, n: usize) -> PathBuf {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    if let Some(path) = &args.model {
+        args.clip.refuse_text_for_model(path)?;
+    }
     let runtime = args.clip.runtime(args.device.device()?)?;
     let inspector = match &args.model {
         Some(path) => load_model(path, &runtime)?,

@@ -10,7 +10,7 @@ use anyhow::Context;
 use flawscope_server::{AppState, ServerConfig, ServerError, Token, load_models};
 
 use super::clip::{ClipArgs, setup_error};
-use super::options::device;
+use super::options::DeviceChoice;
 use super::{Outcome, UsageError};
 
 #[derive(clap::Args)]
@@ -55,6 +55,9 @@ pub struct Args {
     /// giving it asks for zero-shot even without a weights folder.
     #[arg(long)]
     pub clip_model: Option<String>,
+    /// Where the networks run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 fn usage_or_failure(err: ServerError) -> anyhow::Error {
@@ -125,7 +128,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .unwrap_or_else(|| "vit-b-16".to_owned()),
     };
     let lookup = clip.lookup();
-    let runtime = Arc::new(clip.runtime(device())?);
+    let runtime = Arc::new(clip.runtime(args.device.device()?)?);
     let models = load_models(&args.models, &runtime).map_err(usage_or_failure)?;
     let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
     let mut state = AppState::new(models, config.clone()).map_err(usage_or_failure)?;

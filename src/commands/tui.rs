@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::Outcome;
-use super::options::device;
+use super::options::DeviceChoice;
 
 /// Environment variable naming a file for timing lines (first row shown,
 /// key-to-redraw latency).
@@ -30,6 +30,9 @@ pub struct Args {
     /// Results database [default: PATH/.flawscope-results.sqlite].
     #[arg(long)]
     pub db: Option<PathBuf>,
+    /// Where the networks run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
@@ -40,7 +43,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         model: args.model.clone(),
         clip_weights: args.clip_weights.clone(),
         db: args.db.clone(),
-        device: device(),
+        device: args.device.device()?,
         trace: std::env::var_os(TRACE_ENV).map(PathBuf::from),
         started,
     };

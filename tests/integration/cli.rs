@@ -2,9 +2,19 @@
 
 use std::process::{Command, Output};
 
+/// The CLIP text cache of test runs: under target/, never the user's.
+pub const TEST_CACHE_DIR: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/flawscope-cache");
+
+/// The built `flawscope` binary, with the test text cache.
+pub fn flawscope_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flawscope"));
+    command.env("FLAWSCOPE_CACHE_DIR", TEST_CACHE_DIR);
+    command
+}
+
 /// Runs the built `flawscope` binary with `args`.
 pub fn flawscope(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flawscope"))
+    flawscope_command()
         .args(args)
         .output()
         .expect("the flawscope binary runs")

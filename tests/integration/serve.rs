@@ -27,7 +27,7 @@ impl Drop for Server {
 }
 
 fn start_server(models: &Path, stderr_log: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flawscope"))
+    let mut child = crate::cli::flawscope_command()
         .args([
             "serve",
             "--addr",

@@ -295,7 +295,7 @@ fn score_db_killed_mid_run_resumes_without_rescoring() {
         db.to_str().unwrap(),
     ];
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flawscope"))
+    let mut child = crate::cli::flawscope_command()
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

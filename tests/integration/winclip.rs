@@ -373,3 +373,108 @@ fn winclip_engine_is_shareable() {
     send_sync::<Arc<WinClip>>();
     send_sync::<Model>();
 }
+
+/// The text side is kept on disk: a second run reads the entry the first
+/// one wrote and encodes nothing (the entry file is not rewritten).
+#[test]
+fn winclip_text_side_is_cached_on_disk_across_runs() {
+    use std::os::unix::fs::MetadataExt;
+    let cache = tempfile::tempdir().unwrap();
+    let image = demo("test/good/cell0060.png");
+    let clip = tiny_clip();
+    let run = || {
+        let out = crate::cli::flawscope_command()
+            .env("FLAWSCOPE_CACHE_DIR", cache.path())
+            .args([
+                "score",
+                "--zero-shot",
+                "--object",
+                "solar cell",
+                "--prompt",
+                "a crack",
+                "--clip-weights",
+                &clip,
+                "--json",
+                &image,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        json_lines(&out)
+    };
+    let entries = || -> Vec<(PathBuf, u64, i64)> {
+        let dir = cache.path().join("text-embeddings");
+        let mut found: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = e.metadata().unwrap();
+                (e.path(), m.ino(), m.mtime_nsec())
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    let first = run();
+    let written = entries();
+    assert_eq!(written.len(), 1, "one entry for one object and prompt set");
+    let second = run();
+    assert_eq!(
+        entries(),
+        written,
+        "the second run rewrote or added entries"
+    );
+    assert_eq!(first[0]["score"], second[0]["score"]);
+}
+
+/// Text options that cannot be used are refused, with the reason.
+#[test]
+fn winclip_bad_text_options_exit_2() {
+    let clip = tiny_clip();
+    let image = demo("test/good/cell0060.png");
+    let long = "a very long and winding description of a scratch ".repeat(8);
+    for (prompt, expected) in [
+        ("  ", "defect description is empty"),
+        (long.as_str(), "tokens long; CLIP reads at most 77"),
+    ] {
+        let out = flawscope(&[
+            "score",
+            "--zero-shot",
+            "--object",
+            "solar cell",
+            "--prompt",
+            prompt,
+            "--clip-weights",
+            &clip,
+            &image,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(expected), "{}", stderr(&out));
+    }
+
+    // --prompt with a model file would be ignored: refused instead.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m.flawscope");
+    let out = flawscope(&[
+        "fit",
+        "--train",
+        &demo("train/good"),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a crack",
+        &image,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("apply to --zero-shot"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -24,7 +24,7 @@ use flawscope_core::Device;
 use flawscope_core::dataset::{DatasetError, scan_image_folder, scan_image_tree};
 use flawscope_core::images::ImageLimits;
 use flawscope_core::model::Model;
-use flawscope_core::runtime::Runtime;
+use flawscope_core::runtime::{Runtime, default_text_cache_dir};
 use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use ratatui::crossterm::cursor::Show;
 use ratatui::crossterm::event::{self as term_event, Event as TermEvent, KeyEventKind};
@@ -504,7 +504,8 @@ impl Worker {
         let pool = self.pool.clone();
         let inspector = in_pool(pool.as_deref(), || {
             let lookup = WeightsLookup::from_env(self.clip_weights.clone());
-            let runtime = Runtime::with_clip(self.device.clone(), lookup, VIT_B_16);
+            let runtime = Runtime::with_clip(self.device.clone(), lookup, VIT_B_16)
+                .with_text_cache_dir(default_text_cache_dir());
             Model::load(&self.model, &runtime)
         })
         .map_err(|e| format!("loading model {}: {e}", self.model.display()))?;

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::{Device, Tensor};
 use flawscope_models::ModelError;
 use flawscope_models::clip::{ClipModel, ClipPreprocessor, ResizeMode, sliding_windows};
-use flawscope_models::clip_weights::{ClipPreset, WeightsLookup, check_checkpoint_dir};
+use flawscope_models::clip_weights::{
+    ClipPreset, WEIGHT_FILES, WeightsLookup, check_checkpoint_dir,
+};
 use flawscope_prompts::{
     ClassVectors, ClipTokenizer, PromptSet, SentenceEncoder, TextEmbeddingCache,
 };
@@ -27,6 +29,10 @@ pub struct WinClip {
     clip: ClipModel,
     tokenizer: ClipTokenizer,
     checkpoint: ClipCheckpoint,
+    /// Names these exact weights in the text cache: the checkpoint's id
+    /// plus the weights file's size and modification time, so replaced
+    /// weights under the same config never reuse cached vectors.
+    text_id: String,
     text_cache: Mutex<TextEmbeddingCache>,
 }
 
@@ -71,16 +77,19 @@ impl WinClip {
         let config_sha256 = file_sha256(&dir.join("config.json"))?;
         let clip = ClipModel::load(dir, device)?;
         let tokenizer = ClipTokenizer::from_dir(dir)?;
+        let checkpoint = ClipCheckpoint {
+            preset: preset.to_owned(),
+            repo,
+            dir: dir.to_owned(),
+            source: source.to_owned(),
+            config_sha256,
+        };
+        let text_id = format!("{}|{}", checkpoint.cache_id(), weights_stamp(dir));
         Ok(Self {
             clip,
             tokenizer,
-            checkpoint: ClipCheckpoint {
-                preset: preset.to_owned(),
-                repo,
-                dir: dir.to_owned(),
-                source: source.to_owned(),
-                config_sha256,
-            },
+            checkpoint,
+            text_id,
             text_cache: Mutex::new(TextEmbeddingCache::in_memory()),
         })
     }
@@ -130,8 +139,8 @@ impl WinClip {
         Ok(engine)
     }
 
-    /// Replaces the in-memory class-vector cache (for example with a
-    /// file-backed one, [`TextEmbeddingCache::with_file`]).
+    /// Replaces the in-memory class-vector cache (for example with one on
+    /// disk, [`TextEmbeddingCache::in_dir`]).
     pub fn with_text_cache(mut self, cache: TextEmbeddingCache) -> Self {
         self.text_cache = Mutex::new(cache);
         self
@@ -159,16 +168,20 @@ impl WinClip {
     }
 
     /// The (normal, anomalous) class vectors of `object` under `prompts`,
-    /// from the cache or computed (and cached) on a miss.
+    /// from the cache or computed (and cached) on a miss. A sentence longer
+    /// than the tokenizer's context is an error, not silently cut.
     pub fn class_vectors(
         &self,
         object: &str,
         prompts: &PromptSet,
     ) -> Result<Arc<ClassVectors>, Error> {
+        prompts.check_lengths(object, self.tokenizer.context_length(), |s| {
+            self.tokenizer.token_count(s)
+        })?;
         let encoder = TextEncoder {
             clip: &self.clip,
             tokenizer: &self.tokenizer,
-            id: self.checkpoint.cache_id(),
+            id: self.text_id.clone(),
         };
         let mut cache = self
             .text_cache
@@ -242,6 +255,24 @@ impl WinClip {
             cols,
         })
     }
+}
+
+/// `size:mtime` of the checkpoint's weights file (`-` when unreadable).
+fn weights_stamp(dir: &Path) -> String {
+    WEIGHT_FILES
+        .iter()
+        .find_map(|name| std::fs::metadata(dir.join(name)).ok())
+        .map_or_else(
+            || "-".to_owned(),
+            |m| {
+                let mtime = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                format!("{}:{mtime}", m.len())
+            },
+        )
 }
 
 /// Unit embeddings of one image.
