@@ -130,7 +130,7 @@ mod tests {
 
         // An existing output is refused, and so is a foreign source.
         assert!(matches!(
-            merge(&[a.clone()], &out),
+            merge(std::slice::from_ref(&a), &out),
             Err(StoreError::Exists(_))
         ));
         let foreign = dir.path().join("foreign.sqlite");

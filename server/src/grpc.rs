@@ -106,7 +106,7 @@ impl Service {
 /// The image of a ModelInfer request: the only input or the one named
 /// `image`, from `raw_input_contents` (one length-prefixed element) or from
 /// `contents.bytes_contents`.
-fn image_bytes(inputs: &[InferInputTensor], raw: &mut Vec<Vec<u8>>) -> Result<Bytes, ApiError> {
+fn image_bytes(inputs: &[InferInputTensor], raw: &mut [Vec<u8>]) -> Result<Bytes, ApiError> {
     let bad = |message: String| ApiError::bad_request("invalid_inference_request", message);
     let index = match inputs {
         [_] => 0,

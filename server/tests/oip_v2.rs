@@ -384,12 +384,20 @@ async fn v2_errors_are_kserve_shaped_and_v1_keeps_its_own() {
     let auth = ("authorization", "Bearer s3cret".to_owned());
     for (request, status, code) in [
         (
-            post("/v2/models/nope/infer", &[auth.clone()], b"{}".to_vec()),
+            post(
+                "/v2/models/nope/infer",
+                std::slice::from_ref(&auth),
+                b"{}".to_vec(),
+            ),
             StatusCode::NOT_FOUND,
             "not_found",
         ),
         (
-            post("/v2/models/cells/infer", &[auth.clone()], b"[".to_vec()),
+            post(
+                "/v2/models/cells/infer",
+                std::slice::from_ref(&auth),
+                b"[".to_vec(),
+            ),
             StatusCode::BAD_REQUEST,
             "invalid_inference_request",
         ),
@@ -417,7 +425,7 @@ async fn v2_errors_are_kserve_shaped_and_v1_keeps_its_own() {
         (
             post(
                 "/v2/models/cells/infer",
-                &[auth.clone()],
+                std::slice::from_ref(&auth),
                 vec![b' '; 21 * 1024 * 1024],
             ),
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -435,7 +443,11 @@ async fn v2_errors_are_kserve_shaped_and_v1_keeps_its_own() {
     }
     let reply = send(
         &app,
-        post("/v2/models/nope/infer", &[auth.clone()], b"{}".to_vec()),
+        post(
+            "/v2/models/nope/infer",
+            std::slice::from_ref(&auth),
+            b"{}".to_vec(),
+        ),
     )
     .await;
     assert_eq!(reply.json()["error"], "no model named \"nope\"");
