@@ -345,7 +345,8 @@ where
 }
 
 /// Serves the gRPC service for `state` on `listener` until `shutdown`
-/// completes, then lets calls in flight finish.
+/// completes, then stops accepting and lets calls in flight finish (for at
+/// most the request timeout plus [`crate::SHUTDOWN_GRACE`], as HTTP does).
 pub async fn serve<F>(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -371,15 +372,34 @@ where
         state: state.clone(),
     });
     let streams = u32::try_from(config.max_buffered()).unwrap_or(u32::MAX);
-    tonic::transport::Server::builder()
+    let grace = config.timeout + crate::SHUTDOWN_GRACE;
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = started_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .max_concurrent_streams(streams)
         .layer(gate)
         .serve_with_incoming_shutdown(
             service,
             tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
-        .await
+            signal,
+        );
+    let deadline = async move {
+        if started_rx.await.is_err() {
+            // The server ended without a shutdown signal.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result,
+        () = deadline => {
+            tracing::warn!(?grace, "gRPC calls still open after the grace period; stopping anyway");
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
