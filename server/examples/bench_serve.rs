@@ -18,7 +18,7 @@
 //! HTTP/2 connection per client, as tritonclient.grpc does.
 //!
 //! Without `--model`, a PatchCore model is fitted on `demo/solar_cell/train/good`.
-//! The images sent are the 19 cells of `demo/solar_cell/test`.
+//! The images sent are the 16 cells of `demo/solar_cell/test`.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
