@@ -33,12 +33,14 @@ enum Command {
     Bench(commands::bench::Args),
     /// Fit on a labelled dataset's normal images, score its test set and report metrics.
     Eval(commands::eval::Args),
-    /// Serve models over HTTP (JSON API, chat-ops, Open Inference Protocol v2, metrics).
+    /// Serve models over HTTP (JSON API, chat-ops, Open Inference Protocol v2, metrics) and gRPC.
     Serve(commands::serve::Args),
     /// Triage a folder in the terminal: worst first, mark OK / NG, saved as you go.
     Tui(commands::tui::Args),
     /// Write a results database out as CSV or JSON lines.
     Export(commands::export::Args),
+    /// Work on results databases as a whole (merge those of sharded runs).
+    Results(commands::results::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => commands::serve::run(&args),
         Command::Tui(args) => commands::tui::run(&args),
         Command::Export(args) => commands::export::run(&args),
+        Command::Results(args) => commands::results::run(&args),
     };
     match outcome {
         Ok(code) => code.into(),

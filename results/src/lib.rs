@@ -8,7 +8,11 @@
 //! - [`scoring`]: resumable batch scoring into the store.
 //! - [`export`]: the rows as CSV or JSON lines, with the verdict at the
 //!   model's threshold and at the person's.
+//! - [`shard`] and [`merge`]: batches split between workers
+//!   (`score --shard I/N`) and their stores combined again.
 
 pub mod export;
+pub mod merge;
 pub mod scoring;
+pub mod shard;
 pub mod store;

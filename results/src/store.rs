@@ -102,6 +102,8 @@ pub enum StoreError {
     },
     #[error("results database {0} does not exist")]
     Missing(PathBuf),
+    #[error("{0} already exists; a merge writes a new file (remove it or choose another --out)")]
+    Exists(PathBuf),
     #[error("results database {path}: {cause}")]
     Sqlite {
         path: PathBuf,
@@ -438,6 +440,114 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.err(e))?;
         raw.into_iter().map(|r| r.into_result(&self.path)).collect()
+    }
+
+    /// Every setting, by key.
+    pub fn settings(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT key, value FROM settings ORDER BY key")
+            .map_err(|e| self.err(e))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Adds rows read from another store, in one transaction. A row whose
+    /// image (path) a model already scored here is merged with the one
+    /// stored: the later score wins; on the same content the later
+    /// decision (a made one over none) is kept, else the decision goes with
+    /// the score that won.
+    pub fn import(&mut self, rows: &[StoredResult]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |e| classify(&path, e);
+        let tx = self.conn.transaction().map_err(sql)?;
+        {
+            let mut model = tx
+                .prepare_cached(
+                    "INSERT INTO models (name, identity) VALUES (?1, ?2)
+                     ON CONFLICT (identity) DO UPDATE SET name = models.name
+                     RETURNING id",
+                )
+                .map_err(sql)?;
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO results (path, content_hash, model_id, score, raw_score, threshold,
+                                          verdict, decision, decided_at, scored_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (path, model_id) DO UPDATE SET
+                         score = CASE WHEN excluded.scored_at > results.scored_at
+                                      THEN excluded.score ELSE results.score END,
+                         raw_score = CASE WHEN excluded.scored_at > results.scored_at
+                                          THEN excluded.raw_score ELSE results.raw_score END,
+                         threshold = CASE WHEN excluded.scored_at > results.scored_at
+                                          THEN excluded.threshold ELSE results.threshold END,
+                         verdict = CASE WHEN excluded.scored_at > results.scored_at
+                                        THEN excluded.verdict ELSE results.verdict END,
+                         content_hash = CASE WHEN excluded.scored_at > results.scored_at
+                                             THEN excluded.content_hash ELSE results.content_hash END,
+                         scored_at = MAX(excluded.scored_at, results.scored_at),
+                         decision = CASE
+                             WHEN excluded.content_hash = results.content_hash THEN
+                                 CASE WHEN excluded.decision <> 'none' AND (results.decision = 'none'
+                                           OR excluded.decided_at > results.decided_at)
+                                      THEN excluded.decision ELSE results.decision END
+                             WHEN excluded.scored_at > results.scored_at THEN excluded.decision
+                             ELSE results.decision END,
+                         decided_at = CASE
+                             WHEN excluded.content_hash = results.content_hash THEN
+                                 CASE WHEN excluded.decision <> 'none' AND (results.decision = 'none'
+                                           OR excluded.decided_at > results.decided_at)
+                                      THEN excluded.decided_at ELSE results.decided_at END
+                             WHEN excluded.scored_at > results.scored_at THEN excluded.decided_at
+                             ELSE results.decided_at END",
+                )
+                .map_err(sql)?;
+            let mut ids = std::collections::HashMap::new();
+            for row in rows {
+                let id: i64 = match ids.get(&row.model_identity) {
+                    Some(id) => *id,
+                    None => {
+                        let id = model
+                            .query_row(params![row.model, row.model_identity], |r| r.get(0))
+                            .map_err(sql)?;
+                        ids.insert(row.model_identity.clone(), id);
+                        id
+                    }
+                };
+                insert
+                    .execute(params![
+                        path_text(&row.path),
+                        row.content_hash,
+                        id,
+                        f64::from(row.score),
+                        f64::from(row.raw_score),
+                        f64::from(row.threshold),
+                        row.verdict.as_str(),
+                        row.decision.as_str(),
+                        row.decided_at,
+                        row.scored_at,
+                    ])
+                    .map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Leaves WAL mode, so the file holds everything by itself (before it
+    /// is renamed into place).
+    pub(crate) fn into_single_file(self) -> Result<(), StoreError> {
+        let _: String = self
+            .conn
+            .pragma_update_and_check(None, "journal_mode", "DELETE", |row| row.get(0))
+            .map_err(|e| self.err(e))?;
+        let path = self.path.clone();
+        self.conn
+            .close()
+            .map_err(|(_, cause)| classify(&path, cause))
     }
 
     /// A stored setting.

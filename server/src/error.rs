@@ -128,6 +128,14 @@ struct ErrorDetail<'a> {
     message: &'a str,
 }
 
+/// What an error response said, kept in the response's extensions so the
+/// `/v2` routes can answer in their own shape (see `oip::v2_errors`).
+#[derive(Debug, Clone)]
+pub struct ErrorMessage {
+    pub code: &'static str,
+    pub message: String,
+}
+
 /// The JSON error body, as bytes.
 pub fn error_json(code: &str, message: &str) -> Vec<u8> {
     let body = ErrorBody {
@@ -144,7 +152,11 @@ impl IntoResponse for ApiError {
             other => tracing::debug!(code = other.code(), message = %other, "request refused"),
         }
         let status = self.status();
-        let body = error_json(self.code(), &self.public_message());
+        let message = ErrorMessage {
+            code: self.code(),
+            message: self.public_message(),
+        };
+        let body = error_json(message.code, &message.message);
         let mut response = (
             status,
             [(
@@ -154,6 +166,7 @@ impl IntoResponse for ApiError {
             body,
         )
             .into_response();
+        response.extensions_mut().insert(message);
         let headers = response.headers_mut();
         match self {
             Self::Overloaded | Self::ShuttingDown => {

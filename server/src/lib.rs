@@ -1,12 +1,15 @@
-//! HTTP service: scores images sent by bots and other programs with the
-//! models of a folder and answers with JSON (own `/v1` API, chat-ops
-//! `/v1/ask`, Open Inference Protocol v2, Prometheus `/metrics`). Logs go
-//! through `tracing`; the binary installs the subscriber.
+//! HTTP and gRPC service: scores images sent by bots and other programs
+//! with the models of a folder and answers with JSON (own `/v1` API,
+//! chat-ops `/v1/ask`, Open Inference Protocol v2 over REST, Prometheus
+//! `/metrics`) and, on its own port, the Open Inference Protocol v2 over
+//! gRPC ([`grpc`]). Logs go through `tracing`; the binary installs the
+//! subscriber.
 
 mod answer;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod grpc;
 mod inference;
 mod metrics;
 mod oip;

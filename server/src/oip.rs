@@ -1,19 +1,32 @@
-//! Open Inference Protocol v2 (KServe v2 REST, JSON only): health, model
-//! metadata and `infer` with one BYTES input holding the base64 of an
-//! encoded image file.
+//! Open Inference Protocol v2 over REST (KServe v2): health, server and
+//! model metadata, model readiness and `infer`, also under the versioned
+//! routes (`/v2/models/{name}/versions/1/...`; a model file has one
+//! version, "1"). `infer` takes one BYTES input holding an encoded image
+//! file, in JSON (the element is the file's bytes as a string) or in the
+//! binary tensor data extension (`Inference-Header-Content-Length`), and
+//! answers `score`, `is_anomalous` and `anomaly_map`, in JSON or binary as
+//! asked. Errors on `/v2` are `{"error": "<message>"}`. The inference
+//! itself ([`infer_image`]) is shared with the gRPC service.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use flawscope_core::model::Model;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorMessage};
 use crate::inference::{Extras, decode, inspect};
-use crate::routes::model_name;
 use crate::state::AppState;
 use crate::upload::read_body;
 
@@ -22,17 +35,51 @@ pub const OUTPUT_SCORE: &str = "score";
 pub const OUTPUT_IS_ANOMALOUS: &str = "is_anomalous";
 pub const OUTPUT_ANOMALY_MAP: &str = "anomaly_map";
 
-/// Standard base64, padding optional.
+/// The one version of every served model.
+pub const MODEL_VERSION: &str = "1";
+
+/// Protocol extensions served (REST; gRPC carries raw tensors natively).
+pub const EXTENSIONS: [&str; 1] = ["binary_tensor_data"];
+
+/// The header of the binary tensor data extension: the length of the JSON
+/// part at the start of the body.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// Standard base64, padding optional (only with `content_type: base64`).
 const BASE64: GeneralPurpose = GeneralPurpose::new(
     &alphabet::STANDARD,
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
+/// Rewrites the error body of every `/v2` route to the KServe v2 shape,
+/// `{"error": "<message>"}`; the stable code moves to the
+/// `Flawscope-Error-Code` header. Other routes keep their own shape.
+pub async fn v2_errors(request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let v2 = path == "/v2" || path.starts_with("/v2/");
+    let response = next.run(request).await;
+    if !v2 {
+        return response;
+    }
+    let Some(ErrorMessage { code, message }) = response.extensions().get::<ErrorMessage>().cloned()
+    else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if let Ok(value) = HeaderValue::from_str(code) {
+        parts.headers.insert("flawscope-error-code", value);
+    }
+    let body = serde_json::to_vec(&json!({ "error": message }))
+        .unwrap_or_else(|_| br#"{"error":"internal error"}"#.to_vec());
+    Response::from_parts(parts, Body::from(body))
+}
+
 pub async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "flawscope",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": EXTENSIONS,
     }))
 }
 
@@ -47,46 +94,78 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     Ok(Json(json!({"ready": true})))
 }
 
-#[derive(Serialize)]
-struct TensorMetadata {
-    name: &'static str,
-    datatype: &'static str,
-    shape: Vec<i64>,
+/// The model and version named by a route (`{name}`, and `{version}` on
+/// the versioned routes). A name that does not decode is just unknown.
+fn target(
+    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
+) -> Result<(String, Option<String>), ApiError> {
+    let Path(mut params) = path.map_err(|_| ApiError::NotFound("no such model".into()))?;
+    let name = params
+        .remove("name")
+        .ok_or_else(|| ApiError::NotFound("no such model".into()))?;
+    Ok((name, params.remove("version")))
+}
+
+/// The model `name` at `version` (empty or absent: the latest, "1").
+pub(crate) fn versioned_model(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Arc<Model>, ApiError> {
+    let model = state.model(name)?;
+    match version {
+        None | Some("") | Some(MODEL_VERSION) => Ok(model),
+        Some(other) => Err(ApiError::NotFound(format!(
+            "model {name:?} has no version {other:?}; its only version is \"{MODEL_VERSION}\""
+        ))),
+    }
+}
+
+/// One tensor of the model's signature.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorMetadata {
+    pub name: &'static str,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+/// The model's signature: inputs, outputs.
+pub fn signature() -> (Vec<TensorMetadata>, Vec<TensorMetadata>) {
+    let tensor = |name, datatype, shape: &[i64]| TensorMetadata {
+        name,
+        datatype,
+        shape: shape.to_vec(),
+    };
+    (
+        vec![tensor("image", "BYTES", &[1])],
+        vec![
+            tensor(OUTPUT_SCORE, "FP32", &[1]),
+            tensor(OUTPUT_IS_ANOMALOUS, "BOOL", &[1]),
+            tensor(OUTPUT_ANOMALY_MAP, "FP32", &[-1, -1]),
+        ],
+    )
+}
+
+/// The platform string of a model's metadata.
+pub fn platform(model: &Model) -> String {
+    format!(
+        "flawscope-{}-{}",
+        model.detector_name(),
+        model.summary().backbone
+    )
 }
 
 pub async fn model_metadata(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
+    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let name = model_name(path)?;
-    let model = state.model(&name)?;
-    let backbone = model.summary().backbone;
-    let inputs = [TensorMetadata {
-        name: "image",
-        datatype: "BYTES",
-        shape: vec![1],
-    }];
-    let outputs = [
-        TensorMetadata {
-            name: OUTPUT_SCORE,
-            datatype: "FP32",
-            shape: vec![1],
-        },
-        TensorMetadata {
-            name: OUTPUT_IS_ANOMALOUS,
-            datatype: "BOOL",
-            shape: vec![1],
-        },
-        TensorMetadata {
-            name: OUTPUT_ANOMALY_MAP,
-            datatype: "FP32",
-            shape: vec![-1, -1],
-        },
-    ];
+    let (name, version) = target(path)?;
+    let model = versioned_model(&state, &name, version.as_deref())?;
+    let (inputs, outputs) = signature();
     Ok(Json(json!({
         "name": name,
-        "versions": [],
-        "platform": format!("flawscope-{}-{backbone}", model.detector_name()),
+        "versions": [MODEL_VERSION],
+        "platform": platform(&model),
         "inputs": inputs,
         "outputs": outputs,
     })))
@@ -94,10 +173,10 @@ pub async fn model_metadata(
 
 pub async fn model_ready(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
+    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let name = model_name(path)?;
-    state.model(&name)?;
+    let (name, version) = target(path)?;
+    versioned_model(&state, &name, version.as_deref())?;
     if state.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
@@ -111,6 +190,8 @@ struct InferRequest {
     inputs: Vec<InferInput>,
     #[serde(default)]
     outputs: Option<Vec<RequestedOutput>>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,28 +199,195 @@ struct InferInput {
     name: String,
     shape: Vec<i64>,
     datatype: String,
-    data: Value,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    data: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
 struct RequestedOutput {
     name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct InferOutput {
-    name: &'static str,
-    datatype: &'static str,
-    shape: Vec<usize>,
-    data: Value,
+/// An output the model can give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    Score,
+    IsAnomalous,
+    AnomalyMap,
 }
 
-#[derive(Debug, Serialize)]
-pub struct InferResponse {
-    model_name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<String>,
-    outputs: Vec<InferOutput>,
+impl OutputKind {
+    pub const ALL: [Self; 3] = [Self::Score, Self::IsAnomalous, Self::AnomalyMap];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Score => OUTPUT_SCORE,
+            Self::IsAnomalous => OUTPUT_IS_ANOMALOUS,
+            Self::AnomalyMap => OUTPUT_ANOMALY_MAP,
+        }
+    }
+}
+
+/// The outputs asked for, by name, in order; none listed: all of them (as
+/// the protocol says). Unknown or repeated names are refused.
+pub(crate) fn wanted_outputs<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<OutputKind>, ApiError> {
+    let mut wanted = Vec::new();
+    for name in names {
+        let kind = OutputKind::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "unknown_output",
+                    format!("unknown output {name:?}; available: score, is_anomalous, anomaly_map"),
+                )
+            })?;
+        if wanted.contains(&kind) {
+            return Err(ApiError::bad_request(
+                "duplicate_output",
+                format!("output {name:?} asked for twice"),
+            ));
+        }
+        wanted.push(kind);
+    }
+    if wanted.is_empty() {
+        wanted = OutputKind::ALL.to_vec();
+    }
+    Ok(wanted)
+}
+
+/// The values of one output tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    Fp32(Vec<f32>),
+    Bool(Vec<bool>),
+}
+
+impl TensorData {
+    pub fn datatype(&self) -> &'static str {
+        match self {
+            Self::Fp32(_) => "FP32",
+            Self::Bool(_) => "BOOL",
+        }
+    }
+
+    /// The raw tensor layout both the binary extension and gRPC's
+    /// `raw_output_contents` use: little-endian, row-major, BOOL one byte.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            Self::Fp32(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Self::Bool(values) => values.iter().map(|&b| u8::from(b)).collect(),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            Self::Fp32(values) => json!(values),
+            Self::Bool(values) => json!(values),
+        }
+    }
+}
+
+/// One output tensor.
+#[derive(Debug, Clone)]
+pub struct OutputTensor {
+    pub name: &'static str,
+    pub shape: Vec<usize>,
+    pub data: TensorData,
+}
+
+/// Decodes `image`, waits for a slot, scores it with `model` and returns
+/// the `wanted` outputs (shared by REST and gRPC).
+pub(crate) async fn infer_image(
+    state: &AppState,
+    model: Arc<Model>,
+    image: Bytes,
+    wanted: &[OutputKind],
+) -> Result<Vec<OutputTensor>, ApiError> {
+    let extras = Extras {
+        heatmap_png: false,
+        map: wanted.contains(&OutputKind::AnomalyMap),
+    };
+    let image = decode(state, image).await?;
+    let slot = state.slot().await?;
+    let mut scored = inspect(model, image, extras, slot).await?;
+    let mut outputs = Vec::with_capacity(wanted.len());
+    for kind in wanted {
+        let (shape, data) = match kind {
+            OutputKind::Score => (vec![1], TensorData::Fp32(vec![scored.score])),
+            OutputKind::IsAnomalous => (vec![1], TensorData::Bool(vec![scored.is_anomalous])),
+            OutputKind::AnomalyMap => {
+                let map = scored
+                    .map
+                    .take()
+                    .ok_or_else(|| ApiError::Internal("the anomaly map was not kept".to_owned()))?;
+                (vec![map.height, map.width], TensorData::Fp32(map.values))
+            }
+        };
+        outputs.push(OutputTensor {
+            name: kind.name(),
+            shape,
+            data,
+        });
+    }
+    Ok(outputs)
+}
+
+fn bad(message: String) -> ApiError {
+    ApiError::bad_request("invalid_inference_request", message)
+}
+
+/// The one element count a shape allows: its dimensions multiplied, or
+/// `None` when one is negative or the product overflows.
+fn element_count(shape: &[i64]) -> Option<i64> {
+    shape.iter().try_fold(
+        1i64,
+        |acc, d| if *d < 0 { None } else { acc.checked_mul(*d) },
+    )
+}
+
+/// Checks that a tensor is one BYTES element (shape `[1]`, `[1, 1]`, ...).
+pub(crate) fn check_image_tensor(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+) -> Result<(), ApiError> {
+    if !datatype.eq_ignore_ascii_case("BYTES") {
+        return Err(bad(format!(
+            "input {name:?} has datatype {datatype}; expected BYTES (an encoded image file)"
+        )));
+    }
+    if element_count(shape) != Some(1) {
+        return Err(bad(format!(
+            "input {name:?} has shape {shape:?}; one image per request (shape [1])"
+        )));
+    }
+    Ok(())
+}
+
+/// The one element of a BYTES tensor in the raw layout (a 4-byte
+/// little-endian length, then that many bytes), as the binary extension
+/// and gRPC's `raw_input_contents` carry it.
+pub(crate) fn single_bytes_element(name: &str, raw: &[u8]) -> Result<Bytes, ApiError> {
+    let malformed = || {
+        bad(format!(
+            "input {name:?}: binary BYTES data must be one element, a 4-byte little-endian \
+             length and then that many bytes ({} bytes received)",
+            raw.len()
+        ))
+    };
+    let (length, rest) = raw.split_first_chunk::<4>().ok_or_else(malformed)?;
+    let length = u32::from_le_bytes(*length) as usize;
+    if rest.len() != length {
+        return Err(malformed());
+    }
+    Ok(Bytes::copy_from_slice(rest))
 }
 
 fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
@@ -149,144 +397,229 @@ fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
-/// The image bytes of a request: one BYTES element holding base64.
-fn image_bytes(request: &InferRequest) -> Result<Vec<u8>, ApiError> {
-    let bad = |message: String| ApiError::bad_request("invalid_inference_request", message);
-    let input = match request.inputs.as_slice() {
-        [only] => only,
-        [] => return Err(bad("no inputs: send one BYTES input with the image".into())),
+/// Whether a tensor's `content_type` parameter asks for base64 (the one
+/// alternative to raw bytes in JSON).
+fn is_base64(parameters: Option<&Map<String, Value>>) -> bool {
+    parameters
+        .and_then(|p| p.get("content_type"))
+        .and_then(Value::as_str)
+        .is_some_and(|c| c.eq_ignore_ascii_case("base64"))
+}
+
+/// The input holding the image: the only one, or the one named `image`.
+fn image_input(request: &InferRequest) -> Result<usize, ApiError> {
+    match request.inputs.as_slice() {
+        [_] => Ok(0),
+        [] => Err(bad("no inputs: send one BYTES input with the image".into())),
         several => several
             .iter()
-            .find(|i| i.name == "image")
-            .ok_or_else(|| bad("several inputs and none named \"image\"".into()))?,
-    };
-    if !input.datatype.eq_ignore_ascii_case("BYTES") {
+            .position(|i| i.name == "image")
+            .ok_or_else(|| bad("several inputs and none named \"image\"".into())),
+    }
+}
+
+/// The `binary_data_size` parameter of a tensor, if it has one.
+fn binary_size(
+    name: &str,
+    parameters: Option<&Map<String, Value>>,
+) -> Result<Option<usize>, ApiError> {
+    match parameters.and_then(|p| p.get("binary_data_size")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                bad(format!(
+                    "input {name:?}: binary_data_size must be a byte count"
+                ))
+            }),
+    }
+}
+
+/// The image bytes of a request whose binary part (after the JSON) is
+/// `binary`: from the binary part for an input with `binary_data_size`,
+/// else from its JSON `data` (the file's bytes as a string, or base64 with
+/// `"parameters": {"content_type": "base64"}`).
+fn image_bytes(request: &InferRequest, binary: &[u8]) -> Result<Bytes, ApiError> {
+    let index = image_input(request)?;
+    // Binary inputs are laid out one after another, in input order.
+    let mut offset = 0usize;
+    let mut image = None;
+    for (i, input) in request.inputs.iter().enumerate() {
+        let Some(size) = binary_size(&input.name, input.parameters.as_ref())? else {
+            continue;
+        };
+        let end = offset
+            .checked_add(size)
+            .filter(|end| *end <= binary.len())
+            .ok_or_else(|| {
+                bad(format!(
+                    "input {:?} claims {size} bytes of binary data past the {} bytes sent",
+                    input.name,
+                    binary.len().saturating_sub(offset)
+                ))
+            })?;
+        if i == index {
+            image = Some(&binary[offset..end]);
+        }
+        offset = end;
+    }
+    if offset != binary.len() {
         return Err(bad(format!(
-            "input {:?} has datatype {}; expected BYTES (base64 of an image file)",
-            input.name, input.datatype
+            "{} bytes of binary data follow the JSON header, but the inputs' \
+             binary_data_size add up to {offset}",
+            binary.len()
         )));
     }
-    let elements =
-        input.shape.iter().try_fold(
-            1i64,
-            |acc, d| if *d < 0 { None } else { acc.checked_mul(*d) },
-        );
-    if elements != Some(1) {
-        return Err(bad(format!(
-            "input {:?} has shape {:?}; one image per request (shape [1])",
-            input.name, input.shape
-        )));
+    let input = &request.inputs[index];
+    check_image_tensor(&input.name, &input.datatype, &input.shape)?;
+    if let Some(raw) = image {
+        return single_bytes_element(&input.name, raw);
     }
-    let mut data = Vec::new();
-    flatten(&input.data, &mut data);
-    let [Value::String(encoded)] = data.as_slice() else {
+    let data = input.data.as_ref().ok_or_else(|| {
+        bad(format!(
+            "input {:?} has neither data nor binary_data_size",
+            input.name
+        ))
+    })?;
+    let mut elements = Vec::new();
+    flatten(data, &mut elements);
+    let [Value::String(text)] = elements.as_slice() else {
         return Err(bad(format!(
-            "input {:?} must hold exactly one string element (base64 of the image file)",
+            "input {:?} must hold exactly one string element (the image file)",
             input.name
         )));
     };
-    let compact: String = encoded
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    BASE64
-        .decode(compact.as_bytes())
-        .map_err(|e| bad(format!("input {:?} is not valid base64: {e}", input.name)))
+    if is_base64(input.parameters.as_ref()) {
+        let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        return BASE64
+            .decode(compact.as_bytes())
+            .map(Bytes::from)
+            .map_err(|e| bad(format!("input {:?} is not valid base64: {e}", input.name)));
+    }
+    Ok(Bytes::copy_from_slice(text.as_bytes()))
 }
 
-fn parse_request(body: &[u8]) -> Result<InferRequest, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_inference_request",
-            format!("not a v2 inference request: {e}"),
-        )
-    })
+/// Splits a body into the JSON header and the binary part after it, as
+/// `Inference-Header-Content-Length` says (none: all JSON).
+fn split_body<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), ApiError> {
+    let Some(value) = headers.get(HEADER_LENGTH) else {
+        return Ok((body, &[]));
+    };
+    let length = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n <= body.len())
+        .ok_or_else(|| {
+            bad(format!(
+                "Inference-Header-Content-Length must be a byte count within the {}-byte body",
+                body.len()
+            ))
+        })?;
+    Ok(body.split_at(length))
 }
 
-/// The image bytes of an `infer` request body, parsed as `infer` parses it
-/// (for the fuzz target and its regression test).
+fn parse_request(json: &[u8]) -> Result<InferRequest, ApiError> {
+    serde_json::from_slice(json).map_err(|e| bad(format!("not a v2 inference request: {e}")))
+}
+
+/// The image bytes of an all-JSON `infer` request body, parsed as `infer`
+/// parses it (for the fuzz target and its regression test).
 pub(crate) fn request_image(body: &[u8]) -> Result<Vec<u8>, ApiError> {
-    image_bytes(&parse_request(body)?)
+    image_bytes(&parse_request(body)?, &[]).map(|b| b.to_vec())
 }
 
-/// `POST /v2/models/{name}/infer`.
+/// A `bool` parameter (absent: `None`).
+fn bool_parameter(parameters: Option<&Map<String, Value>>, key: &str) -> Option<bool> {
+    parameters.and_then(|p| p.get(key)).and_then(Value::as_bool)
+}
+
+/// `POST /v2/models/{name}[/versions/{version}]/infer`.
 pub async fn infer(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
+    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
     request: Request,
-) -> Result<Json<InferResponse>, ApiError> {
-    let name = model_name(path)?;
-    let model = state.model(&name)?;
-    if request
+) -> Result<Response, ApiError> {
+    let (name, version) = target(path)?;
+    let model = versioned_model(&state, &name, version.as_deref())?;
+    let encoding = request
         .headers()
-        .contains_key("inference-header-content-length")
-    {
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if encoding.as_deref().is_some_and(|e| e != "identity") {
         return Err(ApiError::bad_request(
-            "binary_extension_unsupported",
-            "the binary tensor data extension is not supported; send JSON with the image as a \
-             base64 BYTES element (binary_data=False)",
+            "unsupported_encoding",
+            "compressed requests are not supported; send the body uncompressed",
         ));
     }
     // The request is read, parsed and its image decoded before a slot is
     // taken, so a slow or bad upload never holds one.
     let _body = state.body_permit()?;
+    let headers = request.headers().clone();
     let body = read_body(&state, request).await?;
-    let parsed = parse_request(&body)?;
+    let (json_part, binary) = split_body(&headers, &body)?;
+    let parsed = parse_request(json_part)?;
+    let requested: Vec<&RequestedOutput> = parsed.outputs.iter().flatten().collect();
+    let wanted = wanted_outputs(requested.iter().map(|o| o.name.as_str()))?;
+    let image = image_bytes(&parsed, binary)?;
     drop(body);
-    let wanted: Vec<&str> = match &parsed.outputs {
-        Some(outputs) if !outputs.is_empty() => outputs.iter().map(|o| o.name.as_str()).collect(),
-        _ => vec![OUTPUT_SCORE, OUTPUT_IS_ANOMALOUS],
-    };
-    for w in &wanted {
-        if ![OUTPUT_SCORE, OUTPUT_IS_ANOMALOUS, OUTPUT_ANOMALY_MAP].contains(w) {
-            return Err(ApiError::bad_request(
-                "unknown_output",
-                format!("unknown output {w:?}; available: score, is_anomalous, anomaly_map"),
-            ));
+    let all_binary =
+        bool_parameter(parsed.parameters.as_ref(), "binary_data_output").unwrap_or(false);
+    let outputs = infer_image(&state, model, image, &wanted).await?;
+
+    let mut json_outputs = Vec::with_capacity(outputs.len());
+    let mut binary_part = Vec::new();
+    for output in &outputs {
+        let own = requested
+            .iter()
+            .find(|r| r.name == output.name)
+            .and_then(|r| bool_parameter(r.parameters.as_ref(), "binary_data"));
+        let mut tensor = json!({
+            "name": output.name,
+            "datatype": output.data.datatype(),
+            "shape": output.shape,
+        });
+        if own.unwrap_or(all_binary) {
+            let raw = output.data.to_le_bytes();
+            tensor["parameters"] = json!({"binary_data_size": raw.len()});
+            binary_part.extend_from_slice(&raw);
+        } else {
+            tensor["data"] = output.data.to_json();
         }
+        json_outputs.push(tensor);
     }
-    let image = image_bytes(&parsed)?;
-    let extras = Extras {
-        heatmap_png: false,
-        map: wanted.contains(&OUTPUT_ANOMALY_MAP),
-    };
-    let image = decode(&state, image.into()).await?;
-    let slot = state.slot().await?;
-    let mut scored = inspect(model, image, extras, slot).await?;
-    let mut outputs = Vec::with_capacity(wanted.len());
-    for w in wanted {
-        let output = match w {
-            OUTPUT_SCORE => InferOutput {
-                name: OUTPUT_SCORE,
-                datatype: "FP32",
-                shape: vec![1],
-                data: json!([scored.score]),
-            },
-            OUTPUT_IS_ANOMALOUS => InferOutput {
-                name: OUTPUT_IS_ANOMALOUS,
-                datatype: "BOOL",
-                shape: vec![1],
-                data: json!([scored.is_anomalous]),
-            },
-            _ => {
-                let map = scored.map.take().ok_or_else(|| {
-                    ApiError::bad_request("duplicate_output", "anomaly_map asked for twice")
-                })?;
-                InferOutput {
-                    name: OUTPUT_ANOMALY_MAP,
-                    datatype: "FP32",
-                    shape: vec![map.height, map.width],
-                    data: json!(map.values),
-                }
-            }
-        };
-        outputs.push(output);
+    let mut answer = json!({
+        "model_name": name,
+        "model_version": MODEL_VERSION,
+        "outputs": json_outputs,
+    });
+    if let Some(id) = parsed.id {
+        answer["id"] = json!(id);
     }
-    Ok(Json(InferResponse {
-        model_name: name,
-        id: parsed.id,
-        outputs,
-    }))
+    let mut bytes = serde_json::to_vec(&answer)
+        .map_err(|e| ApiError::Internal(format!("writing the answer: {e}")))?;
+    if binary_part.is_empty() {
+        return Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response());
+    }
+    let json_length = bytes.len();
+    bytes.extend_from_slice(&binary_part);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(HEADER_LENGTH),
+                HeaderValue::from(json_length),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
 }
 
 #[cfg(test)]
@@ -297,13 +630,99 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
+    fn bytes_element(payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
     #[test]
-    fn bytes_input_nested_or_flat_decodes() {
-        for data in [json!(["aGk="]), json!([["aGk"]]), json!("aGk=\n")] {
+    fn json_bytes_element_is_the_raw_string() {
+        for data in [json!(["hi"]), json!([["hi"]]), json!("hi")] {
             let r = request(
                 json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": data}]}),
             );
-            assert_eq!(image_bytes(&r).unwrap(), b"hi");
+            assert_eq!(image_bytes(&r, &[]).unwrap(), &b"hi"[..]);
+        }
+        // A base64-looking string is still just bytes without the parameter.
+        let r = request(
+            json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]}),
+        );
+        assert_eq!(image_bytes(&r, &[]).unwrap(), &b"aGk="[..]);
+    }
+
+    #[test]
+    fn base64_only_when_asked_for() {
+        for data in [json!(["aGk="]), json!([["aGk"]]), json!("aGk=\n")] {
+            let r = request(
+                json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
+                "parameters": {"content_type": "base64"}, "data": data}]}),
+            );
+            assert_eq!(image_bytes(&r, &[]).unwrap(), &b"hi"[..]);
+        }
+        let r = request(
+            json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
+            "parameters": {"content_type": "base64"}, "data": ["!!"]}]}),
+        );
+        assert!(image_bytes(&r, &[]).is_err());
+    }
+
+    #[test]
+    fn binary_inputs_are_cut_in_order() {
+        let image = bytes_element(b"PNGDATA");
+        let other = vec![1u8, 2, 3, 4];
+        let mut binary = other.clone();
+        binary.extend_from_slice(&image);
+        let r = request(json!({"inputs": [
+            {"name": "other", "shape": [1], "datatype": "INT32",
+             "parameters": {"binary_data_size": other.len()}},
+            {"name": "image", "shape": [1], "datatype": "BYTES",
+             "parameters": {"binary_data_size": image.len()}},
+        ]}));
+        assert_eq!(image_bytes(&r, &binary).unwrap(), &b"PNGDATA"[..]);
+        // Sizes that do not add up to the binary part are refused.
+        assert!(image_bytes(&r, &binary[..binary.len() - 1]).is_err());
+        let mut longer = binary.clone();
+        longer.push(0);
+        assert!(image_bytes(&r, &longer).is_err());
+    }
+
+    #[test]
+    fn binary_bytes_elements_must_be_length_prefixed() {
+        assert_eq!(
+            single_bytes_element("x", &bytes_element(b"ab")).unwrap(),
+            &b"ab"[..]
+        );
+        assert_eq!(
+            single_bytes_element("x", &bytes_element(b"")).unwrap(),
+            &b""[..]
+        );
+        for bad in [
+            &b""[..],
+            &b"\x02\0\0"[..],
+            &b"\x02\0\0\0a"[..],
+            &b"\x01\0\0\0ab"[..],
+        ] {
+            assert!(single_bytes_element("x", bad).is_err(), "{bad:?}");
+        }
+        let mut two = bytes_element(b"a");
+        two.extend_from_slice(&bytes_element(b"b"));
+        assert!(single_bytes_element("x", &two).is_err());
+    }
+
+    #[test]
+    fn the_header_length_splits_the_body() {
+        let mut headers = HeaderMap::new();
+        let body = b"{}rest";
+        assert_eq!(split_body(&headers, body).unwrap(), (&body[..], &b""[..]));
+        headers.insert(HEADER_LENGTH, HeaderValue::from_static("2"));
+        assert_eq!(
+            split_body(&headers, body).unwrap(),
+            (&b"{}"[..], &b"rest"[..])
+        );
+        for bad in ["7", "-1", "x", ""] {
+            headers.insert(HEADER_LENGTH, HeaderValue::from_static(bad));
+            assert!(split_body(&headers, body).is_err(), "{bad}");
         }
     }
 
@@ -311,14 +730,39 @@ mod tests {
     fn wrong_inputs_are_refused() {
         for input in [
             json!({"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}),
-            json!({"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk=", "aGk="]}),
-            json!({"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["aGk="]}),
+            json!({"name": "image", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}),
+            json!({"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["a"]}),
             json!({"name": "image", "shape": [1], "datatype": "BYTES", "data": [1]}),
-            json!({"name": "image", "shape": [1], "datatype": "BYTES", "data": ["!!"]}),
+            json!({"name": "image", "shape": [1], "datatype": "BYTES"}),
+            json!({"name": "image", "shape": [1], "datatype": "BYTES",
+                   "parameters": {"binary_data_size": -3}}),
         ] {
             let r = request(json!({ "inputs": [input] }));
-            assert!(image_bytes(&r).is_err());
+            assert!(image_bytes(&r, &[]).is_err());
         }
-        assert!(image_bytes(&request(json!({"inputs": []}))).is_err());
+        assert!(image_bytes(&request(json!({"inputs": []})), &[]).is_err());
+    }
+
+    #[test]
+    fn outputs_default_to_all_and_refuse_unknown_or_repeated() {
+        assert_eq!(wanted_outputs([]).unwrap(), OutputKind::ALL.to_vec());
+        assert_eq!(
+            wanted_outputs(["anomaly_map", "score"]).unwrap(),
+            vec![OutputKind::AnomalyMap, OutputKind::Score]
+        );
+        assert!(wanted_outputs(["logits"]).is_err());
+        assert!(wanted_outputs(["score", "score"]).is_err());
+    }
+
+    #[test]
+    fn raw_tensors_are_little_endian() {
+        assert_eq!(
+            TensorData::Fp32(vec![1.0, -2.5]).to_le_bytes(),
+            [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat()
+        );
+        assert_eq!(
+            TensorData::Bool(vec![true, false]).to_le_bytes(),
+            vec![1, 0]
+        );
     }
 }

@@ -44,11 +44,24 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{name}", get(oip::model_metadata))
         .route("/v2/models/{name}/ready", get(oip::model_ready))
         .route("/v2/models/{name}/infer", post(oip::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(oip::model_metadata),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(oip::model_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(oip::infer),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), timeout))
         .layer(from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(oip::v2_errors))
         .layer(from_fn_with_state(state.clone(), track))
         .with_state(state)
 }

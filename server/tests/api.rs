@@ -120,9 +120,19 @@ impl Reply {
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
     }
 
-    /// Asserts the uniform error body and returns its code.
+    /// Asserts the uniform error body and returns its code: `{"error":
+    /// {"code", "message"}}`, or on `/v2` KServe's `{"error": "<message>"}`
+    /// with the code in the `Flawscope-Error-Code` header.
     fn error_code(&self) -> String {
         let v = self.json();
+        if let Some(message) = v["error"].as_str() {
+            assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+            assert!(!message.is_empty());
+            return self.headers["flawscope-error-code"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+        }
         let error = v["error"].as_object().unwrap_or_else(|| panic!("{v}"));
         assert_eq!(error.len(), 2, "{v}");
         assert!(!error["message"].as_str().unwrap().is_empty());
@@ -813,7 +823,7 @@ async fn oip_metadata_and_infer() {
     let b64 = base64::engine::general_purpose::STANDARD.encode(good_png());
     let request = json!({
         "id": "req-1",
-        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": [b64]}],
     });
     let reply = send(
         app.clone(),
@@ -832,7 +842,7 @@ async fn oip_metadata_and_infer() {
     assert_eq!(v["outputs"][1]["name"], "is_anomalous");
 
     let request = json!({
-        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": [b64]}],
         "outputs": [{"name": "score"}, {"name": "anomaly_map"}],
     });
     let v = send(
@@ -849,9 +859,9 @@ async fn oip_metadata_and_infer() {
     assert!(v.get("id").is_none());
 
     for bad in [
-        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]}),
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": ["%%%"]}]}),
         json!({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}),
-        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": [b64]}],
                "outputs": [{"name": "logits"}]}),
         json!({"inputs": []}),
         json!({"nothing": true}),
@@ -860,7 +870,7 @@ async fn oip_metadata_and_infer() {
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
     }
     let not_png = base64::engine::general_purpose::STANDARD.encode(b"not an image");
-    let request = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [not_png]}]});
+    let request = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": [not_png]}]});
     let reply = send(app, json_request("/v2/models/cells/infer", &request)).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert_eq!(reply.error_code(), "unsupported_image");
@@ -920,7 +930,7 @@ async fn excess_load_is_shed_with_retry_after() {
         multipart("/v1/ask", &[Part::File("image", &png)]),
         json_request(
             "/v2/models/cells/infer",
-            &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]}),
+            &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": [b64]}]}),
         ),
     ] {
         let uri = request.uri().to_string();
@@ -1113,7 +1123,28 @@ async fn read_response(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u16
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     let body = serde_json::from_slice(&raw[split + 4..]).unwrap_or(Value::Null);
-    (status, body)
+    (
+        status,
+        uniform_error(body, |name| {
+            head.lines().find_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                key.eq_ignore_ascii_case(name)
+                    .then(|| value.trim().to_owned())
+            })
+        }),
+    )
+}
+
+/// A `/v2` error (`{"error": "<message>"}` plus the code header) in the
+/// `/v1` shape, so the checks below read both alike.
+fn uniform_error(body: Value, header: impl Fn(&str) -> Option<String>) -> Value {
+    match body["error"].as_str() {
+        Some(message) => json!({"error": {
+            "code": header("flawscope-error-code").expect("a /v2 error names its code"),
+            "message": message,
+        }}),
+        None => body,
+    }
 }
 
 /// Request head for `POST uri` with `Connection: close` and `extra` headers.
@@ -1214,7 +1245,7 @@ async fn invalid_uploads_are_refused_at_once_while_all_slots_are_busy() {
     let fast = queue_wait / 5;
 
     let not_png = base64::engine::general_purpose::STANDARD.encode(b"not an image");
-    let oip = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [not_png]}]});
+    let oip = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": [not_png]}]});
     for (route, body, code) in [
         (uri, Vec::new(), "empty_image"),
         (

@@ -69,14 +69,23 @@ async fn post(app: &Router, uri: &str, content_type: &str, body: Vec<u8>) -> (St
         .unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
+    let code = response
+        .headers()
+        .get("flawscope-error-code")
+        .map(|v| v.to_str().unwrap().to_owned());
     let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    (status, serde_json::from_slice(&body).unwrap())
+    let mut v: Value = serde_json::from_slice(&body).unwrap();
+    // `/v2` errors are KServe's `{"error": "<message>"}`, the code in a header.
+    if let Some(message) = v["error"].as_str() {
+        v = json!({"error": {"code": code.unwrap(), "message": message}});
+    }
+    (status, v)
 }
 
 fn infer_body(image: &[u8]) -> Vec<u8> {
     let data = base64::engine::general_purpose::STANDARD.encode(image);
     serde_json::to_vec(&json!({
-        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [data]}]
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": [data]}]
     }))
     .unwrap()
 }

@@ -13,6 +13,7 @@ use flawscope_core::images::{ImageLimits, decode_image, load_image};
 use flawscope_core::model::{Inspection, Model};
 use flawscope_core::progress::Progress;
 use flawscope_results::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
+use flawscope_results::shard::Shard;
 use flawscope_results::store::{Store, Verdict, file_hash};
 use image::Rgb32FImage;
 use serde::Serialize;
@@ -61,6 +62,13 @@ pub struct Args {
     /// model.
     #[arg(long)]
     pub db: Option<PathBuf>,
+    /// Score only shard I of N (0-based, e.g. a Kubernetes Indexed Job's
+    /// JOB_COMPLETION_INDEX): the images whose path, relative to the folder
+    /// it was found in, hashes to I modulo N. N workers given the same
+    /// paths cover every image exactly once; `flawscope results merge`
+    /// combines their --db files.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<Shard>,
 }
 
 /// One line of `score --json` output.
@@ -79,6 +87,8 @@ pub struct ScoreLine<'a> {
 pub struct Input {
     pub path: PathBuf,
     pub heatmap: PathBuf,
+    /// The path relative to the folder it was found in (the shard key).
+    pub key: PathBuf,
 }
 
 /// The images behind `paths` with distinct heatmap names: an image found in
@@ -114,7 +124,11 @@ pub fn inputs(paths: &[PathBuf], recursive: bool) -> anyhow::Result<Vec<Input>> 
             heatmap = heatmap_name(&relative, n);
             n += 1;
         }
-        inputs.push(Input { path, heatmap });
+        inputs.push(Input {
+            path,
+            heatmap,
+            key: relative,
+        });
     }
     Ok(inputs)
 }
@@ -154,7 +168,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         Some(path) => load_model(path, &runtime)?,
         None => zero_shot_model(&args.clip, &runtime)?,
     };
-    let inputs = inputs(&args.paths, args.recursive)?;
+    let mut inputs = inputs(&args.paths, args.recursive)?;
+    if let Some(shard) = &args.shard {
+        let all = inputs.len();
+        inputs.retain(|input| shard.contains(&input.key));
+        eprintln!("shard {shard}: {} of {all} images", inputs.len());
+    }
     if let Some(dir) = &args.heatmaps {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating heatmap folder {}", dir.display()))?;

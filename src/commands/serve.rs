@@ -1,4 +1,5 @@
-//! `flawscope serve`: the HTTP service (see the `flawscope-server` crate).
+//! `flawscope serve`: the HTTP service and, with `--grpc-addr`, the gRPC one
+//! (see the `flawscope-server` crate).
 
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
@@ -22,6 +23,12 @@ pub struct Args {
     /// stdout is `listening on ADDR`.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+    /// Also serve the Open Inference Protocol v2 over gRPC (KServe's
+    /// inference.GRPCInferenceService) on this address, sharing models,
+    /// limits, token and metrics with HTTP. The second line on stdout is
+    /// then `grpc listening on ADDR`.
+    #[arg(long, value_name = "ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
     /// File holding a bearer token; every route but health then needs
     /// `Authorization: Bearer TOKEN`.
     #[arg(long)]
@@ -157,16 +164,42 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .await
             .with_context(|| format!("listening on {}", args.addr))?;
         let local = listener.local_addr().context("reading the bound address")?;
-        let shutdown =
+        let grpc_listener = match args.grpc_addr {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr} (gRPC)"))?,
+            ),
+            None => None,
+        };
+        let signal =
             flawscope_server::shutdown_signal().context("installing the signal handlers")?;
+        // One signal stops both servers.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            signal.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
         let mut stdout = std::io::stdout();
         writeln!(stdout, "listening on {local}")?;
+        let grpc_local = match &grpc_listener {
+            Some(l) => {
+                let addr = l.local_addr().context("reading the bound gRPC address")?;
+                writeln!(stdout, "grpc listening on {addr}")?;
+                Some(addr)
+            }
+            None => None,
+        };
         stdout.flush()?;
         tracing::info!(
-            "serving {} model(s) [{}] on http://{local}; {} inference slot(s), queue of {} \
+            "serving {} model(s) [{}] on http://{local}{}; {} inference slot(s), queue of {} \
              (≤ {} s wait), {} s timeout, {} s body timeout, {} MB body limit{}",
             names.len(),
             names.join(", "),
+            grpc_local.map_or_else(String::new, |a| format!(" and grpc://{a}")),
             config.max_concurrent,
             config.max_queued,
             args.queue_wait_secs,
@@ -179,9 +212,23 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 ""
             }
         );
-        flawscope_server::serve(listener, state, shutdown)
-            .await
-            .context("serving HTTP")
+        let grpc = async {
+            match grpc_listener {
+                Some(listener) => {
+                    flawscope_server::grpc::serve(listener, state.clone(), stopped(stop_rx.clone()))
+                        .await
+                        .context("serving gRPC")
+                }
+                None => Ok(()),
+            }
+        };
+        let http = async {
+            flawscope_server::serve(listener, state.clone(), stopped(stop_rx.clone()))
+                .await
+                .context("serving HTTP")
+        };
+        // The first to fail stops the other.
+        tokio::try_join!(http, grpc).map(|_| ())
     })?;
     tracing::info!("stopped");
     Ok(Outcome::Success)

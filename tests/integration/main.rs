@@ -7,6 +7,7 @@ mod hostile;
 mod hostile_images;
 mod pipeline;
 mod serve;
+mod shard;
 mod shared_data;
 mod tui;
 mod winclip;

@@ -205,7 +205,7 @@ fn serve_scores_answers_oip_and_drains_on_sigterm() {
             "name": "image",
             "shape": [1],
             "datatype": "BYTES",
-            "parameters": {"binary_data_size": null},
+            "parameters": {"binary_data_size": null, "content_type": "base64"},
             "data": [base64(&png)],
         }],
         "outputs": [{"name": "score", "parameters": {"binary_data": false}}],
