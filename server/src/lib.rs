@@ -1,7 +1,8 @@
 //! HTTP service: scores images sent by bots and other programs with the
 //! models of a folder and answers with JSON (own `/v1` API, chat-ops
 //! `/v1/ask`, Open Inference Protocol v2, Prometheus `/metrics`). Logs go
-//! through `tracing`; the binary installs the subscriber.
+//! through `tracing`; the binary installs the subscriber. `GET /` is a web
+//! page for engineers that uses the same API.
 
 mod answer;
 mod error;
@@ -13,6 +14,7 @@ mod oip;
 mod routes;
 mod state;
 mod upload;
+mod web;
 
 use std::future::Future;
 use std::time::Duration;
@@ -24,6 +26,7 @@ pub use state::{
     AppState, NO_ZERO_SHOT, ServedModel, ServerConfig, Slot, Token, ZeroShot, ZeroShotScorer,
     is_servable_name, load_models,
 };
+pub use web::{ResultsStore, StoredModel, UPLOAD_PREFIX};
 
 /// Extra time, past the request timeout, that shutdown waits for requests
 /// in flight before giving up on them.

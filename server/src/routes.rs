@@ -19,6 +19,7 @@ use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect, scored}
 use crate::oip;
 use crate::state::{AppState, ZeroShot};
 use crate::upload::{RawBody, read_upload};
+use crate::web;
 
 /// Routes open without a token.
 pub const HEALTH_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"];
@@ -43,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{name}", get(oip::model_metadata))
         .route("/v2/models/{name}/ready", get(oip::model_ready))
         .route("/v2/models/{name}/infer", post(oip::infer))
+        .merge(web::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), timeout))
@@ -98,7 +100,7 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
     let Some(token) = state.token() else {
         return next.run(request).await;
     };
-    if HEALTH_ROUTES.contains(&request.uri().path()) {
+    if HEALTH_ROUTES.contains(&request.uri().path()) || web::is_public(request.uri().path()) {
         return next.run(request).await;
     }
     let presented = request

@@ -9,4 +9,5 @@ mod pipeline;
 mod serve;
 mod shared_data;
 mod tui;
+mod web;
 mod winclip;
