@@ -137,7 +137,7 @@ function fillSources() {
   }
   const zs = state.caps.zero_shot;
   const option = new Option(zs.available
-    ? 'Zero-shot CLIP: the object and defects typed here'
+    ? 'Zero-shot CLIP (typed object and defects)'
     : 'Zero-shot CLIP (not available on this server)', ZERO_SHOT);
   option.disabled = !zs.available;
   select.add(option);
@@ -228,18 +228,22 @@ async function score(item) {
       throw new ApiError(413, 'payload_too_large', 'the file is ' + item.file.size + ' bytes; this server takes at most ' + limit + ' bytes');
     }
     if (item.model) {
+      // Read into memory first: a File body is streamed from the browser's
+      // blob store while the server waits, which cost it ~10 ms a request.
+      const bytes = await item.file.arrayBuffer();
       item.result = await apiBusyRetry('/v1/models/' + encodeURIComponent(item.model) + '/score?heatmap=png', () => ({
         method: 'POST',
         headers: { 'Content-Type': item.file.type || 'application/octet-stream' },
-        body: item.file,
+        body: bytes,
       }));
     } else {
       if (!item.object || !item.defects.length) {
         throw new ApiError(400, 'missing_prompt', 'zero-shot scoring needs the object and at least one defect description');
       }
-      item.result = await apiBusyRetry('/v1/zero-shot?heatmap=png', () => form([
-        ['image', item.file], ['object', item.object], ...item.defects.map((d) => ['prompt', d.text]),
-      ]));
+      item.result = await apiBusyRetry('/v1/zero-shot?heatmap=png', () => ({
+        method: 'POST',
+        body: form([['image', item.file], ['object', item.object], ...item.defects.map((d) => ['prompt', d.text])]),
+      }));
     }
     item.status = 'done';
     render();
@@ -257,7 +261,10 @@ async function scoreDefects(item) {
   if (!item.defects.length || !state.caps.zero_shot.available || !item.object) return;
   for (const d of item.defects) {
     try {
-      const r = await apiBusyRetry('/v1/zero-shot', () => form([['image', item.file], ['object', item.object], ['prompt', d.text]]));
+      const r = await apiBusyRetry('/v1/zero-shot', () => ({
+        method: 'POST',
+        body: form([['image', item.file], ['object', item.object], ['prompt', d.text]]),
+      }));
       d.score = r.score;
       d.verdict = r.is_anomalous;
     } catch (err) {
@@ -330,7 +337,7 @@ function render() {
     li.dataset.decision = item.decision;
     const name = document.createElement('span');
     name.className = 'name';
-    name.textContent = item.name;
+    name.textContent = item.model ? item.name : item.name + ' (zero-shot)';
     const scoreCell = document.createElement('span');
     scoreCell.className = 'score';
     scoreCell.textContent = item.status === 'done' ? item.result.score.toFixed(3) : '';
@@ -455,7 +462,9 @@ function renderDefects(item) {
   for (const d of item.defects) {
     const row = body.insertRow();
     row.insertCell().textContent = d.text;
-    row.insertCell().textContent = d.error ? d.error : d.score === null ? 'scoring…' : d.score.toFixed(3);
+    const cell = row.insertCell();
+    cell.textContent = d.error ? d.error : d.score === null ? 'scoring…' : d.score.toFixed(3);
+    if (d.score !== null) cell.dataset.score = String(d.score);
     row.insertCell().textContent = d.verdict === null ? '' : d.verdict ? 'Anomalous' : 'Normal';
     row.insertCell().textContent = 'not known (not calibrated on normal images)';
   }

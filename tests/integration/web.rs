@@ -654,3 +654,218 @@ async fn web_page_asks_for_the_token_and_the_api_refuses_without_it() {
     client.close().await.unwrap();
     drop(server);
 }
+
+/// A multipart form with text `fields` and the `image`.
+fn multipart(fields: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "flawscope-web-test-boundary";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\
+             Content-Type: image/png\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(image);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn zero_shot_score(addr: SocketAddr, image: &[u8], prompts: &[&str]) -> f64 {
+    let mut fields = vec![("object", "solar cell")];
+    fields.extend(prompts.iter().map(|p| ("prompt", *p)));
+    let (content_type, body) = multipart(&fields, image);
+    let reply = http_with(addr, "POST", "/v1/zero-shot", &content_type, "", &body);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply.json()["score"].as_f64().unwrap()
+}
+
+/// With CLIP (the tiny random fixture checkpoint: plumbing, not accuracy),
+/// typed defects are scored one by one and zero-shot gives the verdict;
+/// both equal `/v1/zero-shot` for the same file and text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_page_scores_typed_defects_with_clip() {
+    let Some(browser) = browser("web_page_scores_typed_defects_with_clip") else {
+        return;
+    };
+    let models = tokio::task::spawn_blocking(model_dir).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tests/fixtures/tiny_clip");
+    let server = start_server_with(
+        &models,
+        &tmp.path().join("serve.log"),
+        &["--clip-weights", clip.to_str().unwrap()],
+    );
+    let addr = server.addr;
+    let defect = first_png("test/defect");
+    let bytes = std::fs::read(&defect).unwrap();
+    let prompts = ["a crack", "a dark inactive area"];
+
+    let driver = start_driver(&browser, &tmp.path().join("chromedriver.log"));
+    let client = session(&driver, &browser, tmp.path()).await;
+    client.goto(&format!("http://{addr}/")).await.unwrap();
+    wait_for(
+        &client,
+        "the model list",
+        "return document.getElementById('server-status').textContent.includes('CLIP available')",
+    )
+    .await;
+    let typed = |id: &'static str, text: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .find(Locator::Id(id))
+                .await
+                .unwrap()
+                .send_keys(text)
+                .await
+                .unwrap();
+        }
+    };
+    typed("object", "solar cell").await;
+    typed("defects", "a crack\na dark inactive area").await;
+    assert_eq!(text(&client, "clip-note").await, "");
+
+    // The classical model's verdict, with each typed defect's CLIP score.
+    upload(&client, &[&defect]).await;
+    let table = "const cells = [...document.querySelectorAll('#defects-out td[data-score]')];
+         return cells.length === 2 ? cells.map(c => Number(c.dataset.score)) : null;";
+    let shown = wait_for(&client, "the per-defect scores", table).await;
+    for (i, prompt) in prompts.iter().enumerate() {
+        let api = zero_shot_score(addr, &bytes, &[prompt]);
+        let page = shown[i].as_f64().unwrap();
+        assert!((page - api).abs() < 1e-6, "{prompt}: {page} vs {api}");
+    }
+    let rows = list(&client).await;
+    let (score, _) = api_score(addr, &defect, "");
+    assert!((rows[0]["score"].as_f64().unwrap() - score).abs() < 1e-6);
+    let defects = text(&client, "defects-out").await;
+    assert!(defects.contains("not known"), "{defects}");
+
+    // Zero-shot as the verdict: the same as /v1/zero-shot with both texts.
+    client
+        .find(Locator::Id("source"))
+        .await
+        .unwrap()
+        .select_by_index(1)
+        .await
+        .unwrap();
+    upload(&client, &[&defect]).await;
+    wait_for(
+        &client,
+        "the zero-shot result",
+        "const li = [...document.querySelectorAll('#list li')];
+         return li.length === 2 && li.every(l => l.dataset.status === 'done');",
+    )
+    .await;
+    let zero_shot = zero_shot_score(addr, &bytes, &prompts);
+    let rows = list(&client).await;
+    assert!(
+        rows.iter()
+            .any(|r| (r["score"].as_f64().unwrap() - zero_shot).abs() < 1e-6),
+        "{rows:?} vs {zero_shot}"
+    );
+    screenshot(&client, "web-page-clip.png").await;
+    client.close().await.unwrap();
+    drop(server);
+}
+
+/// Server-side time of the page's scoring requests against the same
+/// request sent by curl, alternated one by one so both see the same load:
+/// the medians of the server's own `latency_ms` log field for
+/// `/v1/models/{name}/score?heatmap=png`. Run by hand (it takes a minute):
+/// `cargo test --release --test integration web_page_server_time -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn web_page_server_time_equals_curl() {
+    const ROUNDS: usize = 40;
+    let Some(browser) = browser("web_page_server_time_equals_curl") else {
+        return;
+    };
+    let models = tokio::task::spawn_blocking(model_dir).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("serve.log");
+    let server = start_server_with(&models, &log, &[]);
+    let addr = server.addr;
+    let defect = first_png("test/defect");
+    let driver = start_driver(&browser, &tmp.path().join("chromedriver.log"));
+    let client = session(&driver, &browser, tmp.path()).await;
+    client.goto(&format!("http://{addr}/")).await.unwrap();
+    wait_for(
+        &client,
+        "the model list",
+        "return document.getElementById('server-status').textContent.includes('model(s)')",
+    )
+    .await;
+    let curl = |url: String, file: PathBuf| {
+        let out = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "-H", "Content-Type: image/png"])
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(url)
+            .status()
+            .expect("curl is needed for this measurement");
+        assert!(out.success());
+    };
+    let url = format!("http://{addr}/v1/models/cells/score?heatmap=png");
+    // Warm-up, not counted.
+    for _ in 0..5 {
+        curl(url.clone(), defect.clone());
+    }
+    for round in 1..=ROUNDS {
+        upload(&client, &[&defect]).await;
+        let script = format!(
+            "const li = [...document.querySelectorAll('#list li')];
+             return li.length === {round} && li.every(l => l.dataset.status === 'done');"
+        );
+        wait_for(&client, "the page's result", &script).await;
+        let (url, file) = (url.clone(), defect.clone());
+        tokio::task::spawn_blocking(move || curl(url, file))
+            .await
+            .unwrap();
+    }
+    client.close().await.unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let times: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("route=\"/v1/models/{name}/score\"") && l.contains("status=200"))
+        .map(|l| {
+            let (_, rest) = l.split_once("latency_ms=").unwrap();
+            rest.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .skip(5)
+        .collect();
+    assert_eq!(times.len(), 2 * ROUNDS, "{text}");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    let page: Vec<f64> = times.iter().step_by(2).copied().collect();
+    let by_curl: Vec<f64> = times.iter().skip(1).step_by(2).copied().collect();
+    let diffs: Vec<f64> = page.iter().zip(&by_curl).map(|(p, c)| p - c).collect();
+    let (page_median, curl_median, diff_median) =
+        (median(page.clone()), median(by_curl.clone()), median(diffs));
+    eprintln!(
+        "server time of /v1/models/{{name}}/score?heatmap=png over {ROUNDS} alternated pairs: \
+         page median {page_median:.3} ms, curl median {curl_median:.3} ms, \
+         median of paired differences (page - curl) {diff_median:.3} ms"
+    );
+    assert!(
+        diff_median <= 1.0,
+        "the page's requests cost the server {diff_median:.3} ms more"
+    );
+    drop(server);
+}
