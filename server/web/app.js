@@ -646,7 +646,10 @@ function wireControls() {
   $('download-csv').addEventListener('click', downloadCsv);
   $('download-jsonl').addEventListener('click', downloadJsonl);
   $('clear').addEventListener('click', () => {
-    if (state.running) return;
+    if (state.running) {
+      $('list-summary').textContent = 'Images are still being scored; clear the list when they are done.';
+      return;
+    }
     state.items = [];
     state.undo = [];
     state.selected = null;

@@ -11,6 +11,7 @@
 //! both and sets FLAWSCOPE_REQUIRE_BROWSER=1, which turns a missing browser
 //! into a failure.
 
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -64,11 +65,14 @@ fn browser(test: &str) -> Option<Browser> {
     let missing = missing.join(" and ");
     assert!(
         std::env::var(REQUIRE_ENV).as_deref() != Ok("1"),
-        "{REQUIRE_ENV}=1 but {missing} is not installed (apt-get install chromium chromium-driver)"
+        "{REQUIRE_ENV}=1 but not installed: {missing} (apt-get install chromium chromium-driver)"
     );
-    eprintln!(
-        "\n*** SKIPPED {test}: {missing} not found on PATH. Install the Debian packages \
-         `chromium chromium-driver` (as .ci/run does) to run the web page's browser test. ***\n"
+    // Straight to stderr, past the test harness's capture, so the skip is
+    // seen without --nocapture.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED {test}: not found on PATH: {missing}. Install the Debian packages \
+         `chromium chromium-driver` (as .ci/run does) to run the web page's browser test. ***"
     );
     None
 }
@@ -441,6 +445,34 @@ async fn web_page_scores_marks_and_survives_garbage() {
     );
     let answer = text(&client, "answer").await;
     assert!(answer.starts_with("cells: anomalous"), "{answer}");
+    // Every control has a name, and the page fits 1366 x 768 without
+    // sideways scrolling, the list and the image in view.
+    let unnamed = client
+        .execute(
+            "return [...document.querySelectorAll('input, select, textarea, button, [tabindex]')]
+               .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                 && !e.getAttribute('aria-labelledby') && !e.textContent.trim())
+               .map(e => e.id || e.outerHTML);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(unnamed, json!([]), "controls without a label");
+    let fit = client
+        .execute(
+            "const r = (id) => document.getElementById(id).getBoundingClientRect();
+             return { sideways: document.documentElement.scrollWidth > innerWidth,
+                      list: r('list').top < innerHeight && r('list').right <= innerWidth,
+                      canvas: r('overlay').bottom <= innerHeight && r('overlay').right <= innerWidth };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fit,
+        json!({"sideways": false, "list": true, "canvas": true}),
+        "layout at 1366 x 768"
+    );
     let defects = text(&client, "defects-out").await;
     assert!(defects.contains("were not checked"), "{defects}");
     screenshot(&client, "web-page.png").await;
