@@ -6,7 +6,7 @@
 //! through the ordinary `/v1` routes, so scoring costs it nothing extra.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
@@ -102,7 +102,6 @@ pub struct StoredModel {
 #[derive(Debug)]
 pub struct ResultsStore {
     store: Mutex<Store>,
-    path: PathBuf,
     models: BTreeMap<String, StoredModel>,
 }
 
@@ -110,14 +109,9 @@ impl ResultsStore {
     /// `models`: served name → store entry, for every served model.
     pub fn new(store: Store, models: BTreeMap<String, StoredModel>) -> Self {
         Self {
-            path: store.path().to_path_buf(),
             store: Mutex::new(store),
             models,
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

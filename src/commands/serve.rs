@@ -168,6 +168,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
     if let Some(db) = &args.db {
         state = state.with_results(results_store(db, &args.models, &names)?);
+        tracing::info!("the web page's OK / NG decisions go to {}", db.display());
     }
     // Zero-shot only when asked for: a weights folder (flag or environment)
     // or an explicit --clip-model; never a surprise download at startup.
