@@ -617,16 +617,16 @@ function typing(target) {
 
 function wireControls() {
   $('files').addEventListener('change', (e) => { addFiles([...e.target.files]); e.target.value = ''; });
+  // Files dropped anywhere on the page count (once: the listener is on the
+  // document only, where every drop ends up).
   const drop = $('drop');
-  for (const target of [drop, document.body]) {
-    target.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
-    target.addEventListener('dragleave', () => drop.classList.remove('over'));
-    target.addEventListener('drop', (e) => {
-      e.preventDefault();
-      drop.classList.remove('over');
-      addFiles([...e.dataTransfer.files]);
-    });
-  }
+  document.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
+  document.addEventListener('dragleave', () => drop.classList.remove('over'));
+  document.addEventListener('drop', (e) => {
+    e.preventDefault();
+    drop.classList.remove('over');
+    addFiles([...(e.dataTransfer ? e.dataTransfer.files : [])]);
+  });
   document.addEventListener('paste', (e) => {
     const files = [...(e.clipboardData ? e.clipboardData.files : [])];
     if (files.length) { e.preventDefault(); addFiles(files); }

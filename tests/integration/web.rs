@@ -564,6 +564,49 @@ async fn web_page_scores_marks_and_survives_garbage() {
             .contains("Not an image")
     );
 
+    // A file dropped on the page and one pasted are scored once each.
+    client
+        .execute(
+            "return (async () => {
+               const c = document.createElement('canvas');
+               c.width = 160; c.height = 120;
+               const g = c.getContext('2d');
+               for (let i = 0; i < 400; i++) {
+                 g.fillStyle = `rgb(${i % 256}, ${(i * 7) % 256}, ${(i * 13) % 256})`;
+                 g.fillRect((i * 37) % 160, (i * 53) % 120, 9, 9);
+               }
+               const blob = await new Promise((r) => c.toBlob(r, 'image/png'));
+               const files = (name) => {
+                 const t = new DataTransfer();
+                 t.items.add(new File([blob], name, { type: 'image/png' }));
+                 return t;
+               };
+               document.getElementById('drop').dispatchEvent(new DragEvent('drop',
+                 { dataTransfer: files('dropped.png'), bubbles: true, cancelable: true }));
+               document.getElementById('list').dispatchEvent(new ClipboardEvent('paste',
+                 { clipboardData: files('pasted.png'), bubbles: true, cancelable: true }));
+               return true;
+             })();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    wait_for(
+        &client,
+        "the dropped and the pasted image",
+        "const li = [...document.querySelectorAll('#list li')];
+         return li.length === 5 && li.filter(l => l.dataset.status === 'done').length === 4;",
+    )
+    .await;
+    let names: Vec<String> = list(&client)
+        .await
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    for name in ["dropped.png", "pasted.png"] {
+        assert_eq!(names.iter().filter(|n| *n == name).count(), 1, "{names:?}");
+    }
+
     client.close().await.unwrap();
     drop(server);
 }
