@@ -68,7 +68,7 @@ async function api(path, init = {}) {
     }
     if (response.status === 401) {
       sessionStorage.removeItem(TOKEN_KEY);
-      await askToken(token ? 'The server refused that token; type it again.' : 'This server needs an access token (the one in its --token-file).');
+      await askToken(token ? 'The server refused that token; type it again.' : 'This server needs an access token (the one in its token file).');
       continue;
     }
     let body = null;
