@@ -1,7 +1,7 @@
 //! The results store and what reads or fills it: one SQLite file per
 //! folder or run holding every image's score, verdict and a person's
-//! decision, shared by `flawscope score --db`, `flawscope tui` and
-//! `flawscope export`.
+//! decision, shared by `flawscope score --db`, `flawscope tui`,
+//! `flawscope export` and the web page of `flawscope serve --db`.
 //!
 //! - [`store`]: the store itself (WAL, versioned schema, marked as
 //!   flawscope's; another application's database is refused untouched).

@@ -28,6 +28,10 @@ pub enum ApiError {
     Overloaded,
     #[error("{0}")]
     ZeroShotUnavailable(String),
+    #[error(
+        "OK / NG decisions are not recorded: the server has no results store (start it with --db FILE)"
+    )]
+    NoResultsStore,
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("the request took longer than {0:?}")]
@@ -54,9 +58,10 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded | Self::ZeroShotUnavailable(_) | Self::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Overloaded
+            | Self::ZeroShotUnavailable(_)
+            | Self::NoResultsStore
+            | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,6 +78,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::ZeroShotUnavailable(_) => "zero_shot_unavailable",
+            Self::NoResultsStore => "no_results_store",
             Self::ShuttingDown => "shutting_down",
             Self::Timeout(_) => "timeout",
             Self::BodyTimeout(_) => "body_timeout",

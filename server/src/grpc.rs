@@ -54,6 +54,8 @@ pub fn status(error: &ApiError) -> Status {
         ApiError::Unauthorized => Code::Unauthenticated,
         ApiError::NotFound(_) => Code::NotFound,
         ApiError::MethodNotAllowed(_) => Code::Unimplemented,
+        // Only the web page's decision route needs a store; not a gRPC call.
+        ApiError::NoResultsStore => Code::FailedPrecondition,
         ApiError::PayloadTooLarge(_) => Code::ResourceExhausted,
         ApiError::Overloaded | ApiError::ZeroShotUnavailable(_) | ApiError::ShuttingDown => {
             Code::Unavailable

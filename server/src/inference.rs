@@ -14,6 +14,7 @@ use flawscope_core::regions::{Region, area_above, regions};
 use image::Rgb32FImage;
 use serde::Serialize;
 
+use crate::answer::describe;
 use crate::error::ApiError;
 use crate::state::{AppState, Slot};
 
@@ -57,6 +58,8 @@ pub struct ScoreResponse {
     /// Fraction of the image at or above the threshold, 0–1.
     pub anomalous_fraction: f64,
     pub latency_ms: f64,
+    /// The verdict in a sentence: where the anomaly is and how large.
+    pub answer: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heatmap_png: Option<String>,
     /// Zero-shot requests: the object and defect descriptions scored.
@@ -77,7 +80,9 @@ impl Scored {
     }
 
     pub fn response(self, model: &str, started: std::time::Instant) -> ScoreResponse {
+        let answer = describe(model, &self);
         ScoreResponse {
+            answer,
             model: model.to_owned(),
             score: self.score,
             is_anomalous: self.is_anomalous,

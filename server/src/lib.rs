@@ -2,8 +2,8 @@
 //! with the models of a folder and answers with JSON (own `/v1` API,
 //! chat-ops `/v1/ask`, Open Inference Protocol v2 over REST, Prometheus
 //! `/metrics`) and, on its own port, the Open Inference Protocol v2 over
-//! gRPC ([`grpc`]). Logs go through `tracing`; the binary installs the
-//! subscriber.
+//! gRPC ([`grpc`]). `GET /` is a web page for engineers that uses the same
+//! API. Logs go through `tracing`; the binary installs the subscriber.
 
 mod answer;
 mod error;
@@ -17,6 +17,7 @@ mod question;
 mod routes;
 mod state;
 mod upload;
+mod web;
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,6 +29,7 @@ pub use state::{
     AppState, NO_ZERO_SHOT, ServedModel, ServerConfig, Slot, Token, ZeroShot, ZeroShotScorer,
     is_servable_name, load_models,
 };
+pub use web::{ResultsStore, StoredModel, UPLOAD_PREFIX};
 
 /// Extra time, past the request timeout, that shutdown waits for requests
 /// in flight before giving up on them.

@@ -20,6 +20,7 @@ use crate::oip;
 use crate::question;
 use crate::state::{AppState, ZeroShot};
 use crate::upload::{RawBody, read_upload};
+use crate::web;
 
 /// Routes open without a token.
 pub const HEALTH_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"];
@@ -56,6 +57,7 @@ pub fn app(state: AppState) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(oip::infer),
         )
+        .merge(web::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), timeout))
@@ -112,7 +114,7 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
     let Some(token) = state.token() else {
         return next.run(request).await;
     };
-    if HEALTH_ROUTES.contains(&request.uri().path()) {
+    if HEALTH_ROUTES.contains(&request.uri().path()) || web::is_public(request.uri().path()) {
         return next.run(request).await;
     }
     let presented = request

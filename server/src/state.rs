@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{ApiError, ServerError};
 use crate::metrics::Metrics;
+use crate::web::{ResultsStore, SharedResults};
 
 /// Default queue length per inference slot (the queue wait bounds the
 /// time a request can spend in it anyway).
@@ -174,6 +175,8 @@ pub struct AppState {
     queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     zero_shot: ZeroShot,
+    /// Where the web page's OK / NG decisions go (`serve --db`).
+    results: Option<SharedResults>,
     draining: Arc<AtomicBool>,
 }
 
@@ -232,6 +235,7 @@ impl AppState {
             token: None,
             metrics: Arc::new(Metrics::default()),
             zero_shot: ZeroShot::Unavailable(NO_ZERO_SHOT.into()),
+            results: None,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -252,6 +256,16 @@ impl AppState {
     pub fn with_zero_shot_unavailable(mut self, reason: impl Into<String>) -> Self {
         self.zero_shot = ZeroShot::Unavailable(reason.into());
         self
+    }
+
+    /// Records the web page's OK / NG decisions in `results`.
+    pub fn with_results(mut self, results: ResultsStore) -> Self {
+        self.results = Some(Arc::new(results));
+        self
+    }
+
+    pub fn results(&self) -> Option<&SharedResults> {
+        self.results.as_ref()
     }
 
     pub fn config(&self) -> &ServerConfig {

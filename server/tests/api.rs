@@ -1383,3 +1383,179 @@ async fn bodies_held_at_once_are_bounded() {
     let (status, v, _) = exchange(addr, uri, &good_png()).await;
     assert_eq!(status, 200, "{v}");
 }
+
+#[tokio::test]
+async fn the_page_is_open_and_the_api_behind_it_is_not() {
+    let app = app(state().with_token(Token::new("s3cret-token")));
+    for (uri, kind) in [
+        ("/", "text/html"),
+        ("/web/app.js", "text/javascript"),
+        ("/web/style.css", "text/css"),
+    ] {
+        let reply = send(app.clone(), get(uri)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{uri}");
+        let content_type = reply.headers[header::CONTENT_TYPE].to_str().unwrap();
+        assert!(content_type.starts_with(kind), "{uri}: {content_type}");
+        let csp = reply.headers[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        assert!(!reply.body.is_empty());
+    }
+    let page = send(app.clone(), get("/")).await;
+    let html = String::from_utf8_lossy(&page.body);
+    assert!(html.contains("<title>flawscope"), "{html}");
+    for request in [
+        get("/v1/capabilities"),
+        multipart("/v1/decisions", &[Part::Text("decision", "ok")]),
+    ] {
+        let uri = request.uri().to_string();
+        let reply = send(app.clone(), request).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn capabilities_say_what_the_page_can_do() {
+    let v = send(app(state()), get("/v1/capabilities")).await.json();
+    assert_eq!(v["zero_shot"]["available"], false, "{v}");
+    assert!(
+        v["zero_shot"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("--clip-weights"),
+        "{v}"
+    );
+    assert_eq!(v["zero_shot"]["max_prompts"], 32);
+    assert_eq!(v["results_store"], false);
+    assert_eq!(v["body_limit_bytes"], config().body_limit);
+    let engine: Arc<dyn ZeroShotScorer> = tiny_runtime();
+    let v = send(app(state().with_zero_shot(engine)), get("/v1/capabilities"))
+        .await
+        .json();
+    assert_eq!(v["zero_shot"]["available"], true, "{v}");
+    assert!(v["zero_shot"].get("reason").is_none(), "{v}");
+}
+
+fn decision(png: &[u8], model: &str, name: &str, decision: &str) -> Request<Body> {
+    multipart(
+        "/v1/decisions",
+        &[
+            Part::File("image", png),
+            Part::Text("model", model),
+            Part::Text("name", name),
+            Part::Text("decision", decision),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn decisions_go_to_the_results_store() {
+    use flawscope_results::store::{Decision, Store};
+    use flawscope_server::{ResultsStore, StoredModel};
+
+    // Without a store: said plainly.
+    let reply = send(
+        app(state()),
+        decision(&defect_png(), "cells", "d.png", "ng"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.error_code(), "no_results_store");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("results.sqlite");
+    let entry = StoredModel {
+        name: "models/cells.flawscope".into(),
+        identity: "sha256:0123".into(),
+    };
+    let results = ResultsStore::new(
+        Store::open(&db).unwrap(),
+        [("cells".to_owned(), entry)].into_iter().collect(),
+    );
+    let app = app(state().with_results(results));
+    let scored = send(
+        app.clone(),
+        post_bytes("/v1/models/cells/score", defect_png()),
+    )
+    .await
+    .json();
+
+    let reply = send(
+        app.clone(),
+        decision(&defect_png(), "cells", "../elsewhere/d.png", "ng"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let v = reply.json();
+    assert_eq!(v["path"], "upload:d.png");
+    assert_eq!(v["decision"], "ng");
+    assert_eq!(v["model"], "models/cells.flawscope");
+    assert!(v["decided_at"].is_string());
+    let rows = Store::open_existing(&db).unwrap().all_results().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].decision, Decision::Ng);
+    assert_eq!(rows[0].model_identity, "sha256:0123");
+    // The stored score is the server's own, the same as the API's.
+    assert_eq!(f64::from(rows[0].score), scored["score"].as_f64().unwrap());
+
+    // Undo, as the TUI's `u` does.
+    let reply = send(
+        app.clone(),
+        decision(&defect_png(), "cells", "d.png", "none"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let rows = Store::open_existing(&db).unwrap().all_results().unwrap();
+    assert_eq!(rows[0].decision, Decision::None);
+    assert!(rows[0].decided_at.is_none());
+
+    // Bad requests change nothing.
+    for (request, status, code) in [
+        (
+            decision(&defect_png(), "cells", "d.png", "maybe"),
+            StatusCode::BAD_REQUEST,
+            "invalid_decision",
+        ),
+        (
+            decision(b"not an image", "cells", "d.png", "ok"),
+            StatusCode::BAD_REQUEST,
+            "unsupported_image",
+        ),
+        (
+            decision(&defect_png(), "nope", "d.png", "ok"),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            decision(&defect_png(), "cells", "/", "ok"),
+            StatusCode::BAD_REQUEST,
+            "missing_name",
+        ),
+        (
+            post_bytes("/v1/decisions", defect_png()),
+            StatusCode::BAD_REQUEST,
+            "expected_multipart",
+        ),
+    ] {
+        let reply = send(app.clone(), request).await;
+        assert_eq!(reply.status, status, "{}", reply.json());
+        assert_eq!(reply.error_code(), code);
+    }
+    let rows = Store::open_existing(&db).unwrap().all_results().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].decision, Decision::None);
+}
+
+#[tokio::test]
+async fn score_responses_carry_the_answer_sentence() {
+    let v = send(
+        app(state()),
+        post_bytes("/v1/models/cells/score", defect_png()),
+    )
+    .await
+    .json();
+    let answer = v["answer"].as_str().unwrap();
+    assert!(answer.starts_with("cells: "), "{answer}");
+    assert!(answer.contains(&format!("score {:.2}", v["score"].as_f64().unwrap())));
+}

@@ -1,6 +1,7 @@
 //! `flawscope serve`: the HTTP service and, with `--grpc-addr`, the gRPC one
 //! (see the `flawscope-server` crate).
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use flawscope_server::{AppState, ServerConfig, ServerError, Token, load_models};
+use flawscope_results::store::{Store, file_hash};
+use flawscope_server::{
+    AppState, ResultsStore, ServerConfig, ServerError, StoredModel, Token, load_models,
+};
 
 use super::clip::{ClipArgs, setup_error};
 use super::options::DeviceChoice;
@@ -65,6 +69,36 @@ pub struct Args {
     /// Where the networks run.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Results database (the one `flawscope tui` and `score --db` use) where
+    /// the web page's OK / NG decisions are recorded; without it the page
+    /// shows results but cannot record decisions.
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+}
+
+/// Opens the results store and files each served model as `score --db`
+/// does: under its file's path, known by the file's SHA-256.
+fn results_store(
+    db: &std::path::Path,
+    models: &std::path::Path,
+    names: &[String],
+) -> anyhow::Result<ResultsStore> {
+    let store = Store::open(db)?;
+    let mut entries = BTreeMap::new();
+    for name in names {
+        let path = models.join(format!("{name}.flawscope"));
+        // Hashed again after loading: a file replaced in between would be
+        // filed under its new content, which the TUI would also see.
+        let identity = file_hash(&path)?;
+        entries.insert(
+            name.clone(),
+            StoredModel {
+                name: path.display().to_string(),
+                identity,
+            },
+        );
+    }
+    Ok(ResultsStore::new(store, entries))
 }
 
 fn usage_or_failure(err: ServerError) -> anyhow::Error {
@@ -141,6 +175,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let mut state = AppState::new(models, config.clone()).map_err(usage_or_failure)?;
     if let Some(token) = token {
         state = state.with_token(token);
+    }
+    if let Some(db) = &args.db {
+        state = state.with_results(results_store(db, &args.models, &names)?);
+        tracing::info!("the web page's OK / NG decisions go to {}", db.display());
     }
     // Zero-shot only when asked for: a weights folder (flag or environment)
     // or an explicit --clip-model; never a surprise download at startup.

@@ -10,4 +10,5 @@ mod serve;
 mod shard;
 mod shared_data;
 mod tui;
+mod web;
 mod winclip;

@@ -12,9 +12,9 @@ use crate::cli::flawscope;
 use crate::pipeline::demo_dir;
 
 /// Kills the server if a test fails before it exits by itself.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Drop for Server {
@@ -27,6 +27,11 @@ impl Drop for Server {
 }
 
 fn start_server(models: &Path, stderr_log: &Path) -> Server {
+    start_server_with(models, stderr_log, &[])
+}
+
+/// `flawscope serve` on a free loopback port with `extra` arguments.
+pub(crate) fn start_server_with(models: &Path, stderr_log: &Path, extra: &[&str]) -> Server {
     let mut child = crate::cli::flawscope_command()
         .args([
             "serve",
@@ -37,6 +42,7 @@ fn start_server(models: &Path, stderr_log: &Path) -> Server {
             "--models",
         ])
         .arg(models)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(stderr_log).unwrap())
         .spawn()
@@ -59,23 +65,34 @@ fn start_server(models: &Path, stderr_log: &Path) -> Server {
     Server { child, addr }
 }
 
-struct Reply {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) head: String,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Reply {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
 fn request_bytes(method: &str, path: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    request_bytes_with(method, path, content_type, "", body)
+}
+
+/// A request with `extra_headers` (each ending in `\r\n`).
+fn request_bytes_with(
+    method: &str,
+    path: &str,
+    content_type: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: flawscope-test\r\n\
-         Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -105,6 +122,28 @@ fn connect(addr: SocketAddr) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     stream
+}
+
+/// One request with `extra_headers` (each ending in `\r\n`).
+pub(crate) fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> Reply {
+    let mut stream = connect(addr);
+    stream
+        .write_all(&request_bytes_with(
+            method,
+            path,
+            content_type,
+            extra_headers,
+            body,
+        ))
+        .unwrap();
+    read_reply(stream)
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> Reply {
@@ -137,7 +176,7 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-fn fit_model(dir: &Path) {
+pub(crate) fn fit_model(dir: &Path) {
     let train = demo_dir().join("train/good");
     let out = flawscope(&[
         "fit",

@@ -1,0 +1,336 @@
+//! The web page for engineers: `GET /` and its assets (embedded in the
+//! binary, nothing fetched from elsewhere), plus the two routes the page
+//! needs that the `/v1` API lacks: what this server can do
+//! (`GET /v1/capabilities`) and a person's OK / NG decision recorded in the
+//! results store the TUI uses (`POST /v1/decisions`). The page scores
+//! through the ordinary `/v1` routes, so scoring costs it nothing extra.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use flawscope_results::store::{Decision, NewScore, Store, StoreError, content_hash};
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::inference::{blocking, decode};
+use crate::routes::MAX_PROMPTS;
+use crate::state::{AppState, ZeroShot};
+use crate::upload::{RawBody, read_upload};
+
+const INDEX_HTML: &str = include_str!("../web/index.html");
+const APP_JS: &str = include_str!("../web/app.js");
+const STYLE_CSS: &str = include_str!("../web/style.css");
+
+/// Paths of the page itself, served without a token: they hold no data,
+/// and the page asks for the token before it calls the API.
+pub const PUBLIC_PATHS: [&str; 3] = ["/", "/web/app.js", "/web/style.css"];
+
+/// Stored image paths of uploads start with this, so they are never taken
+/// for files on the server.
+pub const UPLOAD_PREFIX: &str = "upload:";
+
+/// Longest file name kept for an upload, in characters.
+const MAX_NAME_CHARS: usize = 200;
+
+/// Everything but self is refused: no inline script, no other origin.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; \
+     frame-ancestors 'none'; base-uri 'none'";
+
+/// The page's routes (the assets and the two API additions).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(index))
+        .route("/web/app.js", get(app_js))
+        .route("/web/style.css", get(style_css))
+        .route("/v1/capabilities", get(capabilities))
+        .route("/v1/decisions", post(decide))
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    // The assets change with the binary only; revalidating is cheap.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+async fn index() -> Response {
+    asset(INDEX_HTML, "text/html; charset=utf-8")
+}
+
+async fn app_js() -> Response {
+    asset(APP_JS, "text/javascript; charset=utf-8")
+}
+
+async fn style_css() -> Response {
+    asset(STYLE_CSS, "text/css; charset=utf-8")
+}
+
+/// A served model as the results store knows it.
+#[derive(Debug, Clone)]
+pub struct StoredModel {
+    /// The name rows are filed under (the model file's path, as `score
+    /// --db` files them).
+    pub name: String,
+    /// `sha256:<hex>` of the model file, as `score --db` and the TUI key it.
+    pub identity: String,
+}
+
+/// The results store shared with the TUI, and how each served model is
+/// known in it.
+#[derive(Debug)]
+pub struct ResultsStore {
+    store: Mutex<Store>,
+    models: BTreeMap<String, StoredModel>,
+}
+
+impl ResultsStore {
+    /// `models`: served name → store entry, for every served model.
+    pub fn new(store: Store, models: BTreeMap<String, StoredModel>) -> Self {
+        Self {
+            store: Mutex::new(store),
+            models,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ZeroShotInfo {
+    available: bool,
+    /// Why not, when unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    max_prompts: usize,
+}
+
+#[derive(Serialize)]
+struct Capabilities {
+    zero_shot: ZeroShotInfo,
+    /// Whether `POST /v1/decisions` records decisions (`serve --db`).
+    results_store: bool,
+    body_limit_bytes: usize,
+}
+
+/// `GET /v1/capabilities`: whether typed defect descriptions can be
+/// checked (CLIP), whether decisions are recorded, and the upload limit.
+async fn capabilities(State(state): State<AppState>) -> Json<Capabilities> {
+    let zero_shot = match state.zero_shot() {
+        ZeroShot::Engine(_) => ZeroShotInfo {
+            available: true,
+            reason: None,
+            max_prompts: MAX_PROMPTS,
+        },
+        ZeroShot::Unavailable(reason) => ZeroShotInfo {
+            available: false,
+            reason: Some(reason.clone()),
+            max_prompts: MAX_PROMPTS,
+        },
+    };
+    Json(Capabilities {
+        zero_shot,
+        results_store: state.results().is_some(),
+        body_limit_bytes: state.config().body_limit,
+    })
+}
+
+/// The answer of `POST /v1/decisions`: the stored row.
+#[derive(Debug, Serialize)]
+struct DecisionResponse {
+    path: String,
+    content_hash: String,
+    model: String,
+    score: f32,
+    threshold: f32,
+    decision: Decision,
+    decided_at: Option<String>,
+}
+
+/// The stored path of an upload: [`UPLOAD_PREFIX`] and the file name as the
+/// browser gave it, without directories or control characters.
+fn upload_path(name: &str) -> Result<PathBuf, ApiError> {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name).trim();
+    let clean: String = base
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_NAME_CHARS)
+        .collect();
+    if clean.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_name",
+            "say the image's file name in the \"name\" field",
+        ));
+    }
+    Ok(PathBuf::from(format!("{UPLOAD_PREFIX}{clean}")))
+}
+
+fn store_error(err: &StoreError) -> ApiError {
+    ApiError::Internal(format!("results store: {err}"))
+}
+
+/// `POST /v1/decisions`: multipart `image`, `model`, `name` (the file name)
+/// and `decision` (`ok`, `ng` or `none`). The server scores the image
+/// itself (the store never holds a score a client claimed), files the row
+/// as `upload:NAME` with the image's content hash, and records the decision
+/// on every row of that image, as the TUI's `a` / `x` / `u` do.
+async fn decide(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<DecisionResponse>, ApiError> {
+    let Some(results) = state.results().cloned() else {
+        return Err(ApiError::NoResultsStore);
+    };
+    let _body = state.body_permit()?;
+    let mut upload = read_upload(
+        &state,
+        request,
+        RawBody::Refused,
+        &["model", "name", "decision"],
+    )
+    .await?;
+    let name = upload
+        .text("model")
+        .ok_or_else(|| {
+            ApiError::bad_request("model_required", "say which model in the \"model\" field")
+        })?
+        .to_owned();
+    let model = state.model(&name)?;
+    let stored_model = results
+        .models
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::Internal(format!("model {name:?} has no store entry")))?;
+    let decision = upload
+        .text("decision")
+        .and_then(Decision::parse)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_decision",
+                "\"decision\" must be \"ok\", \"ng\" or \"none\"",
+            )
+        })?;
+    let path = upload_path(upload.text("name").unwrap_or(""))?;
+    let bytes = upload.require_image()?;
+    let hash = content_hash(&bytes);
+    let image = decode(&state, bytes).await?;
+    let slot = state.slot().await?;
+    let inspection = blocking(slot, move || {
+        model.inspect(&image).map_err(|e| ApiError::from_core(&e))
+    })
+    .await?;
+    let row = tokio::task::spawn_blocking(move || {
+        // A panic elsewhere while holding the lock leaves SQLite consistent
+        // (every write is its own transaction).
+        let store = results.store.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = store
+            .model(&stored_model.name, &stored_model.identity)
+            .map_err(|e| store_error(&e))?;
+        store
+            .record_score(
+                &entry,
+                &NewScore {
+                    path: &path,
+                    content_hash: &hash,
+                    score: inspection.score,
+                    raw_score: inspection.raw_score,
+                    threshold: inspection.threshold,
+                },
+            )
+            .map_err(|e| store_error(&e))?;
+        store
+            .set_decision(&path, &hash, decision)
+            .map_err(|e| store_error(&e))?;
+        store
+            .lookup(&entry, &path)
+            .map_err(|e| store_error(&e))?
+            .ok_or_else(|| ApiError::Internal("the row just written is missing".into()))
+    })
+    .await
+    .map_err(|join| ApiError::Internal(format!("results store task failed: {join}")))??;
+    tracing::info!(path = %row.path.display(), decision = row.decision.as_str(), "decision recorded");
+    Ok(Json(DecisionResponse {
+        path: row.path.to_string_lossy().into_owned(),
+        content_hash: row.content_hash,
+        model: row.model,
+        score: row.score,
+        threshold: row.threshold,
+        decision: row.decision,
+        decided_at: row.decided_at,
+    }))
+}
+
+/// Whether `path` is one of the page's own (token-free) paths.
+pub fn is_public(path: &str) -> bool {
+    PUBLIC_PATHS.contains(&path)
+}
+
+/// The results store handle kept in the state.
+pub type SharedResults = Arc<ResultsStore>;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn upload_paths_keep_the_base_name_only() {
+        assert_eq!(
+            upload_path("good 1.png").unwrap(),
+            PathBuf::from("upload:good 1.png")
+        );
+        assert_eq!(
+            upload_path("C:\\x\\..\\a.png").unwrap(),
+            PathBuf::from("upload:a.png")
+        );
+        assert_eq!(
+            upload_path("../../etc/passwd").unwrap(),
+            PathBuf::from("upload:passwd")
+        );
+        assert_eq!(
+            upload_path("a\u{0}\nb.png").unwrap(),
+            PathBuf::from("upload:ab.png")
+        );
+        assert!(upload_path("dir/").is_err());
+        assert!(upload_path("  ").is_err());
+        let long = "x".repeat(5000);
+        let kept = upload_path(&long).unwrap();
+        assert_eq!(
+            kept.to_str().unwrap().len(),
+            UPLOAD_PREFIX.len() + MAX_NAME_CHARS
+        );
+    }
+
+    #[test]
+    fn the_page_is_small_and_self_contained() {
+        let total = INDEX_HTML.len() + APP_JS.len() + STYLE_CSS.len();
+        assert!(total < 300 * 1024, "{total} bytes");
+        for text in [INDEX_HTML, APP_JS, STYLE_CSS] {
+            assert!(!text.contains("http://"), "an absolute URL in an asset");
+            assert!(!text.contains("https://"), "an absolute URL in an asset");
+            assert!(!text.contains("//cdn"), "a CDN reference in an asset");
+        }
+        assert!(INDEX_HTML.contains("src=\"/web/app.js\""));
+        assert!(INDEX_HTML.contains("href=\"/web/style.css\""));
+    }
+}
