@@ -36,6 +36,8 @@ pub mod progress;
 pub mod recon;
 pub mod regions;
 pub mod runtime;
+pub mod synthetic;
+pub mod tiling;
 pub mod train;
 #[cfg(test)]
 mod trained_tests;
