@@ -272,4 +272,103 @@ mod tests {
         assert!(tiny.tiles(6000, 6000).is_err());
         assert!(Tiling::new(8).is_err());
     }
+
+    #[test]
+    fn the_automatic_rule_tiles_large_and_elongated_images_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, w: u32, h: u32| {
+            let path = dir.path().join(name);
+            image::GrayImage::new(w, h).save(&path).unwrap();
+            path
+        };
+        let limits = ImageLimits::default();
+        let square = vec![write("a.png", 300, 300), write("b.png", 320, 300)];
+        let strip = vec![write("c.png", 1000, 100), write("d.png", 900, 100)];
+        let large = vec![write("e.png", 600, 500)];
+        let auto = TileChoice::Auto;
+        assert_eq!(auto.resolve(&square, 224, &limits).unwrap(), None);
+        assert_eq!(
+            auto.resolve(&strip, 224, &limits).unwrap(),
+            Some(Tiling { side: 224 })
+        );
+        assert_eq!(
+            auto.resolve(&large, 224, &limits).unwrap(),
+            Some(Tiling { side: 224 })
+        );
+        assert_eq!(auto.resolve(&large, 256, &limits).unwrap(), None);
+        assert_eq!(TileChoice::Off.resolve(&strip, 224, &limits).unwrap(), None);
+        assert_eq!(
+            TileChoice::Side(300)
+                .resolve(&square, 224, &limits)
+                .unwrap(),
+            Some(Tiling { side: 300 })
+        );
+        assert_eq!(auto.resolve(&[], 224, &limits).unwrap(), None);
+    }
+
+    /// Scores each 8 × 8 block by its brightness.
+    struct Brightness {
+        given: bool,
+    }
+
+    impl Detector for Brightness {
+        fn score(&self, image: &Rgb32FImage) -> Result<crate::detector::DetectorOutput, Error> {
+            let (w, h) = image.dimensions();
+            let (gw, gh) = (w.div_ceil(8) as usize, h.div_ceil(8) as usize);
+            let mut values = vec![0f32; gw * gh];
+            for (x, y, p) in image.enumerate_pixels() {
+                let cell = (y / 8) as usize * gw + (x / 8) as usize;
+                values[cell] = values[cell].max(p.0[0]);
+            }
+            let peak = values.iter().copied().fold(0.0, f32::max);
+            Ok(crate::detector::DetectorOutput {
+                image_score: if self.given {
+                    ImageScore::Given(peak + 10.0)
+                } else {
+                    ImageScore::MapPeak
+                },
+                grids: vec![crate::detector::ScoreGrid {
+                    width: gw,
+                    height: gh,
+                    values,
+                    input_size: (w, h),
+                    blur_sigma: 0.0,
+                }],
+            })
+        }
+
+        fn tensors(&self) -> std::collections::BTreeMap<String, candle_core::Tensor> {
+            Default::default()
+        }
+    }
+
+    #[test]
+    fn tiles_are_stitched_at_the_image_size_where_they_belong() {
+        let mut image = Rgb32FImage::new(1000, 120);
+        for y in 50..54 {
+            for x in 700..760 {
+                image.put_pixel(x, y, image::Rgb([0.8; 3]));
+            }
+        }
+        let tiling = Tiling::new(96).unwrap();
+        let raw = inspect_raw(&Brightness { given: false }, Some(&tiling), &image).unwrap();
+        assert_eq!((raw.map.width, raw.map.height), (1000, 120));
+        // Overlapping tiles are averaged, so the peak may sit a little lower.
+        assert!(raw.score > 0.7 && raw.score <= 0.8 + 1e-6, "{}", raw.score);
+        let (peak_at, _) = raw
+            .map
+            .values
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::MIN),
+                |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
+            );
+        let (x, y) = (peak_at % 1000, peak_at / 1000);
+        assert!((690..770).contains(&x) && (40..64).contains(&y), "{x}, {y}");
+        assert!(raw.map.get(100, 100) < 1e-6);
+        // A detector's own image score: the largest over the tiles.
+        let given = inspect_raw(&Brightness { given: true }, Some(&tiling), &image).unwrap();
+        assert!((given.score - 10.8).abs() < 1e-6);
+    }
 }
