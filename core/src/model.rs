@@ -469,6 +469,67 @@ mod tests {
     }
 
     #[test]
+    fn files_written_before_the_rational_map_and_tiling_still_load() {
+        use crate::detector::DetectorConfig;
+        use crate::features::{FeatureConfig, Resize, parse_stage};
+        use crate::patchcore::PatchCoreConfig;
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell/train/good");
+        let mut cells: Vec<PathBuf> = std::fs::read_dir(demo)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        cells.sort();
+        cells.truncate(4);
+        let options = FitOptions {
+            features: Some(FeatureConfig {
+                backbone: crate::features::BackboneKind::Lite0,
+                stages: vec![
+                    parse_stage("stage4").unwrap(),
+                    parse_stage("stage5").unwrap(),
+                ],
+                resize: Resize::KeepAspect { side: 64 },
+            }),
+            detector: DetectorConfig::PatchCore(PatchCoreConfig {
+                coarse_side: None,
+                ..Default::default()
+            }),
+            holdout: 0.5,
+            max_far: 0.01,
+            anomalies: Vec::new(),
+            limits: ImageLimits::default(),
+            tile: TileChoice::Off,
+            max_mar: None,
+        };
+        let runtime = Runtime::new(candle_core::Device::Cpu);
+        let model = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap();
+        // The metadata as the previous release wrote it.
+        let mut old = serde_json::to_value(model.info()).unwrap();
+        let threshold = model.info().calibration.threshold;
+        let top = old.as_object_mut().unwrap();
+        top.remove("missed_alarms");
+        let c = top["calibration"].as_object_mut().unwrap();
+        c.remove("spread");
+        c.remove("far_upper_95");
+        c.insert("low".into(), serde_json::json!(threshold - 2.0));
+        c.insert("high".into(), serde_json::json!(threshold + 3.0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.flawscope");
+        model_file::save(&path, &old, &model.detector.tensors()).unwrap();
+
+        let back = Model::load(&path, &runtime).unwrap();
+        let c = &back.info().calibration;
+        assert!((c.spread - 2.0).abs() < 1e-4, "{c:?}");
+        assert!((c.far_upper_95 - crate::calibration::upper_bound_95(0, 2)).abs() < 1e-12);
+        assert!(back.info().missed_alarms.is_none() && back.info().tiling.is_none());
+        assert_eq!(c.normalise(threshold), 0.5);
+        let image = load_image(&cells[0], &ImageLimits::default()).unwrap();
+        let fresh = model.inspect(&image).unwrap();
+        let loaded = back.inspect(&image).unwrap();
+        assert_eq!(fresh.raw_score, loaded.raw_score);
+        assert_eq!(fresh.is_anomalous, loaded.is_anomalous);
+    }
+
+    #[test]
     fn old_calibration_gets_a_spread() {
         let old =
             serde_json::json!({"calibration": {"low": 10.0, "threshold": 30.0, "high": 40.0}});
