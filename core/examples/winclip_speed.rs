@@ -239,6 +239,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
+        tile: Default::default(),
+        max_mar: None,
         limits,
     };
     let few = Model::fit(&shots, &options, &runtime, &NoProgress)?;

@@ -1,14 +1,27 @@
 //! Calibration: from raw detector scores to 0–1 scores and a verdict.
 //!
-//! A [`Calibration`] is a plain value stored in the model file. Raw scores
-//! map piecewise-linearly to `[0, 1]` so that the decision threshold lands at
-//! exactly 0.5: `low → 0`, `threshold → 0.5`, `high → 1`. The mapping is
-//! monotonic, so rankings (and AUROC) are unchanged.
+//! A [`Calibration`] is a plain value stored in the model file. A raw score
+//! `r` maps to `0.5 + 0.5 · x / (1 + |x|)` with `x = (r − threshold) /
+//! spread`: the decision threshold lands at exactly 0.5, the map is strictly
+//! increasing over the whole range, and it approaches 0 and 1 only slowly
+//! (a raw score 1 000 spreads above the threshold is still 0.9995), so clear
+//! defects keep their order instead of all reading 1.000. Rankings (and
+//! AUROC) are unchanged. `spread` is the distance from the median held-back
+//! normal score to the threshold: the median normal image scores 0.25.
+//! (A rational map rather than a logistic one: a logistic saturates to
+//! exactly 1.0 in `f32` some 17 spreads above the threshold.)
 //!
 //! The threshold comes from held-back normal images: with `max_far = F` at
 //! most a fraction `F` of them is flagged. When labelled anomalous images are
 //! available too, the threshold is the F1-optimal one among those that still
-//! respect the false-alarm limit.
+//! respect the false-alarm limit. With a missed-alarm target instead, the
+//! threshold is the highest one that still flags all but that fraction of
+//! the synthetic defects ([`Calibration::from_missed_alarm_target`]).
+//!
+//! The false-alarm estimate comes with an exact (Clopper–Pearson) one-sided
+//! 95 % upper bound: with `n` held-back normal images and no false alarm the
+//! bound is `1 − 0.05^(1/n)`, so a limit of 1 % can only be confirmed with at
+//! least 299 of them ([`images_needed`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +36,8 @@ pub enum CalibrationError {
     NonFinite,
     #[error("the false-alarm limit must be in [0, 1), got {0}")]
     InvalidFalseAlarmRate(f64),
+    #[error("the missed-alarm target must be in [0, 1), got {0}")]
+    InvalidMissedAlarmRate(f64),
 }
 
 /// How the threshold was chosen.
@@ -35,30 +50,65 @@ pub enum ThresholdMethod {
     /// F1-optimal on held-back normals plus labelled anomalies, within the
     /// false-alarm limit.
     F1Optimal { f1: f64 },
+    /// The highest threshold that misses at most `max_mar` of the synthetic
+    /// defects pasted into the held-back normal images.
+    MissedAlarmTarget { max_mar: f64 },
     /// Nothing fitted: the raw score is already a 0–1 probability whose
     /// natural threshold is 0.5 (zero-shot WinCLIP); see
     /// [`Calibration::probability`].
     Probability,
 }
 
-/// Maps raw scores to `[0, 1]` with the decision threshold at 0.5.
+/// Maps raw scores to `(0, 1)` with the decision threshold at 0.5.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
-    /// Raw score mapped to 0.
-    pub low: f32,
     /// Raw score mapped to 0.5: the decision threshold.
     pub threshold: f32,
-    /// Raw score mapped to 1.
-    pub high: f32,
+    /// Raw-score distance from the threshold that maps to 0.25 / 0.75.
+    /// Files written before it existed get `threshold − low` on load.
+    pub spread: f32,
     pub method: ThresholdMethod,
-    /// The false-alarm limit asked for.
+    /// The false-alarm limit asked for (1 when a missed-alarm target chose
+    /// the threshold instead).
     pub max_far: f64,
     /// Fraction of held-back normal images at or above the threshold.
     pub estimated_far: f64,
+    /// One-sided 95 % Clopper–Pearson upper bound on the false-alarm rate,
+    /// from the held-back normal images (1 when there are none).
+    #[serde(default = "one")]
+    pub far_upper_95: f64,
     /// How many held-back normal images the estimate rests on.
     pub normal_images: usize,
     /// How many labelled anomalous images were used.
     pub anomalous_images: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// One-sided 95 % upper confidence bound (exact, Clopper–Pearson) on a rate
+/// seen `k` times in `n` trials: the `p` at which seeing `k` or fewer has
+/// probability 5 %. 1 when `n` is 0 or `k ≥ n`.
+pub fn upper_bound_95(k: usize, n: usize) -> f64 {
+    use statrs::distribution::{Beta, ContinuousCDF};
+    if n == 0 || k >= n {
+        return 1.0;
+    }
+    match Beta::new((k + 1) as f64, (n - k) as f64) {
+        Ok(beta) => beta.inverse_cdf(0.95),
+        Err(_) => 1.0,
+    }
+}
+
+/// How many held-back normal images, none of them flagged, it takes for the
+/// 95 % upper bound to reach `max_far`: the smallest `n` with
+/// `1 − 0.05^(1/n) ≤ max_far`. `None` for a limit of 0 (never).
+pub fn images_needed(max_far: f64) -> Option<usize> {
+    if !(max_far > 0.0 && max_far < 1.0) {
+        return None;
+    }
+    Some((0.05f64.ln() / (1.0 - max_far).ln()).ceil() as usize)
 }
 
 impl Calibration {
@@ -71,7 +121,7 @@ impl Calibration {
         let threshold = quantile_threshold(&sorted, max_far);
         Ok(Self::build(
             &sorted,
-            &[],
+            0,
             threshold,
             ThresholdMethod::NormalQuantile,
             max_far,
@@ -116,43 +166,63 @@ impl Calibration {
         }
         Ok(Self::build(
             &sorted_normal,
-            &sorted_anomalous,
+            sorted_anomalous.len(),
             best.1,
             ThresholdMethod::F1Optimal { f1: best.0 },
             max_far,
         ))
     }
 
+    /// The highest threshold that flags all but at most `floor(max_mar · m)`
+    /// of the `m` scores of (synthetic) defects; the false-alarm rate it
+    /// costs is estimated on the normal scores.
+    pub fn from_missed_alarm_target(
+        normal: &[f32],
+        defects: &[f32],
+        max_mar: f64,
+    ) -> Result<Self, CalibrationError> {
+        if !(0.0..1.0).contains(&max_mar) {
+            return Err(CalibrationError::InvalidMissedAlarmRate(max_mar));
+        }
+        let sorted_normal = sorted_checked(normal, 0.0)?;
+        let sorted_defects = sorted_checked(defects, 0.0)?;
+        let allowed = (max_mar * sorted_defects.len() as f64).floor() as usize;
+        // Scores below the threshold are missed: at most `allowed` of them.
+        let threshold = sorted_defects[allowed.min(sorted_defects.len() - 1)];
+        Ok(Self::build(
+            &sorted_normal,
+            0,
+            threshold,
+            ThresholdMethod::MissedAlarmTarget { max_mar },
+            1.0,
+        ))
+    }
+
     fn build(
         normal: &[f32],
-        anomalous: &[f32],
+        anomalous_images: usize,
         threshold: f32,
         method: ThresholdMethod,
         max_far: f64,
     ) -> Self {
-        let low_seen = normal.first().copied().unwrap_or(threshold);
-        let low = low_seen.min(threshold);
-        let spread = (threshold - low).max(threshold.abs() * 1e-3).max(1e-6);
-        let high_seen = anomalous
-            .last()
-            .copied()
-            .unwrap_or(f32::NEG_INFINITY)
-            .max(normal.last().copied().unwrap_or(f32::NEG_INFINITY));
-        // Without anomalies, mirror the normal spread above the threshold.
-        let high = if high_seen > threshold && !anomalous.is_empty() {
-            high_seen
+        let floor = (threshold.abs() * 1e-3).max(1e-6);
+        let median = normal[normal.len() / 2];
+        let lowest = normal.first().copied().unwrap_or(threshold);
+        let spread = if threshold - median > floor {
+            threshold - median
         } else {
-            threshold + spread
+            (threshold - lowest).max(floor)
         };
+        let flagged = count_at_or_above(normal, threshold);
         Self {
-            low: threshold - spread,
             threshold,
-            high,
+            spread,
             method,
             max_far,
-            estimated_far: count_at_or_above(normal, threshold) as f64 / normal.len() as f64,
+            estimated_far: flagged as f64 / normal.len() as f64,
+            far_upper_95: upper_bound_95(flagged, normal.len()),
             normal_images: normal.len(),
-            anomalous_images: anomalous.len(),
+            anomalous_images,
         }
     }
 
@@ -160,34 +230,88 @@ impl Calibration {
     /// that already are probabilities.
     pub fn probability() -> Self {
         Self {
-            low: 0.0,
             threshold: DECISION_THRESHOLD,
-            high: 1.0,
+            spread: 0.5,
             method: ThresholdMethod::Probability,
             max_far: 0.0,
             estimated_far: 0.0,
+            far_upper_95: 1.0,
             normal_images: 0,
             anomalous_images: 0,
         }
     }
 
-    /// The 0–1 score of a raw score.
+    /// The 0–1 score of a raw score: 0.5 at the threshold, strictly below
+    /// 0.5 under it (also after rounding to `f32`), strictly increasing, and
+    /// never exactly 0 or 1 for finite raw scores within 10⁷ spreads of the
+    /// threshold. NaN maps to 0.
     pub fn normalise(&self, raw: f32) -> f32 {
-        let value = if raw < self.threshold {
-            0.5 * (raw - self.low) / (self.threshold - self.low)
+        if raw.is_nan() {
+            return 0.0;
+        }
+        if self.method == ThresholdMethod::Probability {
+            return raw.clamp(0.0, 1.0);
+        }
+        let x = (f64::from(raw) - f64::from(self.threshold)) / f64::from(self.spread);
+        // 0.5 + 0.5·x/(1 + |x|), written per side so that neither side
+        // cancels to exactly 0 or 1 in f64.
+        let value = if x.is_infinite() {
+            if x > 0.0 { 1.0 } else { 0.0 }
+        } else if x < 0.0 {
+            0.5 / (1.0 - x)
         } else {
-            0.5 + 0.5 * (raw - self.threshold) / (self.high - self.threshold)
+            1.0 - 0.5 / (1.0 + x)
         };
-        if value.is_nan() {
-            0.0
+        let rounded = value as f32;
+        if raw < self.threshold && rounded >= DECISION_THRESHOLD {
+            // Rounding must not turn a passing score into a flagged one.
+            f32::from_bits(DECISION_THRESHOLD.to_bits() - 1)
+        } else if rounded >= 1.0 && x.is_finite() {
+            f32::from_bits(1.0f32.to_bits() - 1)
         } else {
-            value.clamp(0.0, 1.0)
+            rounded
         }
     }
 
     /// Whether a raw score is over the threshold.
     pub fn is_anomalous(&self, raw: f32) -> bool {
         raw >= self.threshold
+    }
+
+    /// Whether a false-alarm rate was estimated (not for raw probabilities).
+    pub fn is_fitted(&self) -> bool {
+        self.method != ThresholdMethod::Probability
+    }
+
+    /// A warning when the held-back normal images are too few to confirm
+    /// the false-alarm limit asked for (its 95 % upper bound stays above
+    /// the limit even with no false alarm).
+    pub fn holdout_warning(&self) -> Option<String> {
+        if !self.is_fitted() || matches!(self.method, ThresholdMethod::MissedAlarmTarget { .. }) {
+            return None;
+        }
+        let best_case = upper_bound_95(0, self.normal_images);
+        if best_case <= self.max_far {
+            return None;
+        }
+        let needed = match images_needed(self.max_far) {
+            Some(n) => format!("at least {n} held-back normal images would be needed"),
+            None => "no finite number of images can confirm a limit of 0".to_owned(),
+        };
+        Some(format!(
+            "{} held-back normal images cannot confirm a false-alarm limit of {}: even with no \
+             false alarm the 95 % upper bound is {:.3}; {needed} (more normal images, or a \
+             larger --holdout)",
+            self.normal_images, self.max_far, best_case
+        ))
+    }
+
+    /// Recomputes what older model files lack (the upper bound).
+    pub fn refresh_bound(&mut self) {
+        if self.is_fitted() && self.normal_images > 0 {
+            let flagged = (self.estimated_far * self.normal_images as f64).round() as usize;
+            self.far_upper_95 = upper_bound_95(flagged, self.normal_images);
+        }
     }
 }
 
@@ -239,6 +363,12 @@ mod tests {
         assert!((c.estimated_far - 0.05).abs() < 1e-12);
         assert_eq!(c.normalise(95.5), 0.5);
         assert!(c.normalise(96.0) > 0.5 && c.normalise(95.0) < 0.5);
+        // The median normal score maps to 0.25.
+        assert!(
+            (c.normalise(51.0) - 0.25).abs() < 1e-6,
+            "{}",
+            c.normalise(51.0)
+        );
         let strict = Calibration::from_normal_scores(&normal, 0.0).unwrap();
         assert!(strict.threshold > 100.0);
         assert_eq!(strict.estimated_far, 0.0);
@@ -252,12 +382,72 @@ mod tests {
         let c = Calibration::from_labelled_scores(&normal, &anomalous, 0.5).unwrap();
         assert!(c.threshold > 4.0 && c.threshold <= 6.0, "{c:?}");
         assert_eq!(c.method, ThresholdMethod::F1Optimal { f1: 1.0 });
-        let mut last = -1.0;
-        for raw in [-10.0, 0.0, 1.0, 4.0, 5.0, 6.0, 8.0, 100.0] {
+        let mut last = 0.0;
+        for raw in [-10.0, 0.0, 1.0, 4.0, 5.0, 6.0, 8.0, 100.0, 1e6] {
             let v = c.normalise(raw);
-            assert!((0.0..=1.0).contains(&v) && v >= last);
+            assert!(v > 0.0 && v < 1.0 && v > last, "{raw} → {v}");
             last = v;
         }
+    }
+
+    #[test]
+    fn distinct_raw_scores_stay_distinct_and_ordered_above_the_threshold() {
+        // A demo-like model: threshold near 30, clear defects at 42.5–51.8,
+        // which the old piecewise-linear map all clipped to exactly 1.0.
+        let normal: Vec<f32> = (0..10).map(|i| 24.0 + 0.6 * i as f32).collect();
+        let c = Calibration::from_normal_scores(&normal, 0.01).unwrap();
+        let mut raws: Vec<f32> = vec![42.5, 44.1, 47.3, 49.9, 51.8];
+        // And a dense sweep from the threshold to 10 000 spreads above it.
+        let mut raw = c.threshold;
+        while raw < c.threshold + 1e4 * c.spread {
+            raws.push(raw);
+            raw += (raw - c.threshold).max(c.spread) * 0.01;
+        }
+        raws.sort_by(f32::total_cmp);
+        raws.dedup();
+        let scores: Vec<f32> = raws.iter().map(|r| c.normalise(*r)).collect();
+        for (pair, r) in scores.windows(2).zip(raws.windows(2)) {
+            assert!(pair[1] > pair[0], "{r:?} → {pair:?}");
+        }
+        assert!(scores.iter().all(|s| *s >= 0.5 && *s < 1.0));
+        assert_eq!(c.normalise(c.threshold), 0.5);
+        // Just under the threshold stays under 0.5 after rounding.
+        let below = f32::from_bits(c.threshold.to_bits() - 1);
+        assert!(c.normalise(below) < 0.5);
+        assert!(c.normalise(-1e30) > 0.0 && c.normalise(1e30) <= 1.0);
+        assert_eq!(c.normalise(f32::NAN), 0.0);
+    }
+
+    #[test]
+    fn upper_bound_is_exact_clopper_pearson() {
+        for n in [1usize, 5, 10, 100] {
+            let expected = 1.0 - 0.05f64.powf(1.0 / n as f64);
+            assert!((upper_bound_95(0, n) - expected).abs() < 1e-9, "{n}");
+        }
+        // 1 of 10: the p with P(X ≤ 1) = 0.05, known to be ≈ 0.3942.
+        assert!((upper_bound_95(1, 10) - 0.3942).abs() < 1e-3);
+        assert_eq!(upper_bound_95(3, 3), 1.0);
+        assert_eq!(images_needed(0.01), Some(299));
+        assert!(upper_bound_95(0, 299) <= 0.01 && upper_bound_95(0, 298) > 0.01);
+        assert_eq!(images_needed(0.0), None);
+        let c = Calibration::from_normal_scores(&[1.0; 10], 0.01).unwrap();
+        assert!((c.far_upper_95 - upper_bound_95(0, 10)).abs() < 1e-12);
+        assert!(c.holdout_warning().is_some_and(|w| w.contains("299")));
+        let many: Vec<f32> = (0..400).map(|i| i as f32).collect();
+        let c = Calibration::from_normal_scores(&many, 0.01).unwrap();
+        assert!(c.holdout_warning().is_none(), "{c:?}");
+    }
+
+    #[test]
+    fn missed_alarm_target_sets_the_highest_threshold_that_meets_it() {
+        let normal: Vec<f32> = (0..20).map(|i| i as f32).collect();
+        let defects: Vec<f32> = (0..10).map(|i| 15.0 + i as f32).collect();
+        let c = Calibration::from_missed_alarm_target(&normal, &defects, 0.2).unwrap();
+        assert_eq!(c.threshold, 17.0);
+        let missed = defects.iter().filter(|d| !c.is_anomalous(**d)).count();
+        assert_eq!(missed, 2);
+        assert!((c.estimated_far - 3.0 / 20.0).abs() < 1e-12);
+        assert!(Calibration::from_missed_alarm_target(&normal, &defects, 1.0).is_err());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::patchcore::{PatchCoreConfig, PatchCoreDetector};
 use crate::progress::Progress;
 use crate::recon::{ReconConfig, ReconDetector};
 use crate::runtime::Runtime;
+use crate::tiling::{ImageSource, Tiling};
 use crate::winclip::{WinClipConfig, WinClipDetector};
 
 /// A fitted detector, whatever its kind.
@@ -173,6 +174,19 @@ pub struct FitInputs<'a> {
     pub runtime: &'a Runtime,
     pub limits: &'a ImageLimits,
     pub progress: &'a dyn Progress,
+    /// Fit on tiles of the normal images instead of whole images.
+    pub tiling: Option<Tiling>,
+}
+
+impl FitInputs<'_> {
+    /// The normal images as the detector is fitted on them.
+    pub fn images(&self) -> ImageSource<'_> {
+        ImageSource {
+            paths: self.normal,
+            limits: self.limits,
+            tiling: self.tiling,
+        }
+    }
 }
 
 impl DetectorConfig {
@@ -210,6 +224,19 @@ impl DetectorConfig {
     /// always resized to a square, whatever is asked).
     pub fn square_input_only(&self) -> bool {
         matches!(self, Self::Padim(_) | Self::Flow(_) | Self::Recon(_))
+    }
+
+    /// The side of the (square-ish) input the detector scores an image at:
+    /// the tile side automatic tiling uses.
+    pub fn input_side(&self, features: Option<&FeatureConfig>) -> u32 {
+        match (self, features) {
+            (_, Some(f)) => match f.resize {
+                Resize::Fixed { width, height } => width.min(height),
+                Resize::KeepAspect { side } => side,
+            },
+            // CLIP ViT-B/16, the one WinCLIP checkpoint, sees 224² pixels.
+            (_, None) => 224,
+        }
     }
 
     /// Whether its threshold is fitted on held-back normal images. WinCLIP's

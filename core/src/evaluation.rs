@@ -17,6 +17,7 @@ use crate::images::{ImageLimits, load_image};
 use crate::metrics::{PixelMetrics, PixelReport, f1_max, image_auroc};
 use crate::progress::Progress;
 use crate::runtime::Runtime;
+use crate::tiling::{self, TileChoice};
 
 /// One category's results.
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +39,8 @@ pub struct CategoryReport {
     pub memory_bank_size: Option<usize>,
     pub train_images: usize,
     pub test_images: usize,
+    /// Tile side when images were scored in tiles (see `tiling`).
+    pub tile_side: Option<u32>,
     /// Image AUROC of each defect type against all good test images.
     pub per_defect_image_auroc: BTreeMap<String, f64>,
 }
@@ -52,6 +55,7 @@ pub fn evaluate(
     detector: &DetectorConfig,
     runtime: &Runtime,
     limits: &ImageLimits,
+    tile: TileChoice,
     progress: &dyn Progress,
 ) -> Result<CategoryReport, Error> {
     let mut config = detector.clone();
@@ -61,16 +65,18 @@ pub fn evaluate(
         c.object = object_phrase(&category.name);
     }
     let fit_start = Instant::now();
+    let tiling = tile.resolve(&category.train_good, config.input_side(features), limits)?;
     let fitted = config.fit(&FitInputs {
         normal: &category.train_good,
         features,
         runtime,
         limits,
         progress,
+        tiling,
     })?;
     let fit_seconds = fit_start.elapsed().as_secs_f64();
     let results = score_test_set(category, limits, progress, |image| {
-        let raw = fitted.inspect_raw(image)?;
+        let raw = tiling::inspect_raw(fitted.as_ref(), tiling.as_ref(), image)?;
         Ok((raw.score, raw.map))
     })?;
     let stored = fitted.fitted_config().unwrap_or(config);
@@ -82,6 +88,7 @@ pub fn evaluate(
             fit_seconds,
             memory_bank_size: fitted.memory_bank_size(),
             train_images: fitted.images_used().unwrap_or(category.train_good.len()),
+            tile_side: tiling.map(|t| t.side),
         },
     )
 }
@@ -94,6 +101,8 @@ pub struct FitSummary {
     pub fit_seconds: f64,
     pub memory_bank_size: Option<usize>,
     pub train_images: usize,
+    /// Tile side when images were scored in tiles.
+    pub tile_side: Option<u32>,
 }
 
 /// Scores of a test set, before they become a [`CategoryReport`].
@@ -198,6 +207,7 @@ impl TestSetResults {
             ms_per_image: self.ms_per_image,
             memory_bank_size: fit.memory_bank_size,
             train_images: fit.train_images,
+            tile_side: fit.tile_side,
             test_images: category.test.len(),
             per_defect_image_auroc,
         })

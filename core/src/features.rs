@@ -108,20 +108,21 @@ impl FeatureConfig {
     }
 }
 
-/// The patch features of every image at `paths`, with progress.
+/// The patch features of every image (or tile) of `images`, with progress.
 pub fn extract_all(
     extractor: &FeatureExtractor,
-    paths: &[std::path::PathBuf],
-    limits: &crate::images::ImageLimits,
+    images: &crate::tiling::ImageSource<'_>,
     progress: &dyn crate::progress::Progress,
 ) -> Result<Vec<Tensor>, Error> {
-    progress.start("features", paths.len() as u64);
-    let mut grids = Vec::with_capacity(paths.len());
-    for path in paths {
-        let image = crate::images::load_image(path, limits)?;
-        grids.push(extractor.extract(&image)?.features);
-        progress.advance(1);
-    }
+    progress.start("features", images.paths.len() as u64);
+    let mut grids = Vec::with_capacity(images.paths.len());
+    images.for_each(
+        |image| {
+            grids.push(extractor.extract(image)?.features);
+            Ok(())
+        },
+        || progress.advance(1),
+    )?;
     progress.finish();
     Ok(grids)
 }

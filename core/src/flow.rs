@@ -38,7 +38,7 @@
 //! scores ≈ 0.95 as well, and training adds ≈ 0.001–0.01.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor};
@@ -51,9 +51,9 @@ use crate::anomaly_map::DEFAULT_BLUR_SIGMA;
 use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
 use crate::features::{FeatureConfig, FeatureExtractor, Resize};
 use crate::gaussian;
-use crate::images::{ImageLimits, load_image};
 use crate::model_file::{ModelFileError, take};
 use crate::progress::Progress;
+use crate::tiling::ImageSource;
 use crate::train::{
     Initialiser, Trainable, TrainingConfig, TrainingReport, conv_same, split_validation, train,
 };
@@ -320,39 +320,40 @@ impl Flow {
         &self.tensors
     }
 
-    /// Fits on the normal images at `paths`; returns the flow and what
-    /// happened during training.
+    /// Fits on the normal images (or tiles) of `images`; returns the flow
+    /// and what happened during training.
     pub fn fit(
         extractor: &FeatureExtractor,
-        paths: &[PathBuf],
+        images: &ImageSource<'_>,
         config: &FlowConfig,
-        limits: &ImageLimits,
         started: Instant,
         progress: &dyn Progress,
     ) -> Result<(Self, TrainingReport), Error> {
         config.validate()?;
-        progress.start("features", paths.len() as u64);
+        progress.start("features", images.paths.len() as u64);
         let mut per_stage: Vec<Vec<Tensor>> = Vec::new();
-        for path in paths {
-            let image = load_image(path, limits)?;
-            let (maps, _) = extractor.stage_maps(&image)?;
-            if per_stage.is_empty() {
-                per_stage = vec![Vec::with_capacity(paths.len()); maps.len()];
-            }
-            for (list, map) in per_stage.iter_mut().zip(maps) {
-                let map = map.permute((0, 2, 3, 1))?.contiguous()?;
-                if let Some(first) = list.first()
-                    && first.dims() != map.dims()
-                {
-                    return Err(Error::InvalidConfig(
-                        "the flow needs every image on the same grid (use a fixed input size)"
-                            .into(),
-                    ));
+        images.for_each(
+            |image| {
+                let (maps, _) = extractor.stage_maps(image)?;
+                if per_stage.is_empty() {
+                    per_stage = vec![Vec::with_capacity(images.paths.len()); maps.len()];
                 }
-                list.push(map);
-            }
-            progress.advance(1);
-        }
+                for (list, map) in per_stage.iter_mut().zip(maps) {
+                    let map = map.permute((0, 2, 3, 1))?.contiguous()?;
+                    if let Some(first) = list.first()
+                        && first.dims() != map.dims()
+                    {
+                        return Err(Error::InvalidConfig(
+                            "the flow needs every image on the same grid (use a fixed input size)"
+                                .into(),
+                        ));
+                    }
+                    list.push(map);
+                }
+                Ok(())
+            },
+            || progress.advance(1),
+        )?;
         progress.finish();
         let stacked = per_stage
             .iter()
@@ -577,9 +578,8 @@ impl FlowDetector {
         let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
         let (flow, _) = Flow::fit(
             &extractor,
-            inputs.normal,
+            &inputs.images(),
             config,
-            inputs.limits,
             started,
             inputs.progress,
         )?;

@@ -8,6 +8,9 @@
 //! verdict.
 //! [`winclip`] is a detector too: it scores with CLIP and text prompts
 //! (zero-shot, or few-shot with a handful of normal images).
+//! [`tiling`] lets any detector score large or elongated images in tiles at
+//! native resolution; [`synthetic`] pastes defects into held-back normal
+//! images so calibration can estimate the missed-alarm rate.
 //! [`model`] ties detector and calibration into one fitted model stored in
 //! one file ([`model_file`]); the [`verdict`] is decided in one place.
 //! [`runtime`] holds the device and the CLIP weights models run on.
@@ -36,6 +39,8 @@ pub mod progress;
 pub mod recon;
 pub mod regions;
 pub mod runtime;
+pub mod synthetic;
+pub mod tiling;
 pub mod train;
 #[cfg(test)]
 mod trained_tests;

@@ -11,13 +11,15 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
-use crate::calibration::{Calibration, DECISION_THRESHOLD};
+use crate::calibration::{Calibration, DECISION_THRESHOLD, ThresholdMethod};
 use crate::detector::{Detector, DetectorConfig, FitInputs, RawInspection};
 use crate::features::FeatureConfig;
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{self, ModelFileError};
 use crate::progress::Progress;
 use crate::runtime::Runtime;
+use crate::synthetic::{DefectKind, KindRate, MissedAlarmEstimate, with_defect};
+use crate::tiling::{self, TileChoice, Tiling};
 use crate::verdict::Verdict;
 use crate::winclip::WinClipConfig;
 
@@ -35,6 +37,14 @@ pub struct ModelInfo {
     #[serde(default)]
     pub training_images: usize,
     pub memory_bank_size: Option<usize>,
+    /// Images are cut into tiles of this side before scoring (absent in
+    /// files written before tiling existed: no tiling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling: Option<Tiling>,
+    /// Missed-alarm rates on synthetic defects at the threshold (absent for
+    /// uncalibrated detectors and older files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed_alarms: Option<MissedAlarmEstimate>,
     /// The flawscope version that wrote the file.
     pub written_by: String,
 }
@@ -50,7 +60,22 @@ pub struct ModelSummary {
     pub threshold: f32,
     pub max_far: f64,
     pub estimated_false_alarm_rate: f64,
+    /// One-sided 95 % upper confidence bound on the false-alarm rate.
+    pub false_alarm_upper_bound_95: f64,
+    /// Held-back normal images the estimate rests on.
     pub calibration_images: usize,
+    /// Set when the held-back images are too few to confirm `max_far`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration_warning: Option<String>,
+    /// The missed-alarm target that set the threshold, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_mar: Option<f64>,
+    /// Estimated missed-alarm rate per kind of synthetic defect.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub synthetic_missed_alarm_rates: Vec<KindRate>,
+    /// Tile side when images are scored in tiles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tile_side: Option<u32>,
     pub training_images: usize,
     pub memory_bank_size: Option<usize>,
     /// What is inspected and the typed defect descriptions, for
@@ -74,6 +99,11 @@ pub struct FitOptions {
     /// Labelled anomalous images, if any, for an F1-optimal threshold.
     pub anomalies: Vec<PathBuf>,
     pub limits: ImageLimits,
+    /// Whether to score images in tiles (see [`crate::tiling`]).
+    pub tile: TileChoice,
+    /// Set the threshold to miss at most this fraction of synthetic defects
+    /// (instead of `max_far`).
+    pub max_mar: Option<f64>,
 }
 
 /// The verdict on one image.
@@ -116,30 +146,75 @@ impl Model {
         } else {
             (normal.to_vec(), Vec::new())
         };
+        let tiling = options.tile.resolve(
+            normal,
+            options.detector.input_side(options.features.as_ref()),
+            &options.limits,
+        )?;
         let detector = options.detector.fit(&FitInputs {
             normal: &train,
             features: options.features.as_ref(),
             runtime,
             limits: &options.limits,
             progress,
+            tiling,
         })?;
-        let calibration = if calibrated {
-            let score_all = |paths: &[PathBuf], phase: &str| -> Result<Vec<f32>, Error> {
-                progress.start(phase, paths.len() as u64);
-                let mut scores = Vec::with_capacity(paths.len());
-                for path in paths {
-                    let image = load_image(path, &options.limits)?;
-                    scores.push(detector.inspect_raw(&image)?.score);
-                    progress.advance(1);
-                }
-                progress.finish();
-                Ok(scores)
+        let (calibration, missed_alarms) = if calibrated {
+            let inspect = |image: &Rgb32FImage| -> Result<f32, Error> {
+                Ok(tiling::inspect_raw(detector.as_ref(), tiling.as_ref(), image)?.score)
             };
-            let normal_scores = score_all(&held_back, "calibration (normal)")?;
-            let anomalous_scores = score_all(&options.anomalies, "calibration (anomalous)")?;
-            Calibration::from_labelled_scores(&normal_scores, &anomalous_scores, options.max_far)?
+            // Each held-back image is scored as it is and with one synthetic
+            // defect of each kind (see `synthetic`).
+            progress.start(
+                "calibration (normal + synthetic defects)",
+                held_back.len() as u64,
+            );
+            let mut normal_scores = Vec::with_capacity(held_back.len());
+            let mut synthetic: Vec<(DefectKind, Vec<f32>)> = DefectKind::ALL
+                .iter()
+                .map(|k| (*k, Vec::with_capacity(held_back.len())))
+                .collect();
+            for (index, path) in held_back.iter().enumerate() {
+                let image = load_image(path, &options.limits)?;
+                normal_scores.push(inspect(&image)?);
+                for (kind, scores) in &mut synthetic {
+                    scores.push(inspect(&with_defect(&image, *kind, index))?);
+                }
+                progress.advance(1);
+            }
+            progress.finish();
+            progress.start("calibration (anomalous)", options.anomalies.len() as u64);
+            let mut anomalous_scores = Vec::with_capacity(options.anomalies.len());
+            for path in &options.anomalies {
+                anomalous_scores.push(inspect(&load_image(path, &options.limits)?)?);
+                progress.advance(1);
+            }
+            progress.finish();
+            let calibration = match options.max_mar {
+                Some(max_mar) => {
+                    if !options.anomalies.is_empty() {
+                        return Err(Error::InvalidConfig(
+                            "a missed-alarm target and labelled anomalies cannot both set the \
+                             threshold"
+                                .into(),
+                        ));
+                    }
+                    let pooled: Vec<f32> = synthetic
+                        .iter()
+                        .flat_map(|(_, s)| s.iter().copied())
+                        .collect();
+                    Calibration::from_missed_alarm_target(&normal_scores, &pooled, max_mar)?
+                }
+                None => Calibration::from_labelled_scores(
+                    &normal_scores,
+                    &anomalous_scores,
+                    options.max_far,
+                )?,
+            };
+            let missed = MissedAlarmEstimate::measure(&synthetic, |s| calibration.is_anomalous(s));
+            (calibration, Some(missed))
         } else {
-            Calibration::probability()
+            (Calibration::probability(), None)
         };
         let info = ModelInfo {
             features: options.features.clone(),
@@ -149,6 +224,8 @@ impl Model {
             calibration,
             training_images: detector.images_used().unwrap_or(train.len()),
             memory_bank_size: detector.memory_bank_size(),
+            tiling,
+            missed_alarms,
             written_by: format!("flawscope {}", env!("CARGO_PKG_VERSION")),
         };
         Ok(Self { detector, info })
@@ -164,6 +241,8 @@ impl Model {
             max_far: 0.0,
             anomalies: Vec::new(),
             limits: ImageLimits::default(),
+            tile: TileChoice::Off,
+            max_mar: None,
         };
         Self::fit(&[], &options, runtime, &crate::progress::NoProgress)
     }
@@ -194,7 +273,20 @@ impl Model {
             threshold: DECISION_THRESHOLD,
             max_far: c.max_far,
             estimated_false_alarm_rate: c.estimated_far,
+            false_alarm_upper_bound_95: c.far_upper_95,
             calibration_images: c.normal_images,
+            calibration_warning: c.holdout_warning(),
+            max_mar: match c.method {
+                ThresholdMethod::MissedAlarmTarget { max_mar } => Some(max_mar),
+                _ => None,
+            },
+            synthetic_missed_alarm_rates: self
+                .info
+                .missed_alarms
+                .as_ref()
+                .map(|m| m.per_kind.clone())
+                .unwrap_or_default(),
+            tile_side: self.info.tiling.map(|t| t.side),
             training_images: self.info.training_images,
             memory_bank_size: self.info.memory_bank_size,
             object,
@@ -230,12 +322,14 @@ impl Model {
     pub fn load(path: &Path, runtime: &Runtime) -> Result<Self, Error> {
         let (metadata, mut tensors): (serde_json::Value, _) =
             model_file::load(path, runtime.device())?;
-        let info: ModelInfo = serde_json::from_value(upgrade_metadata(metadata)).map_err(|e| {
-            ModelFileError::NotAModel {
-                path: path.to_owned(),
-                reason: format!("unreadable metadata: {e}"),
-            }
-        })?;
+        let mut info: ModelInfo =
+            serde_json::from_value(upgrade_metadata(metadata)).map_err(|e| {
+                ModelFileError::NotAModel {
+                    path: path.to_owned(),
+                    reason: format!("unreadable metadata: {e}"),
+                }
+            })?;
+        info.calibration.refresh_bound();
         let detector = info
             .detector
             .load(info.features.as_ref(), &mut tensors, path, runtime)?;
@@ -244,7 +338,7 @@ impl Model {
 
     /// The raw score and map of one image, before calibration.
     pub fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
-        self.detector.inspect_raw(image)
+        tiling::inspect_raw(self.detector.as_ref(), self.info.tiling.as_ref(), image)
     }
 
     /// Scores one image.
@@ -285,6 +379,19 @@ fn upgrade_metadata(mut metadata: serde_json::Value) -> serde_json::Value {
             .collect();
         if let Some(detector) = top.get_mut("detector").and_then(|d| d.as_object_mut()) {
             detector.extend(moved);
+        }
+    }
+    // Files written before the rational score map stored `low` (the raw
+    // score at 0) instead of `spread`; the old map's spread below the
+    // threshold was `threshold − low`.
+    if let Some(c) = metadata
+        .get_mut("calibration")
+        .and_then(|c| c.as_object_mut())
+        && !c.contains_key("spread")
+    {
+        let number = |k: &str| c.get(k).and_then(serde_json::Value::as_f64);
+        if let (Some(t), Some(low)) = (number("threshold"), number("low")) {
+            c.insert("spread".into(), serde_json::json!((t - low).max(1e-6)));
         }
     }
     metadata
@@ -359,5 +466,77 @@ mod tests {
             Some(&serde_json::json!("nut"))
         );
         assert!(new.get("object").is_none());
+    }
+
+    #[test]
+    fn files_written_before_the_rational_map_and_tiling_still_load() {
+        use crate::detector::DetectorConfig;
+        use crate::features::{FeatureConfig, Resize, parse_stage};
+        use crate::patchcore::PatchCoreConfig;
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell/train/good");
+        let mut cells: Vec<PathBuf> = std::fs::read_dir(demo)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        cells.sort();
+        cells.truncate(4);
+        let options = FitOptions {
+            features: Some(FeatureConfig {
+                backbone: crate::features::BackboneKind::Lite0,
+                stages: vec![
+                    parse_stage("stage4").unwrap(),
+                    parse_stage("stage5").unwrap(),
+                ],
+                resize: Resize::KeepAspect { side: 64 },
+            }),
+            detector: DetectorConfig::PatchCore(PatchCoreConfig {
+                coarse_side: None,
+                ..Default::default()
+            }),
+            holdout: 0.5,
+            max_far: 0.01,
+            anomalies: Vec::new(),
+            limits: ImageLimits::default(),
+            tile: TileChoice::Off,
+            max_mar: None,
+        };
+        let runtime = Runtime::new(candle_core::Device::Cpu);
+        let model = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap();
+        // The metadata as the previous release wrote it.
+        let mut old = serde_json::to_value(model.info()).unwrap();
+        let threshold = model.info().calibration.threshold;
+        let top = old.as_object_mut().unwrap();
+        top.remove("missed_alarms");
+        let c = top["calibration"].as_object_mut().unwrap();
+        c.remove("spread");
+        c.remove("far_upper_95");
+        c.insert("low".into(), serde_json::json!(threshold - 2.0));
+        c.insert("high".into(), serde_json::json!(threshold + 3.0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.flawscope");
+        model_file::save(&path, &old, &model.detector.tensors()).unwrap();
+
+        let back = Model::load(&path, &runtime).unwrap();
+        let c = &back.info().calibration;
+        assert!((c.spread - 2.0).abs() < 1e-4, "{c:?}");
+        assert!((c.far_upper_95 - crate::calibration::upper_bound_95(0, 2)).abs() < 1e-12);
+        assert!(back.info().missed_alarms.is_none() && back.info().tiling.is_none());
+        assert_eq!(c.normalise(threshold), 0.5);
+        let image = load_image(&cells[0], &ImageLimits::default()).unwrap();
+        let fresh = model.inspect(&image).unwrap();
+        let loaded = back.inspect(&image).unwrap();
+        assert_eq!(fresh.raw_score, loaded.raw_score);
+        assert_eq!(fresh.is_anomalous, loaded.is_anomalous);
+    }
+
+    #[test]
+    fn old_calibration_gets_a_spread() {
+        let old =
+            serde_json::json!({"calibration": {"low": 10.0, "threshold": 30.0, "high": 40.0}});
+        let new = upgrade_metadata(old);
+        assert_eq!(
+            new.pointer("/calibration/spread"),
+            Some(&serde_json::json!(20.0))
+        );
     }
 }

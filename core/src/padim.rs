@@ -212,7 +212,7 @@ impl PadimDetector {
         inputs: &FitInputs<'_>,
     ) -> Result<Self, Error> {
         let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
-        let grids = extract_all(&extractor, inputs.normal, inputs.limits, inputs.progress)?;
+        let grids = extract_all(&extractor, &inputs.images(), inputs.progress)?;
         let padim = Padim::fit(&grids, config, inputs.progress)?;
         Ok(Self { extractor, padim })
     }

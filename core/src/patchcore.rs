@@ -21,7 +21,6 @@ use crate::Error;
 use crate::coreset::greedy_coreset;
 use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
 use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, Resize};
-use crate::images::load_image;
 use crate::model_file::take;
 use crate::progress::Progress;
 
@@ -292,15 +291,17 @@ impl PatchCoreDetector {
         progress.start("features", inputs.normal.len() as u64);
         let mut grids = Vec::with_capacity(inputs.normal.len());
         let mut coarse_grids = Vec::new();
-        for path in inputs.normal {
-            let image = load_image(path, inputs.limits)?;
-            grids.push(extractor.extract(&image)?.features);
-            if let Some(resize) = coarse_resize {
-                let grid = extractor.extract_at(&image, resize, CoarsePatchCore::BORDER)?;
-                coarse_grids.push(grid.features);
-            }
-            progress.advance(1);
-        }
+        inputs.images().for_each(
+            |image| {
+                grids.push(extractor.extract(image)?.features);
+                if let Some(resize) = coarse_resize {
+                    let grid = extractor.extract_at(image, resize, CoarsePatchCore::BORDER)?;
+                    coarse_grids.push(grid.features);
+                }
+                Ok(())
+            },
+            || progress.advance(1),
+        )?;
         progress.finish();
         let all = Tensor::cat(&grids, 0)?;
         drop(grids);

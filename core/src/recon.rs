@@ -31,7 +31,7 @@
 //! fixed input size).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor};
@@ -43,9 +43,9 @@ use crate::Error;
 use crate::detector::{Detector, DetectorOutput, FitInputs};
 use crate::features::{FeatureConfig, FeatureExtractor, Resize, extract_all};
 use crate::gaussian;
-use crate::images::ImageLimits;
 use crate::model_file::take;
 use crate::progress::Progress;
+use crate::tiling::ImageSource;
 use crate::train::{
     Initialiser, Trainable, TrainingConfig, TrainingReport, linear, split_validation, train,
 };
@@ -197,17 +197,16 @@ impl Recon {
         Ok(y.sub(x)?.sqr()?.mean(D::Minus1)?)
     }
 
-    /// Fits on the normal images at `paths`.
+    /// Fits on the normal images (or tiles) of `images`.
     pub fn fit(
         extractor: &FeatureExtractor,
-        paths: &[PathBuf],
+        images: &ImageSource<'_>,
         config: &ReconConfig,
-        limits: &ImageLimits,
         started: Instant,
         progress: &dyn Progress,
     ) -> Result<(Self, TrainingReport), Error> {
         config.validate()?;
-        let images = extract_all(extractor, paths, limits, progress)?;
+        let images = extract_all(extractor, images, progress)?;
         Self::fit_features(&images, config, started, progress)
     }
 
@@ -364,9 +363,8 @@ impl ReconDetector {
         let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
         let (recon, _) = Recon::fit(
             &extractor,
-            inputs.normal,
+            &inputs.images(),
             config,
-            inputs.limits,
             started,
             inputs.progress,
         )?;

@@ -164,9 +164,8 @@ fn flow_learns_normal_texture_and_survives_a_model_file() {
     };
     let (flow, report) = Flow::fit(
         &fx.extractor,
-        &fx.train,
+        &source(&fx.train),
         &config,
-        &ImageLimits::default(),
         Instant::now(),
         &NoProgress,
     )
@@ -189,9 +188,8 @@ fn recon_learns_normal_texture_and_survives_a_model_file() {
     };
     let (recon, report) = Recon::fit(
         &fx.extractor,
-        &fx.train,
+        &source(&fx.train),
         &config,
-        &ImageLimits::default(),
         Instant::now(),
         &NoProgress,
     )
@@ -215,9 +213,8 @@ fn training_is_reproducible_from_the_seed() {
     let fit = || {
         Recon::fit(
             &fx.extractor,
-            &fx.train,
+            &source(&fx.train),
             &config,
-            &ImageLimits::default(),
             Instant::now(),
             &NoProgress,
         )
@@ -232,4 +229,16 @@ fn training_is_reproducible_from_the_seed() {
         score(&da, &fx.defect).to_bits(),
         score(&db, &fx.defect).to_bits()
     );
+}
+
+fn source(paths: &[std::path::PathBuf]) -> crate::tiling::ImageSource<'_> {
+    const LIMITS: ImageLimits = ImageLimits {
+        max_pixels: crate::images::DEFAULT_MAX_PIXELS,
+        max_aspect_ratio: crate::images::DEFAULT_MAX_ASPECT_RATIO,
+    };
+    crate::tiling::ImageSource {
+        paths,
+        limits: &LIMITS,
+        tiling: None,
+    }
 }

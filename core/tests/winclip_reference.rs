@@ -71,6 +71,7 @@ fn fit(config: WinClipConfig, shots: &[PathBuf], runtime: &Runtime) -> Box<dyn D
             runtime,
             limits: &ImageLimits::default(),
             progress: &NoProgress,
+            tiling: None,
         })
         .unwrap()
 }

@@ -111,6 +111,8 @@ fn model(path: Option<&Path>) -> Result<Model> {
         holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
+        tile: Default::default(),
+        max_mar: None,
         limits: ImageLimits::default(),
     };
     Ok(Model::fit(&train, &options, &runtime, &NoProgress)?)

@@ -50,6 +50,8 @@ fn router() -> Router {
         holdout: 0.25,
         max_far: 0.01,
         anomalies: Vec::new(),
+        tile: Default::default(),
+        max_mar: None,
         limits: ImageLimits::default(),
     };
     let runtime = Runtime::new(Device::Cpu);

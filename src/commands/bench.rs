@@ -147,6 +147,7 @@ fn fit(
             runtime: &runtime,
             limits: &limits,
             progress: &bars,
+            tiling: None,
         })?;
         let fit_seconds = start.elapsed().as_secs_f64();
 

@@ -57,6 +57,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         holdout: 0.2,
         max_far: 0.01,
         anomalies: Vec::new(),
+        tile: Default::default(),
+        max_mar: None,
         limits,
     };
     let (fit_on, held_back) = split_holdout(&category.train_good, options.holdout)?;

@@ -10,7 +10,7 @@ use flawscope_core::images::ImageLimits;
 
 use super::Outcome;
 use super::clip::{ClipArgs, setup_error};
-use super::options::{DetectorArgs, DeviceChoice};
+use super::options::{DetectorArgs, DeviceChoice, TileArgs};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -23,6 +23,8 @@ pub struct Args {
     pub category: Option<String>,
     #[command(flatten)]
     pub detector: DetectorArgs,
+    #[command(flatten)]
+    pub tile: TileArgs,
     /// One JSON object per category instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -68,6 +70,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             &detector,
             &runtime,
             &ImageLimits::default(),
+            args.tile.choice(),
             &bars,
         )
         .map_err(setup_error)

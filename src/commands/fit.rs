@@ -10,7 +10,7 @@ use flawscope_core::images::ImageLimits;
 use flawscope_core::model::{FitOptions, Model};
 
 use super::clip::{ClipArgs, setup_error};
-use super::options::{DetectorArgs, DeviceChoice};
+use super::options::{DetectorArgs, DeviceChoice, TileArgs, parse_rate};
 use super::{Outcome, UsageError};
 use crate::progress::Bars;
 
@@ -25,8 +25,15 @@ pub struct Args {
     #[command(flatten)]
     pub detector: DetectorArgs,
     /// Highest fraction of held-back normal images the threshold may flag.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
     pub max_far: f64,
+    /// Instead of a false-alarm limit: set the threshold to miss at most
+    /// this fraction of the synthetic defects pasted into the held-back
+    /// normal images, and report the false-alarm rate that costs.
+    #[arg(long, value_parser = parse_rate, conflicts_with_all = ["max_far", "anomalies"])]
+    pub max_mar: Option<f64>,
+    #[command(flatten)]
+    pub tile: TileArgs,
     /// Fraction of the normal images held back to set the threshold.
     #[arg(long, default_value_t = 0.1)]
     pub holdout: f64,
@@ -46,14 +53,8 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    // Checked before any work: a bad limit should not cost a fit.
-    if !(0.0..1.0).contains(&args.max_far) {
-        return Err(UsageError(format!(
-            "--max-far must be at least 0 and below 1, got {}",
-            args.max_far
-        ))
-        .into());
-    }
+    // Checked before any work (--max-far when parsed): a bad value should
+    // not cost a fit.
     if !(args.holdout > 0.0 && args.holdout < 1.0) {
         return Err(UsageError(format!(
             "--holdout must be between 0 and 1 (exclusive), got {}",
@@ -77,6 +78,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         max_far: args.max_far,
         anomalies,
         limits: ImageLimits::default(),
+        tile: args.tile.choice(),
+        max_mar: args.max_mar,
     };
     let started = std::time::Instant::now();
     let model = Model::fit(&normal, &options, &runtime, &Bars::new(false))
@@ -86,17 +89,22 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .save(&args.out)
         .with_context(|| format!("saving the model to {}", args.out.display()))?;
     let summary = model.summary();
-    let threshold = match model.info().calibration.method {
+    let calibration = &model.info().calibration;
+    let threshold = match calibration.method {
         ThresholdMethod::Probability => {
             "threshold 0.5 (not calibrated: the score is a probability)".to_owned()
         }
         _ => format!(
-            "threshold {:.4} (raw), estimated false-alarm rate {:.3} on {} held-back normal images",
-            summary.raw_threshold, summary.estimated_false_alarm_rate, summary.calibration_images
+            "threshold {:.4} (raw); estimated false-alarm rate {:.3} on {} held-back normal \
+             images (95 % upper bound {:.3})",
+            summary.raw_threshold,
+            summary.estimated_false_alarm_rate,
+            summary.calibration_images,
+            summary.false_alarm_upper_bound_95
         ),
     };
     eprintln!(
-        "fitted {} ({}) on {} images in {:.1} s{}; {threshold}; wrote {}",
+        "fitted {} ({}) on {} images in {:.1} s{}{}; {threshold}; wrote {}",
         model.info().detector.label(),
         summary.backbone,
         summary.training_images,
@@ -104,7 +112,27 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         summary
             .memory_bank_size
             .map_or(String::new(), |n| format!(", memory bank {n}")),
+        summary
+            .tile_side
+            .map_or(String::new(), |t| format!(", in tiles of {t} px")),
         args.out.display()
     );
+    if let ThresholdMethod::MissedAlarmTarget { max_mar } = calibration.method {
+        eprintln!(
+            "threshold chosen to miss at most {max_mar} of the synthetic defects; it costs an \
+             estimated false-alarm rate of {:.3} (95 % upper bound {:.3})",
+            summary.estimated_false_alarm_rate, summary.false_alarm_upper_bound_95
+        );
+    }
+    if let Some(missed) = &model.info().missed_alarms {
+        eprintln!(
+            "estimated missed-alarm rate on synthetic defects (seed {:#x}): {}",
+            missed.seed,
+            missed.describe()
+        );
+    }
+    if let Some(warning) = &summary.calibration_warning {
+        eprintln!("warning: {warning}");
+    }
     Ok(Outcome::Success)
 }

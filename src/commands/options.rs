@@ -9,6 +9,7 @@ use flawscope_core::flow::FlowConfig;
 use flawscope_core::padim::PadimConfig;
 use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::recon::ReconConfig;
+use flawscope_core::tiling::{self, TileChoice};
 use flawscope_core::train::TrainingConfig;
 use flawscope_core::winclip::WinClipConfig;
 
@@ -190,6 +191,46 @@ impl DetectorArgs {
             .validate()
             .map_err(|e| UsageError(format!("--epochs / --max-minutes: {e}")))?;
         Ok(training)
+    }
+}
+
+/// `--tile SIZE` / `--no-tile`: whether images are scored in tiles.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct TileArgs {
+    /// Score images in overlapping tiles of SIZE × SIZE pixels at their
+    /// native resolution (the detector is fitted on tiles too). Default:
+    /// automatic — tiles of the detector's input side when the median
+    /// normal image's short side is over twice that side or its aspect
+    /// ratio is over 2.
+    #[arg(long, value_name = "SIZE", conflicts_with = "no_tile",
+          value_parser = clap::value_parser!(u32).range(i64::from(tiling::MIN_TILE_SIDE)..=i64::from(tiling::MAX_TILE_SIDE)))]
+    pub tile: Option<u32>,
+    /// Never tile: every image is resized to the detector's input.
+    #[arg(long)]
+    pub no_tile: bool,
+}
+
+impl TileArgs {
+    pub fn choice(&self) -> TileChoice {
+        match (self.tile, self.no_tile) {
+            (_, true) => TileChoice::Off,
+            (Some(side), false) => TileChoice::Side(side),
+            (None, false) => TileChoice::Auto,
+        }
+    }
+}
+
+/// A rate in `[0, 1)` (`--max-far`, `--max-mar`), checked when the
+/// arguments are parsed.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("must be at least 0 and below 1, got {text}"))
     }
 }
 

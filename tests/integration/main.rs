@@ -5,6 +5,7 @@
 mod cli;
 mod hostile;
 mod hostile_images;
+mod operating_point;
 mod pipeline;
 mod serve;
 mod shard;

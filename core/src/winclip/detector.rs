@@ -19,9 +19,9 @@ use super::{
 use crate::Error;
 use crate::anomaly_map::DEFAULT_BLUR_SIGMA;
 use crate::detector::{Detector, DetectorConfig, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
-use crate::images::load_image;
 use crate::model_file::take;
 use crate::runtime::Runtime;
+use crate::tiling::ImageSource;
 
 const TEXT_TENSOR: &str = "winclip.text";
 const PATCH_MEMORY: &str = "winclip.memory.patches";
@@ -193,18 +193,24 @@ impl WinClipDetector {
         let mut patches = Vec::with_capacity(shots.len());
         let mut windows: Vec<Vec<Tensor>> = vec![Vec::with_capacity(shots.len()); scales.len()];
         inputs.progress.start("few-shot memory", shots.len() as u64);
-        for path in shots {
-            let image = load_image(path, inputs.limits)?;
-            let e = engine.embed(&image, scales, Some(config.patch_features))?;
-            let p = e
-                .patches
-                .ok_or_else(|| WinClipError::Config("no patch embeddings".into()))?;
-            patches.push(p);
-            for (bank, (_, emb)) in windows.iter_mut().zip(e.windows) {
-                bank.push(emb);
-            }
-            inputs.progress.advance(1);
-        }
+        let source = ImageSource {
+            paths: shots,
+            ..inputs.images()
+        };
+        source.for_each(
+            |image| {
+                let e = engine.embed(image, scales, Some(config.patch_features))?;
+                let p = e
+                    .patches
+                    .ok_or_else(|| WinClipError::Config("no patch embeddings".into()))?;
+                patches.push(p);
+                for (bank, (_, emb)) in windows.iter_mut().zip(e.windows) {
+                    bank.push(emb);
+                }
+                Ok(())
+            },
+            || inputs.progress.advance(1),
+        )?;
         inputs.progress.finish();
         Ok(Memory {
             patches: Tensor::cat(&patches, 0)?,

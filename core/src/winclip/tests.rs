@@ -174,6 +174,8 @@ fn zero_shot_and_few_shot_on_the_tiny_checkpoint() {
         holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
+        tile: Default::default(),
+        max_mar: None,
         limits,
     };
     let few = Model::fit(&shots, &options, &runtime, &NoProgress).unwrap();

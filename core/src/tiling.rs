@@ -1,0 +1,374 @@
+//! Tiling: scoring images much larger than a detector's input, or far from
+//! square, at (near) their native resolution.
+//!
+//! Without tiling every image is shrunk to the detector's input (about 224²
+//! or 256²), so a crack a few pixels thick in a 1 000-px image, or anything
+//! in a 4 096 × 256 strip, falls below one grid cell. With a [`Tiling`] of
+//! side `T`, an image is cut into overlapping `T × T` tiles (at most 25 %
+//! overlap, the last tile flush with the edge; a side shorter than `T` is one
+//! tile of that side), every tile is scored by the detector at its own input
+//! size, and the tiles' maps are stitched into one map at the image's size,
+//! averaged where they overlap. The detector is fitted on the tiles of the
+//! normal images, so tile and training statistics match.
+//!
+//! The image score is the largest tile image score when the detector computes
+//! its own (PatchCore's reweighted maximum, WinCLIP), else the peak of the
+//! stitched map (PaDiM, flow, recon) — in both cases what the detector would
+//! report for the worst tile.
+//!
+//! Cost: time grows with the number of tiles, i.e. linearly with the image
+//! area; the stitched map needs 8 bytes per image pixel beside the decoded
+//! image (12 bytes per pixel). The tile count per image is bounded by
+//! [`MAX_TILES`].
+
+use std::path::PathBuf;
+
+use image::Rgb32FImage;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::anomaly_map::AnomalyMap;
+use crate::detector::{Detector, ImageScore, RawInspection};
+use crate::images::{ImageLimits, image_dimensions, load_image};
+
+/// Most tiles one image may be cut into (a 40-megapixel image in 224-px
+/// tiles needs about 1 400).
+pub const MAX_TILES: usize = 4096;
+/// Smallest tile side.
+pub const MIN_TILE_SIDE: u32 = 32;
+/// Largest tile side (the backbone's largest input).
+pub const MAX_TILE_SIDE: u32 = 2048;
+/// The automatic rule tiles when the typical normal image's short side is
+/// more than this many times the detector's input side…
+pub const AUTO_SIDE_FACTOR: f64 = 2.0;
+/// …or its long side is more than this many times its short side.
+pub const AUTO_ASPECT: f64 = 2.0;
+
+/// How a model cuts images into tiles; stored in the model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tiling {
+    /// Tile side in image pixels.
+    pub side: u32,
+}
+
+/// What a user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TileChoice {
+    /// Tile by the documented rule ([`TileChoice::resolve`]).
+    #[default]
+    Auto,
+    Off,
+    Side(u32),
+}
+
+/// One tile: its top-left corner and size in image pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileRect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Tiling {
+    /// A tiling of side `side`, checked.
+    pub fn new(side: u32) -> Result<Self, Error> {
+        if !(MIN_TILE_SIDE..=MAX_TILE_SIDE).contains(&side) {
+            return Err(Error::InvalidConfig(format!(
+                "the tile side must be between {MIN_TILE_SIDE} and {MAX_TILE_SIDE} pixels, got {side}"
+            )));
+        }
+        Ok(Self { side })
+    }
+
+    /// The tiles covering a `width × height` image, row by row; an error
+    /// when there would be more than [`MAX_TILES`].
+    pub fn tiles(&self, width: u32, height: u32) -> Result<Vec<TileRect>, Error> {
+        let xs = axis_starts(width, self.side);
+        let ys = axis_starts(height, self.side);
+        let count = xs.len().saturating_mul(ys.len());
+        if count > MAX_TILES {
+            return Err(Error::InvalidConfig(format!(
+                "a {width}×{height} image would be cut into {count} tiles of {} px, over the \
+                 limit of {MAX_TILES}; use a larger tile side",
+                self.side
+            )));
+        }
+        let (tw, th) = (self.side.min(width), self.side.min(height));
+        Ok(ys
+            .iter()
+            .flat_map(|&y| {
+                xs.iter().map(move |&x| TileRect {
+                    x,
+                    y,
+                    width: tw,
+                    height: th,
+                })
+            })
+            .collect())
+    }
+}
+
+/// Tile starts along one axis of `length`: tiles of `side` overlapping by
+/// at most 25 %, the first at 0, the last flush with the end.
+fn axis_starts(length: u32, side: u32) -> Vec<u32> {
+    if length <= side {
+        return vec![0];
+    }
+    let stride = (side - side / 4).max(1);
+    let span = length - side;
+    let steps = span.div_ceil(stride);
+    (0..=steps)
+        .map(|i| ((u64::from(span) * u64::from(i)) / u64::from(steps)) as u32)
+        .collect()
+}
+
+impl TileChoice {
+    /// The tiling for a detector whose input side is `input_side`, fitted on
+    /// `normal`. `Auto` tiles (with tiles of `input_side`) when the median
+    /// normal image's short side exceeds [`AUTO_SIDE_FACTOR`] × `input_side`
+    /// or its aspect ratio exceeds [`AUTO_ASPECT`]; only image headers are
+    /// read.
+    pub fn resolve(
+        self,
+        normal: &[PathBuf],
+        input_side: u32,
+        limits: &ImageLimits,
+    ) -> Result<Option<Tiling>, Error> {
+        match self {
+            Self::Off => Ok(None),
+            Self::Side(side) => Tiling::new(side).map(Some),
+            Self::Auto => {
+                let mut shorts = Vec::with_capacity(normal.len());
+                let mut aspects = Vec::with_capacity(normal.len());
+                for path in normal {
+                    let (w, h) = image_dimensions(path, limits)?;
+                    let (short, long) = (w.min(h).max(1), w.max(h));
+                    shorts.push(short);
+                    aspects.push(f64::from(long) / f64::from(short));
+                }
+                if shorts.is_empty() {
+                    return Ok(None);
+                }
+                shorts.sort_unstable();
+                aspects.sort_by(f64::total_cmp);
+                let short = shorts[shorts.len() / 2];
+                let aspect = aspects[aspects.len() / 2];
+                let tile = f64::from(short) > AUTO_SIDE_FACTOR * f64::from(input_side)
+                    || aspect > AUTO_ASPECT;
+                if tile {
+                    Tiling::new(input_side.clamp(MIN_TILE_SIDE, MAX_TILE_SIDE)).map(Some)
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// The images a detector is fitted on: each file whole, or cut into tiles.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageSource<'a> {
+    pub paths: &'a [PathBuf],
+    pub limits: &'a ImageLimits,
+    pub tiling: Option<Tiling>,
+}
+
+impl ImageSource<'_> {
+    /// Calls `f` on every image (or every tile of every image), one file at
+    /// a time, and `per_file` after each file.
+    pub fn for_each(
+        &self,
+        mut f: impl FnMut(&Rgb32FImage) -> Result<(), Error>,
+        mut per_file: impl FnMut(),
+    ) -> Result<(), Error> {
+        for path in self.paths {
+            let image = load_image(path, self.limits)?;
+            match self.tiling {
+                None => f(&image)?,
+                Some(tiling) => {
+                    for rect in tiling.tiles(image.width(), image.height())? {
+                        f(&crop(&image, rect))?;
+                    }
+                }
+            }
+            per_file();
+        }
+        Ok(())
+    }
+}
+
+fn crop(image: &Rgb32FImage, rect: TileRect) -> Rgb32FImage {
+    image::imageops::crop_imm(image, rect.x, rect.y, rect.width, rect.height).to_image()
+}
+
+/// The raw score and map of `image`, whole or tiled.
+pub fn inspect_raw(
+    detector: &dyn Detector,
+    tiling: Option<&Tiling>,
+    image: &Rgb32FImage,
+) -> Result<RawInspection, Error> {
+    let Some(tiling) = tiling else {
+        return detector.inspect_raw(image);
+    };
+    let (width, height) = image.dimensions();
+    let rects = tiling.tiles(width, height)?;
+    let (w, h) = (width as usize, height as usize);
+    let mut sum = vec![0f32; w * h];
+    let mut count = vec![0f32; w * h];
+    let mut given: Option<f32> = None;
+    let mut every_given = true;
+    for rect in rects {
+        let tile = crop(image, rect);
+        let output = detector.score(&tile)?;
+        match output.image_score {
+            ImageScore::Given(s) => given = Some(given.map_or(s, |g| g.max(s))),
+            ImageScore::MapPeak => every_given = false,
+        }
+        let raw = output.into_raw(tile.dimensions())?;
+        let (tw, th) = (rect.width as usize, rect.height as usize);
+        for ty in 0..th {
+            let row = (rect.y as usize + ty) * w + rect.x as usize;
+            let src = &raw.map.values[ty * tw..(ty + 1) * tw];
+            for (i, v) in src.iter().enumerate() {
+                sum[row + i] += v;
+                count[row + i] += 1.0;
+            }
+        }
+    }
+    for (s, c) in sum.iter_mut().zip(&count) {
+        *s /= c.max(1.0);
+    }
+    let map = AnomalyMap::new(w, h, sum)
+        .ok_or_else(|| Error::InvalidConfig("an empty image cannot be tiled".into()))?;
+    let score = match given {
+        Some(g) if every_given => g,
+        _ => map.max(),
+    };
+    Ok(RawInspection { score, map })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_image_with_bounded_overlap() {
+        let t = Tiling::new(256).unwrap();
+        let tiles = t.tiles(4096, 256).unwrap();
+        assert_eq!(tiles.first().map(|r| r.x), Some(0));
+        let last = tiles.last().unwrap();
+        assert_eq!(last.x + last.width, 4096);
+        for pair in tiles.windows(2) {
+            let overlap = pair[0].x + pair[0].width - pair[1].x;
+            assert!(overlap > 0 && overlap <= 64, "{overlap}");
+        }
+        // A side shorter than the tile is one tile of that side.
+        let small = t.tiles(100, 1000).unwrap();
+        assert!(small.iter().all(|r| r.width == 100 && r.height == 256));
+        assert_eq!(t.tiles(256, 256).unwrap().len(), 1);
+        // The count is bounded.
+        let tiny = Tiling::new(32).unwrap();
+        assert!(tiny.tiles(6000, 6000).is_err());
+        assert!(Tiling::new(8).is_err());
+    }
+
+    #[test]
+    fn the_automatic_rule_tiles_large_and_elongated_images_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, w: u32, h: u32| {
+            let path = dir.path().join(name);
+            image::GrayImage::new(w, h).save(&path).unwrap();
+            path
+        };
+        let limits = ImageLimits::default();
+        let square = vec![write("a.png", 300, 300), write("b.png", 320, 300)];
+        let strip = vec![write("c.png", 1000, 100), write("d.png", 900, 100)];
+        let large = vec![write("e.png", 600, 500)];
+        let auto = TileChoice::Auto;
+        assert_eq!(auto.resolve(&square, 224, &limits).unwrap(), None);
+        assert_eq!(
+            auto.resolve(&strip, 224, &limits).unwrap(),
+            Some(Tiling { side: 224 })
+        );
+        assert_eq!(
+            auto.resolve(&large, 224, &limits).unwrap(),
+            Some(Tiling { side: 224 })
+        );
+        assert_eq!(auto.resolve(&large, 256, &limits).unwrap(), None);
+        assert_eq!(TileChoice::Off.resolve(&strip, 224, &limits).unwrap(), None);
+        assert_eq!(
+            TileChoice::Side(300)
+                .resolve(&square, 224, &limits)
+                .unwrap(),
+            Some(Tiling { side: 300 })
+        );
+        assert_eq!(auto.resolve(&[], 224, &limits).unwrap(), None);
+    }
+
+    /// Scores each 8 × 8 block by its brightness.
+    struct Brightness {
+        given: bool,
+    }
+
+    impl Detector for Brightness {
+        fn score(&self, image: &Rgb32FImage) -> Result<crate::detector::DetectorOutput, Error> {
+            let (w, h) = image.dimensions();
+            let (gw, gh) = (w.div_ceil(8) as usize, h.div_ceil(8) as usize);
+            let mut values = vec![0f32; gw * gh];
+            for (x, y, p) in image.enumerate_pixels() {
+                let cell = (y / 8) as usize * gw + (x / 8) as usize;
+                values[cell] = values[cell].max(p.0[0]);
+            }
+            let peak = values.iter().copied().fold(0.0, f32::max);
+            Ok(crate::detector::DetectorOutput {
+                image_score: if self.given {
+                    ImageScore::Given(peak + 10.0)
+                } else {
+                    ImageScore::MapPeak
+                },
+                grids: vec![crate::detector::ScoreGrid {
+                    width: gw,
+                    height: gh,
+                    values,
+                    input_size: (w, h),
+                    blur_sigma: 0.0,
+                }],
+            })
+        }
+
+        fn tensors(&self) -> std::collections::BTreeMap<String, candle_core::Tensor> {
+            Default::default()
+        }
+    }
+
+    #[test]
+    fn tiles_are_stitched_at_the_image_size_where_they_belong() {
+        let mut image = Rgb32FImage::new(1000, 120);
+        for y in 50..54 {
+            for x in 700..760 {
+                image.put_pixel(x, y, image::Rgb([0.8; 3]));
+            }
+        }
+        let tiling = Tiling::new(96).unwrap();
+        let raw = inspect_raw(&Brightness { given: false }, Some(&tiling), &image).unwrap();
+        assert_eq!((raw.map.width, raw.map.height), (1000, 120));
+        // Overlapping tiles are averaged, so the peak may sit a little lower.
+        assert!(raw.score > 0.7 && raw.score <= 0.8 + 1e-6, "{}", raw.score);
+        let (peak_at, _) = raw
+            .map
+            .values
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::MIN),
+                |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
+            );
+        let (x, y) = (peak_at % 1000, peak_at / 1000);
+        assert!((690..770).contains(&x) && (40..64).contains(&y), "{x}, {y}");
+        assert!(raw.map.get(100, 100) < 1e-6);
+        // A detector's own image score: the largest over the tiles.
+        let given = inspect_raw(&Brightness { given: true }, Some(&tiling), &image).unwrap();
+        assert!((given.score - 10.8).abs() < 1e-6);
+    }
+}

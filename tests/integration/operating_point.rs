@@ -1,0 +1,138 @@
+//! Tiling, the false-alarm bound and the synthetic missed-alarm estimate,
+//! end to end on the committed thin-line strips and the demo cells.
+
+use std::path::PathBuf;
+
+use crate::cli::flawscope;
+use crate::pipeline::demo_dir;
+
+fn strips() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/thin_lines/strip")
+}
+
+#[test]
+fn a_tiled_model_scores_strips_at_full_size_with_an_honest_operating_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("strips.flawscope");
+    // Tiles of 512 keep the test quick; the automatic rule would pick 224.
+    let out = flawscope(&[
+        "fit",
+        "--train",
+        strips().join("train/good").to_str().unwrap(),
+        "--tile",
+        "512",
+        "--holdout",
+        "0.5",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("in tiles of 512 px"), "{stderr}");
+    assert!(
+        stderr.contains("on 1 held-back normal images (95 % upper bound 0.950)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("estimated missed-alarm rate on synthetic defects"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cut-paste") && stderr.contains("scratch"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warning: 1 held-back normal images cannot confirm"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("at least 299"), "{stderr}");
+
+    let heatmaps = tmp.path().join("maps");
+    let out = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        strips().join("test/dark_line").to_str().unwrap(),
+        "--heatmaps",
+        heatmaps.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code().map(|c| c == 0 || c == 1),
+        Some(true),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        let map = image::open(line["heatmap"].as_str().unwrap()).unwrap();
+        assert_eq!((map.width(), map.height()), (4096, 256));
+    }
+}
+
+#[test]
+fn scores_of_clear_defects_keep_their_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("cells.flawscope");
+    let out = flawscope(&[
+        "fit",
+        "--train",
+        demo_dir().join("train/good").to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        demo_dir().join("test/defect").to_str().unwrap(),
+        "--json",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut scores: Vec<f64> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["score"].as_f64().unwrap()
+        })
+        .collect();
+    assert_eq!(scores.len(), 8, "{text}");
+    // All eight are clear defects (the old map gave every one exactly 1.0);
+    // now they stay apart, so "worst first" has an order.
+    scores.sort_by(f64::total_cmp);
+    assert!(scores[0] >= 0.5 && scores[7] < 1.0, "{scores:?}");
+    assert!(scores.windows(2).all(|w| w[1] > w[0]), "{scores:?}");
+}
+
+#[test]
+fn bad_rates_and_tile_sides_are_refused_when_parsed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = demo_dir().join("train/good");
+    let out_path = tmp.path().join("m.flawscope");
+    for bad in [
+        &["--max-mar", "1"][..],
+        &["--max-far", "-0.1"],
+        &["--max-far", "abc"],
+        &["--tile", "8"],
+        &["--tile", "256", "--no-tile"],
+        &["--max-mar", "0.1", "--max-far", "0.1"],
+    ] {
+        let mut args = vec![
+            "fit",
+            "--train",
+            train.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(bad);
+        let out = flawscope(&args);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(!out_path.exists());
+    }
+}
