@@ -1499,7 +1499,8 @@ async fn decisions_go_to_the_results_store() {
     assert_eq!(rows[0].decision, Decision::Ng);
     assert_eq!(rows[0].model_identity, "sha256:0123");
     // The stored score is the server's own, the same as the API's.
-    assert_eq!(f64::from(rows[0].score), scored["score"].as_f64().unwrap());
+    // (JSON carries the f32 in its shortest decimal form; compare as f32.)
+    assert_eq!(rows[0].score, scored["score"].as_f64().unwrap() as f32);
 
     // Undo, as the TUI's `u` does.
     let reply = send(

@@ -197,17 +197,25 @@ impl ClipModel {
         Ok(self.encode_image_and_patches(pixels)?.1)
     }
 
-    /// [`ClipModel::encode_image`] and [`ClipModel::encode_patches`] from one forward pass.
-    pub fn encode_image_and_patches(
-        &self,
-        pixels: &Tensor,
-    ) -> Result<(Tensor, Tensor), ModelError> {
+    /// Every token of the last layer, post-layernormed, `[batch, 1 + rows*cols, hidden]`.
+    fn last_layer_normed(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
         let (tokens, _) = self.embed(pixels)?;
         let out = self
             .vision
             .encoder
             .forward(&tokens, None, usize::MAX, |_, _| {})?;
-        let projected = self.project_tokens(&out)?;
+        Ok(self.vision.post_ln.forward(&out.contiguous()?)?)
+    }
+
+    /// [`ClipModel::encode_image`] and [`ClipModel::encode_patches`] from one forward pass.
+    pub fn encode_image_and_patches(
+        &self,
+        pixels: &Tensor,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let projected = self
+            .vision
+            .projection
+            .forward(&self.last_layer_normed(pixels)?)?;
         let n = projected.dim(1)?;
         Ok((
             projected.i((.., 0, ..))?.contiguous()?,
@@ -223,12 +231,7 @@ impl ClipModel {
         &self,
         pixels: &Tensor,
     ) -> Result<(Tensor, Tensor), ModelError> {
-        let (tokens, _) = self.embed(pixels)?;
-        let out = self
-            .vision
-            .encoder
-            .forward(&tokens, None, usize::MAX, |_, _| {})?;
-        let normed = self.vision.post_ln.forward(&out.contiguous()?)?;
+        let normed = self.last_layer_normed(pixels)?;
         let n = normed.dim(1)?;
         let class = self
             .vision
