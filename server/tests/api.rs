@@ -12,12 +12,7 @@ use axum::body::{Body, Bytes, to_bytes};
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use base64::Engine as _;
 use flawscope_core::Device;
-use flawscope_core::detector::DetectorConfig;
-use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
-use flawscope_core::images::ImageLimits;
-use flawscope_core::model::{FitOptions, Inspection, Model};
-use flawscope_core::patchcore::PatchCoreConfig;
-use flawscope_core::progress::NoProgress;
+use flawscope_core::model::{Inspection, Model};
 use flawscope_core::runtime::Runtime;
 use flawscope_core::winclip::WinClip;
 use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
@@ -27,45 +22,16 @@ use flawscope_server::{
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-fn demo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell")
-}
-
-fn images_in(split: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(demo().join(split))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
-    files.sort();
-    files
-}
+mod common;
+use common::images_in;
 
 /// One model per test binary: fitted on 12 good cells.
 fn model() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let train: Vec<PathBuf> = images_in("train/good").into_iter().take(12).collect();
-            let options = FitOptions {
-                features: Some(FeatureConfig {
-                    backbone: BackboneKind::Lite0,
-                    stages: vec![
-                        parse_stage("stage4").unwrap(),
-                        parse_stage("stage5").unwrap(),
-                    ],
-                    resize: Resize::KeepAspect { side: 256 },
-                }),
-                detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
-                holdout: 0.25,
-                max_far: 0.01,
-                anomalies: Vec::new(),
-                tile: Default::default(),
-                max_mar: None,
-                limits: ImageLimits::default(),
-            };
             let runtime = Runtime::with_clip(Device::Cpu, no_clip(), VIT_B_16);
-            Arc::new(Model::fit(&train, &options, &runtime, &NoProgress).unwrap())
+            Arc::new(common::small_patchcore(12, 256, &runtime))
         })
         .clone()
 }

@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::Cursor;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -11,51 +10,17 @@ use axum::body::{Body, to_bytes};
 use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
 use flawscope_core::Device;
-use flawscope_core::detector::DetectorConfig;
-use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
-use flawscope_core::images::ImageLimits;
-use flawscope_core::model::{FitOptions, Model};
-use flawscope_core::patchcore::PatchCoreConfig;
-use flawscope_core::progress::NoProgress;
 use flawscope_core::runtime::Runtime;
 use flawscope_server::{AppState, ServedModel, ServerConfig, app};
 use image::ImageFormat;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-fn demo_cells(split: &str) -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(split))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
-    files.sort();
-    files
-}
+mod common;
 
 /// A small PatchCore model on 8 good cells, served as `cells`.
 fn router() -> Router {
-    let train: Vec<PathBuf> = demo_cells("train/good").into_iter().take(8).collect();
-    let options = FitOptions {
-        features: Some(FeatureConfig {
-            backbone: BackboneKind::Lite0,
-            stages: vec![
-                parse_stage("stage4").unwrap(),
-                parse_stage("stage5").unwrap(),
-            ],
-            resize: Resize::KeepAspect { side: 128 },
-        }),
-        detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
-        holdout: 0.25,
-        max_far: 0.01,
-        anomalies: Vec::new(),
-        tile: Default::default(),
-        max_mar: None,
-        limits: ImageLimits::default(),
-    };
-    let runtime = Runtime::new(Device::Cpu);
-    let model = Model::fit(&train, &options, &runtime, &NoProgress).unwrap();
+    let model = common::small_patchcore(8, 128, &Runtime::new(Device::Cpu));
     let served = ServedModel {
         name: "cells".into(),
         model: Arc::new(model),
@@ -101,7 +66,7 @@ fn encoded(image: &image::DynamicImage, format: ImageFormat) -> Vec<u8> {
 #[tokio::test]
 async fn cut_and_line_images_are_400_on_every_scoring_route() {
     let app = router();
-    let cell = image::open(&demo_cells("test/defect")[0]).unwrap();
+    let cell = image::open(&common::images_in("test/defect")[0]).unwrap();
     let jpeg = encoded(&cell, ImageFormat::Jpeg);
     let png = encoded(&cell, ImageFormat::Png);
 
