@@ -12,7 +12,9 @@
 //! native resolution; [`synthetic`] pastes defects into held-back normal
 //! images so calibration can estimate the missed-alarm rate.
 //! [`model`] ties detector and calibration into one fitted model stored in
-//! one file ([`model_file`]); the [`verdict`] is decided in one place.
+//! one file ([`model_file`]), optionally with a [`prompt_layer`] that checks
+//! typed defect descriptions with CLIP, calibrated on the same held-back
+//! normal images; the [`verdict`] is decided in one place.
 //! [`runtime`] holds the device and the CLIP weights models run on.
 //! [`dataset`] reads folders of images, [`evaluation`] and [`metrics`]
 //! measure how well a detector separates good from bad.
@@ -36,6 +38,7 @@ pub mod model_file;
 pub mod padim;
 pub mod patchcore;
 pub mod progress;
+pub mod prompt_layer;
 pub mod recon;
 pub mod regions;
 pub mod runtime;

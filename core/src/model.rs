@@ -3,8 +3,10 @@
 //! face (CLI, server, TUI) loads, inspects and describes models through this
 //! one type, whatever the detector.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -15,8 +17,9 @@ use crate::calibration::{Calibration, DECISION_THRESHOLD, ThresholdMethod};
 use crate::detector::{Detector, DetectorConfig, FitInputs, RawInspection};
 use crate::features::FeatureConfig;
 use crate::images::{ImageLimits, load_image};
-use crate::model_file::{self, ModelFileError};
+use crate::model_file::{self, ModelFileError, take};
 use crate::progress::Progress;
+use crate::prompt_layer::{DefectCheck, PromptLayer, PromptLayerInfo};
 use crate::runtime::Runtime;
 use crate::synthetic::{DefectKind, KindRate, MissedAlarmEstimate, with_defect};
 use crate::tiling::{self, TileChoice, Tiling};
@@ -45,6 +48,10 @@ pub struct ModelInfo {
     /// uncalibrated detectors and older files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missed_alarms: Option<MissedAlarmEstimate>,
+    /// The text layer, when the model was fitted with one (`fit --object`
+    /// and CLIP weights beside a classical detector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_layer: Option<PromptLayerInfo>,
     /// The flawscope version that wrote the file.
     pub written_by: String,
 }
@@ -119,10 +126,30 @@ pub struct Inspection {
     pub map: AnomalyMap,
 }
 
+/// Typed defects checked on one image, or why they could not be.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DefectReport {
+    pub checks: Vec<DefectCheck>,
+    /// Set when descriptions were given but could not be checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unchecked_reason: Option<String>,
+}
+
+/// The text layer of a loaded model: ready, or its tensors kept (so a save
+/// loses nothing) with the reason it cannot run here.
+enum TextLayer {
+    Ready(PromptLayer),
+    Unavailable {
+        tensors: BTreeMap<String, Tensor>,
+        reason: String,
+    },
+}
+
 /// A loaded or freshly fitted model.
 pub struct Model {
     detector: Box<dyn Detector>,
     info: ModelInfo,
+    text: Option<TextLayer>,
 }
 
 impl std::fmt::Debug for Model {
@@ -226,9 +253,91 @@ impl Model {
             memory_bank_size: detector.memory_bank_size(),
             tiling,
             missed_alarms,
+            prompt_layer: None,
             written_by: format!("flawscope {}", env!("CARGO_PKG_VERSION")),
         };
-        Ok(Self { detector, info })
+        Ok(Self {
+            detector,
+            info,
+            text: None,
+        })
+    }
+
+    /// Adds the text layer: the CLIP embeddings of the same held-back normal
+    /// images that set the threshold (`normal` and `holdout` as given to
+    /// [`Model::fit`]), so typed defect descriptions can be checked and
+    /// calibrated at request time ([`Model::check_defects`]).
+    pub fn add_prompt_layer(
+        &mut self,
+        runtime: &Runtime,
+        object: &str,
+        normal: &[PathBuf],
+        holdout: f64,
+        limits: &ImageLimits,
+        progress: &dyn Progress,
+    ) -> Result<(), Error> {
+        if !self.info.detector.is_calibrated() {
+            return Err(Error::InvalidConfig(
+                "a text layer goes beside a calibrated (classical) detector; WinCLIP models \
+                 take their descriptions when fitted"
+                    .into(),
+            ));
+        }
+        let (_, held_back) = split_holdout(normal, holdout)?;
+        let layer = PromptLayer::fit(
+            runtime,
+            object,
+            &held_back,
+            self.info.calibration.max_far,
+            limits,
+            progress,
+        )?;
+        self.info.prompt_layer = Some(layer.info().clone());
+        self.text = Some(TextLayer::Ready(layer));
+        Ok(())
+    }
+
+    /// Checks each typed defect description on `image` with the text layer.
+    /// Without one, or without its CLIP weights here, the report says why
+    /// instead (the classical verdict still stands).
+    pub fn check_defects(
+        &self,
+        image: &Rgb32FImage,
+        descriptions: &[String],
+    ) -> Result<DefectReport, Error> {
+        if descriptions.is_empty() {
+            return Ok(DefectReport::default());
+        }
+        let unchecked = |reason: String| DefectReport {
+            checks: Vec::new(),
+            unchecked_reason: Some(reason),
+        };
+        Ok(match &self.text {
+            Some(TextLayer::Ready(layer)) => DefectReport {
+                checks: layer.check(image, descriptions)?,
+                unchecked_reason: None,
+            },
+            Some(TextLayer::Unavailable { reason, .. }) => {
+                unchecked(format!("the typed defects could not be checked: {reason}"))
+            }
+            None => unchecked(
+                "the typed defects could not be checked: this model has no text layer (fit it \
+                 with --object and CLIP weights to add one)"
+                    .into(),
+            ),
+        })
+    }
+
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut tensors = self.detector.tensors();
+        match &self.text {
+            Some(TextLayer::Ready(layer)) => tensors.extend(layer.tensors()),
+            Some(TextLayer::Unavailable { tensors: kept, .. }) => {
+                tensors.extend(kept.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            None => {}
+        }
+        tensors
     }
 
     /// A WinCLIP model of `object` with defect descriptions `prompts`, from
@@ -299,7 +408,7 @@ impl Model {
     pub fn identity(&self) -> Result<String, Error> {
         let mut hash = Sha256::new();
         hash.update(serde_json::to_vec(&self.info).map_err(ModelFileError::from)?);
-        for (name, tensor) in self.detector.tensors() {
+        for (name, tensor) in self.tensors() {
             hash.update(name.as_bytes());
             let values = tensor
                 .to_dtype(candle_core::DType::F32)?
@@ -314,7 +423,7 @@ impl Model {
 
     /// Saves to one model file (atomically).
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        model_file::save(path, &self.info, &self.detector.tensors())?;
+        model_file::save(path, &self.info, &self.tensors())?;
         Ok(())
     }
 
@@ -330,10 +439,33 @@ impl Model {
                 }
             })?;
         info.calibration.refresh_bound();
+        let text = match &info.prompt_layer {
+            Some(layer) => {
+                let kept: BTreeMap<String, Tensor> = PromptLayer::tensor_names()
+                    .iter()
+                    .map(|name| Ok(((*name).to_owned(), take(&mut tensors, name, path)?)))
+                    .collect::<Result<_, Error>>()?;
+                Some(match PromptLayer::load(layer, &kept, path, runtime) {
+                    Ok(ready) => TextLayer::Ready(ready),
+                    // Missing or other CLIP weights disable the text layer,
+                    // not the model: the classical verdict still works.
+                    Err(e) if e.is_setup_problem() => TextLayer::Unavailable {
+                        tensors: kept,
+                        reason: e.to_string(),
+                    },
+                    Err(e) => return Err(e),
+                })
+            }
+            None => None,
+        };
         let detector = info
             .detector
             .load(info.features.as_ref(), &mut tensors, path, runtime)?;
-        Ok(Self { detector, info })
+        Ok(Self {
+            detector,
+            info,
+            text,
+        })
     }
 
     /// The raw score and map of one image, before calibration.

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::prompt_layer::DefectCheck;
+
 /// The call on one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -44,9 +46,51 @@ impl Verdict {
     }
 }
 
+/// The verdict of a model and the typed defects checked beside it
+/// ([`crate::model::Model::check_defects`]): anomalous when any layer is
+/// over its own calibrated threshold. Also names the layers that are:
+/// `"model"`, then each flagged description.
+pub fn layered(model_anomalous: bool, defects: &[DefectCheck]) -> (bool, Vec<String>) {
+    let mut flagged_by = Vec::new();
+    if model_anomalous {
+        flagged_by.push("model".to_owned());
+    }
+    flagged_by.extend(
+        defects
+            .iter()
+            .filter(|d| d.is_anomalous)
+            .map(|d| d.description.clone()),
+    );
+    (!flagged_by.is_empty(), flagged_by)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check(description: &str, is_anomalous: bool) -> DefectCheck {
+        DefectCheck {
+            description: description.into(),
+            score: if is_anomalous { 0.7 } else { 0.3 },
+            probability: 0.5,
+            raw_threshold: 0.5,
+            is_anomalous,
+            estimated_false_alarm_rate: 0.0,
+            false_alarm_upper_bound_95: 0.1,
+            normal_images: 30,
+            location: (0, 0),
+        }
+    }
+
+    #[test]
+    fn any_layer_over_its_threshold_flags_the_image() {
+        let none = layered(false, &[check("crack", false)]);
+        assert_eq!(none, (false, vec![]));
+        let text = layered(false, &[check("crack", true), check("chip", false)]);
+        assert_eq!(text, (true, vec!["crack".to_owned()]));
+        let both = layered(true, &[check("crack", true)]);
+        assert_eq!(both, (true, vec!["model".to_owned(), "crack".to_owned()]));
+    }
 
     #[test]
     fn anomalous_at_and_above_the_threshold() {

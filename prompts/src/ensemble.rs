@@ -94,6 +94,16 @@ impl PromptSet {
         }
     }
 
+    /// The WinCLIP templates and normal states with no anomalous state: add
+    /// one description with [`PromptSet::with_defect`] to ask about that
+    /// defect alone.
+    pub fn winclip_normal() -> Self {
+        Self {
+            anomalous_states: Vec::new(),
+            ..Self::winclip()
+        }
+    }
+
     /// A set with no template, state or sentence; build it up with the `with_*` methods.
     pub fn empty() -> Self {
         Self {

@@ -309,8 +309,8 @@ struct AskResponse {
     model: String,
     /// The defect phrases read from the question ([`question::defect_phrases`]).
     defects_asked: Vec<String>,
-    /// Whether each asked defect was checked on its own: not yet, since a
-    /// model has no text layer; `note` says so in words.
+    /// Whether each asked defect was checked on its own: not yet over HTTP
+    /// (the CLI's `score --prompt` uses a model's text layer); `note` says so.
     defects_checked: bool,
     note: String,
     result: ScoreResponse,
@@ -335,8 +335,8 @@ async fn ask(
         "no defect was named; the answer is the model's general anomaly verdict".to_owned()
     } else {
         format!(
-            "asked about {}: {name} has no text layer, so these were not checked one by one; \
-             the answer is the model's general anomaly verdict",
+            "asked about {}: the HTTP service does not check typed defects one by one yet; \
+             the answer is the general anomaly verdict of {name}",
             asked
                 .iter()
                 .map(|p| format!("\"{p}\""))

@@ -760,7 +760,10 @@ async fn ask_answers_in_words() {
     assert_eq!(v["defects_checked"], false);
     let answer = v["answer"].as_str().unwrap();
     assert!(answer.contains("\"chips\""), "{answer}");
-    assert!(answer.contains("not checked one by one"), "{answer}");
+    assert!(
+        answer.contains("does not check typed defects one by one"),
+        "{answer}"
+    );
     let reply = send(
         app2.clone(),
         multipart(

@@ -60,14 +60,13 @@ impl ClipArgs {
             .with_text_cache_dir(default_text_cache_dir()))
     }
 
-    /// `--object` and `--prompt` only apply when zero-shot scoring: a model
-    /// file carries its own object and descriptions.
-    pub fn refuse_text_for_model(&self, model: &Path) -> Result<(), UsageError> {
-        if self.object.is_some() || !self.prompts.is_empty() {
+    /// `--object` only applies when zero-shot scoring: a model file carries
+    /// its own object (`--prompt` asks its text layer about a defect).
+    pub fn refuse_object_for_model(&self, model: &Path) -> Result<(), UsageError> {
+        if self.object.is_some() {
             return Err(UsageError(format!(
-                "--object and --prompt apply to --zero-shot; {} was fitted with its own \
-                 (see `flawscope describe {}`), so they would be ignored",
-                model.display(),
+                "--object applies to --zero-shot; {} was fitted with its own, so it would be \
+                 ignored",
                 model.display()
             )));
         }

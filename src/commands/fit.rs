@@ -63,6 +63,21 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .into());
     }
     let (features, detector) = args.detector.fit_configs(&args.clip, args.shots)?;
+    // Beside a classical detector, --object adds the text layer; defects
+    // are asked about when scoring, not here.
+    let text_layer = if detector.is_calibrated() {
+        if !args.clip.prompts.is_empty() {
+            return Err(UsageError(
+                "--prompt is asked when scoring (`score --model M --prompt TEXT`); to check \
+                 typed defects later, fit with --object NAME and CLIP weights"
+                    .into(),
+            )
+            .into());
+        }
+        args.clip.object.clone()
+    } else {
+        None
+    };
     let runtime = args.clip.runtime(args.device.device()?)?;
     let normal = scan_image_folder(&args.train)
         .with_context(|| format!("reading training images in {}", args.train.display()))?;
@@ -82,9 +97,27 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         max_mar: args.max_mar,
     };
     let started = std::time::Instant::now();
-    let model = Model::fit(&normal, &options, &runtime, &Bars::new(false))
+    let mut model = Model::fit(&normal, &options, &runtime, &Bars::new(false))
         .map_err(setup_error)
         .context("fitting the model")?;
+    if let Some(object) = &text_layer {
+        model
+            .add_prompt_layer(
+                &runtime,
+                object,
+                &normal,
+                args.holdout,
+                &options.limits,
+                &Bars::new(false),
+            )
+            .map_err(setup_error)
+            .context("adding the text layer")?;
+        eprintln!(
+            "text layer: CLIP embeddings of the held-back normal images for \"{object}\"; ask \
+             about a defect with `score --model {} --prompt TEXT`",
+            args.out.display()
+        );
+    }
     model
         .save(&args.out)
         .with_context(|| format!("saving the model to {}", args.out.display()))?;

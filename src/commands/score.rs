@@ -10,17 +10,19 @@ use anyhow::Context;
 use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, decode_image, load_image};
-use flawscope_core::model::{Inspection, Model};
+use flawscope_core::model::{DefectReport, Inspection, Model};
 use flawscope_core::progress::Progress;
+use flawscope_core::prompt_layer::DefectCheck;
+use flawscope_core::verdict::layered;
 use flawscope_results::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
 use flawscope_results::shard::Shard;
 use flawscope_results::store::{Store, Verdict, file_hash};
 use image::Rgb32FImage;
 use serde::Serialize;
 
-use super::Outcome;
 use super::clip::{ClipArgs, load_model, zero_shot_model};
 use super::options::DeviceChoice;
+use super::{Outcome, UsageError};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -80,6 +82,20 @@ pub struct ScoreLine<'a> {
     pub threshold: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heatmap: Option<&'a Path>,
+    /// With `--prompt` and a model file: the model's own verdict, each typed
+    /// defect's, and which layers flagged the image.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Layers<'a>>,
+}
+
+/// The layers behind a verdict when typed defects were asked about.
+#[derive(Debug, serde::Serialize)]
+pub struct Layers<'a> {
+    pub model_is_anomalous: bool,
+    pub flagged_by: Vec<String>,
+    pub defects: &'a [DefectCheck],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defects_unchecked: Option<&'a str>,
 }
 
 /// An image to score and where its heatmap goes, relative to `--heatmaps`.
@@ -161,8 +177,23 @@ fn heatmap_name(relative: &Path, n: usize) -> PathBuf {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if let Some(path) = &args.model {
-        args.clip.refuse_text_for_model(path)?;
+        args.clip.refuse_object_for_model(path)?;
     }
+    if args.db.is_some() && args.model.is_some() && !args.clip.prompts.is_empty() {
+        return Err(UsageError(
+            "--prompt with --model is not recorded in a results store yet: drop --db to see \
+             the typed defects' verdicts"
+                .into(),
+        )
+        .into());
+    }
+    // With a model file, --prompt asks its text layer; zero-shot models
+    // took the descriptions when they were made.
+    let asked: &[String] = if args.model.is_some() {
+        &args.clip.prompts
+    } else {
+        &[]
+    };
     let runtime = args.clip.runtime(args.device.device()?)?;
     let inspector = match &args.model {
         Some(path) => load_model(path, &runtime)?,
@@ -188,17 +219,24 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     for input in &inputs {
         let path = &input.path;
         let heatmap = args.heatmaps.as_ref().map(|dir| dir.join(&input.heatmap));
-        match score_one(&inspector, path, heatmap.as_deref(), &limits) {
-            Ok(inspection) => {
+        match score_one(&inspector, path, heatmap.as_deref(), &limits, asked) {
+            Ok((inspection, report)) => {
+                let (is_anomalous, flagged_by) = layered(inspection.is_anomalous, &report.checks);
                 let printed = bars.suspend(|| {
                     print_line(
                         args.json,
                         &ScoreLine {
                             path,
                             score: inspection.score,
-                            is_anomalous: inspection.is_anomalous,
+                            is_anomalous,
                             threshold: inspection.threshold,
                             heatmap: heatmap.as_deref(),
+                            layers: (!asked.is_empty()).then(|| Layers {
+                                model_is_anomalous: inspection.is_anomalous,
+                                flagged_by,
+                                defects: &report.checks,
+                                defects_unchecked: report.unchecked_reason.as_deref(),
+                            }),
                         },
                     )
                 });
@@ -232,15 +270,19 @@ fn score_one(
     path: &Path,
     heatmap: Option<&Path>,
     limits: &ImageLimits,
-) -> anyhow::Result<Inspection> {
+    asked: &[String],
+) -> anyhow::Result<(Inspection, DefectReport)> {
     let image = load_image(path, limits)?;
     let inspection = inspector
         .inspect(&image)
         .with_context(|| format!("scoring {}", path.display()))?;
+    let report = inspector
+        .check_defects(&image, asked)
+        .with_context(|| format!("checking the typed defects on {}", path.display()))?;
     if let Some(out) = heatmap {
         write_heatmap(out, &image, &inspection)?;
     }
-    Ok(inspection)
+    Ok((inspection, report))
 }
 
 /// Writes the overlay, making its subfolder first.
@@ -261,12 +303,29 @@ fn print_line(json: bool, line: &ScoreLine<'_>) -> std::io::Result<()> {
         writeln!(out, "{}", serde_json::to_string(line)?)?;
     } else {
         let verdict = if line.is_anomalous { "ANOMALOUS" } else { "ok" };
-        writeln!(
+        write!(
             out,
             "{:.3}  {verdict:<9}  {}",
             line.score,
             line.path.display()
         )?;
+        if let Some(layers) = &line.layers {
+            for d in layers.defects {
+                write!(
+                    out,
+                    "  [{}: {:.3} {}, false alarms ≤ {:.3} on {} normal images]",
+                    d.description,
+                    d.score,
+                    if d.is_anomalous { "FLAGGED" } else { "ok" },
+                    d.false_alarm_upper_bound_95,
+                    d.normal_images
+                )?;
+            }
+            if let Some(reason) = layers.defects_unchecked {
+                write!(out, "  ({reason})")?;
+            }
+        }
+        writeln!(out)?;
     }
     out.flush()
 }
@@ -325,6 +384,7 @@ fn run_with_store(
                     is_anomalous: row.verdict == Verdict::Anomalous,
                     threshold: row.threshold,
                     heatmap: heatmaps.get(&row.path).map(PathBuf::as_path),
+                    layers: None,
                 },
             ),
             BatchItem::Failed { error, .. } => {

@@ -452,7 +452,7 @@ fn winclip_bad_text_options_exit_2() {
         assert!(stderr(&out).contains(expected), "{}", stderr(&out));
     }
 
-    // --prompt with a model file would be ignored: refused instead.
+    // --object with a model file would be ignored: refused instead.
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m.flawscope");
     let out = flawscope(&[
@@ -467,14 +467,127 @@ fn winclip_bad_text_options_exit_2() {
         "score",
         "--model",
         model.to_str().unwrap(),
-        "--prompt",
-        "a crack",
+        "--object",
+        "solar cell",
         &image,
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("apply to --zero-shot"),
+        stderr(&out).contains("applies to --zero-shot"),
         "{}",
         stderr(&out)
     );
+
+    // --prompt with a model that has no text layer: the classical verdict,
+    // and the reason the defect was not checked.
+    let out = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a crack",
+        "--json",
+        &image,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let line = &json_lines(&out)[0];
+    assert_eq!(line["defects"], serde_json::json!([]));
+    let why = line["defects_unchecked"].as_str().unwrap();
+    assert!(why.contains("no text layer"), "{line}");
+    assert_eq!(line["is_anomalous"], line["model_is_anomalous"]);
+}
+
+/// A classical model with a text layer: each typed defect gets its own
+/// score, threshold and false-alarm estimate from the held-back normal
+/// images; without the CLIP weights the model still scores and says why the
+/// defects were not checked.
+#[test]
+fn text_layer_checks_each_typed_defect_with_a_calibrated_threshold() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The weights in a folder of their own, to take them away later.
+    let clip = tmp.path().join("clip");
+    std::fs::create_dir(&clip).unwrap();
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(Path::new(&tiny_clip()).join(name), clip.join(name)).unwrap();
+    }
+    let model = tmp.path().join("cells.flawscope");
+    let out = flawscope(&[
+        "fit",
+        "--train",
+        &demo("train/good"),
+        "--object",
+        "solar cell",
+        "--clip-weights",
+        clip.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("text layer"), "{}", stderr(&out));
+
+    let images = [
+        demo("test/defect/cell0001.png"),
+        demo("test/good/cell0060.png"),
+    ];
+    let score = |extra: &[&str]| {
+        let mut args = vec!["score", "--model", model.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        args.extend(images.iter().map(String::as_str));
+        let out = crate::cli::flawscope_command()
+            .args(&args)
+            .env_remove("FLAWSCOPE_CLIP_WEIGHTS")
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", tmp.path())
+            .env("HF_HUB_CACHE", tmp.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        json_lines(&out)
+    };
+    let asked = ["--prompt", "a crack", "--prompt", "a dark inactive area"];
+    let lines = score(&asked);
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        let defects = line["defects"].as_array().unwrap();
+        assert_eq!(defects.len(), 2, "{line}");
+        assert_eq!(defects[0]["description"], "a crack");
+        assert_eq!(defects[1]["description"], "a dark inactive area");
+        for d in defects {
+            // The demo fit holds back 10 of its 100 normal images.
+            assert_eq!(d["normal_images"], 10, "{d}");
+            let far = d["estimated_false_alarm_rate"].as_f64().unwrap();
+            let bound = d["false_alarm_upper_bound_95"].as_f64().unwrap();
+            assert!(
+                (0.0..=1.0).contains(&far) && far <= bound && bound <= 1.0,
+                "{d}"
+            );
+            let score = d["score"].as_f64().unwrap();
+            assert_eq!(d["is_anomalous"], score >= 0.5, "{d}");
+            let threshold = d["raw_threshold"].as_f64().unwrap();
+            let probability = d["probability"].as_f64().unwrap();
+            assert_eq!(probability >= threshold, score >= 0.5, "{d}");
+        }
+        // The overall verdict: any layer over its threshold, named.
+        let flagged: Vec<&str> = line["flagged_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(line["is_anomalous"], !flagged.is_empty(), "{line}");
+        assert_eq!(
+            line["model_is_anomalous"],
+            flagged.first() == Some(&"model"),
+            "{line}"
+        );
+    }
+    // Without the CLIP weights: still scored, classical verdict, and why.
+    std::fs::remove_dir_all(&clip).unwrap();
+    let lines = score(&asked);
+    for line in &lines {
+        assert_eq!(line["defects"], serde_json::json!([]), "{line}");
+        let why = line["defects_unchecked"].as_str().unwrap();
+        assert!(why.contains("could not be checked"), "{line}");
+        assert_eq!(line["is_anomalous"], line["model_is_anomalous"]);
+    }
 }

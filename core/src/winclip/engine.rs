@@ -211,6 +211,11 @@ impl WinClip {
         Ok(pre.tensor(std::slice::from_ref(&dynamic), self.clip.device())?)
     }
 
+    /// The projected (not normalised) CLIP embedding of one whole image, `[1, D]`.
+    pub(crate) fn image_embedding(&self, image: &Rgb32FImage) -> Result<Tensor, Error> {
+        Ok(self.clip.encode_image(&self.pixels(image)?)?)
+    }
+
     /// Unit embeddings of one image: class token, optionally every patch
     /// (in the space `patches` names), and every window of each scale.
     pub(crate) fn embed(
