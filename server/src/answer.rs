@@ -1,6 +1,8 @@
 //! Short human-readable answers for chat-ops: verdict, score, where the
 //! anomaly is and how large.
 
+use flawscope_core::prompt_layer::DefectCheck;
+
 use crate::inference::Scored;
 
 /// Where `(x, y)` lies in a `width × height` image, in words ("in the upper
@@ -28,6 +30,31 @@ pub fn percent(fraction: f64) -> String {
     } else {
         format!("about {p:.1}%")
     }
+}
+
+/// One typed defect's verdict in a sentence: "Crack: flagged — score 0.71,
+/// at most 26% false alarms (95% bound, 10 normal images); strongest in the
+/// lower left."
+pub fn describe_defect(d: &DefectCheck, width: usize, height: usize) -> String {
+    let (x, y) = (d.location.0 as usize, d.location.1 as usize);
+    format!(
+        "\"{}\": {} — score {:.2}, at most {} false alarms ({} normal images, 95% bound); \
+         strongest {}.",
+        d.description,
+        if d.is_anomalous {
+            "flagged"
+        } else {
+            "not seen"
+        },
+        d.score,
+        percent_plain(d.false_alarm_upper_bound_95),
+        d.normal_images,
+        position(x, y, width, height)
+    )
+}
+
+fn percent_plain(fraction: f64) -> String {
+    format!("{:.0}%", fraction * 100.0)
 }
 
 /// The answer for one scored image.

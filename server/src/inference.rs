@@ -9,7 +9,7 @@ use base64::Engine as _;
 use flawscope_core::anomaly_map::AnomalyMap;
 use flawscope_core::heatmap::overlay_png;
 use flawscope_core::images::decode_image;
-use flawscope_core::model::{Inspection, Model};
+use flawscope_core::model::{DefectReport, Inspection, Model};
 use flawscope_core::regions::{Region, area_above, regions};
 use image::Rgb32FImage;
 use serde::Serialize;
@@ -140,6 +140,27 @@ pub async fn inspect(
     blocking(slot, move || {
         let inspection = model.inspect(&image).map_err(|e| ApiError::from_core(&e))?;
         scored(&image, inspection, extras)
+    })
+    .await
+}
+
+/// [`inspect`], plus each typed defect checked by the model's text layer
+/// (or the reason it could not be), on the same slot.
+pub async fn inspect_with_defects(
+    model: Arc<Model>,
+    image: Rgb32FImage,
+    extras: Extras,
+    asked: Vec<String>,
+    slot: Slot,
+) -> Result<(Scored, DefectReport), ApiError> {
+    blocking(slot, move || {
+        let inspection = model.inspect(&image).map_err(|e| ApiError::from_core(&e))?;
+        let report = model.check_defects(&image, &asked).map_err(|e| match e {
+            // A phrase CLIP cannot read (too long) is the asker's to fix.
+            flawscope_core::Error::Prompt(_) => ApiError::bad_request("bad_prompt", e.to_string()),
+            other => ApiError::from_core(&other),
+        })?;
+        Ok((scored(&image, inspection, extras)?, report))
     })
     .await
 }

@@ -13,9 +13,14 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::answer::describe;
+use flawscope_core::prompt_layer::DefectCheck;
+use flawscope_core::verdict::layered;
+
+use crate::answer::{describe, describe_defect};
 use crate::error::ApiError;
-use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect, scored};
+use crate::inference::{
+    Extras, ScoreResponse, blocking, decode, inspect, inspect_with_defects, scored,
+};
 use crate::oip;
 use crate::question;
 use crate::state::{AppState, ZeroShot};
@@ -309,9 +314,16 @@ struct AskResponse {
     model: String,
     /// The defect phrases read from the question ([`question::defect_phrases`]).
     defects_asked: Vec<String>,
-    /// Whether each asked defect was checked on its own: not yet over HTTP
-    /// (the CLI's `score --prompt` uses a model's text layer); `note` says so.
+    /// Whether each asked defect was checked on its own by the model's text
+    /// layer; when not, `note` says why.
     defects_checked: bool,
+    /// Each asked defect: its score, verdict, calibrated threshold,
+    /// false-alarm estimate and location.
+    defects: Vec<DefectCheck>,
+    /// Anomalous when the model or any asked defect is over its threshold.
+    is_anomalous: bool,
+    /// Which layers flagged the image (`model`, then each defect).
+    flagged_by: Vec<String>,
     note: String,
     result: ScoreResponse,
 }
@@ -329,31 +341,50 @@ async fn ask(
     let model = state.model(&name)?;
     let image = decode(&state, upload.require_image()?).await?;
     let slot = state.slot().await?;
-    let scored = inspect(model, image, Extras::default(), slot).await?;
     let asked = question::defect_phrases(&question);
-    let note = if asked.is_empty() {
-        "no defect was named; the answer is the model's general anomaly verdict".to_owned()
-    } else {
-        format!(
-            "asked about {}: the HTTP service does not check typed defects one by one yet; \
-             the answer is the general anomaly verdict of {name}",
-            asked
-                .iter()
-                .map(|p| format!("\"{p}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+    let (scored, report) =
+        inspect_with_defects(model, image, Extras::default(), asked.clone(), slot).await?;
+    let (is_anomalous, flagged_by) = layered(scored.is_anomalous, &report.checks);
+    let note = match (&report.unchecked_reason, asked.is_empty()) {
+        (_, true) => {
+            "no defect was named; the answer is the model's general anomaly verdict".to_owned()
+        }
+        (Some(reason), false) => format!(
+            "asked about {}: {reason}; the answer is the general anomaly verdict of {name}",
+            quoted(&asked)
+        ),
+        (None, false) => format!("asked about {}", quoted(&asked)),
     };
-    let answer = format!("{} ({note}.)", describe(&name, &scored));
+    let mut answer = describe(&name, &scored);
+    for d in &report.checks {
+        answer.push_str(&format!(
+            " {}",
+            describe_defect(d, scored.width, scored.height)
+        ));
+    }
+    if report.checks.is_empty() {
+        answer.push_str(&format!(" ({note}.)"));
+    }
     Ok(Json(AskResponse {
         answer,
         question,
         defects_asked: asked,
-        defects_checked: false,
+        defects_checked: !report.checks.is_empty(),
+        defects: report.checks,
+        is_anomalous,
+        flagged_by,
         note,
         result: scored.response(&name, started),
         model: name,
     }))
+}
+
+fn quoted(phrases: &[String]) -> String {
+    phrases
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `POST /v1/zero-shot`: multipart `image`, `object`, one or more `prompt`.

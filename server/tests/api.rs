@@ -760,10 +760,8 @@ async fn ask_answers_in_words() {
     assert_eq!(v["defects_checked"], false);
     let answer = v["answer"].as_str().unwrap();
     assert!(answer.contains("\"chips\""), "{answer}");
-    assert!(
-        answer.contains("does not check typed defects one by one"),
-        "{answer}"
-    );
+    assert!(answer.contains("could not be checked"), "{answer}");
+    assert!(answer.contains("no text layer"), "{answer}");
     let reply = send(
         app2.clone(),
         multipart(
@@ -1530,4 +1528,69 @@ async fn score_responses_carry_the_answer_sentence() {
     let answer = v["answer"].as_str().unwrap();
     assert!(answer.starts_with("cells: "), "{answer}");
     assert!(answer.contains(&format!("score {:.2}", v["score"].as_f64().unwrap())));
+}
+
+/// A model with a text layer answers `/v1/ask` about each asked defect, with
+/// its own calibrated threshold and false-alarm estimate.
+#[tokio::test]
+async fn ask_checks_each_asked_defect_with_the_text_layer() {
+    let runtime = tiny_runtime();
+    let train: Vec<PathBuf> = images_in("train/good").into_iter().take(12).collect();
+    let mut model = common::small_patchcore(12, 256, &runtime);
+    model
+        .add_prompt_layer(
+            &runtime,
+            "solar cell",
+            &train,
+            0.25,
+            &flawscope_core::images::ImageLimits::default(),
+            &flawscope_core::progress::NoProgress,
+        )
+        .unwrap();
+    let state = AppState::new(
+        vec![ServedModel {
+            name: "cells".into(),
+            model: Arc::new(model),
+        }],
+        config(),
+    )
+    .unwrap();
+    let png = defect_png();
+    let reply = send(
+        app(state),
+        multipart(
+            "/v1/ask",
+            &[
+                Part::Text("text", "any cracks or dark spots on this part?"),
+                Part::File("image", &png),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    assert_eq!(v["defects_asked"], json!(["cracks", "dark spots"]));
+    assert_eq!(v["defects_checked"], true);
+    let defects = v["defects"].as_array().unwrap();
+    assert_eq!(defects.len(), 2, "{v}");
+    for (d, asked) in defects.iter().zip(["cracks", "dark spots"]) {
+        assert_eq!(d["description"], asked);
+        // 12 images, a quarter held back: 3 normal images set each threshold.
+        assert_eq!(d["normal_images"], 3, "{d}");
+        let bound = d["false_alarm_upper_bound_95"].as_f64().unwrap();
+        assert!(
+            d["estimated_false_alarm_rate"].as_f64().unwrap() <= bound,
+            "{d}"
+        );
+        assert_eq!(
+            d["is_anomalous"],
+            d["score"].as_f64().unwrap() >= 0.5,
+            "{d}"
+        );
+    }
+    let answer = v["answer"].as_str().unwrap();
+    assert!(answer.contains("\"cracks\": "), "{answer}");
+    assert!(answer.contains("\"dark spots\": "), "{answer}");
+    let flagged = v["flagged_by"].as_array().unwrap();
+    assert_eq!(v["is_anomalous"], !flagged.is_empty(), "{v}");
 }
