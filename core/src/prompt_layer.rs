@@ -26,9 +26,9 @@ use crate::images::{ImageLimits, load_image};
 use crate::progress::Progress;
 use crate::runtime::Runtime;
 use crate::verdict::Verdict;
-use crate::winclip::scoring::{harmonic_window_aggregation, probabilities, unit_rows};
+use crate::winclip::scoring::{probabilities, unit_rows, zero_shot};
 use crate::winclip::{
-    ClipCheckpoint, DEFAULT_LOGIT_SCALE, DEFAULT_SCALES, WinClip, zero_shot_grid,
+    ClipCheckpoint, DEFAULT_LOGIT_SCALE, DEFAULT_SCALES, WinClip, checked_object,
 };
 
 const NORMAL_TENSOR: &str = "prompt_layer.normal";
@@ -96,10 +96,7 @@ impl PromptLayer {
         limits: &ImageLimits,
         progress: &dyn Progress,
     ) -> Result<Self, Error> {
-        let object = flawscope_prompts::object_phrase(object);
-        if object.is_empty() {
-            return Err(crate::winclip::WinClipError::EmptyObject.into());
-        }
+        let object = checked_object(object)?;
         if held_back.is_empty() {
             return Err(Error::InvalidConfig(
                 "the text layer needs held-back normal images to calibrate on".into(),
@@ -191,20 +188,7 @@ impl PromptLayer {
                 .map(|&p| p as f32)
                 .collect();
             let calibration = Calibration::from_normal_scores(&normal, self.info.max_far)?;
-            let probability = probabilities(&embedded.class, &text, scale)?
-                .first()
-                .copied()
-                .unwrap_or(0.0);
-            let mut per_scale = Vec::with_capacity(embedded.windows.len());
-            for (list, emb) in &embedded.windows {
-                let p = probabilities(emb, &text, scale)?;
-                per_scale.push(harmonic_window_aggregation(
-                    &p,
-                    list,
-                    embedded.patches_count,
-                )?);
-            }
-            let grid = zero_shot_grid(probability, &per_scale)?;
+            let (probability, grid) = zero_shot(&embedded, &text, scale)?;
             let best = grid
                 .iter()
                 .enumerate()

@@ -127,7 +127,7 @@ pub fn prompt_set(prompts: &[String]) -> Result<PromptSet, Error> {
     Ok(PromptSet::winclip().with_defects(prompts)?)
 }
 
-fn checked_object(object: &str) -> Result<String, WinClipError> {
+pub(crate) fn checked_object(object: &str) -> Result<String, WinClipError> {
     let phrase = object_phrase(object);
     if phrase.is_empty() {
         Err(WinClipError::EmptyObject)

@@ -6,7 +6,7 @@ use candle_core::{D, Device, Tensor};
 use image::Rgb32FImage;
 
 use super::detector::{Memory, WinClipConfig};
-use super::engine::WinClip;
+use super::engine::{Embedded, WinClip};
 use super::{DEFAULT_LOGIT_SCALE, WinClipError};
 use crate::Error;
 
@@ -29,15 +29,7 @@ pub(crate) fn score_image(
 ) -> Result<Scored, Error> {
     let e = engine.embed(image, &config.scales, memory.map(|_| config.patch_features))?;
     let scale = config.logit_scale.unwrap_or(DEFAULT_LOGIT_SCALE);
-    let image_score = *probabilities(&e.class, text, scale)?
-        .first()
-        .ok_or(WinClipError::NonFinite)?;
-    let mut zero_shot_scales = Vec::with_capacity(e.windows.len());
-    for (list, emb) in &e.windows {
-        let p = probabilities(emb, text, scale)?;
-        zero_shot_scales.push(harmonic_window_aggregation(&p, list, e.patches_count)?);
-    }
-    let zero_shot = zero_shot_grid(image_score, &zero_shot_scales)?;
+    let (image_score, zero_shot) = zero_shot(&e, text, scale)?;
     let (score, grid) = match (memory, &e.patches) {
         (Some(memory), Some(patches)) => {
             let mut levels = vec![memory_scores(patches, &memory.patches)?];
@@ -65,6 +57,20 @@ pub(crate) fn score_image(
         rows: e.rows,
         cols: e.cols,
     })
+}
+
+/// WinCLIP's zero-shot image score and patch grid of one embedded image
+/// against the class vectors `text`.
+pub(crate) fn zero_shot(e: &Embedded, text: &Tensor, scale: f32) -> Result<(f64, Vec<f64>), Error> {
+    let image_score = *probabilities(&e.class, text, scale)?
+        .first()
+        .ok_or(WinClipError::NonFinite)?;
+    let mut per_scale = Vec::with_capacity(e.windows.len());
+    for (list, emb) in &e.windows {
+        let p = probabilities(emb, text, scale)?;
+        per_scale.push(harmonic_window_aggregation(&p, list, e.patches_count)?);
+    }
+    Ok((image_score, zero_shot_grid(image_score, &per_scale)?))
 }
 
 pub(crate) fn check_scales(scales: &[usize], rows: usize, cols: usize) -> Result<(), WinClipError> {
