@@ -12,18 +12,41 @@
   models the same way), and required fields must be present.
 
     python3 -m venv target/deploy-venv
-    target/deploy-venv/bin/pip install 'kserve==0.21.0' 'kubernetes-validate==1.37.0'
+    target/deploy-venv/bin/pip install 'kubernetes==37.0.2' 'six==1.17.0' 'kubernetes-validate==1.37.0'
+    target/deploy-venv/bin/pip install --no-deps 'kserve==0.21.0'
     target/deploy-venv/bin/python deploy/validate.py
 """
 
+import importlib.util
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import kubernetes.client.models as k8s_models
-import kserve.models as kserve_models
 import yaml
+
+
+def import_kserve_models():
+    """Imports `kserve.models` without `kserve/__init__.py`.
+
+    The package's top level starts KServe's model server (FastAPI, pandas,
+    gRPC: half a gigabyte installed); the schema models need only `six` and
+    the Kubernetes client, so kserve is installed with --no-deps.
+    """
+    spec = importlib.util.find_spec("kserve")
+    if spec is None:
+        sys.exit("kserve is not installed (pip install --no-deps 'kserve==0.21.0')")
+    package = types.ModuleType("kserve")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["kserve"] = package
+    import kserve.models
+
+    return kserve.models
+
+
+kserve_models = import_kserve_models()
 
 DEPLOY = Path(__file__).resolve().parent
 
