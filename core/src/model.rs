@@ -91,6 +91,23 @@ pub struct ModelSummary {
     pub object: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prompts: Vec<String>,
+    /// The text layer, when the model file has one: typed defect
+    /// descriptions are then checked with CLIP beside the detector.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_layer: Option<TextLayerSummary>,
+}
+
+/// What [`ModelSummary`] says of a model's text layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TextLayerSummary {
+    pub object: String,
+    /// Held-back normal images each description's threshold is set on.
+    pub normal_images: usize,
+    /// Whether typed descriptions can be checked here (CLIP weights found).
+    pub available: bool,
+    /// Why not, when they cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// How to fit a model.
@@ -368,9 +385,21 @@ impl Model {
     /// What the model is, for listings.
     pub fn summary(&self) -> ModelSummary {
         let c = &self.info.calibration;
+        let text_layer = self.info.prompt_layer.as_ref().map(|info| {
+            let reason = match &self.text {
+                Some(TextLayer::Unavailable { reason, .. }) => Some(reason.clone()),
+                _ => None,
+            };
+            TextLayerSummary {
+                object: info.object.clone(),
+                normal_images: info.normal_images,
+                available: reason.is_none(),
+                reason,
+            }
+        });
         let (object, prompts) = match &self.info.detector {
             DetectorConfig::WinClip(w) => (Some(w.object.clone()), w.prompts.clone()),
-            _ => (None, Vec::new()),
+            _ => (text_layer.as_ref().map(|t| t.object.clone()), Vec::new()),
         };
         ModelSummary {
             detector: self.detector_name().to_owned(),
@@ -400,6 +429,7 @@ impl Model {
             memory_bank_size: self.info.memory_bank_size,
             object,
             prompts,
+            text_layer,
         }
     }
 

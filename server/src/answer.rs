@@ -57,6 +57,44 @@ fn percent_plain(fraction: f64) -> String {
     format!("{:.0}%", fraction * 100.0)
 }
 
+/// The answer to a question about typed defects, in one paragraph: a yes or
+/// no on the asked defects first, then each defect's sentence, then the
+/// model's own verdict. `note` says why the defects were not checked, when
+/// they were not.
+pub fn ask_answer(model: &str, scored: &Scored, checks: &[DefectCheck], note: &str) -> String {
+    let general = describe(model, scored);
+    if checks.is_empty() {
+        return format!("{general} ({note}.)");
+    }
+    let flagged: Vec<String> = checks
+        .iter()
+        .filter(|d| d.is_anomalous)
+        .map(|d| format!("\"{}\"", d.description))
+        .collect();
+    let lead = if flagged.is_empty() {
+        "No: none of the asked defects is seen.".to_owned()
+    } else {
+        format!("Yes: {} seen.", join_words(&flagged))
+    };
+    let mut text = lead;
+    for d in checks {
+        text.push(' ');
+        text.push_str(&describe_defect(d, scored.width, scored.height));
+    }
+    text.push_str(" Overall, ");
+    text.push_str(&general);
+    text
+}
+
+/// "a", "a and b", "a, b and c".
+fn join_words(words: &[String]) -> String {
+    match words {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
 /// The answer for one scored image.
 pub fn describe(model: &str, scored: &Scored) -> String {
     let verdict = format!(
@@ -127,6 +165,58 @@ mod tests {
             heatmap_png: None,
             map: None,
         }
+    }
+
+    fn check(description: &str, is_anomalous: bool) -> DefectCheck {
+        DefectCheck {
+            description: description.into(),
+            score: if is_anomalous { 0.71 } else { 0.3 },
+            probability: 0.5,
+            raw_threshold: 0.5,
+            is_anomalous,
+            estimated_false_alarm_rate: 0.0,
+            false_alarm_upper_bound_95: 0.26,
+            normal_images: 10,
+            location: (20, 180),
+        }
+    }
+
+    #[test]
+    fn ask_answers_lead_with_the_asked_defects() {
+        let s = scored(false, vec![]);
+        let yes = ask_answer(
+            "cells",
+            &s,
+            &[check("crack", true), check("dark spot", false)],
+            "",
+        );
+        assert_eq!(
+            yes,
+            "Yes: \"crack\" seen. \"crack\": flagged — score 0.71, at most 26% false alarms \
+             (10 normal images, 95% bound); strongest in the lower left. \"dark spot\": not seen \
+             — score 0.30, at most 26% false alarms (10 normal images, 95% bound); strongest in \
+             the lower left. Overall, cells: looks normal — score 0.20 (threshold 0.50)."
+        );
+        let no = ask_answer("cells", &s, &[check("crack", false)], "");
+        assert!(
+            no.starts_with("No: none of the asked defects is seen."),
+            "{no}"
+        );
+        let both = ask_answer(
+            "cells",
+            &s,
+            &[check("a", true), check("b", true), check("c", true)],
+            "",
+        );
+        assert!(
+            both.starts_with("Yes: \"a\", \"b\" and \"c\" seen."),
+            "{both}"
+        );
+        let unchecked = ask_answer("cells", &s, &[], "no CLIP weights");
+        assert_eq!(
+            unchecked,
+            "cells: looks normal — score 0.20 (threshold 0.50). (no CLIP weights.)"
+        );
     }
 
     #[test]

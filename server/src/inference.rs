@@ -10,11 +10,13 @@ use flawscope_core::anomaly_map::AnomalyMap;
 use flawscope_core::heatmap::overlay_png;
 use flawscope_core::images::decode_image;
 use flawscope_core::model::{DefectReport, Inspection, Model};
+use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_core::regions::{Region, area_above, regions};
+use flawscope_core::verdict::layered;
 use image::Rgb32FImage;
 use serde::Serialize;
 
-use crate::answer::describe;
+use crate::answer::{describe, describe_defect};
 use crate::error::ApiError;
 use crate::state::{AppState, Slot};
 
@@ -67,6 +69,22 @@ pub struct ScoreResponse {
     pub object: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prompts: Vec<String>,
+    /// With typed defects on a model (`prompt` fields): the model's own
+    /// verdict, while `is_anomalous` is then any layer's
+    /// ([`flawscope_core::verdict::layered`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_is_anomalous: Option<bool>,
+    /// With typed defects: the layers over their thresholds (`model`, then
+    /// each flagged description).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flagged_by: Option<Vec<String>>,
+    /// With typed defects: each one's score, verdict, calibrated threshold,
+    /// false-alarm estimate and location.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub defects: Vec<DefectCheck>,
+    /// Why the typed defects could not be checked, when they could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defects_unchecked: Option<String>,
 }
 
 impl Scored {
@@ -95,7 +113,50 @@ impl Scored {
             heatmap_png: self.heatmap_png,
             object: None,
             prompts: Vec::new(),
+            model_is_anomalous: None,
+            flagged_by: None,
+            defects: Vec::new(),
+            defects_unchecked: None,
         }
+    }
+
+    /// [`Scored::response`] with the typed defects `asked` and what the
+    /// model's text layer made of them: the verdict becomes the layered
+    /// one, and the answer gains a sentence per defect (or why none could
+    /// be checked).
+    pub fn layered_response(
+        self,
+        model: &str,
+        started: std::time::Instant,
+        asked: Vec<String>,
+        report: DefectReport,
+    ) -> ScoreResponse {
+        let (width, height) = (self.width, self.height);
+        let model_is_anomalous = self.is_anomalous;
+        let mut response = self.response(model, started);
+        let (is_anomalous, flagged_by) = layered(model_is_anomalous, &report.checks);
+        for d in &report.checks {
+            response.answer.push(' ');
+            response.answer.push_str(&describe_defect(d, width, height));
+        }
+        if let Some(reason) = &report.unchecked_reason {
+            // The reason is a sentence's tail ("the typed defects could not
+            // be checked: …"); it ends the answer as a sentence of its own.
+            let mut chars = reason.chars();
+            let first = chars.next().map(|c| c.to_uppercase().to_string());
+            response.answer.push_str(&format!(
+                " {}{}.",
+                first.unwrap_or_default(),
+                chars.as_str()
+            ));
+        }
+        response.is_anomalous = is_anomalous;
+        response.model_is_anomalous = Some(model_is_anomalous);
+        response.flagged_by = Some(flagged_by);
+        response.prompts = asked;
+        response.defects = report.checks;
+        response.defects_unchecked = report.unchecked_reason;
+        response
     }
 }
 

@@ -16,7 +16,7 @@ use serde_json::json;
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_core::verdict::layered;
 
-use crate::answer::{describe, describe_defect};
+use crate::answer::ask_answer;
 use crate::error::ApiError;
 use crate::inference::{
     Extras, ScoreResponse, blocking, decode, inspect, inspect_with_defects, scored,
@@ -247,7 +247,9 @@ fn wants_heatmap(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<boo
     }
 }
 
-/// `POST /v1/models/{name}/score`: raw image body or multipart `image`.
+/// `POST /v1/models/{name}/score`: raw image body or multipart `image`,
+/// with optional `prompt` fields (typed defects, checked by the model's text
+/// layer beside its own verdict).
 async fn score(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -264,11 +266,39 @@ async fn score(
     // The body is read and decoded before a slot is taken, so a slow or
     // bad upload never holds one.
     let _body = state.body_permit()?;
-    let mut upload = read_upload(&state, request, RawBody::Image, &[]).await?;
+    let mut upload = read_upload(&state, request, RawBody::Image, &["prompt"]).await?;
+    let asked = typed_prompts(&upload)?;
     let image = decode(&state, upload.require_image()?).await?;
     let slot = state.slot().await?;
-    let scored = inspect(model, image, extras, slot).await?;
-    Ok(Json(scored.response(&name, started)))
+    if asked.is_empty() {
+        let scored = inspect(model, image, extras, slot).await?;
+        return Ok(Json(scored.response(&name, started)));
+    }
+    let (scored, report) = inspect_with_defects(model, image, extras, asked.clone(), slot).await?;
+    Ok(Json(scored.layered_response(&name, started, asked, report)))
+}
+
+/// The `prompt` fields of an upload, trimmed: each must say something, and
+/// there may be at most [`MAX_PROMPTS`].
+fn typed_prompts(upload: &crate::upload::Upload) -> Result<Vec<String>, ApiError> {
+    let prompts: Vec<String> = upload
+        .fields
+        .get("prompt")
+        .map(|v| v.iter().map(|p| p.trim().to_owned()).collect())
+        .unwrap_or_default();
+    if prompts.iter().any(String::is_empty) {
+        return Err(ApiError::bad_request(
+            "bad_prompt",
+            "a \"prompt\" field is empty: describe a defect in each one",
+        ));
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::bad_request(
+            "too_many_prompts",
+            format!("at most {MAX_PROMPTS} prompts"),
+        ));
+    }
+    Ok(prompts)
 }
 
 /// Picks the model for `/v1/ask`: the `model` field, the only model, or
@@ -328,14 +358,40 @@ struct AskResponse {
     result: ScoreResponse,
 }
 
-/// `POST /v1/ask`: multipart `image`, `text`, optional `model`.
-async fn ask(
-    State(state): State<AppState>,
-    request: Request,
-) -> Result<Json<AskResponse>, ApiError> {
+/// How `/v1/ask` answers: the structured JSON, or the answer's paragraph
+/// alone as plain text for a chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AskStyle {
+    Json,
+    Chat,
+}
+
+impl AskStyle {
+    fn parse(field: Option<&str>) -> Result<Self, ApiError> {
+        match field {
+            None | Some("json") => Ok(Self::Json),
+            Some("chat") => Ok(Self::Chat),
+            Some(other) => Err(ApiError::bad_request(
+                "bad_style",
+                format!("style must be \"json\" or \"chat\", not \"{other}\""),
+            )),
+        }
+    }
+}
+
+/// `POST /v1/ask`: multipart `image`, `text`, optional `model` and `style`
+/// (`json`, the default, or `chat`).
+async fn ask(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let started = Instant::now();
     let _body = state.body_permit()?;
-    let mut upload = read_upload(&state, request, RawBody::Refused, &["text", "model"]).await?;
+    let mut upload = read_upload(
+        &state,
+        request,
+        RawBody::Refused,
+        &["text", "model", "style"],
+    )
+    .await?;
+    let style = AskStyle::parse(upload.text("style"))?;
     let question = upload.text("text").unwrap_or("").to_owned();
     let name = choose_model(&state, upload.text("model"), &question)?;
     let model = state.model(&name)?;
@@ -355,15 +411,16 @@ async fn ask(
         ),
         (None, false) => format!("asked about {}", quoted(&asked)),
     };
-    let mut answer = describe(&name, &scored);
-    for d in &report.checks {
-        answer.push_str(&format!(
-            " {}",
-            describe_defect(d, scored.width, scored.height)
-        ));
-    }
-    if report.checks.is_empty() {
-        answer.push_str(&format!(" ({note}.)"));
+    let answer = ask_answer(&name, &scored, &report.checks, &note);
+    if style == AskStyle::Chat {
+        return Ok((
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            answer,
+        )
+            .into_response());
     }
     Ok(Json(AskResponse {
         answer,
@@ -376,7 +433,8 @@ async fn ask(
         note,
         result: scored.response(&name, started),
         model: name,
-    }))
+    })
+    .into_response())
 }
 
 fn quoted(phrases: &[String]) -> String {
@@ -414,26 +472,11 @@ async fn zero_shot(
             )
         })?
         .to_owned();
-    let prompts: Vec<String> = upload
-        .fields
-        .get("prompt")
-        .map(|v| {
-            v.iter()
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
+    let prompts = typed_prompts(&upload)?;
     if prompts.is_empty() {
         return Err(ApiError::bad_request(
             "missing_prompt",
             "describe a defect in at least one \"prompt\" field",
-        ));
-    }
-    if prompts.len() > MAX_PROMPTS {
-        return Err(ApiError::bad_request(
-            "too_many_prompts",
-            format!("at most {MAX_PROMPTS} prompts"),
         ));
     }
     let image = decode(&state, upload.require_image()?).await?;

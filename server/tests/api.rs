@@ -1557,7 +1557,7 @@ async fn ask_checks_each_asked_defect_with_the_text_layer() {
     .unwrap();
     let png = defect_png();
     let reply = send(
-        app(state),
+        app(state.clone()),
         multipart(
             "/v1/ask",
             &[
@@ -1593,4 +1593,147 @@ async fn ask_checks_each_asked_defect_with_the_text_layer() {
     assert!(answer.contains("\"dark spots\": "), "{answer}");
     let flagged = v["flagged_by"].as_array().unwrap();
     assert_eq!(v["is_anomalous"], !flagged.is_empty(), "{v}");
+    let any_defect = defects.iter().any(|d| d["is_anomalous"] == true);
+    assert!(
+        answer.starts_with(if any_defect { "Yes: " } else { "No: " }),
+        "{answer}"
+    );
+    assert!(answer.contains(" Overall, cells: "), "{answer}");
+    let asked_json = v.clone();
+
+    // The chat style: the same paragraph alone, as plain text.
+    let app = app(state);
+    let reply = send(
+        app.clone(),
+        multipart(
+            "/v1/ask",
+            &[
+                Part::Text("text", "any cracks or dark spots on this part?"),
+                Part::Text("style", "chat"),
+                Part::File("image", &png),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.headers[header::CONTENT_TYPE],
+        "text/plain; charset=utf-8"
+    );
+    assert_eq!(
+        std::str::from_utf8(&reply.body).unwrap(),
+        asked_json["answer"].as_str().unwrap()
+    );
+    let reply = send(
+        app.clone(),
+        multipart(
+            "/v1/ask",
+            &[
+                Part::Text("text", "cracks?"),
+                Part::Text("style", "poem"),
+                Part::File("image", &png),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.error_code(), "bad_style");
+
+    // The score route takes the same defects as `prompt` fields and gives
+    // the same checks, beside the model's own verdict.
+    let reply = send(
+        app.clone(),
+        multipart(
+            "/v1/models/cells/score",
+            &[
+                Part::Text("prompt", "cracks"),
+                Part::Text("prompt", "dark spots"),
+                Part::File("image", &png),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    assert_eq!(v["prompts"], json!(["cracks", "dark spots"]));
+    assert_eq!(v["defects"], asked_json["defects"], "{v}");
+    assert_eq!(
+        v["model_is_anomalous"],
+        asked_json["result"]["is_anomalous"]
+    );
+    assert_eq!(v["flagged_by"], asked_json["flagged_by"]);
+    assert_eq!(v["is_anomalous"], asked_json["is_anomalous"]);
+    assert!(v.get("defects_unchecked").is_none(), "{v}");
+    let answer = v["answer"].as_str().unwrap();
+    assert!(answer.starts_with("cells: "), "{answer}");
+    assert!(answer.contains("\"dark spots\": "), "{answer}");
+    // Without prompts the response has no layered fields.
+    let v = send(
+        app.clone(),
+        multipart("/v1/models/cells/score", &[Part::File("image", &png)]),
+    )
+    .await
+    .json();
+    assert!(
+        v.get("defects").is_none() && v.get("flagged_by").is_none(),
+        "{v}"
+    );
+    assert_eq!(v["is_anomalous"], asked_json["result"]["is_anomalous"]);
+    // An empty or over-long description is the asker's to fix.
+    for (prompt, code) in [
+        ("  ", "bad_prompt"),
+        (&"very ".repeat(80) as &str, "bad_prompt"),
+    ] {
+        let reply = send(
+            app.clone(),
+            multipart(
+                "/v1/models/cells/score",
+                &[Part::Text("prompt", prompt), Part::File("image", &png)],
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.json());
+        assert_eq!(reply.error_code(), code);
+    }
+    // `/v1/models` says the model has a text layer, and for what object.
+    let v = send(app, get("/v1/models")).await.json();
+    let listed = &v["models"][0];
+    assert_eq!(listed["object"], "solar cell", "{v}");
+    assert_eq!(listed["text_layer"]["available"], true, "{v}");
+    assert_eq!(listed["text_layer"]["normal_images"], 3, "{v}");
+}
+
+/// Typed defects on the score route of a model without a text layer: the
+/// classical verdict stands, and the response says why they were not checked.
+#[tokio::test]
+async fn score_with_prompts_but_no_text_layer_keeps_the_classical_verdict() {
+    let app = app(state());
+    let png = defect_png();
+    let plain = send(
+        app.clone(),
+        multipart("/v1/models/cells/score", &[Part::File("image", &png)]),
+    )
+    .await
+    .json();
+    let reply = send(
+        app,
+        multipart(
+            "/v1/models/cells/score",
+            &[Part::Text("prompt", "crack"), Part::File("image", &png)],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    assert_eq!(v["is_anomalous"], plain["is_anomalous"]);
+    assert_eq!(v["model_is_anomalous"], plain["is_anomalous"]);
+    assert_eq!(v["score"], plain["score"]);
+    assert!(v.get("defects").is_none(), "{v}");
+    let reason = v["defects_unchecked"].as_str().unwrap();
+    assert!(reason.contains("no text layer"), "{reason}");
+    let answer = v["answer"].as_str().unwrap();
+    assert!(
+        answer.contains(". The typed defects could not be checked: "),
+        "{answer}"
+    );
 }
