@@ -162,6 +162,24 @@ function updateClipNote() {
   if (!caps) return;
   const defects = typedDefects();
   const zeroShot = $('source').value === ZERO_SHOT;
+  const model = zeroShot ? null : state.models.get($('source').value);
+  if (model) {
+    // A model checks typed defects with its own text layer: the object is
+    // the one it was fitted for, and each threshold is calibrated.
+    const layer = model.text_layer;
+    if (!defects.length) {
+      note.textContent = layer && layer.available
+        ? 'Type defect descriptions to have ' + $('source').value + '\'s CLIP layer check each one (object "' + layer.object + '").'
+        : '';
+    } else if (!layer) {
+      note.textContent = 'Model ' + $('source').value + ' has no CLIP text layer, so typed defects are not checked one by one; the verdict is the model\'s (fit it with --object and CLIP weights to add one).';
+    } else if (!layer.available) {
+      note.textContent = 'Typed defects cannot be checked here: ' + layer.reason + '. The verdict is the model\'s.';
+    } else {
+      note.textContent = 'Each typed defect is checked by the model\'s CLIP layer as "' + layer.object + '", with its own threshold calibrated on ' + layer.normal_images + ' normal images.';
+    }
+    return;
+  }
   if (!caps.zero_shot.available) {
     note.textContent = defects.length
       ? 'Typed defect descriptions cannot be checked here: ' + caps.zero_shot.reason + '. The verdict, score and heatmap are the classical model\'s.'
@@ -227,7 +245,15 @@ async function score(item) {
     if (item.file.size > limit) {
       throw new ApiError(413, 'payload_too_large', 'the file is ' + item.file.size + ' bytes; this server takes at most ' + limit + ' bytes');
     }
-    if (item.model) {
+    if (item.model && item.defects.length) {
+      // Typed defects go with the image: the model's text layer checks each
+      // one beside the model's own verdict, in the same request.
+      item.result = await apiBusyRetry('/v1/models/' + encodeURIComponent(item.model) + '/score?heatmap=png', () => ({
+        method: 'POST',
+        body: form([['image', item.file], ...item.defects.map((d) => ['prompt', d.text])]),
+      }));
+      fillLayeredDefects(item);
+    } else if (item.model) {
       // Read into memory first: a File body is streamed from the browser's
       // blob store while the server waits, which cost it ~10 ms a request.
       const bytes = await item.file.arrayBuffer();
@@ -256,9 +282,27 @@ async function score(item) {
   }
 }
 
-// One zero-shot request per description: that description's score alone.
+// The text layer's checks in a model's answer, onto the typed defects.
+function fillLayeredDefects(item) {
+  const checks = item.result.defects || [];
+  for (const d of item.defects) {
+    const c = checks.find((x) => x.description === d.text);
+    if (c) {
+      d.score = c.score;
+      d.verdict = c.is_anomalous;
+      d.far = c.estimated_false_alarm_rate;
+      d.farBound = c.false_alarm_upper_bound_95;
+      d.normalImages = c.normal_images;
+      d.location = c.location;
+    }
+  }
+  item.unchecked = item.result.defects_unchecked || null;
+}
+
+// Zero-shot only: one request per description, that description's score
+// alone (a model's text layer answered them with the image already).
 async function scoreDefects(item) {
-  if (!item.defects.length || !state.caps.zero_shot.available || !item.object) return;
+  if (item.model || !item.defects.length || !state.caps.zero_shot.available || !item.object) return;
   for (const d of item.defects) {
     try {
       const r = await apiBusyRetry('/v1/zero-shot', () => ({
@@ -430,27 +474,9 @@ function renderDetail() {
   draw(item);
 }
 
-function renderDefects(item) {
-  const out = $('defects-out');
-  if (!item.defects.length) return;
-  const caps = state.caps;
-  if (!caps.zero_shot.available) {
-    const p = document.createElement('p');
-    p.className = 'note';
-    p.textContent = 'The typed defects (' + item.defects.map((d) => d.text).join(', ') + ') were not checked: ' + caps.zero_shot.reason + '. The result above is the classical model\'s.';
-    out.append(p);
-    return;
-  }
-  if (!item.object) {
-    const p = document.createElement('p');
-    p.className = 'note';
-    p.textContent = 'The typed defects were not checked: no object was typed.';
-    out.append(p);
-    return;
-  }
+function defectTable(item, captionText) {
   const table = document.createElement('table');
-  const caption = table.createCaption();
-  caption.textContent = 'Each typed defect, scored alone by zero-shot CLIP as "' + item.object + '"';
+  table.createCaption().textContent = captionText;
   const head = table.createTHead().insertRow();
   for (const h of ['Defect', 'Score (0–1)', 'Verdict', 'False-alarm estimate']) {
     const th = document.createElement('th');
@@ -465,10 +491,47 @@ function renderDefects(item) {
     const cell = row.insertCell();
     cell.textContent = d.error ? d.error : d.score === null ? 'scoring…' : d.score.toFixed(3);
     if (d.score !== null) cell.dataset.score = String(d.score);
-    row.insertCell().textContent = d.verdict === null ? '' : d.verdict ? 'Anomalous' : 'Normal';
-    row.insertCell().textContent = 'not known (not calibrated on normal images)';
+    row.insertCell().textContent = d.verdict === null || d.verdict === undefined ? '' : d.verdict ? 'Anomalous' : 'Normal';
+    row.insertCell().textContent = d.far === undefined
+      ? 'not known (not calibrated on normal images)'
+      : 'about ' + pct(d.far) + ', at most ' + pct(d.farBound) + ' (95% bound, ' + d.normalImages + ' normal images)';
   }
-  out.append(table);
+  return table;
+}
+
+function note(text) {
+  const p = document.createElement('p');
+  p.className = 'note';
+  p.textContent = text;
+  return p;
+}
+
+function renderDefects(item) {
+  const out = $('defects-out');
+  if (!item.defects.length) return;
+  if (item.model) {
+    if (!item.result) return;
+    if (item.unchecked) {
+      // The reason reads "the typed defects could not be checked: …".
+      out.append(note(item.unchecked.charAt(0).toUpperCase() + item.unchecked.slice(1) + '. The result above is the model\'s own.'));
+      return;
+    }
+    const flagged = item.result.flagged_by || [];
+    out.append(defectTable(item, 'Each typed defect, checked by ' + item.model + '\'s CLIP layer with its own calibrated threshold'));
+    out.append(note('Flagged by: ' + (flagged.length ? flagged.join(', ') : 'nothing')
+      + ' · the model alone: ' + (item.result.model_is_anomalous ? 'anomalous' : 'normal') + '.'));
+    return;
+  }
+  const caps = state.caps;
+  if (!caps.zero_shot.available) {
+    out.append(note('The typed defects (' + item.defects.map((d) => d.text).join(', ') + ') were not checked: ' + caps.zero_shot.reason + '. The result above is the classical model\'s.'));
+    return;
+  }
+  if (!item.object) {
+    out.append(note('The typed defects were not checked: no object was typed.'));
+    return;
+  }
+  out.append(defectTable(item, 'Each typed defect, scored alone by zero-shot CLIP as "' + item.object + '"'));
 }
 
 // ---------- drawing ----------
@@ -567,7 +630,8 @@ function rows() {
     anomalous_fraction: i.result ? i.result.anomalous_fraction : null,
     regions: i.result ? i.result.regions.length : null,
     decision: i.decision,
-    defects: i.defects.map((d) => ({ text: d.text, score: d.score, error: d.error })),
+    defects: i.defects.map((d) => ({ text: d.text, score: d.score, anomalous: d.verdict, false_alarm_estimate: d.far === undefined ? null : d.far, error: d.error })),
+    flagged_by: i.result && i.result.flagged_by ? i.result.flagged_by.join('; ') : null,
     answer: i.result ? i.result.answer : null,
     error: i.error,
   }));
@@ -594,7 +658,7 @@ function download(name, type, text) {
 
 function downloadCsv() {
   const data = rows();
-  const keys = ['name', 'status', 'source', 'score', 'threshold', 'verdict', 'anomalous_fraction', 'regions', 'decision', 'defects', 'answer', 'error'];
+  const keys = ['name', 'status', 'source', 'score', 'threshold', 'verdict', 'flagged_by', 'anomalous_fraction', 'regions', 'decision', 'defects', 'answer', 'error'];
   const lines = [keys.join(',')];
   for (const row of data) {
     lines.push(keys.map((k) => (k === 'defects'

@@ -361,7 +361,7 @@ async fn web_page_scores_marks_and_survives_garbage() {
         "return document.getElementById('server-status').textContent.includes('model(s)')",
     )
     .await;
-    // Typed defects without CLIP: the page says so plainly.
+    // Typed defects on a model without a text layer: the page says so plainly.
     client
         .find(Locator::Id("defects"))
         .await
@@ -371,7 +371,7 @@ async fn web_page_scores_marks_and_survives_garbage() {
         .unwrap();
     let note = text(&client, "clip-note").await;
     assert!(
-        note.contains("cannot be checked") && note.contains("classical model"),
+        note.contains("no CLIP text layer") && note.contains("not checked"),
         "{note}"
     );
 
@@ -474,7 +474,8 @@ async fn web_page_scores_marks_and_survives_garbage() {
         "layout at 1366 x 768"
     );
     let defects = text(&client, "defects-out").await;
-    assert!(defects.contains("were not checked"), "{defects}");
+    assert!(defects.contains("could not be checked"), "{defects}");
+    assert!(defects.contains("no text layer"), "{defects}");
     screenshot(&client, "web-page.png").await;
 
     // OK / NG with the TUI's keys reach the results store.
@@ -768,17 +769,69 @@ fn zero_shot_score(addr: SocketAddr, image: &[u8], prompts: &[&str]) -> f64 {
     reply.json()["score"].as_f64().unwrap()
 }
 
-/// With CLIP (the tiny random fixture checkpoint: plumbing, not accuracy),
-/// typed defects are scored one by one and zero-shot gives the verdict;
-/// both equal `/v1/zero-shot` for the same file and text.
+/// The score of each typed defect as the model's text layer gives it on
+/// `/v1/models/cells/score`.
+fn layered_scores(addr: SocketAddr, image: &[u8], prompts: &[&str]) -> Vec<f64> {
+    let fields: Vec<(&str, &str)> = prompts.iter().map(|p| ("prompt", *p)).collect();
+    let (content_type, body) = multipart(&fields, image);
+    let reply = http_with(
+        addr,
+        "POST",
+        "/v1/models/cells/score",
+        &content_type,
+        "",
+        &body,
+    );
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply.json()["defects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["score"].as_f64().unwrap())
+        .collect()
+}
+
+/// With CLIP (the tiny random fixture checkpoint: plumbing, not accuracy):
+/// a model with a text layer checks the typed defects in its own request,
+/// each with a calibrated false-alarm estimate, as the score route does;
+/// zero-shot gives the verdict as `/v1/zero-shot` does for the same texts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_page_scores_typed_defects_with_clip() {
     let Some(browser) = browser("web_page_scores_typed_defects_with_clip") else {
         return;
     };
-    let models = tokio::task::spawn_blocking(model_dir).await.unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tests/fixtures/tiny_clip");
+    let models = tmp.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    {
+        let (models, clip) = (models.clone(), clip.clone());
+        tokio::task::spawn_blocking(move || {
+            let train = demo_dir().join("train/good");
+            let out = crate::cli::flawscope_command()
+                .args(["fit", "--train"])
+                .arg(&train)
+                .args(["--object", "solar cell", "--clip-weights"])
+                .arg(&clip)
+                .arg("--out")
+                .arg(models.join("cells.flawscope"))
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        })
+        .await
+        .unwrap();
+    }
     let server = start_server_with(
         &models,
         &tmp.path().join("serve.log"),
@@ -810,27 +863,34 @@ async fn web_page_scores_typed_defects_with_clip() {
                 .unwrap();
         }
     };
-    typed("object", "solar cell").await;
     typed("defects", "a crack\na dark inactive area").await;
-    assert_eq!(text(&client, "clip-note").await, "");
+    let note = text(&client, "clip-note").await;
+    assert!(
+        note.contains("checked by the model's CLIP layer as \"solar cell\""),
+        "{note}"
+    );
 
-    // The classical model's verdict, with each typed defect's CLIP score.
+    // The model's verdict, with each typed defect checked by its text layer.
     upload(&client, &[&defect]).await;
     let table = "const cells = [...document.querySelectorAll('#defects-out td[data-score]')];
          return cells.length === 2 ? cells.map(c => Number(c.dataset.score)) : null;";
     let shown = wait_for(&client, "the per-defect scores", table).await;
+    let api = layered_scores(addr, &bytes, &prompts);
     for (i, prompt) in prompts.iter().enumerate() {
-        let api = zero_shot_score(addr, &bytes, &[prompt]);
         let page = shown[i].as_f64().unwrap();
-        assert!((page - api).abs() < 1e-6, "{prompt}: {page} vs {api}");
+        assert!(
+            (page - api[i]).abs() < 1e-6,
+            "{prompt}: {page} vs {}",
+            api[i]
+        );
     }
-    let rows = list(&client).await;
-    let (score, _) = api_score(addr, &defect, "");
-    assert!((rows[0]["score"].as_f64().unwrap() - score).abs() < 1e-6);
     let defects = text(&client, "defects-out").await;
-    assert!(defects.contains("not known"), "{defects}");
+    assert!(defects.contains("95% bound"), "{defects}");
+    assert!(defects.contains("Flagged by: "), "{defects}");
+    screenshot(&client, "web-page-text-layer.png").await;
 
     // Zero-shot as the verdict: the same as /v1/zero-shot with both texts.
+    typed("object", "solar cell").await;
     client
         .find(Locator::Id("source"))
         .await
@@ -853,6 +913,28 @@ async fn web_page_scores_typed_defects_with_clip() {
             .any(|r| (r["score"].as_f64().unwrap() - zero_shot).abs() < 1e-6),
         "{rows:?} vs {zero_shot}"
     );
+    // Each description alone, uncalibrated, as /v1/zero-shot gives it.
+    client
+        .execute(
+            "[...document.querySelectorAll('#list li')]
+               .find(l => l.querySelector('.name').textContent.endsWith('(zero-shot)')).click();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let shown = wait_for(
+        &client,
+        "the zero-shot per-defect scores",
+        "const cells = [...document.querySelectorAll('#defects-out td[data-score]')];
+         return cells.length === 2 && document.getElementById('defects-out').textContent.includes('not known')
+           ? cells.map(c => Number(c.dataset.score)) : null;",
+    )
+    .await;
+    for (i, prompt) in prompts.iter().enumerate() {
+        let api = zero_shot_score(addr, &bytes, &[prompt]);
+        let page = shown[i].as_f64().unwrap();
+        assert!((page - api).abs() < 1e-6, "{prompt}: {page} vs {api}");
+    }
     screenshot(&client, "web-page-clip.png").await;
     client.close().await.unwrap();
     drop(server);
