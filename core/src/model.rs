@@ -345,6 +345,15 @@ impl Model {
         })
     }
 
+    /// Makes the text layer ready for `descriptions` ([`PromptLayer::prepare`]);
+    /// nothing to do without a usable text layer.
+    pub fn prepare_defects(&self, descriptions: &[String]) -> Result<(), Error> {
+        match &self.text {
+            Some(TextLayer::Ready(layer)) => layer.prepare(descriptions),
+            _ => Ok(()),
+        }
+    }
+
     fn tensors(&self) -> BTreeMap<String, Tensor> {
         let mut tensors = self.detector.tensors();
         match &self.text {

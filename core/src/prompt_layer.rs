@@ -168,6 +168,18 @@ impl PromptLayer {
     }
 
     /// Checks each description on `image`.
+    /// Reads each description as [`PromptLayer::check`] will (an empty one
+    /// or one over the tokenizer's limit is refused) and encodes its
+    /// sentences, so a batch finds a bad description before its first
+    /// image, and its text is cached.
+    pub fn prepare(&self, descriptions: &[String]) -> Result<(), Error> {
+        for description in descriptions {
+            let prompts = PromptSet::winclip_normal().with_defect(description)?;
+            self.engine.class_vectors(&self.info.object, &prompts)?;
+        }
+        Ok(())
+    }
+
     pub fn check(
         &self,
         image: &Rgb32FImage,

@@ -3,7 +3,9 @@
 //! Each row states which threshold each verdict used: `threshold` /
 //! `verdict` are the model's, as scored; `person_threshold` /
 //! `person_verdict` are at the threshold a person set in the TUI (empty or
-//! `null` while none was set). Both verdicts come from [`Verdict::at`].
+//! `null` while none was set). Both are anomalous too when a typed defect
+//! checked beside the model was over its own threshold
+//! ([`crate::store::layered_verdict`]; `flagged_by` says which).
 
 use std::io::Write;
 
@@ -34,10 +36,23 @@ pub struct ExportRow {
     pub decided_at: Option<String>,
     /// UTC, ISO 8601.
     pub scored_at: String,
+    /// What flagged the image at the model's threshold: `model`, then each
+    /// flagged typed defect, joined by "; " (empty when nothing did).
+    pub flagged_by: String,
+    /// The typed defects checked beside the model, as a JSON array
+    /// (empty when none were asked about).
+    pub defects: String,
 }
 
 impl ExportRow {
     pub fn new(row: StoredResult, person_threshold: Option<f32>) -> Self {
+        let flagged_by = row.flagged_by(row.threshold).join("; ");
+        let person_verdict = person_threshold.map(|t| row.verdict_at(t));
+        let defects = if row.defects.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&row.defects).unwrap_or_default()
+        };
         Self {
             path: row.path.to_string_lossy().into_owned(),
             content_hash: row.content_hash,
@@ -48,10 +63,12 @@ impl ExportRow {
             threshold: row.threshold,
             verdict: row.verdict,
             person_threshold,
-            person_verdict: person_threshold.map(|t| Verdict::at(row.score, t)),
+            person_verdict,
             decision: row.decision,
             decided_at: row.decided_at,
             scored_at: row.scored_at,
+            flagged_by,
+            defects,
         }
     }
 }

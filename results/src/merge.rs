@@ -84,6 +84,7 @@ mod tests {
                     score: value,
                     raw_score: value * 10.0,
                     threshold: 0.5,
+                    defects: &[],
                 },
             )
             .unwrap();

@@ -17,7 +17,9 @@ use flawscope_core::images::{ImageLimits, decode_image};
 use flawscope_core::model::{Inspection, Model};
 use image::Rgb32FImage;
 
-use crate::store::{ModelRef, NewScore, Store, StoreError, StoredResult, content_hash};
+use crate::store::{
+    ModelRef, NewScore, Store, StoreError, StoredDefect, StoredResult, content_hash,
+};
 
 /// Longest side, in pixels, of the heatmap previews kept for the TUI.
 pub const PREVIEW_SIDE: u32 = 128;
@@ -79,6 +81,8 @@ pub struct Scored {
     /// 0–1 threshold of the verdict.
     pub threshold: f32,
     pub preview: Option<Preview>,
+    /// Typed defects checked beside the model, when any were asked.
+    pub defects: Vec<StoredDefect>,
 }
 
 /// Scores an image from its file bytes.
@@ -87,16 +91,46 @@ pub trait Scorer: Sync {
 }
 
 /// A model file of any kind (classical or WinCLIP) as a [`Scorer`],
-/// optionally making previews.
+/// optionally making previews and checking typed defects with the model's
+/// text layer.
 #[derive(Clone)]
 pub struct InspectorScorer {
     pub inspector: Arc<Model>,
     pub limits: ImageLimits,
     /// Longest preview side; `None` makes no preview.
     pub preview_side: Option<u32>,
+    /// Typed defects to check on every image (see [`InspectorScorer::with_prompts`]).
+    prompts: Vec<String>,
 }
 
 impl InspectorScorer {
+    pub fn new(inspector: Arc<Model>, limits: ImageLimits, preview_side: Option<u32>) -> Self {
+        Self {
+            inspector,
+            limits,
+            preview_side,
+            prompts: Vec::new(),
+        }
+    }
+
+    /// Checks `prompts` on every image with the model's text layer. Refused
+    /// up front when the model cannot check them (no text layer, or its
+    /// CLIP weights missing), so no stored row claims a check that did not
+    /// happen.
+    pub fn with_prompts(mut self, prompts: Vec<String>) -> Result<Self, ScoreError> {
+        if !prompts.is_empty() {
+            text_layer_ready(&self.inspector)?;
+            self.inspector.prepare_defects(&prompts)?;
+        }
+        self.prompts = prompts;
+        Ok(self)
+    }
+
+    /// The typed defects checked on every image.
+    pub fn prompts(&self) -> &[String] {
+        &self.prompts
+    }
+
     /// Decodes and inspects an image.
     pub fn inspect(
         &self,
@@ -120,8 +154,49 @@ impl Scorer for InspectorScorer {
             raw_score: inspection.raw_score,
             threshold: inspection.threshold,
             preview,
+            defects: checked_defects(&self.inspector, &image, &self.prompts)?,
         })
     }
+}
+
+/// Whether `model` can check typed defects here; when not, why (no text
+/// layer, or its CLIP weights missing). A batch asks before it starts, so
+/// no stored row claims a check that did not happen.
+pub fn text_layer_ready(model: &Model) -> Result<(), ScoreError> {
+    match model.summary().text_layer {
+        None => Err(ScoreError::Other(
+            "this model has no text layer to check typed defects with (fit it with --object \
+             and CLIP weights to add one)"
+                .into(),
+        )),
+        Some(layer) if !layer.available => Err(ScoreError::Other(format!(
+            "the model's text layer cannot check typed defects here: {}",
+            layer.reason.unwrap_or_default()
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// `prompts` checked on `image` by the model's text layer, as stored.
+pub fn checked_defects(
+    model: &Model,
+    image: &Rgb32FImage,
+    prompts: &[String],
+) -> Result<Vec<StoredDefect>, ScoreError> {
+    let report = model.check_defects(image, prompts)?;
+    if let Some(reason) = report.unchecked_reason {
+        return Err(ScoreError::Other(reason));
+    }
+    Ok(report
+        .checks
+        .into_iter()
+        .map(|d| StoredDefect {
+            description: d.description,
+            score: d.score,
+            is_anomalous: d.is_anomalous,
+            estimated_false_alarm_rate: d.estimated_false_alarm_rate,
+        })
+        .collect())
 }
 
 /// What happened to one file of a batch.
@@ -208,6 +283,7 @@ pub fn run_batch(
                         score: scored.score,
                         raw_score: scored.raw_score,
                         threshold: scored.threshold,
+                        defects: &scored.defects,
                     },
                 )?;
                 summary.scored += 1;
@@ -258,11 +334,8 @@ mod tests {
         let runtime =
             Runtime::with_clip(Device::Cpu, lookup, VIT_B_16).with_engine(Arc::new(engine));
         let model = Model::zero_shot(&runtime, "solar cell", &["a crack".into()]).unwrap();
-        let scorer = InspectorScorer {
-            inspector: Arc::new(model),
-            limits: ImageLimits::default(),
-            preview_side: Some(PREVIEW_SIDE),
-        };
+        let scorer =
+            InspectorScorer::new(Arc::new(model), ImageLimits::default(), Some(PREVIEW_SIDE));
         let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("demo/solar_cell/test/defect"))
             .unwrap()
             .map(|e| e.unwrap().path())

@@ -57,6 +57,9 @@ pub const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 2: the typed defects checked beside the model (its text layer), as a
+    // JSON array of [`StoredDefect`]; NULL when none were asked about.
+    "ALTER TABLE results ADD COLUMN defects TEXT;",
 ];
 
 /// `PRAGMA application_id` of a results database: the bytes "FLWS".
@@ -174,6 +177,29 @@ pub struct NewScore<'a> {
     pub raw_score: f32,
     /// The 0–1 threshold the verdict was taken at.
     pub threshold: f32,
+    /// Typed defects checked beside the model (empty when none were asked).
+    pub defects: &'a [StoredDefect],
+}
+
+/// A typed defect checked beside the model by its text layer, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredDefect {
+    pub description: String,
+    /// 0–1, anomalous at 0.5.
+    pub score: f32,
+    pub is_anomalous: bool,
+    /// Share of held-back normal images over this description's threshold.
+    pub estimated_false_alarm_rate: f64,
+}
+
+/// The verdict of a row: anomalous when the model's score is at or over
+/// `threshold`, or any typed defect is over its own calibrated threshold.
+pub fn layered_verdict(score: f32, threshold: f32, defects: &[StoredDefect]) -> Verdict {
+    if defects.iter().any(|d| d.is_anomalous) {
+        Verdict::Anomalous
+    } else {
+        Verdict::at(score, threshold)
+    }
 }
 
 /// One stored row.
@@ -192,6 +218,65 @@ pub struct StoredResult {
     pub decided_at: Option<String>,
     /// UTC, ISO 8601.
     pub scored_at: String,
+    /// Typed defects checked beside the model, when any were asked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub defects: Vec<StoredDefect>,
+}
+
+impl StoredResult {
+    /// The verdict at another model threshold (a person's), the typed
+    /// defects' verdicts unchanged ([`layered_verdict`]).
+    pub fn verdict_at(&self, threshold: f32) -> Verdict {
+        layered_verdict(self.score, threshold, &self.defects)
+    }
+
+    /// What flagged the image at `threshold`: `model`, then each flagged
+    /// defect.
+    pub fn flagged_by(&self, threshold: f32) -> Vec<String> {
+        let mut layers = Vec::new();
+        if Verdict::at(self.score, threshold) == Verdict::Anomalous {
+            layers.push("model".to_owned());
+        }
+        layers.extend(
+            self.defects
+                .iter()
+                .filter(|d| d.is_anomalous)
+                .map(|d| d.description.clone()),
+        );
+        layers
+    }
+}
+
+/// A model entry for a model asked about typed defects: its rows are not
+/// the model's plain rows, so they are kept apart (same file, other
+/// identity: the descriptions' hash appended).
+pub fn layered_model(name: &str, identity: &str, prompts: &[String]) -> (String, String) {
+    if prompts.is_empty() {
+        return (name.to_owned(), identity.to_owned());
+    }
+    let mut hash = Sha256::new();
+    for p in prompts {
+        hash.update((p.len() as u64).to_le_bytes());
+        hash.update(p.as_bytes());
+    }
+    let quoted: Vec<String> = prompts.iter().map(|p| format!("\"{p}\"")).collect();
+    (
+        format!("{name} + {}", quoted.join(", ")),
+        format!("{identity}+prompts:{:x}", hash.finalize()),
+    )
+}
+
+fn defects_json(db: &Path, defects: &[StoredDefect]) -> Result<Option<String>, StoreError> {
+    if defects.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(defects)
+        .map(Some)
+        .map_err(|e| StoreError::BadValue {
+            path: db.to_path_buf(),
+            field: "defects",
+            value: e.to_string(),
+        })
 }
 
 /// An open results database.
@@ -203,7 +288,7 @@ pub struct Store {
 
 const SELECT_RESULTS: &str =
     "SELECT r.path, r.content_hash, m.name, m.identity, r.score, r.raw_score,
-        r.threshold, r.verdict, r.decision, r.decided_at, r.scored_at
+        r.threshold, r.verdict, r.decision, r.decided_at, r.scored_at, r.defects
      FROM results r JOIN models m ON m.id = r.model_id";
 
 impl Store {
@@ -340,18 +425,20 @@ impl Store {
         model: &ModelRef,
         score: &NewScore<'_>,
     ) -> Result<StoredResult, StoreError> {
-        let verdict = Verdict::at(score.score, score.threshold);
+        let verdict = layered_verdict(score.score, score.threshold, score.defects);
+        let defects = defects_json(&self.path, score.defects)?;
         let sql = format!(
             "INSERT INTO results (path, content_hash, model_id, score, raw_score, threshold,
-                                  verdict, decision, decided_at, scored_at)
+                                  verdict, decision, decided_at, scored_at, defects)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
                  COALESCE((SELECT decision FROM results WHERE path = ?1 AND content_hash = ?2
                            AND decision <> 'none' ORDER BY decided_at DESC LIMIT 1), 'none'),
                  (SELECT decided_at FROM results WHERE path = ?1 AND content_hash = ?2
                   AND decision <> 'none' ORDER BY decided_at DESC LIMIT 1),
-                 {NOW})
+                 {NOW}, ?8)
              ON CONFLICT (path, model_id) DO UPDATE SET
                  score = excluded.score,
+                 defects = excluded.defects,
                  raw_score = excluded.raw_score,
                  threshold = excluded.threshold,
                  verdict = excluded.verdict,
@@ -375,6 +462,7 @@ impl Store {
                     f64::from(score.raw_score),
                     f64::from(score.threshold),
                     verdict.as_str(),
+                    defects,
                 ],
                 |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )
@@ -391,6 +479,7 @@ impl Store {
             decision: parse_decision(&self.path, &decision)?,
             decided_at,
             scored_at,
+            defects: score.defects.to_vec(),
         })
     }
 
@@ -476,9 +565,11 @@ impl Store {
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO results (path, content_hash, model_id, score, raw_score, threshold,
-                                          verdict, decision, decided_at, scored_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                                          verdict, decision, decided_at, scored_at, defects)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT (path, model_id) DO UPDATE SET
+                         defects = CASE WHEN excluded.scored_at > results.scored_at
+                                        THEN excluded.defects ELSE results.defects END,
                          score = CASE WHEN excluded.scored_at > results.scored_at
                                       THEN excluded.score ELSE results.score END,
                          raw_score = CASE WHEN excluded.scored_at > results.scored_at
@@ -530,6 +621,7 @@ impl Store {
                         row.decision.as_str(),
                         row.decided_at,
                         row.scored_at,
+                        defects_json(&path, &row.defects)?,
                     ])
                     .map_err(sql)?;
             }
@@ -610,6 +702,7 @@ struct RawRow {
     decision: String,
     decided_at: Option<String>,
     scored_at: String,
+    defects: Option<String>,
 }
 
 impl RawRow {
@@ -626,6 +719,7 @@ impl RawRow {
             decision: row.get(8)?,
             decided_at: row.get(9)?,
             scored_at: row.get(10)?,
+            defects: row.get(11)?,
         })
     }
 
@@ -635,7 +729,16 @@ impl RawRow {
             field: "verdict",
             value: self.verdict.clone(),
         })?;
+        let defects = match &self.defects {
+            None => Vec::new(),
+            Some(text) => serde_json::from_str(text).map_err(|_| StoreError::BadValue {
+                path: db.to_path_buf(),
+                field: "defects",
+                value: text.chars().take(200).collect(),
+            })?,
+        };
         Ok(StoredResult {
+            defects,
             path: PathBuf::from(self.path),
             content_hash: self.content_hash,
             model: self.model,
@@ -940,6 +1043,7 @@ mod tests {
             score,
             raw_score: score * 10.0,
             threshold: 0.5,
+            defects: &[],
         }
     }
 
@@ -960,6 +1064,33 @@ mod tests {
             Store::open(&db).unwrap().schema_version().unwrap(),
             MIGRATIONS.len() as i64
         );
+    }
+
+    /// A file written before typed defects were stored (schema 1) keeps its
+    /// rows and gains the column when opened.
+    #[test]
+    fn a_version_1_file_is_migrated_with_its_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("r.sqlite");
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO models (id, name, identity) VALUES (1, 'm', 'sha256:m');
+             INSERT INTO results (path, content_hash, model_id, score, raw_score, threshold,
+                                  verdict, scored_at)
+             VALUES ('/a.png', 'h', 1, 0.7, 7.0, 0.5, 'anomalous', '2026-01-01T00:00:00.000Z');",
+        )
+        .unwrap();
+        drop(conn);
+        let store = Store::open(&db).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let rows = store.all_results().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].verdict, Verdict::Anomalous);
+        assert!(rows[0].defects.is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use flawscope_results::export::{ExportRow, rows, write_csv, write_jsonl};
-use flawscope_results::store::{Decision, NewScore, Store, Verdict};
+use flawscope_results::store::{Decision, NewScore, Store, StoredDefect, Verdict};
 
 fn store_with_rows(db: &Path) -> Store {
     let store = Store::open(db).unwrap();
@@ -25,6 +25,7 @@ fn store_with_rows(db: &Path) -> Store {
                     score,
                     raw_score: score * 10.0,
                     threshold: 0.5,
+                    defects: &[],
                 },
             )
             .unwrap();
@@ -90,7 +91,8 @@ fn csv_has_a_header_and_reads_back_to_the_same_rows() {
         assert!(
             text.starts_with(
                 "path,content_hash,model,model_identity,score,raw_score,threshold,verdict,\
-                 person_threshold,person_verdict,decision,decided_at,scored_at\n"
+                 person_threshold,person_verdict,decision,decided_at,scored_at,flagged_by,\
+                 defects\n"
             ),
             "{text}"
         );
@@ -98,8 +100,8 @@ fn csv_has_a_header_and_reads_back_to_the_same_rows() {
         // The person's columns are empty while no threshold was set.
         let low = text.lines().find(|l| l.contains("low.png")).unwrap();
         let expected = match person {
-            None => ",0.5,ok,,,none,",
-            Some(_) => ",0.5,ok,0.4,ok,none,",
+            None => ",0.5,ok,,,none,,",
+            Some(_) => ",0.5,ok,0.4,ok,none,,",
         };
         assert!(low.contains(expected), "{low}");
         let back: Vec<ExportRow> = csv::Reader::from_reader(text.as_bytes())
@@ -140,8 +142,94 @@ fn an_empty_store_exports_the_csv_header_only() {
     let text = String::from_utf8(text).unwrap();
     assert_eq!(text.lines().count(), 1);
     assert!(text.starts_with("path,content_hash,"), "{text}");
-    assert!(text.trim_end().ends_with(",decided_at,scored_at"), "{text}");
+    assert!(
+        text.trim_end().ends_with(",scored_at,flagged_by,defects"),
+        "{text}"
+    );
     let mut text = Vec::new();
     write_jsonl(&[], &mut text).unwrap();
     assert!(text.is_empty());
+}
+
+/// A row whose typed defect was over its own threshold is anomalous at any
+/// model threshold, and says what flagged it; the defects read back.
+#[test]
+fn typed_defects_make_the_verdict_and_read_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("r.sqlite")).unwrap();
+    let model = store
+        .model("cells.flawscope + \"crack\"", "sha256:m+prompts:1")
+        .unwrap();
+    let defects = [
+        StoredDefect {
+            description: "crack".into(),
+            score: 0.8,
+            is_anomalous: true,
+            estimated_false_alarm_rate: 0.05,
+        },
+        StoredDefect {
+            description: "dark, \"spot\"".into(),
+            score: 0.2,
+            is_anomalous: false,
+            estimated_false_alarm_rate: 0.1,
+        },
+    ];
+    let path = Path::new("/img/a.png");
+    let row = store
+        .record_score(
+            &model,
+            &NewScore {
+                path,
+                content_hash: "sha256:a",
+                score: 0.3,
+                raw_score: 3.0,
+                threshold: 0.5,
+                defects: &defects,
+            },
+        )
+        .unwrap();
+    assert_eq!(row.verdict, Verdict::Anomalous);
+    assert_eq!(row.flagged_by(0.5), vec!["crack".to_owned()]);
+    assert_eq!(
+        row.flagged_by(0.2),
+        vec!["model".to_owned(), "crack".into()]
+    );
+    let stored = store.lookup(&model, path).unwrap().unwrap();
+    assert_eq!(stored, row);
+    assert_eq!(stored.defects, defects);
+
+    store.set_person_threshold(0.9).unwrap();
+    let exported = rows(&store).unwrap();
+    assert_eq!(exported[0].verdict, Verdict::Anomalous);
+    assert_eq!(exported[0].person_verdict, Some(Verdict::Anomalous));
+    assert_eq!(exported[0].flagged_by, "crack");
+    let back: Vec<StoredDefect> = serde_json::from_str(&exported[0].defects).unwrap();
+    assert_eq!(back, defects);
+    let mut text = Vec::new();
+    write_csv(&exported, &mut text).unwrap();
+    let back: Vec<ExportRow> = csv::Reader::from_reader(text.as_slice())
+        .deserialize()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(back, exported);
+
+    // Rescored without the defect flagged: the row follows.
+    let row = store
+        .record_score(
+            &model,
+            &NewScore {
+                path,
+                content_hash: "sha256:a",
+                score: 0.3,
+                raw_score: 3.0,
+                threshold: 0.5,
+                defects: &defects[1..],
+            },
+        )
+        .unwrap();
+    assert_eq!(row.verdict, Verdict::Ok);
+    assert_eq!(
+        store.lookup(&model, path).unwrap().unwrap().defects,
+        &defects[1..]
+    );
 }

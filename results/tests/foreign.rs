@@ -222,6 +222,7 @@ fn processes_opening_one_fresh_path_at_once_all_succeed() {
                             score: 0.5,
                             raw_score: 1.0,
                             threshold: 0.5,
+                            defects: &[],
                         },
                     )?;
                     Ok::<_, StoreError>(())

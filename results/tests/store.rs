@@ -51,6 +51,7 @@ impl Scorer for FakeScorer {
             raw_score: score * 40.0,
             threshold: 0.5,
             preview: None,
+            defects: Vec::new(),
         })
     }
 }
@@ -168,6 +169,7 @@ fn changed_files_and_other_models_are_rescored_and_failures_reported() {
                 score: 0.1,
                 raw_score: 1.0,
                 threshold: 0.5,
+                defects: &[],
             },
         )
         .unwrap();
@@ -205,6 +207,7 @@ fn a_reader_sees_consistent_rows_while_a_writer_commits() {
                         score: 0.3,
                         raw_score: 3.0,
                         threshold: 0.5,
+                        defects: &[],
                     };
                     store.record_score(model, &score).unwrap();
                 }
@@ -296,6 +299,7 @@ fn a_corrupt_database_is_a_clear_error() {
                         score: 0.5,
                         raw_score: 1.0,
                         threshold: 0.5,
+                        defects: &[],
                     },
                 )
                 .unwrap();

@@ -254,6 +254,7 @@ async fn decide(
                     score: inspection.score,
                     raw_score: inspection.raw_score,
                     threshold: inspection.threshold,
+                    defects: &[],
                 },
             )
             .map_err(|e| store_error(&e))?;

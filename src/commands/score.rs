@@ -14,9 +14,12 @@ use flawscope_core::model::{DefectReport, Inspection, Model};
 use flawscope_core::progress::Progress;
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_core::verdict::layered;
-use flawscope_results::scoring::{BatchItem, BatchOptions, ScoreError, Scored, Scorer, run_batch};
+use flawscope_results::scoring::{
+    BatchItem, BatchOptions, ScoreError, Scored, Scorer, checked_defects, run_batch,
+    text_layer_ready,
+};
 use flawscope_results::shard::Shard;
-use flawscope_results::store::{Store, Verdict, file_hash};
+use flawscope_results::store::{Store, StoredDefect, Verdict, file_hash, layered_model};
 use image::Rgb32FImage;
 use serde::Serialize;
 
@@ -86,6 +89,17 @@ pub struct ScoreLine<'a> {
     /// defect's, and which layers flagged the image.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Layers<'a>>,
+    /// The same, as a results store keeps them (`--db`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub stored_layers: Option<StoredLayers<'a>>,
+}
+
+/// The layers behind a stored verdict (`--db` with `--prompt`).
+#[derive(Debug, serde::Serialize)]
+pub struct StoredLayers<'a> {
+    pub model_is_anomalous: bool,
+    pub flagged_by: Vec<String>,
+    pub defects: &'a [StoredDefect],
 }
 
 /// The layers behind a verdict when typed defects were asked about.
@@ -179,14 +193,6 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if let Some(path) = &args.model {
         args.clip.refuse_object_for_model(path)?;
     }
-    if args.db.is_some() && args.model.is_some() && !args.clip.prompts.is_empty() {
-        return Err(UsageError(
-            "--prompt with --model is not recorded in a results store yet: drop --db to see \
-             the typed defects' verdicts"
-                .into(),
-        )
-        .into());
-    }
     // With a model file, --prompt asks its text layer; zero-shot models
     // took the descriptions when they were made.
     let asked: &[String] = if args.model.is_some() {
@@ -237,6 +243,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                                 defects: &report.checks,
                                 defects_unchecked: report.unchecked_reason.as_deref(),
                             }),
+                            stored_layers: None,
                         },
                     )
                 });
@@ -325,6 +332,18 @@ fn print_line(json: bool, line: &ScoreLine<'_>) -> std::io::Result<()> {
                 write!(out, "  ({reason})")?;
             }
         }
+        if let Some(layers) = &line.stored_layers {
+            for d in layers.defects {
+                write!(
+                    out,
+                    "  [{}: {:.3} {}, false alarms ≈ {:.3}]",
+                    d.description,
+                    d.score,
+                    if d.is_anomalous { "FLAGGED" } else { "ok" },
+                    d.estimated_false_alarm_rate,
+                )?;
+            }
+        }
         writeln!(out)?;
     }
     out.flush()
@@ -348,7 +367,13 @@ fn run_with_store(
     });
     // A model file is known by its bytes; a zero-shot model by what it computes.
     let (name, identity) = match &args.model {
-        Some(path) => (path.display().to_string(), file_hash(path)?),
+        // With --prompt the rows are the model's and its text layer's:
+        // another entry, apart from the model's plain rows.
+        Some(path) => layered_model(
+            &path.display().to_string(),
+            &file_hash(path)?,
+            &args.clip.prompts,
+        ),
         None => (
             format!(
                 "zero-shot {}",
@@ -357,11 +382,23 @@ fn run_with_store(
             inspector.identity()?,
         ),
     };
+    let prompts = if args.model.is_some() {
+        args.clip.prompts.clone()
+    } else {
+        Vec::new()
+    };
+    if !prompts.is_empty() {
+        text_layer_ready(&inspector).map_err(|e| UsageError(format!("--prompt: {e}")))?;
+        inspector
+            .prepare_defects(&prompts)
+            .context("reading the typed defects")?;
+    }
     let model = store.model(&name, &identity)?;
     let scorer = StoreScorer {
         inspector,
         heatmaps: Arc::clone(&heatmaps),
         limits: ImageLimits::default(),
+        prompts,
     };
     // An unchanged image is scored again only when its heatmap is missing.
     let wanted = Arc::clone(&heatmaps);
@@ -385,6 +422,12 @@ fn run_with_store(
                     threshold: row.threshold,
                     heatmap: heatmaps.get(&row.path).map(PathBuf::as_path),
                     layers: None,
+                    stored_layers: (!row.defects.is_empty()).then(|| StoredLayers {
+                        model_is_anomalous: Verdict::at(row.score, row.threshold)
+                            == Verdict::Anomalous,
+                        flagged_by: row.flagged_by(row.threshold),
+                        defects: &row.defects,
+                    }),
                 },
             ),
             BatchItem::Failed { error, .. } => {
@@ -421,6 +464,8 @@ struct StoreScorer {
     inspector: Model,
     heatmaps: Arc<HashMap<PathBuf, PathBuf>>,
     limits: ImageLimits,
+    /// Typed defects for the model's text layer (`--prompt`).
+    prompts: Vec<String>,
 }
 
 impl Scorer for StoreScorer {
@@ -436,6 +481,7 @@ impl Scorer for StoreScorer {
             raw_score: inspection.raw_score,
             threshold: inspection.threshold,
             preview: None,
+            defects: checked_defects(&self.inspector, &image, &self.prompts)?,
         })
     }
 }

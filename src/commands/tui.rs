@@ -27,6 +27,11 @@ pub struct Args {
     /// FLAWSCOPE_CLIP_WEIGHTS).
     #[arg(long, value_name = "DIR")]
     pub clip_weights: Option<PathBuf>,
+    /// A typed defect for the model's text layer to check on every image
+    /// (repeatable; the model must have been fitted with --object and CLIP
+    /// weights). The list shows which layer flagged each image.
+    #[arg(long = "prompt", value_name = "TEXT")]
+    pub prompts: Vec<String>,
     /// Results database [default: PATH/.flawscope-results.sqlite].
     #[arg(long)]
     pub db: Option<PathBuf>,
@@ -42,6 +47,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         recursive: args.recursive,
         model: args.model.clone(),
         clip_weights: args.clip_weights.clone(),
+        prompts: args.prompts.clone(),
         db: args.db.clone(),
         device: args.device.device()?,
         trace: std::env::var_os(TRACE_ENV).map(PathBuf::from),

@@ -428,3 +428,90 @@ fn another_applications_database_is_refused_and_left_as_it_was() {
         assert_eq!(names, 2, "no -wal / -shm / -journal left beside it");
     }
 }
+
+/// `tui --prompt`: the model's text layer checks the typed defect on every
+/// image, the list says which layer flagged each one, and the store keeps
+/// the checks under the model-with-prompt entry.
+#[test]
+fn tui_with_a_typed_defect_shows_which_layer_flagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tests/fixtures/tiny_clip");
+    let model = tmp.path().join("cells.flawscope");
+    let train = demo().join("train/good");
+    let out = flawscope(&[
+        "fit",
+        "--train",
+        train.to_str().unwrap(),
+        "--object",
+        "solar cell",
+        "--clip-weights",
+        clip.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = tmp.path().join("images");
+    assert_eq!(copy_test_images(&images, 1), 16);
+    let bin = env!("CARGO_BIN_EXE_flawscope");
+    let command = format!(
+        "FLAWSCOPE_CACHE_DIR={} {} tui {} --model {} --clip-weights {} --prompt 'a crack'",
+        quote(Path::new(crate::cli::TEST_CACHE_DIR)),
+        quote(Path::new(bin)),
+        quote(&images),
+        quote(&model),
+        quote(&clip)
+    );
+    let limit = Duration::from_secs(180);
+    let tmux = Tmux::start(&command);
+    let screen = tmux.wait_for("scoring to finish", limit, |s| {
+        s.contains("done: 16 images")
+    });
+    assert!(screen.contains("+ \"a crack\""), "{screen}");
+    tmux.keys("q");
+    tmux.wait_for("a clean exit", limit, |s| s.contains("EXITED:0"));
+    drop(tmux);
+
+    let rows = export_jsonl(&images.join(".flawscope-results.sqlite"));
+    assert_eq!(rows.len(), 16);
+    for row in &rows {
+        let defects: Vec<serde_json::Value> =
+            serde_json::from_str(row["defects"].as_str().unwrap()).unwrap();
+        assert_eq!(defects.len(), 1, "{row}");
+        assert_eq!(defects[0]["description"], "a crack");
+        let flagged_by = row["flagged_by"].as_str().unwrap();
+        let model_flags = row["score"].as_f64().unwrap() >= row["threshold"].as_f64().unwrap();
+        let text_flags = defects[0]["is_anomalous"] == true;
+        let expected = match (model_flags, text_flags) {
+            (true, true) => "model; a crack",
+            (true, false) => "model",
+            (false, true) => "a crack",
+            (false, false) => "",
+        };
+        assert_eq!(flagged_by, expected, "{row}");
+        assert_eq!(
+            row["verdict"],
+            if model_flags || text_flags {
+                "anomalous"
+            } else {
+                "ok"
+            },
+            "{row}"
+        );
+        // The list line of this image names the same layers.
+        let name = file_name(row);
+        let line = screen
+            .lines()
+            .find(|l| l.contains(&format!("--  {name}")))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{screen}"));
+        if expected.is_empty() {
+            assert!(line.contains(" ok "), "{line}");
+        } else {
+            assert!(line.contains(&expected.replace("; ", "+")), "{line}");
+        }
+    }
+}

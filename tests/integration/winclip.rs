@@ -581,6 +581,34 @@ fn text_layer_checks_each_typed_defect_with_a_calibrated_threshold() {
             "{line}"
         );
     }
+    // Into a results store: the same checks are recorded, a rerun scores
+    // nothing again, and the rows stay apart from the model's plain rows.
+    let db = tmp.path().join("results.sqlite");
+    let db_arg = ["--db", db.to_str().unwrap()];
+    let stored = score(&[&asked[..], &db_arg[..]].concat());
+    assert_eq!(stored.len(), 2);
+    for (line, direct) in stored.iter().zip(&lines) {
+        assert_eq!(line["is_anomalous"], direct["is_anomalous"], "{line}");
+        assert_eq!(line["flagged_by"], direct["flagged_by"], "{line}");
+        let defects = line["defects"].as_array().unwrap();
+        for (d, e) in defects.iter().zip(direct["defects"].as_array().unwrap()) {
+            assert_eq!(d["description"], e["description"]);
+            assert_eq!(d["score"], e["score"]);
+            assert_eq!(d["is_anomalous"], e["is_anomalous"]);
+        }
+    }
+    assert_eq!(score(&[&asked[..], &db_arg[..]].concat()), stored);
+    let plain = score(&db_arg);
+    assert!(
+        plain.iter().all(|l| l.get("defects").is_none()),
+        "{plain:?}"
+    );
+    let store = flawscope_results::store::Store::open_existing(&db).unwrap();
+    let rows = store.all_results().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| !r.defects.is_empty()).count(), 2);
+    drop(store);
+
     // Without the CLIP weights: still scored, classical verdict, and why.
     std::fs::remove_dir_all(&clip).unwrap();
     let lines = score(&asked);
@@ -590,4 +618,23 @@ fn text_layer_checks_each_typed_defect_with_a_calibrated_threshold() {
         assert!(why.contains("could not be checked"), "{line}");
         assert_eq!(line["is_anomalous"], line["model_is_anomalous"]);
     }
+    // A store never records a check that did not happen: refused up front.
+    let mut args = vec!["score", "--model", model.to_str().unwrap(), "--db"];
+    args.push(db.to_str().unwrap());
+    args.extend(asked);
+    args.push(&images[0]);
+    let out = crate::cli::flawscope_command()
+        .args(&args)
+        .env_remove("FLAWSCOPE_CLIP_WEIGHTS")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tmp.path())
+        .env("HF_HUB_CACHE", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--prompt: the model's text layer cannot check"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use flawscope_results::scoring::{BatchItem, BatchSummary, Preview};
-use flawscope_results::store::{Decision, StoredResult, Verdict};
+use flawscope_results::store::{Decision, StoredDefect, StoredResult, Verdict, layered_verdict};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 /// Threshold step of `+` / `-`.
@@ -107,6 +107,8 @@ pub struct Row {
     pub decision: Decision,
     pub error: Option<String>,
     pub scored_at: String,
+    /// Typed defects checked beside the model (`tui --prompt`).
+    pub defects: Vec<StoredDefect>,
 }
 
 impl Row {
@@ -119,12 +121,34 @@ impl Row {
             decision: result.decision,
             error: None,
             scored_at: result.scored_at.clone(),
+            defects: result.defects.clone(),
         }
     }
 
-    /// The verdict at `threshold`, `None` for a failed image.
+    /// The verdict at `threshold`, `None` for a failed image: anomalous
+    /// also when a typed defect is over its own threshold.
     pub fn verdict(&self, threshold: f32) -> Option<Verdict> {
-        self.score.map(|s| Verdict::at(s, threshold))
+        self.score
+            .map(|s| layered_verdict(s, threshold, &self.defects))
+    }
+
+    /// What flagged the image at `threshold`: `model`, then each flagged
+    /// typed defect.
+    pub fn flagged_by(&self, threshold: f32) -> Vec<String> {
+        let mut layers = Vec::new();
+        if self
+            .score
+            .is_some_and(|s| Verdict::at(s, threshold) == Verdict::Anomalous)
+        {
+            layers.push("model".to_owned());
+        }
+        layers.extend(
+            self.defects
+                .iter()
+                .filter(|d| d.is_anomalous)
+                .map(|d| d.description.clone()),
+        );
+        layers
     }
 }
 
@@ -381,6 +405,7 @@ impl App {
                     decision: Decision::None,
                     error: Some(error),
                     scored_at: String::new(),
+                    defects: Vec::new(),
                 })
             }
         };
@@ -682,6 +707,7 @@ mod tests {
             decision: Decision::None,
             decided_at: None,
             scored_at: "2025-01-01T00:00:00.000Z".into(),
+            defects: Vec::new(),
         }
     }
 

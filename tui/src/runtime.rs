@@ -35,7 +35,7 @@ use flawscope_results::scoring::{
     BatchOptions, InspectorScorer, PREVIEW_SIDE, Preview, ScoreError, Scored, Scorer, never,
     run_batch, store_path,
 };
-use flawscope_results::store::{ModelRef, Store, StoreError, file_hash};
+use flawscope_results::store::{ModelRef, Store, StoreError, file_hash, layered_model};
 
 use crate::app::{Action, App, Event, SessionInfo};
 
@@ -79,6 +79,9 @@ pub struct Options {
     /// CLIP checkpoint folder for WinCLIP model files; else
     /// FLAWSCOPE_CLIP_WEIGHTS, else where the model was made.
     pub clip_weights: Option<PathBuf>,
+    /// Typed defects the model's text layer checks on every image (the
+    /// list then shows which layer flagged each one).
+    pub prompts: Vec<String>,
     /// Results database; [`default_db`] when `None`.
     pub db: Option<PathBuf>,
     pub device: Device,
@@ -180,12 +183,18 @@ pub fn run(options: Options) -> Result<(), TuiError> {
         .clone()
         .unwrap_or_else(|| default_db(&options.folder));
     let store = Store::open(&db)?;
-    let model_identity = file_hash(&options.model)?;
+    // Rows checked for typed defects are kept apart from the model's plain
+    // rows: another entry in the store for the model with these prompts.
+    let (model_name, model_identity) = layered_model(
+        &options.model.display().to_string(),
+        &file_hash(&options.model)?,
+        &options.prompts,
+    );
     let threshold = store.person_threshold()?.unwrap_or(0.5);
     let mut app = App::new(
         SessionInfo {
             folder: options.folder.display().to_string(),
-            model: options.model.display().to_string(),
+            model: model_name.clone(),
             db: db.display().to_string(),
         },
         threshold,
@@ -198,7 +207,9 @@ pub fn run(options: Options) -> Result<(), TuiError> {
     let worker = Worker {
         files,
         model: options.model.clone(),
+        model_name,
         model_identity,
+        prompts: options.prompts.clone(),
         db: db.clone(),
         clip_weights: options.clip_weights.clone(),
         device: options.device.clone(),
@@ -437,7 +448,9 @@ fn read_input(tx: &Sender<Sent>, stop: &AtomicBool) {
 struct Worker {
     files: Vec<PathBuf>,
     model: PathBuf,
+    model_name: String,
     model_identity: String,
+    prompts: Vec<String>,
     db: PathBuf,
     clip_weights: Option<PathBuf>,
     device: Device,
@@ -496,7 +509,7 @@ impl Worker {
     fn score(&mut self) -> Result<(), String> {
         let store = Store::open(&self.db).map_err(|e| e.to_string())?;
         let model = store
-            .model(&self.model.display().to_string(), &self.model_identity)
+            .model(&self.model_name, &self.model_identity)
             .map_err(|e| e.to_string())?;
         self.send(Event::Files(self.files.len()));
         self.send_stored(&store, &model)?;
@@ -509,11 +522,13 @@ impl Worker {
             Model::load(&self.model, &runtime)
         })
         .map_err(|e| format!("loading model {}: {e}", self.model.display()))?;
-        let scorer = InspectorScorer {
-            inspector: Arc::new(inspector),
-            limits: ImageLimits::default(),
-            preview_side: Some(PREVIEW_SIDE),
-        };
+        let scorer = InspectorScorer::new(
+            Arc::new(inspector),
+            ImageLimits::default(),
+            Some(PREVIEW_SIDE),
+        )
+        .with_prompts(self.prompts.clone())
+        .map_err(|e| format!("{} with --prompt: {e}", self.model.display()))?;
         self.start_previews(scorer.clone());
         self.send(Event::Phase("scoring".into()));
         let options = BatchOptions {

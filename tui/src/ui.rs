@@ -143,23 +143,40 @@ pub fn list_offset(selected: usize, height: usize, len: usize) -> usize {
         .min(len.saturating_sub(height))
 }
 
-/// `▶ 0.873  ANOMALOUS  NG  name`.
+/// Width of the list's "flagged by" column (with typed defects).
+const FLAGGED_BY_WIDTH: usize = 18;
+
+/// `▶ 0.873  ANOMALOUS  NG  name`; with typed defects (`tui --prompt`) the
+/// layers that flagged the image come after the verdict
+/// (`ANOMALOUS model+crack  NG  name`).
 fn list_line(row: &Row, threshold: f32, selected: bool) -> Line<'static> {
     let marker = if selected { "▶ " } else { "  " };
     let (score, verdict) = match row.verdict(threshold) {
         Some(v) => (format!("{:.3}", row.score.unwrap_or(0.0)), verdict_span(v)),
         None => ("  -  ".to_string(), Span::from("FAILED   ").fg(FAILED)),
     };
-    let mut line = Line::from(vec![
+    let mut spans = vec![
         Span::from(marker),
         Span::from(score),
         Span::from("  "),
         verdict,
         Span::from("  "),
+    ];
+    if !row.defects.is_empty() {
+        let by: String = row.flagged_by(threshold).join("+");
+        let mut by: String = by.chars().take(FLAGGED_BY_WIDTH).collect();
+        while by.chars().count() < FLAGGED_BY_WIDTH {
+            by.push(' ');
+        }
+        spans.push(Span::from(by).fg(ANOMALOUS));
+        spans.push(Span::from("  "));
+    }
+    spans.extend([
         decision_span(row.decision),
         Span::from("  "),
         Span::from(row.name.clone()),
     ]);
+    let mut line = Line::from(spans);
     if selected {
         line = line.bold();
     }
@@ -224,7 +241,20 @@ fn details_line(row: &Row, threshold: f32) -> Line<'static> {
     if let (Some(score), Some(verdict)) = (row.score, row.verdict(threshold)) {
         spans.push(Span::from(format!("score {score:.3} ")));
         spans.push(verdict_span(verdict));
-        spans.push(Span::from(format!(" at {threshold:.2} · decision ")));
+        spans.push(Span::from(format!(" at {threshold:.2} · ")));
+        let by = row.flagged_by(threshold);
+        if !row.defects.is_empty() {
+            let checked: Vec<String> = row
+                .defects
+                .iter()
+                .map(|d| format!("\"{}\" {:.2}", d.description, d.score))
+                .collect();
+            spans.push(Span::from(format!("{} · ", checked.join(", "))));
+        }
+        if !by.is_empty() {
+            spans.push(Span::from(format!("flagged by {} · ", by.join(", "))).fg(ANOMALOUS));
+        }
+        spans.push(Span::from("decision "));
         spans.push(match row.decision {
             Decision::None => Span::from(decision_label(row.decision)).dark_gray(),
             d => decision_span(d),
@@ -437,6 +467,7 @@ mod tests {
             decision: Decision::None,
             decided_at: None,
             scored_at: "2025-01-01T00:00:00.000Z".into(),
+            defects: Vec::new(),
         }
     }
 
@@ -666,5 +697,54 @@ mod tests {
         );
         assert_eq!(threshold_column(0.5, 10), 5);
         assert_eq!(threshold_column(1.0, 10), 9);
+    }
+
+    /// With typed defects (`tui --prompt`) the list says which layer flagged
+    /// each image, and a defect over its threshold flags an image the model
+    /// passes.
+    #[test]
+    fn typed_defects_show_which_layer_flagged() {
+        let mut app = App::new(
+            SessionInfo {
+                folder: "/imgs".into(),
+                model: "cells.flawscope + \"crack\"".into(),
+                db: "/imgs/.flawscope-results.sqlite".into(),
+            },
+            0.5,
+        );
+        app.handle_event(Event::Files(3));
+        let defect = |flagged: bool| flawscope_results::store::StoredDefect {
+            description: "crack".into(),
+            score: if flagged { 0.8 } else { 0.1 },
+            is_anomalous: flagged,
+            estimated_false_alarm_rate: 0.05,
+        };
+        for (name, score, flagged) in [
+            ("both.png", 0.93, true),
+            ("text.png", 0.12, true),
+            ("none.png", 0.2, false),
+        ] {
+            let mut row = result(name, score);
+            row.defects = vec![defect(flagged)];
+            app.handle_event(Event::Item(BatchItem::Scored(row, None)));
+        }
+        let text = lines(&render(&app, 220, 30)).join("\n");
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.contains(name) && l.contains("0."))
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+                .to_owned()
+        };
+        assert!(
+            line("both.png").contains("ANOMALOUS  model+crack"),
+            "{text}"
+        );
+        assert!(line("text.png").contains("ANOMALOUS  crack "), "{text}");
+        assert!(line("none.png").contains("ok"), "{text}");
+        assert!(!line("none.png").contains("crack"), "{text}");
+        // The details of the selected image (the top score) name each
+        // defect's score and the layers.
+        assert!(text.contains("\"crack\" 0.80"), "{text}");
+        assert!(text.contains("flagged by model, crack"), "{text}");
     }
 }
