@@ -73,11 +73,28 @@ impl ClipArgs {
         Ok(())
     }
 
+    /// Each `--prompt` must say something.
+    pub fn check_prompts(&self) -> Result<(), UsageError> {
+        check_typed_defects(&self.prompts)
+    }
+
     pub fn object(&self, what: &str) -> Result<&str, UsageError> {
         self.object
             .as_deref()
             .ok_or_else(|| UsageError(format!("{what} needs --object NAME (what is inspected)")))
     }
+}
+
+/// Refuses a blank `--prompt` before any image is read.
+pub fn check_typed_defects(prompts: &[String]) -> Result<(), UsageError> {
+    if prompts.iter().any(|p| p.trim().is_empty()) {
+        return Err(UsageError(
+            "a --prompt is empty: type what the defect looks like (for example \"scratch on \
+             the thread\")"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Missing or mismatched CLIP weights are a setup problem (exit code 2),

@@ -23,7 +23,7 @@ use flawscope_results::store::{Store, StoredDefect, Verdict, file_hash, layered_
 use image::Rgb32FImage;
 use serde::Serialize;
 
-use super::clip::{ClipArgs, load_model, zero_shot_model};
+use super::clip::{ClipArgs, load_model, setup_error, zero_shot_model};
 use super::options::DeviceChoice;
 use super::{Outcome, UsageError};
 use crate::progress::Bars;
@@ -193,6 +193,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if let Some(path) = &args.model {
         args.clip.refuse_object_for_model(path)?;
     }
+    args.clip.check_prompts()?;
     // With a model file, --prompt asks its text layer; zero-shot models
     // took the descriptions when they were made.
     let asked: &[String] = if args.model.is_some() {
@@ -205,6 +206,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         Some(path) => load_model(path, &runtime)?,
         None => zero_shot_model(&args.clip, &runtime)?,
     };
+    // A description the text layer cannot read (too long) stops the run
+    // before the first image, not once per image.
+    inspector.prepare_defects(asked).map_err(setup_error)?;
     let mut inputs = inputs(&args.paths, args.recursive)?;
     if let Some(shard) = &args.shard {
         let all = inputs.len();
@@ -389,9 +393,6 @@ fn run_with_store(
     };
     if !prompts.is_empty() {
         text_layer_ready(&inspector).map_err(|e| UsageError(format!("--prompt: {e}")))?;
-        inspector
-            .prepare_defects(&prompts)
-            .context("reading the typed defects")?;
     }
     let model = store.model(&name, &identity)?;
     let scorer = StoreScorer {

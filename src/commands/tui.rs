@@ -42,6 +42,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let started = Instant::now();
+    super::clip::check_typed_defects(&args.prompts)?;
     let options = flawscope_tui::Options {
         folder: args.path.clone(),
         recursive: args.recursive,
