@@ -89,8 +89,8 @@ impl ClipArgs {
 pub fn check_typed_defects(prompts: &[String]) -> Result<(), UsageError> {
     if prompts.iter().any(|p| p.trim().is_empty()) {
         return Err(UsageError(
-            "a --prompt is empty: type what the defect looks like (for example \"scratch on \
-             the thread\")"
+            "a defect description is empty (--prompt): type what the defect looks like (for \
+             example \"scratch on the thread\")"
                 .into(),
         ));
     }
