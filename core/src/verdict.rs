@@ -51,15 +51,29 @@ impl Verdict {
 /// over its own calibrated threshold. Also names the layers that are:
 /// `"model"`, then each flagged description.
 pub fn layered(model_anomalous: bool, defects: &[DefectCheck]) -> (bool, Vec<String>) {
+    layers(
+        model_anomalous,
+        defects
+            .iter()
+            .map(|d| (d.is_anomalous, d.description.as_str())),
+    )
+}
+
+/// [`layered`] over `(is_anomalous, description)` pairs, for checks kept in
+/// another form (a results store's rows).
+pub fn layers<'a>(
+    model_anomalous: bool,
+    defects: impl IntoIterator<Item = (bool, &'a str)>,
+) -> (bool, Vec<String>) {
     let mut flagged_by = Vec::new();
     if model_anomalous {
         flagged_by.push("model".to_owned());
     }
     flagged_by.extend(
         defects
-            .iter()
-            .filter(|d| d.is_anomalous)
-            .map(|d| d.description.clone()),
+            .into_iter()
+            .filter(|(is_anomalous, _)| *is_anomalous)
+            .map(|(_, description)| description.to_owned()),
     );
     (!flagged_by.is_empty(), flagged_by)
 }

@@ -195,10 +195,10 @@ pub struct StoredDefect {
 /// The verdict of a row: anomalous when the model's score is at or over
 /// `threshold`, or any typed defect is over its own calibrated threshold.
 pub fn layered_verdict(score: f32, threshold: f32, defects: &[StoredDefect]) -> Verdict {
-    if defects.iter().any(|d| d.is_anomalous) {
-        Verdict::Anomalous
+    if flagged_by(score, threshold, defects).is_empty() {
+        Verdict::Ok
     } else {
-        Verdict::at(score, threshold)
+        Verdict::Anomalous
     }
 }
 
@@ -230,21 +230,20 @@ impl StoredResult {
         layered_verdict(self.score, threshold, &self.defects)
     }
 
-    /// What flagged the image at `threshold`: `model`, then each flagged
-    /// defect.
+    /// What flagged the image at `threshold` ([`flagged_by`]).
     pub fn flagged_by(&self, threshold: f32) -> Vec<String> {
-        let mut layers = Vec::new();
-        if Verdict::at(self.score, threshold) == Verdict::Anomalous {
-            layers.push("model".to_owned());
-        }
-        layers.extend(
-            self.defects
-                .iter()
-                .filter(|d| d.is_anomalous)
-                .map(|d| d.description.clone()),
-        );
-        layers
+        flagged_by(self.score, threshold, &self.defects)
     }
+}
+
+/// What flagged an image scored `score` at `threshold`: `model`, then each
+/// flagged typed defect.
+pub fn flagged_by(score: f32, threshold: f32, defects: &[StoredDefect]) -> Vec<String> {
+    let model = Verdict::at(score, threshold) == Verdict::Anomalous;
+    let checks = defects
+        .iter()
+        .map(|d| (d.is_anomalous, d.description.as_str()));
+    flawscope_core::verdict::layers(model, checks).1
 }
 
 /// A model entry for a model asked about typed defects: its rows are not

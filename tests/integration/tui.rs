@@ -13,15 +13,21 @@ fn demo() -> PathBuf {
 }
 
 fn fit_model(dir: &Path) -> PathBuf {
+    fit_model_with(dir, &[])
+}
+
+fn fit_model_with(dir: &Path, extra: &[&str]) -> PathBuf {
     let model = dir.join("cells.flawscope");
     let train = demo().join("train/good");
-    let out = flawscope(&[
+    let mut args = vec![
         "fit",
         "--train",
         train.to_str().unwrap(),
         "--out",
         model.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = flawscope(&args);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -436,24 +442,14 @@ fn another_applications_database_is_refused_and_left_as_it_was() {
 fn tui_with_a_typed_defect_shows_which_layer_flagged() {
     let tmp = tempfile::tempdir().unwrap();
     let clip = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tests/fixtures/tiny_clip");
-    let model = tmp.path().join("cells.flawscope");
-    let train = demo().join("train/good");
-    let out = flawscope(&[
-        "fit",
-        "--train",
-        train.to_str().unwrap(),
-        "--object",
-        "solar cell",
-        "--clip-weights",
-        clip.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let model = fit_model_with(
+        tmp.path(),
+        &[
+            "--object",
+            "solar cell",
+            "--clip-weights",
+            clip.to_str().unwrap(),
+        ],
     );
     let images = tmp.path().join("images");
     assert_eq!(copy_test_images(&images, 1), 16);

@@ -9,7 +9,9 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use flawscope_results::scoring::{BatchItem, BatchSummary, Preview};
-use flawscope_results::store::{Decision, StoredDefect, StoredResult, Verdict, layered_verdict};
+use flawscope_results::store::{
+    Decision, StoredDefect, StoredResult, Verdict, flagged_by, layered_verdict,
+};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 /// Threshold step of `+` / `-`.
@@ -132,23 +134,12 @@ impl Row {
             .map(|s| layered_verdict(s, threshold, &self.defects))
     }
 
-    /// What flagged the image at `threshold`: `model`, then each flagged
-    /// typed defect.
+    /// What flagged the image at `threshold` ([`flagged_by`]); nothing for a
+    /// failed image.
     pub fn flagged_by(&self, threshold: f32) -> Vec<String> {
-        let mut layers = Vec::new();
-        if self
-            .score
-            .is_some_and(|s| Verdict::at(s, threshold) == Verdict::Anomalous)
-        {
-            layers.push("model".to_owned());
-        }
-        layers.extend(
-            self.defects
-                .iter()
-                .filter(|d| d.is_anomalous)
-                .map(|d| d.description.clone()),
-        );
-        layers
+        self.score
+            .map(|s| flagged_by(s, threshold, &self.defects))
+            .unwrap_or_default()
     }
 }
 
