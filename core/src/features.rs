@@ -82,7 +82,9 @@ pub const MAX_BACKBONE_WEIGHTS_BYTES: u64 = 512 << 20;
 /// fitted with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackboneWeights {
-    /// Where the file was when the model was fitted (made absolute).
+    /// Where the file was when the model was fitted (made absolute). The
+    /// weights are not copied into the model file (25 MB each); loading
+    /// reads them from here and checks the hash.
     pub path: PathBuf,
     /// Lower-case hex SHA-256 of the file's bytes.
     pub sha256: String,
@@ -110,6 +112,16 @@ fn read_weights(path: &Path) -> Result<Vec<u8>, Error> {
     use std::io::Read;
     let cannot =
         |e: std::io::Error| Error::BackboneWeights(format!("cannot read {}: {e}", path.display()));
+    // A model file names this path: only a regular file of bounded size is
+    // read (not a device or a pipe, which could be endless or block).
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() || meta.len() > MAX_BACKBONE_WEIGHTS_BYTES {
+        return Err(Error::BackboneWeights(format!(
+            "{} is not a regular file of at most {} MiB: not an EfficientNet-Lite weight file",
+            path.display(),
+            MAX_BACKBONE_WEIGHTS_BYTES >> 20
+        )));
+    }
     let file = std::fs::File::open(path).map_err(cannot)?;
     let mut bytes = Vec::new();
     file.take(MAX_BACKBONE_WEIGHTS_BYTES + 1)

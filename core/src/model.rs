@@ -688,6 +688,10 @@ mod tests {
             },
             weights,
         };
+        assert!(matches!(
+            BackboneWeights::from_file(dir.path()),
+            Err(Error::BackboneWeights(m)) if m.contains("not a regular file")
+        ));
         let recorded = BackboneWeights::from_file(&weights).unwrap();
         assert_eq!(recorded.sha256.len(), 64);
         let mut options = FitOptions {
