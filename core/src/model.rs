@@ -659,6 +659,7 @@ mod tests {
                     parse_stage("stage5").unwrap(),
                 ],
                 resize: Resize::KeepAspect { side: 64 },
+                weights: None,
             }),
             detector: DetectorConfig::PatchCore(PatchCoreConfig {
                 coarse_side: None,
@@ -698,6 +699,101 @@ mod tests {
         let loaded = back.inspect(&image).unwrap();
         assert_eq!(fresh.raw_score, loaded.raw_score);
         assert_eq!(fresh.is_anomalous, loaded.is_anomalous);
+    }
+
+    #[test]
+    fn a_model_refuses_other_backbone_weights_than_it_was_fitted_with() {
+        use crate::detector::DetectorConfig;
+        use crate::features::{BackboneKind, BackboneWeights, FeatureConfig, Resize, parse_stage};
+        use crate::patchcore::PatchCoreConfig;
+        use flawscope_models::EfficientNetLite;
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell/train/good");
+        let mut cells: Vec<PathBuf> = std::fs::read_dir(demo)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        cells.sort();
+        cells.truncate(4);
+        // The embedded Lite0 weights, as a file: the path Lite1 and Lite2 take.
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("lite0.safetensors");
+        std::fs::write(&weights, EfficientNetLite::embedded_lite0_bytes()).unwrap();
+        let features = |kind, weights: Option<BackboneWeights>| FeatureConfig {
+            backbone: kind,
+            stages: vec![parse_stage("stage4").unwrap()],
+            resize: Resize::Fixed {
+                width: 64,
+                height: 64,
+            },
+            weights,
+        };
+        assert!(matches!(
+            BackboneWeights::from_file(dir.path()),
+            Err(Error::BackboneWeights(m)) if m.contains("not a regular file")
+        ));
+        let recorded = BackboneWeights::from_file(&weights).unwrap();
+        assert_eq!(recorded.sha256.len(), 64);
+        let mut options = FitOptions {
+            features: Some(features(BackboneKind::Lite0, Some(recorded))),
+            detector: DetectorConfig::PatchCore(PatchCoreConfig {
+                coarse_side: None,
+                ..Default::default()
+            }),
+            holdout: 0.5,
+            max_far: 0.01,
+            anomalies: Vec::new(),
+            limits: ImageLimits::default(),
+            tile: TileChoice::Off,
+            max_mar: None,
+        };
+        let runtime = Runtime::new(candle_core::Device::Cpu);
+        let model = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap();
+        let path = dir.path().join("m.flawscope");
+        model.save(&path).unwrap();
+        let image = load_image(&cells[0], &ImageLimits::default()).unwrap();
+        let back = Model::load(&path, &runtime).unwrap();
+        assert_eq!(
+            model.inspect(&image).unwrap().raw_score,
+            back.inspect(&image).unwrap().raw_score
+        );
+
+        // Other bytes at the recorded path: refused, naming both hashes.
+        let mut other = EfficientNetLite::embedded_lite0_bytes().to_vec();
+        let last = other.len() - 1;
+        other[last] ^= 1;
+        std::fs::write(&weights, &other).unwrap();
+        let err = Model::load(&path, &runtime).unwrap_err();
+        assert!(matches!(err, Error::BackboneWeights(_)), "{err}");
+        assert!(err.is_setup_problem());
+        assert!(err.to_string().contains("SHA-256"), "{err}");
+        std::fs::remove_file(&weights).unwrap();
+        let err = Model::load(&path, &runtime).unwrap_err();
+        assert!(
+            matches!(&err, Error::BackboneWeights(m) if m.contains("cannot read")),
+            "{err}"
+        );
+
+        // A Lite0 file given as Lite1, or Lite1 without a file: clear errors.
+        std::fs::write(&weights, EfficientNetLite::embedded_lite0_bytes()).unwrap();
+        options.features = Some(features(
+            BackboneKind::Lite1,
+            Some(BackboneWeights::from_file(&weights).unwrap()),
+        ));
+        let err = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, Error::BackboneWeights(m) if m.contains("lite1")),
+            "{err}"
+        );
+        options.features = Some(features(BackboneKind::Lite1, None));
+        let err = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, Error::BackboneWeights(m) if m.contains("needs a weight file")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn fixture() -> Fixture {
                 width: SIDE,
                 height: SIDE,
             },
+            weights: None,
         },
         &Device::Cpu,
     )

@@ -49,6 +49,7 @@ fn preprocessing_memory_does_not_grow_with_the_aspect_ratio() {
             backbone: BackboneKind::Lite0,
             stages: vec![Stage::Stage4, Stage::Stage5],
             resize: Resize::KeepAspect { side: 224 },
+            weights: None,
         },
         &Device::Cpu,
     )

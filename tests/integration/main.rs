@@ -2,6 +2,7 @@
 //! end-to-end runs of the `flawscope` command.
 #![allow(clippy::unwrap_used)]
 
+mod backbone;
 mod cli;
 mod hostile;
 mod hostile_images;

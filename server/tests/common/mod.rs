@@ -40,6 +40,7 @@ pub fn small_patchcore(train: usize, side: u32, runtime: &Runtime) -> Model {
                 parse_stage("stage5").unwrap(),
             ],
             resize: Resize::KeepAspect { side },
+            weights: None,
         }),
         detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
         holdout: 0.25,
