@@ -11,10 +11,14 @@
 //! convolution, initialised to the identity) and a small segmentation head
 //! (a `k × k` convolution, LeakyReLU, a 1×1 convolution to one logit per
 //! position). No defect is ever seen: during training Gaussian noise of
-//! standard deviation `noise_std` is added to the adapted features inside
+//! standard deviation `noise_std` is added to the whitened features inside
 //! random blobs of the feature grid (SuperSimpleNet draws its blobs from
-//! Perlin noise), and the head learns, with a class-balanced logistic loss,
-//! to tell noised positions from untouched ones. The patch score is the
+//! Perlin noise), and the adaptor and head learn, with a class-balanced
+//! logistic loss, to tell noised positions from untouched ones.
+//! SuperSimpleNet adds the noise after the adaptor
+//! (`noise_after_adaptor`); there the adaptor learnt to shrink the
+//! features until the noise stood out, and held-back defects were found
+//! less well (README, "what was tried"). The patch score is the
 //! logit; the detector upsamples and blurs it into the anomaly map, and the
 //! image score is the map's peak (SuperSimpleNet adds a classification head;
 //! the peak keeps the one-map-one-score rule of the other detectors).
