@@ -26,6 +26,7 @@ use crate::patchcore::{PatchCoreConfig, PatchCoreDetector};
 use crate::progress::Progress;
 use crate::recon::{ReconConfig, ReconDetector};
 use crate::runtime::Runtime;
+use crate::supersimplenet::{SuperSimpleNetConfig, SuperSimpleNetDetector};
 use crate::tiling::{ImageSource, Tiling};
 use crate::winclip::{WinClipConfig, WinClipDetector};
 
@@ -161,6 +162,8 @@ pub enum DetectorConfig {
     Flow(FlowConfig),
     /// DFR-style feature autoencoder, trained.
     Recon(ReconConfig),
+    /// SuperSimpleNet-style head trained on noise-made anomalous features.
+    SuperSimpleNet(SuperSimpleNetConfig),
     /// CLIP and text prompts, plus a few normal images (WinCLIP).
     WinClip(WinClipConfig),
 }
@@ -196,6 +199,7 @@ impl DetectorConfig {
             Self::Padim(_) => "padim",
             Self::Flow(_) => "flow",
             Self::Recon(_) => "recon",
+            Self::SuperSimpleNet(_) => "supersimplenet",
             Self::WinClip(_) => "winclip",
         }
     }
@@ -216,6 +220,7 @@ impl DetectorConfig {
             Self::Padim(_) => Some(PadimConfig::default_features()),
             Self::Flow(_) => Some(FlowConfig::default_features()),
             Self::Recon(_) => Some(ReconConfig::default_features()),
+            Self::SuperSimpleNet(_) => Some(SuperSimpleNetConfig::default_features()),
             Self::WinClip(_) => None,
         }
     }
@@ -223,7 +228,10 @@ impl DetectorConfig {
     /// Whether the detector scores on a fixed square grid (its input is
     /// always resized to a square, whatever is asked).
     pub fn square_input_only(&self) -> bool {
-        matches!(self, Self::Padim(_) | Self::Flow(_) | Self::Recon(_))
+        matches!(
+            self,
+            Self::Padim(_) | Self::Flow(_) | Self::Recon(_) | Self::SuperSimpleNet(_)
+        )
     }
 
     /// The side of the (square-ish) input the detector scores an image at:
@@ -297,6 +305,11 @@ impl DetectorConfig {
                 self.features(inputs.features)?,
                 inputs,
             )?),
+            Self::SuperSimpleNet(c) => Box::new(SuperSimpleNetDetector::fit(
+                c,
+                self.features(inputs.features)?,
+                inputs,
+            )?),
             Self::WinClip(c) => Box::new(WinClipDetector::fit(c, inputs)?),
         })
     }
@@ -332,6 +345,13 @@ impl DetectorConfig {
                 device,
             )?),
             Self::Recon(_) => Box::new(ReconDetector::load(
+                self.features(features)?,
+                tensors,
+                path,
+                device,
+            )?),
+            Self::SuperSimpleNet(c) => Box::new(SuperSimpleNetDetector::load(
+                c,
                 self.features(features)?,
                 tensors,
                 path,

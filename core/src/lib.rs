@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: an image is read ([`images`]), a backbone from
 //! `flawscope-models` turns it into patch features ([`features`]), a detector
-//! ([`patchcore`], [`padim`], the trained [`flow`] and [`recon`], behind
+//! ([`patchcore`], [`padim`], the trained [`flow`], [`recon`] and
+//! [`supersimplenet`], behind
 //! [`detector`]; [`train`] holds their shared training loop) scores the
 //! features into an [`anomaly_map`], and [`calibration`] turns scores into a
 //! verdict.
@@ -42,6 +43,7 @@ pub mod prompt_layer;
 pub mod recon;
 pub mod regions;
 pub mod runtime;
+pub mod supersimplenet;
 pub mod synthetic;
 pub mod tiling;
 pub mod train;

@@ -1,4 +1,5 @@
-//! Tests of the trained detectors ([`crate::flow`], [`crate::recon`]) on a
+//! Tests of the trained detectors ([`crate::flow`], [`crate::recon`],
+//! [`crate::supersimplenet`]) on a
 //! tiny synthetic set: training lowers the loss, a pasted defect scores
 //! above normal images, and a saved model scores exactly as the fitted one.
 
@@ -18,6 +19,7 @@ use crate::model_file;
 use crate::progress::NoProgress;
 use crate::recon::{Recon, ReconConfig, ReconDetector};
 use crate::runtime::Runtime;
+use crate::supersimplenet::{SuperSimpleNet, SuperSimpleNetConfig, SuperSimpleNetDetector};
 use crate::train::{TrainingConfig, TrainingReport};
 
 const SIDE: u32 = 64;
@@ -200,6 +202,40 @@ fn recon_learns_normal_texture_and_survives_a_model_file() {
         DetectorConfig::Recon(config),
         &ReconDetector::new(extractor(&fx), recon),
         &report,
+    );
+}
+
+#[test]
+fn supersimplenet_learns_from_noise_and_survives_a_model_file() {
+    let fx = fixture();
+    let config = SuperSimpleNetConfig {
+        hidden: 32,
+        head_kernel: 3,
+        noise_std: 0.5,
+        noise_after_adaptor: false,
+        training: training(6, 4, 3e-3),
+    };
+    let (net, report) = SuperSimpleNet::fit(
+        &fx.extractor,
+        &source(&fx.train),
+        &config,
+        Instant::now(),
+        &NoProgress,
+    )
+    .unwrap();
+    // 8 held-back images and their 24 synthetic-defect copies judged every epoch.
+    assert_eq!(report.synthetic_auroc.len(), report.training.history.len());
+    assert!(
+        report
+            .synthetic_auroc
+            .iter()
+            .all(|a| (0.0..=1.0).contains(a))
+    );
+    check(
+        &fx,
+        DetectorConfig::SuperSimpleNet(config),
+        &SuperSimpleNetDetector::new(extractor(&fx), net),
+        &report.training,
     );
 }
 

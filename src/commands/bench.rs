@@ -30,6 +30,9 @@ pub struct Args {
     pub what: Bench,
 }
 
+// Parsed once per run: the size of the detector options in one variant
+// costs nothing worth boxing them for.
+#[allow(clippy::large_enum_variant)]
 #[derive(clap::Subcommand)]
 pub enum Bench {
     /// Time an EfficientNet-Lite forward pass (to the logits) on one image.

@@ -9,6 +9,7 @@ use flawscope_core::flow::FlowConfig;
 use flawscope_core::padim::PadimConfig;
 use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::recon::ReconConfig;
+use flawscope_core::supersimplenet::SuperSimpleNetConfig;
 use flawscope_core::tiling::{self, TileChoice};
 use flawscope_core::train::TrainingConfig;
 use flawscope_core::winclip::WinClipConfig;
@@ -26,6 +27,10 @@ pub enum DetectorKind {
     Flow,
     /// Feature autoencoder (trained), reconstruction error.
     Recon,
+    /// SuperSimpleNet-style: a feature adaptor and segmentation head trained
+    /// to tell noise-made anomalous features from normal ones (alias ssn).
+    #[value(alias = "ssn")]
+    Supersimplenet,
     /// WinCLIP: CLIP and text prompts, plus --shots K normal images as a
     /// memory (K = 0: zero-shot). Takes --object, --prompt, --clip-weights.
     Winclip,
@@ -53,7 +58,7 @@ pub struct DetectorArgs {
     #[arg(long)]
     pub size: Option<u32>,
     /// Resize every image to a square instead of keeping its aspect ratio
-    /// (PaDiM, flow and recon always do).
+    /// (PaDiM, flow, recon and SuperSimpleNet always do).
     #[arg(long)]
     pub square: bool,
     /// PatchCore: fraction of training patches kept in the memory bank.
@@ -71,15 +76,30 @@ pub struct DetectorArgs {
     /// PaDiM: number of feature channels kept.
     #[arg(long, default_value_t = 100)]
     pub padim_channels: usize,
-    /// Seed for every random choice (for flow and recon: initial weights,
-    /// validation split and batch order).
+    /// Seed for every random choice (for flow, recon and SuperSimpleNet:
+    /// initial weights, validation split, batch order and noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Flow, recon: most training epochs (default 10;
+    /// SuperSimpleNet: standard deviation of the noise that makes anomalous
+    /// features, in whitened units (default 2).
+    #[arg(long)]
+    pub noise_std: Option<f64>,
+    /// SuperSimpleNet: kernel side of the head's first convolution, 1 or 3
+    /// (default 1).
+    #[arg(long)]
+    pub head_kernel: Option<usize>,
+    /// SuperSimpleNet: add the noise after the feature adaptor (the
+    /// original's placement) instead of before it.
+    #[arg(long)]
+    pub noise_after_adaptor: bool,
+    /// Flow, recon, SuperSimpleNet: AdamW learning rate (default 10⁻³).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Flow, recon, SuperSimpleNet: most training epochs (default 10;
     /// training stops earlier when the held-back validation loss stalls).
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Flow, recon: stop training once fitting has run this many minutes
+    /// Flow, recon, SuperSimpleNet: stop training once fitting has run this many minutes
     /// (the best weights so far are kept; default 10, a safety net).
     #[arg(long)]
     pub max_minutes: Option<f64>,
@@ -132,6 +152,28 @@ impl DetectorArgs {
             DetectorKind::Recon => {
                 let defaults = ReconConfig::default();
                 DetectorConfig::Recon(ReconConfig {
+                    training: self.training(defaults.training)?,
+                    ..defaults
+                })
+            }
+            DetectorKind::Supersimplenet => {
+                let defaults = SuperSimpleNetConfig::default();
+                let head_kernel = self.head_kernel.unwrap_or(defaults.head_kernel);
+                if !matches!(head_kernel, 1 | 3) {
+                    return Err(UsageError(format!(
+                        "--head-kernel must be 1 or 3, got {head_kernel}"
+                    )));
+                }
+                let noise_std = self.noise_std.unwrap_or(defaults.noise_std);
+                if !(noise_std > 0.0 && noise_std <= 100.0) {
+                    return Err(UsageError(format!(
+                        "--noise-std must be above 0 and at most 100, got {noise_std}"
+                    )));
+                }
+                DetectorConfig::SuperSimpleNet(SuperSimpleNetConfig {
+                    head_kernel,
+                    noise_std,
+                    noise_after_adaptor: self.noise_after_adaptor,
                     training: self.training(defaults.training)?,
                     ..defaults
                 })
@@ -206,13 +248,14 @@ impl DetectorArgs {
     fn training(&self, defaults: TrainingConfig) -> Result<TrainingConfig, UsageError> {
         let training = TrainingConfig {
             epochs: self.epochs.unwrap_or(defaults.epochs),
+            learning_rate: self.learning_rate.unwrap_or(defaults.learning_rate),
             max_minutes: self.max_minutes.or(defaults.max_minutes),
             seed: self.seed,
             ..defaults
         };
         training
             .validate()
-            .map_err(|e| UsageError(format!("--epochs / --max-minutes: {e}")))?;
+            .map_err(|e| UsageError(format!("--epochs / --max-minutes / --learning-rate: {e}")))?;
         Ok(training)
     }
 }

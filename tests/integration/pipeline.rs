@@ -150,6 +150,64 @@ fn padim_fits_and_scores_too() {
 }
 
 #[test]
+fn supersimplenet_fits_scores_and_refuses_bad_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("ssn.flawscope");
+    let train = demo_dir().join("train/good");
+    let fit_with = |extra: &[&str]| {
+        let mut args = vec![
+            "fit",
+            "--train",
+            train.to_str().unwrap(),
+            "--detector",
+            "ssn",
+            "--out",
+            model.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        flawscope(&args)
+    };
+    for bad in [
+        &["--head-kernel", "2"][..],
+        &["--noise-std", "0"],
+        &["--noise-std", "nan"],
+        &["--learning-rate", "-1"],
+    ] {
+        let out = fit_with(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(!model.exists());
+    }
+    let out = fit_with(&["--epochs", "2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scored = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        demo_dir().join("test/defect").to_str().unwrap(),
+        demo_dir().join("test/good").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        scored.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
+    );
+    let lines = json_lines(&scored.stdout);
+    let images = ["test/defect", "test/good"]
+        .iter()
+        .map(|d| demo_dir().join(d).read_dir().unwrap().count())
+        .sum::<usize>();
+    assert_eq!(lines.len(), images);
+    assert!(lines.iter().all(|l| l["score"].as_f64().is_some()));
+}
+
+#[test]
 fn wrong_model_files_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let image = demo_dir()
