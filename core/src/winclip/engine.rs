@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{Device, Tensor};
 use flawscope_models::ModelError;
-use flawscope_models::clip::{ClipModel, ClipPreprocessor, ResizeMode, sliding_windows};
+use flawscope_models::clip::{ClipModel, ClipPreprocessor, Precision, ResizeMode, sliding_windows};
 use flawscope_models::clip_weights::{
     ClipPreset, WEIGHT_FILES, WeightsLookup, check_checkpoint_dir,
 };
@@ -152,6 +152,13 @@ impl WinClip {
     }
 
     /// The CLIP model.
+    /// Sets the arithmetic of the vision tower's linear layers (see
+    /// [`Precision`]); the text side is unaffected.
+    pub fn with_vision_precision(mut self, precision: Precision) -> Result<Self, Error> {
+        self.clip = self.clip.with_vision_precision(precision)?;
+        Ok(self)
+    }
+
     pub fn clip(&self) -> &ClipModel {
         &self.clip
     }
