@@ -6,7 +6,7 @@
 //! reports medians of:
 //! - one zero-shot image at 224² (image pass + 169 + 144 windows, text cached),
 //!   with the vision tower in f32 and, where the CPU has AVX512-BF16, in bf16,
-//! - one few-shot (k = 2) image,
+//! - one few-shot (k = 2) image (f32),
 //! - the text side of one object (231 sentences + 1 user prompt) without and
 //!   with the class-vector cache.
 //!
@@ -180,13 +180,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         start.elapsed()
     );
     let start = Instant::now();
-    let engine = Arc::new(WinClip::from_dir(
-        dir.path(),
-        "ViT-B/16 (random)",
-        None,
-        "flag",
-        &Device::Cpu,
-    )?);
+    let engine = Arc::new(
+        WinClip::from_dir(dir.path(), "ViT-B/16 (random)", None, "flag", &Device::Cpu)?
+            .with_vision_precision(Precision::F32)?,
+    );
     println!("loaded in {:.1?}", start.elapsed());
 
     let limits = ImageLimits::default();
@@ -217,6 +214,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         println!("no AVX512-BF16 on this CPU: f32 only");
     }
     let mut runtime = None;
+    let mut f32_output = None;
     for precision in precisions {
         if only.is_some_and(|p| p != precision) {
             continue;
@@ -237,6 +235,24 @@ fn main() -> Result<(), Box<dyn Error>> {
         .with_engine(Arc::clone(&engine));
         let zero_shot_model = Model::zero_shot(&rt, "metal nut", &prompts)?;
         let zero_shot = median(runs, |_| Ok(zero_shot_model.inspect(&image)?))?;
+        let output = zero_shot_model.inspect(&image)?;
+        match (&f32_output, precision) {
+            (None, Precision::F32) => f32_output = Some(output),
+            (Some(f32_out), Precision::Bf16) => {
+                let map = f32_out
+                    .map
+                    .values
+                    .iter()
+                    .zip(&output.map.values)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                println!(
+                    "bf16 drift from f32 (random weights): |Δscore| {:.2e}, max |Δmap| {map:.2e}",
+                    (f32_out.raw_score - output.raw_score).abs()
+                );
+            }
+            _ => {}
+        }
         println!(
             "{precision:?} zero-shot image {}x{} -> 224² (1 + 169 + 144 windows), text cached: {:>7.1} ms",
             image.width(),

@@ -11,6 +11,8 @@
 // what it relies on, and the workspace denies unsafe code everywhere else.
 #![allow(unsafe_code)]
 
+use rayon::prelude::*;
+
 /// What the product's epilogue applies after adding the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Epilogue {
@@ -75,19 +77,17 @@ impl PackedBf16 {
         let k_pairs = k.div_ceil(2);
         let n_panels = n.div_ceil(NR);
         let mut panels = vec![0u32; n_panels * k_pairs * NR];
-        for (p, panel) in panels.chunks_exact_mut(k_pairs * NR).enumerate() {
-            for (kp, row) in panel.chunks_exact_mut(NR).enumerate() {
-                for (c, slot) in row.iter_mut().enumerate() {
-                    let col = p * NR + c;
-                    if col < n {
-                        let w = &weight[col * k..(col + 1) * k];
-                        let lo = w[2 * kp];
-                        let hi = w.get(2 * kp + 1).copied().unwrap_or(0.0);
-                        *slot = pair(lo, hi);
+        panels
+            .par_chunks_exact_mut(k_pairs * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..NR.min(n - p * NR) {
+                    let w = &weight[(p * NR + c) * k..][..k];
+                    for (kp, two) in w.chunks(2).enumerate() {
+                        panel[kp * NR + c] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
                     }
                 }
-            }
-        }
+            });
         Some(Self {
             n,
             k,
@@ -467,5 +467,36 @@ mod tests {
     fn refuses_a_wrong_weight_size() {
         assert!(PackedBf16::new(&[1.0; 6], 2, 4).is_none());
         assert!(PackedBf16::new(&[], 0, 4).is_none());
+    }
+}
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+
+    /// `cargo test --release -p flawscope-models --lib bf16_gemm::throughput -- --ignored --nocapture`
+    /// (run under `perf stat -e task-clock` for the CPU time on a loaded machine).
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn fc1_shape() {
+        if !available() {
+            return;
+        }
+        let (m, n, k) = (1440, 3072, 768);
+        let x = vec![0.5f32; m * k];
+        let w = vec![0.25f32; n * k];
+        let bias = vec![0f32; n];
+        let packed = PackedBf16::new(&w, n, k).expect("packs");
+        let reps = 20;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(packed.matmul(&x, m, &bias, Epilogue::Bias, None));
+        }
+        let s = start.elapsed().as_secs_f64();
+        let gflop = 2.0 * (m * n * k) as f64 * reps as f64 / 1e9;
+        println!(
+            "{gflop:.1} GFLOP in {s:.3} s wall: {:.1} GFLOP/s",
+            gflop / s
+        );
     }
 }
