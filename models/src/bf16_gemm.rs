@@ -335,12 +335,14 @@ mod x86 {
         for (i, &b) in bias.iter().enumerate() {
             padded[i / NR][i % NR] = b;
         }
-        // Enough blocks to keep every thread busy, few enough to reuse each panel.
+        // Enough blocks to keep every thread busy, few enough to reuse each
+        // panel; a block of rows (≤ 256 KiB) and one panel share the L2 cache.
         let threads = rayon::current_num_threads().max(1);
+        let fit_l2 = ((256 << 10) / (4 * kp) / MR * MR).clamp(MR, 12 * MR);
         let block_rows = m
             .div_ceil(4 * threads)
             .next_multiple_of(MR)
-            .clamp(MR, 12 * MR);
+            .clamp(MR, fit_l2);
         out.par_chunks_mut(block_rows * n)
             .zip(a.par_chunks(block_rows * kp))
             .enumerate()
@@ -478,11 +480,20 @@ mod throughput {
     /// (run under `perf stat -e task-clock` for the CPU time on a loaded machine).
     #[test]
     #[ignore = "timing, not a check"]
-    fn fc1_shape() {
+    #[allow(clippy::panic)]
+    fn one_shape() {
         if !available() {
             return;
         }
-        let (m, n, k) = (1440, 3072, 768);
+        // BF16_SHAPE=m,n,k picks another shape (fc2: 1440,768,3072).
+        let shape: Vec<usize> = std::env::var("BF16_SHAPE")
+            .unwrap_or_else(|_| "1440,3072,768".into())
+            .split(',')
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let &[m, n, k] = shape.as_slice() else {
+            panic!("BF16_SHAPE=m,n,k");
+        };
         let x = vec![0.5f32; m * k];
         let w = vec![0.25f32; n * k];
         let bias = vec![0f32; n];
@@ -495,7 +506,7 @@ mod throughput {
         let s = start.elapsed().as_secs_f64();
         let gflop = 2.0 * (m * n * k) as f64 * reps as f64 / 1e9;
         println!(
-            "{gflop:.1} GFLOP in {s:.3} s wall: {:.1} GFLOP/s",
+            "{m}x{n}x{k}: {gflop:.1} GFLOP in {s:.3} s wall: {:.1} GFLOP/s",
             gflop / s
         );
     }
