@@ -5,13 +5,17 @@
 //! 600 MB, deleted on exit) with the tiny test fixture's tokenizer, then
 //! reports medians of:
 //! - one zero-shot image at 224² (image pass + 169 + 144 windows, text cached),
-//! - one few-shot (k = 2) image,
+//!   with the vision tower in f32 and, where the CPU has AVX512-BF16, in bf16,
+//! - one few-shot (k = 2) image (f32),
 //! - the text side of one object (231 sentences + 1 user prompt) without and
 //!   with the class-vector cache.
 //!
 //! ```text
-//! cargo run --release -p flawscope-core --example winclip_speed -- [--runs N] [--image FILE]
+//! cargo run --release -p flawscope-core --example winclip_speed -- [--runs N] [--image FILE] [--zero-shot-only]
+//!     [--precision f32|bf16]
 //! ```
+//! `--zero-shot-only` skips the uncached text side and the few-shot model
+//! (for profiling the image side alone).
 //! The fixture tokenizer is a real CLIP BPE cut to 2000 merges, so sentences
 //! come out somewhat longer than with the full one (the text cost is an
 //! upper bound).
@@ -29,7 +33,7 @@ use flawscope_core::model::{FitOptions, Model};
 use flawscope_core::progress::NoProgress;
 use flawscope_core::runtime::Runtime;
 use flawscope_core::winclip::{WinClip, WinClipConfig, prompt_set};
-use flawscope_models::clip::{ClipPreprocessor, ResizeMode, sliding_windows};
+use flawscope_models::clip::{ClipPreprocessor, Precision, ResizeMode, sliding_windows};
 use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use image::DynamicImage;
 
@@ -143,11 +147,21 @@ fn main() -> Result<(), Box<dyn Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut runs = 5usize;
     let mut image_path = root.join("demo/solar_cell/test/defect/cell0001.png");
+    let mut zero_shot_only = false;
+    let mut only: Option<Precision> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().ok_or("--runs needs a value")?.parse()?,
             "--image" => image_path = args.next().ok_or("--image needs a file")?.into(),
+            "--zero-shot-only" => zero_shot_only = true,
+            "--precision" => {
+                only = match args.next().as_deref() {
+                    Some("f32") => Some(Precision::F32),
+                    Some("bf16") => Some(Precision::Bf16),
+                    _ => return Err("--precision takes f32 or bf16".into()),
+                }
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -166,13 +180,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         start.elapsed()
     );
     let start = Instant::now();
-    let engine = Arc::new(WinClip::from_dir(
-        dir.path(),
-        "ViT-B/16 (random)",
-        None,
-        "flag",
-        &Device::Cpu,
-    )?);
+    let engine = Arc::new(
+        WinClip::from_dir(dir.path(), "ViT-B/16 (random)", None, "flag", &Device::Cpu)?
+            .with_vision_precision(Precision::F32)?,
+    );
     println!("loaded in {:.1?}", start.elapsed());
 
     let limits = ImageLimits::default();
@@ -182,50 +193,100 @@ fn main() -> Result<(), Box<dyn Error>> {
     let sentences = set.sentences("metal nut");
     let n_sentences = sentences.normal.len() + sentences.anomalous.len();
 
-    let cold = median(runs.min(3), |i| {
-        // A new object name each time: a cache miss, same sentence count.
-        Ok(engine.class_vectors(&format!("metal nut {i}"), &set)?)
-    })?;
+    if !zero_shot_only {
+        let cold = median(runs.min(3), |i| {
+            // A new object name each time: a cache miss, same sentence count.
+            Ok(engine.class_vectors(&format!("metal nut {i}"), &set)?)
+        })?;
+        println!(
+            "text side, {n_sentences} sentences, no cache:   {:>9.1} ms",
+            ms(cold)
+        );
+    }
     engine.class_vectors("metal nut", &set)?;
     let warm = median(runs, |_| Ok(engine.class_vectors("metal nut", &set)?))?;
-    println!(
-        "text side, {n_sentences} sentences, no cache:   {:>9.1} ms",
-        ms(cold)
-    );
     println!("text side, cached:                   {:>9.4} ms", ms(warm));
 
-    let runtime = Runtime::with_clip(
-        Device::Cpu,
-        WeightsLookup::from_vars(None, |_| None),
-        VIT_B_16,
-    )
-    .with_engine(Arc::clone(&engine));
-    let zero_shot_model = Model::zero_shot(&runtime, "metal nut", &prompts)?;
-    let zero_shot = median(runs, |_| Ok(zero_shot_model.inspect(&image)?))?;
-    println!(
-        "zero-shot image {}x{} -> 224² (1 + 169 + 144 windows), text cached: {:>7.1} ms",
-        image.width(),
-        image.height(),
-        ms(zero_shot)
-    );
+    let mut precisions = vec![Precision::F32];
+    if engine.clip().bf16_available() {
+        precisions.push(Precision::Bf16);
+    } else {
+        println!("no AVX512-BF16 on this CPU: f32 only");
+    }
+    let mut runtime = None;
+    let mut f32_output = None;
+    for precision in precisions {
+        if only.is_some_and(|p| p != precision) {
+            continue;
+        }
+        let engine = match precision {
+            Precision::F32 => Arc::clone(&engine),
+            Precision::Bf16 => Arc::new(
+                WinClip::from_dir(dir.path(), "ViT-B/16 (random)", None, "flag", &Device::Cpu)?
+                    .with_vision_precision(precision)?,
+            ),
+        };
+        engine.class_vectors("metal nut", &set)?;
+        let rt = Runtime::with_clip(
+            Device::Cpu,
+            WeightsLookup::from_vars(None, |_| None),
+            VIT_B_16,
+        )
+        .with_engine(Arc::clone(&engine));
+        let zero_shot_model = Model::zero_shot(&rt, "metal nut", &prompts)?;
+        let zero_shot = median(runs, |_| Ok(zero_shot_model.inspect(&image)?))?;
+        let output = zero_shot_model.inspect(&image)?;
+        match (&f32_output, precision) {
+            (None, Precision::F32) => f32_output = Some(output),
+            (Some(f32_out), Precision::Bf16) => {
+                let map = f32_out
+                    .map
+                    .values
+                    .iter()
+                    .zip(&output.map.values)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                println!(
+                    "bf16 drift from f32 (random weights): |Δscore| {:.2e}, max |Δmap| {map:.2e}",
+                    (f32_out.raw_score - output.raw_score).abs()
+                );
+            }
+            _ => {}
+        }
+        println!(
+            "{precision:?} zero-shot image {}x{} -> 224² (1 + 169 + 144 windows), text cached: {:>7.1} ms",
+            image.width(),
+            image.height(),
+            ms(zero_shot)
+        );
 
-    // Where the time goes: the whole-image pass and the windowed passes.
-    let pixels = ClipPreprocessor::new(224)
-        .with_mode(ResizeMode::Stretch)
-        .tensor(&[DynamicImage::ImageRgb32F(image.clone())], &Device::Cpu)?;
-    let clip = engine.clip();
-    let whole = median(runs, |_| Ok(clip.encode_image(&pixels)?))?;
-    let mut windows = sliding_windows(14, 14, 2, 1);
-    windows.extend(sliding_windows(14, 14, 3, 1));
-    let windowed = median(runs, |_| Ok(clip.encode_windows(&pixels, &windows)?))?;
-    println!("  of which the whole-image pass:     {:>9.1} ms", ms(whole));
-    println!(
-        "  of which {} windows ({} tokens):  {:>9.1} ms",
-        windows.len(),
-        windows.iter().map(|w| w.len() + 1).sum::<usize>(),
-        ms(windowed)
-    );
+        // Where the time goes: the whole-image pass and the windowed passes.
+        let pixels = ClipPreprocessor::new(224)
+            .with_mode(ResizeMode::Stretch)
+            .tensor(&[DynamicImage::ImageRgb32F(image.clone())], &Device::Cpu)?;
+        let clip = engine.clip();
+        let whole = median(runs, |_| Ok(clip.encode_image(&pixels)?))?;
+        let mut windows = sliding_windows(14, 14, 2, 1);
+        windows.extend(sliding_windows(14, 14, 3, 1));
+        let windowed = median(runs, |_| Ok(clip.encode_windows(&pixels, &windows)?))?;
+        println!("  of which the whole-image pass:     {:>9.1} ms", ms(whole));
+        println!(
+            "  of which {} windows ({} tokens):  {:>9.1} ms",
+            windows.len(),
+            windows.iter().map(|w| w.len() + 1).sum::<usize>(),
+            ms(windowed)
+        );
+        if precision == Precision::F32 {
+            runtime = Some(rt);
+        }
+    }
+    let Some(runtime) = runtime else {
+        return Ok(());
+    };
 
+    if zero_shot_only {
+        return Ok(());
+    }
     let shots = [
         root.join("demo/solar_cell/train/good/cell0004.png"),
         root.join("demo/solar_cell/train/good/cell0009.png"),

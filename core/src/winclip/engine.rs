@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{Device, Tensor};
 use flawscope_models::ModelError;
-use flawscope_models::clip::{ClipModel, ClipPreprocessor, ResizeMode, sliding_windows};
+use flawscope_models::clip::{ClipModel, ClipPreprocessor, Precision, ResizeMode, sliding_windows};
 use flawscope_models::clip_weights::{
     ClipPreset, WEIGHT_FILES, WeightsLookup, check_checkpoint_dir,
 };
@@ -21,6 +21,25 @@ use super::checkpoint::{ClipCheckpoint, file_sha256, source_name};
 use super::detector::PatchFeatures;
 use super::scoring::{check_scales, unit_rows};
 use crate::Error;
+
+/// Names the vision tower's arithmetic for every engine: `f32` (the
+/// reference implementation's) or `bf16` (the default; see [`Precision`]).
+pub const PRECISION_VAR: &str = "FLAWSCOPE_CLIP_PRECISION";
+
+/// The precision [`PRECISION_VAR`] asks for: bf16 unless set to `f32`.
+/// bf16 runs only on CPUs with AVX512-BF16 (elsewhere f32 runs); its drift
+/// from f32 is ~1e-4 on scores and maps (README, "Zero-shot and few-shot with CLIP").
+fn vision_precision() -> Result<Precision, WinClipError> {
+    match std::env::var(PRECISION_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(Precision::Bf16),
+        Ok(v) if v.eq_ignore_ascii_case("bf16") => Ok(Precision::Bf16),
+        Ok(v) if v.eq_ignore_ascii_case("f32") => Ok(Precision::F32),
+        Ok(v) => Err(WinClipError::Config(format!(
+            "{PRECISION_VAR} is {v:?}; use f32 or bf16"
+        ))),
+        Err(e) => Err(WinClipError::Config(format!("{PRECISION_VAR}: {e}"))),
+    }
+}
 
 /// The WinCLIP engine: a CLIP model, its tokenizer and a cache of class
 /// vectors. Shared (behind an [`Arc`]) by every model that uses the same
@@ -75,7 +94,7 @@ impl WinClip {
         // Absolute, so that a model file made here finds it from anywhere.
         let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
         let config_sha256 = file_sha256(&dir.join("config.json"))?;
-        let clip = ClipModel::load(dir, device)?;
+        let clip = ClipModel::load(dir, device)?.with_vision_precision(vision_precision()?)?;
         let tokenizer = ClipTokenizer::from_dir(dir)?;
         let checkpoint = ClipCheckpoint {
             preset: preset.to_owned(),
@@ -152,6 +171,13 @@ impl WinClip {
     }
 
     /// The CLIP model.
+    /// Sets the arithmetic of the vision tower's linear layers (see
+    /// [`Precision`]); the text side is unaffected.
+    pub fn with_vision_precision(mut self, precision: Precision) -> Result<Self, Error> {
+        self.clip = self.clip.with_vision_precision(precision)?;
+        Ok(self)
+    }
+
     pub fn clip(&self) -> &ClipModel {
         &self.clip
     }

@@ -82,7 +82,7 @@ use crate::Error;
 
 pub use checkpoint::ClipCheckpoint;
 pub use detector::{PatchFeatures, WinClipConfig, WinClipDetector};
-pub use engine::WinClip;
+pub use engine::{PRECISION_VAR, WinClip};
 pub use scoring::{
     anomalous_probability, harmonic_mean, harmonic_window_aggregation, zero_shot_grid,
 };

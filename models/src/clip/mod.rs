@@ -48,6 +48,7 @@ use candle_nn::VarBuilder;
 
 pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use preprocess::{CLIP_MEAN, CLIP_STD, ClipPreprocessor, CropBox, ResizeMode, resize_bicubic};
+pub use transformer::Precision;
 pub use vision::sliding_windows;
 
 use crate::ModelError;
@@ -75,6 +76,7 @@ pub struct ClipModel {
     text: TextTower,
     vision: VisionTower,
     logit_scale: Option<f32>,
+    vision_precision: Precision,
     device: Device,
 }
 
@@ -123,6 +125,7 @@ impl ClipModel {
             text,
             vision,
             logit_scale,
+            vision_precision: Precision::F32,
             device: device.clone(),
         })
     }

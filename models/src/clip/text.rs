@@ -47,10 +47,10 @@ impl TextTower {
                 t.hidden_act,
             )?,
             final_ln: tw.layer_norm(t.hidden_size, t.layer_norm_eps, "final_layer_norm")?,
-            projection: Linear {
-                weight: w.pp("text_projection").get((p, t.hidden_size), "weight")?,
-                bias: None,
-            },
+            projection: Linear::new(
+                w.pp("text_projection").get((p, t.hidden_size), "weight")?,
+                None,
+            ),
         })
     }
 }

@@ -2,12 +2,42 @@
 //! that names the file and the tensor in its errors.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use candle_core::{IndexOp, Shape, Tensor};
+use candle_core::{DType, Device, IndexOp, Shape, Storage, Tensor};
 use candle_nn::{LayerNorm, Module, VarBuilder};
+use rayon::prelude::*;
 
 use super::config::Activation;
 use crate::ModelError;
+use crate::bf16_gemm::{Epilogue, PackedBf16};
+
+/// Arithmetic of the vision tower's linear layers on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout (candle's matrix product); matches the reference implementation.
+    #[default]
+    F32,
+    /// Weights and activations rounded to bf16 for the products, f32
+    /// accumulation and everything else f32: about twice as fast where the
+    /// CPU has AVX512-BF16, with small drift (see the README); elsewhere
+    /// (other CPUs, CUDA) it runs as [`Precision::F32`].
+    Bf16,
+}
+
+/// Runs `f` on the f32 values of a CPU tensor (made contiguous first).
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(candle_core::Error::Msg("expected a CPU tensor".into()));
+    };
+    let values = cpu.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    Ok(f(&values[start..end]))
+}
 
 /// Weights reader that names the file and the tensor in its errors.
 pub(super) struct Weights<'a> {
@@ -64,10 +94,10 @@ impl<'a> Weights<'a> {
 
     pub(super) fn linear(&self, inp: usize, out: usize, name: &str) -> Result<Linear, ModelError> {
         let w = self.pp(name);
-        Ok(Linear {
-            weight: w.get((out, inp), "weight")?,
-            bias: Some(w.get(out, "bias")?),
-        })
+        Ok(Linear::new(
+            w.get((out, inp), "weight")?,
+            Some(w.get(out, "bias")?),
+        ))
     }
 
     pub(super) fn layer_norm(
@@ -90,10 +120,101 @@ impl<'a> Weights<'a> {
 pub(super) struct Linear {
     pub(super) weight: Tensor,
     pub(super) bias: Option<Tensor>,
+    /// The bf16 copy of `weight` and the bias values, where [`Precision::Bf16`] is on.
+    pub(super) bf16: Option<Arc<(PackedBf16, Vec<f32>)>>,
 }
 
 impl Linear {
+    pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            bf16: None,
+        }
+    }
+
+    /// Packs the weight for the bf16 product; a no-op off the CPU or
+    /// without AVX512-BF16.
+    fn set_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
+        self.bf16 = None;
+        if precision == Precision::F32 || !matches!(self.weight.device(), Device::Cpu) {
+            return Ok(());
+        }
+        let (n, k) = self.weight.dims2()?;
+        let weight = self.weight.to_dtype(DType::F32)?;
+        let packed = with_cpu_f32(&weight, |w| PackedBf16::new(w, n, k))?;
+        let bias = match &self.bias {
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0.0; n],
+        };
+        self.bf16 = packed.map(|p| Arc::new((p, bias)));
+        Ok(())
+    }
+
+    /// `x Wᵀ + b (+ residual)` through the bf16 product, where packed and
+    /// `x` is f32 on the CPU.
+    fn forward_bf16(
+        &self,
+        x: &Tensor,
+        epilogue: Epilogue,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(packed) = &self.bf16 else {
+            return Ok(None);
+        };
+        let (w, bias) = (&packed.0, &packed.1);
+        if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+            return Ok(None);
+        }
+        let dims = x.dims();
+        let (&inp, lead) = dims
+            .split_last()
+            .ok_or_else(|| candle_core::Error::Msg("linear layer on a scalar".into()))?;
+        if inp != w.k() {
+            return Err(candle_core::Error::Msg(format!(
+                "linear layer takes {} inputs, got {inp}",
+                w.k()
+            )));
+        }
+        let rows: usize = lead.iter().product();
+        let mut out = lead.to_vec();
+        out.push(w.n());
+        let y = match residual {
+            Some(r) => {
+                if r.dims() != out.as_slice() || r.dtype() != DType::F32 {
+                    return Ok(None);
+                }
+                with_cpu_f32(x, |v| {
+                    with_cpu_f32(r, |r| w.matmul(v, rows, bias, epilogue, Some(r)))
+                })??
+            }
+            None => with_cpu_f32(x, |v| w.matmul(v, rows, bias, epilogue, None))?,
+        };
+        Ok(Some(Tensor::from_vec(y, out, &Device::Cpu)?))
+    }
+
+    /// `act(x Wᵀ + b)`, fused where the bf16 product runs.
+    fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        if act == Activation::QuickGelu
+            && let Some(y) = self.forward_bf16(x, Epilogue::BiasQuickGelu, None)?
+        {
+            return Ok(y);
+        }
+        act.apply(&self.forward(x)?)
+    }
+
+    /// `x Wᵀ + b + residual`, fused where the bf16 product runs.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.forward_bf16(x, Epilogue::Bias, Some(residual))? {
+            return Ok(y);
+        }
+        residual + self.forward(x)?
+    }
+
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.forward_bf16(x, Epilogue::Bias, None)? {
+            return Ok(y);
+        }
         let dims = x.dims();
         let (&inp, lead) = dims
             .split_last()
@@ -129,10 +250,10 @@ impl Attention {
                 .clone()
                 .ok_or_else(|| candle_core::Error::Msg("attention projection without bias".into()))
         };
-        let qkv = Linear {
-            weight: Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
-            bias: Some(Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?),
-        };
+        let qkv = Linear::new(
+            Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
+            Some(Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?),
+        );
         let head_dim = dim / heads;
         Ok(Self {
             qkv,
@@ -143,14 +264,26 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// `residual + attention(x)`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let (h, hd) = (self.heads, self.head_dim);
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?;
+        let qkv = self.qkv.forward(x)?;
+        if mask.is_none()
+            && n <= SHORT_SEQUENCE
+            && qkv.dtype() == DType::F32
+            && matches!(qkv.device(), Device::Cpu)
+        {
+            let ctx = with_cpu_f32(&qkv, |v| short_attention(v, b, n, h, hd, self.scale as f32))?;
+            let ctx = Tensor::from_vec(ctx, (b, n, d), &Device::Cpu)?;
+            return self.out.forward_add(&ctx, residual);
+        }
+        let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?;
         let q = (qkv.i(0)? * self.scale)?.reshape((b * h, n, hd))?;
         let k = qkv.i(1)?.contiguous()?.reshape((b * h, n, hd))?;
         let v = qkv.i(2)?.contiguous()?.reshape((b * h, n, hd))?;
@@ -165,8 +298,64 @@ impl Attention {
             .reshape((b, h, n, hd))?
             .transpose(1, 2)?
             .reshape((b, n, d))?;
-        self.out.forward(&ctx)
+        self.out.forward_add(&ctx, residual)
     }
+}
+
+/// Sequences up to this length (WinCLIP's windows: 5 and 10 tokens) skip the
+/// batched products, whose per-call cost dwarfs a 10×10 attention.
+const SHORT_SEQUENCE: usize = 32;
+
+/// Unmasked attention over `b` sequences of `n` tokens, from the fused
+/// projection `qkv` (`[b·n, 3·h·hd]`: q, k, v, each head-major); returns the
+/// context `[b·n, h·hd]`. One sequence per task; plain loops (`n` is small).
+fn short_attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f32) -> Vec<f32> {
+    let d = h * hd;
+    let mut ctx = vec![0f32; b * n * d];
+    ctx.par_chunks_mut(n * d)
+        .zip(qkv.par_chunks(n * 3 * d))
+        .for_each(|(out, qkv)| {
+            let mut p = vec![0f32; n];
+            for head in 0..h {
+                let q = |i: usize| &qkv[i * 3 * d + head * hd..][..hd];
+                let k = |j: usize| &qkv[j * 3 * d + d + head * hd..][..hd];
+                let v = |j: usize| &qkv[j * 3 * d + 2 * d + head * hd..][..hd];
+                for i in 0..n {
+                    let qi = q(i);
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        *pj = dot(qi, k(j)) * scale;
+                    }
+                    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for pj in &mut p {
+                        *pj = (*pj - max).exp();
+                        sum += *pj;
+                    }
+                    let o = &mut out[i * d + head * hd..][..hd];
+                    for (j, &pj) in p.iter().enumerate() {
+                        let w = pj / sum;
+                        for (o, &vv) in o.iter_mut().zip(v(j)) {
+                            *o += w * vv;
+                        }
+                    }
+                }
+            }
+        });
+    ctx
+}
+
+/// Dot product with 8 partial sums (lets the compiler vectorise it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.as_chunks::<8>();
+    let (bc, br) = b.as_chunks::<8>();
+    for (x, y) in ac.iter().zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 #[derive(Debug, Clone)]
@@ -181,11 +370,9 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let h = self.attn.forward(&self.ln1.forward(x)?, mask)?;
-        let x = (x + h)?;
-        let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
-        let h = self.fc2.forward(&self.act.apply(&h)?)?;
-        x + h
+        let x = self.attn.forward(&self.ln1.forward(x)?, mask, x)?;
+        let h = self.fc1.forward_act(&self.ln2.forward(&x)?, self.act)?;
+        self.fc2.forward_add(&h, &x)
     }
 }
 
@@ -220,6 +407,21 @@ impl Encoder {
             })
             .collect::<Result<_, ModelError>>()?;
         Ok(Self { layers })
+    }
+
+    /// Sets the arithmetic of every linear layer (see [`Precision`]).
+    pub(super) fn set_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
+        for layer in &mut self.layers {
+            for linear in [
+                &mut layer.attn.qkv,
+                &mut layer.attn.out,
+                &mut layer.fc1,
+                &mut layer.fc2,
+            ] {
+                linear.set_precision(precision)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs the first `upto` layers; `keep(i)` says whether to record

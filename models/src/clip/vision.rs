@@ -6,7 +6,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{LayerNorm, Module};
 
 use super::config::ClipVisionConfig;
-use super::transformer::{Encoder, Linear, Weights};
+use super::transformer::{Encoder, Linear, Precision, Weights};
 use super::{ClipModel, unsort};
 use crate::ModelError;
 
@@ -61,13 +61,33 @@ impl VisionTower {
                 v.hidden_act,
             )?,
             post_ln: vw.layer_norm(v.hidden_size, v.layer_norm_eps, "post_layernorm")?,
-            projection: Linear {
-                weight: w
-                    .pp("visual_projection")
+            projection: Linear::new(
+                w.pp("visual_projection")
                     .get((p, v.hidden_size), "weight")?,
-                bias: None,
-            },
+                None,
+            ),
         })
+    }
+}
+
+impl ClipModel {
+    /// The arithmetic of the vision transformer's linear layers (f32 by
+    /// default; see [`Precision`]). The text tower always runs in f32.
+    pub fn with_vision_precision(mut self, precision: Precision) -> Result<Self, ModelError> {
+        self.vision.encoder.set_precision(precision)?;
+        self.vision_precision = precision;
+        Ok(self)
+    }
+
+    /// The arithmetic asked for with [`ClipModel::with_vision_precision`].
+    pub fn vision_precision(&self) -> Precision {
+        self.vision_precision
+    }
+
+    /// Whether [`Precision::Bf16`] runs as bf16 here (a CPU model on a CPU
+    /// with AVX512-BF16), not as its f32 fallback.
+    pub fn bf16_available(&self) -> bool {
+        matches!(self.device, Device::Cpu) && crate::bf16_gemm::available()
     }
 }
 
