@@ -35,6 +35,7 @@ pub mod images;
 pub mod metrics;
 pub mod model;
 pub mod model_file;
+pub mod nearest;
 pub mod padim;
 pub mod patchcore;
 pub mod progress;
@@ -50,7 +51,7 @@ mod trained_tests;
 pub mod verdict;
 pub mod winclip;
 
-pub use candle_core::Device;
+pub use candle_core::{Device, Tensor};
 
 /// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]
