@@ -79,8 +79,9 @@ pub enum Bench {
         /// Backbone stages, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "stage3,stage5")]
         stages: Vec<String>,
-        /// Input side in pixels.
-        #[arg(long, default_value_t = 256)]
+        /// Input side in pixels (32 to 2048, as for fitting).
+        #[arg(long, default_value_t = 256,
+              value_parser = clap::value_parser!(u32).range(32..=2048))]
         size: u32,
         /// Resize to a square (aspect not kept).
         #[arg(long)]
@@ -89,8 +90,9 @@ pub enum Bench {
         #[arg(long, default_value_t = 0.1)]
         coreset: f64,
         /// Test images timed.
-        #[arg(long, default_value_t = 50)]
-        images: usize,
+        #[arg(long, default_value_t = 50,
+              value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        images: u64,
         /// Also time indexes with these numbers of leading axes.
         #[arg(long, value_delimiter = ',')]
         leads: Vec<usize>,
@@ -133,7 +135,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             size: *size,
             square: *square,
             coreset: *coreset,
-            images: *images,
+            images: usize::try_from(*images).unwrap_or(usize::MAX),
             leads,
         }),
     }
