@@ -121,19 +121,20 @@ impl AnomalyMap {
             }
             i as usize
         };
+        // Each row is padded once by reflection; then every tap is one pass
+        // over the row (it vectorises), in the same order per pixel.
         let mut horizontal = vec![0.0; w * h];
         horizontal
             .par_chunks_mut(w)
             .enumerate()
             .for_each(|(y, row)| {
-                for (x, out) in row.iter_mut().enumerate() {
-                    *out = kernel
-                        .iter()
-                        .enumerate()
-                        .map(|(k, wt)| {
-                            wt * self.get(reflect(x as isize + k as isize - radius as isize, w), y)
-                        })
-                        .sum();
+                let padded: Vec<f32> = (0..w + 2 * radius)
+                    .map(|i| self.get(reflect(i as isize - radius as isize, w), y))
+                    .collect();
+                for (k, wt) in kernel.iter().enumerate() {
+                    for (out, v) in row.iter_mut().zip(&padded[k..k + w]) {
+                        *out += wt * v;
+                    }
                 }
             });
         let mut values = vec![0.0; w * h];
@@ -181,6 +182,38 @@ mod tests {
         let total: f32 = blurred.values.iter().sum();
         assert!((total - 1.0).abs() < 1e-4);
         assert_eq!(blurred.max(), blurred.get(20, 20));
+    }
+
+    #[test]
+    fn blur_equals_the_direct_reflected_convolution() {
+        let (w, h) = (7, 5);
+        let values: Vec<f32> = (0..w * h).map(|i| ((i * 13) % 7) as f32 * 0.3).collect();
+        let map = AnomalyMap::new(w, h, values).unwrap();
+        let sigma = 2.0;
+        let kernel = gaussian_kernel(sigma);
+        let r = (kernel.len() / 2) as isize;
+        // Reflection ("d c b | a b c d") by folding until inside.
+        let fold = |mut i: isize, len: isize| {
+            while i < 0 || i >= len {
+                i = if i < 0 { -i - 1 } else { 2 * len - i - 1 };
+            }
+            i as usize
+        };
+        let blurred = map.blurred(sigma);
+        for y in 0..h {
+            for x in 0..w {
+                let mut want = 0.0f64;
+                for (ky, wy) in kernel.iter().enumerate() {
+                    for (kx, wx) in kernel.iter().enumerate() {
+                        let sx = fold(x as isize + kx as isize - r, w as isize);
+                        let sy = fold(y as isize + ky as isize - r, h as isize);
+                        want += f64::from(wy * wx) * f64::from(map.get(sx, sy));
+                    }
+                }
+                let got = f64::from(blurred.get(x, y));
+                assert!((got - want).abs() < 1e-5, "({x}, {y}): {got} vs {want}");
+            }
+        }
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod images;
 pub mod metrics;
 pub mod model;
 pub mod model_file;
+pub mod nearest;
 pub mod padim;
 pub mod patchcore;
 pub mod progress;
@@ -52,7 +53,7 @@ mod trained_tests;
 pub mod verdict;
 pub mod winclip;
 
-pub use candle_core::Device;
+pub use candle_core::{Device, Tensor};
 
 /// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::detector::{Detector, DetectorOutput, FitInputs};
-use crate::features::{FeatureConfig, FeatureExtractor, Resize, extract_all};
+use crate::features::{FeatureConfig, FeatureExtractor, Resize};
 use crate::gaussian::inverse_cholesky_factor;
 use crate::model_file::take;
 use crate::progress::Progress;
@@ -60,61 +60,11 @@ impl Padim {
         config: &PadimConfig,
         progress: &dyn Progress,
     ) -> Result<Self, Error> {
-        let first = images
-            .first()
-            .ok_or_else(|| Error::InvalidConfig("PaDiM needs training images".into()))?;
-        let (positions, width) = first.dims2()?;
-        let kept = config.channels.min(width);
-        let mut rng = StdRng::seed_from_u64(config.seed);
-        let mut chosen: Vec<u32> = sample(&mut rng, width, kept)
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        chosen.sort_unstable();
-        let channels = Tensor::from_vec(chosen, kept, first.device())?;
-
-        progress.start("gaussians", positions as u64);
-        let mut selected = Vec::with_capacity(images.len());
+        let mut builder = PadimBuilder::new(*config);
         for image in images {
-            if image.dims2()? != (positions, width) {
-                return Err(Error::InvalidConfig(
-                    "PaDiM needs every image on the same grid (use a fixed input size)".into(),
-                ));
-            }
-            selected.push(image.index_select(&channels, 1)?.to_dtype(DType::F32)?);
+            builder.add(image)?;
         }
-        let n = selected.len();
-        // [positions, n, d]
-        let stacked = Tensor::stack(&selected, 1)?;
-        let mean = stacked.mean(1)?; // [positions, d]
-        let centred = stacked.broadcast_sub(&mean.unsqueeze(1)?)?;
-        let denominator = (n.max(2) - 1) as f64;
-        let covariance = centred
-            .t()?
-            .contiguous()?
-            .matmul(&centred.contiguous()?)?
-            .affine(1.0 / denominator, 0.0)?; // [positions, d, d]
-        let host: Vec<f32> = covariance.flatten_all()?.to_vec1()?;
-        let inverses: Vec<f32> = host
-            .par_chunks(kept * kept)
-            .map(|cov| {
-                let inv = invert_spd(cov, kept, config.epsilon);
-                progress.advance(1);
-                inv
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::InvalidConfig("covariance is not invertible".into()))?
-            .into_iter()
-            .flatten()
-            .collect();
-        progress.finish();
-        let inverse_covariance =
-            Tensor::from_vec(inverses, (positions, kept, kept), first.device())?;
-        Ok(Self {
-            channels,
-            mean,
-            inverse_covariance,
-        })
+        builder.finish(progress)
     }
 
     /// Rebuilds a fitted model from its tensors (as stored in a model file).
@@ -169,11 +119,167 @@ impl Padim {
     }
 }
 
-/// Inverse of `cov + ε·I` (symmetric positive definite) by Cholesky, in f64.
-fn invert_spd(cov: &[f32], d: usize, epsilon: f64) -> Option<Vec<f32>> {
-    let li = inverse_cholesky_factor(d, |i, j| {
-        f64::from(cov[i * d + j]) + if i == j { epsilon } else { 0.0 }
-    })?;
+/// Images whose features are stacked for one covariance update.
+const BATCH: usize = 16;
+
+/// Fits [`Padim`] one image at a time: only the per-position mean and
+/// scatter matrix (in f64) and a batch of [`BATCH`] images' kept channels
+/// are held, never the whole training set's features.
+///
+/// Each batch's mean and centred scatter come from one batched matrix
+/// product and are merged into the running ones with Chan et al.'s
+/// pairwise update, which is as exact as a two-pass covariance.
+pub struct PadimBuilder {
+    config: PadimConfig,
+    /// Grid positions, feature width and kept channels, from the first image.
+    shape: Option<(usize, usize, Tensor)>,
+    pending: Vec<Tensor>,
+    count: usize,
+    /// `[positions · d]`.
+    mean: Vec<f64>,
+    /// `[positions · d · d]`: `Σ (x − mean)(x − mean)ᵀ`.
+    scatter: Vec<f64>,
+}
+
+impl PadimBuilder {
+    pub fn new(config: PadimConfig) -> Self {
+        Self {
+            config,
+            shape: None,
+            pending: Vec::with_capacity(BATCH),
+            count: 0,
+            mean: Vec::new(),
+            scatter: Vec::new(),
+        }
+    }
+
+    /// Adds one image's features `[positions, channels]`.
+    pub fn add(&mut self, image: &Tensor) -> Result<(), Error> {
+        let dims = image.dims2()?;
+        if self.shape.is_none() {
+            let (positions, width) = dims;
+            let kept = self.config.channels.min(width);
+            let mut rng = StdRng::seed_from_u64(self.config.seed);
+            let mut chosen: Vec<u32> = sample(&mut rng, width, kept)
+                .into_iter()
+                .map(|i| i as u32)
+                .collect();
+            chosen.sort_unstable();
+            self.mean = vec![0.0; positions * kept];
+            self.scatter = vec![0.0; positions * kept * kept];
+            self.shape = Some((
+                positions,
+                width,
+                Tensor::from_vec(chosen, kept, image.device())?,
+            ));
+        }
+        let Some((positions, width, channels)) = &self.shape else {
+            return Err(Error::InvalidConfig("PaDiM needs training images".into()));
+        };
+        if dims != (*positions, *width) {
+            return Err(Error::InvalidConfig(
+                "PaDiM needs every image on the same grid (use a fixed input size)".into(),
+            ));
+        }
+        let selected = image.index_select(channels, 1)?.to_dtype(DType::F32)?;
+        self.pending.push(selected);
+        if self.pending.len() == BATCH {
+            self.merge_pending()?;
+        }
+        Ok(())
+    }
+
+    fn merge_pending(&mut self) -> Result<(), Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = self.pending.len();
+        // [positions, batch, d]
+        let stacked = Tensor::stack(&self.pending, 1)?;
+        self.pending.clear();
+        let batch_mean = stacked.mean_keepdim(1)?;
+        let centred = stacked.broadcast_sub(&batch_mean)?;
+        drop(stacked);
+        let batch_scatter: Vec<f32> = centred
+            .t()?
+            .contiguous()?
+            .matmul(&centred.contiguous()?)?
+            .flatten_all()?
+            .to_vec1()?;
+        drop(centred);
+        let batch_mean = batch_mean.squeeze(1)?;
+        let (_, d) = batch_mean.dims2()?;
+        let batch_mean: Vec<f32> = batch_mean.flatten_all()?.to_vec1()?;
+        let (before, added) = (self.count as f64, batch as f64);
+        let total = before + added;
+        self.mean
+            .par_chunks_mut(d)
+            .zip(self.scatter.par_chunks_mut(d * d))
+            .zip(batch_mean.par_chunks(d))
+            .zip(batch_scatter.par_chunks(d * d))
+            .for_each(|(((mean, scatter), batch_mean), batch_scatter)| {
+                let delta: Vec<f64> = batch_mean
+                    .iter()
+                    .zip(mean.iter())
+                    .map(|(b, m)| f64::from(*b) - m)
+                    .collect();
+                let weight = before * added / total;
+                for i in 0..d {
+                    for j in 0..d {
+                        scatter[i * d + j] +=
+                            f64::from(batch_scatter[i * d + j]) + delta[i] * delta[j] * weight;
+                    }
+                }
+                for (m, dl) in mean.iter_mut().zip(&delta) {
+                    *m += dl * added / total;
+                }
+            });
+        self.count += batch;
+        Ok(())
+    }
+
+    /// The fitted Gaussians.
+    pub fn finish(mut self, progress: &dyn Progress) -> Result<Padim, Error> {
+        self.merge_pending()?;
+        let Some((positions, _, channels)) = self.shape else {
+            return Err(Error::InvalidConfig("PaDiM needs training images".into()));
+        };
+        let kept = channels.dims1()?;
+        let denominator = (self.count.max(2) - 1) as f64;
+        let epsilon = self.config.epsilon;
+        progress.start("gaussians", positions as u64);
+        let inverses: Vec<f32> = self
+            .scatter
+            .par_chunks(kept * kept)
+            .map(|scatter| {
+                let inv = invert_spd(kept, |i, j| {
+                    scatter[i * kept + j] / denominator + if i == j { epsilon } else { 0.0 }
+                });
+                progress.advance(1);
+                inv
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::InvalidConfig("covariance is not invertible".into()))?
+            .into_iter()
+            .flatten()
+            .collect();
+        progress.finish();
+        drop(self.scatter);
+        let device = channels.device().clone();
+        let inverse_covariance = Tensor::from_vec(inverses, (positions, kept, kept), &device)?;
+        let mean: Vec<f32> = self.mean.iter().map(|m| *m as f32).collect();
+        Ok(Padim {
+            channels,
+            mean: Tensor::from_vec(mean, (positions, kept), &device)?,
+            inverse_covariance,
+        })
+    }
+}
+
+/// Inverse of the symmetric positive definite matrix `a(i, j)` by Cholesky,
+/// in f64.
+fn invert_spd(d: usize, a: impl Fn(usize, usize) -> f64) -> Option<Vec<f32>> {
+    let li = inverse_cholesky_factor(d, a)?;
     // inv(A) = inv(L)ᵀ inv(L).
     let mut inv = vec![0.0f32; d * d];
     for i in 0..d {
@@ -212,8 +318,15 @@ impl PadimDetector {
         inputs: &FitInputs<'_>,
     ) -> Result<Self, Error> {
         let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
-        let grids = extract_all(&extractor, &inputs.images(), inputs.progress)?;
-        let padim = Padim::fit(&grids, config, inputs.progress)?;
+        let progress = inputs.progress;
+        let mut builder = PadimBuilder::new(*config);
+        progress.start("features", inputs.normal.len() as u64);
+        inputs.images().for_each(
+            |image| builder.add(&extractor.extract(image)?.features),
+            || progress.advance(1),
+        )?;
+        progress.finish();
+        let padim = builder.finish(progress)?;
         Ok(Self { extractor, padim })
     }
 
@@ -260,13 +373,101 @@ mod tests {
     #[test]
     fn inverse_times_matrix_is_identity() {
         let cov = [4.0f32, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 2.0];
-        let inv = invert_spd(&cov, 3, 0.0).unwrap();
+        let inv = invert_spd(3, |i, j| f64::from(cov[i * 3 + j])).unwrap();
         for i in 0..3 {
             for j in 0..3 {
                 let v: f32 = (0..3).map(|k| cov[i * 3 + k] * inv[k * 3 + j]).sum();
                 assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-5);
             }
         }
+    }
+
+    /// Two-pass mean and covariance in f64, the textbook way.
+    fn two_pass(images: &[Vec<f32>], positions: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
+        let n = images.len() as f64;
+        let mut mean = vec![0f64; positions * d];
+        for image in images {
+            for (m, v) in mean.iter_mut().zip(image) {
+                *m += f64::from(*v) / n;
+            }
+        }
+        let mut cov = vec![0f64; positions * d * d];
+        for image in images {
+            for p in 0..positions {
+                for i in 0..d {
+                    for j in 0..d {
+                        let a = f64::from(image[p * d + i]) - mean[p * d + i];
+                        let b = f64::from(image[p * d + j]) - mean[p * d + j];
+                        cov[(p * d + i) * d + j] += a * b / (n - 1.0).max(1.0);
+                    }
+                }
+            }
+        }
+        (mean, cov)
+    }
+
+    #[test]
+    fn streaming_fit_equals_two_pass_covariance() {
+        let dev = Device::Cpu;
+        let (positions, d) = (5, 4);
+        // 37 images: two full batches and a partial one; an offset far from
+        // zero, where one-pass sums of squares would lose digits.
+        for count in [1usize, 2, 16, 37] {
+            let images: Vec<Vec<f32>> = (0..count)
+                .map(|k| {
+                    (0..positions * d)
+                        .map(|i| 1000.0 + ((k * 31 + i * 17) % 23) as f32 * 0.37 + (i % d) as f32)
+                        .collect()
+                })
+                .collect();
+            let tensors: Vec<Tensor> = images
+                .iter()
+                .map(|v| Tensor::from_slice(v, (positions, d), &dev).unwrap())
+                .collect();
+            let config = PadimConfig {
+                channels: d,
+                epsilon: 0.01,
+                seed: 0,
+            };
+            let model = Padim::fit(&tensors, &config, &NoProgress).unwrap();
+            let (mean, cov) = two_pass(&images, positions, d);
+            let got_mean: Vec<f32> = model.mean.flatten_all().unwrap().to_vec1().unwrap();
+            for (g, w) in got_mean.iter().zip(&mean) {
+                assert!((f64::from(*g) - w).abs() < 1e-3, "{count}: mean {g} vs {w}");
+            }
+            let inverse: Vec<f32> = model
+                .inverse_covariance
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for p in 0..positions {
+                for i in 0..d {
+                    for j in 0..d {
+                        // (cov + εI) · inverse = I.
+                        let v: f64 = (0..d)
+                            .map(|k| {
+                                let c = cov[(p * d + i) * d + k] + if i == k { 0.01 } else { 0.0 };
+                                c * f64::from(inverse[(p * d + k) * d + j])
+                            })
+                            .sum();
+                        let want = if i == j { 1.0 } else { 0.0 };
+                        assert!((v - want).abs() < 1e-3, "{count} images, position {p}: {v}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn images_on_different_grids_are_an_error() {
+        let dev = Device::Cpu;
+        let images = [
+            Tensor::zeros((6, 5), DType::F32, &dev).unwrap(),
+            Tensor::zeros((4, 5), DType::F32, &dev).unwrap(),
+        ];
+        assert!(Padim::fit(&images, &PadimConfig::default(), &NoProgress).is_err());
+        assert!(Padim::fit(&[], &PadimConfig::default(), &NoProgress).is_err());
     }
 
     #[test]

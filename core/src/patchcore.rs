@@ -3,7 +3,9 @@
 //! vector.
 //!
 //! Fitting thins all training patches with a greedy k-center coreset (see
-//! [`crate::coreset`]). Scoring computes every query-to-bank distance as
+//! [`crate::coreset`]). Scoring finds each patch's exact nearest bank row
+//! with [`crate::nearest::BankIndex`] on the CPU (a bound on the bank's
+//! principal axes skips most rows), and elsewhere computes every distance as
 //! `‖q‖² − 2 q·b + ‖b‖²` in matrix products over chunks of the bank. The
 //! image score is the largest patch score, reweighted by how isolated its
 //! nearest bank vector is among that vector's own nearest neighbours.
@@ -22,6 +24,7 @@ use crate::coreset::greedy_coreset;
 use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
 use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, Resize};
 use crate::model_file::take;
+use crate::nearest::BankIndex;
 use crate::progress::Progress;
 
 /// Bank rows compared with the queries in one matrix product.
@@ -67,6 +70,8 @@ pub struct PatchCore {
     bank: Tensor,
     /// `[1, bank_size]`: squared norms of the bank rows.
     bank_norms: Tensor,
+    /// The exact search index, for a bank on the CPU.
+    index: Option<BankIndex>,
     neighbours: usize,
 }
 
@@ -120,9 +125,15 @@ impl PatchCore {
             return Err(Error::InvalidConfig("empty memory bank".into()));
         }
         let bank_norms = bank.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
+        let index = if bank.device().is_cpu() {
+            Some(BankIndex::new(&bank)?)
+        } else {
+            None
+        };
         Ok(Self {
             bank,
             bank_norms,
+            index,
             neighbours: neighbours.max(1),
         })
     }
@@ -133,6 +144,11 @@ impl PatchCore {
 
     pub fn bank_size(&self) -> usize {
         self.bank.dims()[0]
+    }
+
+    /// The exact search index (a bank on the CPU has one).
+    pub fn index(&self) -> Option<&BankIndex> {
+        self.index.as_ref()
     }
 
     pub fn neighbours(&self) -> usize {
@@ -165,7 +181,16 @@ impl PatchCore {
     ///
     /// `‖q − b‖² = ‖q‖² − 2 q·b + ‖b‖²`: the products come from one matrix
     /// multiplication per bank chunk, and the rest is one pass over them.
-    fn nearest(&self, queries: &Tensor) -> Result<(Vec<f32>, Vec<u32>), Error> {
+    pub fn nearest(&self, queries: &Tensor) -> Result<(Vec<f32>, Vec<u32>), Error> {
+        if let Some(index) = &self.index {
+            let found = index.nearest(queries)?;
+            return Ok((found.distances, found.indices));
+        }
+        self.nearest_by_products(queries)
+    }
+
+    /// [`Self::nearest`] from all query–bank products (any device).
+    pub fn nearest_by_products(&self, queries: &Tensor) -> Result<(Vec<f32>, Vec<u32>), Error> {
         let (p, _) = queries.dims2()?;
         let query_norms: Vec<f32> = queries.sqr()?.sum(1)?.to_vec1()?;
         let bank_norms: Vec<f32> = self.bank_norms.flatten_all()?.to_vec1()?;
@@ -406,6 +431,34 @@ mod tests {
         let scores = model.score(&both).unwrap();
         assert!(scores.patches[3] > 5.0);
         assert!(scores.image > 0.0 && scores.image <= scores.patches[3]);
+    }
+
+    #[test]
+    fn index_search_equals_all_products() {
+        let dev = Device::Cpu;
+        let train = Tensor::randn(0f32, 1.0, (700, 24), &dev).unwrap();
+        let scale = Tensor::from_vec(
+            (0..24).map(|i| 4.0 / (1.0 + i as f32)).collect(),
+            (1, 24),
+            &dev,
+        );
+        let train = train.broadcast_mul(&scale.unwrap()).unwrap();
+        let config = PatchCoreConfig {
+            coreset_ratio: 1.0,
+            ..Default::default()
+        };
+        let model = PatchCore::fit(&train, &config, &NoProgress).unwrap();
+        assert!(model.index.is_some());
+        let queries = Tensor::randn(0f32, 1.0, (300, 24), &dev).unwrap();
+        let (d_index, i_index) = model.nearest(&queries).unwrap();
+        let (d_all, i_all) = model.nearest_by_products(&queries).unwrap();
+        for q in 0..300 {
+            assert!(
+                (d_index[q] - d_all[q]).abs() <= 1e-3 * (1.0 + d_all[q]),
+                "query {q}"
+            );
+            assert_eq!(i_index[q], i_all[q], "query {q}");
+        }
     }
 
     #[test]

@@ -2,18 +2,24 @@
 //!
 //! `bench backbone` times the backbone's forward pass; `bench patchcore`
 //! fits PatchCore on growing parts of a folder of normal images and reports
-//! fit time, memory-bank size and per-image scoring time. Every figure is a
-//! median over repeated runs inside one process.
+//! fit time, memory-bank size and per-image scoring time; `bench nearest`
+//! splits PatchCore's scoring time into backbone and nearest-neighbour search
+//! and compares the search index with all query–bank products. Every figure
+//! is a median over repeated runs inside one process.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use flawscope_core::dataset::scan_image_folder;
-use flawscope_core::detector::FitInputs;
-use flawscope_core::features::BackboneKind;
+use flawscope_core::Tensor;
+use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
+use flawscope_core::detector::{FitInputs, ScoreGrid, resize_for};
+use flawscope_core::features::{BackboneKind, FeatureConfig, FeatureExtractor, parse_stage};
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::split_holdout;
+use flawscope_core::nearest::BankIndex;
+use flawscope_core::patchcore::{PatchCore, PatchCoreConfig};
+use flawscope_core::progress::NoProgress;
 use flawscope_core::runtime::Runtime;
 use flawscope_models::{EfficientNetLite, Preprocess};
 use image::Rgb32FImage;
@@ -69,6 +75,37 @@ pub enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Build a PatchCore bank and time, per test image, the backbone and
+    /// the nearest-neighbour search (index vs all products), checking that
+    /// both searches agree.
+    Nearest {
+        /// Folder of normal images for the bank.
+        #[arg(long)]
+        train: PathBuf,
+        /// Folder (searched recursively) of images to score.
+        #[arg(long)]
+        test: PathBuf,
+        /// Backbone stages, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "stage3,stage5")]
+        stages: Vec<String>,
+        /// Input side in pixels (32 to 2048, as for fitting).
+        #[arg(long, default_value_t = 256,
+              value_parser = clap::value_parser!(u32).range(32..=2048))]
+        size: u32,
+        /// Resize to a square (aspect not kept).
+        #[arg(long)]
+        square: bool,
+        /// Fraction of training patches kept in the bank.
+        #[arg(long, default_value_t = 0.1)]
+        coreset: f64,
+        /// Test images timed.
+        #[arg(long, default_value_t = 50,
+              value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        images: u64,
+        /// Also time indexes with these numbers of leading axes.
+        #[arg(long, value_delimiter = ',')]
+        leads: Vec<usize>,
+    },
 }
 
 #[derive(Serialize)]
@@ -96,6 +133,25 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             detector,
             json,
         } => fit(train, fractions, *score_images, detector, *json),
+        Bench::Nearest {
+            train,
+            test,
+            stages,
+            size,
+            square,
+            coreset,
+            images,
+            leads,
+        } => nearest(&NearestBench {
+            train,
+            test,
+            stages,
+            size: *size,
+            square: *square,
+            coreset: *coreset,
+            images: usize::try_from(*images).unwrap_or(usize::MAX),
+            leads,
+        }),
     }
 }
 
@@ -220,5 +276,175 @@ fn fit(
             );
         }
     }
+    Ok(Outcome::Success)
+}
+
+struct NearestBench<'a> {
+    train: &'a std::path::Path,
+    test: &'a std::path::Path,
+    stages: &'a [String],
+    size: u32,
+    square: bool,
+    coreset: f64,
+    images: usize,
+    leads: &'a [usize],
+}
+
+fn nearest(args: &NearestBench<'_>) -> anyhow::Result<Outcome> {
+    if !(args.coreset > 0.0 && args.coreset <= 1.0) {
+        return Err(super::UsageError(format!(
+            "--coreset must be in (0, 1], got {}",
+            args.coreset
+        ))
+        .into());
+    }
+    let stages = args
+        .stages
+        .iter()
+        .map(|n| parse_stage(n.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| super::UsageError(e.to_string()))?;
+    let features = FeatureConfig::lite0(&stages, resize_for(args.size, args.square));
+    let device = device();
+    let extractor = FeatureExtractor::new(features, &device)?;
+    let limits = ImageLimits::default();
+    let train = scan_image_folder(args.train)
+        .with_context(|| format!("reading training images in {}", args.train.display()))?;
+    let test = scan_image_tree(args.test)
+        .with_context(|| format!("reading test images in {}", args.test.display()))?;
+    let mut grids = Vec::with_capacity(train.len());
+    for path in &train {
+        grids.push(extractor.extract(&load_image(path, &limits)?)?.features);
+    }
+    let start = Instant::now();
+    let config = PatchCoreConfig {
+        coreset_ratio: args.coreset,
+        coarse_side: None,
+        ..Default::default()
+    };
+    let bank = PatchCore::fit(&Tensor::cat(&grids, 0)?, &config, &NoProgress)?;
+    drop(grids);
+    let fit_seconds = start.elapsed().as_secs_f64();
+    let mut indexes = vec![("index".to_string(), None)];
+    for &lead in args.leads {
+        let index = BankIndex::with_lead(bank.bank(), Some(lead))?;
+        indexes.push((
+            format!(
+                "index, lead {} ({:.1} % of variance)",
+                index.lead(),
+                100.0 * index.lead_share()
+            ),
+            Some(index),
+        ));
+    }
+    let default_lead = bank
+        .index()
+        .map_or((0, 0.0), |i| (i.lead(), i.lead_share()));
+    let mut backbone = Vec::new();
+    let mut scoring = Vec::new();
+    let mut maps = Vec::new();
+    let mut products = Vec::new();
+    let mut index_times = vec![Vec::new(); indexes.len()];
+    let mut computed = vec![0u64; indexes.len()];
+    let (mut queries, mut same, mut worst) = (0usize, 0usize, 0f32);
+    for (i, path) in test.iter().take(args.images).enumerate() {
+        let image = load_image(path, &limits)?;
+        let start = Instant::now();
+        let grid = extractor.extract(&image)?;
+        backbone.push(start.elapsed().as_secs_f64() * 1000.0);
+        let start = Instant::now();
+        let scores = bank.score(&grid.features)?;
+        scoring.push(start.elapsed().as_secs_f64() * 1000.0);
+        // The map as a detector's output builds it: upsampled to the input,
+        // blurred, resized to the image.
+        let start = Instant::now();
+        let map = ScoreGrid::of(&grid, scores.patches).to_map(image.dimensions())?;
+        maps.push(start.elapsed().as_secs_f64() * 1000.0);
+        std::hint::black_box(map);
+        // The order of the searches rotates so none always runs on a
+        // warmer cache.
+        let order: Vec<usize> = (0..=indexes.len())
+            .map(|k| (k + i) % (indexes.len() + 1))
+            .collect();
+        let mut reference = None;
+        let mut found_all = vec![None; indexes.len()];
+        for k in order {
+            let start = Instant::now();
+            if k == indexes.len() {
+                let found = bank.nearest_by_products(&grid.features)?;
+                products.push(start.elapsed().as_secs_f64() * 1000.0);
+                reference = Some(found);
+            } else {
+                let found = match &indexes[k].1 {
+                    Some(index) => index.nearest(&grid.features)?,
+                    None => bank
+                        .index()
+                        .context("the bank has no index (not on the CPU)")?
+                        .nearest(&grid.features)?,
+                };
+                index_times[k].push(start.elapsed().as_secs_f64() * 1000.0);
+                computed[k] += found.full_distances_computed;
+                found_all[k] = Some(found);
+            }
+        }
+        let (want_d, want_i) = reference.context("no reference search")?;
+        queries += want_i.len();
+        for found in found_all.into_iter().flatten() {
+            same += found
+                .indices
+                .iter()
+                .zip(&want_i)
+                .filter(|(a, b)| a == b)
+                .count();
+            for (a, b) in found.distances.iter().zip(&want_d) {
+                worst = worst.max((a.max(0.0).sqrt() - b.max(0.0).sqrt()).abs());
+            }
+        }
+    }
+    let n = backbone.len();
+    println!(
+        "bank {} × {} from {} images ({fit_seconds:.1} s); {n} test images, {queries} patches; {} threads",
+        bank.bank_size(),
+        bank.bank().dims().get(1).copied().unwrap_or(0),
+        train.len(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "backbone + patch features: median {:.1} ms/image",
+        median(backbone)
+    );
+    println!(
+        "PatchCore score (index search + image-score reweighting): median {:.1} ms/image",
+        median(scoring)
+    );
+    println!(
+        "anomaly map (upsample, blur, resize): median {:.1} ms/image",
+        median(maps)
+    );
+    println!(
+        "nearest, all products:     median {:.1} ms/image",
+        median(products)
+    );
+    let pairs = (queries * bank.bank_size()).max(1) as f64;
+    for (((name, _), times), computed) in indexes.iter().zip(index_times).zip(computed) {
+        let name = if name == "index" {
+            format!(
+                "index (default lead {}, {:.1} % of variance)",
+                default_lead.0,
+                100.0 * default_lead.1
+            )
+        } else {
+            name.clone()
+        };
+        println!(
+            "nearest, {name}: median {:.1} ms/image, full distances for {:.2} % of pairs",
+            median(times),
+            100.0 * computed as f64 / pairs
+        );
+    }
+    println!(
+        "same nearest row as all products for {same} of {} searches; largest distance difference {worst:.2e}",
+        queries * indexes.len()
+    );
     Ok(Outcome::Success)
 }
