@@ -49,8 +49,9 @@ pub enum Bench {
         /// Weights as safetensors (see `fit --backbone-weights`).
         #[arg(long, value_name = "FILE")]
         backbone_weights: Option<PathBuf>,
-        /// Input side in pixels.
-        #[arg(long, default_value_t = 224)]
+        /// Input side in pixels (32 to 2048, as for fitting).
+        #[arg(long, default_value_t = 224,
+              value_parser = clap::value_parser!(u32).range(32..=2048))]
         size: u32,
         /// Timed runs (after 3 warm-up runs).
         #[arg(long, default_value_t = 30)]

@@ -85,3 +85,22 @@ fn every_subcommand_has_help() {
         );
     }
 }
+
+/// An input side the backbone cannot take is refused when the arguments
+/// are read (exit 2), not met by a panic inside the network.
+#[test]
+fn bench_refuses_input_sides_out_of_range() {
+    for args in [
+        &["bench", "backbone", "--size", "0"][..],
+        &["bench", "backbone", "--size", "4096"][..],
+        &[
+            "bench", "nearest", "--train", ".", "--test", ".", "--size", "0",
+        ][..],
+    ] {
+        let out = flawscope(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--size"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
