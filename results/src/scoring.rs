@@ -126,11 +126,6 @@ impl InspectorScorer {
         Ok(self)
     }
 
-    /// The typed defects checked on every image.
-    pub fn prompts(&self) -> &[String] {
-        &self.prompts
-    }
-
     /// Decodes and inspects an image.
     pub fn inspect(
         &self,
@@ -141,28 +136,38 @@ impl InspectorScorer {
         let inspection = self.inspector.inspect(&image)?;
         Ok((image, inspection))
     }
-}
 
-impl Scorer for InspectorScorer {
-    fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError> {
-        let (image, inspection) = self.inspect(path, bytes)?;
+    /// What is stored of an inspected image: the score, the preview if
+    /// asked for, and the typed defects checked on it.
+    pub fn scored(
+        &self,
+        image: &Rgb32FImage,
+        inspection: &Inspection,
+    ) -> Result<Scored, ScoreError> {
         let preview = self
             .preview_side
-            .map(|side| Preview::from_map(&image, &inspection.map, side));
+            .map(|side| Preview::from_map(image, &inspection.map, side));
         Ok(Scored {
             score: inspection.score,
             raw_score: inspection.raw_score,
             threshold: inspection.threshold,
             preview,
-            defects: checked_defects(&self.inspector, &image, &self.prompts)?,
+            defects: checked_defects(&self.inspector, image, &self.prompts)?,
         })
+    }
+}
+
+impl Scorer for InspectorScorer {
+    fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError> {
+        let (image, inspection) = self.inspect(path, bytes)?;
+        self.scored(&image, &inspection)
     }
 }
 
 /// Whether `model` can check typed defects here; when not, why (no text
 /// layer, or its CLIP weights missing). A batch asks before it starts, so
 /// no stored row claims a check that did not happen.
-pub fn text_layer_ready(model: &Model) -> Result<(), ScoreError> {
+fn text_layer_ready(model: &Model) -> Result<(), ScoreError> {
     match model.summary().text_layer {
         None => Err(ScoreError::Other(
             "this model has no text layer to check typed defects with (fit it with --object \
@@ -178,7 +183,7 @@ pub fn text_layer_ready(model: &Model) -> Result<(), ScoreError> {
 }
 
 /// `prompts` checked on `image` by the model's text layer, as stored.
-pub fn checked_defects(
+fn checked_defects(
     model: &Model,
     image: &Rgb32FImage,
     prompts: &[String],

@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::heatmap::save_overlay;
-use flawscope_core::images::{ImageLimits, decode_image, load_image};
+use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{DefectReport, Inspection, Model};
 use flawscope_core::progress::Progress;
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_core::verdict::layered;
 use flawscope_results::scoring::{
-    BatchItem, BatchOptions, ScoreError, Scored, Scorer, checked_defects, run_batch,
-    text_layer_ready,
+    BatchItem, BatchOptions, InspectorScorer, ScoreError, Scored, Scorer, run_batch,
 };
 use flawscope_results::shard::Shard;
 use flawscope_results::store::{Store, StoredDefect, Verdict, file_hash, layered_model};
@@ -391,16 +390,13 @@ fn run_with_store(
     } else {
         Vec::new()
     };
-    if !prompts.is_empty() {
-        text_layer_ready(&inspector).map_err(|e| UsageError(format!("--prompt: {e}")))?;
-    }
-    let model = store.model(&name, &identity)?;
     let scorer = StoreScorer {
-        inspector,
+        scorer: InspectorScorer::new(Arc::new(inspector), ImageLimits::default(), None)
+            .with_prompts(prompts)
+            .map_err(|e| UsageError(format!("--prompt: {e}")))?,
         heatmaps: Arc::clone(&heatmaps),
-        limits: ImageLimits::default(),
-        prompts,
     };
+    let model = store.model(&name, &identity)?;
     // An unchanged image is scored again only when its heatmap is missing.
     let wanted = Arc::clone(&heatmaps);
     let rescore = move |path: &Path| wanted.get(path).is_some_and(|out| !out.is_file());
@@ -460,29 +456,20 @@ fn run_with_store(
     Ok(Outcome::Success)
 }
 
-/// Decodes, inspects and (with `--heatmaps`) writes the overlay.
+/// The results crate's scorer (with `--prompt`, the typed defects too),
+/// which also writes the overlay (`--heatmaps`).
 struct StoreScorer {
-    inspector: Model,
+    scorer: InspectorScorer,
     heatmaps: Arc<HashMap<PathBuf, PathBuf>>,
-    limits: ImageLimits,
-    /// Typed defects for the model's text layer (`--prompt`).
-    prompts: Vec<String>,
 }
 
 impl Scorer for StoreScorer {
     fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError> {
-        let image = decode_image(bytes, &path.display().to_string(), &self.limits)?;
-        let inspection = self.inspector.inspect(&image)?;
+        let (image, inspection) = self.scorer.inspect(path, bytes)?;
         if let Some(out) = self.heatmaps.get(path) {
             write_heatmap(out, &image, &inspection)
                 .map_err(|e| ScoreError::Other(format!("{e:#}")))?;
         }
-        Ok(Scored {
-            score: inspection.score,
-            raw_score: inspection.raw_score,
-            threshold: inspection.threshold,
-            preview: None,
-            defects: checked_defects(&self.inspector, &image, &self.prompts)?,
-        })
+        self.scorer.scored(&image, &inspection)
     }
 }

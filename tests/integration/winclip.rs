@@ -529,18 +529,22 @@ fn text_layer_checks_each_typed_defect_with_a_calibrated_threshold() {
         demo("test/defect/cell0001.png"),
         demo("test/good/cell0060.png"),
     ];
-    let score = |extra: &[&str]| {
-        let mut args = vec!["score", "--model", model.to_str().unwrap(), "--json"];
-        args.extend_from_slice(extra);
-        args.extend(images.iter().map(String::as_str));
-        let out = crate::cli::flawscope_command()
-            .args(&args)
+    // No CLIP weights but the folder given at fit time (and no hub).
+    let offline = |args: &[&str]| {
+        crate::cli::flawscope_command()
+            .args(args)
             .env_remove("FLAWSCOPE_CLIP_WEIGHTS")
             .env("HF_HUB_OFFLINE", "1")
             .env("HF_HOME", tmp.path())
             .env("HF_HUB_CACHE", tmp.path())
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let score = |extra: &[&str]| {
+        let mut args = vec!["score", "--model", model.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        args.extend(images.iter().map(String::as_str));
+        let out = offline(&args);
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         json_lines(&out)
     };
@@ -623,14 +627,7 @@ fn text_layer_checks_each_typed_defect_with_a_calibrated_threshold() {
     args.push(db.to_str().unwrap());
     args.extend(asked);
     args.push(&images[0]);
-    let out = crate::cli::flawscope_command()
-        .args(&args)
-        .env_remove("FLAWSCOPE_CLIP_WEIGHTS")
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", tmp.path())
-        .env("HF_HUB_CACHE", tmp.path())
-        .output()
-        .unwrap();
+    let out = offline(&args);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("--prompt: the model's text layer cannot check"),
