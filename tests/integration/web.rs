@@ -755,40 +755,32 @@ fn multipart(fields: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-fn zero_shot_score(addr: SocketAddr, image: &[u8], prompts: &[&str]) -> f64 {
-    let mut fields = vec![("object", "solar cell")];
-    fields.extend(prompts.iter().map(|p| ("prompt", *p)));
-    let (content_type, body) = multipart(&fields, image);
-    let reply = http_with(addr, "POST", "/v1/zero-shot", &content_type, "", &body);
+/// POSTs `fields` and the image as a form to `path`; the answer must be 200.
+fn post_form(addr: SocketAddr, path: &str, fields: &[(&str, &str)], image: &[u8]) -> Value {
+    let (content_type, body) = multipart(fields, image);
+    let reply = http_with(addr, "POST", path, &content_type, "", &body);
     assert_eq!(
         reply.status,
         200,
         "{}",
         String::from_utf8_lossy(&reply.body)
     );
-    reply.json()["score"].as_f64().unwrap()
+    reply.json()
+}
+
+fn zero_shot_score(addr: SocketAddr, image: &[u8], prompts: &[&str]) -> f64 {
+    let mut fields = vec![("object", "solar cell")];
+    fields.extend(prompts.iter().map(|p| ("prompt", *p)));
+    post_form(addr, "/v1/zero-shot", &fields, image)["score"]
+        .as_f64()
+        .unwrap()
 }
 
 /// The score of each typed defect as the model's text layer gives it on
 /// `/v1/models/cells/score`.
 fn layered_scores(addr: SocketAddr, image: &[u8], prompts: &[&str]) -> Vec<f64> {
     let fields: Vec<(&str, &str)> = prompts.iter().map(|p| ("prompt", *p)).collect();
-    let (content_type, body) = multipart(&fields, image);
-    let reply = http_with(
-        addr,
-        "POST",
-        "/v1/models/cells/score",
-        &content_type,
-        "",
-        &body,
-    );
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    reply.json()["defects"]
+    post_form(addr, "/v1/models/cells/score", &fields, image)["defects"]
         .as_array()
         .unwrap()
         .iter()
