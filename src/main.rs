@@ -12,6 +12,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Backbone layers allocate multi-megabyte buffers per image; glibc returns
+/// them to the kernel and faults them in again each time, mimalloc reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "flawscope", version, about, long_about = None)]
 struct Cli {

@@ -3,28 +3,36 @@
 //! The bank is rotated into its principal axes once. In that basis the
 //! squared distance splits into the leading `lead` axes and the rest, and
 //! `‖q − b‖² ≥ ‖q_lead − b_lead‖² + (‖q_rest‖ − ‖b_rest‖)²` (the second
-//! term by the triangle inequality). That lower bound costs one matrix
-//! product over `lead` axes instead of all of them; only bank rows whose
-//! bound is below the best distance found so far get their full distance
-//! computed. Every row that could be nearest is checked, so the result is
-//! the brute-force one: the nearest row, the lowest index among exact ties.
+//! term by the triangle inequality). Expanded, that bound is
+//! `‖q‖² − 2 s` with `s = q_lead·b_lead + ‖q_rest‖ ‖b_rest‖ − ‖b‖²/2`: one
+//! dot product of `lead + 2` numbers per pair, so one small matrix product
+//! per run of queries gives every bound. Only bank rows whose bound is below
+//! the best distance found so far get their full distance computed. Every
+//! row that could be nearest is checked, so the result is the brute-force
+//! one: the nearest row, the lowest index among exact ties.
 
-use candle_core::{DType, Device, Storage, Tensor};
-use nalgebra::{DMatrix, SymmetricEigen};
+use candle_core::{DType, Device, Tensor};
+use flawscope_models::simd::widest;
+use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut, SymmetricEigen};
 use rayon::prelude::*;
 
 use crate::Error;
 
-/// Queries whose bound products are held in memory at once (× bank rows).
-const QUERY_BLOCK: usize = 64;
-/// Queries handled by one thread in a row; neighbouring patches usually
-/// share their nearest bank row, which seeds the next query's search.
-const QUERY_RUN: usize = 16;
+/// Queries handled by one thread in a row: their bound products (× bank
+/// rows) stay in the core's cache while they are scanned, and neighbouring
+/// patches usually share their nearest bank row, which seeds the next
+/// query's search.
+const QUERY_RUN: usize = 64;
+/// Bound products tested together: a block is looked at row by row only
+/// when one of them can beat the best distance (rarely).
+const SCAN_BLOCK: usize = 32;
 /// Share of the bank's variance the leading axes must hold. Measured on MTD
-/// (152 channels): 75 % (32 axes) was fastest; 90 % (64) checks fewer rows
-/// but its bound product costs more (README, "Nearest-neighbour search").
-const LEAD_VARIANCE: f64 = 0.75;
-/// Relative slack on the bound against rounding in its matrix product.
+/// (152 channels, anomalib's settings): 85 % (48 axes) was fastest; fewer
+/// axes leave more rows to check in full, more make the bound's product
+/// dearer (README, "Nearest-neighbour search").
+const LEAD_VARIANCE: f64 = 0.85;
+/// Relative slack on the bound against rounding in its matrix product
+/// (scaled by `‖q‖² + max ‖b‖²`, which bounds every term of the product).
 const BOUND_SLACK: f32 = 1e-4;
 
 /// A bank prepared for exact nearest-neighbour queries.
@@ -40,11 +48,11 @@ pub struct BankIndex {
     rotation: Tensor,
     /// `[n, dim]` row-major: centred, rotated bank rows.
     rotated: Vec<f32>,
-    /// `[lead, n]`: the leading coordinates, transposed for the product.
-    lead_t: Tensor,
-    lead_norms: Vec<f32>,
-    /// Euclidean norm of the remaining coordinates (not squared).
-    rest_norms: Vec<f32>,
+    /// `[lead + 2][n]`: per bank row its leading coordinates, the norm of
+    /// the rest and `−‖b‖²/2`, one axis after another (the bound's product).
+    bound_rows: Vec<f32>,
+    /// Largest squared norm of a rotated bank row.
+    max_square_norm: f32,
 }
 
 /// Nearest bank row per query: squared distance and index.
@@ -118,10 +126,21 @@ impl BankIndex {
         } else {
             1.0
         };
-        let rotated_t = centred.matmul(&rotation)?;
-        let lead_t = rotated_t.narrow(1, 0, lead)?.t()?.contiguous()?;
-        let rotated: Vec<f32> = rotated_t.flatten_all()?.to_vec1()?;
-        let (lead_norms, rest_norms) = split_norms(&rotated, dim, lead);
+        let rotated: Vec<f32> = centred.matmul(&rotation)?.flatten_all()?.to_vec1()?;
+        let width = lead + 2;
+        let mut bound_rows = vec![0f32; width * n];
+        let mut max_square_norm = 0f32;
+        for (j, row) in rotated.chunks_exact(dim).enumerate() {
+            let (head, tail) = row.split_at(lead);
+            let rest = tail.iter().map(|v| v * v).sum::<f32>();
+            let square_norm = head.iter().map(|v| v * v).sum::<f32>() + rest;
+            for (axis, v) in head.iter().enumerate() {
+                bound_rows[axis * n + j] = *v;
+            }
+            bound_rows[lead * n + j] = rest.sqrt();
+            bound_rows[(lead + 1) * n + j] = -0.5 * square_norm;
+            max_square_norm = max_square_norm.max(square_norm);
+        }
         Ok(Self {
             dim,
             lead,
@@ -129,18 +148,17 @@ impl BankIndex {
             mean,
             rotation,
             rotated,
-            lead_t,
-            lead_norms,
-            rest_norms,
+            bound_rows,
+            max_square_norm,
         })
     }
 
     pub fn len(&self) -> usize {
-        self.lead_norms.len()
+        self.rotated.len() / self.dim
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lead_norms.is_empty()
+        self.rotated.is_empty()
     }
 
     /// Leading axes used for the bound.
@@ -153,68 +171,94 @@ impl BankIndex {
         self.lead_share
     }
 
-    /// The nearest bank row of every query row `[p, dim]`.
-    pub fn nearest(&self, queries: &Tensor) -> Result<Nearest, Error> {
-        let (p, dim) = queries.dims2()?;
+    /// Query rows `[p, dim]` centred and rotated like the bank, row-major.
+    fn rotate(&self, queries: &Tensor) -> Result<Vec<f32>, Error> {
+        let (_, dim) = queries.dims2()?;
         if dim != self.dim {
             return Err(Error::InvalidConfig(format!(
                 "queries have {dim} channels, the bank {}",
                 self.dim
             )));
         }
-        let rotated = queries
+        Ok(queries
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
             .broadcast_sub(&self.mean)?
             .matmul(&self.rotation)?
-            .contiguous()?;
-        let lead_q = rotated.narrow(1, 0, self.lead)?.contiguous()?;
-        let rotated: Vec<f32> = rotated.flatten_all()?.to_vec1()?;
-        let (q_lead_norms, q_rest_norms) = split_norms(&rotated, dim, self.lead);
-        let max_lead_norm = self.lead_norms.iter().copied().fold(0f32, f32::max);
-        let n = self.len();
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
+    /// The nearest bank row of every query row `[p, dim]`.
+    pub fn nearest(&self, queries: &Tensor) -> Result<Nearest, Error> {
+        let rotated = self.rotate(queries)?;
+        let (dim, lead, n) = (self.dim, self.lead, self.len());
+        let width = lead + 2;
+        let p = rotated.len() / dim;
+        // Each query as the bound's left factor: leading coordinates, the
+        // norm of the rest and 1; and its squared norm.
+        let mut factors = vec![0f32; p * width];
+        let mut square_norms = vec![0f32; p];
+        for ((row, factor), square_norm) in rotated
+            .chunks_exact(dim)
+            .zip(factors.chunks_exact_mut(width))
+            .zip(&mut square_norms)
+        {
+            let (head, tail) = row.split_at(lead);
+            let rest = tail.iter().map(|v| v * v).sum::<f32>();
+            *square_norm = head.iter().map(|v| v * v).sum::<f32>() + rest;
+            factor[..lead].copy_from_slice(head);
+            factor[lead] = rest.sqrt();
+            factor[lead + 1] = 1.0;
+        }
+        let bank = DMatrixView::from_slice(&self.bound_rows, n, width);
 
         let mut distances = vec![0f32; p];
         let mut indices = vec![0u32; p];
-        let mut computed = 0u64;
-        let mut start = 0;
-        while start < p {
-            let len = QUERY_BLOCK.min(p - start);
-            let products = lead_q.narrow(0, start, len)?.matmul(&self.lead_t)?;
-            let (storage, layout) = products.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                return Err(Error::InvalidConfig("bank products not on the CPU".into()));
-            };
-            let products = &cpu.as_slice::<f32>()?[layout.start_offset()..][..len * n];
-            computed += products
-                .par_chunks(QUERY_RUN * n)
-                .zip(distances[start..start + len].par_chunks_mut(QUERY_RUN))
-                .zip(indices[start..start + len].par_chunks_mut(QUERY_RUN))
-                .enumerate()
-                .map(|(run, ((products, distances), indices))| {
-                    let first = start + run * QUERY_RUN;
-                    let mut seed = None;
-                    let mut bounds = Vec::with_capacity(n);
-                    let mut computed = 0u64;
-                    for (k, row) in products.chunks_exact(n).enumerate() {
-                        let q = first + k;
-                        let query = Query {
-                            coords: &rotated[q * dim..(q + 1) * dim],
-                            lead_norm: q_lead_norms[q],
-                            rest_norm: q_rest_norms[q],
-                            slack: BOUND_SLACK * (q_lead_norms[q] + max_lead_norm),
-                        };
-                        let (d, j, c) = self.search(&query, row, seed, &mut bounds);
-                        distances[k] = d;
-                        indices[k] = j as u32;
-                        computed += c;
-                        seed = Some(j);
-                    }
-                    computed
-                })
-                .sum::<u64>();
-            start += len;
-        }
+        let computed = rotated
+            .par_chunks(QUERY_RUN * dim)
+            .zip(factors.par_chunks(QUERY_RUN * width))
+            .zip(square_norms.par_chunks(QUERY_RUN))
+            .zip(distances.par_chunks_mut(QUERY_RUN))
+            .zip(indices.par_chunks_mut(QUERY_RUN))
+            .map_init(
+                || vec![0f32; QUERY_RUN * n],
+                |products, ((((coords, factors), square_norms), distances), indices)| {
+                    let run = square_norms.len();
+                    let products = &mut products[..run * n];
+                    // Column-major views: the product's column `k` is query
+                    // `k`'s `s` against every bank row.
+                    let mut out = DMatrixViewMut::from_slice(products, n, run);
+                    out.gemm(
+                        1.0,
+                        &bank,
+                        &DMatrixView::from_slice(factors, width, run),
+                        0.0,
+                    );
+                    let products = &products[..];
+                    widest(
+                        #[inline(always)]
+                        || {
+                            let mut seed = None;
+                            let mut computed = 0u64;
+                            for (k, products) in products.chunks_exact(n).enumerate() {
+                                let query = Query {
+                                    coords: &coords[k * dim..(k + 1) * dim],
+                                    square_norm: square_norms[k],
+                                    slack: BOUND_SLACK * (square_norms[k] + self.max_square_norm),
+                                };
+                                let (d, j, c) = self.search(&query, products, seed);
+                                distances[k] = d;
+                                indices[k] = j as u32;
+                                computed += c;
+                                seed = Some(j);
+                            }
+                            computed
+                        },
+                    )
+                },
+            )
+            .sum::<u64>();
         Ok(Nearest {
             distances,
             indices,
@@ -222,46 +266,68 @@ impl BankIndex {
         })
     }
 
-    /// One query: `products` holds its lead-axis dot product with every
-    /// bank row; `seed` is a row likely to be near (the previous query's).
+    /// Squared distances from bank row `j` to every bank row.
+    pub fn distances_from_row(&self, j: usize) -> Vec<f32> {
+        let row = &self.rotated[j * self.dim..(j + 1) * self.dim];
+        widest(
+            #[inline(always)]
+            || {
+                (0..self.len())
+                    .map(|i| self.distance(row, i, f32::INFINITY))
+                    .collect()
+            },
+        )
+    }
+
+    /// Squared distances from one query `[1, dim]` (or `[dim]`) to the bank
+    /// rows listed.
+    pub fn distances_from_query(&self, query: &Tensor, rows: &[usize]) -> Result<Vec<f32>, Error> {
+        let coords = self.rotate(&query.reshape((1, self.dim))?)?;
+        Ok(rows
+            .iter()
+            .map(|&j| self.distance(&coords, j, f32::INFINITY))
+            .collect())
+    }
+
+    /// One query: `products` holds its `s` with every bank row (its bound
+    /// is `‖q‖² − 2 s`); `seed` is a row likely to be near (the previous
+    /// query's).
+    #[inline(always)]
     fn search(
         &self,
         query: &Query<'_>,
         products: &[f32],
         seed: Option<usize>,
-        bounds: &mut Vec<f32>,
     ) -> (f32, usize, u64) {
-        // One branch-free pass (it vectorises), then a scan that rarely hits.
-        bounds.clear();
-        bounds.extend(
+        let seed = seed.unwrap_or_else(|| {
             products
                 .iter()
-                .zip(&self.lead_norms)
-                .zip(&self.rest_norms)
-                .map(|((product, lead), rest)| {
-                    let r = query.rest_norm - rest;
-                    query.lead_norm + lead - 2.0 * product + r * r
-                }),
-        );
-        let seed = seed.unwrap_or_else(|| {
-            bounds
-                .iter()
                 .enumerate()
-                .min_by(|a, b| a.1.total_cmp(b.1))
+                .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
                 .map_or(0, |(j, _)| j)
         });
         let mut best = (self.distance(query.coords, seed, f32::INFINITY), seed);
         let mut computed = 1;
-        for (j, &bound) in bounds.iter().enumerate() {
-            // A row whose bound exceeds the best distance (beyond rounding)
-            // is farther than a row already found; ties still get checked.
-            if bound > best.0 + query.slack || j == seed {
+        // A row can be nearest only if its bound is at most the best
+        // distance (plus rounding slack): `s ≥ (‖q‖² − best − slack) / 2`.
+        let floor = |best: f32| 0.5 * (query.square_norm - best - query.slack);
+        let mut wanted = floor(best.0);
+        for (block, values) in products.chunks(SCAN_BLOCK).enumerate() {
+            // Branch-free over the block (it vectorises); most blocks stop here.
+            if !values.iter().fold(false, |any, &s| any | (s >= wanted)) {
                 continue;
             }
-            computed += 1;
-            let d = self.distance(query.coords, j, best.0);
-            if d < best.0 || (d == best.0 && j < best.1) {
-                best = (d, j);
+            for (offset, &s) in values.iter().enumerate() {
+                let j = block * SCAN_BLOCK + offset;
+                if s < wanted || j == seed {
+                    continue;
+                }
+                computed += 1;
+                let d = self.distance(query.coords, j, best.0);
+                if d < best.0 || (d == best.0 && j < best.1) {
+                    best = (d, j);
+                    wanted = floor(d);
+                }
             }
         }
         (best.0, best.1, computed)
@@ -270,6 +336,7 @@ impl BankIndex {
     /// Squared distance from rotated query coordinates to bank row `j`;
     /// stops early (returning something above `limit`) once the partial
     /// sum exceeds `limit`.
+    #[inline(always)]
     fn distance(&self, coords: &[f32], j: usize, limit: f32) -> f32 {
         const LANES: usize = 16;
         let row = &self.rotated[j * self.dim..(j + 1) * self.dim];
@@ -306,22 +373,8 @@ impl BankIndex {
 
 struct Query<'a> {
     coords: &'a [f32],
-    lead_norm: f32,
-    rest_norm: f32,
+    square_norm: f32,
     slack: f32,
-}
-
-/// Squared norm of the first `lead` coordinates and norm of the rest, per row.
-fn split_norms(rows: &[f32], dim: usize, lead: usize) -> (Vec<f32>, Vec<f32>) {
-    rows.chunks_exact(dim)
-        .map(|row| {
-            let (head, tail) = row.split_at(lead);
-            (
-                head.iter().map(|v| v * v).sum::<f32>(),
-                tail.iter().map(|v| v * v).sum::<f32>().sqrt(),
-            )
-        })
-        .unzip()
 }
 
 /// Brute force over every pair, as `Σ (q − b)²` in the original axes: the

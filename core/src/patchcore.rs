@@ -226,8 +226,10 @@ impl PatchCore {
         if k < 2 {
             return Ok(1.0);
         }
-        let anchor = self.bank.narrow(0, nearest as usize, 1)?;
-        let (anchor_d2, _) = self.distances_to_bank(&anchor)?;
+        let anchor_d2 = match &self.index {
+            Some(index) => index.distances_from_row(nearest as usize),
+            None => self.distances_to_bank(&self.bank.narrow(0, nearest as usize, 1)?)?,
+        };
         // The k bank rows closest to the anchor (the anchor itself first).
         let mut order: Vec<usize> = (0..anchor_d2.len()).collect();
         order.select_nth_unstable_by(k - 1, |&a, &b| anchor_d2[a].total_cmp(&anchor_d2[b]));
@@ -236,8 +238,14 @@ impl PatchCore {
             order[k - 1] = nearest as usize;
         }
         let query = queries.narrow(0, star, 1)?;
-        let (query_d2, _) = self.distances_to_bank(&query)?;
-        let dists: Vec<f32> = order.iter().map(|&i| query_d2[i].max(0.0).sqrt()).collect();
+        let query_d2 = match &self.index {
+            Some(index) => index.distances_from_query(&query, &order)?,
+            None => {
+                let all = self.distances_to_bank(&query)?;
+                order.iter().map(|&i| all[i]).collect()
+            }
+        };
+        let dists: Vec<f32> = query_d2.iter().map(|d| d.max(0.0).sqrt()).collect();
         let anchor_pos = order
             .iter()
             .position(|&i| i == nearest as usize)
@@ -249,7 +257,7 @@ impl PatchCore {
     }
 
     /// Squared distances from one row `[1, c]` to every bank row.
-    fn distances_to_bank(&self, row: &Tensor) -> Result<(Vec<f32>, f32), Error> {
+    fn distances_to_bank(&self, row: &Tensor) -> Result<Vec<f32>, Error> {
         let norm = row.sqr()?.sum_all()?.to_scalar::<f32>()?;
         let d2 = row
             .matmul(&self.bank.t()?)?
@@ -257,7 +265,7 @@ impl PatchCore {
             .broadcast_add(&self.bank_norms)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        Ok((d2, norm))
+        Ok(d2)
     }
 }
 

@@ -182,15 +182,12 @@ impl CustomOp3 for DepthwiseOp {
             out.par_chunks_mut(plane_out)
                 .zip(x.par_chunks(h * w))
                 .enumerate()
-                .for_each(|(plane, (o, inp))| {
+                .for_each_init(Vec::new, |padded, (plane, (o, inp))| {
                     let ch = plane % c;
-                    self.plane(
-                        inp,
-                        h,
-                        w,
-                        &weight[ch * k * k..(ch + 1) * k * k],
-                        bias[ch],
-                        o,
+                    let wk = &weight[ch * k * k..(ch + 1) * k * k];
+                    crate::simd::widest(
+                        #[inline(always)]
+                        || self.plane(inp, h, w, wk, bias[ch], o, padded),
                     );
                 });
         }
@@ -201,55 +198,117 @@ impl CustomOp3 for DepthwiseOp {
     }
 }
 
+/// Output columns computed together in registers by [`DepthwiseOp::plane`].
+const LANES: usize = 16;
+/// Blocks of [`LANES`] outputs summed side by side.
+const GROUP: usize = 4;
+
 impl DepthwiseOp {
     /// One channel of one image: `out[oy, ox] = b + Σ w[ky, kx] · in[iy, ix]`
     /// with `iy = oy·s + ky − pad_top`, `ix = ox·s + kx − pad_left`, zero
-    /// outside the input.
-    fn plane(&self, inp: &[f32], h: usize, w: usize, wk: &[f32], b: f32, out: &mut [f32]) {
-        let (k, s, ow) = (self.kernel, self.stride, self.out_w);
-        // For each kx, the range of ox whose ix falls inside [0, w).
-        let ranges: Vec<(usize, usize)> = (0..k)
-            .map(|kx| {
-                let lo = self.pad_left.saturating_sub(kx).div_ceil(s);
-                let hi = match (w - 1 + self.pad_left).checked_sub(kx) {
-                    Some(last) => (last / s + 1).min(ow),
-                    None => 0,
-                };
-                (lo, hi.max(lo))
-            })
-            .collect();
-        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-            row.fill(b);
-            for ky in 0..k {
-                let Some(iy) = (oy * s + ky).checked_sub(self.pad_top) else {
+    /// outside the input, the taps added in `(ky, kx)` order.
+    ///
+    /// The input is first copied into `padded`: zero-padded, and each row
+    /// split into its `s` column phases (`phase p` holds columns `p, p + s,
+    /// …`), so every tap reads a contiguous run of `LANES` inputs for
+    /// `LANES` outputs at any stride; the sums stay in registers until all
+    /// taps are added.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn plane(
+        &self,
+        inp: &[f32],
+        h: usize,
+        w: usize,
+        wk: &[f32],
+        b: f32,
+        out: &mut [f32],
+        padded: &mut Vec<f32>,
+    ) {
+        let (k, s, oh, ow) = (self.kernel, self.stride, self.out_h, self.out_w);
+        let blocks = ow.div_ceil(LANES);
+        let group = match blocks {
+            1 => 1,
+            2 | 3 => 2,
+            _ => GROUP,
+        };
+        // Every tap reads `phase[ox + kx / s]` for `ox` up to a whole group.
+        let phase_len = blocks.div_ceil(group) * group * LANES + (k - 1) / s;
+        let rows = (oh - 1) * s + k;
+        padded.clear();
+        padded.resize(rows * s * phase_len, 0.0);
+        for r in 0..rows {
+            let Some(iy) = r.checked_sub(self.pad_top).filter(|&iy| iy < h) else {
+                continue;
+            };
+            let irow = &inp[iy * w..(iy + 1) * w];
+            let prow = &mut padded[r * s * phase_len..(r + 1) * s * phase_len];
+            for (p, phase) in prow.chunks_exact_mut(phase_len).enumerate() {
+                // Padded column `p + i·s` is input column `p + i·s − pad_left`.
+                let first = self.pad_left.saturating_sub(p).div_ceil(s);
+                let Some(ix0) = (p + first * s).checked_sub(self.pad_left) else {
                     continue;
                 };
-                if iy >= h {
-                    continue;
-                }
-                let irow = &inp[iy * w..(iy + 1) * w];
-                for (kx, &(lo, hi)) in ranges.iter().enumerate() {
-                    if lo >= hi {
-                        continue;
-                    }
-                    let wv = wk[ky * k + kx];
-                    // ix of ox = lo; non-negative by construction of `lo`.
-                    let ix0 = lo * s + kx - self.pad_left;
-                    let dst = &mut row[lo..hi];
-                    if s == 1 {
-                        for (o, &v) in dst.iter_mut().zip(&irow[ix0..ix0 + (hi - lo)]) {
-                            *o += wv * v;
-                        }
-                    } else {
-                        for (o, &v) in dst.iter_mut().zip(irow[ix0..].iter().step_by(s)) {
-                            *o += wv * v;
-                        }
+                let count = w.saturating_sub(ix0).div_ceil(s).min(phase_len - first);
+                if s == 1 {
+                    phase[first..first + count].copy_from_slice(&irow[ix0..ix0 + count]);
+                } else {
+                    for (slot, &v) in phase[first..first + count]
+                        .iter_mut()
+                        .zip(irow[ix0..].iter().step_by(s))
+                    {
+                        *slot = v;
                     }
                 }
             }
-            if self.relu6 {
-                for v in row.iter_mut() {
-                    *v = v.clamp(0.0, 6.0);
+        }
+        // Independent sums for several blocks at once: one block's taps form
+        // a chain of dependent additions that would stall the core.
+        match blocks {
+            1 => self.rows::<1>(&padded[..], phase_len, wk, b, out),
+            2 | 3 => self.rows::<2>(&padded[..], phase_len, wk, b, out),
+            _ => self.rows::<GROUP>(&padded[..], phase_len, wk, b, out),
+        }
+    }
+
+    /// The output rows of [`Self::plane`] from its padded input, `G` blocks
+    /// of [`LANES`] columns at a time.
+    #[inline(always)]
+    fn rows<const G: usize>(
+        &self,
+        padded: &[f32],
+        phase_len: usize,
+        wk: &[f32],
+        b: f32,
+        out: &mut [f32],
+    ) {
+        let (k, s, ow) = (self.kernel, self.stride, self.out_w);
+        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+            let band = &padded[oy * s * s * phase_len..];
+            for (g, dst) in row.chunks_mut(G * LANES).enumerate() {
+                let x0 = g * G * LANES;
+                let mut acc = [[b; LANES]; G];
+                for ky in 0..k {
+                    let prow = &band[ky * s * phase_len..][..s * phase_len];
+                    for kx in 0..k {
+                        let wv = wk[ky * k + kx];
+                        let start = (kx % s) * phase_len + x0 + kx / s;
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            if let Some(src) = prow[start + j * LANES..].first_chunk::<LANES>() {
+                                for l in 0..LANES {
+                                    a[l] += wv * src[l];
+                                }
+                            }
+                        }
+                    }
+                }
+                for (a, dst) in acc.iter_mut().zip(dst.chunks_mut(LANES)) {
+                    if self.relu6 {
+                        for v in a.iter_mut() {
+                            *v = v.clamp(0.0, 6.0);
+                        }
+                    }
+                    dst.copy_from_slice(&a[..dst.len()]);
                 }
             }
         }
@@ -410,6 +469,13 @@ mod tests {
             (1, 1, 5, 2, false),
             (2, 3, 3, 2, true),
             (17, 4, 5, 1, true),
+            // Rows of 2, 3, 4 and 5 blocks of 16 outputs (grouped sums).
+            (5, 33, 3, 1, false),
+            (4, 47, 5, 1, true),
+            (3, 64, 3, 1, false),
+            (6, 77, 5, 1, false),
+            (7, 150, 5, 2, true),
+            (5, 129, 3, 2, false),
         ] {
             let x = Tensor::randn(0f32, 2.0, (2, 3, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1.0, (3, 1, k, k), &dev).unwrap();

@@ -11,6 +11,7 @@ pub mod depthwise;
 pub mod efficientnet;
 pub mod error;
 pub mod resample;
+pub mod simd;
 
 /// The tensor library the models run on, re-exported so callers use the
 /// same version.
