@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use flawscope_prompts::object_phrase;
 use image::Rgb32FImage;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::Error;
@@ -34,8 +35,11 @@ pub struct CategoryReport {
     /// Raw score at which F1-max is reached.
     pub f1_threshold: f32,
     pub fit_seconds: f64,
-    /// Backbone + detector + map per test image (decoding excluded).
+    /// Backbone + detector + map per test image (decoding excluded): wall
+    /// time over the test set divided by its images.
     pub ms_per_image: f64,
+    /// Test images scored at once (concurrently) for `ms_per_image`.
+    pub batch: usize,
     pub memory_bank_size: Option<usize>,
     pub train_images: usize,
     pub test_images: usize,
@@ -46,9 +50,10 @@ pub struct CategoryReport {
 }
 
 /// Fits `detector` on the category's normal training images (all of them:
-/// no threshold is needed) and scores its test set with the raw scores.
-/// A WinCLIP detector without an object inspects the category's name
-/// (`metal_nut` → "metal nut").
+/// no threshold is needed) and scores its test set with the raw scores,
+/// `batch` images at a time (see [`score_test_set`]). A WinCLIP detector
+/// without an object inspects the category's name (`metal_nut` → "metal nut").
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     category: &Category,
     features: Option<&FeatureConfig>,
@@ -56,6 +61,7 @@ pub fn evaluate(
     runtime: &Runtime,
     limits: &ImageLimits,
     tile: TileChoice,
+    batch: usize,
     progress: &dyn Progress,
 ) -> Result<CategoryReport, Error> {
     let mut config = detector.clone();
@@ -75,7 +81,7 @@ pub fn evaluate(
         tiling,
     })?;
     let fit_seconds = fit_start.elapsed().as_secs_f64();
-    let results = score_test_set(category, limits, progress, |image| {
+    let results = score_test_set(category, limits, batch, progress, |image| {
         let raw = tiling::inspect_raw(fitted.as_ref(), tiling.as_ref(), image)?;
         Ok((raw.score, raw.map))
     })?;
@@ -113,48 +119,72 @@ pub struct TestSetResults {
     /// Pixel metrics, when the category has masks.
     pub pixels: Option<PixelReport>,
     pub ms_per_image: f64,
+    /// Images scored at once.
+    pub batch: usize,
 }
 
+/// The most test images decoded and scored at once (each holds its decoded
+/// image and the detector's buffers).
+pub const MAX_BATCH: usize = 64;
+
 /// Scores every test image of `category` with `inspect` (image → score and
-/// map at the image's size) and accumulates the pixel metrics on the way.
-/// Only the time spent in `inspect` counts as inference time.
+/// map) and gathers image labels and pixel metrics.
+///
+/// Images are decoded `batch` at a time, then scored concurrently (the
+/// detector's own work shares the same threads); only the wall time spent
+/// scoring counts as inference time. `batch` 1 scores one image after
+/// another: the latency a single request sees.
 pub fn score_test_set(
     category: &Category,
     limits: &ImageLimits,
+    batch: usize,
     progress: &dyn Progress,
-    mut inspect: impl FnMut(&Rgb32FImage) -> Result<(f32, AnomalyMap), Error>,
+    inspect: impl Fn(&Rgb32FImage) -> Result<(f32, AnomalyMap), Error> + Sync,
 ) -> Result<TestSetResults, Error> {
+    let batch = batch.clamp(1, MAX_BATCH);
     let with_masks = category.has_masks();
     let mut pixels = PixelMetrics::new();
     let mut scores = Vec::with_capacity(category.test.len());
     let mut labels = Vec::with_capacity(category.test.len());
     let mut inference = Duration::ZERO;
     progress.start("test", category.test.len() as u64);
-    for sample in &category.test {
-        let image = load_image(&sample.path, limits)?;
+    for samples in category.test.chunks(batch) {
+        let images = samples
+            .iter()
+            .map(|sample| load_image(&sample.path, limits))
+            .collect::<Result<Vec<_>, _>>()?;
         let start = Instant::now();
-        let (score, map) = inspect(&image)?;
+        let outputs = if batch == 1 {
+            images.iter().map(&inspect).collect::<Result<Vec<_>, _>>()?
+        } else {
+            images
+                .par_iter()
+                .map(&inspect)
+                .collect::<Result<Vec<_>, _>>()?
+        };
         inference += start.elapsed();
-        scores.push(score);
-        labels.push(sample.is_anomalous());
-        if with_masks {
-            let mask = match (&sample.mask, sample.is_anomalous()) {
-                (Some(path), _) => Some(Mask::load(path, image.dimensions(), limits)?),
-                (None, false) => None,
-                // An anomalous image without a mask gets no pixel metrics.
-                (None, true) => {
-                    progress.advance(1);
-                    continue;
-                }
-            };
-            pixels.add_image(
-                &map.values,
-                mask.as_ref().map(|m| m.pixels.as_slice()),
-                map.width,
-                map.height,
-            )?;
+        for ((sample, image), (score, map)) in samples.iter().zip(&images).zip(outputs) {
+            scores.push(score);
+            labels.push(sample.is_anomalous());
+            if with_masks {
+                let mask = match (&sample.mask, sample.is_anomalous()) {
+                    (Some(path), _) => Some(Mask::load(path, image.dimensions(), limits)?),
+                    (None, false) => None,
+                    // An anomalous image without a mask gets no pixel metrics.
+                    (None, true) => {
+                        progress.advance(1);
+                        continue;
+                    }
+                };
+                pixels.add_image(
+                    &map.values,
+                    mask.as_ref().map(|m| m.pixels.as_slice()),
+                    map.width,
+                    map.height,
+                )?;
+            }
+            progress.advance(1);
         }
-        progress.advance(1);
     }
     progress.finish();
     Ok(TestSetResults {
@@ -164,6 +194,7 @@ pub fn score_test_set(
             None
         },
         ms_per_image: inference.as_secs_f64() * 1000.0 / category.test.len().max(1) as f64,
+        batch,
         scores,
         labels,
     })
@@ -205,6 +236,7 @@ impl TestSetResults {
             f1_threshold: f1.threshold,
             fit_seconds: fit.fit_seconds,
             ms_per_image: self.ms_per_image,
+            batch: self.batch,
             memory_bank_size: fit.memory_bank_size,
             train_images: fit.train_images,
             tile_side: fit.tile_side,

@@ -225,15 +225,8 @@ impl DepthwiseOp {
         out: &mut [f32],
         padded: &mut Vec<f32>,
     ) {
-        let (k, s, oh, ow) = (self.kernel, self.stride, self.out_h, self.out_w);
-        let blocks = ow.div_ceil(LANES);
-        let group = match blocks {
-            1 => 1,
-            2 | 3 => 2,
-            _ => GROUP,
-        };
-        // Every tap reads `phase[ox + kx / s]` for `ox` up to a whole group.
-        let phase_len = blocks.div_ceil(group) * group * LANES + (k - 1) / s;
+        let (k, s, oh) = (self.kernel, self.stride, self.out_h);
+        let (phase_len, group) = self.layout();
         let rows = (oh - 1) * s + k;
         padded.clear();
         padded.resize(rows * s * phase_len, 0.0);
@@ -262,12 +255,44 @@ impl DepthwiseOp {
                 }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx512::rows(self, &padded[..], phase_len, group, wk, b, out) {
+            return;
+        }
+        self.rows_portable(&padded[..], phase_len, group, wk, b, out);
+    }
+
+    /// The length of one column phase of a padded row, and how many blocks
+    /// of [`LANES`] outputs are summed side by side.
+    fn layout(&self) -> (usize, usize) {
+        let blocks = self.out_w.div_ceil(LANES);
+        let group = match blocks {
+            1 => 1,
+            2 | 3 => 2,
+            _ => GROUP,
+        };
+        // Every tap reads `phase[ox + kx / s]` for `ox` up to a whole group.
+        let phase_len = blocks.div_ceil(group) * group * LANES + (self.kernel - 1) / self.stride;
+        (phase_len, group)
+    }
+
+    /// [`Self::rows`] for `group` blocks at a time (1, 2 or [`GROUP`]).
+    #[inline(always)]
+    fn rows_portable(
+        &self,
+        padded: &[f32],
+        phase_len: usize,
+        group: usize,
+        wk: &[f32],
+        b: f32,
+        out: &mut [f32],
+    ) {
         // Independent sums for several blocks at once: one block's taps form
         // a chain of dependent additions that would stall the core.
-        match blocks {
-            1 => self.rows::<1>(&padded[..], phase_len, wk, b, out),
-            2 | 3 => self.rows::<2>(&padded[..], phase_len, wk, b, out),
-            _ => self.rows::<GROUP>(&padded[..], phase_len, wk, b, out),
+        match group {
+            1 => self.rows::<1>(padded, phase_len, wk, b, out),
+            2 => self.rows::<2>(padded, phase_len, wk, b, out),
+            _ => self.rows::<GROUP>(padded, phase_len, wk, b, out),
         }
     }
 
@@ -310,6 +335,93 @@ impl DepthwiseOp {
                     }
                     dst.copy_from_slice(&a[..dst.len()]);
                 }
+            }
+        }
+    }
+}
+
+/// [`DepthwiseOp::rows`] written with AVX-512 intrinsics: the portable loop
+/// does not always keep its sums in registers.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::{
+        __m512, _mm512_add_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
+        _mm512_set1_ps, _mm512_storeu_ps,
+    };
+
+    use super::{DepthwiseOp, LANES};
+
+    /// The output rows, when the CPU has AVX-512 (`false`: it has not, and
+    /// nothing was written). Same operations, in the same order, as the
+    /// portable loop.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rows(
+        op: &DepthwiseOp,
+        padded: &[f32],
+        phase_len: usize,
+        group: usize,
+        wk: &[f32],
+        b: f32,
+        out: &mut [f32],
+    ) -> bool {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return false;
+        }
+        let (k, s) = (op.kernel, op.stride);
+        // Each tap's offset from the start of an output row's band.
+        let taps: Vec<usize> = (0..k * k)
+            .map(|t| (t / k) * s * phase_len + ((t % k) % s) * phase_len + (t % k) / s)
+            .collect();
+        // SAFETY (all three): the CPU has AVX-512F, checked above.
+        unsafe {
+            match group {
+                1 => rows_g::<1>(op, padded, phase_len, &taps, wk, b, out),
+                2 => rows_g::<2>(op, padded, phase_len, &taps, wk, b, out),
+                _ => rows_g::<{ super::GROUP }>(op, padded, phase_len, &taps, wk, b, out),
+            }
+        }
+        true
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    fn rows_g<const G: usize>(
+        op: &DepthwiseOp,
+        padded: &[f32],
+        phase_len: usize,
+        taps: &[usize],
+        wk: &[f32],
+        b: f32,
+        out: &mut [f32],
+    ) {
+        let (s, ow) = (op.stride, op.out_w);
+        let (zero, six) = (_mm512_set1_ps(0.0), _mm512_set1_ps(6.0));
+        let mut block = [[0f32; LANES]; G];
+        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+            let band = &padded[oy * s * s * phase_len..];
+            for (g, dst) in row.chunks_mut(G * LANES).enumerate() {
+                let base = &band[g * G * LANES..];
+                let mut acc: [__m512; G] = [_mm512_set1_ps(b); G];
+                for (&tap, &w) in taps.iter().zip(wk) {
+                    let wv = _mm512_set1_ps(w);
+                    let src = &base[tap..tap + G * LANES];
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: `src` holds `G · LANES` floats.
+                        let v = unsafe { _mm512_loadu_ps(src.as_ptr().add(j * LANES)) };
+                        *a = _mm512_add_ps(*a, _mm512_mul_ps(wv, v));
+                    }
+                }
+                for (a, out) in acc.iter().zip(block.iter_mut()) {
+                    let v = if op.relu6 {
+                        _mm512_min_ps(_mm512_max_ps(*a, zero), six)
+                    } else {
+                        *a
+                    };
+                    // SAFETY: `out` holds `LANES` floats.
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+                }
+                dst.copy_from_slice(&block.as_flattened()[..dst.len()]);
             }
         }
     }
@@ -484,6 +596,45 @@ mod tests {
             let want = reference(&x, &wt, &b, s, relu6);
             let d = max_diff(&got, &want);
             assert!(d < 1e-5, "h={h} w={w} k={k} s={s}: diff {d}");
+        }
+    }
+
+    /// The AVX-512 kernel (used by every other test on such a CPU) and the
+    /// portable loop give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_and_portable_rows_agree() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let noise = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i as f32 * 0.731 + seed).sin() * 3.0)
+                .collect()
+        };
+        for &(h, w, k, s) in &[(9, 7, 3, 1), (10, 40, 5, 2), (6, 77, 5, 1), (7, 150, 3, 2)] {
+            let (out_h, pad_top, _) = same_padding(h, k, s);
+            let (out_w, pad_left, _) = same_padding(w, k, s);
+            for relu6 in [false, true] {
+                let op = DepthwiseOp {
+                    kernel: k,
+                    stride: s,
+                    pad_top,
+                    pad_left,
+                    out_h,
+                    out_w,
+                    relu6,
+                };
+                let (inp, wk) = (noise(h * w, 0.3), noise(k * k, 1.7));
+                let mut padded = Vec::new();
+                let mut fast = vec![0f32; out_h * out_w];
+                op.plane(&inp, h, w, &wk, 0.5, &mut fast, &mut padded);
+                let (phase_len, group) = op.layout();
+                let mut portable = vec![0f32; out_h * out_w];
+                op.rows_portable(&padded, phase_len, group, &wk, 0.5, &mut portable);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&portable), "h={h} w={w} k={k} s={s}");
+            }
         }
     }
 

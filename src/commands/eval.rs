@@ -37,6 +37,11 @@ pub struct Args {
     /// Where the networks run.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Test images scored at once, concurrently (ms/image is then the wall
+    /// time over the test set divided by its images: throughput, not the
+    /// latency of one image, which batch 1 gives).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=flawscope_core::evaluation::MAX_BATCH as i64))]
+    pub batch: u16,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
@@ -71,6 +76,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             &runtime,
             &ImageLimits::default(),
             args.tile.choice(),
+            usize::from(args.batch),
             &bars,
         )
         .map_err(setup_error)
