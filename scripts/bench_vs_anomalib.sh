@@ -52,8 +52,13 @@ peak_mib() { awk '/Maximum resident set size/ {printf "%.0f", $NF / 1024}' "$1";
 
 echo "load before: $(uptime)"
 if [ "${SKIP_PATCHCORE:-0}" != 1 ]; then
-    "$flawscope" eval --dataset "$subset" --detector patchcore --stages stage3,stage5 \
-        --size 256 --square --coarse-size 0 --json >"$out/flawscope_patchcore.json"
+    # Batch 1 (one image after another: a request's latency) and batch 32
+    # (32 images scored at once, as anomalib's batch-32 forward).
+    for batch in 1 32; do
+        "$flawscope" eval --dataset "$subset" --detector patchcore --stages stage3,stage5 \
+            --size 256 --square --coarse-size 0 --batch "$batch" --json \
+            >"$out/flawscope_patchcore_b$batch.json"
+    done
     echo "load after flawscope PatchCore: $(uptime)"
     extra=()
     [ "$sampler" = random ] && extra=(--bank-sampler random --bank-size 10240)
@@ -74,9 +79,9 @@ fi
 
 echo
 if [ "${SKIP_PATCHCORE:-0}" != 1 ]; then
-    f=$out/flawscope_patchcore.json a=$out/anomalib_patchcore.json
+    f=$out/flawscope_patchcore_b1.json f32=$out/flawscope_patchcore_b32.json a=$out/anomalib_patchcore.json
     echo "PatchCore, 100 training images, stages 3+5 at 256² square, one scale:"
-    echo "  flawscope: image AUROC $(field "$f" image_auroc), pixel $(field "$f" pixel_auroc), bank $(field "$f" memory_bank_size), $(field "$f" ms_per_image) ms/image (batch 1)"
+    echo "  flawscope: image AUROC $(field "$f" image_auroc), pixel $(field "$f" pixel_auroc), bank $(field "$f" memory_bank_size), $(field "$f32" ms_per_image) ms/image (batch 32), $(field "$f" ms_per_image) (batch 1)"
     echo "  anomalib ($(field "$a" bank_sampler)): image AUROC $(field "$a" image_auroc), pixel $(field "$a" pixel_auroc), bank $(field "$a" memory_bank_shape), $(field "$a" infer_ms_per_image) ms/image (batch 32), $(field "$a" infer_ms_per_image_batch1) (batch 1)"
 fi
 if [ "${SKIP_PADIM:-0}" != 1 ]; then
