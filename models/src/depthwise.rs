@@ -198,6 +198,15 @@ impl CustomOp3 for DepthwiseOp {
     }
 }
 
+/// One input plane as [`DepthwiseOp::plane`] lays it out: zero-padded rows,
+/// each split into its column phases of `phase_len`, read `group` blocks of
+/// [`LANES`] at a time.
+struct Padded<'a> {
+    values: &'a [f32],
+    phase_len: usize,
+    group: usize,
+}
+
 /// Output columns computed together in registers by [`DepthwiseOp::plane`].
 const LANES: usize = 16;
 /// Blocks of [`LANES`] outputs summed side by side.
@@ -255,11 +264,16 @@ impl DepthwiseOp {
                 }
             }
         }
+        let padded = Padded {
+            values: &padded[..],
+            phase_len,
+            group,
+        };
         #[cfg(target_arch = "x86_64")]
-        if avx512::rows(self, &padded[..], phase_len, group, wk, b, out) {
+        if avx512::rows(self, &padded, wk, b, out) {
             return;
         }
-        self.rows_portable(&padded[..], phase_len, group, wk, b, out);
+        self.rows_portable(&padded, wk, b, out);
     }
 
     /// The length of one column phase of a padded row, and how many blocks
@@ -278,21 +292,16 @@ impl DepthwiseOp {
 
     /// [`Self::rows`] for `group` blocks at a time (1, 2 or [`GROUP`]).
     #[inline(always)]
-    fn rows_portable(
-        &self,
-        padded: &[f32],
-        phase_len: usize,
-        group: usize,
-        wk: &[f32],
-        b: f32,
-        out: &mut [f32],
-    ) {
+    fn rows_portable(&self, padded: &Padded<'_>, wk: &[f32], b: f32, out: &mut [f32]) {
         // Independent sums for several blocks at once: one block's taps form
         // a chain of dependent additions that would stall the core.
-        match group {
-            1 => self.rows::<1>(padded, phase_len, wk, b, out),
-            2 => self.rows::<2>(padded, phase_len, wk, b, out),
-            _ => self.rows::<GROUP>(padded, phase_len, wk, b, out),
+        let Padded {
+            values, phase_len, ..
+        } = *padded;
+        match padded.group {
+            1 => self.rows::<1>(values, phase_len, wk, b, out),
+            2 => self.rows::<2>(values, phase_len, wk, b, out),
+            _ => self.rows::<GROUP>(values, phase_len, wk, b, out),
         }
     }
 
@@ -350,17 +359,14 @@ mod avx512 {
         _mm512_set1_ps, _mm512_storeu_ps,
     };
 
-    use super::{DepthwiseOp, LANES};
+    use super::{DepthwiseOp, LANES, Padded};
 
     /// The output rows, when the CPU has AVX-512 (`false`: it has not, and
     /// nothing was written). Same operations, in the same order, as the
     /// portable loop.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn rows(
         op: &DepthwiseOp,
-        padded: &[f32],
-        phase_len: usize,
-        group: usize,
+        padded: &Padded<'_>,
         wk: &[f32],
         b: f32,
         out: &mut [f32],
@@ -368,17 +374,18 @@ mod avx512 {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             return false;
         }
-        let (k, s) = (op.kernel, op.stride);
+        let (k, s, phase_len) = (op.kernel, op.stride, padded.phase_len);
         // Each tap's offset from the start of an output row's band.
         let taps: Vec<usize> = (0..k * k)
             .map(|t| (t / k) * s * phase_len + ((t % k) % s) * phase_len + (t % k) / s)
             .collect();
         // SAFETY (all three): the CPU has AVX-512F, checked above.
         unsafe {
-            match group {
-                1 => rows_g::<1>(op, padded, phase_len, &taps, wk, b, out),
-                2 => rows_g::<2>(op, padded, phase_len, &taps, wk, b, out),
-                _ => rows_g::<{ super::GROUP }>(op, padded, phase_len, &taps, wk, b, out),
+            let values = padded.values;
+            match padded.group {
+                1 => rows_g::<1>(op, values, phase_len, &taps, wk, b, out),
+                2 => rows_g::<2>(op, values, phase_len, &taps, wk, b, out),
+                _ => rows_g::<{ super::GROUP }>(op, values, phase_len, &taps, wk, b, out),
             }
         }
         true
@@ -631,7 +638,12 @@ mod tests {
                 op.plane(&inp, h, w, &wk, 0.5, &mut fast, &mut padded);
                 let (phase_len, group) = op.layout();
                 let mut portable = vec![0f32; out_h * out_w];
-                op.rows_portable(&padded, phase_len, group, &wk, 0.5, &mut portable);
+                let padded = Padded {
+                    values: &padded,
+                    phase_len,
+                    group,
+                };
+                op.rows_portable(&padded, &wk, 0.5, &mut portable);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&fast), bits(&portable), "h={h} w={w} k={k} s={s}");
             }

@@ -2,8 +2,9 @@
 //! has (AVX-512, else AVX2 + FMA), chosen at run time, so the portable
 //! release build still gets 16-lane loops where the machine offers them.
 //!
-//! The kernels are plain Rust loops written to vectorise; they must be
-//! `#[inline(always)]` (or closures) to be compiled with the wider features.
+//! The kernels are plain Rust loops written to vectorise, passed as closures
+//! marked `#[inline(always)]`; what they call must be `#[inline(always)]`
+//! too, or it is compiled without the wider features.
 //! The arithmetic is the same operations in the same order on every path
 //! (no contraction into FMA), so results do not depend on the CPU.
 
