@@ -610,6 +610,38 @@ fn stable_hash(text: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detector::DetectorConfig;
+    use crate::features::FeatureConfig;
+    use crate::patchcore::PatchCoreConfig;
+
+    /// The first four demo solar cells (by name), for small fits.
+    fn four_demo_cells() -> Vec<PathBuf> {
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell/train/good");
+        let mut cells: Vec<PathBuf> = std::fs::read_dir(demo)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        cells.sort();
+        cells.truncate(4);
+        cells
+    }
+
+    /// One-scale PatchCore on `features`, half the images held back.
+    fn small_patchcore(features: FeatureConfig) -> FitOptions {
+        FitOptions {
+            features: Some(features),
+            detector: DetectorConfig::PatchCore(PatchCoreConfig {
+                coarse_side: None,
+                ..Default::default()
+            }),
+            holdout: 0.5,
+            max_far: 0.01,
+            anomalies: Vec::new(),
+            limits: ImageLimits::default(),
+            tile: TileChoice::Off,
+            max_mar: None,
+        }
+    }
 
     #[test]
     fn holdout_is_stable_and_disjoint() {
@@ -641,37 +673,17 @@ mod tests {
 
     #[test]
     fn files_written_before_the_rational_map_and_tiling_still_load() {
-        use crate::detector::DetectorConfig;
-        use crate::features::{FeatureConfig, Resize, parse_stage};
-        use crate::patchcore::PatchCoreConfig;
-        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell/train/good");
-        let mut cells: Vec<PathBuf> = std::fs::read_dir(demo)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        cells.sort();
-        cells.truncate(4);
-        let options = FitOptions {
-            features: Some(FeatureConfig {
-                backbone: crate::features::BackboneKind::Lite0,
-                stages: vec![
-                    parse_stage("stage4").unwrap(),
-                    parse_stage("stage5").unwrap(),
-                ],
-                resize: Resize::KeepAspect { side: 64 },
-                weights: None,
-            }),
-            detector: DetectorConfig::PatchCore(PatchCoreConfig {
-                coarse_side: None,
-                ..Default::default()
-            }),
-            holdout: 0.5,
-            max_far: 0.01,
-            anomalies: Vec::new(),
-            limits: ImageLimits::default(),
-            tile: TileChoice::Off,
-            max_mar: None,
-        };
+        use crate::features::{Resize, parse_stage};
+        let cells = four_demo_cells();
+        let options = small_patchcore(FeatureConfig {
+            backbone: crate::features::BackboneKind::Lite0,
+            stages: vec![
+                parse_stage("stage4").unwrap(),
+                parse_stage("stage5").unwrap(),
+            ],
+            resize: Resize::KeepAspect { side: 64 },
+            weights: None,
+        });
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let model = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap();
         // The metadata as the previous release wrote it.
@@ -703,17 +715,9 @@ mod tests {
 
     #[test]
     fn a_model_refuses_other_backbone_weights_than_it_was_fitted_with() {
-        use crate::detector::DetectorConfig;
-        use crate::features::{BackboneKind, BackboneWeights, FeatureConfig, Resize, parse_stage};
-        use crate::patchcore::PatchCoreConfig;
+        use crate::features::{BackboneKind, BackboneWeights, Resize, parse_stage};
         use flawscope_models::EfficientNetLite;
-        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/solar_cell/train/good");
-        let mut cells: Vec<PathBuf> = std::fs::read_dir(demo)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        cells.sort();
-        cells.truncate(4);
+        let cells = four_demo_cells();
         // The embedded Lite0 weights, as a file: the path Lite1 and Lite2 take.
         let dir = tempfile::tempdir().unwrap();
         let weights = dir.path().join("lite0.safetensors");
@@ -733,19 +737,7 @@ mod tests {
         ));
         let recorded = BackboneWeights::from_file(&weights).unwrap();
         assert_eq!(recorded.sha256.len(), 64);
-        let mut options = FitOptions {
-            features: Some(features(BackboneKind::Lite0, Some(recorded))),
-            detector: DetectorConfig::PatchCore(PatchCoreConfig {
-                coarse_side: None,
-                ..Default::default()
-            }),
-            holdout: 0.5,
-            max_far: 0.01,
-            anomalies: Vec::new(),
-            limits: ImageLimits::default(),
-            tile: TileChoice::Off,
-            max_mar: None,
-        };
+        let mut options = small_patchcore(features(BackboneKind::Lite0, Some(recorded)));
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let model = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap();
         let path = dir.path().join("m.flawscope");

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use flawscope_models::candle_core::{Device, Tensor, safetensors};
-use flawscope_models::efficientnet::top_k;
+use flawscope_models::efficientnet::{Prediction, top_k};
 use flawscope_models::{EfficientNetLite, LiteVariant, Preprocess, Stage};
 
 const TOL: f32 = 1e-4;
@@ -37,6 +37,19 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 fn photo(name: &str) -> image::DynamicImage {
     image::open(fixture(&format!("images/{name}.png"))).unwrap()
+}
+
+/// ImageNet labels that count as right for each test photo.
+const CAT: &[&str] = &["tabby", "tiger cat", "Egyptian cat"];
+const COFFEE: &[&str] = &["espresso", "cup", "coffee mug"];
+
+/// A top-k list as `label probability, …`, for the test log.
+fn listed(preds: &[Prediction]) -> String {
+    preds
+        .iter()
+        .map(|p| format!("{} {:.3}", p.label, p.probability))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Largest differences seen: absolute, and as a fraction of the tolerance.
@@ -160,40 +173,18 @@ fn imagenet_top5_is_sensible() {
     let batch = pre.batch(&images, &Device::Cpu).unwrap();
     let top = top_k(&model.logits(&batch).unwrap(), 5).unwrap();
     for (name, preds) in ["chelsea", "coffee"].iter().zip(&top) {
-        let list: Vec<String> = preds
-            .iter()
-            .map(|p| format!("{} {:.3}", p.label, p.probability))
-            .collect();
-        eprintln!("{name} top-5: {}", list.join(", "));
+        eprintln!("{name} top-5: {}", listed(preds));
     }
-    let has = |preds: &[flawscope_models::efficientnet::Prediction], want: &[&str]| {
-        preds.iter().any(|p| want.contains(&p.label))
-    };
-    assert!(
-        has(&top[0], &["tabby", "tiger cat", "Egyptian cat"]),
-        "chelsea: {:?}",
-        top[0]
-    );
-    assert!(
-        has(&top[1], &["espresso", "cup", "coffee mug"]),
-        "coffee: {:?}",
-        top[1]
-    );
+    let has = |preds: &[Prediction], want: &[&str]| preds.iter().any(|p| want.contains(&p.label));
+    assert!(has(&top[0], CAT), "chelsea: {:?}", top[0]);
+    assert!(has(&top[1], COFFEE), "coffee: {:?}", top[1]);
     // A non-square, resampled input still sees a cat.
     let x = Preprocess::new(320, 256)
         .image(&images[0], &Device::Cpu)
         .unwrap();
     let top = top_k(&model.logits(&x).unwrap(), 5).unwrap();
-    let list: Vec<String> = top[0]
-        .iter()
-        .map(|p| format!("{} {:.3}", p.label, p.probability))
-        .collect();
-    eprintln!("chelsea 320×256 top-5: {}", list.join(", "));
-    assert!(
-        has(&top[0], &["tabby", "tiger cat", "Egyptian cat"]),
-        "chelsea 320×256: {:?}",
-        top[0]
-    );
+    eprintln!("chelsea 320×256 top-5: {}", listed(&top[0]));
+    assert!(has(&top[0], CAT), "chelsea 320×256: {:?}", top[0]);
 }
 
 /// Folder holding `efficientnet_lite1.safetensors` and
@@ -220,25 +211,13 @@ fn lite1_and_lite2_imagenet_top5_is_sensible() {
         let batch = model.preprocess().batch(&images, &Device::Cpu).unwrap();
         let top = top_k(&model.logits(&batch).unwrap(), 5).unwrap();
         for (name, preds) in ["chelsea", "coffee"].iter().zip(&top) {
-            let list: Vec<String> = preds
-                .iter()
-                .map(|p| format!("{} {:.3}", p.label, p.probability))
-                .collect();
-            eprintln!("{variant} {name} top-5: {}", list.join(", "));
+            eprintln!("{variant} {name} top-5: {}", listed(preds));
         }
-        let first = |preds: &[flawscope_models::efficientnet::Prediction], want: &[&str]| {
+        let first = |preds: &[Prediction], want: &[&str]| {
             preds.first().is_some_and(|p| want.contains(&p.label))
         };
-        assert!(
-            first(&top[0], &["tabby", "tiger cat", "Egyptian cat"]),
-            "{variant} chelsea: {:?}",
-            top[0]
-        );
-        assert!(
-            first(&top[1], &["espresso", "cup", "coffee mug"]),
-            "{variant} coffee: {:?}",
-            top[1]
-        );
+        assert!(first(&top[0], CAT), "{variant} chelsea: {:?}", top[0]);
+        assert!(first(&top[1], COFFEE), "{variant} coffee: {:?}", top[1]);
         // The other variant's file is refused with a clear error.
         let other = match variant {
             LiteVariant::Lite1 => LiteVariant::Lite2,

@@ -175,19 +175,23 @@ fn typed_defects_make_the_verdict_and_read_back() {
         },
     ];
     let path = Path::new("/img/a.png");
-    let row = store
-        .record_score(
-            &model,
-            &NewScore {
-                path,
-                content_hash: "sha256:a",
-                score: 0.3,
-                raw_score: 3.0,
-                threshold: 0.5,
-                defects: &defects,
-            },
-        )
-        .unwrap();
+    // The same image and model score each time; only the typed defects vary.
+    let record = |defects: &[StoredDefect]| {
+        store
+            .record_score(
+                &model,
+                &NewScore {
+                    path,
+                    content_hash: "sha256:a",
+                    score: 0.3,
+                    raw_score: 3.0,
+                    threshold: 0.5,
+                    defects,
+                },
+            )
+            .unwrap()
+    };
+    let row = record(&defects);
     assert_eq!(row.verdict, Verdict::Anomalous);
     assert_eq!(row.flagged_by(0.5), vec!["crack".to_owned()]);
     assert_eq!(
@@ -214,19 +218,7 @@ fn typed_defects_make_the_verdict_and_read_back() {
     assert_eq!(back, exported);
 
     // Rescored without the defect flagged: the row follows.
-    let row = store
-        .record_score(
-            &model,
-            &NewScore {
-                path,
-                content_hash: "sha256:a",
-                score: 0.3,
-                raw_score: 3.0,
-                threshold: 0.5,
-                defects: &defects[1..],
-            },
-        )
-        .unwrap();
+    let row = record(&defects[1..]);
     assert_eq!(row.verdict, Verdict::Ok);
     assert_eq!(
         store.lookup(&model, path).unwrap().unwrap().defects,

@@ -2,34 +2,14 @@
 //! without embedded weights needs a file, and a model refuses any other
 //! weight file than the one it was fitted with.
 
-use std::path::PathBuf;
-
-use crate::cli::flawscope;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::cli::{flawscope, root, stderr};
 
 #[test]
 fn lite1_and_lite2_need_a_weight_file_of_their_variant() {
     let tmp = tempfile::tempdir().unwrap();
     let train = root().join("demo/solar_cell/train/good");
     let model = tmp.path().join("m.flawscope");
-    let fit = |extra: &[&str]| {
-        let mut args = vec![
-            "fit",
-            "--train",
-            train.to_str().unwrap(),
-            "--out",
-            model.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        flawscope(&args)
-    };
+    let fit = |extra: &[&str]| crate::cli::fit(&train, &model, extra);
     let out = fit(&["--backbone", "lite2"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
@@ -81,19 +61,18 @@ fn a_model_refuses_other_backbone_weights() {
     let bytes =
         std::fs::read(root().join("models/weights/efficientnet_lite0.safetensors")).unwrap();
     std::fs::write(&weights, &bytes).unwrap();
-    let out = flawscope(&[
-        "fit",
-        "--train",
-        train.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--backbone-weights",
-        weights.to_str().unwrap(),
-        "--size",
-        "96",
-        "--coarse-size",
-        "0",
-    ]);
+    let out = crate::cli::fit(
+        &train,
+        &model,
+        &[
+            "--backbone-weights",
+            weights.to_str().unwrap(),
+            "--size",
+            "96",
+            "--coarse-size",
+            "0",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let score = || {
         flawscope(&[

@@ -1,5 +1,6 @@
 //! The `flawscope` command as a user runs it.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The CLIP text cache of test runs: under target/, never the user's.
@@ -18,6 +19,29 @@ pub fn flawscope(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("the flawscope binary runs")
+}
+
+/// `flawscope fit --train TRAIN --out MODEL EXTRA…`.
+pub fn fit(train: &Path, model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "fit",
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    flawscope(&args)
+}
+
+/// The repository's root folder (demo images, embedded weights, fixtures).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What a run wrote to standard error.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

@@ -123,15 +123,7 @@ fn bad_rates_and_tile_sides_are_refused_when_parsed() {
         &["--tile", "256", "--no-tile"],
         &["--max-mar", "0.1", "--max-far", "0.1"],
     ] {
-        let mut args = vec![
-            "fit",
-            "--train",
-            train.to_str().unwrap(),
-            "--out",
-            out_path.to_str().unwrap(),
-        ];
-        args.extend_from_slice(bad);
-        let out = flawscope(&args);
+        let out = crate::cli::fit(&train, &out_path, bad);
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
         assert!(!out_path.exists());
     }

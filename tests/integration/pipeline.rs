@@ -155,17 +155,8 @@ fn supersimplenet_fits_scores_and_refuses_bad_settings() {
     let model = tmp.path().join("ssn.flawscope");
     let train = demo_dir().join("train/good");
     let fit_with = |extra: &[&str]| {
-        let mut args = vec![
-            "fit",
-            "--train",
-            train.to_str().unwrap(),
-            "--detector",
-            "ssn",
-            "--out",
-            model.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        flawscope(&args)
+        let args = [&["--detector", "ssn"][..], extra].concat();
+        crate::cli::fit(&train, &model, &args)
     };
     for bad in [
         &["--head-kernel", "2"][..],

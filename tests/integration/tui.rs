@@ -19,15 +19,7 @@ fn fit_model(dir: &Path) -> PathBuf {
 fn fit_model_with(dir: &Path, extra: &[&str]) -> PathBuf {
     let model = dir.join("cells.flawscope");
     let train = demo().join("train/good");
-    let mut args = vec![
-        "fit",
-        "--train",
-        train.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let out = flawscope(&args);
+    let out = crate::cli::fit(&train, &model, extra);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -18,12 +18,8 @@ use flawscope_core::winclip::{WinClip, harmonic_window_aggregation, zero_shot_gr
 use flawscope_models::clip::sliding_windows;
 use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 
-use crate::cli::flawscope;
+use crate::cli::{flawscope, root, stderr};
 use crate::shared_data::shared_data;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn tiny_clip() -> String {
     root()
@@ -38,10 +34,6 @@ fn demo(rel: &str) -> String {
         .join(rel)
         .display()
         .to_string()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The `score --json` lines.
