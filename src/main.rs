@@ -46,6 +46,10 @@ enum Command {
     Export(commands::export::Args),
     /// Work on results databases as a whole (merge those of sharded runs).
     Results(commands::results::Args),
+    /// Learn from OK / NG decisions in a results database: fit again with the
+    /// false alarms marked OK as normal images; NG marks give a labelled
+    /// missed-alarm rate.
+    Refit(commands::refit::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Command::Tui(args) => commands::tui::run(&args),
         Command::Export(args) => commands::export::run(&args),
         Command::Results(args) => commands::results::run(&args),
+        Command::Refit(args) => commands::refit::run(&args),
     };
     match outcome {
         Ok(code) => code.into(),

@@ -297,7 +297,6 @@ fn main() -> Result<(), Box<dyn Error>> {
             shots: shots.len(),
             ..WinClipConfig::zero_shot("metal nut", &prompts)
         }),
-        holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
         tile: Default::default(),

@@ -6,12 +6,12 @@
 //! increasing over the whole range, and it approaches 0 and 1 only slowly
 //! (a raw score 1 000 spreads above the threshold is still 0.9995), so clear
 //! defects keep their order instead of all reading 1.000. Rankings (and
-//! AUROC) are unchanged. `spread` is the distance from the median held-back
-//! normal score to the threshold: the median normal image scores 0.25.
+//! AUROC) are unchanged. `spread` is the distance from the median
+//! out-of-sample normal score to the threshold: the median normal image scores 0.25.
 //! (A rational map rather than a logistic one: a logistic saturates to
 //! exactly 1.0 in `f32` some 17 spreads above the threshold.)
 //!
-//! The threshold comes from held-back normal images: with `max_far = F` at
+//! The threshold comes from normal images (out-of-sample scores): with `max_far = F` at
 //! most a fraction `F` of them is flagged. When labelled anomalous images are
 //! available too, the threshold is the F1-optimal one among those that still
 //! respect the false-alarm limit. With a missed-alarm target instead, the
@@ -19,7 +19,7 @@
 //! the synthetic defects ([`Calibration::from_missed_alarm_target`]).
 //!
 //! The false-alarm estimate comes with an exact (Clopper–Pearson) one-sided
-//! 95 % upper bound: with `n` held-back normal images and no false alarm the
+//! 95 % upper bound: with `n` normal images (out-of-sample scores) and no false alarm the
 //! bound is `1 − 0.05^(1/n)`, so a limit of 1 % can only be confirmed with at
 //! least 299 of them ([`images_needed`]).
 
@@ -30,7 +30,7 @@ pub const DECISION_THRESHOLD: f32 = 0.5;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CalibrationError {
-    #[error("calibration needs at least one held-back normal image score")]
+    #[error("calibration needs at least one normal image score")]
     NoNormalScores,
     #[error("calibration scores must be finite")]
     NonFinite,
@@ -38,6 +38,15 @@ pub enum CalibrationError {
     InvalidFalseAlarmRate(f64),
     #[error("the missed-alarm target must be in [0, 1), got {0}")]
     InvalidMissedAlarmRate(f64),
+    #[error("give a false-alarm limit or a missed-alarm target, not both")]
+    TwoTargets,
+    #[error("this model kept no synthetic-defect scores, so a missed-alarm target cannot be met")]
+    NoSyntheticScores,
+    #[error(
+        "this model file keeps no calibration scores (written before cross-fitting, or not \
+         calibrated), so its threshold cannot be moved per request; fit it again"
+    )]
+    NoKeptScores,
 }
 
 /// How the threshold was chosen.
@@ -47,11 +56,11 @@ pub enum ThresholdMethod {
     /// From normal images alone: no anomalies were seen, so F1-based
     /// calibration was impossible.
     NormalQuantile,
-    /// F1-optimal on held-back normals plus labelled anomalies, within the
+    /// F1-optimal on normal images plus labelled anomalies, within the
     /// false-alarm limit.
     F1Optimal { f1: f64 },
     /// The highest threshold that misses at most `max_mar` of the synthetic
-    /// defects pasted into the held-back normal images.
+    /// defects pasted into the normal images (out-of-sample scores).
     MissedAlarmTarget { max_mar: f64 },
     /// Nothing fitted: the raw score is already a 0–1 probability whose
     /// natural threshold is 0.5 (zero-shot WinCLIP); see
@@ -71,13 +80,13 @@ pub struct Calibration {
     /// The false-alarm limit asked for (1 when a missed-alarm target chose
     /// the threshold instead).
     pub max_far: f64,
-    /// Fraction of held-back normal images at or above the threshold.
+    /// Fraction of normal images (out-of-sample scores) at or above the threshold.
     pub estimated_far: f64,
     /// One-sided 95 % Clopper–Pearson upper bound on the false-alarm rate,
-    /// from the held-back normal images (1 when there are none).
+    /// from the out-of-sample normal scores (1 when there are none).
     #[serde(default = "one")]
     pub far_upper_95: f64,
-    /// How many held-back normal images the estimate rests on.
+    /// How many normal images (out-of-sample scores) the estimate rests on.
     pub normal_images: usize,
     /// How many labelled anomalous images were used.
     pub anomalous_images: usize,
@@ -101,7 +110,7 @@ pub fn upper_bound_95(k: usize, n: usize) -> f64 {
     }
 }
 
-/// How many held-back normal images, none of them flagged, it takes for the
+/// How many normal images (out-of-sample scores), none of them flagged, it takes for the
 /// 95 % upper bound to reach `max_far`: the smallest `n` with
 /// `1 − 0.05^(1/n) ≤ max_far`. `None` for a limit of 0 (never).
 pub fn images_needed(max_far: f64) -> Option<usize> {
@@ -283,7 +292,7 @@ impl Calibration {
         self.method != ThresholdMethod::Probability
     }
 
-    /// A warning when the held-back normal images are too few to confirm
+    /// A warning when the normal images (out-of-sample scores) are too few to confirm
     /// the false-alarm limit asked for (its 95 % upper bound stays above
     /// the limit even with no false alarm).
     pub fn holdout_warning(&self) -> Option<String> {
@@ -295,13 +304,12 @@ impl Calibration {
             return None;
         }
         let needed = match images_needed(self.max_far) {
-            Some(n) => format!("at least {n} held-back normal images would be needed"),
+            Some(n) => format!("at least {n} normal images would be needed"),
             None => "no finite number of images can confirm a limit of 0".to_owned(),
         };
         Some(format!(
-            "{} held-back normal images cannot confirm a false-alarm limit of {}: even with no \
-             false alarm the 95 % upper bound is {:.3}; {needed} (more normal images, or a \
-             larger --holdout)",
+            "{} normal images cannot confirm a false-alarm limit of {}: even with no false \
+             alarm the 95 % upper bound is {:.3}; {needed}",
             self.normal_images, self.max_far, best_case
         ))
     }

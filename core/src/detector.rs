@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::anomaly_map::{AnomalyMap, DEFAULT_BLUR_SIGMA};
+use crate::crossfit::{Folds, Procedure};
 use crate::features::{FeatureConfig, PatchGrid, Resize};
 use crate::flow::{FlowConfig, FlowDetector};
 use crate::images::ImageLimits;
@@ -29,6 +30,10 @@ use crate::runtime::Runtime;
 use crate::supersimplenet::{SuperSimpleNetConfig, SuperSimpleNetDetector};
 use crate::tiling::{ImageSource, Tiling};
 use crate::winclip::{WinClipConfig, WinClipDetector};
+
+/// A detector that never saw one fold's images, and how it was derived
+/// ([`Detector::without_fold`]).
+pub type FoldDetector<'a> = (Box<dyn Detector + 'a>, Procedure);
 
 /// A fitted detector, whatever its kind.
 pub trait Detector: Send + Sync {
@@ -54,6 +59,17 @@ pub trait Detector: Send + Sync {
     fn images_used(&self) -> Option<usize> {
         None
     }
+
+    /// This detector as fitted without the images of `fold` (see
+    /// [`crate::crossfit`]), when it can derive one from its own fit
+    /// (memory banks drop rows, Gaussians leave sums out) and was fitted
+    /// with folds. `None`: it is fitted again on the other folds.
+    fn without_fold(&self, _fold: usize) -> Result<Option<FoldDetector<'_>>, Error> {
+        Ok(None)
+    }
+
+    /// Drops what fitting kept only for [`Detector::without_fold`].
+    fn forget_folds(&mut self) {}
 
     /// The raw score and the map at the image's own size.
     fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
@@ -179,6 +195,9 @@ pub struct FitInputs<'a> {
     pub progress: &'a dyn Progress,
     /// Fit on tiles of the normal images instead of whole images.
     pub tiling: Option<Tiling>,
+    /// The folds of `normal` for cross-fitted calibration: detectors that
+    /// can, keep what [`Detector::without_fold`] needs.
+    pub folds: Option<&'a Folds>,
 }
 
 impl FitInputs<'_> {
@@ -251,6 +270,18 @@ impl DetectorConfig {
     /// raw score is already a probability with its natural threshold at 0.5.
     pub fn is_calibrated(&self) -> bool {
         !matches!(self, Self::WinClip(_))
+    }
+
+    /// How many folds cross-fitted calibration deals the normal images
+    /// into: memory banks and Gaussians derive each fold's detector cheaply,
+    /// so they afford ten and five; trained detectors are fitted again per
+    /// fold, so two (fit time about doubles).
+    pub fn calibration_folds(&self) -> usize {
+        match self {
+            Self::PatchCore(_) => 10,
+            Self::Padim(_) => 5,
+            _ => 2,
+        }
     }
 
     /// The network named in reports.

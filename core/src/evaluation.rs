@@ -12,13 +12,15 @@ use serde::Serialize;
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
 use crate::dataset::{Category, Mask};
-use crate::detector::{DetectorConfig, FitInputs};
+use crate::detector::DetectorConfig;
 use crate::features::FeatureConfig;
 use crate::images::{ImageLimits, load_image};
-use crate::metrics::{PixelMetrics, PixelReport, f1_max, image_auroc};
+use crate::metrics::{Confusion, PixelMetrics, PixelReport, f1_max, image_auroc, recall_at_far};
+use crate::model::{FitOptions, Model};
+use crate::operating_point::OperatingPoint;
 use crate::progress::Progress;
 use crate::runtime::Runtime;
-use crate::tiling::{self, TileChoice};
+use crate::tiling::TileChoice;
 
 /// One category's results.
 #[derive(Debug, Clone, Serialize)]
@@ -47,12 +49,19 @@ pub struct CategoryReport {
     pub tile_side: Option<u32>,
     /// Image AUROC of each defect type against all good test images.
     pub per_defect_image_auroc: BTreeMap<String, f64>,
+    /// Verdicts at the threshold the model gives users.
+    pub at_threshold: AtThreshold,
+    /// Reference from the test labels: the best recall at no more than 1 %
+    /// and 5 % false alarms (keys `"0.01"`, `"0.05"`).
+    pub recall_at_far: BTreeMap<String, f64>,
 }
 
-/// Fits `detector` on the category's normal training images (all of them:
-/// no threshold is needed) and scores its test set with the raw scores,
-/// `batch` images at a time (see [`score_test_set`]). A WinCLIP detector
-/// without an object inspects the category's name (`metal_nut` → "metal nut").
+/// Fits a model on the category's normal training images exactly as `fit`
+/// does (the detector on all of them, the threshold cross-fitted at
+/// `max_far`, or `max_mar` on synthetic defects), then scores its test set
+/// with the raw scores, `batch` images at a time (see [`score_test_set`]).
+/// A WinCLIP detector without an object inspects the category's name
+/// (`metal_nut` → "metal nut").
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     category: &Category,
@@ -62,6 +71,7 @@ pub fn evaluate(
     limits: &ImageLimits,
     tile: TileChoice,
     batch: usize,
+    threshold: ThresholdTarget,
     progress: &dyn Progress,
 ) -> Result<CategoryReport, Error> {
     let mut config = detector.clone();
@@ -71,32 +81,91 @@ pub fn evaluate(
         c.object = object_phrase(&category.name);
     }
     let fit_start = Instant::now();
-    let tiling = tile.resolve(&category.train_good, config.input_side(features), limits)?;
-    let fitted = config.fit(&FitInputs {
-        normal: &category.train_good,
-        features,
-        runtime,
-        limits,
-        progress,
-        tiling,
-    })?;
+    let options = FitOptions {
+        features: features.cloned(),
+        detector: config,
+        max_far: threshold.max_far,
+        anomalies: Vec::new(),
+        limits: *limits,
+        tile,
+        max_mar: threshold.max_mar,
+    };
+    let model = Model::fit(&category.train_good, &options, runtime, progress)?;
     let fit_seconds = fit_start.elapsed().as_secs_f64();
     let results = score_test_set(category, limits, batch, progress, |image| {
-        let raw = tiling::inspect_raw(fitted.as_ref(), tiling.as_ref(), image)?;
+        let raw = model.inspect_raw(image)?;
         Ok((raw.score, raw.map))
     })?;
-    let stored = fitted.fitted_config().unwrap_or(config);
+    let info = model.info();
+    let operating_point = model.operating_point(None)?;
     results.into_report(
         category,
         FitSummary {
-            detector: stored.label(),
-            backbone: stored.backbone_label(features),
+            detector: info.detector.label(),
+            backbone: info.detector.backbone_label(features),
             fit_seconds,
-            memory_bank_size: fitted.memory_bank_size(),
-            train_images: fitted.images_used().unwrap_or(category.train_good.len()),
-            tile_side: tiling.map(|t| t.side),
+            memory_bank_size: info.memory_bank_size,
+            train_images: info.training_images,
+            tile_side: info.tiling.map(|t| t.side),
+            operating_point,
+            max_far: threshold.max_far,
+            max_mar: threshold.max_mar,
         },
     )
+}
+
+/// What sets the threshold in [`evaluate`], as in `fit`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ThresholdTarget {
+    pub max_far: f64,
+    pub max_mar: Option<f64>,
+}
+
+impl Default for ThresholdTarget {
+    fn default() -> Self {
+        Self {
+            max_far: 0.01,
+            max_mar: None,
+        }
+    }
+}
+
+/// The verdicts at the model's own threshold on the test set.
+#[derive(Debug, Clone, Serialize)]
+pub struct AtThreshold {
+    /// The raw score at and above which an image is flagged.
+    pub threshold: f32,
+    /// The false-alarm limit the threshold was fitted for (absent when a
+    /// missed-alarm target set it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_far: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_mar: Option<f64>,
+    /// What calibration estimated on the training images (out of sample).
+    pub estimated_false_alarm_rate: f64,
+    pub false_alarm_upper_bound_95: f64,
+    pub calibration_images: usize,
+    /// Flagged good test images over good test images.
+    pub false_alarm_rate: f64,
+    pub false_alarms: usize,
+    pub good_images: usize,
+    /// Flagged defective test images over defective test images.
+    pub recall: f64,
+    pub detected: usize,
+    pub defective_images: usize,
+    /// Recall per defect type.
+    pub per_type: BTreeMap<String, TypeRecall>,
+    /// Reference from the test labels: the best recall any threshold gets
+    /// at no more than the false-alarm rate this one reached.
+    pub best_recall_at_this_false_alarm_rate: f64,
+}
+
+/// Recall on one defect type.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TypeRecall {
+    pub recall: f64,
+    pub detected: usize,
+    pub images: usize,
 }
 
 /// How a model was fitted, for the report.
@@ -109,6 +178,10 @@ pub struct FitSummary {
     pub train_images: usize,
     /// Tile side when images were scored in tiles.
     pub tile_side: Option<u32>,
+    /// The model's own operating point (its threshold and estimates).
+    pub operating_point: OperatingPoint,
+    pub max_far: f64,
+    pub max_mar: Option<f64>,
 }
 
 /// Scores of a test set, before they become a [`CategoryReport`].
@@ -227,7 +300,19 @@ impl TestSetResults {
                 .unzip();
             per_defect_image_auroc.insert(defect.to_string(), image_auroc(&s, &l)?);
         }
+        let at_threshold = at_threshold(category, &self.scores, &self.labels, &fit)?;
+        let recall_at_far = REFERENCE_FALSE_ALARM_RATES
+            .iter()
+            .map(|(key, far)| {
+                Ok((
+                    (*key).to_owned(),
+                    recall_at_far(&self.scores, &self.labels, *far)?,
+                ))
+            })
+            .collect::<Result<_, Error>>()?;
         Ok(CategoryReport {
+            at_threshold,
+            recall_at_far,
             category: category.name.clone(),
             detector: fit.detector,
             backbone: fit.backbone,
@@ -245,5 +330,142 @@ impl TestSetResults {
             test_images: category.test.len(),
             per_defect_image_auroc,
         })
+    }
+}
+
+/// The false-alarm limits of the `recall_at_far` reference.
+const REFERENCE_FALSE_ALARM_RATES: [(&str, f64); 2] = [("0.01", 0.01), ("0.05", 0.05)];
+
+/// The verdicts on the test set at the model's raw threshold.
+fn at_threshold(
+    category: &Category,
+    scores: &[f32],
+    labels: &[bool],
+    fit: &FitSummary,
+) -> Result<AtThreshold, Error> {
+    let point = &fit.operating_point;
+    let threshold = point.raw_threshold;
+    let all = Confusion::at(scores, labels, threshold);
+    let mut per_type = BTreeMap::new();
+    for (sample, score) in category.test.iter().zip(scores) {
+        if !sample.is_anomalous() {
+            continue;
+        }
+        let entry = per_type
+            .entry(sample.defect_type.clone())
+            .or_insert(TypeRecall {
+                recall: 0.0,
+                detected: 0,
+                images: 0,
+            });
+        entry.images += 1;
+        entry.detected += usize::from(*score >= threshold);
+    }
+    for entry in per_type.values_mut() {
+        entry.recall = entry.detected as f64 / entry.images.max(1) as f64;
+    }
+    Ok(AtThreshold {
+        threshold,
+        max_far: fit.max_mar.is_none().then_some(fit.max_far),
+        max_mar: fit.max_mar,
+        estimated_false_alarm_rate: point.estimated_false_alarm_rate,
+        false_alarm_upper_bound_95: point.false_alarm_upper_bound_95,
+        calibration_images: point.normal_images,
+        false_alarm_rate: all.false_alarm_rate(),
+        false_alarms: all.false_alarms,
+        good_images: all.normal,
+        recall: all.recall(),
+        detected: all.detected,
+        defective_images: all.anomalous,
+        per_type,
+        best_recall_at_this_false_alarm_rate: recall_at_far(
+            scores,
+            labels,
+            all.false_alarm_rate(),
+        )?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::TestSample;
+    use crate::operating_point::OperatingPoint;
+    use std::path::PathBuf;
+
+    /// Ten test images, worked out by hand below.
+    fn fixture() -> (Category, Vec<f32>, Vec<bool>) {
+        let samples = [
+            ("good", 1.0),
+            ("good", 2.0),
+            ("good", 3.0),
+            ("good", 4.0),
+            ("good", 9.0),
+            ("crack", 5.0),
+            ("crack", 8.0),
+            ("crack", 10.0),
+            ("hole", 3.5),
+            ("hole", 9.5),
+        ];
+        let test = samples
+            .iter()
+            .enumerate()
+            .map(|(i, (kind, _))| TestSample {
+                path: PathBuf::from(format!("{kind}/{i}.png")),
+                defect_type: (*kind).to_owned(),
+                mask: None,
+            })
+            .collect();
+        let category = Category {
+            name: "fixture".into(),
+            root: PathBuf::new(),
+            train_good: Vec::new(),
+            test,
+        };
+        let scores = samples.iter().map(|(_, s)| *s).collect();
+        let labels = samples.iter().map(|(k, _)| *k != "good").collect();
+        (category, scores, labels)
+    }
+
+    fn summary(raw_threshold: f32) -> FitSummary {
+        let mut point = OperatingPoint::probability();
+        point.raw_threshold = raw_threshold;
+        FitSummary {
+            detector: "patchcore".into(),
+            backbone: "lite0".into(),
+            fit_seconds: 0.0,
+            memory_bank_size: None,
+            train_images: 0,
+            tile_side: None,
+            operating_point: point,
+            max_far: 0.01,
+            max_mar: None,
+        }
+    }
+
+    #[test]
+    fn verdicts_at_the_threshold_match_the_hand_computed_fixture() {
+        let (category, scores, labels) = fixture();
+        // Threshold 4.5: good 9.0 is the one false alarm (1 of 5); flagged
+        // defects: crack 5, 8, 10 and hole 9.5 (4 of 5); hole 3.5 missed.
+        let at = at_threshold(&category, &scores, &labels, &summary(4.5)).unwrap();
+        assert_eq!((at.false_alarms, at.good_images), (1, 5));
+        assert_eq!(at.false_alarm_rate, 0.2);
+        assert_eq!((at.detected, at.defective_images), (4, 5));
+        assert_eq!(at.recall, 0.8);
+        assert_eq!(at.per_type["crack"].detected, 3);
+        assert_eq!(at.per_type["hole"].recall, 0.5);
+        // At ≤ 20 % false alarms (one good image may be flagged) the best
+        // threshold is just above 4.0: the same four defects.
+        assert_eq!(at.best_recall_at_this_false_alarm_rate, 0.8);
+        // At 0 false alarms only scores above the top good (9.0) count:
+        // crack 10 and hole 9.5.
+        assert_eq!(recall_at_far(&scores, &labels, 0.01).unwrap(), 0.4);
+        assert_eq!(recall_at_far(&scores, &labels, 0.05).unwrap(), 0.4);
+        assert_eq!(recall_at_far(&scores, &labels, 0.2).unwrap(), 0.8);
+        // A threshold on a score counts that score as flagged.
+        let at = at_threshold(&category, &scores, &labels, &summary(9.0)).unwrap();
+        assert_eq!((at.false_alarms, at.detected), (1, 2));
+        assert_eq!(at.best_recall_at_this_false_alarm_rate, 0.8);
     }
 }

@@ -246,7 +246,7 @@ pub fn extract_all(
     progress.start("features", images.paths.len() as u64);
     let mut grids = Vec::with_capacity(images.paths.len());
     images.for_each(
-        |image| {
+        |_, image| {
             grids.push(extractor.extract(image)?.features);
             Ok(())
         },

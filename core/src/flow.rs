@@ -333,7 +333,7 @@ impl Flow {
         progress.start("features", images.paths.len() as u64);
         let mut per_stage: Vec<Vec<Tensor>> = Vec::new();
         images.for_each(
-            |image| {
+            |_, image| {
                 let (maps, _) = extractor.stage_maps(image)?;
                 if per_stage.is_empty() {
                     per_stage = vec![Vec::with_capacity(images.paths.len()); maps.len()];

@@ -23,6 +23,7 @@
 pub mod anomaly_map;
 pub mod calibration;
 pub mod coreset;
+pub mod crossfit;
 pub mod dataset;
 pub mod detector;
 pub mod evaluation;
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod model;
 pub mod model_file;
 pub mod nearest;
+pub mod operating_point;
 pub mod padim;
 pub mod patchcore;
 pub mod progress;

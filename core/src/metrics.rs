@@ -153,6 +153,76 @@ pub fn f1_max(scores: &[f32], labels: &[bool]) -> Result<F1Max, MetricError> {
     best.ok_or(MetricError::Empty)
 }
 
+/// The highest recall reachable while flagging at most a fraction `far` of
+/// the normal samples (`score >= threshold` flagged, tied samples always
+/// called together): a reference on labelled data for what a ranking
+/// allows at a false-alarm limit, not a threshold a model can know.
+/// Needs both classes.
+pub fn recall_at_far(scores: &[f32], labels: &[bool], far: f64) -> Result<f64, MetricError> {
+    check_scores(scores, labels)?;
+    let pairs = sorted_pairs(scores, labels);
+    let (anomalous, normal) = class_counts(&pairs);
+    if anomalous == 0 {
+        return Err(MetricError::NoAnomalous);
+    }
+    if normal == 0 {
+        return Err(MetricError::NoNormal);
+    }
+    let allowed = (far * normal as f64 + 1e-9).floor() as u64;
+    let (mut tp, mut fp, mut best) = (0u64, 0u64, 0u64);
+    for group in pairs.chunk_by(|a, b| a.0 == b.0).rev() {
+        let (a, n) = class_counts(group);
+        if fp + n > allowed {
+            break;
+        }
+        tp += a;
+        fp += n;
+        best = tp;
+    }
+    Ok(best as f64 / anomalous as f64)
+}
+
+/// Counts at a fixed threshold: `score >= threshold` is flagged.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Confusion {
+    pub false_alarms: usize,
+    pub normal: usize,
+    pub detected: usize,
+    pub anomalous: usize,
+}
+
+impl Confusion {
+    pub fn at(scores: &[f32], labels: &[bool], threshold: f32) -> Self {
+        let mut c = Self {
+            false_alarms: 0,
+            normal: 0,
+            detected: 0,
+            anomalous: 0,
+        };
+        for (score, label) in scores.iter().zip(labels) {
+            let flagged = *score >= threshold;
+            if *label {
+                c.anomalous += 1;
+                c.detected += usize::from(flagged);
+            } else {
+                c.normal += 1;
+                c.false_alarms += usize::from(flagged);
+            }
+        }
+        c
+    }
+
+    /// Flagged normal samples over normal samples (0 without any).
+    pub fn false_alarm_rate(&self) -> f64 {
+        self.false_alarms as f64 / self.normal.max(1) as f64
+    }
+
+    /// Flagged anomalous samples over anomalous samples (0 without any).
+    pub fn recall(&self) -> f64 {
+        self.detected as f64 / self.anomalous.max(1) as f64
+    }
+}
+
 /// Default number of histogram bins of [`PixelMetrics`]: 2¹⁶, 2 MiB.
 pub const DEFAULT_BINS: usize = 1 << 16;
 /// Fewest bins [`PixelMetrics::with_bins`] accepts.

@@ -13,15 +13,17 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
-use crate::calibration::{Calibration, DECISION_THRESHOLD, ThresholdMethod};
+use crate::calibration::{Calibration, CalibrationError, DECISION_THRESHOLD, ThresholdMethod};
+use crate::crossfit::{Folds, score_out_of_fold, stable_hash};
 use crate::detector::{Detector, DetectorConfig, FitInputs, RawInspection};
 use crate::features::FeatureConfig;
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{self, ModelFileError, take};
+use crate::operating_point::{CalibrationScores, OperatingPoint, Target, kept, kept_synthetic};
 use crate::progress::Progress;
 use crate::prompt_layer::{DefectCheck, PromptLayer, PromptLayerInfo};
 use crate::runtime::Runtime;
-use crate::synthetic::{DefectKind, KindRate, MissedAlarmEstimate, with_defect};
+use crate::synthetic::{KindRate, MissedAlarmEstimate};
 use crate::tiling::{self, TileChoice, Tiling};
 use crate::verdict::Verdict;
 use crate::winclip::WinClipConfig;
@@ -36,9 +38,13 @@ pub struct ModelInfo {
     pub features: Option<FeatureConfig>,
     pub detector: DetectorConfig,
     pub calibration: Calibration,
-    /// Images the detector was fitted on (held-back ones excluded).
+    /// Images the detector was fitted on.
     #[serde(default)]
     pub training_images: usize,
+    /// Their paths (absolute where they could be resolved), so `refit` can
+    /// fit again with more normal images; empty in older files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub training_paths: Vec<String>,
     pub memory_bank_size: Option<usize>,
     /// Images are cut into tiles of this side before scoring (absent in
     /// files written before tiling existed: no tiling).
@@ -48,6 +54,14 @@ pub struct ModelInfo {
     /// uncalibrated detectors and older files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missed_alarms: Option<MissedAlarmEstimate>,
+    /// The out-of-sample scores the threshold rests on, for per-request
+    /// operating points (absent for uncalibrated detectors and files
+    /// written before cross-fitting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_scores: Option<CalibrationScores>,
+    /// What a `refit` added, when this model came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refitted_from: Option<Refit>,
     /// The text layer, when the model was fitted with one (`fit --object`
     /// and CLIP weights beside a classical detector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,8 +83,12 @@ pub struct ModelSummary {
     pub estimated_false_alarm_rate: f64,
     /// One-sided 95 % upper confidence bound on the false-alarm rate.
     pub false_alarm_upper_bound_95: f64,
-    /// Held-back normal images the estimate rests on.
+    /// Normal images the estimate rests on (out-of-sample scores).
     pub calibration_images: usize,
+    /// How those scores were made (cross-fitting, or a hold-out in older
+    /// files).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration_procedure: Option<String>,
     /// Set when the held-back images are too few to confirm `max_far`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration_warning: Option<String>,
@@ -116,9 +134,7 @@ pub struct FitOptions {
     /// `None` for detectors with their own network.
     pub features: Option<FeatureConfig>,
     pub detector: DetectorConfig,
-    /// Fraction of the normal images held back for calibration.
-    pub holdout: f64,
-    /// At most this fraction of held-back normal images may be flagged.
+    /// At most this fraction of normal images may be flagged.
     pub max_far: f64,
     /// Labelled anomalous images, if any, for an F1-optimal threshold.
     pub anomalies: Vec<PathBuf>,
@@ -137,7 +153,8 @@ pub struct Inspection {
     pub score: f32,
     pub raw_score: f32,
     pub is_anomalous: bool,
-    /// Always [`DECISION_THRESHOLD`] (0.5): calibration puts it there.
+    /// The 0–1 threshold it was judged at: [`DECISION_THRESHOLD`] (0.5) at
+    /// the model's own operating point, another at a request's.
     pub threshold: f32,
     /// Calibrated 0–1 map at the image's own size.
     pub map: AnomalyMap,
@@ -176,8 +193,11 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Fits on normal images. Calibrated detectors hold a deterministic part
-    /// of them back to set the threshold.
+    /// Fits on normal images. Calibrated detectors are fitted on all of
+    /// them, and every image also gets an out-of-sample score by
+    /// cross-fitting ([`crate::crossfit`]): the threshold and its estimates
+    /// rest on all N images, and the scores are kept in the model so a
+    /// request can move the threshold ([`Model::operating_point`]).
     pub fn fit(
         normal: &[PathBuf],
         options: &FitOptions,
@@ -185,91 +205,96 @@ impl Model {
         progress: &dyn Progress,
     ) -> Result<Self, Error> {
         let calibrated = options.detector.is_calibrated();
-        let (train, held_back) = if calibrated {
-            split_holdout(normal, options.holdout)?
+        let folds = if calibrated {
+            Some(Folds::deal(normal, options.detector.calibration_folds())?)
         } else {
-            (normal.to_vec(), Vec::new())
+            None
         };
         let tiling = options.tile.resolve(
             normal,
             options.detector.input_side(options.features.as_ref()),
             &options.limits,
         )?;
-        let detector = options.detector.fit(&FitInputs {
-            normal: &train,
+        let inputs = FitInputs {
+            normal,
             features: options.features.as_ref(),
             runtime,
             limits: &options.limits,
             progress,
             tiling,
-        })?;
-        let (calibration, missed_alarms) = if calibrated {
-            let inspect = |image: &Rgb32FImage| -> Result<f32, Error> {
-                Ok(tiling::inspect_raw(detector.as_ref(), tiling.as_ref(), image)?.score)
-            };
-            // Each held-back image is scored as it is and with one synthetic
-            // defect of each kind (see `synthetic`).
-            progress.start(
-                "calibration (normal + synthetic defects)",
-                held_back.len() as u64,
-            );
-            let mut normal_scores = Vec::with_capacity(held_back.len());
-            let mut synthetic: Vec<(DefectKind, Vec<f32>)> = DefectKind::ALL
-                .iter()
-                .map(|k| (*k, Vec::with_capacity(held_back.len())))
-                .collect();
-            for (index, path) in held_back.iter().enumerate() {
-                let image = load_image(path, &options.limits)?;
-                normal_scores.push(inspect(&image)?);
-                for (kind, scores) in &mut synthetic {
-                    scores.push(inspect(&with_defect(&image, *kind, index))?);
-                }
-                progress.advance(1);
-            }
-            progress.finish();
-            progress.start("calibration (anomalous)", options.anomalies.len() as u64);
-            let mut anomalous_scores = Vec::with_capacity(options.anomalies.len());
-            for path in &options.anomalies {
-                anomalous_scores.push(inspect(&load_image(path, &options.limits)?)?);
-                progress.advance(1);
-            }
-            progress.finish();
-            let calibration = match options.max_mar {
-                Some(max_mar) => {
-                    if !options.anomalies.is_empty() {
-                        return Err(Error::InvalidConfig(
-                            "a missed-alarm target and labelled anomalies cannot both set the \
-                             threshold"
-                                .into(),
-                        ));
-                    }
-                    let pooled: Vec<f32> = synthetic
-                        .iter()
-                        .flat_map(|(_, s)| s.iter().copied())
-                        .collect();
-                    Calibration::from_missed_alarm_target(&normal_scores, &pooled, max_mar)?
-                }
-                None => Calibration::from_labelled_scores(
-                    &normal_scores,
-                    &anomalous_scores,
-                    options.max_far,
-                )?,
-            };
-            let missed = MissedAlarmEstimate::measure(&synthetic, |s| calibration.is_anomalous(s));
-            (calibration, Some(missed))
-        } else {
-            (Calibration::probability(), None)
+            folds: folds.as_ref(),
         };
+        let mut detector = options.detector.fit(&inputs)?;
+        let (calibration, missed_alarms, calibration_scores) = match &folds {
+            Some(folds) => {
+                let out = score_out_of_fold(&options.detector, detector.as_ref(), &inputs, folds)?;
+                progress.start("calibration (anomalous)", options.anomalies.len() as u64);
+                let mut anomalous_scores = Vec::with_capacity(options.anomalies.len());
+                for path in &options.anomalies {
+                    let image = load_image(path, &options.limits)?;
+                    let raw = tiling::inspect_raw(detector.as_ref(), tiling.as_ref(), &image)?;
+                    anomalous_scores.push(raw.score);
+                    progress.advance(1);
+                }
+                progress.finish();
+                let calibration = match options.max_mar {
+                    Some(max_mar) => {
+                        if !options.anomalies.is_empty() {
+                            return Err(Error::InvalidConfig(
+                                "a missed-alarm target and labelled anomalies cannot both set \
+                                 the threshold"
+                                    .into(),
+                            ));
+                        }
+                        let pooled: Vec<f32> = out
+                            .synthetic
+                            .iter()
+                            .flat_map(|(_, s)| s.iter().copied())
+                            .collect();
+                        Calibration::from_missed_alarm_target(&out.normal, &pooled, max_mar)?
+                    }
+                    None => Calibration::from_labelled_scores(
+                        &out.normal,
+                        &anomalous_scores,
+                        options.max_far,
+                    )?,
+                };
+                let missed =
+                    MissedAlarmEstimate::measure(&out.synthetic, |s| calibration.is_anomalous(s));
+                let scores = CalibrationScores {
+                    procedure: out.procedure,
+                    folds: out.folds,
+                    normal: kept(&out.normal),
+                    normal_images: out.normal.len(),
+                    synthetic: kept_synthetic(&out.synthetic),
+                    labelled: Vec::new(),
+                };
+                (calibration, Some(missed), Some(scores))
+            }
+            None => (Calibration::probability(), None, None),
+        };
+        detector.forget_folds();
         let info = ModelInfo {
             features: options.features.clone(),
             detector: detector
                 .fitted_config()
                 .unwrap_or_else(|| options.detector.clone()),
             calibration,
-            training_images: detector.images_used().unwrap_or(train.len()),
+            training_images: detector.images_used().unwrap_or(normal.len()),
+            training_paths: normal
+                .iter()
+                .map(|p| {
+                    std::fs::canonicalize(p)
+                        .unwrap_or_else(|_| p.clone())
+                        .display()
+                        .to_string()
+                })
+                .collect(),
             memory_bank_size: detector.memory_bank_size(),
             tiling,
             missed_alarms,
+            calibration_scores,
+            refitted_from: None,
             prompt_layer: None,
             written_by: format!("flawscope {}", env!("CARGO_PKG_VERSION")),
         };
@@ -280,16 +305,119 @@ impl Model {
         })
     }
 
-    /// Adds the text layer: the CLIP embeddings of the same held-back normal
-    /// images that set the threshold (`normal` and `holdout` as given to
-    /// [`Model::fit`]), so typed defect descriptions can be checked and
-    /// calibrated at request time ([`Model::check_defects`]).
+    /// Fits again, as this model was fitted, on its training images plus
+    /// `added_normal` (images a person marked OK); `marked_defective`
+    /// (marked NG) are scored by the new model and kept as labelled scores,
+    /// so every operating point also states a labelled missed-alarm rate.
+    /// The text layer is not carried over (fit it again with `--object`).
+    pub fn refit(
+        &self,
+        added_normal: &[PathBuf],
+        marked_defective: &[PathBuf],
+        database: &str,
+        runtime: &Runtime,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
+        if self.info.training_paths.is_empty() {
+            return Err(Error::InvalidConfig(
+                "this model file does not list its training images (written before refit \
+                 existed); fit it again"
+                    .into(),
+            ));
+        }
+        let mut normal: Vec<PathBuf> = self.info.training_paths.iter().map(PathBuf::from).collect();
+        for path in added_normal {
+            let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            if !normal.contains(&path) {
+                normal.push(path);
+            }
+        }
+        let calibration = &self.info.calibration;
+        let options = FitOptions {
+            features: self.info.features.clone(),
+            detector: self.info.detector.clone(),
+            max_far: calibration.max_far.min(0.999),
+            max_mar: match calibration.method {
+                ThresholdMethod::MissedAlarmTarget { max_mar } => Some(max_mar),
+                _ => None,
+            },
+            anomalies: Vec::new(),
+            limits: ImageLimits::default(),
+            tile: match self.info.tiling {
+                Some(t) => TileChoice::Side(t.side),
+                None => TileChoice::Off,
+            },
+        };
+        let mut model = Self::fit(&normal, &options, runtime, progress)?;
+        let mut labelled = Vec::with_capacity(marked_defective.len());
+        for path in marked_defective {
+            let image = load_image(path, &options.limits)?;
+            labelled.push(model.inspect_raw(&image)?.score);
+        }
+        if let Some(scores) = &mut model.info.calibration_scores
+            && !labelled.is_empty()
+        {
+            scores.labelled = vec![(String::new(), kept(&labelled))];
+        }
+        model.info.refitted_from = Some(Refit {
+            database: database.to_owned(),
+            added_normal: added_normal
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            marked_defective: marked_defective.len(),
+        });
+        Ok(model)
+    }
+
+    /// The operating point of a request: the model's own threshold without
+    /// a target, else the threshold that meets `target` on the kept
+    /// calibration scores (no refit).
+    pub fn operating_point(&self, target: Option<Target>) -> Result<OperatingPoint, Error> {
+        let calibration = &self.info.calibration;
+        if !calibration.is_fitted() {
+            return match target {
+                None => Ok(OperatingPoint::probability()),
+                Some(_) => Err(Error::InvalidConfig(
+                    "this model's scores are uncalibrated probabilities (zero-shot): no \
+                     false-alarm or missed-alarm target can be met"
+                        .into(),
+                )),
+            };
+        }
+        match &self.info.calibration_scores {
+            Some(scores) => Ok(OperatingPoint::new(calibration, scores, target)?),
+            None if target.is_none() => Ok(OperatingPoint {
+                target: None,
+                threshold: DECISION_THRESHOLD,
+                raw_threshold: calibration.threshold,
+                estimated_false_alarm_rate: calibration.estimated_far,
+                false_alarm_upper_bound_95: calibration.far_upper_95,
+                normal_images: calibration.normal_images,
+                synthetic_missed_alarm_rate: None,
+                synthetic_missed_alarm_rates: self
+                    .info
+                    .missed_alarms
+                    .as_ref()
+                    .map(|m| m.per_kind.clone())
+                    .unwrap_or_default(),
+                labelled_missed_alarm_rate: None,
+                warning: calibration.holdout_warning(),
+            }),
+            None => Err(CalibrationError::NoKeptScores.into()),
+        }
+    }
+
+    /// Adds the text layer: the CLIP embeddings of the normal images (up to
+    /// [`TEXT_LAYER_IMAGES`], the first in hash order), so typed defect
+    /// descriptions can be checked and calibrated at request time
+    /// ([`Model::check_defects`]). CLIP is not fitted on them, so their
+    /// scores are exchangeable with new images' without cross-fitting.
     pub fn add_prompt_layer(
         &mut self,
         runtime: &Runtime,
         object: &str,
         normal: &[PathBuf],
-        holdout: f64,
         limits: &ImageLimits,
         progress: &dyn Progress,
     ) -> Result<(), Error> {
@@ -300,11 +428,11 @@ impl Model {
                     .into(),
             ));
         }
-        let (_, held_back) = split_holdout(normal, holdout)?;
+        let chosen = first_by_hash(normal, TEXT_LAYER_IMAGES);
         let layer = PromptLayer::fit(
             runtime,
             object,
-            &held_back,
+            &chosen,
             self.info.calibration.max_far,
             limits,
             progress,
@@ -372,7 +500,6 @@ impl Model {
         let options = FitOptions {
             features: None,
             detector: DetectorConfig::WinClip(WinClipConfig::zero_shot(object, prompts)),
-            holdout: 0.0,
             max_far: 0.0,
             anomalies: Vec::new(),
             limits: ImageLimits::default(),
@@ -422,6 +549,11 @@ impl Model {
             estimated_false_alarm_rate: c.estimated_far,
             false_alarm_upper_bound_95: c.far_upper_95,
             calibration_images: c.normal_images,
+            calibration_procedure: self
+                .info
+                .calibration_scores
+                .as_ref()
+                .map(|s| s.procedure.describe(s.folds)),
             calibration_warning: c.holdout_warning(),
             max_mar: match c.method {
                 ThresholdMethod::MissedAlarmTarget { max_mar } => Some(max_mar),
@@ -512,8 +644,25 @@ impl Model {
         tiling::inspect_raw(self.detector.as_ref(), self.info.tiling.as_ref(), image)
     }
 
-    /// Scores one image.
+    /// Scores one image at the model's own threshold.
     pub fn inspect(&self, image: &Rgb32FImage) -> Result<Inspection, Error> {
+        self.inspect_raw_calibrated(image, None)
+    }
+
+    /// Scores one image at `point` (from [`Model::operating_point`]).
+    pub fn inspect_at(
+        &self,
+        image: &Rgb32FImage,
+        point: &OperatingPoint,
+    ) -> Result<Inspection, Error> {
+        self.inspect_raw_calibrated(image, Some(point))
+    }
+
+    fn inspect_raw_calibrated(
+        &self,
+        image: &Rgb32FImage,
+        point: Option<&OperatingPoint>,
+    ) -> Result<Inspection, Error> {
         let raw = self.inspect_raw(image)?;
         let calibration = &self.info.calibration;
         let score = calibration.normalise(raw.score);
@@ -527,11 +676,20 @@ impl Model {
                 .map(|v| calibration.normalise(*v))
                 .collect(),
         };
+        let (is_anomalous, threshold) = match point {
+            // The raw score decides: two raw scores may round to one f32.
+            Some(point) if calibration.is_fitted() => (point.flags(raw.score), point.threshold),
+            Some(point) => (score >= point.threshold, point.threshold),
+            None => (
+                Verdict::at(score, DECISION_THRESHOLD).is_anomalous(),
+                DECISION_THRESHOLD,
+            ),
+        };
         Ok(Inspection {
             score,
             raw_score: raw.score,
-            is_anomalous: Verdict::at(score, DECISION_THRESHOLD).is_anomalous(),
-            threshold: DECISION_THRESHOLD,
+            is_anomalous,
+            threshold,
             map,
         })
     }
@@ -568,23 +726,14 @@ fn upgrade_metadata(mut metadata: serde_json::Value) -> serde_json::Value {
     metadata
 }
 
-/// Splits normal images into (fit, held back). The images whose file names
-/// hash lowest are held back, so the split is stable across runs and moves.
-pub fn split_holdout(
-    paths: &[PathBuf],
-    fraction: f64,
-) -> Result<(Vec<PathBuf>, Vec<PathBuf>), Error> {
-    if !(fraction > 0.0 && fraction < 1.0) {
-        return Err(Error::InvalidConfig(format!(
-            "the held-back fraction must be in (0, 1), got {fraction}"
-        )));
-    }
-    if paths.len() < 2 {
-        return Err(Error::InvalidConfig(format!(
-            "need at least 2 normal images (one to fit, one to calibrate), got {}",
-            paths.len()
-        )));
-    }
+/// Normal images the text layer embeds at most: enough to confirm a 1 %
+/// false-alarm limit (299), while a CLIP forward costs about a second each
+/// on a laptop CPU.
+pub const TEXT_LAYER_IMAGES: usize = 300;
+
+/// The first `n` of `paths` in the order of a stable hash of their file
+/// names (a subset that does not depend on the folder or listing order).
+pub fn first_by_hash(paths: &[PathBuf], n: usize) -> Vec<PathBuf> {
     let mut keyed: Vec<(u64, &PathBuf)> = paths
         .iter()
         .map(|p| {
@@ -593,18 +742,19 @@ pub fn split_holdout(
         })
         .collect();
     keyed.sort();
-    let held = ((paths.len() as f64 * fraction).round() as usize).clamp(1, paths.len() - 1);
-    let held_back: Vec<PathBuf> = keyed[..held].iter().map(|(_, p)| (*p).clone()).collect();
-    let mut train: Vec<PathBuf> = keyed[held..].iter().map(|(_, p)| (*p).clone()).collect();
-    train.sort();
-    Ok((train, held_back))
+    keyed.into_iter().take(n).map(|(_, p)| p.clone()).collect()
 }
 
-/// FNV-1a: stable across platforms and Rust versions.
-fn stable_hash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// What a `refit` added to a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refit {
+    /// The results database the decisions came from.
+    pub database: String,
+    /// Images marked OK that the model had flagged, now among the normal
+    /// images.
+    pub added_normal: Vec<String>,
+    /// Images marked NG: their scores give the labelled missed-alarm rate.
+    pub marked_defective: usize,
 }
 
 #[cfg(test)]
@@ -634,7 +784,6 @@ mod tests {
                 coarse_side: None,
                 ..Default::default()
             }),
-            holdout: 0.5,
             max_far: 0.01,
             anomalies: Vec::new(),
             limits: ImageLimits::default(),
@@ -644,16 +793,14 @@ mod tests {
     }
 
     #[test]
-    fn holdout_is_stable_and_disjoint() {
+    fn the_text_layer_subset_is_stable() {
         let paths: Vec<PathBuf> = (0..50).map(|i| PathBuf::from(format!("{i}.png"))).collect();
-        let (train, held) = split_holdout(&paths, 0.1).unwrap();
-        assert_eq!((train.len(), held.len()), (45, 5));
-        assert!(held.iter().all(|p| !train.contains(p)));
+        let first = first_by_hash(&paths, 5);
+        assert_eq!(first.len(), 5);
         let mut reversed = paths.clone();
         reversed.reverse();
-        let (_, held_again) = split_holdout(&reversed, 0.1).unwrap();
-        assert_eq!(held, held_again);
-        assert!(split_holdout(&paths[..1], 0.1).is_err());
+        assert_eq!(first, first_by_hash(&reversed, 5));
+        assert_eq!(first_by_hash(&paths, 100).len(), 50);
     }
 
     #[test]
@@ -691,6 +838,8 @@ mod tests {
         let threshold = model.info().calibration.threshold;
         let top = old.as_object_mut().unwrap();
         top.remove("missed_alarms");
+        top.remove("calibration_scores");
+        top.remove("training_paths");
         let c = top["calibration"].as_object_mut().unwrap();
         c.remove("spread");
         c.remove("far_upper_95");
@@ -703,7 +852,9 @@ mod tests {
         let back = Model::load(&path, &runtime).unwrap();
         let c = &back.info().calibration;
         assert!((c.spread - 2.0).abs() < 1e-4, "{c:?}");
-        assert!((c.far_upper_95 - crate::calibration::upper_bound_95(0, 2)).abs() < 1e-12);
+        assert!((c.far_upper_95 - crate::calibration::upper_bound_95(0, 4)).abs() < 1e-12);
+        assert!(back.operating_point(None).is_ok());
+        assert!(back.operating_point(Some(Target::MaxFar(0.1))).is_err());
         assert!(back.info().missed_alarms.is_none() && back.info().tiling.is_none());
         assert_eq!(c.normalise(threshold), 0.5);
         let image = load_image(&cells[0], &ImageLimits::default()).unwrap();

@@ -16,7 +16,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::detector::{Detector, DetectorOutput, FitInputs};
+use crate::crossfit::Procedure;
+use crate::detector::{Detector, DetectorOutput, FitInputs, FoldDetector};
 use crate::features::{FeatureConfig, FeatureExtractor, Resize};
 use crate::gaussian::inverse_cholesky_factor;
 use crate::model_file::take;
@@ -129,6 +130,7 @@ const BATCH: usize = 16;
 /// Each batch's mean and centred scatter come from one batched matrix
 /// product and are merged into the running ones with Chan et al.'s
 /// pairwise update, which is as exact as a two-pass covariance.
+#[derive(Clone)]
 pub struct PadimBuilder {
     config: PadimConfig,
     /// Grid positions, feature width and kept channels, from the first image.
@@ -238,6 +240,73 @@ impl PadimBuilder {
         Ok(())
     }
 
+    /// Adds everything `other` has seen (Chan et al.'s pairwise merge of
+    /// means and scatters); both must have kept the same channels.
+    pub fn absorb(&mut self, other: &mut PadimBuilder) -> Result<(), Error> {
+        self.merge_pending()?;
+        other.merge_pending()?;
+        if other.count == 0 {
+            return Ok(());
+        }
+        if self.count == 0 {
+            self.shape.clone_from(&other.shape);
+            self.mean.clone_from(&other.mean);
+            self.scatter.clone_from(&other.scatter);
+            self.count = other.count;
+            return Ok(());
+        }
+        let same = match (&self.shape, &other.shape) {
+            (Some((p, w, a)), Some((q, v, b))) => {
+                p == q && w == v && a.to_vec1::<u32>()? == b.to_vec1::<u32>()?
+            }
+            _ => false,
+        };
+        if !same {
+            return Err(Error::InvalidConfig(
+                "PaDiM needs every image on the same grid (use a fixed input size)".into(),
+            ));
+        }
+        let d = self.kept()?;
+        let (before, added) = (self.count as f64, other.count as f64);
+        let total = before + added;
+        let weight = before * added / total;
+        self.mean
+            .par_chunks_mut(d)
+            .zip(self.scatter.par_chunks_mut(d * d))
+            .zip(other.mean.par_chunks(d))
+            .zip(other.scatter.par_chunks(d * d))
+            .for_each(|(((mean, scatter), other_mean), other_scatter)| {
+                let delta: Vec<f64> = other_mean
+                    .iter()
+                    .zip(mean.iter())
+                    .map(|(b, m)| b - m)
+                    .collect();
+                for i in 0..d {
+                    for j in 0..d {
+                        scatter[i * d + j] +=
+                            other_scatter[i * d + j] + delta[i] * delta[j] * weight;
+                    }
+                }
+                for (m, dl) in mean.iter_mut().zip(&delta) {
+                    *m += dl * added / total;
+                }
+            });
+        self.count += other.count;
+        Ok(())
+    }
+
+    fn kept(&self) -> Result<usize, Error> {
+        match &self.shape {
+            Some((_, _, channels)) => Ok(channels.dims1()?),
+            None => Err(Error::InvalidConfig("PaDiM needs training images".into())),
+        }
+    }
+
+    /// An empty builder with the same settings.
+    fn empty_like(&self) -> Self {
+        Self::new(self.config)
+    }
+
     /// The fitted Gaussians.
     pub fn finish(mut self, progress: &dyn Progress) -> Result<Padim, Error> {
         self.merge_pending()?;
@@ -309,6 +378,29 @@ impl PadimConfig {
 pub struct PadimDetector {
     extractor: FeatureExtractor,
     padim: Padim,
+    /// One builder per fold, when fitted with folds (until
+    /// [`Detector::forget_folds`]).
+    fold_sums: Vec<PadimBuilder>,
+}
+
+/// PaDiM fitted without one fold, for cross-fitting.
+struct PadimWithout<'a> {
+    extractor: &'a FeatureExtractor,
+    padim: Padim,
+}
+
+impl Detector for PadimWithout<'_> {
+    fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let grid = self.extractor.extract(image)?;
+        Ok(DetectorOutput::peak_of(
+            &grid,
+            self.padim.score(&grid.features)?,
+        ))
+    }
+
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        BTreeMap::new()
+    }
 }
 
 impl PadimDetector {
@@ -319,15 +411,38 @@ impl PadimDetector {
     ) -> Result<Self, Error> {
         let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
         let progress = inputs.progress;
-        let mut builder = PadimBuilder::new(*config);
+        // With folds, one builder per fold: the whole fit is their merge,
+        // each fold's detector the merge of the others.
+        let folds = inputs.folds.map_or(1, |f| f.count());
+        let mut builders: Vec<PadimBuilder> =
+            (0..folds).map(|_| PadimBuilder::new(*config)).collect();
         progress.start("features", inputs.normal.len() as u64);
         inputs.images().for_each(
-            |image| builder.add(&extractor.extract(image)?.features),
+            |index, image| {
+                let fold = inputs.folds.map_or(0, |f| f.of(index));
+                builders[fold].add(&extractor.extract(image)?.features)
+            },
             || progress.advance(1),
         )?;
         progress.finish();
-        let padim = builder.finish(progress)?;
-        Ok(Self { extractor, padim })
+        if folds == 1 {
+            let padim = builders.remove(0).finish(progress)?;
+            return Ok(Self {
+                extractor,
+                padim,
+                fold_sums: Vec::new(),
+            });
+        }
+        let mut all = builders[0].empty_like();
+        for builder in &mut builders {
+            all.absorb(builder)?;
+        }
+        let padim = all.finish(progress)?;
+        Ok(Self {
+            extractor,
+            padim,
+            fold_sums: builders,
+        })
     }
 
     pub fn load(
@@ -344,6 +459,7 @@ impl PadimDetector {
         Ok(Self {
             extractor: FeatureExtractor::new(features.clone(), device)?,
             padim,
+            fold_sums: Vec::new(),
         })
     }
 }
@@ -353,6 +469,32 @@ impl Detector for PadimDetector {
         let grid = self.extractor.extract(image)?;
         let scores = self.padim.score(&grid.features)?;
         Ok(DetectorOutput::peak_of(&grid, scores))
+    }
+
+    fn without_fold(&self, fold: usize) -> Result<Option<FoldDetector<'_>>, Error> {
+        if self.fold_sums.len() < 2 {
+            return Ok(None);
+        }
+        let mut others = self.fold_sums[0].empty_like();
+        for (f, builder) in self.fold_sums.iter().enumerate() {
+            if f != fold {
+                others.absorb(&mut builder.clone())?;
+            }
+        }
+        if others.count < 2 {
+            return Ok(None);
+        }
+        Ok(Some((
+            Box::new(PadimWithout {
+                extractor: &self.extractor,
+                padim: others.finish(&crate::progress::NoProgress)?,
+            }),
+            Procedure::GaussianFolds,
+        )))
+    }
+
+    fn forget_folds(&mut self) {
+        self.fold_sums = Vec::new();
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {

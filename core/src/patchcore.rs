@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::coreset::greedy_coreset;
-use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::crossfit::Procedure;
+use crate::detector::{Detector, DetectorOutput, FitInputs, FoldDetector, ImageScore, ScoreGrid};
 use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, Resize};
 use crate::model_file::take;
 use crate::nearest::BankIndex;
@@ -90,6 +91,16 @@ impl PatchCore {
         config: &PatchCoreConfig,
         progress: &dyn Progress,
     ) -> Result<Self, Error> {
+        Ok(Self::fit_keeping(patches, config, progress)?.0)
+    }
+
+    /// [`PatchCore::fit`], also returning which rows of `patches` the bank
+    /// kept, in bank order.
+    pub fn fit_keeping(
+        patches: &Tensor,
+        config: &PatchCoreConfig,
+        progress: &dyn Progress,
+    ) -> Result<(Self, Vec<usize>), Error> {
         let (n, dim) = patches.dims2()?;
         if n == 0 {
             return Err(Error::InvalidConfig("no training patches".into()));
@@ -104,17 +115,29 @@ impl PatchCore {
         if let Some(cap) = config.max_bank {
             k = k.min(cap.max(1));
         }
-        let bank = if k >= n {
-            patches.clone()
+        let (bank, kept) = if k >= n {
+            (patches.clone(), (0..n).collect())
         } else {
             let host: Vec<f32> = patches.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let chosen =
                 greedy_coreset(&host, dim, k, config.projection_dim, config.seed, progress);
             let ids: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
             let ids = Tensor::from_vec(ids, k, patches.device())?;
-            patches.index_select(&ids, 0)?
+            (patches.index_select(&ids, 0)?, chosen)
         };
-        Self::from_bank(bank, config.neighbours)
+        Ok((Self::from_bank(bank, config.neighbours)?, kept))
+    }
+
+    /// The bank of the rows `keep` only; `None` when none is kept.
+    pub fn with_rows(&self, keep: &[u32]) -> Result<Option<Self>, Error> {
+        if keep.is_empty() {
+            return Ok(None);
+        }
+        let ids = Tensor::from_vec(keep.to_vec(), keep.len(), self.bank.device())?;
+        Ok(Some(Self::from_bank(
+            self.bank.index_select(&ids, 0)?,
+            self.neighbours,
+        )?))
     }
 
     /// Wraps an existing bank `[bank_size, channels]` (as loaded from a file).
@@ -276,6 +299,17 @@ pub struct PatchCoreDetector {
     extractor: FeatureExtractor,
     fine: PatchCore,
     coarse: Option<CoarsePatchCore>,
+    /// The fold of the image each fine and coarse bank row came from, when
+    /// fitted with folds (until [`Detector::forget_folds`]).
+    row_folds: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A PatchCore detector's banks without one fold's rows: the detector that
+/// scores that fold's images in cross-fitting.
+struct PatchCoreWithout<'a> {
+    extractor: &'a FeatureExtractor,
+    fine: PatchCore,
+    coarse: Option<(PatchCore, Resize)>,
 }
 
 /// PatchCore's second, coarse scale: a bank built from features at `resize`
@@ -324,11 +358,18 @@ impl PatchCoreDetector {
         progress.start("features", inputs.normal.len() as u64);
         let mut grids = Vec::with_capacity(inputs.normal.len());
         let mut coarse_grids = Vec::new();
+        // The fold of each patch row's image, for cross-fitting.
+        let fold_of = |index: usize| inputs.folds.map_or(0, |f| f.of(index) as u8);
+        let (mut fine_folds, mut coarse_folds) = (Vec::new(), Vec::new());
         inputs.images().for_each(
-            |image| {
-                grids.push(extractor.extract(image)?.features);
+            |index, image| {
+                let features = extractor.extract(image)?.features;
+                fine_folds.extend(std::iter::repeat_n(fold_of(index), features.dims()[0]));
+                grids.push(features);
                 if let Some(resize) = coarse_resize {
                     let grid = extractor.extract_at(image, resize, CoarsePatchCore::BORDER)?;
+                    coarse_folds
+                        .extend(std::iter::repeat_n(fold_of(index), grid.features.dims()[0]));
                     coarse_grids.push(grid.features);
                 }
                 Ok(())
@@ -338,19 +379,27 @@ impl PatchCoreDetector {
         progress.finish();
         let all = Tensor::cat(&grids, 0)?;
         drop(grids);
-        let fine = PatchCore::fit(&all, config, progress)?;
+        let (fine, fine_kept) = PatchCore::fit_keeping(&all, config, progress)?;
         drop(all);
-        let coarse = match coarse_resize {
-            Some(resize) => Some(CoarsePatchCore {
-                bank: PatchCore::fit(&Tensor::cat(&coarse_grids, 0)?, config, progress)?,
-                resize,
-            }),
-            None => None,
+        let (coarse, coarse_kept) = match coarse_resize {
+            Some(resize) => {
+                let (bank, kept) =
+                    PatchCore::fit_keeping(&Tensor::cat(&coarse_grids, 0)?, config, progress)?;
+                (Some(CoarsePatchCore { bank, resize }), kept)
+            }
+            None => (None, Vec::new()),
         };
+        let row_folds = inputs.folds.map(|_| {
+            (
+                fine_kept.iter().map(|&i| fine_folds[i]).collect(),
+                coarse_kept.iter().map(|&i| coarse_folds[i]).collect(),
+            )
+        });
         Ok(Self {
             extractor,
             fine,
             coarse,
+            row_folds,
         })
     }
 
@@ -373,6 +422,7 @@ impl PatchCoreDetector {
             extractor: FeatureExtractor::new(features.clone(), device)?,
             fine,
             coarse,
+            row_folds: None,
         })
     }
 }
@@ -380,26 +430,82 @@ impl PatchCoreDetector {
 const FINE_BANK: &str = "patchcore.bank";
 const COARSE_BANK: &str = "patchcore.coarse_bank";
 
+/// The fine bank's score and map, averaged with the coarse bank's when
+/// there is one.
+fn score_banks(
+    extractor: &FeatureExtractor,
+    fine: &PatchCore,
+    coarse: Option<(&PatchCore, Resize)>,
+    image: &Rgb32FImage,
+) -> Result<DetectorOutput, Error> {
+    let grid = extractor.extract(image)?;
+    let scores = fine.score(&grid.features)?;
+    let mut grids = vec![ScoreGrid::of(&grid, scores.patches)];
+    let Some((coarse, resize)) = coarse else {
+        return Ok(DetectorOutput {
+            image_score: ImageScore::Given(scores.image),
+            grids,
+        });
+    };
+    let coarse_grid = extractor.extract_at(image, resize, CoarsePatchCore::BORDER)?;
+    let coarse_scores = coarse.score(&coarse_grid.features)?;
+    grids.push(ScoreGrid::of(&coarse_grid, coarse_scores.patches));
+    Ok(DetectorOutput {
+        image_score: ImageScore::Given(0.5 * (scores.image + coarse_scores.image)),
+        grids,
+    })
+}
+
+/// The rows whose fold is not `fold`.
+fn rows_outside(folds: &[u8], fold: usize) -> Vec<u32> {
+    (0..folds.len() as u32)
+        .filter(|&i| usize::from(folds[i as usize]) != fold)
+        .collect()
+}
+
+impl Detector for PatchCoreWithout<'_> {
+    fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let coarse = self.coarse.as_ref().map(|(bank, resize)| (bank, *resize));
+        score_banks(self.extractor, &self.fine, coarse, image)
+    }
+
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        BTreeMap::new()
+    }
+}
+
 impl Detector for PatchCoreDetector {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
-        let grid = self.extractor.extract(image)?;
-        let scores = self.fine.score(&grid.features)?;
-        let mut grids = vec![ScoreGrid::of(&grid, scores.patches)];
-        let Some(coarse) = &self.coarse else {
-            return Ok(DetectorOutput {
-                image_score: ImageScore::Given(scores.image),
-                grids,
-            });
+        let coarse = self.coarse.as_ref().map(|c| (&c.bank, c.resize));
+        score_banks(&self.extractor, &self.fine, coarse, image)
+    }
+
+    fn without_fold(&self, fold: usize) -> Result<Option<FoldDetector<'_>>, Error> {
+        let Some((fine_folds, coarse_folds)) = &self.row_folds else {
+            return Ok(None);
         };
-        let coarse_grid =
-            self.extractor
-                .extract_at(image, coarse.resize, CoarsePatchCore::BORDER)?;
-        let coarse_scores = coarse.bank.score(&coarse_grid.features)?;
-        grids.push(ScoreGrid::of(&coarse_grid, coarse_scores.patches));
-        Ok(DetectorOutput {
-            image_score: ImageScore::Given(0.5 * (scores.image + coarse_scores.image)),
-            grids,
-        })
+        let Some(fine) = self.fine.with_rows(&rows_outside(fine_folds, fold))? else {
+            return Ok(None);
+        };
+        let coarse = match &self.coarse {
+            Some(c) => match c.bank.with_rows(&rows_outside(coarse_folds, fold))? {
+                Some(bank) => Some((bank, c.resize)),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        Ok(Some((
+            Box::new(PatchCoreWithout {
+                extractor: &self.extractor,
+                fine,
+                coarse,
+            }),
+            Procedure::BankFolds,
+        )))
+    }
+
+    fn forget_folds(&mut self) {
+        self.row_folds = None;
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {

@@ -333,7 +333,7 @@ impl SuperSimpleNet {
         let mut copies = 0usize;
         progress.start("features", images.paths.len() as u64);
         images.for_each(
-            |image| {
+            |_, image| {
                 let grid = extractor.extract(image)?;
                 let shape = (grid.grid_height, grid.grid_width);
                 if set.train.is_empty() && set.validation.is_empty() {

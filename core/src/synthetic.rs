@@ -1,8 +1,8 @@
 //! Synthetic defects, for estimating the missed-alarm rate at fit time.
 //!
 //! No labelled defect is needed to fit a model, so none is at hand to say
-//! how many real defects a threshold misses. Instead every held-back normal
-//! image gets one defect of each [`DefectKind`] pasted in (the mix: one of
+//! how many real defects a threshold misses. Instead normal images (a bounded
+//! subset, [`crate::crossfit::synthetic_images`]) get one defect of each [`DefectKind`] pasted in (the mix: one of
 //! each kind per image, placed and sized from a fixed seed, [`SEED`], so a
 //! fit is reproducible), the copies are scored like any image, and the
 //! fraction of each kind scoring below the threshold is the estimated

@@ -175,20 +175,20 @@ pub struct ImageSource<'a> {
 }
 
 impl ImageSource<'_> {
-    /// Calls `f` on every image (or every tile of every image), one file at
-    /// a time, and `per_file` after each file.
+    /// Calls `f` with the file's index on every image (or every tile of
+    /// every image), one file at a time, and `per_file` after each file.
     pub fn for_each(
         &self,
-        mut f: impl FnMut(&Rgb32FImage) -> Result<(), Error>,
+        mut f: impl FnMut(usize, &Rgb32FImage) -> Result<(), Error>,
         mut per_file: impl FnMut(),
     ) -> Result<(), Error> {
-        for path in self.paths {
+        for (index, path) in self.paths.iter().enumerate() {
             let image = load_image(path, self.limits)?;
             match self.tiling {
-                None => f(&image)?,
+                None => f(index, &image)?,
                 Some(tiling) => {
                     for rect in tiling.tiles(image.width(), image.height())? {
-                        f(&crop(&image, rect))?;
+                        f(index, &crop(&image, rect))?;
                     }
                 }
             }

@@ -88,6 +88,7 @@ fn fit(config: WinClipConfig, shots: &[PathBuf], runtime: &Runtime) -> Box<dyn D
             limits: &ImageLimits::default(),
             progress: &NoProgress,
             tiling: None,
+            folds: None,
         })
         .unwrap()
 }

@@ -15,6 +15,7 @@ use flawscope_core::anomaly_map::AnomalyMap;
 use flawscope_core::heatmap::overlay;
 use flawscope_core::images::{ImageLimits, decode_image};
 use flawscope_core::model::{Inspection, Model};
+use flawscope_core::operating_point::OperatingPoint;
 use image::Rgb32FImage;
 
 use crate::store::{
@@ -101,6 +102,9 @@ pub struct InspectorScorer {
     pub preview_side: Option<u32>,
     /// Typed defects to check on every image (see [`InspectorScorer::with_prompts`]).
     prompts: Vec<String>,
+    /// The operating point verdicts are made at (the model's own when
+    /// `None`; see [`InspectorScorer::with_operating_point`]).
+    operating_point: Option<OperatingPoint>,
 }
 
 impl InspectorScorer {
@@ -110,7 +114,14 @@ impl InspectorScorer {
             limits,
             preview_side,
             prompts: Vec::new(),
+            operating_point: None,
         }
+    }
+
+    /// Judges every image at `point` instead of the model's own threshold.
+    pub fn with_operating_point(mut self, point: OperatingPoint) -> Self {
+        self.operating_point = Some(point);
+        self
     }
 
     /// Checks `prompts` on every image with the model's text layer. Refused
@@ -133,7 +144,10 @@ impl InspectorScorer {
         bytes: &[u8],
     ) -> Result<(Rgb32FImage, Inspection), ScoreError> {
         let image = decode_image(bytes, &path.display().to_string(), &self.limits)?;
-        let inspection = self.inspector.inspect(&image)?;
+        let inspection = match &self.operating_point {
+            Some(point) => self.inspector.inspect_at(&image, point)?,
+            None => self.inspector.inspect(&image)?,
+        };
         Ok((image, inspection))
     }
 

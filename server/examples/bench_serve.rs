@@ -109,7 +109,6 @@ fn model(path: Option<&Path>) -> Result<Model> {
             weights: None,
         }),
         detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
-        holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
         tile: Default::default(),

@@ -164,6 +164,7 @@ mod tests {
             hotspot: (290, 190),
             heatmap_png: None,
             map: None,
+            operating_point: None,
         }
     }
 

@@ -239,7 +239,7 @@ impl GrpcInferenceService for Service {
             let wanted = wanted_outputs(request.outputs.iter().map(|o| o.name.as_str()))?;
             let image = image_bytes(&request.inputs, &mut request.raw_input_contents)?;
             request.raw_input_contents = Vec::new();
-            let outputs = infer_image(&self.state, model, image, &wanted).await?;
+            let outputs = infer_image(&self.state, model, image, &wanted, None).await?;
             // Raw contents, as the reference servers answer: the clients
             // read them by output index.
             let mut raw_output_contents = Vec::with_capacity(outputs.len());

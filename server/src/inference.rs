@@ -10,6 +10,7 @@ use flawscope_core::anomaly_map::AnomalyMap;
 use flawscope_core::heatmap::overlay_png;
 use flawscope_core::images::decode_image;
 use flawscope_core::model::{DefectReport, Inspection, Model};
+use flawscope_core::operating_point::{OperatingPoint, Target};
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_core::regions::{Region, area_above, regions};
 use flawscope_core::verdict::layered;
@@ -25,6 +26,9 @@ use crate::state::{AppState, Slot};
 pub struct Extras {
     pub heatmap_png: bool,
     pub map: bool,
+    /// The request's operating point (`max_far` / `max_mar`); the model's
+    /// own threshold when `None`.
+    pub target: Option<Target>,
 }
 
 /// A scored image.
@@ -45,6 +49,9 @@ pub struct Scored {
     pub heatmap_png: Option<String>,
     /// The calibrated map, when asked for.
     pub map: Option<AnomalyMap>,
+    /// The threshold used and its estimates (absent for zero-shot engines'
+    /// answers, whose scores are uncalibrated probabilities).
+    pub operating_point: Option<OperatingPoint>,
 }
 
 /// The JSON result of scoring one image with a model.
@@ -54,6 +61,11 @@ pub struct ScoreResponse {
     pub score: f32,
     pub is_anomalous: bool,
     pub threshold: f32,
+    /// The threshold used and what it costs: estimated false-alarm rate
+    /// with its bound, missed-alarm rates on synthetic (and, after a
+    /// refit, marked) defects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operating_point: Option<OperatingPoint>,
     pub width: usize,
     pub height: usize,
     pub regions: Vec<Region>,
@@ -105,6 +117,7 @@ impl Scored {
             score: self.score,
             is_anomalous: self.is_anomalous,
             threshold: self.threshold,
+            operating_point: self.operating_point.clone(),
             width: self.width,
             height: self.height,
             anomalous_fraction: self.anomalous_fraction(),
@@ -199,8 +212,11 @@ pub async fn inspect(
     slot: Slot,
 ) -> Result<Scored, ApiError> {
     blocking(slot, move || {
-        let inspection = model.inspect(&image).map_err(|e| ApiError::from_core(&e))?;
-        scored(&image, inspection, extras)
+        let point = operating_point(&model, extras.target)?;
+        let inspection = model
+            .inspect_at(&image, &point)
+            .map_err(|e| ApiError::from_core(&e))?;
+        scored(&image, inspection, extras, Some(point))
     })
     .await
 }
@@ -215,15 +231,29 @@ pub async fn inspect_with_defects(
     slot: Slot,
 ) -> Result<(Scored, DefectReport), ApiError> {
     blocking(slot, move || {
-        let inspection = model.inspect(&image).map_err(|e| ApiError::from_core(&e))?;
+        let point = operating_point(&model, extras.target)?;
+        let inspection = model
+            .inspect_at(&image, &point)
+            .map_err(|e| ApiError::from_core(&e))?;
         let report = model.check_defects(&image, &asked).map_err(|e| match e {
             // A phrase CLIP cannot read (too long) is the asker's to fix.
             flawscope_core::Error::Prompt(_) => ApiError::bad_request("bad_prompt", e.to_string()),
             other => ApiError::from_core(&other),
         })?;
-        Ok((scored(&image, inspection, extras)?, report))
+        Ok((scored(&image, inspection, extras, Some(point))?, report))
     })
     .await
+}
+
+/// The model's operating point for a request's target; a target it cannot
+/// meet (a zero-shot model, a file without kept scores) is the asker's 400.
+fn operating_point(model: &Model, target: Option<Target>) -> Result<OperatingPoint, ApiError> {
+    model.operating_point(target).map_err(|e| match e {
+        flawscope_core::Error::Calibration(_) | flawscope_core::Error::InvalidConfig(_) => {
+            ApiError::bad_request("invalid_operating_point", e.to_string())
+        }
+        other => ApiError::from_core(&other),
+    })
 }
 
 /// The response parts of one inspection of `image`.
@@ -231,6 +261,7 @@ pub fn scored(
     image: &Rgb32FImage,
     inspection: Inspection,
     extras: Extras,
+    operating_point: Option<OperatingPoint>,
 ) -> Result<Scored, ApiError> {
     let heatmap_png = if extras.heatmap_png {
         let png = overlay_png(image, &inspection.map).map_err(|e| ApiError::from_core(&e))?;
@@ -250,6 +281,7 @@ pub fn scored(
         hotspot: hotspot(&map),
         heatmap_png,
         map: extras.map.then_some(map),
+        operating_point,
     })
 }
 

@@ -8,6 +8,7 @@
 //! asked. Errors on `/v2` are `{"error": "<message>"}`. The inference
 //! itself ([`infer_image`]) is shared with the gRPC service.
 
+use flawscope_core::operating_point::Target;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -309,10 +310,12 @@ pub(crate) async fn infer_image(
     model: Arc<Model>,
     image: Bytes,
     wanted: &[OutputKind],
+    target: Option<Target>,
 ) -> Result<Vec<OutputTensor>, ApiError> {
     let extras = Extras {
         heatmap_png: false,
         map: wanted.contains(&OutputKind::AnomalyMap),
+        target,
     };
     let image = decode(state, image).await?;
     let slot = state.slot().await?;
@@ -532,6 +535,26 @@ pub(crate) fn request_image(body: &[u8]) -> Result<Vec<u8>, ApiError> {
 }
 
 /// A `bool` parameter (absent: `None`).
+/// The request parameters `max_far` / `max_mar` (numbers in [0, 1), at
+/// most one): the request's operating point.
+pub(crate) fn request_target(
+    parameters: Option<&Map<String, Value>>,
+) -> Result<Option<Target>, ApiError> {
+    let rate = |key: &str| -> Result<Option<f64>, ApiError> {
+        match parameters.and_then(|p| p.get(key)) {
+            None => Ok(None),
+            Some(value) => value.as_f64().map(Some).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_operating_point",
+                    format!("the parameter {key} must be a number in [0, 1)"),
+                )
+            }),
+        }
+    };
+    Target::from_request(rate("max_far")?, rate("max_mar")?)
+        .map_err(|e| ApiError::bad_request("invalid_operating_point", e.to_string()))
+}
+
 fn bool_parameter(parameters: Option<&Map<String, Value>>, key: &str) -> Option<bool> {
     parameters.and_then(|p| p.get(key)).and_then(Value::as_bool)
 }
@@ -568,7 +591,8 @@ pub async fn infer(
     drop(body);
     let all_binary =
         bool_parameter(parsed.parameters.as_ref(), "binary_data_output").unwrap_or(false);
-    let outputs = infer_image(&state, model, image, &wanted).await?;
+    let target = request_target(parsed.parameters.as_ref())?;
+    let outputs = infer_image(&state, model, image, &wanted, target).await?;
 
     let mut json_outputs = Vec::with_capacity(outputs.len());
     let mut binary_part = Vec::new();

@@ -1,5 +1,6 @@
 //! The router, its middleware, and the health, metrics and `/v1` handlers.
 
+use flawscope_core::operating_point::Target;
 use std::time::Instant;
 
 use axum::Json;
@@ -233,18 +234,47 @@ pub fn model_name(path: Result<Path<String>, PathRejection>) -> Result<String, A
 #[derive(Debug, Deserialize)]
 struct ScoreQuery {
     heatmap: Option<String>,
+    max_far: Option<String>,
+    max_mar: Option<String>,
 }
 
 /// `?heatmap=png` → true; other `heatmap` values → 400.
 fn wants_heatmap(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<bool, ApiError> {
+    Ok(score_extras(query)?.heatmap_png)
+}
+
+/// `heatmap=png`, and `max_far` / `max_mar` (a rate in [0, 1), at most one
+/// of them): the request's operating point.
+fn score_extras(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<Extras, ApiError> {
     let invalid =
         || ApiError::bad_request("invalid_query", "heatmap must be \"png\" (the only format)");
     let Query(query) = query.map_err(|_| invalid())?;
-    match query.heatmap.as_deref() {
-        None => Ok(false),
-        Some("png") => Ok(true),
-        Some(_) => Err(invalid()),
-    }
+    let heatmap_png = match query.heatmap.as_deref() {
+        None => false,
+        Some("png") => true,
+        Some(_) => return Err(invalid()),
+    };
+    let rate = |name: &str, text: Option<&str>| -> Result<Option<f64>, ApiError> {
+        text.map(|t| {
+            t.trim().parse::<f64>().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_operating_point",
+                    format!("{name} must be a number in [0, 1), got \"{t}\""),
+                )
+            })
+        })
+        .transpose()
+    };
+    let target = Target::from_request(
+        rate("max_far", query.max_far.as_deref())?,
+        rate("max_mar", query.max_mar.as_deref())?,
+    )
+    .map_err(|e| ApiError::bad_request("invalid_operating_point", e.to_string()))?;
+    Ok(Extras {
+        heatmap_png,
+        map: false,
+        target,
+    })
 }
 
 /// `POST /v1/models/{name}/score`: raw image body or multipart `image`,
@@ -259,10 +289,7 @@ async fn score(
     let started = Instant::now();
     let name = model_name(path)?;
     let model = state.model(&name)?;
-    let extras = Extras {
-        heatmap_png: wants_heatmap(query)?,
-        map: false,
-    };
+    let extras = score_extras(query)?;
     // The body is read and decoded before a slot is taken, so a slow or
     // bad upload never holds one.
     let _body = state.body_permit()?;
@@ -381,8 +408,13 @@ impl AskStyle {
 
 /// `POST /v1/ask`: multipart `image`, `text`, optional `model` and `style`
 /// (`json`, the default, or `chat`).
-async fn ask(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+async fn ask(
+    State(state): State<AppState>,
+    query: Result<Query<ScoreQuery>, QueryRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let extras = score_extras(query)?;
     let _body = state.body_permit()?;
     let mut upload = read_upload(
         &state,
@@ -398,8 +430,7 @@ async fn ask(State(state): State<AppState>, request: Request) -> Result<Response
     let image = decode(&state, upload.require_image()?).await?;
     let slot = state.slot().await?;
     let asked = question::defect_phrases(&question);
-    let (scored, report) =
-        inspect_with_defects(model, image, Extras::default(), asked.clone(), slot).await?;
+    let (scored, report) = inspect_with_defects(model, image, extras, asked.clone(), slot).await?;
     let (is_anomalous, flagged_by) = layered(scored.is_anomalous, &report.checks);
     let note = match (&report.unchecked_reason, asked.is_empty()) {
         (_, true) => {
@@ -456,6 +487,7 @@ async fn zero_shot(
     let extras = Extras {
         heatmap_png: wants_heatmap(query)?,
         map: false,
+        target: None,
     };
     let engine = match state.zero_shot() {
         ZeroShot::Engine(engine) => engine.clone(),
@@ -487,7 +519,7 @@ async fn zero_shot(
             let inspection = engine
                 .inspect(&image, &object, &prompts)
                 .map_err(|e| ApiError::from_core(&e))?;
-            scored(&image, inspection, extras)
+            scored(&image, inspection, extras, None)
         })
         .await?
     };

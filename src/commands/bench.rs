@@ -16,7 +16,7 @@ use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::detector::{FitInputs, ScoreGrid, resize_for};
 use flawscope_core::features::{BackboneKind, FeatureConfig, FeatureExtractor, parse_stage};
 use flawscope_core::images::{ImageLimits, load_image};
-use flawscope_core::model::split_holdout;
+use flawscope_core::model::first_by_hash;
 use flawscope_core::nearest::BankIndex;
 use flawscope_core::patchcore::{PatchCore, PatchCoreConfig};
 use flawscope_core::progress::NoProgress;
@@ -230,12 +230,25 @@ fn fit(
         );
     }
     for &fraction in fractions {
-        // The same hash order as calibration hold-outs: the first part is a
-        // stable subset, the rest is unseen and used for timing the scoring.
+        // A stable subset (the first in hash order); the rest is unseen and
+        // used for timing the scoring.
         let (rest, subset) = if fraction >= 1.0 {
             (Vec::new(), all.clone())
         } else {
-            split_holdout(&all, fraction).map_err(|e| super::UsageError(e.to_string()))?
+            if !(fraction > 0.0) {
+                return Err(super::UsageError(format!(
+                    "fractions must be in (0, 1], got {fraction}"
+                ))
+                .into());
+            }
+            let n = ((all.len() as f64 * fraction).round() as usize).clamp(1, all.len().max(2) - 1);
+            let subset = first_by_hash(&all, n);
+            let rest: Vec<PathBuf> = all
+                .iter()
+                .filter(|p| !subset.contains(p))
+                .cloned()
+                .collect();
+            (rest, subset)
         };
         let start = Instant::now();
         let detector = detector_config.fit(&FitInputs {
@@ -245,6 +258,7 @@ fn fit(
             limits: &limits,
             progress: &bars,
             tiling: None,
+            folds: None,
         })?;
         let fit_seconds = start.elapsed().as_secs_f64();
 

@@ -8,7 +8,7 @@ use flawscope_core::dataset::Dataset;
 use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::metrics::image_auroc;
-use flawscope_core::model::{FitOptions, Model, split_holdout};
+use flawscope_core::model::{FitOptions, Model};
 use flawscope_core::runtime::Runtime;
 
 use super::clip::ClipArgs;
@@ -54,20 +54,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let options = FitOptions {
         features,
         detector,
-        holdout: 0.2,
         max_far: 0.01,
         anomalies: Vec::new(),
         tile: Default::default(),
         max_mar: None,
         limits,
     };
-    let (fit_on, held_back) = split_holdout(&category.train_good, options.holdout)?;
     println!(
-        "fitting {} on {} normal solar-cell images, {} more held back for the threshold \
-         (ELPV, CC BY-NC-SA 4.0) …",
+        "fitting {} on {} normal solar-cell images, each also scored out of sample for the \
+         threshold (ELPV, CC BY-NC-SA 4.0) …",
         options.detector.name(),
-        fit_on.len(),
-        held_back.len()
+        category.train_good.len(),
     );
     let runtime = Runtime::new(device());
     let inspector = Model::fit(&category.train_good, &options, &runtime, &Bars::new(false))?;

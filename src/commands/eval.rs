@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use flawscope_core::dataset::Dataset;
-use flawscope_core::evaluation::evaluate;
+use flawscope_core::evaluation::{ThresholdTarget, evaluate};
 use flawscope_core::images::ImageLimits;
 
 use super::Outcome;
 use super::clip::{ClipArgs, setup_error};
-use super::options::{DetectorArgs, DeviceChoice, TileArgs};
+use super::options::{DetectorArgs, DeviceChoice, TileArgs, parse_rate};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -42,6 +42,13 @@ pub struct Args {
     /// latency of one image, which batch 1 gives).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=flawscope_core::evaluation::MAX_BATCH as i64))]
     pub batch: u16,
+    /// The threshold is fitted as `fit` does: at most this fraction of the
+    /// normal training images (scored out of sample) flagged.
+    #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
+    pub max_far: f64,
+    /// Instead: miss at most this fraction of synthetic defects.
+    #[arg(long, value_parser = parse_rate, conflicts_with = "max_far")]
+    pub max_mar: Option<f64>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
@@ -56,13 +63,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let bars = Bars::new(false);
     if !args.json {
         println!(
-            "{:<16} {:<10} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8}",
+            "{:<16} {:<10} {:>9} {:>9} {:>7} {:>7} {:>11} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
             "category",
             "detector",
             "img AUROC",
             "pix AUROC",
             "AUPRO",
             "F1-max",
+            "false alarm",
+            "recall",
+            "ref R@1%FA",
+            "ref R@5%FA",
             "fit s",
             "ms/img",
             "bank"
@@ -77,6 +88,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             &ImageLimits::default(),
             args.tile.choice(),
             usize::from(args.batch),
+            ThresholdTarget {
+                max_far: args.max_far,
+                max_mar: args.max_mar,
+            },
             &bars,
         )
         .map_err(setup_error)
@@ -86,13 +101,22 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         } else {
             let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
             println!(
-                "{:<16} {:<10} {:>9.3} {:>9} {:>7} {:>7.3} {:>8.1} {:>8.1} {:>8}",
+                "{:<16} {:<10} {:>9.3} {:>9} {:>7} {:>7.3} {:>11} {:>8.3} {:>10} {:>10} {:>8.1} {:>8.1} {:>8}",
                 report.category,
                 report.detector,
                 report.image_auroc,
                 opt(report.pixel_auroc),
                 opt(report.aupro),
                 report.f1_max,
+                format!(
+                    "{}/{} {:.3}",
+                    report.at_threshold.false_alarms,
+                    report.at_threshold.good_images,
+                    report.at_threshold.false_alarm_rate
+                ),
+                report.at_threshold.recall,
+                opt(report.recall_at_far.get("0.01").copied()),
+                opt(report.recall_at_far.get("0.05").copied()),
                 report.fit_seconds,
                 report.ms_per_image,
                 report

@@ -24,19 +24,17 @@ pub struct Args {
     pub out: PathBuf,
     #[command(flatten)]
     pub detector: DetectorArgs,
-    /// Highest fraction of held-back normal images the threshold may flag.
+    /// Highest fraction of normal images the threshold may flag (each
+    /// scored out of sample by cross-fitting).
     #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
     pub max_far: f64,
     /// Instead of a false-alarm limit: set the threshold to miss at most
-    /// this fraction of the synthetic defects pasted into the held-back
-    /// normal images, and report the false-alarm rate that costs.
+    /// this fraction of the synthetic defects pasted into normal images,
+    /// and report the false-alarm rate that costs.
     #[arg(long, value_parser = parse_rate, conflicts_with_all = ["max_far", "anomalies"])]
     pub max_mar: Option<f64>,
     #[command(flatten)]
     pub tile: TileArgs,
-    /// Fraction of the normal images held back to set the threshold.
-    #[arg(long, default_value_t = 0.1)]
-    pub holdout: f64,
     /// Optional folder of known-anomalous images: the threshold then
     /// maximises F1 within the false-alarm limit.
     #[arg(long)]
@@ -53,15 +51,6 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    // Checked before any work (--max-far when parsed): a bad value should
-    // not cost a fit.
-    if !(args.holdout > 0.0 && args.holdout < 1.0) {
-        return Err(UsageError(format!(
-            "--holdout must be between 0 and 1 (exclusive), got {}",
-            args.holdout
-        ))
-        .into());
-    }
     let (features, detector) = args.detector.fit_configs(&args.clip, args.shots)?;
     // Beside a classical detector, --object adds the text layer; defects
     // are asked about when scoring, not here.
@@ -89,7 +78,6 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let options = FitOptions {
         features,
         detector,
-        holdout: args.holdout,
         max_far: args.max_far,
         anomalies,
         limits: ImageLimits::default(),
@@ -106,15 +94,14 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 &runtime,
                 object,
                 &normal,
-                args.holdout,
                 &options.limits,
                 &Bars::new(false),
             )
             .map_err(setup_error)
             .context("adding the text layer")?;
         eprintln!(
-            "text layer: CLIP embeddings of the held-back normal images for \"{object}\"; ask \
-             about a defect with `score --model {} --prompt TEXT`",
+            "text layer: CLIP embeddings of the normal images for \"{object}\"; ask about a \
+             defect with `score --model {} --prompt TEXT`",
             args.out.display()
         );
     }
@@ -128,11 +115,15 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             "threshold 0.5 (not calibrated: the score is a probability)".to_owned()
         }
         _ => format!(
-            "threshold {:.4} (raw); estimated false-alarm rate {:.3} on {} held-back normal \
-             images (95 % upper bound {:.3})",
+            "threshold {:.4} (raw); estimated false-alarm rate {:.3} on {} normal images, \
+             {} (95 % upper bound {:.3})",
             summary.raw_threshold,
             summary.estimated_false_alarm_rate,
             summary.calibration_images,
+            summary
+                .calibration_procedure
+                .as_deref()
+                .unwrap_or("held back"),
             summary.false_alarm_upper_bound_95
         ),
     };

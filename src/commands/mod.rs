@@ -8,6 +8,7 @@ pub mod eval;
 pub mod export;
 pub mod fit;
 pub mod options;
+pub mod refit;
 pub mod results;
 pub mod score;
 pub mod serve;

@@ -11,6 +11,7 @@ use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::heatmap::save_overlay;
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{DefectReport, Inspection, Model};
+use flawscope_core::operating_point::{OperatingPoint, Target};
 use flawscope_core::progress::Progress;
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_core::verdict::layered;
@@ -23,7 +24,7 @@ use image::Rgb32FImage;
 use serde::Serialize;
 
 use super::clip::{ClipArgs, load_model, setup_error, zero_shot_model};
-use super::options::DeviceChoice;
+use super::options::{DeviceChoice, parse_rate};
 use super::{Outcome, UsageError};
 use crate::progress::Bars;
 
@@ -73,6 +74,15 @@ pub struct Args {
     /// combines their --db files.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<Shard>,
+    /// Judge at another false-alarm limit than the model was fitted for:
+    /// the threshold that flags at most this fraction of the model's
+    /// normal images (its kept out-of-sample scores; no refit).
+    #[arg(long, value_parser = parse_rate, conflicts_with = "max_mar")]
+    pub max_far: Option<f64>,
+    /// Or: the threshold that misses at most this fraction of the model's
+    /// synthetic defects.
+    #[arg(long, value_parser = parse_rate)]
+    pub max_mar: Option<f64>,
 }
 
 /// One line of `score --json` output.
@@ -84,6 +94,8 @@ pub struct ScoreLine<'a> {
     pub threshold: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heatmap: Option<&'a Path>,
+    /// The threshold used and what it costs in false and missed alarms.
+    pub operating_point: &'a OperatingPoint,
     /// With `--prompt` and a model file: the model's own verdict, each typed
     /// defect's, and which layers flagged the image.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -208,6 +220,15 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     // A description the text layer cannot read (too long) stops the run
     // before the first image, not once per image.
     inspector.prepare_defects(asked).map_err(setup_error)?;
+    let target =
+        Target::from_request(args.max_far, args.max_mar).map_err(|e| UsageError(e.to_string()))?;
+    let point = inspector
+        .operating_point(target)
+        .map_err(|e| UsageError(e.to_string()))?;
+    eprintln!("operating point: {}", point.describe());
+    if let Some(warning) = &point.warning {
+        eprintln!("warning: {warning}");
+    }
     let mut inputs = inputs(&args.paths, args.recursive)?;
     if let Some(shard) = &args.shard {
         let all = inputs.len();
@@ -219,7 +240,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .with_context(|| format!("creating heatmap folder {}", dir.display()))?;
     }
     if let Some(db) = &args.db {
-        return run_with_store(args, inspector, &inputs, db);
+        return run_with_store(args, inspector, &inputs, db, &point);
     }
     let limits = ImageLimits::default();
     let bars = Bars::new(inputs.len() < 2);
@@ -228,7 +249,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     for input in &inputs {
         let path = &input.path;
         let heatmap = args.heatmaps.as_ref().map(|dir| dir.join(&input.heatmap));
-        match score_one(&inspector, path, heatmap.as_deref(), &limits, asked) {
+        match score_one(&inspector, &point, path, heatmap.as_deref(), &limits, asked) {
             Ok((inspection, report)) => {
                 let (is_anomalous, flagged_by) = layered(inspection.is_anomalous, &report.checks);
                 let printed = bars.suspend(|| {
@@ -240,6 +261,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                             is_anomalous,
                             threshold: inspection.threshold,
                             heatmap: heatmap.as_deref(),
+                            operating_point: &point,
                             layers: (!asked.is_empty()).then(|| Layers {
                                 model_is_anomalous: inspection.is_anomalous,
                                 flagged_by,
@@ -277,6 +299,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 
 fn score_one(
     inspector: &Model,
+    point: &OperatingPoint,
     path: &Path,
     heatmap: Option<&Path>,
     limits: &ImageLimits,
@@ -284,7 +307,7 @@ fn score_one(
 ) -> anyhow::Result<(Inspection, DefectReport)> {
     let image = load_image(path, limits)?;
     let inspection = inspector
-        .inspect(&image)
+        .inspect_at(&image, point)
         .with_context(|| format!("scoring {}", path.display()))?;
     let report = inspector
         .check_defects(&image, asked)
@@ -358,6 +381,7 @@ fn run_with_store(
     inspector: Model,
     inputs: &[Input],
     db: &Path,
+    point: &OperatingPoint,
 ) -> anyhow::Result<Outcome> {
     let store = Store::open(db)?;
     let files: Vec<PathBuf> = inputs.iter().map(|i| i.path.clone()).collect();
@@ -369,7 +393,7 @@ fn run_with_store(
         None => HashMap::new(),
     });
     // A model file is known by its bytes; a zero-shot model by what it computes.
-    let (name, identity) = match &args.model {
+    let (mut name, mut identity) = match &args.model {
         // With --prompt the rows are the model's and its text layer's:
         // another entry, apart from the model's plain rows.
         Some(path) => layered_model(
@@ -385,6 +409,16 @@ fn run_with_store(
             inspector.identity()?,
         ),
     };
+    // Verdicts at another operating point are other rows: a rerun at the
+    // model's own threshold must not reuse them.
+    if let Some(target) = point.target {
+        let suffix = match target {
+            Target::MaxFar(far) => format!(" @max_far={far}"),
+            Target::MaxMar(mar) => format!(" @max_mar={mar}"),
+        };
+        name.push_str(&suffix);
+        identity.push_str(&suffix);
+    }
     let prompts = if args.model.is_some() {
         args.clip.prompts.clone()
     } else {
@@ -393,7 +427,8 @@ fn run_with_store(
     let scorer = StoreScorer {
         scorer: InspectorScorer::new(Arc::new(inspector), ImageLimits::default(), None)
             .with_prompts(prompts)
-            .map_err(|e| UsageError(format!("--prompt: {e}")))?,
+            .map_err(|e| UsageError(format!("--prompt: {e}")))?
+            .with_operating_point(point.clone()),
         heatmaps: Arc::clone(&heatmaps),
     };
     let model = store.model(&name, &identity)?;
@@ -418,6 +453,7 @@ fn run_with_store(
                     is_anomalous: row.verdict == Verdict::Anomalous,
                     threshold: row.threshold,
                     heatmap: heatmaps.get(&row.path).map(PathBuf::as_path),
+                    operating_point: point,
                     layers: None,
                     stored_layers: (!row.defects.is_empty()).then(|| StoredLayers {
                         model_is_anomalous: Verdict::at(row.score, row.threshold)

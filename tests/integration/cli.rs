@@ -135,41 +135,7 @@ fn bench_refuses_input_sides_out_of_range() {
 #[test]
 fn eval_in_batches_equals_eval_one_by_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let cat = tmp.path().join("tile");
-    // A smooth texture; defects are a bright square with its mask.
-    let texture = |seed: u32, defect: bool| {
-        image::RgbImage::from_fn(64, 64, |x, y| {
-            let v = 100.0 + 20.0 * ((x as f32 * 0.3 + seed as f32).sin() + (y as f32 * 0.2).cos());
-            let v = if defect && (20..34).contains(&x) && (24..38).contains(&y) {
-                250.0
-            } else {
-                v
-            };
-            image::Rgb([v as u8; 3])
-        })
-    };
-    let save = |rel: &str, img: &image::RgbImage| {
-        let path = cat.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        img.save(path).unwrap();
-    };
-    for i in 0..6 {
-        save(&format!("train/good/{i}.png"), &texture(i, false));
-    }
-    for i in 0..3 {
-        save(&format!("test/good/{i}.png"), &texture(10 + i, false));
-        save(&format!("test/spot/{i}.png"), &texture(20 + i, true));
-        let mask = image::GrayImage::from_fn(64, 64, |x, y| {
-            image::Luma([if (20..34).contains(&x) && (24..38).contains(&y) {
-                255
-            } else {
-                0
-            }])
-        });
-        let path = cat.join(format!("ground_truth/spot/{i}_mask.png"));
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        mask.save(path).unwrap();
-    }
+    tiny_tile_dataset(&tmp.path().join("tile"));
     let dataset = tmp.path().to_str().unwrap();
     let run = |batch: &str| {
         let out = flawscope(&[
@@ -208,5 +174,44 @@ fn eval_in_batches_equals_eval_one_by_one() {
     for bad in ["0", "65"] {
         let out = flawscope(&["eval", "--dataset", dataset, "--batch", bad]);
         assert_eq!(out.status.code(), Some(2), "--batch {bad}");
+    }
+}
+
+/// A tiny MVTec-style category at `cat`: six smooth 64² training textures,
+/// three good test images and three with a bright square (with masks).
+pub fn tiny_tile_dataset(cat: &Path) {
+    // A smooth texture; defects are a bright square with its mask.
+    let texture = |seed: u32, defect: bool| {
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            let v = 100.0 + 20.0 * ((x as f32 * 0.3 + seed as f32).sin() + (y as f32 * 0.2).cos());
+            let v = if defect && (20..34).contains(&x) && (24..38).contains(&y) {
+                250.0
+            } else {
+                v
+            };
+            image::Rgb([v as u8; 3])
+        })
+    };
+    let save = |rel: &str, img: &image::RgbImage| {
+        let path = cat.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        img.save(path).unwrap();
+    };
+    for i in 0..6 {
+        save(&format!("train/good/{i}.png"), &texture(i, false));
+    }
+    for i in 0..3 {
+        save(&format!("test/good/{i}.png"), &texture(10 + i, false));
+        save(&format!("test/spot/{i}.png"), &texture(20 + i, true));
+        let mask = image::GrayImage::from_fn(64, 64, |x, y| {
+            image::Luma([if (20..34).contains(&x) && (24..38).contains(&y) {
+                255
+            } else {
+                0
+            }])
+        });
+        let path = cat.join(format!("ground_truth/spot/{i}_mask.png"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        mask.save(path).unwrap();
     }
 }

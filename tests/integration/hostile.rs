@@ -27,8 +27,6 @@ fn small_model(dir: &Path) -> PathBuf {
         train.to_str().unwrap(),
         "--coarse-size",
         "0",
-        "--holdout",
-        "0.25",
         "--out",
         model.to_str().unwrap(),
     ]);

@@ -12,5 +12,6 @@ mod serve;
 mod shard;
 mod shared_data;
 mod tui;
+mod verdicts;
 mod web;
 mod winclip;

@@ -21,8 +21,6 @@ fn a_tiled_model_scores_strips_at_full_size_with_an_honest_operating_point() {
         strips().join("train/good").to_str().unwrap(),
         "--tile",
         "512",
-        "--holdout",
-        "0.5",
         "--out",
         model.to_str().unwrap(),
     ]);
@@ -30,7 +28,7 @@ fn a_tiled_model_scores_strips_at_full_size_with_an_honest_operating_point() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("in tiles of 512 px"), "{stderr}");
     assert!(
-        stderr.contains("on 1 held-back normal images (95 % upper bound 0.950)"),
+        stderr.contains("on 2 normal images, 2-fold cross-fit: each fold scored against the bank without its rows (95 % upper bound 0.776)"),
         "{stderr}"
     );
     assert!(
@@ -42,7 +40,7 @@ fn a_tiled_model_scores_strips_at_full_size_with_an_honest_operating_point() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("warning: 1 held-back normal images cannot confirm"),
+        stderr.contains("warning: 2 normal images cannot confirm"),
         "{stderr}"
     );
     assert!(stderr.contains("at least 299"), "{stderr}");

@@ -37,8 +37,6 @@ fn fit_small(dir: &Path) -> PathBuf {
         "fit",
         "--train",
         train.to_str().unwrap(),
-        "--holdout",
-        "0.25",
         "--out",
         model.to_str().unwrap(),
     ]);

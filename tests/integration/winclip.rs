@@ -490,8 +490,7 @@ fn winclip_bad_text_options_exit_2() {
 }
 
 /// A classical model with a text layer: each typed defect gets its own
-/// score, threshold and false-alarm estimate from the held-back normal
-/// images; without the CLIP weights the model still scores and says why the
+/// score, threshold and false-alarm estimate from the normal images; without the CLIP weights the model still scores and says why the
 /// defects were not checked.
 #[test]
 fn text_layer_checks_each_typed_defect_with_a_calibrated_threshold() {
@@ -549,8 +548,8 @@ fn text_layer_checks_each_typed_defect_with_a_calibrated_threshold() {
         assert_eq!(defects[0]["description"], "a crack");
         assert_eq!(defects[1]["description"], "a dark inactive area");
         for d in defects {
-            // The demo fit holds back 10 of its 100 normal images.
-            assert_eq!(d["normal_images"], 10, "{d}");
+            // The text layer embeds all 100 normal images (up to 300).
+            assert_eq!(d["normal_images"], 100, "{d}");
             let far = d["estimated_false_alarm_rate"].as_f64().unwrap();
             let bound = d["false_alarm_upper_bound_95"].as_f64().unwrap();
             assert!(

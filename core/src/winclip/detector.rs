@@ -198,7 +198,7 @@ impl WinClipDetector {
             ..inputs.images()
         };
         source.for_each(
-            |image| {
+            |_, image| {
                 let e = engine.embed(image, scales, Some(config.patch_features))?;
                 let p = e
                     .patches

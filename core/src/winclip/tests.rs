@@ -171,7 +171,6 @@ fn zero_shot_and_few_shot_on_the_tiny_checkpoint() {
             shots: 2,
             ..WinClipConfig::zero_shot("metal nut", &prompts)
         }),
-        holdout: 0.1,
         max_far: 0.01,
         anomalies: Vec::new(),
         tile: Default::default(),

@@ -29,7 +29,7 @@ pub fn images_in(split: &str) -> Vec<PathBuf> {
 }
 
 /// PatchCore on stages 4 and 5 at `side`, fitted on the first `train` good
-/// cells with a quarter held back for the threshold.
+/// cells, each scored out of sample for the threshold.
 pub fn small_patchcore(train: usize, side: u32, runtime: &Runtime) -> Model {
     let images: Vec<PathBuf> = images_in("train/good").into_iter().take(train).collect();
     let options = FitOptions {
@@ -43,7 +43,6 @@ pub fn small_patchcore(train: usize, side: u32, runtime: &Runtime) -> Model {
             weights: None,
         }),
         detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
-        holdout: 0.25,
         max_far: 0.01,
         anomalies: Vec::new(),
         tile: Default::default(),
