@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use flawscope_core::anomaly_map::AnomalyMap;
-use flawscope_core::heatmap::overlay;
+use flawscope_core::heatmap::blend;
 use flawscope_core::images::{ImageLimits, decode_image};
 use flawscope_core::model::{Inspection, Model};
 use flawscope_core::operating_point::OperatingPoint;
@@ -45,16 +45,17 @@ pub struct Preview {
 }
 
 impl Preview {
-    /// The anomaly map over the image, shrunk so its longest side is at most
-    /// `max_side`.
-    pub fn from_map(image: &Rgb32FImage, map: &AnomalyMap, max_side: u32) -> Self {
+    /// The anomaly map over the image, coloured and outlined against
+    /// `threshold`, shrunk so its longest side is at most `max_side` (no
+    /// legend: the list row beside it gives the score and verdict).
+    pub fn from_map(image: &Rgb32FImage, map: &AnomalyMap, threshold: f32, max_side: u32) -> Self {
         let (w, h) = image.dimensions();
         let side = max_side.max(1);
         let scale = (f64::from(side) / f64::from(w.max(h).max(1))).min(1.0);
         let tw = ((f64::from(w) * scale).round() as u32).max(1);
         let th = ((f64::from(h) * scale).round() as u32).max(1);
         let small = image::imageops::thumbnail(image, tw, th);
-        let blended = overlay(&small, map);
+        let blended = blend(&small, map, threshold);
         Self {
             width: blended.width(),
             height: blended.height(),
@@ -160,7 +161,7 @@ impl InspectorScorer {
     ) -> Result<Scored, ScoreError> {
         let preview = self
             .preview_side
-            .map(|side| Preview::from_map(image, &inspection.map, side));
+            .map(|side| Preview::from_map(image, &inspection.map, inspection.threshold, side));
         Ok(Scored {
             score: inspection.score,
             raw_score: inspection.raw_score,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use base64::Engine as _;
 use flawscope_core::anomaly_map::AnomalyMap;
-use flawscope_core::heatmap::overlay_png;
+use flawscope_core::heatmap::{Legend, overlay_png};
 use flawscope_core::images::decode_image;
 use flawscope_core::model::{DefectReport, Inspection, Model};
 use flawscope_core::operating_point::{OperatingPoint, Target};
@@ -264,7 +264,8 @@ pub fn scored(
     operating_point: Option<OperatingPoint>,
 ) -> Result<Scored, ApiError> {
     let heatmap_png = if extras.heatmap_png {
-        let png = overlay_png(image, &inspection.map).map_err(|e| ApiError::from_core(&e))?;
+        let png = overlay_png(image, &inspection.map, &Legend::of(&inspection))
+            .map_err(|e| ApiError::from_core(&e))?;
         Some(base64::engine::general_purpose::STANDARD.encode(png))
     } else {
         None

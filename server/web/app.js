@@ -545,21 +545,25 @@ function draw(item) {
   const canvas = $('overlay');
   const ctx = canvas.getContext('2d');
   const r = item.result;
-  const base = item.picture || item.overlay;
-  if (!r || !base) { clearCanvas(); return; }
+  if (!r || !(item.picture || item.overlay)) { clearCanvas(); return; }
   const box = canvas.parentElement.clientWidth - 220;
   const maxW = Math.max(240, Math.min(640, box));
   const maxH = Math.max(200, Math.min(420, window.innerHeight - 330));
-  const scale = Math.min(maxW / base.width, maxH / base.height);
-  canvas.width = Math.max(1, Math.round(base.width * scale));
-  canvas.height = Math.max(1, Math.round(base.height * scale));
+  const scale = Math.min(maxW / r.width, maxH / r.height);
+  canvas.width = Math.max(1, Math.round(r.width * scale));
+  canvas.height = Math.max(1, Math.round(r.height * scale));
+  // The server's overlay PNG is the image with the heatmap blended in, at
+  // the top (centred when the legend is wider), over a legend strip that
+  // this page shows as text instead: only the image part is drawn.
+  const drawOverlay = () => ctx.drawImage(item.overlay, Math.floor((item.overlay.width - r.width) / 2), 0,
+    r.width, r.height, 0, 0, canvas.width, canvas.height);
   ctx.globalAlpha = 1;
-  ctx.drawImage(base, 0, 0, canvas.width, canvas.height);
+  if (item.picture) ctx.drawImage(item.picture, 0, 0, canvas.width, canvas.height);
+  else drawOverlay();
   if (item.overlay && item.picture) {
-    // The server's overlay is the image with the heatmap blended in; the
-    // slider fades between the plain image and it.
+    // The slider fades between the plain image and the overlay.
     ctx.globalAlpha = Number($('opacity').value) / 100;
-    ctx.drawImage(item.overlay, 0, 0, canvas.width, canvas.height);
+    drawOverlay();
     ctx.globalAlpha = 1;
   }
   if ($('show-regions').checked) {

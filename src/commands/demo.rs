@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use flawscope_core::dataset::Dataset;
-use flawscope_core::heatmap::save_overlay;
+use flawscope_core::heatmap::{Legend, save_overlay};
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::metrics::image_auroc;
 use flawscope_core::model::{FitOptions, Model};
@@ -88,7 +88,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let heatmap = args
             .out
             .join(format!("{}_{stem}_heatmap.png", sample.defect_type));
-        save_overlay(&heatmap, &image, &inspection.map)?;
+        save_overlay(&heatmap, &image, &inspection.map, &Legend::of(&inspection))?;
         println!(
             "{:<28} {:<10} {:>6.3}  {}",
             name,

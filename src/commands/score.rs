@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
-use flawscope_core::heatmap::save_overlay;
+use flawscope_core::heatmap::{Legend, save_overlay};
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{DefectReport, Inspection, Model};
 use flawscope_core::operating_point::{OperatingPoint, Target};
@@ -324,7 +324,7 @@ fn write_heatmap(out: &Path, image: &Rgb32FImage, inspection: &Inspection) -> an
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating heatmap folder {}", parent.display()))?;
     }
-    save_overlay(out, image, &inspection.map)
+    save_overlay(out, image, &inspection.map, &Legend::of(inspection))
         .with_context(|| format!("writing heatmap {}", out.display()))
 }
 

@@ -69,7 +69,9 @@ fn a_tiled_model_scores_strips_at_full_size_with_an_honest_operating_point() {
     assert_eq!(lines.len(), 2);
     for line in &lines {
         let map = image::open(line["heatmap"].as_str().unwrap()).unwrap();
-        assert_eq!((map.width(), map.height()), (4096, 256));
+        // The image, with the legend strip below it.
+        assert_eq!(map.width(), 4096);
+        assert!(map.height() > 256);
     }
 }
 

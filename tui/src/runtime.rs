@@ -593,7 +593,9 @@ fn preview_worker(
             std::fs::read(&path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))
                 .and_then(|bytes| scorer.inspect(&path, &bytes).map_err(|e| e.to_string()))
-                .map(|(image, inspection)| Preview::from_map(&image, &inspection.map, PREVIEW_SIDE))
+                .map(|(image, inspection)| {
+                    Preview::from_map(&image, &inspection.map, inspection.threshold, PREVIEW_SIDE)
+                })
         });
         if tx
             .send((Instant::now(), Event::Preview { path, result }))
