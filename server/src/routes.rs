@@ -15,13 +15,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use flawscope_core::prompt_layer::DefectCheck;
-use flawscope_core::verdict::layered;
 
 use crate::answer::ask_answer;
 use crate::error::ApiError;
-use crate::inference::{
-    Extras, ScoreResponse, blocking, decode, inspect, inspect_with_defects, scored,
-};
+use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect, scored};
 use crate::oip;
 use crate::question;
 use crate::state::{AppState, ZeroShot};
@@ -272,7 +269,6 @@ fn score_extras(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<Extr
     .map_err(|e| ApiError::bad_request("invalid_operating_point", e.to_string()))?;
     Ok(Extras {
         heatmap_png,
-        map: false,
         target,
     })
 }
@@ -293,30 +289,34 @@ async fn score(
     // The body is read and decoded before a slot is taken, so a slow or
     // bad upload never holds one.
     let _body = state.body_permit()?;
-    let mut upload = read_upload(&state, request, RawBody::Image, &["prompt"]).await?;
-    let asked = typed_prompts(&upload)?;
+    let mut upload = read_upload(&state, request, RawBody::Image, &["defect", "prompt"]).await?;
+    // `defect` names a typed defect for the text layer; `prompt` is its
+    // older spelling on this route.
+    let asked = text_fields(&upload, &["defect", "prompt"])?;
     let image = decode(&state, upload.require_image()?).await?;
     let slot = state.slot().await?;
-    if asked.is_empty() {
-        let scored = inspect(model, image, extras, slot).await?;
-        return Ok(Json(scored.response(&name, started)));
-    }
-    let (scored, report) = inspect_with_defects(model, image, extras, asked.clone(), slot).await?;
-    Ok(Json(scored.layered_response(&name, started, asked, report)))
+    let scored = inspect(model, image, extras, asked.clone(), slot).await?;
+    Ok(Json(scored.response(&name, started, asked)))
 }
 
 /// The `prompt` fields of an upload, trimmed: each must say something, and
 /// there may be at most [`MAX_PROMPTS`].
 fn typed_prompts(upload: &crate::upload::Upload) -> Result<Vec<String>, ApiError> {
-    let prompts: Vec<String> = upload
-        .fields
-        .get("prompt")
-        .map(|v| v.iter().map(|p| p.trim().to_owned()).collect())
-        .unwrap_or_default();
+    text_fields(upload, &["prompt"])
+}
+
+/// The fields `names` of an upload, in that order, trimmed: each must say
+/// something, and there may be at most [`MAX_PROMPTS`] in all.
+fn text_fields(upload: &crate::upload::Upload, names: &[&str]) -> Result<Vec<String>, ApiError> {
+    let prompts: Vec<String> = names
+        .iter()
+        .filter_map(|name| upload.fields.get(*name))
+        .flat_map(|v| v.iter().map(|p| p.trim().to_owned()))
+        .collect();
     if prompts.iter().any(String::is_empty) {
         return Err(ApiError::bad_request(
             "bad_prompt",
-            "a \"prompt\" field is empty: describe a defect in each one",
+            "a \"defect\" or \"prompt\" field is empty: describe a defect in each one",
         ));
     }
     if prompts.len() > MAX_PROMPTS {
@@ -430,9 +430,9 @@ async fn ask(
     let image = decode(&state, upload.require_image()?).await?;
     let slot = state.slot().await?;
     let asked = question::defect_phrases(&question);
-    let (scored, report) = inspect_with_defects(model, image, extras, asked.clone(), slot).await?;
-    let (is_anomalous, flagged_by) = layered(scored.is_anomalous, &report.checks);
-    let note = match (&report.unchecked_reason, asked.is_empty()) {
+    let scored = inspect(model, image, extras, asked.clone(), slot).await?;
+    let inspection = &scored.inspection;
+    let note = match (&inspection.defects_unchecked, asked.is_empty()) {
         (_, true) => {
             "no defect was named; the answer is the model's general anomaly verdict".to_owned()
         }
@@ -442,7 +442,12 @@ async fn ask(
         ),
         (None, false) => format!("asked about {}", quoted(&asked)),
     };
-    let answer = ask_answer(&name, &scored, &report.checks, &note);
+    let answer = ask_answer(&name, inspection, &note);
+    let (defects, is_anomalous, flagged_by) = (
+        inspection.defects.clone(),
+        inspection.is_anomalous,
+        inspection.flagged_by.clone(),
+    );
     if style == AskStyle::Chat {
         return Ok((
             [(
@@ -457,12 +462,12 @@ async fn ask(
         answer,
         question,
         defects_asked: asked,
-        defects_checked: !report.checks.is_empty(),
-        defects: report.checks,
+        defects_checked: !defects.is_empty(),
+        defects,
         is_anomalous,
         flagged_by,
         note,
-        result: scored.response(&name, started),
+        result: scored.response(&name, started, Vec::new()),
         model: name,
     })
     .into_response())
@@ -486,7 +491,6 @@ async fn zero_shot(
     let started = Instant::now();
     let extras = Extras {
         heatmap_png: wants_heatmap(query)?,
-        map: false,
         target: None,
     };
     let engine = match state.zero_shot() {
@@ -519,13 +523,12 @@ async fn zero_shot(
             let inspection = engine
                 .inspect(&image, &object, &prompts)
                 .map_err(|e| ApiError::from_core(&e))?;
-            scored(&image, inspection, extras, None)
+            scored(&image, inspection, extras)
         })
         .await?
     };
-    let mut response = scored.response("zero-shot", started);
+    let mut response = scored.response("zero-shot", started, prompts);
     response.object = Some(object);
-    response.prompts = prompts;
     Ok(Json(response))
 }
 

@@ -250,7 +250,7 @@ async function score(item) {
       // one beside the model's own verdict, in the same request.
       item.result = await apiBusyRetry('/v1/models/' + encodeURIComponent(item.model) + '/score?heatmap=png', () => ({
         method: 'POST',
-        body: form([['image', item.file], ...item.defects.map((d) => ['prompt', d.text])]),
+        body: form([['image', item.file], ...item.defects.map((d) => ['defect', d.text])]),
       }));
       fillLayeredDefects(item);
     } else if (item.model) {

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flawscope_core::Device;
 use flawscope_core::model::Model;
-use flawscope_core::runtime::{Runtime, default_text_cache_dir};
-use flawscope_models::clip_weights::{ClipPreset, PRESETS, WeightsLookup};
+use flawscope_core::runtime::{
+    ClipPreset, PRESETS, Runtime, WeightsLookup, default_text_cache_dir,
+};
 
 use super::UsageError;
 
@@ -19,8 +20,10 @@ pub struct ClipArgs {
     /// `eval` defaults to the category name.
     #[arg(long)]
     pub object: Option<String>,
-    /// WinCLIP: a defect description, added to the anomalous prompts
-    /// ("scratch on the thread"); repeatable.
+    /// WinCLIP (zero-shot, or `fit --detector winclip`): a defect
+    /// description added to WinCLIP's anomalous prompt ensemble ("scratch
+    /// on the thread"); repeatable. With `score --model`, the older spelling
+    /// of `--defect` (a typed defect checked by the model's text layer).
     #[arg(long = "prompt", value_name = "TEXT")]
     pub prompts: Vec<String>,
     /// CLIP checkpoint folder (config.json, tokenizer.json,
@@ -40,24 +43,10 @@ impl ClipArgs {
         WeightsLookup::from_env(self.clip_weights.clone())
     }
 
-    fn preset(&self) -> Result<ClipPreset, UsageError> {
-        ClipPreset::find(&self.clip_model).ok_or_else(|| {
-            let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
-            UsageError(format!(
-                "unknown --clip-model {:?}; known: {}",
-                self.clip_model,
-                known.join(", ")
-            ))
-        })
-    }
-
     /// Where models run: `device`, with the CLIP weights these options
-    /// point at (loaded only when a model needs them).
-    /// The CLIP text side is cached on disk ([`default_text_cache_dir`]),
-    /// so a second run encodes no sentence it has seen.
+    /// point at ([`runtime`]).
     pub fn runtime(&self, device: Device) -> Result<Runtime, UsageError> {
-        Ok(Runtime::with_clip(device, self.lookup(), self.preset()?)
-            .with_text_cache_dir(default_text_cache_dir()))
+        runtime(self.clip_weights.clone(), &self.clip_model, device)
     }
 
     /// `--object` only applies when zero-shot scoring: a model file carries
@@ -83,6 +72,29 @@ impl ClipArgs {
             .as_deref()
             .ok_or_else(|| UsageError(format!("{what} needs --object NAME (what is inspected)")))
     }
+}
+
+/// Where models run: `device`, with CLIP weights from `clip_weights` (else
+/// FLAWSCOPE_CLIP_WEIGHTS, else the Hugging Face cache) for the preset
+/// `clip_model`, loaded only when a model needs them. The CLIP text side is
+/// cached on disk ([`default_text_cache_dir`]), so a second run encodes no
+/// sentence it has seen.
+pub fn runtime(
+    clip_weights: Option<PathBuf>,
+    clip_model: &str,
+    device: Device,
+) -> Result<Runtime, UsageError> {
+    let preset = ClipPreset::find(clip_model).ok_or_else(|| {
+        let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+        UsageError(format!(
+            "unknown --clip-model {clip_model:?}; known: {}",
+            known.join(", ")
+        ))
+    })?;
+    Ok(
+        Runtime::with_clip(device, WeightsLookup::from_env(clip_weights), preset)
+            .with_text_cache_dir(default_text_cache_dir()),
+    )
 }
 
 /// Refuses a blank `--prompt` before any image is read.
