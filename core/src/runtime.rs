@@ -13,7 +13,8 @@ use flawscope_models::clip_weights::{ClipPreset, VIT_B_16, WeightsLookup};
 use flawscope_prompts::TextEmbeddingCache;
 
 use crate::Error;
-use crate::winclip::{ClipCheckpoint, WinClip};
+use crate::winclip::checkpoint::ClipCheckpoint;
+use crate::winclip::engine::WinClip;
 
 /// The device plus the CLIP weights lookup, with the engines loaded so far.
 pub struct Runtime {
