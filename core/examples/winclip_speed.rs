@@ -27,12 +27,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use flawscope_core::detector::DetectorConfig;
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{FitOptions, Model};
 use flawscope_core::progress::NoProgress;
+use flawscope_core::registry::DetectorConfig;
 use flawscope_core::runtime::Runtime;
-use flawscope_core::winclip::{WinClip, WinClipConfig, prompt_set};
+use flawscope_core::winclip::config::{WinClipConfig, prompt_set};
+use flawscope_core::winclip::engine::WinClip;
 use flawscope_models::clip::{ClipPreprocessor, Precision, ResizeMode, sliding_windows};
 use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use image::DynamicImage;
@@ -297,11 +298,8 @@ fn main() -> Result<(), Box<dyn Error>> {
             shots: shots.len(),
             ..WinClipConfig::zero_shot("metal nut", &prompts)
         }),
-        max_far: 0.01,
-        anomalies: Vec::new(),
-        tile: Default::default(),
-        max_mar: None,
         limits,
+        ..FitOptions::default()
     };
     let few = Model::fit(&shots, &options, &runtime, &NoProgress)?;
     let few_shot = median(runs, |_| Ok(few.inspect(&image)?))?;

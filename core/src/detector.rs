@@ -1,35 +1,28 @@
 //! One interface for every detector: fit on normal images → a fitted
 //! [`Detector`]; score an image → a raw image score plus patch-score grids
 //! ([`DetectorOutput`]). Turning grids into a map at the image's size is
-//! shared code here ([`DetectorOutput::into_raw`]); calibration into a
-//! verdict is shared code in [`crate::model`].
+//! shared code here ([`DetectorOutput::into_raw`], and
+//! [`Detector::inspect_tiled`] for images scored in tiles); calibration into
+//! a verdict is shared code in [`crate::model`].
 //!
-//! [`DetectorConfig`] is the registry: the one place that lists the
-//! detectors, stored in every model file as `detector` (tagged by `kind`).
-//! Adding a detector means a file implementing [`Detector`], a variant here,
-//! and its command-line options (see the README, "Adding a detector").
+//! This file knows no detector: the detectors implement [`Detector`], and
+//! [`crate::registry`], the one place that lists them, picks one by its
+//! settings.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use candle_core::Tensor;
 use image::Rgb32FImage;
-use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::anomaly_map::{AnomalyMap, DEFAULT_BLUR_SIGMA};
-use crate::crossfit::{Folds, Procedure};
-use crate::features::{FeatureConfig, PatchGrid, Resize};
-use crate::flow::{FlowConfig, FlowDetector};
+use crate::features::{FeatureConfig, PatchGrid};
+use crate::folds::{Folds, Procedure};
 use crate::images::ImageLimits;
-use crate::padim::{PadimConfig, PadimDetector};
-use crate::patchcore::{PatchCoreConfig, PatchCoreDetector};
 use crate::progress::Progress;
-use crate::recon::{ReconConfig, ReconDetector};
 use crate::runtime::Runtime;
-use crate::supersimplenet::{SuperSimpleNetConfig, SuperSimpleNetDetector};
-use crate::tiling::{ImageSource, Tiling};
-use crate::winclip::{WinClipConfig, WinClipDetector};
+use crate::tiling::{ImageSource, Tiling, crop};
 
 /// A detector that never saw one fold's images, and how it was derived
 /// ([`Detector::without_fold`]).
@@ -48,18 +41,6 @@ pub trait Detector: Send + Sync {
         None
     }
 
-    /// The settings to store when fitting completed them (WinCLIP records
-    /// its CLIP checkpoint and shot images); `None` keeps the ones asked for.
-    fn fitted_config(&self) -> Option<DetectorConfig> {
-        None
-    }
-
-    /// Images the detector was fitted on, when it chose them itself
-    /// (WinCLIP's first K shots); `None`: all it was given.
-    fn images_used(&self) -> Option<usize> {
-        None
-    }
-
     /// This detector as fitted without the images of `fold` (see
     /// [`crate::crossfit`]), when it can derive one from its own fit
     /// (memory banks drop rows, Gaussians leave sums out) and was fitted
@@ -74,6 +55,57 @@ pub trait Detector: Send + Sync {
     /// The raw score and the map at the image's own size.
     fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
         self.score(image)?.into_raw(image.dimensions())
+    }
+
+    /// The raw score and map of `image`, whole or cut into the tiles of
+    /// `tiling` (see [`crate::tiling`]): each tile scored at the detector's
+    /// own input size, the tiles' maps stitched at the image's size and
+    /// averaged where they overlap. The image score is the largest tile
+    /// score when the detector computes its own ([`ImageScore::Given`]),
+    /// else the peak of the stitched map.
+    fn inspect_tiled(
+        &self,
+        tiling: Option<&Tiling>,
+        image: &Rgb32FImage,
+    ) -> Result<RawInspection, Error> {
+        let Some(tiling) = tiling else {
+            return self.inspect_raw(image);
+        };
+        let (width, height) = image.dimensions();
+        let rects = tiling.tiles(width, height)?;
+        let (w, h) = (width as usize, height as usize);
+        let mut sum = vec![0f32; w * h];
+        let mut count = vec![0f32; w * h];
+        let mut given: Option<f32> = None;
+        let mut every_given = true;
+        for rect in rects {
+            let tile = crop(image, rect);
+            let output = self.score(&tile)?;
+            match output.image_score {
+                ImageScore::Given(s) => given = Some(given.map_or(s, |g| g.max(s))),
+                ImageScore::MapPeak => every_given = false,
+            }
+            let raw = output.into_raw(tile.dimensions())?;
+            let (tw, th) = (rect.width as usize, rect.height as usize);
+            for ty in 0..th {
+                let row = (rect.y as usize + ty) * w + rect.x as usize;
+                let src = &raw.map.values[ty * tw..(ty + 1) * tw];
+                for (i, v) in src.iter().enumerate() {
+                    sum[row + i] += v;
+                    count[row + i] += 1.0;
+                }
+            }
+        }
+        for (s, c) in sum.iter_mut().zip(&count) {
+            *s /= c.max(1.0);
+        }
+        let map = AnomalyMap::new(w, h, sum)
+            .ok_or_else(|| Error::InvalidConfig("an empty image cannot be tiled".into()))?;
+        let score = match given {
+            Some(g) if every_given => g,
+            _ => map.max(),
+        };
+        Ok(RawInspection { score, map })
     }
 }
 
@@ -168,22 +200,6 @@ impl DetectorOutput {
     }
 }
 
-/// Which detector, with its settings: the registry of detectors.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum DetectorConfig {
-    PatchCore(PatchCoreConfig),
-    Padim(PadimConfig),
-    /// FastFlow-style normalizing flow, trained.
-    Flow(FlowConfig),
-    /// DFR-style feature autoencoder, trained.
-    Recon(ReconConfig),
-    /// SuperSimpleNet-style head trained on noise-made anomalous features.
-    SuperSimpleNet(SuperSimpleNetConfig),
-    /// CLIP and text prompts, plus a few normal images (WinCLIP).
-    WinClip(WinClipConfig),
-}
-
 /// Everything a detector may need to fit.
 pub struct FitInputs<'a> {
     /// The normal images to fit on (held-back ones excluded).
@@ -211,196 +227,77 @@ impl FitInputs<'_> {
     }
 }
 
-impl DetectorConfig {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::PatchCore(_) => "patchcore",
-            Self::Padim(_) => "padim",
-            Self::Flow(_) => "flow",
-            Self::Recon(_) => "recon",
-            Self::SuperSimpleNet(_) => "supersimplenet",
-            Self::WinClip(_) => "winclip",
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scores each 8 × 8 block by its brightness.
+    struct Brightness {
+        given: bool,
+    }
+
+    impl Detector for Brightness {
+        fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+            let (w, h) = image.dimensions();
+            let (gw, gh) = (w.div_ceil(8) as usize, h.div_ceil(8) as usize);
+            let mut values = vec![0f32; gw * gh];
+            for (x, y, p) in image.enumerate_pixels() {
+                let cell = (y / 8) as usize * gw + (x / 8) as usize;
+                values[cell] = values[cell].max(p.0[0]);
+            }
+            let peak = values.iter().copied().fold(0.0, f32::max);
+            Ok(DetectorOutput {
+                image_score: if self.given {
+                    ImageScore::Given(peak + 10.0)
+                } else {
+                    ImageScore::MapPeak
+                },
+                grids: vec![ScoreGrid {
+                    width: gw,
+                    height: gh,
+                    values,
+                    input_size: (w, h),
+                    blur_sigma: 0.0,
+                }],
+            })
+        }
+
+        fn tensors(&self) -> std::collections::BTreeMap<String, candle_core::Tensor> {
+            Default::default()
         }
     }
 
-    /// The name in reports: WinCLIP with K shots is `winclip+K`.
-    pub fn label(&self) -> String {
-        match self {
-            Self::WinClip(c) if c.shots > 0 => format!("winclip+{}", c.shots),
-            _ => self.name().to_owned(),
+    #[test]
+    fn tiles_are_stitched_at_the_image_size_where_they_belong() {
+        let mut image = Rgb32FImage::new(1000, 120);
+        for y in 50..54 {
+            for x in 700..760 {
+                image.put_pixel(x, y, image::Rgb([0.8; 3]));
+            }
         }
-    }
-
-    /// The detector's default feature recipe (`None`: it brings its own
-    /// network).
-    pub fn default_features(&self) -> Option<FeatureConfig> {
-        match self {
-            Self::PatchCore(_) => Some(PatchCoreConfig::default_features()),
-            Self::Padim(_) => Some(PadimConfig::default_features()),
-            Self::Flow(_) => Some(FlowConfig::default_features()),
-            Self::Recon(_) => Some(ReconConfig::default_features()),
-            Self::SuperSimpleNet(_) => Some(SuperSimpleNetConfig::default_features()),
-            Self::WinClip(_) => None,
-        }
-    }
-
-    /// Whether the detector scores on a fixed square grid (its input is
-    /// always resized to a square, whatever is asked).
-    pub fn square_input_only(&self) -> bool {
-        matches!(
-            self,
-            Self::Padim(_) | Self::Flow(_) | Self::Recon(_) | Self::SuperSimpleNet(_)
-        )
-    }
-
-    /// The side of the (square-ish) input the detector scores an image at:
-    /// the tile side automatic tiling uses.
-    pub fn input_side(&self, features: Option<&FeatureConfig>) -> u32 {
-        match (self, features) {
-            (_, Some(f)) => match f.resize {
-                Resize::Fixed { width, height } => width.min(height),
-                Resize::KeepAspect { side } => side,
-            },
-            // CLIP ViT-B/16, the one WinCLIP checkpoint, sees 224² pixels.
-            (_, None) => 224,
-        }
-    }
-
-    /// Whether its threshold is fitted on held-back normal images. WinCLIP's
-    /// raw score is already a probability with its natural threshold at 0.5.
-    pub fn is_calibrated(&self) -> bool {
-        !matches!(self, Self::WinClip(_))
-    }
-
-    /// How many folds cross-fitted calibration deals the normal images
-    /// into: memory banks and Gaussians derive each fold's detector cheaply,
-    /// so they afford ten and five; trained detectors are fitted again per
-    /// fold, so two (fit time about doubles).
-    pub fn calibration_folds(&self) -> usize {
-        match self {
-            Self::PatchCore(_) => 10,
-            Self::Padim(_) => 5,
-            _ => 2,
-        }
-    }
-
-    /// The network named in reports.
-    pub fn backbone_label(&self, features: Option<&FeatureConfig>) -> String {
-        match (self, features) {
-            (Self::WinClip(c), _) => match &c.clip {
-                Some(clip) => format!("clip-{}", clip.preset),
-                None => "clip".to_owned(),
-            },
-            (_, Some(f)) => f.backbone.name().to_owned(),
-            (_, None) => "none".to_owned(),
-        }
-    }
-
-    /// The feature recipe of a detector on the CNN backbone.
-    fn features<'a>(
-        &self,
-        features: Option<&'a FeatureConfig>,
-    ) -> Result<&'a FeatureConfig, Error> {
-        features.ok_or_else(|| {
-            Error::InvalidConfig(format!(
-                "the {} detector needs a feature recipe",
-                self.name()
-            ))
-        })
-    }
-
-    /// Fits this detector.
-    pub fn fit(&self, inputs: &FitInputs<'_>) -> Result<Box<dyn Detector>, Error> {
-        // WinCLIP fits on text alone when it has no shots.
-        if inputs.normal.is_empty() && !matches!(self, Self::WinClip(_)) {
-            return Err(Error::InvalidConfig("no training images".into()));
-        }
-        Ok(match self {
-            Self::PatchCore(c) => Box::new(PatchCoreDetector::fit(
-                c,
-                self.features(inputs.features)?,
-                inputs,
-            )?),
-            Self::Padim(c) => Box::new(PadimDetector::fit(
-                c,
-                self.features(inputs.features)?,
-                inputs,
-            )?),
-            Self::Flow(c) => Box::new(FlowDetector::fit(
-                c,
-                self.features(inputs.features)?,
-                inputs,
-            )?),
-            Self::Recon(c) => Box::new(ReconDetector::fit(
-                c,
-                self.features(inputs.features)?,
-                inputs,
-            )?),
-            Self::SuperSimpleNet(c) => Box::new(SuperSimpleNetDetector::fit(
-                c,
-                self.features(inputs.features)?,
-                inputs,
-            )?),
-            Self::WinClip(c) => Box::new(WinClipDetector::fit(c, inputs)?),
-        })
-    }
-
-    /// Rebuilds a fitted detector from a model file's tensors.
-    pub fn load(
-        &self,
-        features: Option<&FeatureConfig>,
-        tensors: &mut HashMap<String, Tensor>,
-        path: &Path,
-        runtime: &Runtime,
-    ) -> Result<Box<dyn Detector>, Error> {
-        let device = runtime.device();
-        Ok(match self {
-            Self::PatchCore(c) => Box::new(PatchCoreDetector::load(
-                c,
-                self.features(features)?,
-                tensors,
-                path,
-                device,
-            )?),
-            Self::Padim(_) => Box::new(PadimDetector::load(
-                self.features(features)?,
-                tensors,
-                path,
-                device,
-            )?),
-            Self::Flow(c) => Box::new(FlowDetector::load(
-                c,
-                self.features(features)?,
-                tensors,
-                path,
-                device,
-            )?),
-            Self::Recon(_) => Box::new(ReconDetector::load(
-                self.features(features)?,
-                tensors,
-                path,
-                device,
-            )?),
-            Self::SuperSimpleNet(c) => Box::new(SuperSimpleNetDetector::load(
-                c,
-                self.features(features)?,
-                tensors,
-                path,
-                device,
-            )?),
-            Self::WinClip(c) => Box::new(WinClipDetector::load(c, tensors, path, runtime)?),
-        })
-    }
-}
-
-/// A square input of `side` when `square`, else the aspect kept.
-pub fn resize_for(side: u32, square: bool) -> Resize {
-    if square {
-        Resize::Fixed {
-            width: side,
-            height: side,
-        }
-    } else {
-        Resize::KeepAspect { side }
+        let tiling = Tiling::new(96).unwrap();
+        let raw = Brightness { given: false }
+            .inspect_tiled(Some(&tiling), &image)
+            .unwrap();
+        assert_eq!((raw.map.width, raw.map.height), (1000, 120));
+        // Overlapping tiles are averaged, so the peak may sit a little lower.
+        assert!(raw.score > 0.7 && raw.score <= 0.8 + 1e-6, "{}", raw.score);
+        let (peak_at, _) = raw
+            .map
+            .values
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::MIN),
+                |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
+            );
+        let (x, y) = (peak_at % 1000, peak_at / 1000);
+        assert!((690..770).contains(&x) && (40..64).contains(&y), "{x}, {y}");
+        assert!(raw.map.get(100, 100) < 1e-6);
+        // A detector's own image score: the largest over the tiles.
+        let given = Brightness { given: true }
+            .inspect_tiled(Some(&tiling), &image)
+            .unwrap();
+        assert!((given.score - 10.8).abs() < 1e-6);
     }
 }

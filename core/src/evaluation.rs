@@ -12,13 +12,13 @@ use serde::Serialize;
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
 use crate::dataset::{Category, Mask};
-use crate::detector::DetectorConfig;
 use crate::features::FeatureConfig;
 use crate::images::{ImageLimits, load_image};
 use crate::metrics::{Confusion, PixelMetrics, PixelReport, f1_max, image_auroc, recall_at_far};
 use crate::model::{FitOptions, Model};
 use crate::operating_point::OperatingPoint;
 use crate::progress::Progress;
+use crate::registry::DetectorConfig;
 use crate::runtime::Runtime;
 use crate::tiling::TileChoice;
 
@@ -85,10 +85,10 @@ pub fn evaluate(
         features: features.cloned(),
         detector: config,
         max_far: threshold.max_far,
-        anomalies: Vec::new(),
         limits: *limits,
         tile,
         max_mar: threshold.max_mar,
+        ..FitOptions::default()
     };
     let model = Model::fit(&category.train_good, &options, runtime, progress)?;
     let fit_seconds = fit_start.elapsed().as_secs_f64();

@@ -75,17 +75,11 @@ impl Default for FlowConfig {
             blocks: 4,
             hidden_ratio: 0.5,
             clamp: 2.0,
+            // The shared defaults; an idle 2-core CPU fits MTD in about 2.5
+            // minutes, well within their time limit.
             training: TrainingConfig {
-                epochs: 10,
-                // A safety net for busy machines; an idle 2-core CPU fits MTD
-                // in about 2.5 minutes.
-                max_minutes: Some(10.0),
-                seed: 0,
-                learning_rate: 1e-3,
-                weight_decay: 1e-5,
                 batch_size: 16,
-                validation_fraction: 0.1,
-                patience: 2,
+                ..TrainingConfig::default()
             },
         }
     }

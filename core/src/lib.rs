@@ -3,10 +3,11 @@
 //! Data flows one way: an image is read ([`images`]), a backbone from
 //! `flawscope-models` turns it into patch features ([`features`]), a detector
 //! ([`patchcore`], [`padim`], the trained [`flow`], [`recon`] and
-//! [`supersimplenet`], behind
-//! [`detector`]; [`train`] holds their shared training loop) scores the
+//! [`supersimplenet`], behind the [`detector`] interface and listed in the
+//! [`registry`]; [`train`] holds their shared training loop) scores the
 //! features into an [`anomaly_map`], and [`calibration`] turns scores into a
-//! verdict.
+//! verdict, its threshold set on out-of-fold scores ([`crossfit`] over
+//! [`folds`]).
 //! [`winclip`] is a detector too: it scores with CLIP and text prompts
 //! (zero-shot, or few-shot with a handful of normal images).
 //! [`tiling`] lets any detector score large or elongated images in tiles at
@@ -29,6 +30,7 @@ pub mod detector;
 pub mod evaluation;
 pub mod features;
 pub mod flow;
+pub mod folds;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gaussian;
@@ -45,6 +47,7 @@ pub mod progress;
 pub mod prompt_layer;
 pub mod recon;
 pub mod regions;
+pub mod registry;
 pub mod runtime;
 pub mod supersimplenet;
 pub mod synthetic;
@@ -73,7 +76,7 @@ pub enum Error {
     #[error(transparent)]
     Prompt(#[from] flawscope_prompts::PromptError),
     #[error(transparent)]
-    WinClip(#[from] winclip::WinClipError),
+    WinClip(#[from] winclip::config::WinClipError),
     #[error(transparent)]
     Metric(#[from] metrics::MetricError),
     #[error("tensor computation failed: {0}")]
@@ -95,7 +98,7 @@ impl Error {
     /// input: missing or mismatched network weights, an empty object name.
     pub fn is_setup_problem(&self) -> bool {
         use flawscope_models::ModelError as M;
-        use winclip::WinClipError as W;
+        use winclip::config::WinClipError as W;
         matches!(
             self,
             Self::Model(M::NoClipWeights { .. } | M::MissingFile { .. })

@@ -14,20 +14,23 @@ use sha2::{Digest, Sha256};
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
 use crate::calibration::{Calibration, CalibrationError, DECISION_THRESHOLD, ThresholdMethod};
-use crate::crossfit::{Folds, score_out_of_fold, stable_hash};
-use crate::detector::{Detector, DetectorConfig, FitInputs, RawInspection};
+use crate::crossfit::score_out_of_fold;
+use crate::detector::{Detector, FitInputs, RawInspection};
 use crate::features::FeatureConfig;
+use crate::folds::{Folds, stable_hash};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{self, ModelFileError, take};
 use crate::operating_point::{CalibrationScores, OperatingPoint, Target, kept, kept_synthetic};
+use crate::patchcore::PatchCoreConfig;
 use crate::progress::Progress;
 use crate::prompt_layer::{DefectCheck, PromptLayer, PromptLayerInfo};
 use crate::regions::{Region, area_above, hotspot, regions};
+use crate::registry::{DetectorConfig, Fitted};
 use crate::runtime::Runtime;
 use crate::synthetic::{KindRate, MissedAlarmEstimate};
-use crate::tiling::{self, TileChoice, Tiling};
+use crate::tiling::{TileChoice, Tiling};
 use crate::verdict::{Verdict, flagged_by};
-use crate::winclip::WinClipConfig;
+use crate::winclip::config::WinClipConfig;
 
 /// Everything about a model except its tensors; stored as the model file's
 /// JSON metadata.
@@ -147,6 +150,22 @@ pub struct FitOptions {
     pub max_mar: Option<f64>,
 }
 
+impl Default for FitOptions {
+    /// PatchCore with its default features, at most 1 % false alarms, no
+    /// labelled anomalies, the default image limits, automatic tiling.
+    fn default() -> Self {
+        Self {
+            features: Some(PatchCoreConfig::default_features()),
+            detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
+            max_far: 0.01,
+            anomalies: Vec::new(),
+            limits: ImageLimits::default(),
+            tile: TileChoice::Auto,
+            max_mar: None,
+        }
+    }
+}
+
 /// One answer per image, whatever asked: the model's calibrated score and
 /// verdict at an operating point, each typed defect's check, the layered
 /// verdict and what flagged it, the map and its regions. Every face (CLI
@@ -259,7 +278,11 @@ impl Model {
             tiling,
             folds: folds.as_ref(),
         };
-        let mut detector = options.detector.fit(&inputs)?;
+        let Fitted {
+            mut detector,
+            config,
+            images_used,
+        } = options.detector.fit(&inputs)?;
         let (calibration, missed_alarms, calibration_scores) = match &folds {
             Some(folds) => {
                 let out = score_out_of_fold(&options.detector, detector.as_ref(), &inputs, folds)?;
@@ -267,7 +290,7 @@ impl Model {
                 let mut anomalous_scores = Vec::with_capacity(options.anomalies.len());
                 for path in &options.anomalies {
                     let image = load_image(path, &options.limits)?;
-                    let raw = tiling::inspect_raw(detector.as_ref(), tiling.as_ref(), &image)?;
+                    let raw = detector.inspect_tiled(tiling.as_ref(), &image)?;
                     anomalous_scores.push(raw.score);
                     progress.advance(1);
                 }
@@ -311,11 +334,9 @@ impl Model {
         detector.forget_folds();
         let info = ModelInfo {
             features: options.features.clone(),
-            detector: detector
-                .fitted_config()
-                .unwrap_or_else(|| options.detector.clone()),
+            detector: config,
             calibration,
-            training_images: detector.images_used().unwrap_or(normal.len()),
+            training_images: images_used,
             training_paths: normal
                 .iter()
                 .map(|p| {
@@ -376,12 +397,11 @@ impl Model {
                 ThresholdMethod::MissedAlarmTarget { max_mar } => Some(max_mar),
                 _ => None,
             },
-            anomalies: Vec::new(),
-            limits: ImageLimits::default(),
             tile: match self.info.tiling {
                 Some(t) => TileChoice::Side(t.side),
                 None => TileChoice::Off,
             },
+            ..FitOptions::default()
         };
         let mut model = Self::fit(&normal, &options, runtime, progress)?;
         let mut labelled = Vec::with_capacity(marked_defective.len());
@@ -536,10 +556,8 @@ impl Model {
             features: None,
             detector: DetectorConfig::WinClip(WinClipConfig::zero_shot(object, prompts)),
             max_far: 0.0,
-            anomalies: Vec::new(),
-            limits: ImageLimits::default(),
             tile: TileChoice::Off,
-            max_mar: None,
+            ..FitOptions::default()
         };
         Self::fit(&[], &options, runtime, &crate::progress::NoProgress)
     }
@@ -676,7 +694,8 @@ impl Model {
 
     /// The raw score and map of one image, before calibration.
     pub fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
-        tiling::inspect_raw(self.detector.as_ref(), self.info.tiling.as_ref(), image)
+        self.detector
+            .inspect_tiled(self.info.tiling.as_ref(), image)
     }
 
     /// Scores one image at the model's own threshold.
@@ -840,9 +859,6 @@ pub struct Refit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detector::DetectorConfig;
-    use crate::features::FeatureConfig;
-    use crate::patchcore::PatchCoreConfig;
 
     /// The first four demo solar cells (by name), for small fits.
     fn four_demo_cells() -> Vec<PathBuf> {
@@ -864,11 +880,8 @@ mod tests {
                 coarse_side: None,
                 ..Default::default()
             }),
-            max_far: 0.01,
-            anomalies: Vec::new(),
-            limits: ImageLimits::default(),
             tile: TileChoice::Off,
-            max_mar: None,
+            ..FitOptions::default()
         }
     }
 

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::{Calibration, CalibrationError, upper_bound_95};
-use crate::crossfit::Procedure;
+use crate::folds::Procedure;
 use crate::synthetic::{DefectKind, KindRate, MissedAlarmEstimate};
 
 /// Scores kept per list at most: evenly spaced order statistics beyond it

@@ -16,9 +16,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::crossfit::Procedure;
 use crate::detector::{Detector, DetectorOutput, FitInputs, FoldDetector};
 use crate::features::{FeatureConfig, FeatureExtractor, Resize};
+use crate::folds::Procedure;
 use crate::gaussian::inverse_cholesky_factor;
 use crate::model_file::take;
 use crate::progress::Progress;

@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::coreset::greedy_coreset;
-use crate::crossfit::Procedure;
 use crate::detector::{Detector, DetectorOutput, FitInputs, FoldDetector, ImageScore, ScoreGrid};
 use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, Resize};
+use crate::folds::Procedure;
 use crate::model_file::take;
 use crate::nearest::BankIndex;
 use crate::progress::Progress;

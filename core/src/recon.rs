@@ -81,15 +81,8 @@ impl Default for ReconConfig {
             hidden: 128,
             latent: 32,
             training: TrainingConfig {
-                epochs: 10,
-                // A safety net for busy machines.
-                max_minutes: Some(10.0),
-                seed: 0,
-                learning_rate: 1e-3,
-                weight_decay: 1e-5,
                 batch_size: 1024,
-                validation_fraction: 0.1,
-                patience: 2,
+                ..TrainingConfig::default()
             },
         }
     }

@@ -15,7 +15,8 @@ pub use flawscope_models::clip_weights::{ClipPreset, PRESETS, VIT_B_16, WeightsL
 use flawscope_prompts::TextEmbeddingCache;
 
 use crate::Error;
-use crate::winclip::{ClipCheckpoint, WinClip};
+use crate::winclip::checkpoint::ClipCheckpoint;
+use crate::winclip::engine::WinClip;
 
 /// Whether this build can run on a CUDA GPU here.
 pub fn cuda_is_available() -> bool {

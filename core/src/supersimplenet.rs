@@ -115,15 +115,9 @@ impl Default for SuperSimpleNetConfig {
             noise_std: 2.0,
             noise_after_adaptor: false,
             training: TrainingConfig {
-                epochs: 10,
-                // A safety net for busy machines.
-                max_minutes: Some(10.0),
-                seed: 0,
-                learning_rate: 1e-3,
-                weight_decay: 1e-5,
                 batch_size: 8,
-                validation_fraction: 0.1,
                 patience: 3,
+                ..TrainingConfig::default()
             },
         }
     }
@@ -797,9 +791,9 @@ mod tests {
         let (net, _) = fit(&config);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ssn.flawscope");
-        let detector = crate::detector::DetectorConfig::SuperSimpleNet(config);
+        let detector = crate::registry::DetectorConfig::SuperSimpleNet(config);
         crate::model_file::save(&path, &detector, net.tensors()).unwrap();
-        let (loaded_config, mut tensors): (crate::detector::DetectorConfig, _) =
+        let (loaded_config, mut tensors): (crate::registry::DetectorConfig, _) =
             crate::model_file::load(&path, &Device::Cpu).unwrap();
         assert_eq!(loaded_config, detector);
         let loaded = SuperSimpleNet::from_tensors(&mut tensors, &path, &config).unwrap();

@@ -16,6 +16,9 @@
 //! stitched map (PaDiM, flow, recon) — in both cases what the detector would
 //! report for the worst tile.
 //!
+//! This file cuts images into tiles; scoring and stitching them is
+//! [`Detector::inspect_tiled`](crate::detector::Detector::inspect_tiled).
+//!
 //! Cost: time grows with the number of tiles, i.e. linearly with the image
 //! area; the stitched map needs 8 bytes per image pixel beside the decoded
 //! image (12 bytes per pixel). The tile count per image is bounded by
@@ -27,8 +30,6 @@ use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::anomaly_map::AnomalyMap;
-use crate::detector::{Detector, ImageScore, RawInspection};
 use crate::images::{ImageLimits, image_dimensions, load_image};
 
 /// Most tiles one image may be cut into (a 40-megapixel image in 224-px
@@ -198,54 +199,9 @@ impl ImageSource<'_> {
     }
 }
 
-fn crop(image: &Rgb32FImage, rect: TileRect) -> Rgb32FImage {
+/// The part of `image` under `rect`.
+pub fn crop(image: &Rgb32FImage, rect: TileRect) -> Rgb32FImage {
     image::imageops::crop_imm(image, rect.x, rect.y, rect.width, rect.height).to_image()
-}
-
-/// The raw score and map of `image`, whole or tiled.
-pub fn inspect_raw(
-    detector: &dyn Detector,
-    tiling: Option<&Tiling>,
-    image: &Rgb32FImage,
-) -> Result<RawInspection, Error> {
-    let Some(tiling) = tiling else {
-        return detector.inspect_raw(image);
-    };
-    let (width, height) = image.dimensions();
-    let rects = tiling.tiles(width, height)?;
-    let (w, h) = (width as usize, height as usize);
-    let mut sum = vec![0f32; w * h];
-    let mut count = vec![0f32; w * h];
-    let mut given: Option<f32> = None;
-    let mut every_given = true;
-    for rect in rects {
-        let tile = crop(image, rect);
-        let output = detector.score(&tile)?;
-        match output.image_score {
-            ImageScore::Given(s) => given = Some(given.map_or(s, |g| g.max(s))),
-            ImageScore::MapPeak => every_given = false,
-        }
-        let raw = output.into_raw(tile.dimensions())?;
-        let (tw, th) = (rect.width as usize, rect.height as usize);
-        for ty in 0..th {
-            let row = (rect.y as usize + ty) * w + rect.x as usize;
-            let src = &raw.map.values[ty * tw..(ty + 1) * tw];
-            for (i, v) in src.iter().enumerate() {
-                sum[row + i] += v;
-                count[row + i] += 1.0;
-            }
-        }
-    }
-    for (s, c) in sum.iter_mut().zip(&count) {
-        *s /= c.max(1.0);
-    }
-    let map = AnomalyMap::new(w, h, sum)
-        .ok_or_else(|| Error::InvalidConfig("an empty image cannot be tiled".into()))?;
-    let score = match given {
-        Some(g) if every_given => g,
-        _ => map.max(),
-    };
-    Ok(RawInspection { score, map })
 }
 
 #[cfg(test)]
@@ -304,71 +260,5 @@ mod tests {
             Some(Tiling { side: 300 })
         );
         assert_eq!(auto.resolve(&[], 224, &limits).unwrap(), None);
-    }
-
-    /// Scores each 8 × 8 block by its brightness.
-    struct Brightness {
-        given: bool,
-    }
-
-    impl Detector for Brightness {
-        fn score(&self, image: &Rgb32FImage) -> Result<crate::detector::DetectorOutput, Error> {
-            let (w, h) = image.dimensions();
-            let (gw, gh) = (w.div_ceil(8) as usize, h.div_ceil(8) as usize);
-            let mut values = vec![0f32; gw * gh];
-            for (x, y, p) in image.enumerate_pixels() {
-                let cell = (y / 8) as usize * gw + (x / 8) as usize;
-                values[cell] = values[cell].max(p.0[0]);
-            }
-            let peak = values.iter().copied().fold(0.0, f32::max);
-            Ok(crate::detector::DetectorOutput {
-                image_score: if self.given {
-                    ImageScore::Given(peak + 10.0)
-                } else {
-                    ImageScore::MapPeak
-                },
-                grids: vec![crate::detector::ScoreGrid {
-                    width: gw,
-                    height: gh,
-                    values,
-                    input_size: (w, h),
-                    blur_sigma: 0.0,
-                }],
-            })
-        }
-
-        fn tensors(&self) -> std::collections::BTreeMap<String, candle_core::Tensor> {
-            Default::default()
-        }
-    }
-
-    #[test]
-    fn tiles_are_stitched_at_the_image_size_where_they_belong() {
-        let mut image = Rgb32FImage::new(1000, 120);
-        for y in 50..54 {
-            for x in 700..760 {
-                image.put_pixel(x, y, image::Rgb([0.8; 3]));
-            }
-        }
-        let tiling = Tiling::new(96).unwrap();
-        let raw = inspect_raw(&Brightness { given: false }, Some(&tiling), &image).unwrap();
-        assert_eq!((raw.map.width, raw.map.height), (1000, 120));
-        // Overlapping tiles are averaged, so the peak may sit a little lower.
-        assert!(raw.score > 0.7 && raw.score <= 0.8 + 1e-6, "{}", raw.score);
-        let (peak_at, _) = raw
-            .map
-            .values
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::MIN),
-                |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
-            );
-        let (x, y) = (peak_at % 1000, peak_at / 1000);
-        assert!((690..770).contains(&x) && (40..64).contains(&y), "{x}, {y}");
-        assert!(raw.map.get(100, 100) < 1e-6);
-        // A detector's own image score: the largest over the tiles.
-        let given = inspect_raw(&Brightness { given: true }, Some(&tiling), &image).unwrap();
-        assert!((given.score - 10.8).abs() < 1e-6);
     }
 }

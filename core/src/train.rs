@@ -44,6 +44,25 @@ pub struct TrainingConfig {
     pub patience: usize,
 }
 
+impl Default for TrainingConfig {
+    /// The settings the trained detectors share. `batch_size` counts
+    /// different items per detector (images or feature rows), so each
+    /// detector sets its own.
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            // A safety net for busy machines.
+            max_minutes: Some(10.0),
+            seed: 0,
+            learning_rate: 1e-3,
+            weight_decay: 1e-5,
+            batch_size: 16,
+            validation_fraction: 0.1,
+            patience: 2,
+        }
+    }
+}
+
 impl TrainingConfig {
     pub fn validate(&self) -> Result<(), Error> {
         if self.epochs == 0 {

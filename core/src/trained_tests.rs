@@ -11,13 +11,14 @@ use flawscope_models::Stage;
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use crate::detector::{Detector, DetectorConfig};
+use crate::detector::Detector;
 use crate::features::{BackboneKind, FeatureConfig, FeatureExtractor, Resize};
 use crate::flow::{Flow, FlowConfig, FlowDetector};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file;
 use crate::progress::NoProgress;
 use crate::recon::{Recon, ReconConfig, ReconDetector};
+use crate::registry::DetectorConfig;
 use crate::runtime::Runtime;
 use crate::supersimplenet::{SuperSimpleNet, SuperSimpleNetConfig, SuperSimpleNetDetector};
 use crate::train::{TrainingConfig, TrainingReport};

@@ -17,11 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flawscope_core::Device;
-use flawscope_core::detector::{Detector, DetectorConfig, DetectorOutput, FitInputs, ImageScore};
+use flawscope_core::detector::{Detector, DetectorOutput, FitInputs, ImageScore};
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::progress::NoProgress;
+use flawscope_core::registry::DetectorConfig;
 use flawscope_core::runtime::Runtime;
-use flawscope_core::winclip::{DEFAULT_LOGIT_SCALE, PatchFeatures, WinClip, WinClipConfig};
+use flawscope_core::winclip::config::{DEFAULT_LOGIT_SCALE, PatchFeatures, WinClipConfig};
+use flawscope_core::winclip::engine::WinClip;
 use flawscope_models::clip::Precision;
 use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use serde::Deserialize;
@@ -91,6 +93,7 @@ fn fit(config: WinClipConfig, shots: &[PathBuf], runtime: &Runtime) -> Box<dyn D
             folds: None,
         })
         .unwrap()
+        .detector
 }
 
 /// Largest absolute difference, with the number of values checked.

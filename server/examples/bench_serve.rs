@@ -27,11 +27,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flawscope_core::Device;
-use flawscope_core::detector::DetectorConfig;
 use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
-use flawscope_core::images::{ImageLimits, list_images};
+use flawscope_core::images::list_images;
 use flawscope_core::model::{FitOptions, Model};
-use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::progress::NoProgress;
 use flawscope_core::runtime::Runtime;
 use flawscope_server::grpc::proto;
@@ -108,12 +106,8 @@ fn model(path: Option<&Path>) -> Result<Model> {
             resize: Resize::KeepAspect { side: 256 },
             weights: None,
         }),
-        detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
-        max_far: 0.01,
-        anomalies: Vec::new(),
-        tile: Default::default(),
-        max_mar: None,
-        limits: ImageLimits::default(),
+        // PatchCore with its default settings, at most 1 % false alarms.
+        ..FitOptions::default()
     };
     Ok(Model::fit(&train, &options, &runtime, &NoProgress)?)
 }

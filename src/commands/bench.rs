@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Context;
 use flawscope_core::Tensor;
 use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
-use flawscope_core::detector::{FitInputs, ScoreGrid, resize_for};
+use flawscope_core::detector::{FitInputs, ScoreGrid};
 use flawscope_core::features::{
     BackboneKind, FeatureConfig, FeatureExtractor, parse_stage, time_backbone,
 };
@@ -22,6 +22,7 @@ use flawscope_core::model::first_by_hash;
 use flawscope_core::nearest::BankIndex;
 use flawscope_core::patchcore::{PatchCore, PatchCoreConfig};
 use flawscope_core::progress::NoProgress;
+use flawscope_core::registry::resize_for;
 use flawscope_core::runtime::Runtime;
 use serde::Serialize;
 
@@ -226,15 +227,17 @@ fn fit(
             (rest, subset)
         };
         let start = Instant::now();
-        let detector = detector_config.fit(&FitInputs {
-            normal: &subset,
-            features: features.as_ref(),
-            runtime: &runtime,
-            limits: &limits,
-            progress: &bars,
-            tiling: None,
-            folds: None,
-        })?;
+        let detector = detector_config
+            .fit(&FitInputs {
+                normal: &subset,
+                features: features.as_ref(),
+                runtime: &runtime,
+                limits: &limits,
+                progress: &bars,
+                tiling: None,
+                folds: None,
+            })?
+            .detector;
         let fit_seconds = start.elapsed().as_secs_f64();
 
         let to_score: Vec<&PathBuf> = rest.iter().chain(&subset).take(score_images).collect();

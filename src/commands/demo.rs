@@ -54,11 +54,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let options = FitOptions {
         features,
         detector,
-        max_far: 0.01,
-        anomalies: Vec::new(),
-        tile: Default::default(),
-        max_mar: None,
         limits,
+        ..FitOptions::default()
     };
     println!(
         "fitting {} on {} normal solar-cell images, each also scored out of sample for the \

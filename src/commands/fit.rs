@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use flawscope_core::calibration::ThresholdMethod;
 use flawscope_core::dataset::scan_image_folder;
-use flawscope_core::images::ImageLimits;
 use flawscope_core::model::{FitOptions, Model};
 
 use super::clip::{ClipArgs, setup_error};
@@ -80,9 +79,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         detector,
         max_far: args.max_far,
         anomalies,
-        limits: ImageLimits::default(),
         tile: args.tile.choice(),
         max_mar: args.max_mar,
+        ..FitOptions::default()
     };
     let started = std::time::Instant::now();
     let mut model = Model::fit(&normal, &options, &runtime, &Bars::new(false))

@@ -3,16 +3,16 @@
 
 use clap::ValueEnum;
 use flawscope_core::Device;
-use flawscope_core::detector::{DetectorConfig, resize_for};
 use flawscope_core::features::{BackboneKind, BackboneWeights, FeatureConfig, Resize, parse_stage};
 use flawscope_core::flow::FlowConfig;
 use flawscope_core::padim::PadimConfig;
 use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::recon::ReconConfig;
+use flawscope_core::registry::{DetectorConfig, resize_for};
 use flawscope_core::supersimplenet::SuperSimpleNetConfig;
 use flawscope_core::tiling::{self, TileChoice};
 use flawscope_core::train::TrainingConfig;
-use flawscope_core::winclip::WinClipConfig;
+use flawscope_core::winclip::config::WinClipConfig;
 
 use super::UsageError;
 use super::clip::ClipArgs;

@@ -8,17 +8,15 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use image::Rgb32FImage;
-use serde::{Deserialize, Serialize};
 
-use super::checkpoint::ClipCheckpoint;
-use super::engine::WinClip;
-use super::scoring::{check_scales, score_image};
-use super::{
-    DEFAULT_LOGIT_SCALE, DEFAULT_SCALES, WinClipError, checked_object, first_shots, prompt_set,
+use super::config::{
+    DEFAULT_LOGIT_SCALE, PatchFeatures, WinClipConfig, WinClipError, check_scales, checked_object,
+    first_shots, prompt_set,
 };
+use super::engine::WinClip;
+use super::scoring::{Memory, score_embedded};
 use crate::Error;
-use crate::anomaly_map::DEFAULT_BLUR_SIGMA;
-use crate::detector::{Detector, DetectorConfig, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
+use crate::detector::{Detector, DetectorOutput, FitInputs, ImageScore, ScoreGrid};
 use crate::model_file::take;
 use crate::runtime::Runtime;
 use crate::tiling::ImageSource;
@@ -26,113 +24,6 @@ use crate::tiling::ImageSource;
 const TEXT_TENSOR: &str = "winclip.text";
 const PATCH_MEMORY: &str = "winclip.memory.patches";
 const WINDOW_MEMORY: &str = "winclip.memory.windows";
-
-/// WinCLIP settings, stored in the model file as its `detector`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WinClipConfig {
-    /// Normal images in the few-shot memory (0: zero-shot).
-    pub shots: usize,
-    /// Window sides in patches.
-    pub scales: Vec<usize>,
-    /// `s` of the softmax over the two classes; `None` until fitted (then
-    /// [`DEFAULT_LOGIT_SCALE`]).
-    pub logit_scale: Option<f32>,
-    /// Blur of the map at the CLIP input size.
-    pub blur_sigma: f32,
-    /// The object as the prompts name it ("metal nut").
-    #[serde(default)]
-    pub object: String,
-    /// User defect descriptions (extra anomalous states).
-    #[serde(default)]
-    pub prompts: Vec<String>,
-    /// The checkpoint fitted with; `None` until fitted.
-    #[serde(default)]
-    pub clip: Option<ClipCheckpoint>,
-    /// File names of the few-shot images, in memory order.
-    #[serde(default)]
-    pub shot_images: Vec<String>,
-    /// The space of the few-shot patch memory. Files written before this
-    /// field existed hold projected patches, hence the serde default.
-    #[serde(default = "PatchFeatures::projected")]
-    pub patch_features: PatchFeatures,
-}
-
-/// Which patch features the few-shot memory compares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PatchFeatures {
-    /// Post-layernorm tokens, not projected (open_clip's `output_tokens`,
-    /// as anomalib's WinCLIP compares them): the default.
-    Tokens,
-    /// Tokens projected into the joint space (flawscope before 2026-12).
-    Projected,
-}
-
-impl PatchFeatures {
-    fn projected() -> Self {
-        Self::Projected
-    }
-}
-
-impl Default for WinClipConfig {
-    fn default() -> Self {
-        Self {
-            shots: 0,
-            scales: DEFAULT_SCALES.to_vec(),
-            logit_scale: None,
-            blur_sigma: DEFAULT_BLUR_SIGMA,
-            object: String::new(),
-            prompts: Vec::new(),
-            clip: None,
-            shot_images: Vec::new(),
-            patch_features: PatchFeatures::Tokens,
-        }
-    }
-}
-
-impl WinClipConfig {
-    /// Zero-shot settings for `object` and defect descriptions `prompts`.
-    pub fn zero_shot(object: &str, prompts: &[String]) -> Self {
-        Self {
-            object: object.to_owned(),
-            prompts: prompts.to_vec(),
-            ..Self::default()
-        }
-    }
-
-    fn check(&self) -> Result<(), String> {
-        if let Some(s) = self.logit_scale
-            && !(s.is_finite() && s > 0.0)
-        {
-            return Err(format!("logit scale {s} is not positive"));
-        }
-        if !(self.blur_sigma.is_finite() && self.blur_sigma >= 0.0) {
-            return Err(format!("blur sigma {} is invalid", self.blur_sigma));
-        }
-        if self.scales.is_empty() {
-            return Err("no window scale".into());
-        }
-        Ok(())
-    }
-}
-
-/// The few-shot memory, unit rows.
-pub(crate) struct Memory {
-    /// `[k·rows·cols, D]`.
-    pub patches: Tensor,
-    /// Per scale of the config, `[k·windows, D]`.
-    pub windows: Vec<Tensor>,
-}
-
-impl Memory {
-    fn rows(&self) -> Result<usize, Error> {
-        let mut n = self.patches.dim(0)?;
-        for w in &self.windows {
-            n += w.dim(0)?;
-        }
-        Ok(n)
-    }
-}
 
 /// A fitted WinCLIP layer: class vectors and (few-shot) the memory of normal
 /// images, over a shared [`WinClip`] engine.
@@ -181,6 +72,12 @@ impl WinClipDetector {
             text,
             memory,
         })
+    }
+
+    /// The settings as fitted: the object phrase, logit scale, CLIP
+    /// checkpoint and shot images filled in.
+    pub fn config(&self) -> &WinClipConfig {
+        &self.config
     }
 
     fn memory(
@@ -284,13 +181,10 @@ impl WinClipDetector {
 
 impl Detector for WinClipDetector {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
-        let scored = score_image(
-            &self.engine,
-            &self.config,
-            &self.text,
-            self.memory.as_ref(),
-            image,
-        )?;
+        let memory = self.memory.as_ref();
+        let patches = memory.map(|_| self.config.patch_features);
+        let embedded = self.engine.embed(image, &self.config.scales, patches)?;
+        let scored = score_embedded(&embedded, &self.config, &self.text, memory)?;
         let side = self.engine.input_size() as u32;
         Ok(DetectorOutput {
             image_score: ImageScore::Given(scored.score as f32),
@@ -317,13 +211,5 @@ impl Detector for WinClipDetector {
 
     fn memory_bank_size(&self) -> Option<usize> {
         self.memory.as_ref().and_then(|m| m.rows().ok())
-    }
-
-    fn fitted_config(&self) -> Option<DetectorConfig> {
-        Some(DetectorConfig::WinClip(self.config.clone()))
-    }
-
-    fn images_used(&self) -> Option<usize> {
-        Some(self.config.shot_images.len())
     }
 }

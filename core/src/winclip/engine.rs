@@ -16,10 +16,9 @@ use flawscope_prompts::{
 };
 use image::{DynamicImage, Rgb32FImage};
 
-use super::WinClipError;
 use super::checkpoint::{ClipCheckpoint, file_sha256, source_name};
-use super::detector::PatchFeatures;
-use super::scoring::{check_scales, unit_rows};
+use super::config::{PatchFeatures, WinClipError, check_scales};
+use super::scoring::{Embedded, unit_rows};
 use crate::Error;
 
 /// Names the vision tower's arithmetic for every engine: `f32` (the
@@ -304,19 +303,6 @@ fn weights_stamp(dir: &Path) -> String {
                 format!("{}:{mtime}", m.len())
             },
         )
-}
-
-/// Unit embeddings of one image.
-pub(crate) struct Embedded {
-    /// `[1, D]`.
-    pub(crate) class: Tensor,
-    /// `[rows*cols, D or hidden]`, when asked for.
-    pub(crate) patches: Option<Tensor>,
-    /// Per scale: its windows and their `[windows, D]` embeddings.
-    pub(crate) windows: Vec<(Vec<Vec<usize>>, Tensor)>,
-    pub(crate) patches_count: usize,
-    pub(crate) rows: usize,
-    pub(crate) cols: usize,
 }
 
 struct TextEncoder<'a> {

@@ -5,8 +5,8 @@
 //! # Zero-shot
 //!
 //! Text side: the WinCLIP prompt ensemble for the object
-//! ([`PromptSet::winclip`]), with user defect descriptions as extra
-//! anomalous states ([`PromptSet::with_defects`]), gives two unit class
+//! ([`PromptSet::winclip`](flawscope_prompts::PromptSet::winclip)), with user defect descriptions as extra
+//! anomalous states ([`PromptSet::with_defects`](flawscope_prompts::PromptSet::with_defects)), gives two unit class
 //! vectors `t_n` (normal) and `t_a` (anomalous): the normalised mean of the
 //! sentence embeddings of each class. They are computed once per
 //! (checkpoint, object, prompt set) through a [`TextEmbeddingCache`], so
@@ -62,90 +62,30 @@
 //!
 //! # Layout
 //!
-//! [`engine`] loads CLIP and caches the text side, [`scoring`] holds the
-//! formulas above, [`detector`] is WinCLIP behind the common
-//! [`Detector`](crate::detector::Detector) interface, [`checkpoint`] names
-//! the weights a model file was made with.
+//! Each file imports only from those listed before it:
+//! [`checkpoint`] names the weights a model file was made with, [`config`]
+//! holds the settings, constants and errors, [`scoring`] the formulas above
+//! (on embeddings, with no model), [`engine`] loads CLIP, embeds images and
+//! caches the text side, and [`detector`] is WinCLIP behind the common
+//! [`Detector`](crate::detector::Detector) interface. This file only
+//! re-exports.
 
 pub mod checkpoint;
+pub mod config;
 pub mod detector;
 pub mod engine;
 pub mod scoring;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
-
-use flawscope_prompts::{PromptSet, object_phrase};
-
-use crate::Error;
-
 pub use checkpoint::ClipCheckpoint;
-pub use detector::{PatchFeatures, WinClipConfig, WinClipDetector};
+pub(crate) use config::checked_object;
+pub use config::{
+    DEFAULT_LOGIT_SCALE, DEFAULT_SCALES, DETECTOR_KIND, PatchFeatures, WinClipConfig, WinClipError,
+    first_shots, prompt_set,
+};
+pub use detector::WinClipDetector;
 pub use engine::{PRECISION_VAR, WinClip};
 pub use scoring::{
     anomalous_probability, harmonic_mean, harmonic_window_aggregation, zero_shot_grid,
 };
-
-/// The `detector.kind` of a WinCLIP model file.
-pub const DETECTOR_KIND: &str = "winclip";
-/// Window sides, in patches, of the zero-shot and few-shot maps.
-pub const DEFAULT_SCALES: [usize; 2] = [2, 3];
-/// `s` of the two-class softmax: 1/0.07, the temperature anomalib's WinCLIP
-/// uses (CLIP's initial one), whatever the checkpoint's own logit scale.
-pub const DEFAULT_LOGIT_SCALE: f32 = 1.0 / 0.07;
-
-/// What can go wrong specifically in WinCLIP.
-#[derive(Debug, thiserror::Error)]
-pub enum WinClipError {
-    #[error("the object name is empty: say what is inspected (for example --object \"metal nut\")")]
-    EmptyObject,
-    #[error(
-        "{} was made with CLIP weights whose config.json has SHA-256 {expected}, but the weights \
-         found at {} have {found}; pass --clip-weights DIR with the checkpoint used when fitting",
-        model.display(),
-        found_dir.display()
-    )]
-    CheckpointMismatch {
-        model: PathBuf,
-        expected: String,
-        found_dir: PathBuf,
-        found: String,
-    },
-    #[error("{}: not a usable WinCLIP model: {reason}", path.display())]
-    BadModelFile { path: PathBuf, reason: String },
-    #[error("{shots} shots asked for, but only {found} normal images are available")]
-    NotEnoughShots { shots: usize, found: usize },
-    #[error("WinCLIP produced non-finite scores (broken CLIP weights?)")]
-    NonFinite,
-    #[error("invalid WinCLIP settings: {0}")]
-    Config(String),
-}
-
-/// The WinCLIP ensemble plus user defect descriptions.
-pub fn prompt_set(prompts: &[String]) -> Result<PromptSet, Error> {
-    Ok(PromptSet::winclip().with_defects(prompts)?)
-}
-
-pub(crate) fn checked_object(object: &str) -> Result<String, WinClipError> {
-    let phrase = object_phrase(object);
-    if phrase.is_empty() {
-        Err(WinClipError::EmptyObject)
-    } else {
-        Ok(phrase)
-    }
-}
-
-/// The first `shots` images of `paths` in a stable order (sorted by path).
-pub fn first_shots(paths: &[PathBuf], shots: usize) -> Result<Vec<PathBuf>, WinClipError> {
-    if paths.len() < shots {
-        return Err(WinClipError::NotEnoughShots {
-            shots,
-            found: paths.len(),
-        });
-    }
-    let mut sorted = paths.to_vec();
-    sorted.sort();
-    sorted.truncate(shots);
-    Ok(sorted)
-}

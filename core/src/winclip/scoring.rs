@@ -1,14 +1,45 @@
 //! The WinCLIP formulas (see the [module docs](super)): window
 //! probabilities, harmonic aggregation, few-shot memory distances, and the
-//! scoring of one image into a raw score and a patch grid.
+//! scoring of one embedded image into a raw score and a patch grid. They
+//! work on embeddings ([`Embedded`], which the engine computes) and need no
+//! model.
 
 use candle_core::{D, Device, Tensor};
-use image::Rgb32FImage;
 
-use super::detector::{Memory, WinClipConfig};
-use super::engine::{Embedded, WinClip};
-use super::{DEFAULT_LOGIT_SCALE, WinClipError};
+use super::config::{DEFAULT_LOGIT_SCALE, WinClipConfig, WinClipError};
 use crate::Error;
+
+/// Unit embeddings of one image.
+pub(crate) struct Embedded {
+    /// `[1, D]`.
+    pub(crate) class: Tensor,
+    /// `[rows*cols, D or hidden]`, when asked for.
+    pub(crate) patches: Option<Tensor>,
+    /// Per scale: its windows and their `[windows, D]` embeddings.
+    pub(crate) windows: Vec<(Vec<Vec<usize>>, Tensor)>,
+    pub(crate) patches_count: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+/// The few-shot memory, unit rows.
+pub(crate) struct Memory {
+    /// `[k·rows·cols, D]`.
+    pub patches: Tensor,
+    /// Per scale of the config, `[k·windows, D]`.
+    pub windows: Vec<Tensor>,
+}
+
+impl Memory {
+    /// Rows of the memory, every level together.
+    pub(crate) fn rows(&self) -> Result<usize, Error> {
+        let mut n = self.patches.dim(0)?;
+        for w in &self.windows {
+            n += w.dim(0)?;
+        }
+        Ok(n)
+    }
+}
 
 /// Raw image score and patch grid (`rows × cols`, row-major) of one image.
 pub(crate) struct Scored {
@@ -18,18 +49,17 @@ pub(crate) struct Scored {
     pub cols: usize,
 }
 
-/// Scores one image: zero-shot against the class vectors `text`, plus the
-/// few-shot memory when there is one.
-pub(crate) fn score_image(
-    engine: &WinClip,
+/// Scores one embedded image: zero-shot against the class vectors `text`,
+/// plus the few-shot memory when there is one (then `e` holds the patches
+/// in the memory's space).
+pub(crate) fn score_embedded(
+    e: &Embedded,
     config: &WinClipConfig,
     text: &Tensor,
     memory: Option<&Memory>,
-    image: &Rgb32FImage,
 ) -> Result<Scored, Error> {
-    let e = engine.embed(image, &config.scales, memory.map(|_| config.patch_features))?;
     let scale = config.logit_scale.unwrap_or(DEFAULT_LOGIT_SCALE);
-    let (image_score, zero_shot) = zero_shot(&e, text, scale)?;
+    let (image_score, zero_shot) = zero_shot(e, text, scale)?;
     let (score, grid) = match (memory, &e.patches) {
         (Some(memory), Some(patches)) => {
             let mut levels = vec![memory_scores(patches, &memory.patches)?];
@@ -71,18 +101,6 @@ pub(crate) fn zero_shot(e: &Embedded, text: &Tensor, scale: f32) -> Result<(f64,
         per_scale.push(harmonic_window_aggregation(&p, list, e.patches_count)?);
     }
     Ok((image_score, zero_shot_grid(image_score, &per_scale)?))
-}
-
-pub(crate) fn check_scales(scales: &[usize], rows: usize, cols: usize) -> Result<(), WinClipError> {
-    if scales.is_empty() {
-        return Err(WinClipError::Config("no window scale".into()));
-    }
-    if let Some(k) = scales.iter().find(|&&k| k == 0 || k > rows || k > cols) {
-        return Err(WinClipError::Config(format!(
-            "window scale {k} does not fit the {rows}x{cols} patch grid"
-        )));
-    }
-    Ok(())
 }
 
 /// Rows scaled to unit length.

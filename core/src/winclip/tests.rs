@@ -13,10 +13,10 @@ use flawscope_models::clip::sliding_windows;
 use super::scoring::{anomalous_probability, harmonic_mean, mean_grid};
 use super::*;
 use crate::calibration::Calibration;
-use crate::detector::DetectorConfig;
 use crate::images::{ImageLimits, load_image};
 use crate::model::{FitOptions, Model};
 use crate::progress::NoProgress;
+use crate::registry::DetectorConfig;
 use crate::runtime::Runtime;
 
 fn close(a: f64, b: f64) -> bool {
@@ -171,11 +171,8 @@ fn zero_shot_and_few_shot_on_the_tiny_checkpoint() {
             shots: 2,
             ..WinClipConfig::zero_shot("metal nut", &prompts)
         }),
-        max_far: 0.01,
-        anomalies: Vec::new(),
-        tile: Default::default(),
-        max_mar: None,
         limits,
+        ..FitOptions::default()
     };
     let few = Model::fit(&shots, &options, &runtime, &NoProgress).unwrap();
     // 8x8 grid: 64 patches + 49 + 36 windows per shot.

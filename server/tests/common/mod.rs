@@ -4,11 +4,8 @@
 
 use std::path::PathBuf;
 
-use flawscope_core::detector::DetectorConfig;
 use flawscope_core::features::{BackboneKind, FeatureConfig, Resize, parse_stage};
-use flawscope_core::images::ImageLimits;
 use flawscope_core::model::{FitOptions, Model};
-use flawscope_core::patchcore::PatchCoreConfig;
 use flawscope_core::progress::NoProgress;
 use flawscope_core::runtime::Runtime;
 
@@ -42,12 +39,8 @@ pub fn small_patchcore(train: usize, side: u32, runtime: &Runtime) -> Model {
             resize: Resize::KeepAspect { side },
             weights: None,
         }),
-        detector: DetectorConfig::PatchCore(PatchCoreConfig::default()),
-        max_far: 0.01,
-        anomalies: Vec::new(),
-        tile: Default::default(),
-        max_mar: None,
-        limits: ImageLimits::default(),
+        // PatchCore with its default settings, at most 1 % false alarms.
+        ..FitOptions::default()
     };
     Model::fit(&images, &options, runtime, &NoProgress).unwrap()
 }
