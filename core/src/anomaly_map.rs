@@ -11,7 +11,7 @@ use serde::Serialize;
 pub const DEFAULT_BLUR_SIGMA: f32 = 4.0;
 
 /// Scores on a grid, row-major.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AnomalyMap {
     pub width: usize,
     pub height: usize,

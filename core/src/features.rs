@@ -237,6 +237,48 @@ impl FeatureConfig {
     }
 }
 
+/// Milliseconds of `runs` classifier forward passes of the backbone `kind`
+/// on one synthetic `size × size` image (after three warm-up passes), for
+/// `flawscope bench backbone`: faces time the network through core.
+pub fn time_backbone(
+    kind: BackboneKind,
+    weights: Option<&Path>,
+    size: u32,
+    runs: usize,
+    device: &Device,
+) -> Result<Vec<f64>, Error> {
+    let net = match weights {
+        Some(path) => EfficientNetLite::load(kind.variant(), path, device).map_err(|e| {
+            Error::BackboneWeights(format!(
+                "loading {} weights from {}: {e}",
+                kind.name(),
+                path.display()
+            ))
+        })?,
+        None if kind.is_embedded() => EfficientNetLite::embedded_lite0(device)?,
+        None => {
+            return Err(Error::BackboneWeights(format!(
+                "backbone {} needs a weight file (--backbone-weights FILE)",
+                kind.name()
+            )));
+        }
+    };
+    let image =
+        image::DynamicImage::ImageRgb32F(image::Rgb32FImage::from_fn(size, size, |x, y| {
+            image::Rgb([x as f32 / size as f32, y as f32 / size as f32, 0.5])
+        }));
+    let input = flawscope_models::Preprocess::new(size, size).image(&image, device)?;
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..runs + 3 {
+        let start = std::time::Instant::now();
+        net.logits(&input)?.to_vec2::<f32>()?;
+        if i >= 3 {
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(times)
+}
+
 /// The patch features of every image (or tile) of `images`, with progress.
 pub fn extract_all(
     extractor: &FeatureExtractor,

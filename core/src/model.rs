@@ -22,10 +22,11 @@ use crate::model_file::{self, ModelFileError, take};
 use crate::operating_point::{CalibrationScores, OperatingPoint, Target, kept, kept_synthetic};
 use crate::progress::Progress;
 use crate::prompt_layer::{DefectCheck, PromptLayer, PromptLayerInfo};
+use crate::regions::{Region, area_above, hotspot, regions};
 use crate::runtime::Runtime;
 use crate::synthetic::{KindRate, MissedAlarmEstimate};
 use crate::tiling::{self, TileChoice, Tiling};
-use crate::verdict::Verdict;
+use crate::verdict::{Verdict, flagged_by};
 use crate::winclip::WinClipConfig;
 
 /// Everything about a model except its tensors; stored as the model file's
@@ -146,17 +147,51 @@ pub struct FitOptions {
     pub max_mar: Option<f64>,
 }
 
-/// The verdict on one image.
-#[derive(Debug, Clone)]
+/// One answer per image, whatever asked: the model's calibrated score and
+/// verdict at an operating point, each typed defect's check, the layered
+/// verdict and what flagged it, the map and its regions. Every face (CLI
+/// JSON, HTTP, results store, page, TUI) shows this; faces add transport
+/// fields only (path, latency, PNG).
+#[derive(Debug, Clone, Serialize)]
 pub struct Inspection {
-    /// 0–1; anomalous at and above [`Inspection::threshold`].
+    /// 0–1; the model flags the image at and above [`Inspection::threshold`].
     pub score: f32,
     pub raw_score: f32,
+    /// Anomalous when the model or any typed defect is over its threshold.
     pub is_anomalous: bool,
     /// The 0–1 threshold it was judged at: [`DECISION_THRESHOLD`] (0.5) at
     /// the model's own operating point, another at a request's.
     pub threshold: f32,
+    /// The model's own verdict, typed defects aside.
+    pub model_is_anomalous: bool,
+    /// What flagged the image: `"model"`, then each flagged description
+    /// ([`crate::verdict::flagged_by`]).
+    pub flagged_by: Vec<String>,
+    /// Each typed defect asked about, checked by the text layer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub defects: Vec<DefectCheck>,
+    /// Why the typed defects asked about could not be checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defects_unchecked: Option<String>,
+    /// The threshold used and what it costs in false and missed alarms.
+    pub operating_point: OperatingPoint,
+    /// The map's (and image's) size.
+    pub width: usize,
+    pub height: usize,
+    /// Connected areas at or above the threshold, largest peak first (at
+    /// most [`crate::regions::MAX_REGIONS`]).
+    pub regions: Vec<Region>,
+    /// Fraction of the image at or above the threshold, 0–1.
+    pub anomalous_fraction: f64,
+    /// Map pixels at or above the threshold (all areas, not only those
+    /// listed).
+    #[serde(skip)]
+    pub anomalous_pixels: usize,
+    /// Where the map peaks, `(x, y)`.
+    #[serde(skip)]
+    pub hotspot: (usize, usize),
     /// Calibrated 0–1 map at the image's own size.
+    #[serde(skip)]
     pub map: AnomalyMap,
 }
 
@@ -646,7 +681,8 @@ impl Model {
 
     /// Scores one image at the model's own threshold.
     pub fn inspect(&self, image: &Rgb32FImage) -> Result<Inspection, Error> {
-        self.inspect_raw_calibrated(image, None)
+        let point = self.operating_point(None)?;
+        self.inspect_with(image, &point, &[])
     }
 
     /// Scores one image at `point` (from [`Model::operating_point`]).
@@ -655,13 +691,16 @@ impl Model {
         image: &Rgb32FImage,
         point: &OperatingPoint,
     ) -> Result<Inspection, Error> {
-        self.inspect_raw_calibrated(image, Some(point))
+        self.inspect_with(image, point, &[])
     }
 
-    fn inspect_raw_calibrated(
+    /// The whole answer: the image scored at `point`, each of `defects`
+    /// checked by the text layer (or why not), and the layered verdict.
+    pub fn inspect_with(
         &self,
         image: &Rgb32FImage,
-        point: Option<&OperatingPoint>,
+        point: &OperatingPoint,
+        defects: &[String],
     ) -> Result<Inspection, Error> {
         let raw = self.inspect_raw(image)?;
         let calibration = &self.info.calibration;
@@ -676,22 +715,63 @@ impl Model {
                 .map(|v| calibration.normalise(*v))
                 .collect(),
         };
-        let (is_anomalous, threshold) = match point {
-            // The raw score decides: two raw scores may round to one f32.
-            Some(point) if calibration.is_fitted() => (point.flags(raw.score), point.threshold),
-            Some(point) => (score >= point.threshold, point.threshold),
-            None => (
-                Verdict::at(score, DECISION_THRESHOLD).is_anomalous(),
-                DECISION_THRESHOLD,
-            ),
+        // The raw score decides where it can: two raw scores may round to
+        // one f32.
+        let model_is_anomalous = if calibration.is_fitted() {
+            point.flags(raw.score)
+        } else {
+            Verdict::at(score, point.threshold).is_anomalous()
         };
-        Ok(Inspection {
+        let mut inspection =
+            Inspection::of_map(score, raw.score, model_is_anomalous, map, point.clone());
+        let report = self.check_defects(image, defects)?;
+        inspection.flagged_by = flagged_by(
+            model_is_anomalous,
+            report
+                .checks
+                .iter()
+                .map(|d| (d.is_anomalous, d.description.as_str())),
+        );
+        inspection.is_anomalous = !inspection.flagged_by.is_empty();
+        inspection.defects = report.checks;
+        inspection.defects_unchecked = report.unchecked_reason;
+        Ok(inspection)
+    }
+}
+
+impl Inspection {
+    /// The answer for a 0–1 `score` and `map` judged at `point` (the model
+    /// flags the image when `model_is_anomalous`), no typed defects: what
+    /// [`Model::inspect_with`] starts from, and what an engine that scores
+    /// by other means returns.
+    pub fn of_map(
+        score: f32,
+        raw_score: f32,
+        model_is_anomalous: bool,
+        map: AnomalyMap,
+        point: OperatingPoint,
+    ) -> Self {
+        let threshold = point.threshold;
+        let anomalous_pixels = area_above(&map, threshold);
+        let total = (map.width * map.height).max(1);
+        Self {
             score,
-            raw_score: raw.score,
-            is_anomalous,
+            raw_score,
+            is_anomalous: model_is_anomalous,
             threshold,
+            model_is_anomalous,
+            flagged_by: flagged_by(model_is_anomalous, []),
+            defects: Vec::new(),
+            defects_unchecked: None,
+            operating_point: point,
+            width: map.width,
+            height: map.height,
+            regions: regions(&map, threshold),
+            anomalous_fraction: anomalous_pixels as f64 / total as f64,
+            anomalous_pixels,
+            hotspot: hotspot(&map),
             map,
-        })
+        }
     }
 }
 

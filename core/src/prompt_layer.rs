@@ -49,25 +49,36 @@ pub struct PromptLayerInfo {
 }
 
 /// One typed defect, checked on one image.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// Also what a results store keeps: rows written before it held every
+/// field read the missing ones as 0 (their bound as 1).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DefectCheck {
     /// The description as typed.
     pub description: String,
     /// 0–1, anomalous at 0.5 (calibrated like the model's own score).
     pub score: f32,
     /// WinCLIP's zero-shot probability for this description.
+    #[serde(default)]
     pub probability: f32,
     /// The probability at which this description's threshold lies.
+    #[serde(default)]
     pub raw_threshold: f32,
     pub is_anomalous: bool,
-    /// Share of held-back normal images over the threshold.
+    /// Share of the normal images over the threshold.
     pub estimated_false_alarm_rate: f64,
     /// One-sided 95 % upper bound of that rate.
+    #[serde(default = "one")]
     pub false_alarm_upper_bound_95: f64,
-    /// How many held-back normal images set the threshold.
+    /// How many normal images set the threshold.
+    #[serde(default)]
     pub normal_images: usize,
     /// Where in the image (pixels) the description fits best.
+    #[serde(default)]
     pub location: (u32, u32),
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The text layer: CLIP plus the normal images' embeddings.

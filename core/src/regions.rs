@@ -119,6 +119,18 @@ pub fn area_above(map: &AnomalyMap, threshold: f32) -> usize {
     map.values.iter().filter(|v| **v >= threshold).count()
 }
 
+/// Position of the highest map value (the first one on ties; NaN ignored).
+pub fn hotspot(map: &AnomalyMap) -> (usize, usize) {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, v) in map.values.iter().enumerate() {
+        if *v > best.1 {
+            best = (i, *v);
+        }
+    }
+    let width = map.width.max(1);
+    (best.0 % width, best.0 / width)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

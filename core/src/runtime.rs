@@ -9,11 +9,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::Device;
-use flawscope_models::clip_weights::{ClipPreset, VIT_B_16, WeightsLookup};
+// Re-exported so faces find CLIP weights and presets through core, never
+// importing the backbone crate themselves.
+pub use flawscope_models::clip_weights::{ClipPreset, PRESETS, VIT_B_16, WeightsLookup};
 use flawscope_prompts::TextEmbeddingCache;
 
 use crate::Error;
 use crate::winclip::{ClipCheckpoint, WinClip};
+
+/// Whether this build can run on a CUDA GPU here.
+pub fn cuda_is_available() -> bool {
+    candle_core::utils::cuda_is_available()
+}
 
 /// The device plus the CLIP weights lookup, with the engines loaded so far.
 pub struct Runtime {

@@ -1,12 +1,11 @@
 //! The one place a verdict is decided: a 0–1 score against a 0–1 threshold.
 //!
-//! Every face (CLI, server, TUI, results store) calls [`Verdict::at`]; the
-//! model's threshold is [`DECISION_THRESHOLD`](crate::calibration::DECISION_THRESHOLD),
-//! a person may choose another one (the TUI's `+` / `-`).
+//! The model's threshold is
+//! [`DECISION_THRESHOLD`](crate::calibration::DECISION_THRESHOLD) at its own
+//! operating point; a request or a person may choose another one. With
+//! typed defects, [`flagged_by`] is the one rule that joins the layers.
 
 use serde::{Deserialize, Serialize};
-
-use crate::prompt_layer::DefectCheck;
 
 /// The call on one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,64 +45,39 @@ impl Verdict {
     }
 }
 
-/// The verdict of a model and the typed defects checked beside it
-/// ([`crate::model::Model::check_defects`]): anomalous when any layer is
-/// over its own calibrated threshold. Also names the layers that are:
-/// `"model"`, then each flagged description.
-pub fn layered(model_anomalous: bool, defects: &[DefectCheck]) -> (bool, Vec<String>) {
-    layers(
-        model_anomalous,
-        defects
-            .iter()
-            .map(|d| (d.is_anomalous, d.description.as_str())),
-    )
-}
-
-/// [`layered`] over `(is_anomalous, description)` pairs, for checks kept in
-/// another form (a results store's rows).
-pub fn layers<'a>(
+/// What flagged an image: `"model"` first when the model's own verdict is
+/// anomalous, then each typed defect over its own calibrated threshold, in
+/// the order asked. The image is anomalous when the list is not empty.
+/// Takes plain `(is_anomalous, description)` pairs so fresh checks and
+/// stored ones go through the same rule.
+pub fn flagged_by<'a>(
     model_anomalous: bool,
     defects: impl IntoIterator<Item = (bool, &'a str)>,
-) -> (bool, Vec<String>) {
-    let mut flagged_by = Vec::new();
+) -> Vec<String> {
+    let mut flagged = Vec::new();
     if model_anomalous {
-        flagged_by.push("model".to_owned());
+        flagged.push("model".to_owned());
     }
-    flagged_by.extend(
+    flagged.extend(
         defects
             .into_iter()
             .filter(|(is_anomalous, _)| *is_anomalous)
             .map(|(_, description)| description.to_owned()),
     );
-    (!flagged_by.is_empty(), flagged_by)
+    flagged
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn check(description: &str, is_anomalous: bool) -> DefectCheck {
-        DefectCheck {
-            description: description.into(),
-            score: if is_anomalous { 0.7 } else { 0.3 },
-            probability: 0.5,
-            raw_threshold: 0.5,
-            is_anomalous,
-            estimated_false_alarm_rate: 0.0,
-            false_alarm_upper_bound_95: 0.1,
-            normal_images: 30,
-            location: (0, 0),
-        }
-    }
-
     #[test]
     fn any_layer_over_its_threshold_flags_the_image() {
-        let none = layered(false, &[check("crack", false)]);
-        assert_eq!(none, (false, vec![]));
-        let text = layered(false, &[check("crack", true), check("chip", false)]);
-        assert_eq!(text, (true, vec!["crack".to_owned()]));
-        let both = layered(true, &[check("crack", true)]);
-        assert_eq!(both, (true, vec!["model".to_owned(), "crack".to_owned()]));
+        assert!(flagged_by(false, [(false, "crack")]).is_empty());
+        let text = flagged_by(false, [(true, "crack"), (false, "chip")]);
+        assert_eq!(text, ["crack"]);
+        let both = flagged_by(true, [(true, "crack")]);
+        assert_eq!(both, ["model", "crack"]);
     }
 
     #[test]

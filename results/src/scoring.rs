@@ -16,11 +16,10 @@ use flawscope_core::heatmap::blend;
 use flawscope_core::images::{ImageLimits, decode_image};
 use flawscope_core::model::{Inspection, Model};
 use flawscope_core::operating_point::OperatingPoint;
+use flawscope_core::prompt_layer::DefectCheck;
 use image::Rgb32FImage;
 
-use crate::store::{
-    ModelRef, NewScore, Store, StoreError, StoredDefect, StoredResult, content_hash,
-};
+use crate::store::{ModelRef, NewScore, Store, StoreError, StoredResult, content_hash};
 
 /// Longest side, in pixels, of the heatmap previews kept for the TUI.
 pub const PREVIEW_SIDE: u32 = 128;
@@ -84,7 +83,7 @@ pub struct Scored {
     pub threshold: f32,
     pub preview: Option<Preview>,
     /// Typed defects checked beside the model, when any were asked.
-    pub defects: Vec<StoredDefect>,
+    pub defects: Vec<DefectCheck>,
 }
 
 /// Scores an image from its file bytes.
@@ -138,27 +137,32 @@ impl InspectorScorer {
         Ok(self)
     }
 
-    /// Decodes and inspects an image.
+    /// Decodes and inspects an image, with the typed defects asked.
     pub fn inspect(
         &self,
         path: &Path,
         bytes: &[u8],
     ) -> Result<(Rgb32FImage, Inspection), ScoreError> {
         let image = decode_image(bytes, &path.display().to_string(), &self.limits)?;
-        let inspection = match &self.operating_point {
-            Some(point) => self.inspector.inspect_at(&image, point)?,
-            None => self.inspector.inspect(&image)?,
+        let point = match &self.operating_point {
+            Some(point) => point.clone(),
+            None => self.inspector.operating_point(None)?,
         };
+        let inspection = self.inspector.inspect_with(&image, &point, &self.prompts)?;
         Ok((image, inspection))
     }
 
     /// What is stored of an inspected image: the score, the preview if
-    /// asked for, and the typed defects checked on it.
+    /// asked for, and the typed defects checked on it (never a row that
+    /// claims a check that did not happen).
     pub fn scored(
         &self,
         image: &Rgb32FImage,
         inspection: &Inspection,
     ) -> Result<Scored, ScoreError> {
+        if let Some(reason) = &inspection.defects_unchecked {
+            return Err(ScoreError::Other(reason.clone()));
+        }
         let preview = self
             .preview_side
             .map(|side| Preview::from_map(image, &inspection.map, inspection.threshold, side));
@@ -167,7 +171,7 @@ impl InspectorScorer {
             raw_score: inspection.raw_score,
             threshold: inspection.threshold,
             preview,
-            defects: checked_defects(&self.inspector, image, &self.prompts)?,
+            defects: inspection.defects.clone(),
         })
     }
 }
@@ -195,28 +199,6 @@ fn text_layer_ready(model: &Model) -> Result<(), ScoreError> {
         ))),
         Some(_) => Ok(()),
     }
-}
-
-/// `prompts` checked on `image` by the model's text layer, as stored.
-fn checked_defects(
-    model: &Model,
-    image: &Rgb32FImage,
-    prompts: &[String],
-) -> Result<Vec<StoredDefect>, ScoreError> {
-    let report = model.check_defects(image, prompts)?;
-    if let Some(reason) = report.unchecked_reason {
-        return Err(ScoreError::Other(reason));
-    }
-    Ok(report
-        .checks
-        .into_iter()
-        .map(|d| StoredDefect {
-            description: d.description,
-            score: d.score,
-            is_anomalous: d.is_anomalous,
-            estimated_false_alarm_rate: d.estimated_false_alarm_rate,
-        })
-        .collect())
 }
 
 /// What happened to one file of a batch.

@@ -26,6 +26,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flawscope_core::prompt_layer::DefectCheck;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -58,7 +59,7 @@ pub const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );",
     // 2: the typed defects checked beside the model (its text layer), as a
-    // JSON array of [`StoredDefect`]; NULL when none were asked about.
+    // JSON array of [`DefectCheck`]; NULL when none were asked about.
     "ALTER TABLE results ADD COLUMN defects TEXT;",
 ];
 
@@ -178,23 +179,12 @@ pub struct NewScore<'a> {
     /// The 0–1 threshold the verdict was taken at.
     pub threshold: f32,
     /// Typed defects checked beside the model (empty when none were asked).
-    pub defects: &'a [StoredDefect],
-}
-
-/// A typed defect checked beside the model by its text layer, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredDefect {
-    pub description: String,
-    /// 0–1, anomalous at 0.5.
-    pub score: f32,
-    pub is_anomalous: bool,
-    /// Share of held-back normal images over this description's threshold.
-    pub estimated_false_alarm_rate: f64,
+    pub defects: &'a [DefectCheck],
 }
 
 /// The verdict of a row: anomalous when the model's score is at or over
 /// `threshold`, or any typed defect is over its own calibrated threshold.
-pub fn layered_verdict(score: f32, threshold: f32, defects: &[StoredDefect]) -> Verdict {
+pub fn layered_verdict(score: f32, threshold: f32, defects: &[DefectCheck]) -> Verdict {
     if flagged_by(score, threshold, defects).is_empty() {
         Verdict::Ok
     } else {
@@ -220,7 +210,7 @@ pub struct StoredResult {
     pub scored_at: String,
     /// Typed defects checked beside the model, when any were asked.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub defects: Vec<StoredDefect>,
+    pub defects: Vec<DefectCheck>,
 }
 
 impl StoredResult {
@@ -238,12 +228,12 @@ impl StoredResult {
 
 /// What flagged an image scored `score` at `threshold`: `model`, then each
 /// flagged typed defect.
-pub fn flagged_by(score: f32, threshold: f32, defects: &[StoredDefect]) -> Vec<String> {
+pub fn flagged_by(score: f32, threshold: f32, defects: &[DefectCheck]) -> Vec<String> {
     let model = Verdict::at(score, threshold) == Verdict::Anomalous;
     let checks = defects
         .iter()
         .map(|d| (d.is_anomalous, d.description.as_str()));
-    flawscope_core::verdict::layers(model, checks).1
+    flawscope_core::verdict::flagged_by(model, checks)
 }
 
 /// A model entry for a model asked about typed defects: its rows are not
@@ -265,7 +255,7 @@ pub fn layered_model(name: &str, identity: &str, prompts: &[String]) -> (String,
     )
 }
 
-fn defects_json(db: &Path, defects: &[StoredDefect]) -> Result<Option<String>, StoreError> {
+fn defects_json(db: &Path, defects: &[DefectCheck]) -> Result<Option<String>, StoreError> {
     if defects.is_empty() {
         return Ok(None);
     }

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_results::export::{ExportRow, rows, write_csv, write_jsonl};
-use flawscope_results::store::{Decision, NewScore, Store, StoredDefect, Verdict};
+use flawscope_results::store::{Decision, NewScore, Store, Verdict};
 
 fn store_with_rows(db: &Path) -> Store {
     let store = Store::open(db).unwrap();
@@ -161,22 +162,24 @@ fn typed_defects_make_the_verdict_and_read_back() {
         .model("cells.flawscope + \"crack\"", "sha256:m+prompts:1")
         .unwrap();
     let defects = [
-        StoredDefect {
+        DefectCheck {
             description: "crack".into(),
             score: 0.8,
             is_anomalous: true,
             estimated_false_alarm_rate: 0.05,
+            ..Default::default()
         },
-        StoredDefect {
+        DefectCheck {
             description: "dark, \"spot\"".into(),
             score: 0.2,
             is_anomalous: false,
             estimated_false_alarm_rate: 0.1,
+            ..Default::default()
         },
     ];
     let path = Path::new("/img/a.png");
     // The same image and model score each time; only the typed defects vary.
-    let record = |defects: &[StoredDefect]| {
+    let record = |defects: &[DefectCheck]| {
         store
             .record_score(
                 &model,
@@ -207,7 +210,7 @@ fn typed_defects_make_the_verdict_and_read_back() {
     assert_eq!(exported[0].verdict, Verdict::Anomalous);
     assert_eq!(exported[0].person_verdict, Some(Verdict::Anomalous));
     assert_eq!(exported[0].flagged_by, "crack");
-    let back: Vec<StoredDefect> = serde_json::from_str(&exported[0].defects).unwrap();
+    let back: Vec<DefectCheck> = serde_json::from_str(&exported[0].defects).unwrap();
     assert_eq!(back, defects);
     let mut text = Vec::new();
     write_csv(&exported, &mut text).unwrap();

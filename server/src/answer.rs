@@ -3,7 +3,7 @@
 
 use flawscope_core::prompt_layer::DefectCheck;
 
-use crate::inference::Scored;
+use flawscope_core::model::Inspection;
 
 /// Where `(x, y)` lies in a `width × height` image, in words ("in the upper
 /// left", "at the top", "in the centre", …).
@@ -61,7 +61,8 @@ fn percent_plain(fraction: f64) -> String {
 /// no on the asked defects first, then each defect's sentence, then the
 /// model's own verdict. `note` says why the defects were not checked, when
 /// they were not.
-pub fn ask_answer(model: &str, scored: &Scored, checks: &[DefectCheck], note: &str) -> String {
+pub fn ask_answer(model: &str, scored: &Inspection, note: &str) -> String {
+    let checks = &scored.defects;
     let general = describe(model, scored);
     if checks.is_empty() {
         return format!("{general} ({note}.)");
@@ -96,10 +97,10 @@ fn join_words(words: &[String]) -> String {
 }
 
 /// The answer for one scored image.
-pub fn describe(model: &str, scored: &Scored) -> String {
+pub fn describe(model: &str, scored: &Inspection) -> String {
     let verdict = format!(
         "{model}: {} — score {:.2} (threshold {:.2}).",
-        if scored.is_anomalous {
+        if scored.model_is_anomalous {
             "anomalous"
         } else {
             "looks normal"
@@ -120,14 +121,14 @@ pub fn describe(model: &str, scored: &Scored) -> String {
         0 => String::new(),
         1 => format!(
             " 1 more area is flagged; {} of the image in all.",
-            percent(scored.anomalous_fraction())
+            percent(scored.anomalous_fraction)
         ),
         n => format!(
             " {n} more areas are flagged; {} of the image in all.",
-            percent(scored.anomalous_fraction())
+            percent(scored.anomalous_fraction)
         ),
     };
-    match (scored.is_anomalous, main) {
+    match (scored.model_is_anomalous, main) {
         (true, Some((place, size))) => {
             format!("{verdict} The main anomaly is {place}, {size} of the image.{more}")
         }
@@ -151,20 +152,33 @@ mod tests {
 
     use super::*;
 
-    fn scored(is_anomalous: bool, regions: Vec<Region>) -> Scored {
-        let anomalous_pixels = regions.iter().map(|r| r.area).sum();
-        Scored {
+    fn scored(is_anomalous: bool, regions: Vec<Region>) -> Inspection {
+        scored_with(is_anomalous, regions, Vec::new())
+    }
+
+    fn scored_with(
+        is_anomalous: bool,
+        regions: Vec<Region>,
+        defects: Vec<DefectCheck>,
+    ) -> Inspection {
+        let anomalous_pixels: usize = regions.iter().map(|r| r.area).sum();
+        Inspection {
             score: if is_anomalous { 0.87 } else { 0.2 },
+            raw_score: 0.0,
             is_anomalous,
             threshold: 0.5,
+            model_is_anomalous: is_anomalous,
+            flagged_by: Vec::new(),
+            defects,
+            defects_unchecked: None,
+            operating_point: flawscope_core::operating_point::OperatingPoint::probability(),
             width: 300,
             height: 200,
             regions,
+            anomalous_fraction: anomalous_pixels as f64 / 60_000.0,
             anomalous_pixels,
             hotspot: (290, 190),
-            heatmap_png: None,
-            map: None,
-            operating_point: None,
+            map: flawscope_core::anomaly_map::AnomalyMap::default(),
         }
     }
 
@@ -184,11 +198,10 @@ mod tests {
 
     #[test]
     fn ask_answers_lead_with_the_asked_defects() {
-        let s = scored(false, vec![]);
+        let with = |checks: Vec<DefectCheck>| scored_with(false, vec![], checks);
         let yes = ask_answer(
             "cells",
-            &s,
-            &[check("crack", true), check("dark spot", false)],
+            &with(vec![check("crack", true), check("dark spot", false)]),
             "",
         );
         assert_eq!(
@@ -198,22 +211,21 @@ mod tests {
              — score 0.30, at most 26% false alarms (10 normal images, 95% bound); strongest in \
              the lower left. Overall, cells: looks normal — score 0.20 (threshold 0.50)."
         );
-        let no = ask_answer("cells", &s, &[check("crack", false)], "");
+        let no = ask_answer("cells", &with(vec![check("crack", false)]), "");
         assert!(
             no.starts_with("No: none of the asked defects is seen."),
             "{no}"
         );
         let both = ask_answer(
             "cells",
-            &s,
-            &[check("a", true), check("b", true), check("c", true)],
+            &with(vec![check("a", true), check("b", true), check("c", true)]),
             "",
         );
         assert!(
             both.starts_with("Yes: \"a\", \"b\" and \"c\" seen."),
             "{both}"
         );
-        let unchecked = ask_answer("cells", &s, &[], "no CLIP weights");
+        let unchecked = ask_answer("cells", &with(vec![]), "no CLIP weights");
         assert_eq!(
             unchecked,
             "cells: looks normal — score 0.20 (threshold 0.50). (no CLIP weights.)"

@@ -314,20 +314,22 @@ pub(crate) async fn infer_image(
 ) -> Result<Vec<OutputTensor>, ApiError> {
     let extras = Extras {
         heatmap_png: false,
-        map: wanted.contains(&OutputKind::AnomalyMap),
         target,
     };
     let image = decode(state, image).await?;
     let slot = state.slot().await?;
-    let mut scored = inspect(model, image, extras, slot).await?;
+    let scored = inspect(model, image, extras, Vec::new(), slot).await?;
+    let mut map = Some(scored.inspection.map);
     let mut outputs = Vec::with_capacity(wanted.len());
     for kind in wanted {
         let (shape, data) = match kind {
-            OutputKind::Score => (vec![1], TensorData::Fp32(vec![scored.score])),
-            OutputKind::IsAnomalous => (vec![1], TensorData::Bool(vec![scored.is_anomalous])),
+            OutputKind::Score => (vec![1], TensorData::Fp32(vec![scored.inspection.score])),
+            OutputKind::IsAnomalous => (
+                vec![1],
+                TensorData::Bool(vec![scored.inspection.is_anomalous]),
+            ),
             OutputKind::AnomalyMap => {
-                let map = scored
-                    .map
+                let map = map
                     .take()
                     .ok_or_else(|| ApiError::Internal("the anomaly map was not kept".to_owned()))?;
                 (vec![map.height, map.width], TensorData::Fp32(map.values))

@@ -15,13 +15,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use flawscope_core::prompt_layer::DefectCheck;
-use flawscope_core::verdict::layered;
 
 use crate::answer::ask_answer;
 use crate::error::ApiError;
-use crate::inference::{
-    Extras, ScoreResponse, blocking, decode, inspect, inspect_with_defects, scored,
-};
+use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect, scored};
 use crate::oip;
 use crate::question;
 use crate::state::{AppState, ZeroShot};
@@ -272,7 +269,6 @@ fn score_extras(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<Extr
     .map_err(|e| ApiError::bad_request("invalid_operating_point", e.to_string()))?;
     Ok(Extras {
         heatmap_png,
-        map: false,
         target,
     })
 }
@@ -297,12 +293,8 @@ async fn score(
     let asked = typed_prompts(&upload)?;
     let image = decode(&state, upload.require_image()?).await?;
     let slot = state.slot().await?;
-    if asked.is_empty() {
-        let scored = inspect(model, image, extras, slot).await?;
-        return Ok(Json(scored.response(&name, started)));
-    }
-    let (scored, report) = inspect_with_defects(model, image, extras, asked.clone(), slot).await?;
-    Ok(Json(scored.layered_response(&name, started, asked, report)))
+    let scored = inspect(model, image, extras, asked.clone(), slot).await?;
+    Ok(Json(scored.response(&name, started, asked)))
 }
 
 /// The `prompt` fields of an upload, trimmed: each must say something, and
@@ -430,9 +422,9 @@ async fn ask(
     let image = decode(&state, upload.require_image()?).await?;
     let slot = state.slot().await?;
     let asked = question::defect_phrases(&question);
-    let (scored, report) = inspect_with_defects(model, image, extras, asked.clone(), slot).await?;
-    let (is_anomalous, flagged_by) = layered(scored.is_anomalous, &report.checks);
-    let note = match (&report.unchecked_reason, asked.is_empty()) {
+    let scored = inspect(model, image, extras, asked.clone(), slot).await?;
+    let inspection = &scored.inspection;
+    let note = match (&inspection.defects_unchecked, asked.is_empty()) {
         (_, true) => {
             "no defect was named; the answer is the model's general anomaly verdict".to_owned()
         }
@@ -442,7 +434,12 @@ async fn ask(
         ),
         (None, false) => format!("asked about {}", quoted(&asked)),
     };
-    let answer = ask_answer(&name, &scored, &report.checks, &note);
+    let answer = ask_answer(&name, inspection, &note);
+    let (defects, is_anomalous, flagged_by) = (
+        inspection.defects.clone(),
+        inspection.is_anomalous,
+        inspection.flagged_by.clone(),
+    );
     if style == AskStyle::Chat {
         return Ok((
             [(
@@ -457,12 +454,12 @@ async fn ask(
         answer,
         question,
         defects_asked: asked,
-        defects_checked: !report.checks.is_empty(),
-        defects: report.checks,
+        defects_checked: !defects.is_empty(),
+        defects,
         is_anomalous,
         flagged_by,
         note,
-        result: scored.response(&name, started),
+        result: scored.response(&name, started, Vec::new()),
         model: name,
     })
     .into_response())
@@ -486,7 +483,6 @@ async fn zero_shot(
     let started = Instant::now();
     let extras = Extras {
         heatmap_png: wants_heatmap(query)?,
-        map: false,
         target: None,
     };
     let engine = match state.zero_shot() {
@@ -519,13 +515,12 @@ async fn zero_shot(
             let inspection = engine
                 .inspect(&image, &object, &prompts)
                 .map_err(|e| ApiError::from_core(&e))?;
-            scored(&image, inspection, extras, None)
+            scored(&image, inspection, extras)
         })
         .await?
     };
-    let mut response = scored.response("zero-shot", started);
+    let mut response = scored.response("zero-shot", started, prompts);
     response.object = Some(object);
-    response.prompts = prompts;
     Ok(Json(response))
 }
 

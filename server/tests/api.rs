@@ -13,9 +13,10 @@ use axum::http::{HeaderMap, Request, StatusCode, header};
 use base64::Engine as _;
 use flawscope_core::Device;
 use flawscope_core::model::{Inspection, Model};
+use flawscope_core::operating_point::OperatingPoint;
 use flawscope_core::runtime::Runtime;
+use flawscope_core::runtime::{VIT_B_16, WeightsLookup};
 use flawscope_core::winclip::WinClip;
-use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
 use flawscope_server::{
     AppState, ServedModel, ServerConfig, Token, ZeroShotScorer, app, load_models,
 };
@@ -570,13 +571,13 @@ impl ZeroShotScorer for Stub {
         values[0] = 0.9;
         let map = flawscope_core::anomaly_map::AnomalyMap::new(w, h, values)
             .expect("the map fills the image");
-        Ok(Inspection {
-            score: 0.7,
-            raw_score: 0.7,
-            is_anomalous: true,
-            threshold: 0.5,
+        Ok(Inspection::of_map(
+            0.7,
+            0.7,
+            true,
             map,
-        })
+            OperatingPoint::probability(),
+        ))
     }
 }
 
@@ -996,13 +997,13 @@ impl ZeroShotScorer for Sleepy {
         let (w, h) = (image.width() as usize, image.height() as usize);
         let map = flawscope_core::anomaly_map::AnomalyMap::new(w, h, vec![0.0; w * h])
             .expect("the map fills the image");
-        Ok(Inspection {
-            score: 0.0,
-            raw_score: 0.0,
-            is_anomalous: false,
-            threshold: 0.5,
+        Ok(Inspection::of_map(
+            0.0,
+            0.0,
+            false,
             map,
-        })
+            OperatingPoint::probability(),
+        ))
     }
 }
 
@@ -1670,17 +1671,20 @@ async fn ask_checks_each_asked_defect_with_the_text_layer() {
     let answer = v["answer"].as_str().unwrap();
     assert!(answer.starts_with("cells: "), "{answer}");
     assert!(answer.contains("\"dark spots\": "), "{answer}");
-    // Without prompts the response has no layered fields.
+    // Without prompts: no typed defects, and only the model can flag.
     let v = send(
         app.clone(),
         multipart("/v1/models/cells/score", &[Part::File("image", &png)]),
     )
     .await
     .json();
-    assert!(
-        v.get("defects").is_none() && v.get("flagged_by").is_none(),
-        "{v}"
-    );
+    assert!(v.get("defects").is_none(), "{v}");
+    let only_model = if v["is_anomalous"] == true {
+        json!(["model"])
+    } else {
+        json!([])
+    };
+    assert_eq!(v["flagged_by"], only_model, "{v}");
     assert_eq!(v["is_anomalous"], asked_json["result"]["is_anomalous"]);
     // An empty or over-long description is the asker's to fix.
     for (prompt, code) in [
@@ -1703,7 +1707,7 @@ async fn ask_checks_each_asked_defect_with_the_text_layer() {
     let listed = &v["models"][0];
     assert_eq!(listed["object"], "solar cell", "{v}");
     assert_eq!(listed["text_layer"]["available"], true, "{v}");
-    assert_eq!(listed["text_layer"]["normal_images"], 3, "{v}");
+    assert_eq!(listed["text_layer"]["normal_images"], 12, "{v}");
 }
 
 /// Typed defects on the score route of a model without a text layer: the

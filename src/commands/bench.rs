@@ -14,19 +14,19 @@ use anyhow::Context;
 use flawscope_core::Tensor;
 use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::detector::{FitInputs, ScoreGrid, resize_for};
-use flawscope_core::features::{BackboneKind, FeatureConfig, FeatureExtractor, parse_stage};
+use flawscope_core::features::{
+    BackboneKind, FeatureConfig, FeatureExtractor, parse_stage, time_backbone,
+};
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::first_by_hash;
 use flawscope_core::nearest::BankIndex;
 use flawscope_core::patchcore::{PatchCore, PatchCoreConfig};
 use flawscope_core::progress::NoProgress;
 use flawscope_core::runtime::Runtime;
-use flawscope_models::{EfficientNetLite, Preprocess};
-use image::Rgb32FImage;
 use serde::Serialize;
 
 use super::Outcome;
-use super::clip::ClipArgs;
+use super::clip::{ClipArgs, setup_error};
 use super::options::{DetectorArgs, device};
 use crate::progress::Bars;
 
@@ -175,32 +175,7 @@ fn backbone(
             super::UsageError(format!("--size must be between 16 and 2048, got {size}")).into(),
         );
     }
-    let device = device();
-    let net = match weights {
-        Some(path) => EfficientNetLite::load(kind.variant(), path, &device)
-            .with_context(|| format!("loading {} weights from {}", kind.name(), path.display()))?,
-        None if kind.is_embedded() => EfficientNetLite::embedded_lite0(&device)?,
-        None => {
-            return Err(super::UsageError(format!(
-                "--backbone {} needs --backbone-weights FILE",
-                kind.name()
-            ))
-            .into());
-        }
-    };
-    let image = image::DynamicImage::ImageRgb32F(Rgb32FImage::from_fn(size, size, |x, y| {
-        image::Rgb([x as f32 / size as f32, y as f32 / size as f32, 0.5])
-    }));
-    let input = Preprocess::new(size, size).image(&image, &device)?;
-    let mut times = Vec::with_capacity(runs);
-    for i in 0..runs + 3 {
-        let start = Instant::now();
-        let logits = net.logits(&input)?;
-        logits.to_vec2::<f32>()?;
-        if i >= 3 {
-            times.push(start.elapsed().as_secs_f64() * 1000.0);
-        }
-    }
+    let times = time_backbone(kind, weights, size, runs, &device()).map_err(setup_error)?;
     println!(
         "{} forward at {size}×{size}, batch 1: median {:.2} ms over {runs} runs ({} threads)",
         kind.name(),
@@ -235,7 +210,7 @@ fn fit(
         let (rest, subset) = if fraction >= 1.0 {
             (Vec::new(), all.clone())
         } else {
-            if !(fraction > 0.0) {
+            if fraction.is_nan() || fraction <= 0.0 {
                 return Err(super::UsageError(format!(
                     "fractions must be in (0, 1], got {fraction}"
                 ))

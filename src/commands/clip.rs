@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flawscope_core::Device;
 use flawscope_core::model::Model;
-use flawscope_core::runtime::{Runtime, default_text_cache_dir};
-use flawscope_models::clip_weights::{ClipPreset, PRESETS, WeightsLookup};
+use flawscope_core::runtime::{
+    ClipPreset, PRESETS, Runtime, WeightsLookup, default_text_cache_dir,
+};
 
 use super::UsageError;
 
@@ -40,24 +41,10 @@ impl ClipArgs {
         WeightsLookup::from_env(self.clip_weights.clone())
     }
 
-    fn preset(&self) -> Result<ClipPreset, UsageError> {
-        ClipPreset::find(&self.clip_model).ok_or_else(|| {
-            let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
-            UsageError(format!(
-                "unknown --clip-model {:?}; known: {}",
-                self.clip_model,
-                known.join(", ")
-            ))
-        })
-    }
-
     /// Where models run: `device`, with the CLIP weights these options
-    /// point at (loaded only when a model needs them).
-    /// The CLIP text side is cached on disk ([`default_text_cache_dir`]),
-    /// so a second run encodes no sentence it has seen.
+    /// point at ([`runtime`]).
     pub fn runtime(&self, device: Device) -> Result<Runtime, UsageError> {
-        Ok(Runtime::with_clip(device, self.lookup(), self.preset()?)
-            .with_text_cache_dir(default_text_cache_dir()))
+        runtime(self.clip_weights.clone(), &self.clip_model, device)
     }
 
     /// `--object` only applies when zero-shot scoring: a model file carries
@@ -83,6 +70,29 @@ impl ClipArgs {
             .as_deref()
             .ok_or_else(|| UsageError(format!("{what} needs --object NAME (what is inspected)")))
     }
+}
+
+/// Where models run: `device`, with CLIP weights from `clip_weights` (else
+/// FLAWSCOPE_CLIP_WEIGHTS, else the Hugging Face cache) for the preset
+/// `clip_model`, loaded only when a model needs them. The CLIP text side is
+/// cached on disk ([`default_text_cache_dir`]), so a second run encodes no
+/// sentence it has seen.
+pub fn runtime(
+    clip_weights: Option<PathBuf>,
+    clip_model: &str,
+    device: Device,
+) -> Result<Runtime, UsageError> {
+    let preset = ClipPreset::find(clip_model).ok_or_else(|| {
+        let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+        UsageError(format!(
+            "unknown --clip-model {clip_model:?}; known: {}",
+            known.join(", ")
+        ))
+    })?;
+    Ok(
+        Runtime::with_clip(device, WeightsLookup::from_env(clip_weights), preset)
+            .with_text_cache_dir(default_text_cache_dir()),
+    )
 }
 
 /// Refuses a blank `--prompt` before any image is read.

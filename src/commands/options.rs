@@ -323,7 +323,7 @@ impl DeviceChoice {
             Self::Auto => Ok(device()),
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda => {
-                if !flawscope_models::candle_core::utils::cuda_is_available() {
+                if !flawscope_core::runtime::cuda_is_available() {
                     return Err(UsageError(
                         "--device cuda: this flawscope was built without CUDA; rebuild with \
                          `cargo build --release --features cuda` or use --device cpu"

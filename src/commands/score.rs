@@ -10,16 +10,15 @@ use anyhow::Context;
 use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::heatmap::{Legend, save_overlay};
 use flawscope_core::images::{ImageLimits, load_image};
-use flawscope_core::model::{DefectReport, Inspection, Model};
+use flawscope_core::model::{Inspection, Model};
 use flawscope_core::operating_point::{OperatingPoint, Target};
 use flawscope_core::progress::Progress;
 use flawscope_core::prompt_layer::DefectCheck;
-use flawscope_core::verdict::layered;
 use flawscope_results::scoring::{
     BatchItem, BatchOptions, InspectorScorer, ScoreError, Scored, Scorer, run_batch,
 };
 use flawscope_results::shard::Shard;
-use flawscope_results::store::{Store, StoredDefect, Verdict, file_hash, layered_model};
+use flawscope_results::store::{Store, Verdict, file_hash, layered_model};
 use image::Rgb32FImage;
 use serde::Serialize;
 
@@ -85,42 +84,64 @@ pub struct Args {
     pub max_mar: Option<f64>,
 }
 
-/// One line of `score --json` output.
+/// One line of `score --json` output: the image's path and heatmap beside
+/// core's answer (fresh), or the row a results store keeps (`--db`).
 #[derive(Serialize)]
 pub struct ScoreLine<'a> {
     pub path: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heatmap: Option<&'a Path>,
+    #[serde(flatten)]
+    pub answer: Answer<'a>,
+}
+
+/// What a line says of its image.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum Answer<'a> {
+    Fresh(&'a Inspection),
+    Stored(Stored<'a>),
+}
+
+/// A results store's row with the operating point it was scored at; its
+/// typed defects are the same objects a fresh answer has.
+#[derive(Serialize)]
+pub struct Stored<'a> {
     pub score: f32,
     pub is_anomalous: bool,
     pub threshold: f32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heatmap: Option<&'a Path>,
-    /// The threshold used and what it costs in false and missed alarms.
-    pub operating_point: &'a OperatingPoint,
-    /// With `--prompt` and a model file: the model's own verdict, each typed
-    /// defect's, and which layers flagged the image.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub layers: Option<Layers<'a>>,
-    /// The same, as a results store keeps them (`--db`).
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub stored_layers: Option<StoredLayers<'a>>,
-}
-
-/// The layers behind a stored verdict (`--db` with `--prompt`).
-#[derive(Debug, serde::Serialize)]
-pub struct StoredLayers<'a> {
     pub model_is_anomalous: bool,
     pub flagged_by: Vec<String>,
-    pub defects: &'a [StoredDefect],
-}
-
-/// The layers behind a verdict when typed defects were asked about.
-#[derive(Debug, serde::Serialize)]
-pub struct Layers<'a> {
-    pub model_is_anomalous: bool,
-    pub flagged_by: Vec<String>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub defects: &'a [DefectCheck],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub defects_unchecked: Option<&'a str>,
+    pub operating_point: &'a OperatingPoint,
+}
+
+/// The parts of a line the table shows.
+struct Shown<'a> {
+    score: f32,
+    is_anomalous: bool,
+    defects: &'a [DefectCheck],
+    unchecked: Option<&'a str>,
+}
+
+impl ScoreLine<'_> {
+    fn shown(&self) -> Shown<'_> {
+        match &self.answer {
+            Answer::Fresh(i) => Shown {
+                score: i.score,
+                is_anomalous: i.is_anomalous,
+                defects: &i.defects,
+                unchecked: i.defects_unchecked.as_deref(),
+            },
+            Answer::Stored(s) => Shown {
+                score: s.score,
+                is_anomalous: s.is_anomalous,
+                defects: s.defects,
+                unchecked: None,
+            },
+        }
+    }
 }
 
 /// An image to score and where its heatmap goes, relative to `--heatmaps`.
@@ -250,25 +271,14 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let path = &input.path;
         let heatmap = args.heatmaps.as_ref().map(|dir| dir.join(&input.heatmap));
         match score_one(&inspector, &point, path, heatmap.as_deref(), &limits, asked) {
-            Ok((inspection, report)) => {
-                let (is_anomalous, flagged_by) = layered(inspection.is_anomalous, &report.checks);
+            Ok(inspection) => {
                 let printed = bars.suspend(|| {
                     print_line(
                         args.json,
                         &ScoreLine {
                             path,
-                            score: inspection.score,
-                            is_anomalous,
-                            threshold: inspection.threshold,
                             heatmap: heatmap.as_deref(),
-                            operating_point: &point,
-                            layers: (!asked.is_empty()).then(|| Layers {
-                                model_is_anomalous: inspection.is_anomalous,
-                                flagged_by,
-                                defects: &report.checks,
-                                defects_unchecked: report.unchecked_reason.as_deref(),
-                            }),
-                            stored_layers: None,
+                            answer: Answer::Fresh(&inspection),
                         },
                     )
                 });
@@ -304,18 +314,15 @@ fn score_one(
     heatmap: Option<&Path>,
     limits: &ImageLimits,
     asked: &[String],
-) -> anyhow::Result<(Inspection, DefectReport)> {
+) -> anyhow::Result<Inspection> {
     let image = load_image(path, limits)?;
     let inspection = inspector
-        .inspect_at(&image, point)
+        .inspect_with(&image, point, asked)
         .with_context(|| format!("scoring {}", path.display()))?;
-    let report = inspector
-        .check_defects(&image, asked)
-        .with_context(|| format!("checking the typed defects on {}", path.display()))?;
     if let Some(out) = heatmap {
         write_heatmap(out, &image, &inspection)?;
     }
-    Ok((inspection, report))
+    Ok(inspection)
 }
 
 /// Writes the overlay, making its subfolder first.
@@ -335,40 +342,31 @@ fn print_line(json: bool, line: &ScoreLine<'_>) -> std::io::Result<()> {
     if json {
         writeln!(out, "{}", serde_json::to_string(line)?)?;
     } else {
-        let verdict = if line.is_anomalous { "ANOMALOUS" } else { "ok" };
+        let shown = line.shown();
+        let verdict = if shown.is_anomalous {
+            "ANOMALOUS"
+        } else {
+            "ok"
+        };
         write!(
             out,
             "{:.3}  {verdict:<9}  {}",
-            line.score,
+            shown.score,
             line.path.display()
         )?;
-        if let Some(layers) = &line.layers {
-            for d in layers.defects {
-                write!(
-                    out,
-                    "  [{}: {:.3} {}, false alarms ≤ {:.3} on {} normal images]",
-                    d.description,
-                    d.score,
-                    if d.is_anomalous { "FLAGGED" } else { "ok" },
-                    d.false_alarm_upper_bound_95,
-                    d.normal_images
-                )?;
-            }
-            if let Some(reason) = layers.defects_unchecked {
-                write!(out, "  ({reason})")?;
-            }
+        for d in shown.defects {
+            write!(
+                out,
+                "  [{}: {:.3} {}, false alarms ≤ {:.3} on {} normal images]",
+                d.description,
+                d.score,
+                if d.is_anomalous { "FLAGGED" } else { "ok" },
+                d.false_alarm_upper_bound_95,
+                d.normal_images
+            )?;
         }
-        if let Some(layers) = &line.stored_layers {
-            for d in layers.defects {
-                write!(
-                    out,
-                    "  [{}: {:.3} {}, false alarms ≈ {:.3}]",
-                    d.description,
-                    d.score,
-                    if d.is_anomalous { "FLAGGED" } else { "ok" },
-                    d.estimated_false_alarm_rate,
-                )?;
-            }
+        if let Some(reason) = shown.unchecked {
+            write!(out, "  ({reason})")?;
         }
         writeln!(out)?;
     }
@@ -449,17 +447,16 @@ fn run_with_store(
                 args.json,
                 &ScoreLine {
                     path: &row.path,
-                    score: row.score,
-                    is_anomalous: row.verdict == Verdict::Anomalous,
-                    threshold: row.threshold,
                     heatmap: heatmaps.get(&row.path).map(PathBuf::as_path),
-                    operating_point: point,
-                    layers: None,
-                    stored_layers: (!row.defects.is_empty()).then(|| StoredLayers {
+                    answer: Answer::Stored(Stored {
+                        score: row.score,
+                        is_anomalous: row.verdict == Verdict::Anomalous,
+                        threshold: row.threshold,
                         model_is_anomalous: Verdict::at(row.score, row.threshold)
                             == Verdict::Anomalous,
                         flagged_by: row.flagged_by(row.threshold),
                         defects: &row.defects,
+                        operating_point: point,
                     }),
                 },
             ),

@@ -27,6 +27,10 @@ pub struct Args {
     /// FLAWSCOPE_CLIP_WEIGHTS).
     #[arg(long, value_name = "DIR")]
     pub clip_weights: Option<PathBuf>,
+    /// CLIP preset looked up in the Hugging Face cache (vit-b-16, vit-l-14,
+    /// vit-l-14-336).
+    #[arg(long, default_value = "vit-b-16")]
+    pub clip_model: String,
     /// A typed defect for the model's text layer to check on every image
     /// (repeatable; the model must have been fitted with --object and CLIP
     /// weights). The list shows which layer flagged each image.
@@ -47,10 +51,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         folder: args.path.clone(),
         recursive: args.recursive,
         model: args.model.clone(),
-        clip_weights: args.clip_weights.clone(),
         prompts: args.prompts.clone(),
         db: args.db.clone(),
-        device: args.device.device()?,
+        runtime: std::sync::Arc::new(super::clip::runtime(
+            args.clip_weights.clone(),
+            &args.clip_model,
+            args.device.device()?,
+        )?),
         trace: std::env::var_os(TRACE_ENV).map(PathBuf::from),
         started,
     };

@@ -8,10 +8,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
+use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_results::scoring::{BatchItem, BatchSummary, Preview};
-use flawscope_results::store::{
-    Decision, StoredDefect, StoredResult, Verdict, flagged_by, layered_verdict,
-};
+use flawscope_results::store::{Decision, StoredResult, Verdict, flagged_by, layered_verdict};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 /// Threshold step of `+` / `-`.
@@ -110,7 +109,7 @@ pub struct Row {
     pub error: Option<String>,
     pub scored_at: String,
     /// Typed defects checked beside the model (`tui --prompt`).
-    pub defects: Vec<StoredDefect>,
+    pub defects: Vec<DefectCheck>,
 }
 
 impl Row {

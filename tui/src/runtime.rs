@@ -20,12 +20,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use flawscope_core::Device;
 use flawscope_core::dataset::{DatasetError, scan_image_folder, scan_image_tree};
 use flawscope_core::images::ImageLimits;
 use flawscope_core::model::Model;
-use flawscope_core::runtime::{Runtime, default_text_cache_dir};
-use flawscope_models::clip_weights::{VIT_B_16, WeightsLookup};
+use flawscope_core::runtime::Runtime;
 use ratatui::crossterm::cursor::Show;
 use ratatui::crossterm::event::{self as term_event, Event as TermEvent, KeyEventKind};
 use ratatui::crossterm::execute;
@@ -76,15 +74,14 @@ pub struct Options {
     pub recursive: bool,
     /// Model file from `flawscope fit` (classical or WinCLIP).
     pub model: PathBuf,
-    /// CLIP checkpoint folder for WinCLIP model files; else
-    /// FLAWSCOPE_CLIP_WEIGHTS, else where the model was made.
-    pub clip_weights: Option<PathBuf>,
     /// Typed defects the model's text layer checks on every image (the
     /// list then shows which layer flagged each one).
     pub prompts: Vec<String>,
     /// Results database; [`default_db`] when `None`.
     pub db: Option<PathBuf>,
-    pub device: Device,
+    /// Where the model runs and where its CLIP weights come from, made by
+    /// the caller (the CLI's `--device`, `--clip-weights`, `--clip-model`).
+    pub runtime: Arc<Runtime>,
     /// Append timing lines here (first row shown, key-to-redraw latency).
     pub trace: Option<PathBuf>,
     /// When the program started (for the trace).
@@ -211,8 +208,7 @@ pub fn run(options: Options) -> Result<(), TuiError> {
         model_identity,
         prompts: options.prompts.clone(),
         db: db.clone(),
-        clip_weights: options.clip_weights.clone(),
-        device: options.device.clone(),
+        runtime: Arc::clone(&options.runtime),
         tx: tx.clone(),
         cancel: stop.clone(),
         previews: Some(preview_rx),
@@ -452,8 +448,7 @@ struct Worker {
     model_identity: String,
     prompts: Vec<String>,
     db: PathBuf,
-    clip_weights: Option<PathBuf>,
-    device: Device,
+    runtime: Arc<Runtime>,
     tx: Sender<Sent>,
     cancel: Arc<AtomicBool>,
     previews: Option<Receiver<PathBuf>>,
@@ -515,13 +510,8 @@ impl Worker {
         self.send_stored(&store, &model)?;
         self.send(Event::Phase("loading model".into()));
         let pool = self.pool.clone();
-        let inspector = in_pool(pool.as_deref(), || {
-            let lookup = WeightsLookup::from_env(self.clip_weights.clone());
-            let runtime = Runtime::with_clip(self.device.clone(), lookup, VIT_B_16)
-                .with_text_cache_dir(default_text_cache_dir());
-            Model::load(&self.model, &runtime)
-        })
-        .map_err(|e| format!("loading model {}: {e}", self.model.display()))?;
+        let inspector = in_pool(pool.as_deref(), || Model::load(&self.model, &self.runtime))
+            .map_err(|e| format!("loading model {}: {e}", self.model.display()))?;
         let scorer = InspectorScorer::new(
             Arc::new(inspector),
             ImageLimits::default(),

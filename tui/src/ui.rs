@@ -713,11 +713,12 @@ mod tests {
             0.5,
         );
         app.handle_event(Event::Files(3));
-        let defect = |flagged: bool| flawscope_results::store::StoredDefect {
+        let defect = |flagged: bool| flawscope_core::prompt_layer::DefectCheck {
             description: "crack".into(),
             score: if flagged { 0.8 } else { 0.1 },
             is_anomalous: flagged,
             estimated_false_alarm_rate: 0.05,
+            ..Default::default()
         };
         for (name, score, flagged) in [
             ("both.png", 0.93, true),
