@@ -82,13 +82,12 @@ fn class_counts(pairs: &[(f32, bool)]) -> (u64, u64) {
     (anomalous, pairs.len() as u64 - anomalous)
 }
 
-/// Exact area under the ROC curve of `scores` for `labels` (`true` =
-/// anomalous).
-///
-/// This is the Mann-Whitney statistic: the probability that a random
-/// anomalous sample scores higher than a random normal one, a tie counting
-/// one half. It equals `sklearn.metrics.roc_auc_score`. Needs both classes.
-pub fn image_auroc(scores: &[f32], labels: &[bool]) -> Result<f64, MetricError> {
+/// Sorted `(score, label)` pairs with the counts of anomalous and normal
+/// samples.
+type Classes = (Vec<(f32, bool)>, u64, u64);
+
+/// Checked scores as [`Classes`]; both classes must be present.
+fn both_classes(scores: &[f32], labels: &[bool]) -> Result<Classes, MetricError> {
     check_scores(scores, labels)?;
     let pairs = sorted_pairs(scores, labels);
     let (anomalous, normal) = class_counts(&pairs);
@@ -98,6 +97,17 @@ pub fn image_auroc(scores: &[f32], labels: &[bool]) -> Result<f64, MetricError> 
     if normal == 0 {
         return Err(MetricError::NoNormal);
     }
+    Ok((pairs, anomalous, normal))
+}
+
+/// Exact area under the ROC curve of `scores` for `labels` (`true` =
+/// anomalous).
+///
+/// This is the Mann-Whitney statistic: the probability that a random
+/// anomalous sample scores higher than a random normal one, a tie counting
+/// one half. It equals `sklearn.metrics.roc_auc_score`. Needs both classes.
+pub fn image_auroc(scores: &[f32], labels: &[bool]) -> Result<f64, MetricError> {
+    let (pairs, anomalous, normal) = both_classes(scores, labels)?;
     // Twice the number of (anomalous, normal) pairs ranked correctly, ties
     // counted once: an exact integer.
     let mut twice_wins: u128 = 0;
@@ -159,15 +169,7 @@ pub fn f1_max(scores: &[f32], labels: &[bool]) -> Result<F1Max, MetricError> {
 /// allows at a false-alarm limit, not a threshold a model can know.
 /// Needs both classes.
 pub fn recall_at_far(scores: &[f32], labels: &[bool], far: f64) -> Result<f64, MetricError> {
-    check_scores(scores, labels)?;
-    let pairs = sorted_pairs(scores, labels);
-    let (anomalous, normal) = class_counts(&pairs);
-    if anomalous == 0 {
-        return Err(MetricError::NoAnomalous);
-    }
-    if normal == 0 {
-        return Err(MetricError::NoNormal);
-    }
+    let (pairs, anomalous, normal) = both_classes(scores, labels)?;
     let allowed = (far * normal as f64 + 1e-9).floor() as u64;
     let (mut tp, mut fp, mut best) = (0u64, 0u64, 0u64);
     for group in pairs.chunk_by(|a, b| a.0 == b.0).rev() {

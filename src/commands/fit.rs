@@ -56,7 +56,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let text_layer = if detector.is_calibrated() {
         if !args.clip.prompts.is_empty() {
             return Err(UsageError(
-                "--prompt is asked when scoring (`score --model M --prompt TEXT`); to check \
+                "--prompt is asked when scoring (`score --model M --defect TEXT`); to check \
                  typed defects later, fit with --object NAME and CLIP weights"
                     .into(),
             )
@@ -100,7 +100,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .context("adding the text layer")?;
         eprintln!(
             "text layer: CLIP embeddings of the normal images for \"{object}\"; ask about a \
-             defect with `score --model {} --prompt TEXT`",
+             defect with `score --model {} --defect TEXT`",
             args.out.display()
         );
     }

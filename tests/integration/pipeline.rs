@@ -27,7 +27,7 @@ fn fit(detector: &str, out: &Path) {
     );
 }
 
-fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -4,14 +4,7 @@
 use std::path::Path;
 
 use crate::cli::{flawscope, tiny_tile_dataset};
-use crate::pipeline::demo_dir;
-
-fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
+use crate::pipeline::{demo_dir, json_lines};
 
 #[test]
 fn eval_reports_verdicts_at_the_threshold_for_every_calibrated_detector() {
