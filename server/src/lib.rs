@@ -14,6 +14,7 @@ mod inference;
 mod metrics;
 mod oip;
 mod question;
+mod results_store;
 mod routes;
 mod state;
 mod upload;
@@ -24,12 +25,13 @@ use std::time::Duration;
 
 pub use error::{ApiError, ServerError, error_json};
 pub use metrics::Metrics;
+pub use results_store::{ResultsStore, StoredModel};
 pub use routes::{HEALTH_ROUTES, app};
 pub use state::{
     AppState, NO_ZERO_SHOT, ServedModel, ServerConfig, Slot, Token, ZeroShot, ZeroShotScorer,
     is_servable_name, load_models,
 };
-pub use web::{ResultsStore, StoredModel, UPLOAD_PREFIX};
+pub use web::UPLOAD_PREFIX;
 
 /// Extra time, past the request timeout, that shutdown waits for requests
 /// in flight before giving up on them.

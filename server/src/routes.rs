@@ -22,14 +22,11 @@ use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect, scored}
 use crate::oip;
 use crate::question;
 use crate::state::{AppState, ZeroShot};
-use crate::upload::{RawBody, read_upload};
+use crate::upload::{MAX_PROMPTS, RawBody, read_upload};
 use crate::web;
 
 /// Routes open without a token.
 pub const HEALTH_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"];
-
-/// Most prompts accepted by `/v1/zero-shot`.
-pub const MAX_PROMPTS: usize = 32;
 
 /// The whole service.
 pub fn app(state: AppState) -> Router {

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{ApiError, ServerError};
 use crate::metrics::Metrics;
-use crate::web::{ResultsStore, SharedResults};
+use crate::results_store::{ResultsStore, SharedResults};
 
 /// Default queue length per inference slot (the queue wait bounds the
 /// time a request can spend in it anyway).

@@ -11,6 +11,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// Most `prompt` / `defect` text fields accepted by one request.
+pub const MAX_PROMPTS: usize = 32;
+
 /// Longest accepted text field, in bytes.
 pub const MAX_TEXT_FIELD: usize = 4096;
 /// Most text fields accepted in one form.

@@ -5,9 +5,7 @@
 //! results store the TUI uses (`POST /v1/decisions`). The page scores
 //! through the ordinary `/v1` routes, so scoring costs it nothing extra.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::Router;
@@ -15,14 +13,13 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use flawscope_results::store::{Decision, NewScore, Store, StoreError, content_hash};
+use flawscope_results::store::{Decision, NewScore, StoreError, content_hash};
 use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::inference::{blocking, decode};
-use crate::routes::MAX_PROMPTS;
 use crate::state::{AppState, ZeroShot};
-use crate::upload::{RawBody, read_upload};
+use crate::upload::{MAX_PROMPTS, RawBody, read_upload};
 
 const INDEX_HTML: &str = include_str!("../web/index.html");
 const APP_JS: &str = include_str!("../web/app.js");
@@ -85,34 +82,6 @@ async fn app_js() -> Response {
 
 async fn style_css() -> Response {
     asset(STYLE_CSS, "text/css; charset=utf-8")
-}
-
-/// A served model as the results store knows it.
-#[derive(Debug, Clone)]
-pub struct StoredModel {
-    /// The name rows are filed under (the model file's path, as `score
-    /// --db` files them).
-    pub name: String,
-    /// `sha256:<hex>` of the model file, as `score --db` and the TUI key it.
-    pub identity: String,
-}
-
-/// The results store shared with the TUI, and how each served model is
-/// known in it.
-#[derive(Debug)]
-pub struct ResultsStore {
-    store: Mutex<Store>,
-    models: BTreeMap<String, StoredModel>,
-}
-
-impl ResultsStore {
-    /// `models`: served name → store entry, for every served model.
-    pub fn new(store: Store, models: BTreeMap<String, StoredModel>) -> Self {
-        Self {
-            store: Mutex::new(store),
-            models,
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -284,9 +253,6 @@ async fn decide(
 pub fn is_public(path: &str) -> bool {
     PUBLIC_PATHS.contains(&path)
 }
-
-/// The results store handle kept in the state.
-pub type SharedResults = Arc<ResultsStore>;
 
 #[cfg(test)]
 mod tests {

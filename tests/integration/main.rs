@@ -6,6 +6,7 @@ mod backbone;
 mod cli;
 mod hostile;
 mod hostile_images;
+mod import_cycles;
 mod operating_point;
 mod pipeline;
 mod serve;

@@ -1,6 +1,6 @@
-//! No import cycles between the modules of `flawscope-core`.
+//! No import cycles between the modules of any crate of the workspace.
 //!
-//! A module is a file under `core/src` (`foo.rs` and `foo/mod.rs` are module
+//! A module is a file under a crate's `src` (`foo.rs` and `foo/mod.rs` are module
 //! `foo`, `foo/bar.rs` is `foo::bar`). Module `a` imports from module `b`
 //! when `a`'s file names `b` in a path: `use crate::b::…`, `use super::…`,
 //! `use self::…`, a path to a child module (`use bar::…` in `foo/mod.rs`),
@@ -26,8 +26,13 @@ use std::path::{Path, PathBuf};
 
 /// Cycles tolerated for now, each as the sorted modules of one strongly
 /// connected component. A cycle must match an entry exactly: one that grows
-/// fails.
-const ALLOWED_CYCLES_BEING_REMOVED: &[&[&str]] = &[];
+/// fails, and an entry that no longer matches fails too (delete it).
+const ALLOWED_CYCLES_BEING_REMOVED: &[&[&str]] = &[
+    // CLIP: `clip/mod.rs` holds `ClipModel` and re-exports the towers, while
+    // `text.rs` and `vision.rs` add its encode methods (`impl ClipModel`)
+    // next to their tower, as candle-transformers lays out its checkpoints.
+    &["clip", "clip::text", "clip::vision"],
+];
 
 /// A module's path below the crate root, e.g. `["winclip", "engine"]`.
 type Module = Vec<String>;
@@ -42,45 +47,54 @@ struct Site {
 /// Module → the modules it imports from → where it first does.
 type Graph = BTreeMap<String, BTreeMap<String, Site>>;
 
-#[test]
-fn core_modules_have_no_import_cycles() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    collect_rs_files(&src, &mut files);
-    assert!(
-        files.len() > 20,
-        "found only {} files under {}",
-        files.len(),
-        src.display()
-    );
-    let sources: Vec<SourceFile> = files
-        .iter()
-        .map(|path| {
-            let rel = path.strip_prefix(&src).expect("under src");
-            SourceFile {
-                module: module_of(rel),
-                name: format!("core/src/{}", rel.display()),
-                text: std::fs::read_to_string(path)
-                    .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())),
-            }
-        })
-        .collect();
-    let graph = import_graph(&sources);
-    // The parser found the imports at all: the registry imports the detectors.
-    assert!(
-        graph.values().map(BTreeMap::len).sum::<usize>() > 50,
-        "suspiciously few imports found: {graph:?}"
-    );
+/// Each crate's source folder, with the least number of imports its parse
+/// must find (so a parser that silently finds nothing fails).
+const CRATES: &[(&str, usize)] = &[
+    ("core/src", 50),
+    ("server/src", 15),
+    ("results/src", 2),
+    ("tui/src", 2),
+    ("models/src", 3),
+    ("prompts/src", 0),
+    ("src", 5),
+];
 
+#[test]
+fn no_crate_has_import_cycles() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut report = String::new();
     let mut allowed_seen = BTreeSet::new();
-    for cycle in cycles(&graph) {
-        let names: Vec<&str> = cycle.iter().map(String::as_str).collect();
-        if let Some(entry) = ALLOWED_CYCLES_BEING_REMOVED.iter().find(|a| **a == names) {
-            allowed_seen.insert(entry.join(" ↔ "));
-            continue;
+    for (dir, least) in CRATES {
+        let src = root.join(dir);
+        let mut files = Vec::new();
+        collect_rs_files(&src, &mut files);
+        assert!(!files.is_empty(), "found no files under {}", src.display());
+        let sources: Vec<SourceFile> = files
+            .iter()
+            .map(|path| {
+                let rel = path.strip_prefix(&src).expect("under src");
+                SourceFile {
+                    module: module_of(rel),
+                    name: format!("{dir}/{}", rel.display()),
+                    text: std::fs::read_to_string(path)
+                        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())),
+                }
+            })
+            .collect();
+        let graph = import_graph(&sources);
+        assert!(
+            graph.values().map(BTreeMap::len).sum::<usize>() >= *least,
+            "suspiciously few imports found under {dir}: {graph:?}"
+        );
+        for cycle in cycles(&graph) {
+            let names: Vec<&str> = cycle.iter().map(String::as_str).collect();
+            if let Some(entry) = ALLOWED_CYCLES_BEING_REMOVED.iter().find(|a| **a == names) {
+                allowed_seen.insert(entry.join(" ↔ "));
+                continue;
+            }
+            report.push_str(&format!("in {dir}: "));
+            report.push_str(&describe(&graph, &cycle));
         }
-        report.push_str(&describe(&graph, &cycle));
     }
     let stale: Vec<String> = ALLOWED_CYCLES_BEING_REMOVED
         .iter()
@@ -89,7 +103,7 @@ fn core_modules_have_no_import_cycles() {
         .collect();
     assert!(
         report.is_empty(),
-        "import cycles between modules of flawscope-core (module = file under core/src):\n{report}"
+        "import cycles between modules (module = file under a crate's src):\n{report}"
     );
     assert!(
         stale.is_empty(),
