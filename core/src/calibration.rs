@@ -282,6 +282,28 @@ impl Calibration {
         }
     }
 
+    /// The raw score that [`Calibration::normalise`] maps to `value` (its
+    /// inverse on `(0, 1)`; 0 and 1 map to ∓∞).
+    pub fn raw_at(&self, value: f32) -> f32 {
+        if self.method == ThresholdMethod::Probability {
+            return value;
+        }
+        let v = f64::from(value.clamp(0.0, 1.0));
+        // Inverse of 0.5 + 0.5·x/(1 + |x|), per side.
+        let x = if v < 0.5 {
+            if v <= 0.0 {
+                return f32::NEG_INFINITY;
+            }
+            1.0 - 0.5 / v
+        } else {
+            if v >= 1.0 {
+                return f32::INFINITY;
+            }
+            0.5 / (1.0 - v) - 1.0
+        };
+        (f64::from(self.threshold) + x * f64::from(self.spread)) as f32
+    }
+
     /// Whether a raw score is over the threshold.
     pub fn is_anomalous(&self, raw: f32) -> bool {
         raw >= self.threshold
@@ -424,6 +446,21 @@ mod tests {
         assert!(c.normalise(below) < 0.5);
         assert!(c.normalise(-1e30) > 0.0 && c.normalise(1e30) <= 1.0);
         assert_eq!(c.normalise(f32::NAN), 0.0);
+    }
+
+    #[test]
+    fn raw_at_inverts_the_score_map() {
+        let normal: Vec<f32> = (1..=100).map(|i| i as f32).collect();
+        let c = Calibration::from_normal_scores(&normal, 0.05).unwrap();
+        for raw in [1.0f32, 30.0, 95.5, 96.0, 200.0] {
+            let back = c.raw_at(c.normalise(raw));
+            assert!(
+                (back - raw).abs() < 1e-3 * raw.abs().max(1.0),
+                "{raw} → {back}"
+            );
+        }
+        assert_eq!(c.raw_at(0.5), c.threshold);
+        assert!(c.raw_at(0.0).is_infinite() && c.raw_at(1.0).is_infinite());
     }
 
     #[test]

@@ -20,7 +20,9 @@ use crate::features::FeatureConfig;
 use crate::folds::{Folds, stable_hash};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{self, ModelFileError, take};
-use crate::operating_point::{CalibrationScores, OperatingPoint, Target, kept, kept_synthetic};
+use crate::operating_point::{
+    CalibrationScores, Estimator, OperatingPoint, Target, kept, kept_synthetic,
+};
 use crate::patchcore::PatchCoreConfig;
 use crate::progress::Progress;
 use crate::prompt_layer::{DefectCheck, PromptLayer, PromptLayerInfo};
@@ -423,6 +425,16 @@ impl Model {
             marked_defective: marked_defective.len(),
         });
         Ok(model)
+    }
+
+    /// What states the estimates at any threshold a person chooses; `None`
+    /// for uncalibrated models and files without kept scores.
+    pub fn estimator(&self) -> Option<Estimator> {
+        let scores = self.info.calibration_scores.clone()?;
+        self.info.calibration.is_fitted().then(|| Estimator {
+            calibration: self.info.calibration.clone(),
+            scores,
+        })
     }
 
     /// The operating point of a request: the model's own threshold without

@@ -55,6 +55,9 @@ pub enum Target {
     MaxFar(f64),
     /// Miss at most this fraction of synthetic defects.
     MaxMar(f64),
+    /// A threshold a person chose on the 0–1 score (the TUI's `+` / `-`):
+    /// the estimates are stated at it.
+    Threshold(f32),
 }
 
 impl Target {
@@ -173,6 +176,7 @@ impl OperatingPoint {
                 Calibration::from_normal_scores(&scores.normal, far)?.threshold,
                 Some(far),
             ),
+            Some(Target::Threshold(value)) => (calibration.raw_at(value), None),
             Some(Target::MaxMar(mar)) => {
                 if pooled.is_empty() {
                     return Err(CalibrationError::NoSyntheticScores);
@@ -268,6 +272,27 @@ impl OperatingPoint {
     }
 }
 
+/// A model's calibration and kept scores, to state the estimates at any
+/// threshold a person moves to without the model at hand (the TUI's
+/// `+` / `-`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimator {
+    pub calibration: Calibration,
+    pub scores: CalibrationScores,
+}
+
+impl Estimator {
+    /// The operating point at the 0–1 `threshold`.
+    pub fn at(&self, threshold: f32) -> Option<OperatingPoint> {
+        OperatingPoint::new(
+            &self.calibration,
+            &self.scores,
+            Some(Target::Threshold(threshold)),
+        )
+        .ok()
+    }
+}
+
 /// Scores per synthetic kind, sorted and thinned.
 pub fn kept_synthetic(scores: &[(DefectKind, Vec<f32>)]) -> Vec<(DefectKind, Vec<f32>)> {
     scores.iter().map(|(k, s)| (*k, kept(s))).collect()
@@ -307,6 +332,18 @@ mod tests {
         let labelled = own.labelled_missed_alarm_rate.unwrap();
         assert_eq!((labelled.missed, labelled.images), (2, 4));
         assert_eq!(labelled.per_type[0].0, "crack");
+        // A person's threshold on the 0–1 score: the same point as the
+        // false-alarm target that put it there.
+        let chosen =
+            OperatingPoint::new(&model, &s, Some(Target::Threshold(loose.threshold))).unwrap();
+        assert!(
+            (chosen.raw_threshold - loose.raw_threshold).abs() < 1e-3,
+            "{chosen:?}"
+        );
+        assert_eq!(
+            chosen.estimated_false_alarm_rate,
+            loose.estimated_false_alarm_rate
+        );
         let mar = OperatingPoint::new(&model, &s, Some(Target::MaxMar(0.1))).unwrap();
         assert!(mar.synthetic_missed_alarm_rate.unwrap() <= 0.1);
         assert!(Target::from_request(Some(0.1), Some(0.1)).is_err());

@@ -429,6 +429,7 @@ fn run_with_store(
         let suffix = match target {
             Target::MaxFar(far) => format!(" @max_far={far}"),
             Target::MaxMar(mar) => format!(" @max_mar={mar}"),
+            Target::Threshold(t) => format!(" @threshold={t}"),
         };
         name.push_str(&suffix);
         identity.push_str(&suffix);

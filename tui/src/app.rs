@@ -8,6 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
+use flawscope_core::operating_point::{Estimator, OperatingPoint};
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_results::scoring::{BatchItem, BatchSummary, Preview};
 use flawscope_results::store::{Decision, StoredResult, Verdict, flagged_by, layered_verdict};
@@ -43,6 +44,9 @@ pub enum Event {
     Done(BatchSummary),
     /// The worker stopped on an error.
     Failed(String),
+    /// The model's calibration, to state the estimates at the threshold a
+    /// person moves to (`None`: an uncalibrated model or an older file).
+    Estimates(Option<Estimator>),
 }
 
 /// What the runtime must do after an event.
@@ -215,6 +219,8 @@ pub struct App {
     message: Option<(String, bool)>,
     /// Rows scored in this session (not loaded from the store).
     scored_now: usize,
+    /// States the estimates at the current threshold.
+    estimator: Option<Estimator>,
     quit: bool,
 }
 
@@ -239,6 +245,7 @@ impl App {
             previews: HashMap::new(),
             preview_order: VecDeque::new(),
             message: None,
+            estimator: None,
             scored_now: 0,
             quit: false,
         }
@@ -287,6 +294,13 @@ impl App {
         self.threshold
     }
 
+    /// The estimated false- and missed-alarm rates at the current threshold
+    /// (from the model's calibration; `None` until known or for
+    /// uncalibrated models).
+    pub fn operating_point(&self) -> Option<OperatingPoint> {
+        self.estimator.as_ref()?.at(self.threshold)
+    }
+
     pub fn progress(&self) -> &Progress {
         &self.progress
     }
@@ -332,6 +346,10 @@ impl App {
             Event::Resize => Action::None,
             Event::Phase(phase) => {
                 self.progress.phase = phase;
+                Action::None
+            }
+            Event::Estimates(estimator) => {
+                self.estimator = estimator;
                 Action::None
             }
             Event::Files(total) => {
@@ -808,6 +826,39 @@ mod tests {
         assert_eq!(app.search(), "GOOD");
         key(&mut app, KeyCode::Esc);
         assert_eq!(app.visible_len(), 3);
+    }
+
+    #[test]
+    fn moving_the_threshold_states_what_it_costs() {
+        use flawscope_core::calibration::Calibration;
+        use flawscope_core::folds::Procedure;
+        use flawscope_core::operating_point::CalibrationScores;
+        use flawscope_core::synthetic::DefectKind;
+        let normal: Vec<f32> = (1..=200).map(|i| i as f32).collect();
+        let scores = CalibrationScores {
+            procedure: Procedure::BankFolds,
+            folds: 10,
+            normal: normal.clone(),
+            normal_images: 200,
+            synthetic: vec![(DefectKind::Blotch, (150..250).map(|i| i as f32).collect())],
+            labelled: Vec::new(),
+        };
+        let calibration = Calibration::from_normal_scores(&normal, 0.01).unwrap();
+        let mut app = app_with(&[("a.png", 0.45), ("b.png", 0.9)]);
+        assert!(app.operating_point().is_none(), "no calibration known yet");
+        app.handle_event(Event::Estimates(Some(Estimator {
+            calibration,
+            scores,
+        })));
+        let at_model = app.operating_point().unwrap();
+        assert!((at_model.estimated_false_alarm_rate - 0.01).abs() < 1e-9);
+        for _ in 0..10 {
+            key(&mut app, KeyCode::Char('-'));
+        }
+        let lower = app.operating_point().unwrap();
+        assert!(lower.estimated_false_alarm_rate > at_model.estimated_false_alarm_rate);
+        assert!(lower.synthetic_missed_alarm_rate < at_model.synthetic_missed_alarm_rate);
+        assert_eq!(lower.threshold, app.threshold());
     }
 
     #[test]

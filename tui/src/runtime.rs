@@ -512,6 +512,7 @@ impl Worker {
         let pool = self.pool.clone();
         let inspector = in_pool(pool.as_deref(), || Model::load(&self.model, &self.runtime))
             .map_err(|e| format!("loading model {}: {e}", self.model.display()))?;
+        self.send(Event::Estimates(inspector.estimator()));
         let scorer = InspectorScorer::new(
             Arc::new(inspector),
             ImageLimits::default(),

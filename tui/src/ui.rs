@@ -328,8 +328,20 @@ fn render_histogram(app: &App, area: Rect, buf: &mut Buffer) {
         .scores()
         .filter(|&s| Verdict::at(s, app.threshold()).is_anomalous())
         .count();
+    // What the threshold costs, from the model's calibration: moving it
+    // with +/- is no longer blind.
+    let costs = app.operating_point().map_or(String::new(), |p| {
+        let missed = p.synthetic_missed_alarm_rate.map_or(String::new(), |m| {
+            format!(", missed synthetic {:.0} %", 100.0 * m)
+        });
+        format!(
+            " · est. false alarms {:.1} % (≤ {:.1} %){missed}",
+            100.0 * p.estimated_false_alarm_rate,
+            100.0 * p.false_alarm_upper_bound_95
+        )
+    });
     let block = Block::bordered().title(format!(
-        " Scores · threshold {:.2} (+/-) · {} anomalous ",
+        " Scores · threshold {:.2} (+/-) · {} anomalous{costs} ",
         app.threshold(),
         anomalous
     ));
