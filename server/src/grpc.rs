@@ -19,11 +19,12 @@ use tonic::codegen::http;
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::ApiError;
+use crate::inference::decode;
 use crate::oip::{
-    EXTENSIONS, MODEL_VERSION, check_image_tensor, infer_image, platform, signature,
-    single_bytes_element, versioned_model, wanted_outputs,
+    EXTENSIONS, check_image_tensor, infer_image, platform, signature, single_bytes_element,
+    wanted_outputs,
 };
-use crate::state::AppState;
+use crate::state::{AppState, MODEL_VERSION, bearer};
 
 /// The code generated from `proto/grpc_predict_v2.proto` (package
 /// `inference`).
@@ -184,7 +185,10 @@ impl GrpcInferenceService for Service {
         self.observe("ModelReady", async {
             // An unknown model or version is just not ready (as the
             // reference server answers; REST says so with 404).
-            let known = versioned_model(&self.state, &request.name, Some(&request.version)).is_ok();
+            let known = self
+                .state
+                .versioned_model(&request.name, Some(&request.version))
+                .is_ok();
             Ok(proto::ModelReadyResponse {
                 ready: known && !self.state.is_draining(),
             })
@@ -212,7 +216,9 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
         let request = request.into_inner();
         self.observe("ModelMetadata", async {
-            let model = versioned_model(&self.state, &request.name, Some(&request.version))?;
+            let model = self
+                .state
+                .versioned_model(&request.name, Some(&request.version))?;
             let (inputs, outputs) = signature();
             Ok(proto::ModelMetadataResponse {
                 platform: platform(&model),
@@ -231,14 +237,15 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
         let mut request = request.into_inner();
         self.observe("ModelInfer", async {
-            let model = versioned_model(
-                &self.state,
-                &request.model_name,
-                Some(&request.model_version),
-            )?;
+            let model = self
+                .state
+                .versioned_model(&request.model_name, Some(&request.model_version))?;
             let wanted = wanted_outputs(request.outputs.iter().map(|o| o.name.as_str()))?;
             let image = image_bytes(&request.inputs, &mut request.raw_input_contents)?;
             request.raw_input_contents = Vec::new();
+            // The message was read under the body permit the gate took; the
+            // image is decoded before a slot is taken, as over HTTP.
+            let image = decode(&self.state, image).await?;
             let outputs = infer_image(&self.state, model, image, &wanted, None).await?;
             // Raw contents, as the reference servers answer: the clients
             // read them by output index.
@@ -319,10 +326,7 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    let (scheme, rest) = v.trim().split_once(' ')?;
-                    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-                });
+                .and_then(bearer);
             if !presented.is_some_and(|candidate| token.matches(candidate)) {
                 return refuse(ApiError::Unauthorized, &self.state, &method);
             }

@@ -7,6 +7,7 @@
 
 mod answer;
 mod error;
+mod extract;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;

@@ -9,13 +9,11 @@
 //! itself ([`infer_image`]) is shared with the gRPC service.
 
 use flawscope_core::operating_point::Target;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -23,21 +21,20 @@ use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use flawscope_core::model::Model;
+use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::error::{ApiError, ErrorMessage};
-use crate::inference::{Extras, decode, inspect};
-use crate::state::AppState;
+use crate::extract::{PathModel, ScoringBody, ScoringUpload};
+use crate::inference::{Extras, inspect};
+use crate::state::{AppState, MODEL_VERSION};
 use crate::upload::read_body;
 
 /// Outputs a model can give.
 pub const OUTPUT_SCORE: &str = "score";
 pub const OUTPUT_IS_ANOMALOUS: &str = "is_anomalous";
 pub const OUTPUT_ANOMALY_MAP: &str = "anomaly_map";
-
-/// The one version of every served model.
-pub const MODEL_VERSION: &str = "1";
 
 /// Protocol extensions served (REST; gRPC carries raw tensors natively).
 pub const EXTENSIONS: [&str; 1] = ["binary_tensor_data"];
@@ -95,33 +92,6 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     Ok(Json(json!({"ready": true})))
 }
 
-/// The model and version named by a route (`{name}`, and `{version}` on
-/// the versioned routes). A name that does not decode is just unknown.
-fn target(
-    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
-) -> Result<(String, Option<String>), ApiError> {
-    let Path(mut params) = path.map_err(|_| ApiError::NotFound("no such model".into()))?;
-    let name = params
-        .remove("name")
-        .ok_or_else(|| ApiError::NotFound("no such model".into()))?;
-    Ok((name, params.remove("version")))
-}
-
-/// The model `name` at `version` (empty or absent: the latest, "1").
-pub(crate) fn versioned_model(
-    state: &AppState,
-    name: &str,
-    version: Option<&str>,
-) -> Result<Arc<Model>, ApiError> {
-    let model = state.model(name)?;
-    match version {
-        None | Some("") | Some(MODEL_VERSION) => Ok(model),
-        Some(other) => Err(ApiError::NotFound(format!(
-            "model {name:?} has no version {other:?}; its only version is \"{MODEL_VERSION}\""
-        ))),
-    }
-}
-
 /// One tensor of the model's signature.
 #[derive(Debug, Clone, Serialize)]
 pub struct TensorMetadata {
@@ -156,12 +126,7 @@ pub fn platform(model: &Model) -> String {
     )
 }
 
-pub async fn model_metadata(
-    State(state): State<AppState>,
-    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let (name, version) = target(path)?;
-    let model = versioned_model(&state, &name, version.as_deref())?;
+pub async fn model_metadata(PathModel { name, model }: PathModel) -> Result<Json<Value>, ApiError> {
     let (inputs, outputs) = signature();
     Ok(Json(json!({
         "name": name,
@@ -174,10 +139,8 @@ pub async fn model_metadata(
 
 pub async fn model_ready(
     State(state): State<AppState>,
-    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
+    PathModel { name, .. }: PathModel,
 ) -> Result<Json<Value>, ApiError> {
-    let (name, version) = target(path)?;
-    versioned_model(&state, &name, version.as_deref())?;
     if state.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
@@ -303,12 +266,12 @@ pub struct OutputTensor {
     pub data: TensorData,
 }
 
-/// Decodes `image`, waits for a slot, scores it with `model` and returns
-/// the `wanted` outputs (shared by REST and gRPC).
+/// Waits for a slot, scores a decoded `image` with `model` and returns the
+/// `wanted` outputs (shared by REST and gRPC).
 pub(crate) async fn infer_image(
     state: &AppState,
     model: Arc<Model>,
-    image: Bytes,
+    image: Rgb32FImage,
     wanted: &[OutputKind],
     target: Option<Target>,
 ) -> Result<Vec<OutputTensor>, ApiError> {
@@ -316,7 +279,6 @@ pub(crate) async fn infer_image(
         heatmap_png: false,
         target,
     };
-    let image = decode(state, image).await?;
     let slot = state.slot().await?;
     let scored = inspect(model, image, extras, Vec::new(), slot).await?;
     let mut map = Some(scored.inspection.map);
@@ -561,40 +523,73 @@ fn bool_parameter(parameters: Option<&Map<String, Value>>, key: &str) -> Option<
     parameters.and_then(|p| p.get(key)).and_then(Value::as_bool)
 }
 
+/// The body of an `infer` request: a v2 inference request, in JSON or with
+/// the binary tensor data extension, parsed and checked.
+pub(crate) struct InferBody {
+    /// The request, its inputs left out (the image is read from them).
+    parsed: InferRequest,
+    wanted: Vec<OutputKind>,
+    /// `binary_data_output`: every output in binary unless it says.
+    all_binary: bool,
+    target: Option<Target>,
+}
+
+impl ScoringBody for InferBody {
+    /// Compressed requests are refused before anything is read.
+    fn admit(headers: &HeaderMap) -> Result<(), ApiError> {
+        let encoding = headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase());
+        if encoding.as_deref().is_some_and(|e| e != "identity") {
+            return Err(ApiError::bad_request(
+                "unsupported_encoding",
+                "compressed requests are not supported; send the body uncompressed",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn read(state: &AppState, request: Request) -> Result<(Self, Bytes), ApiError> {
+        let headers = request.headers().clone();
+        let body = read_body(state, request).await?;
+        let (json_part, binary) = split_body(&headers, &body)?;
+        let mut parsed = parse_request(json_part)?;
+        let wanted = wanted_outputs(parsed.outputs.iter().flatten().map(|o| o.name.as_str()))?;
+        let image = image_bytes(&parsed, binary)?;
+        parsed.inputs = Vec::new();
+        let all_binary =
+            bool_parameter(parsed.parameters.as_ref(), "binary_data_output").unwrap_or(false);
+        let target = request_target(parsed.parameters.as_ref())?;
+        let infer = Self {
+            parsed,
+            wanted,
+            all_binary,
+            target,
+        };
+        Ok((infer, image))
+    }
+}
+
 /// `POST /v2/models/{name}[/versions/{version}]/infer`.
 pub async fn infer(
     State(state): State<AppState>,
-    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
-    request: Request,
+    PathModel { name, model }: PathModel,
+    upload: ScoringUpload<InferBody>,
 ) -> Result<Response, ApiError> {
-    let (name, version) = target(path)?;
-    let model = versioned_model(&state, &name, version.as_deref())?;
-    let encoding = request
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
-    if encoding.as_deref().is_some_and(|e| e != "identity") {
-        return Err(ApiError::bad_request(
-            "unsupported_encoding",
-            "compressed requests are not supported; send the body uncompressed",
-        ));
-    }
-    // The request is read, parsed and its image decoded before a slot is
-    // taken, so a slow or bad upload never holds one.
-    let _body = state.body_permit()?;
-    let headers = request.headers().clone();
-    let body = read_body(&state, request).await?;
-    let (json_part, binary) = split_body(&headers, &body)?;
-    let parsed = parse_request(json_part)?;
-    let requested: Vec<&RequestedOutput> = parsed.outputs.iter().flatten().collect();
-    let wanted = wanted_outputs(requested.iter().map(|o| o.name.as_str()))?;
-    let image = image_bytes(&parsed, binary)?;
-    drop(body);
-    let all_binary =
-        bool_parameter(parsed.parameters.as_ref(), "binary_data_output").unwrap_or(false);
-    let target = request_target(parsed.parameters.as_ref())?;
+    let ScoringUpload {
+        permit: _body,
+        body:
+            InferBody {
+                parsed,
+                wanted,
+                all_binary,
+                target,
+            },
+        image,
+    } = upload;
     let outputs = infer_image(&state, model, image, &wanted, target).await?;
+    let requested: Vec<&RequestedOutput> = parsed.outputs.iter().flatten().collect();
 
     let mut json_outputs = Vec::with_capacity(outputs.len());
     let mut binary_part = Vec::new();

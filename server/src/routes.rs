@@ -1,12 +1,14 @@
 //! The router, its middleware, and the health, metrics and `/v1` handlers.
 
 use flawscope_core::operating_point::Target;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
@@ -14,15 +16,17 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use flawscope_core::model::Model;
 use flawscope_core::prompt_layer::DefectCheck;
 
 use crate::answer::ask_answer;
 use crate::error::ApiError;
-use crate::inference::{Extras, ScoreResponse, blocking, decode, inspect, scored};
+use crate::extract::{PathModel, ScoringUpload, Started, UploadForm};
+use crate::inference::{Extras, ScoreResponse, blocking, inspect, scored};
 use crate::oip;
 use crate::question;
-use crate::state::{AppState, ZeroShot};
-use crate::upload::{MAX_PROMPTS, RawBody, read_upload};
+use crate::state::{AppState, ZeroShot, ZeroShotScorer, bearer};
+use crate::upload::{MAX_PROMPTS, RawBody, Upload};
 use crate::web;
 
 /// Routes open without a token.
@@ -121,10 +125,7 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        });
+        .and_then(bearer);
     match presented {
         Some(candidate) if token.matches(candidate) => next.run(request).await,
         _ => ApiError::Unauthorized.into_response(),
@@ -218,12 +219,6 @@ async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({ "models": models }))
 }
 
-/// The `{name}` of a path; a name that does not decode is just unknown.
-pub fn model_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    path.map(|Path(name)| name)
-        .map_err(|_| ApiError::NotFound("no such model".into()))
-}
-
 /// The query of `/v1/models/{name}/score`; other keys are ignored.
 #[derive(Debug, Deserialize)]
 struct ScoreQuery {
@@ -232,9 +227,16 @@ struct ScoreQuery {
     max_mar: Option<String>,
 }
 
-/// `?heatmap=png` → true; other `heatmap` values → 400.
-fn wants_heatmap(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<bool, ApiError> {
-    Ok(score_extras(query)?.heatmap_png)
+/// The request's [`Extras`] from the query ([`score_extras`]); 400 when
+/// it is invalid.
+struct QueryExtras(Extras);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryExtras {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        score_extras(Query::try_from_uri(&parts.uri)).map(Self)
+    }
 }
 
 /// `heatmap=png`, and `max_far` / `max_mar` (a rate in [0, 1), at most one
@@ -270,27 +272,40 @@ fn score_extras(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<Extr
     })
 }
 
+/// The form of `/v1/models/{name}/score`: the image as the body or a
+/// multipart `image`, with optional `defect` fields (`prompt` is their
+/// older spelling on this route).
+struct ScoreForm {
+    /// The typed defects asked about, checked by the model's text layer.
+    asked: Vec<String>,
+}
+
+impl UploadForm for ScoreForm {
+    const RAW: RawBody = RawBody::Image;
+    const FIELDS: &'static [&'static str] = &["defect", "prompt"];
+
+    fn parse(upload: &Upload, _state: &AppState) -> Result<Self, ApiError> {
+        Ok(Self {
+            asked: text_fields(upload, Self::FIELDS)?,
+        })
+    }
+}
+
 /// `POST /v1/models/{name}/score`: raw image body or multipart `image`,
 /// with optional `prompt` fields (typed defects, checked by the model's text
 /// layer beside its own verdict).
 async fn score(
+    Started(started): Started,
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    query: Result<Query<ScoreQuery>, QueryRejection>,
-    request: Request,
+    PathModel { name, model }: PathModel,
+    QueryExtras(extras): QueryExtras,
+    upload: ScoringUpload<ScoreForm>,
 ) -> Result<Json<ScoreResponse>, ApiError> {
-    let started = Instant::now();
-    let name = model_name(path)?;
-    let model = state.model(&name)?;
-    let extras = score_extras(query)?;
-    // The body is read and decoded before a slot is taken, so a slow or
-    // bad upload never holds one.
-    let _body = state.body_permit()?;
-    let mut upload = read_upload(&state, request, RawBody::Image, &["defect", "prompt"]).await?;
-    // `defect` names a typed defect for the text layer; `prompt` is its
-    // older spelling on this route.
-    let asked = text_fields(&upload, &["defect", "prompt"])?;
-    let image = decode(&state, upload.require_image()?).await?;
+    let ScoringUpload {
+        permit: _body,
+        body: ScoreForm { asked },
+        image,
+    } = upload;
     let slot = state.slot().await?;
     let scored = inspect(model, image, extras, asked.clone(), slot).await?;
     Ok(Json(scored.response(&name, started, asked)))
@@ -298,13 +313,13 @@ async fn score(
 
 /// The `prompt` fields of an upload, trimmed: each must say something, and
 /// there may be at most [`MAX_PROMPTS`].
-fn typed_prompts(upload: &crate::upload::Upload) -> Result<Vec<String>, ApiError> {
+fn typed_prompts(upload: &Upload) -> Result<Vec<String>, ApiError> {
     text_fields(upload, &["prompt"])
 }
 
 /// The fields `names` of an upload, in that order, trimmed: each must say
 /// something, and there may be at most [`MAX_PROMPTS`] in all.
-fn text_fields(upload: &crate::upload::Upload, names: &[&str]) -> Result<Vec<String>, ApiError> {
+fn text_fields(upload: &Upload, names: &[&str]) -> Result<Vec<String>, ApiError> {
     let prompts: Vec<String> = names
         .iter()
         .filter_map(|name| upload.fields.get(*name))
@@ -403,28 +418,53 @@ impl AskStyle {
     }
 }
 
+/// The form of `/v1/ask`: multipart `image`, `text`, optional `model`
+/// and `style`.
+struct AskForm {
+    style: AskStyle,
+    question: String,
+    /// The model chosen ([`choose_model`]), and its name.
+    name: String,
+    model: Arc<Model>,
+}
+
+impl UploadForm for AskForm {
+    const RAW: RawBody = RawBody::Refused;
+    const FIELDS: &'static [&'static str] = &["text", "model", "style"];
+
+    fn parse(upload: &Upload, state: &AppState) -> Result<Self, ApiError> {
+        let style = AskStyle::parse(upload.text("style"))?;
+        let question = upload.text("text").unwrap_or("").to_owned();
+        let name = choose_model(state, upload.text("model"), &question)?;
+        let model = state.model(&name)?;
+        Ok(Self {
+            style,
+            question,
+            name,
+            model,
+        })
+    }
+}
+
 /// `POST /v1/ask`: multipart `image`, `text`, optional `model` and `style`
 /// (`json`, the default, or `chat`).
 async fn ask(
+    Started(started): Started,
     State(state): State<AppState>,
-    query: Result<Query<ScoreQuery>, QueryRejection>,
-    request: Request,
+    QueryExtras(extras): QueryExtras,
+    upload: ScoringUpload<AskForm>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let extras = score_extras(query)?;
-    let _body = state.body_permit()?;
-    let mut upload = read_upload(
-        &state,
-        request,
-        RawBody::Refused,
-        &["text", "model", "style"],
-    )
-    .await?;
-    let style = AskStyle::parse(upload.text("style"))?;
-    let question = upload.text("text").unwrap_or("").to_owned();
-    let name = choose_model(&state, upload.text("model"), &question)?;
-    let model = state.model(&name)?;
-    let image = decode(&state, upload.require_image()?).await?;
+    let ScoringUpload {
+        permit: _body,
+        body:
+            AskForm {
+                style,
+                question,
+                name,
+                model,
+            },
+        image,
+    } = upload;
     let slot = state.slot().await?;
     let asked = question::defect_phrases(&question);
     let scored = inspect(model, image, extras, asked.clone(), slot).await?;
@@ -478,41 +518,72 @@ fn quoted(phrases: &[String]) -> String {
         .join(", ")
 }
 
+/// The zero-shot engine; 503 while none is configured.
+struct ZeroShotEngine(Arc<dyn ZeroShotScorer>);
+
+impl FromRequestParts<AppState> for ZeroShotEngine {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match state.zero_shot() {
+            ZeroShot::Engine(engine) => Ok(Self(engine.clone())),
+            ZeroShot::Unavailable(reason) => Err(ApiError::ZeroShotUnavailable(reason.clone())),
+        }
+    }
+}
+
+/// The form of `/v1/zero-shot`: multipart `image`, `object`, one or more
+/// `prompt`.
+struct ZeroShotForm {
+    object: String,
+    prompts: Vec<String>,
+}
+
+impl UploadForm for ZeroShotForm {
+    const RAW: RawBody = RawBody::Refused;
+    const FIELDS: &'static [&'static str] = &["object", "prompt"];
+
+    fn parse(upload: &Upload, _state: &AppState) -> Result<Self, ApiError> {
+        let object = upload
+            .text("object")
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "missing_object",
+                    "say what the object is in the \"object\" field",
+                )
+            })?
+            .to_owned();
+        let prompts = typed_prompts(upload)?;
+        if prompts.is_empty() {
+            return Err(ApiError::bad_request(
+                "missing_prompt",
+                "describe a defect in at least one \"prompt\" field",
+            ));
+        }
+        Ok(Self { object, prompts })
+    }
+}
+
 /// `POST /v1/zero-shot`: multipart `image`, `object`, one or more `prompt`.
 /// 503 while no zero-shot engine is configured.
 async fn zero_shot(
+    Started(started): Started,
     State(state): State<AppState>,
-    query: Result<Query<ScoreQuery>, QueryRejection>,
-    request: Request,
+    QueryExtras(extras): QueryExtras,
+    ZeroShotEngine(engine): ZeroShotEngine,
+    upload: ScoringUpload<ZeroShotForm>,
 ) -> Result<Json<ScoreResponse>, ApiError> {
-    let started = Instant::now();
+    // `max_far` / `max_mar` are checked but not applied: zero-shot scores
+    // have no calibrated operating point.
     let extras = Extras {
-        heatmap_png: wants_heatmap(query)?,
         target: None,
+        ..extras
     };
-    let engine = match state.zero_shot() {
-        ZeroShot::Engine(engine) => engine.clone(),
-        ZeroShot::Unavailable(reason) => return Err(ApiError::ZeroShotUnavailable(reason.clone())),
-    };
-    let _body = state.body_permit()?;
-    let mut upload = read_upload(&state, request, RawBody::Refused, &["object", "prompt"]).await?;
-    let object = upload
-        .text("object")
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "missing_object",
-                "say what the object is in the \"object\" field",
-            )
-        })?
-        .to_owned();
-    let prompts = typed_prompts(&upload)?;
-    if prompts.is_empty() {
-        return Err(ApiError::bad_request(
-            "missing_prompt",
-            "describe a defect in at least one \"prompt\" field",
-        ));
-    }
-    let image = decode(&state, upload.require_image()?).await?;
+    let ScoringUpload {
+        permit: _body,
+        body: ZeroShotForm { object, prompts },
+        image,
+    } = upload;
     let slot = state.slot().await?;
     let scored = {
         let (object, prompts) = (object.clone(), prompts.clone());
@@ -535,7 +606,7 @@ mod tests {
 
     fn heatmap(uri: &str) -> Result<bool, ApiError> {
         let uri: axum::http::Uri = uri.parse().unwrap();
-        wants_heatmap(Query::try_from_uri(&uri))
+        Ok(score_extras(Query::try_from_uri(&uri))?.heatmap_png)
     }
 
     #[test]

@@ -124,6 +124,17 @@ impl ZeroShotScorer for Runtime {
     }
 }
 
+/// The credentials of an `Authorization` value (HTTP header or gRPC
+/// metadata) in the `Bearer` scheme (any case), trimmed; `None` for any
+/// other scheme or a value without credentials.
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// The one version of every served model (a model file has one).
+pub const MODEL_VERSION: &str = "1";
+
 /// A bearer token, kept as its SHA-256 so comparison takes the same time
 /// whatever the candidate's length or content.
 #[derive(Clone)]
@@ -283,6 +294,22 @@ impl AppState {
             .get(name)
             .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("no model named {name:?}")))
+    }
+
+    /// The model `name` at `version` (empty or absent: the latest, the
+    /// only one, [`MODEL_VERSION`]), or 404.
+    pub(crate) fn versioned_model(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<Model>, ApiError> {
+        let model = self.model(name)?;
+        match version {
+            None | Some("") | Some(MODEL_VERSION) => Ok(model),
+            Some(other) => Err(ApiError::NotFound(format!(
+                "model {name:?} has no version {other:?}; its only version is \"{MODEL_VERSION}\""
+            ))),
+        }
     }
 
     pub fn token(&self) -> Option<&Token> {
@@ -445,6 +472,16 @@ mod tests {
         assert!(!token.matches("s3cre"));
         assert!(!token.matches("s3cret "));
         assert!(!token.matches(""));
+    }
+
+    #[test]
+    fn bearer_credentials() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("  bearer   abc  "), Some("abc"));
+        assert_eq!(bearer("BEARER a b"), Some("a b"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("abc"), None);
     }
 
     #[test]

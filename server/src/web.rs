@@ -6,20 +6,25 @@
 //! through the ordinary `/v1` routes, so scoring costs it nothing extra.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use flawscope_core::model::Model;
 use flawscope_results::store::{Decision, NewScore, StoreError, content_hash};
 use serde::Serialize;
 
 use crate::error::ApiError;
-use crate::inference::{blocking, decode};
+use crate::extract::{ScoringUpload, UploadForm};
+use crate::inference::blocking;
+use crate::results_store::{SharedResults, StoredModel};
 use crate::state::{AppState, ZeroShot};
-use crate::upload::{MAX_PROMPTS, RawBody, read_upload};
+use crate::upload::{MAX_PROMPTS, RawBody, Upload};
 
 const INDEX_HTML: &str = include_str!("../web/index.html");
 const APP_JS: &str = include_str!("../web/app.js");
@@ -157,6 +162,73 @@ fn store_error(err: &StoreError) -> ApiError {
     ApiError::Internal(format!("results store: {err}"))
 }
 
+/// The results store decisions go to; 503 without one (`serve --db`).
+struct Results(SharedResults);
+
+impl FromRequestParts<AppState> for Results {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        state
+            .results()
+            .cloned()
+            .map(Self)
+            .ok_or(ApiError::NoResultsStore)
+    }
+}
+
+/// The form of `POST /v1/decisions`: multipart `image`, `model`, `name`
+/// and `decision`.
+struct DecisionForm {
+    model: Arc<Model>,
+    stored_model: StoredModel,
+    decision: Decision,
+    /// Where the row is filed ([`upload_path`]).
+    path: PathBuf,
+    /// The image's content hash (empty when there is no image, which the
+    /// upload then refuses).
+    hash: String,
+}
+
+impl UploadForm for DecisionForm {
+    const RAW: RawBody = RawBody::Refused;
+    const FIELDS: &'static [&'static str] = &["model", "name", "decision"];
+
+    fn parse(upload: &Upload, state: &AppState) -> Result<Self, ApiError> {
+        let name = upload.text("model").ok_or_else(|| {
+            ApiError::bad_request("model_required", "say which model in the \"model\" field")
+        })?;
+        let model = state.model(name)?;
+        let stored_model = state
+            .results()
+            .and_then(|results| results.models.get(name))
+            .cloned()
+            .ok_or_else(|| ApiError::Internal(format!("model {name:?} has no store entry")))?;
+        let decision = upload
+            .text("decision")
+            .and_then(Decision::parse)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_decision",
+                    "\"decision\" must be \"ok\", \"ng\" or \"none\"",
+                )
+            })?;
+        let path = upload_path(upload.text("name").unwrap_or(""))?;
+        let hash = upload
+            .image
+            .as_deref()
+            .map(content_hash)
+            .unwrap_or_default();
+        Ok(Self {
+            model,
+            stored_model,
+            decision,
+            path,
+            hash,
+        })
+    }
+}
+
 /// `POST /v1/decisions`: multipart `image`, `model`, `name` (the file name)
 /// and `decision` (`ok`, `ng` or `none`). The server scores the image
 /// itself (the store never holds a score a client claimed), files the row
@@ -164,44 +236,21 @@ fn store_error(err: &StoreError) -> ApiError {
 /// on every row of that image, as the TUI's `a` / `x` / `u` do.
 async fn decide(
     State(state): State<AppState>,
-    request: Request,
+    Results(results): Results,
+    upload: ScoringUpload<DecisionForm>,
 ) -> Result<Json<DecisionResponse>, ApiError> {
-    let Some(results) = state.results().cloned() else {
-        return Err(ApiError::NoResultsStore);
-    };
-    let _body = state.body_permit()?;
-    let mut upload = read_upload(
-        &state,
-        request,
-        RawBody::Refused,
-        &["model", "name", "decision"],
-    )
-    .await?;
-    let name = upload
-        .text("model")
-        .ok_or_else(|| {
-            ApiError::bad_request("model_required", "say which model in the \"model\" field")
-        })?
-        .to_owned();
-    let model = state.model(&name)?;
-    let stored_model = results
-        .models
-        .get(&name)
-        .cloned()
-        .ok_or_else(|| ApiError::Internal(format!("model {name:?} has no store entry")))?;
-    let decision = upload
-        .text("decision")
-        .and_then(Decision::parse)
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_decision",
-                "\"decision\" must be \"ok\", \"ng\" or \"none\"",
-            )
-        })?;
-    let path = upload_path(upload.text("name").unwrap_or(""))?;
-    let bytes = upload.require_image()?;
-    let hash = content_hash(&bytes);
-    let image = decode(&state, bytes).await?;
+    let ScoringUpload {
+        permit: _body,
+        body:
+            DecisionForm {
+                model,
+                stored_model,
+                decision,
+                path,
+                hash,
+            },
+        image,
+    } = upload;
     let slot = state.slot().await?;
     let inspection = blocking(slot, move || {
         model.inspect(&image).map_err(|e| ApiError::from_core(&e))

@@ -1,0 +1,121 @@
+//! The extractors the routes share, each refusing with an [`ApiError`]:
+//! the model a path names ([`PathModel`]) and a scoring upload read and
+//! decoded in the one order every scoring route keeps ([`ScoringUpload`]).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use flawscope_core::model::Model;
+use image::Rgb32FImage;
+
+use crate::error::ApiError;
+use crate::inference::decode;
+use crate::state::{AppState, BodyPermit};
+use crate::upload::{RawBody, Upload, read_upload};
+
+/// The model a route's path names: `{name}`, and `{version}` on the
+/// versioned `/v2` routes, looked up; 404 when there is no such model or
+/// version, or when the path does not decode (a name that does not decode
+/// is just unknown).
+pub(crate) struct PathModel {
+    pub name: String,
+    pub model: Arc<Model>,
+}
+
+impl FromRequestParts<AppState> for PathModel {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let unknown = || ApiError::NotFound("no such model".into());
+        let Path(mut params) = Path::<BTreeMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| unknown())?;
+        let name = params.remove("name").ok_or_else(unknown)?;
+        let model = state.versioned_model(&name, params.get("version").map(String::as_str))?;
+        Ok(Self { name, model })
+    }
+}
+
+/// What a scoring route reads from its body besides the image.
+pub(crate) trait ScoringBody: Sized + Send {
+    /// Refuses a request by its headers alone, before a body permit is
+    /// taken; the default refuses none.
+    fn admit(_headers: &HeaderMap) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    /// Reads the body within its limits and deadline, and checks it: the
+    /// route's own part and the image's encoded bytes.
+    fn read(
+        state: &AppState,
+        request: Request,
+    ) -> impl Future<Output = Result<(Self, Bytes), ApiError>> + Send;
+}
+
+/// A scoring route that takes a multipart form with an `image` file (or,
+/// with [`RawBody::Image`], the image as the whole body): what it accepts,
+/// and how it reads its text fields.
+pub(crate) trait UploadForm: Sized + Send {
+    /// Whether a plain (non-multipart) body is taken as the image.
+    const RAW: RawBody;
+    /// The text fields read; others are ignored.
+    const FIELDS: &'static [&'static str];
+
+    /// The route's part of the form, checked before the image is looked at.
+    fn parse(upload: &Upload, state: &AppState) -> Result<Self, ApiError>;
+}
+
+impl<F: UploadForm> ScoringBody for F {
+    async fn read(state: &AppState, request: Request) -> Result<(Self, Bytes), ApiError> {
+        let mut upload = read_upload(state, request, F::RAW, F::FIELDS).await?;
+        let form = F::parse(&upload, state)?;
+        Ok((form, upload.require_image()?))
+    }
+}
+
+/// The front part of every scoring route: a body permit (503 when too many
+/// bodies are held), the body read and checked (`B`), and its image
+/// decoded, all before an inference slot is taken, so a slow or bad
+/// upload never holds one. The permit is held while reading, and after:
+/// keep [`ScoringUpload::permit`] until the answer is ready.
+pub(crate) struct ScoringUpload<B> {
+    pub permit: BodyPermit,
+    /// The route's own part of the body.
+    pub body: B,
+    pub image: Rgb32FImage,
+}
+
+impl<B: ScoringBody> FromRequest<AppState> for ScoringUpload<B> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        B::admit(request.headers())?;
+        let permit = state.body_permit()?;
+        let (body, bytes) = B::read(state, request).await?;
+        let image = decode(state, bytes).await?;
+        Ok(Self {
+            permit,
+            body,
+            image,
+        })
+    }
+}
+
+/// When the handler started: put first, so the latency a route reports
+/// counts reading and decoding the upload.
+pub(crate) struct Started(pub Instant);
+
+impl<S: Send + Sync> FromRequestParts<S> for Started {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
+        Ok(Self(Instant::now()))
+    }
+}
