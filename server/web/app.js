@@ -206,6 +206,9 @@ function addFiles(files) {
       file,
       name: file.name || 'pasted-image-' + state.nextId + '.png',
       model: source === ZERO_SHOT ? null : source,
+      // The operating point asked for (a false-alarm limit), if any: the
+      // server moves the model's threshold for this request only.
+      maxFar: source === ZERO_SHOT ? '' : $('max-far').value,
       object,
       defects: defects.map((text) => ({ text, score: null, verdict: null, error: null })),
       status: 'queued',
@@ -239,6 +242,12 @@ function form(fields) {
   return data;
 }
 
+/** The score route of the item's model, with its operating point. */
+function scoreUrl(item) {
+  const far = item.maxFar ? '&max_far=' + encodeURIComponent(item.maxFar) : '';
+  return '/v1/models/' + encodeURIComponent(item.model) + '/score?heatmap=png' + far;
+}
+
 async function score(item) {
   const limit = state.caps ? state.caps.body_limit_bytes : Infinity;
   try {
@@ -248,7 +257,7 @@ async function score(item) {
     if (item.model && item.defects.length) {
       // Typed defects go with the image: the model's text layer checks each
       // one beside the model's own verdict, in the same request.
-      item.result = await apiBusyRetry('/v1/models/' + encodeURIComponent(item.model) + '/score?heatmap=png', () => ({
+      item.result = await apiBusyRetry(scoreUrl(item), () => ({
         method: 'POST',
         body: form([['image', item.file], ...item.defects.map((d) => ['defect', d.text])]),
       }));
@@ -257,7 +266,7 @@ async function score(item) {
       // Read into memory first: a File body is streamed from the browser's
       // blob store while the server waits, which cost it ~10 ms a request.
       const bytes = await item.file.arrayBuffer();
-      item.result = await apiBusyRetry('/v1/models/' + encodeURIComponent(item.model) + '/score?heatmap=png', () => ({
+      item.result = await apiBusyRetry(scoreUrl(item), () => ({
         method: 'POST',
         headers: { 'Content-Type': item.file.type || 'application/octet-stream' },
         body: bytes,
@@ -424,6 +433,26 @@ function move(delta) {
 
 // ---------- the selected image ----------
 
+/** What the threshold a result was judged at costs, in words. */
+function costs(item, p) {
+  if (!item.model || !p || !p.normal_images) {
+    return 'No false-alarm estimate: zero-shot scores are not calibrated on normal images.';
+  }
+  const which = p.target && p.target.max_far !== undefined
+    ? 'the threshold for at most ' + pct(p.target.max_far) + ' false alarms (' + p.threshold.toFixed(2) + ')'
+    : item.model + '\'s own threshold';
+  let text = 'At ' + which + ': about ' + pct(p.estimated_false_alarm_rate) + ' of normal images are flagged (95% bound '
+    + pct(p.false_alarm_upper_bound_95) + ', from ' + p.normal_images + ' normal images scored out of sample)';
+  if (p.synthetic_missed_alarm_rate !== undefined && p.synthetic_missed_alarm_rate !== null) {
+    text += '; about ' + pct(p.synthetic_missed_alarm_rate) + ' of synthetic defects are missed';
+  }
+  if (p.labelled_missed_alarm_rate) {
+    const l = p.labelled_missed_alarm_rate;
+    text += '; ' + l.missed + ' of ' + l.images + ' images marked NG are missed (95% bound ' + pct(l.upper_95) + ')';
+  }
+  return text + '.';
+}
+
 function pct(x) {
   return (x * 100).toFixed(x < 0.01 ? 2 : 1) + '%';
 }
@@ -456,11 +485,7 @@ function renderDetail() {
     ? (r.is_anomalous ? 'Anomalous' : 'Normal') + ' · score ' + r.score.toFixed(3) + ' (threshold ' + r.threshold.toFixed(2) + ', 0–1) · ' + source
     : item.status === 'error' ? '' : 'Scoring with ' + source + '…';
   $('answer').textContent = r ? r.answer : '';
-  const m = item.model && state.models.get(item.model);
-  $('false-alarm').textContent = m && r
-    ? 'False-alarm estimate of ' + item.model + ': about ' + pct(m.estimated_false_alarm_rate) + ' of normal images are flagged at its threshold (from '
-      + m.calibration_images + ' calibration images; limit ' + pct(m.max_far) + ').'
-    : r ? 'No false-alarm estimate: zero-shot scores are not calibrated on normal images.' : '';
+  $('false-alarm').textContent = r ? costs(item, r.operating_point) : '';
   renderDefects(item);
   if (r) {
     r.regions.forEach((g, n) => {

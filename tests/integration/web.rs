@@ -445,6 +445,40 @@ async fn web_page_scores_marks_and_survives_garbage() {
     );
     let answer = text(&client, "answer").await;
     assert!(answer.starts_with("cells: anomalous"), "{answer}");
+    // The threshold used and what it costs, from the response.
+    let costs = text(&client, "false-alarm").await;
+    assert!(
+        costs.starts_with("At cells's own threshold: about")
+            && costs.contains("normal images scored out of sample"),
+        "{costs}"
+    );
+    // Another operating point goes with the request (no refit).
+    let url = client
+        .execute(
+            "return scoreUrl({ model: 'cells', maxFar: '0.05' });",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        url,
+        json!("/v1/models/cells/score?heatmap=png&max_far=0.05")
+    );
+    let words = client
+        .execute(
+            "return costs({ model: 'cells' }, { target: { max_far: 0.05 }, threshold: 0.41,
+               estimated_false_alarm_rate: 0.05, false_alarm_upper_bound_95: 0.07,
+               normal_images: 100, synthetic_missed_alarm_rate: 0.2 });",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        words,
+        json!(
+            "At the threshold for at most 5.0% false alarms (0.41): about 5.0% of normal images are flagged (95% bound 7.0%, from 100 normal images scored out of sample); about 20.0% of synthetic defects are missed."
+        )
+    );
     // Every control has a name, and the page fits 1366 x 768 without
     // sideways scrolling, the list and the image in view.
     let unnamed = client
