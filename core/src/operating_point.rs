@@ -220,8 +220,8 @@ impl OperatingPoint {
             (best > limit).then(|| {
                 format!(
                     "{n} normal images cannot confirm a false-alarm limit of {limit}: even with \
-                     no false alarm the 95 % upper bound is {best:.3}; at least {} would be \
-                     needed",
+                     no false alarm the 95 % upper bound is {best:.3}; at least {} normal images \
+                     would be needed",
                     crate::calibration::images_needed(limit)
                         .map_or_else(|| "infinitely many".to_owned(), |k| k.to_string())
                 )
