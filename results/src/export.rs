@@ -5,13 +5,15 @@
 //! `person_verdict` are at the threshold a person set in the TUI (empty or
 //! `null` while none was set). Both are anomalous too when a typed defect
 //! checked beside the model was over its own threshold
-//! ([`crate::store::layered_verdict`]; `flagged_by` says which).
+//! ([`crate::rows::layered_verdict`]; `flagged_by` says which).
 
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Decision, Store, StoreError, StoredResult, Verdict};
+use crate::error::StoreError;
+use crate::rows::{Decision, StoredResult, Verdict};
+use crate::store::Store;
 
 /// One exported row; its field names are the CSV header and JSON keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

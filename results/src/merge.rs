@@ -10,7 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::store::{Store, StoreError};
+use crate::error::StoreError;
+use crate::store::Store;
 
 /// What a merge did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +72,7 @@ pub fn merge(sources: &[PathBuf], out: &Path) -> Result<MergeSummary, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Decision, NewScore};
+    use crate::rows::{Decision, NewScore};
 
     fn score(store: &Store, model: &str, path: &str, hash: &str, value: f32) {
         let model = store.model(model, &format!("sha256:{model}")).unwrap();

@@ -19,7 +19,10 @@ use flawscope_core::operating_point::OperatingPoint;
 use flawscope_core::prompt_layer::DefectCheck;
 use image::Rgb32FImage;
 
-use crate::store::{ModelRef, NewScore, Store, StoreError, StoredResult, content_hash};
+use crate::error::StoreError;
+use crate::hash::content_hash;
+use crate::rows::{ModelRef, NewScore, StoredResult};
+use crate::store::Store;
 
 /// Longest side, in pixels, of the heatmap previews kept for the TUI.
 pub const PREVIEW_SIDE: u32 = 128;

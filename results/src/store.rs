@@ -8,252 +8,47 @@
 //! - The file is marked as flawscope's with `PRAGMA application_id`
 //!   ([`APPLICATION_ID`]); the schema is versioned with `PRAGMA
 //!   user_version`, and [`MIGRATIONS`] lists the steps from an empty file,
-//!   applied in order inside transactions.
+//!   applied in order inside transactions ([`crate::schema`]).
 //! - Before anything is written, an existing file is read without changing
-//!   it: only an empty database, one of ours, or one written before the mark
-//!   existed (recognised by its exact schema) is opened. Another
-//!   application's database is [`StoreError::Foreign`], a file that is not a
-//!   database or a damaged one [`StoreError::Corrupt`]; both leave the file
-//!   as it was, and neither is a panic.
+//!   it (`foreign.rs`): only an empty database, one of ours, or one written
+//!   before the mark existed (recognised by its exact schema) is opened.
+//!   Another application's database is [`StoreError::Foreign`], a file that
+//!   is not a database or a damaged one [`StoreError::Corrupt`]; both leave
+//!   the file as it was, and neither is a panic.
 //!
 //! A row is keyed by `(path, model)`. The model is identified by the SHA-256
 //! of its file, so a copied or renamed model file is the same model. A
 //! decision belongs to the image (path + content hash), whatever model scored
 //! it: it is written to every row of that image, and a new model's row for an
 //! unchanged image starts with the decision already made.
+//!
+//! This module holds the [`Store`] and the SQL that reads and writes its
+//! rows. The row types ([`crate::rows`]), [`StoreError`] ([`crate::error`]),
+//! the schema and the hashes ([`crate::hash`]) live in their own modules and
+//! are re-exported here, so `flawscope_results::store::…` keeps naming them.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use flawscope_core::prompt_layer::DefectCheck;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-/// Schema steps; step `i` takes `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[
-    // 1: models, results, settings.
-    "CREATE TABLE models (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL,
-        identity TEXT NOT NULL UNIQUE
-    );
-    CREATE TABLE results (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL,
-        content_hash TEXT NOT NULL,
-        model_id INTEGER NOT NULL REFERENCES models(id),
-        score REAL NOT NULL,
-        raw_score REAL NOT NULL,
-        threshold REAL NOT NULL,
-        verdict TEXT NOT NULL CHECK (verdict IN ('ok', 'anomalous')),
-        decision TEXT NOT NULL DEFAULT 'none' CHECK (decision IN ('none', 'ok', 'ng')),
-        decided_at TEXT,
-        scored_at TEXT NOT NULL,
-        UNIQUE (path, model_id)
-    );
-    CREATE INDEX results_by_image ON results (path, content_hash);
-    CREATE TABLE settings (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    );",
-    // 2: the typed defects checked beside the model (its text layer), as a
-    // JSON array of [`DefectCheck`]; NULL when none were asked about.
-    "ALTER TABLE results ADD COLUMN defects TEXT;",
-];
+use crate::error::classify;
+use crate::foreign::{Found, inspect, inspect_file};
+use crate::schema::{self, BUSY_TIMEOUT};
 
-/// `PRAGMA application_id` of a results database: the bytes "FLWS".
-pub const APPLICATION_ID: i32 = i32::from_be_bytes(*b"FLWS");
+pub use crate::error::StoreError;
+pub use crate::hash::{content_hash, file_hash};
+pub use crate::rows::{
+    Decision, ModelRef, NewScore, StoredResult, Verdict, flagged_by, layered_model, layered_verdict,
+};
+pub use crate::schema::{APPLICATION_ID, MIGRATIONS};
 
 /// The store setting holding the threshold a person chose in the TUI
 /// (`+` / `-`).
 pub const PERSON_THRESHOLD_SETTING: &str = "tui.threshold";
 
-/// The first bytes of every SQLite database file.
-const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
-
 /// UTC time with milliseconds, as SQLite writes it.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
-
-/// How long a connection waits for another's write lock before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("threshold {0} is not within 0–1")]
-    BadThreshold(f32),
-    #[error(
-        "{path} is not a flawscope results database or it is damaged ({detail}); move it away or pass another --db"
-    )]
-    Corrupt { path: PathBuf, detail: String },
-    #[error(
-        "{path} was written by a newer flawscope (schema version {found}; this one knows up to {supported})"
-    )]
-    TooNew {
-        path: PathBuf,
-        found: i64,
-        supported: i64,
-    },
-    #[error(
-        "{path} is not a flawscope results database (application_id {application_id:#010x}, {contents}); it was left unchanged: pass another --db"
-    )]
-    Foreign {
-        path: PathBuf,
-        application_id: u32,
-        /// What the file holds, e.g. `tables: a, b`.
-        contents: String,
-    },
-    #[error("results database {0} does not exist")]
-    Missing(PathBuf),
-    #[error("{0} already exists; a merge writes a new file (remove it or choose another --out)")]
-    Exists(PathBuf),
-    #[error("results database {path}: {cause}")]
-    Sqlite {
-        path: PathBuf,
-        #[source]
-        cause: rusqlite::Error,
-    },
-    #[error("cannot read {path}: {cause}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        cause: std::io::Error,
-    },
-    #[error("results database {path} holds an unknown {field} value {value:?}")]
-    BadValue {
-        path: PathBuf,
-        field: &'static str,
-        value: String,
-    },
-}
-
-/// A person's call on an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Decision {
-    None,
-    Ok,
-    Ng,
-}
-
-impl Decision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Ok => "ok",
-            Self::Ng => "ng",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "none" => Some(Self::None),
-            "ok" => Some(Self::Ok),
-            "ng" => Some(Self::Ng),
-            _ => None,
-        }
-    }
-}
-
-pub use flawscope_core::verdict::Verdict;
-
-/// A model as the store knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelRef {
-    pub id: i64,
-    /// How the user named it (the path given).
-    pub name: String,
-    /// `sha256:<hex>` of the model file.
-    pub identity: String,
-}
-
-/// A score to record.
-#[derive(Debug, Clone, Copy)]
-pub struct NewScore<'a> {
-    pub path: &'a Path,
-    pub content_hash: &'a str,
-    /// 0–1.
-    pub score: f32,
-    pub raw_score: f32,
-    /// The 0–1 threshold the verdict was taken at.
-    pub threshold: f32,
-    /// Typed defects checked beside the model (empty when none were asked).
-    pub defects: &'a [DefectCheck],
-}
-
-/// The verdict of a row: anomalous when the model's score is at or over
-/// `threshold`, or any typed defect is over its own calibrated threshold.
-pub fn layered_verdict(score: f32, threshold: f32, defects: &[DefectCheck]) -> Verdict {
-    if flagged_by(score, threshold, defects).is_empty() {
-        Verdict::Ok
-    } else {
-        Verdict::Anomalous
-    }
-}
-
-/// One stored row.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StoredResult {
-    pub path: PathBuf,
-    pub content_hash: String,
-    pub model: String,
-    pub model_identity: String,
-    pub score: f32,
-    pub raw_score: f32,
-    pub threshold: f32,
-    pub verdict: Verdict,
-    pub decision: Decision,
-    /// UTC, ISO 8601; `None` while undecided.
-    pub decided_at: Option<String>,
-    /// UTC, ISO 8601.
-    pub scored_at: String,
-    /// Typed defects checked beside the model, when any were asked.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub defects: Vec<DefectCheck>,
-}
-
-impl StoredResult {
-    /// The verdict at another model threshold (a person's), the typed
-    /// defects' verdicts unchanged ([`layered_verdict`]).
-    pub fn verdict_at(&self, threshold: f32) -> Verdict {
-        layered_verdict(self.score, threshold, &self.defects)
-    }
-
-    /// What flagged the image at `threshold` ([`flagged_by`]).
-    pub fn flagged_by(&self, threshold: f32) -> Vec<String> {
-        flagged_by(self.score, threshold, &self.defects)
-    }
-}
-
-/// What flagged an image scored `score` at `threshold`: `model`, then each
-/// flagged typed defect.
-pub fn flagged_by(score: f32, threshold: f32, defects: &[DefectCheck]) -> Vec<String> {
-    let model = Verdict::at(score, threshold) == Verdict::Anomalous;
-    let checks = defects
-        .iter()
-        .map(|d| (d.is_anomalous, d.description.as_str()));
-    flawscope_core::verdict::flagged_by(model, checks)
-}
-
-/// A model entry for a model asked about typed defects: its rows are not
-/// the model's plain rows, so they are kept apart (same file, other
-/// identity: the descriptions' hash appended).
-pub fn layered_model(name: &str, identity: &str, prompts: &[String]) -> (String, String) {
-    if prompts.is_empty() {
-        return (name.to_owned(), identity.to_owned());
-    }
-    let mut hash = Sha256::new();
-    for p in prompts {
-        hash.update((p.len() as u64).to_le_bytes());
-        hash.update(p.as_bytes());
-    }
-    let quoted: Vec<String> = prompts.iter().map(|p| format!("\"{p}\"")).collect();
-    (
-        format!("{name} + {}", quoted.join(", ")),
-        format!("{identity}+prompts:{:x}", hash.finalize()),
-    )
-}
 
 fn defects_json(db: &Path, defects: &[DefectCheck]) -> Result<Option<String>, StoreError> {
     if defects.is_empty() {
@@ -298,28 +93,8 @@ impl Store {
         if found != Found::Ours(MIGRATIONS.len() as i64) {
             store.initialise()?;
         }
-        // Only now is the file known to be ours: switching to WAL rewrites
-        // its header.
-        let mode: String = store
-            .conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(|e| store.err(e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Corrupt {
-                path: store.path.clone(),
-                detail: format!("cannot switch to WAL mode (journal mode is {mode})"),
-            });
-        }
-        // In WAL mode NORMAL keeps every committed row across a crash of the
-        // program; only a power cut can lose the last commits.
-        store
-            .conn
-            .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| store.err(e))?;
-        store
-            .conn
-            .pragma_update(None, "foreign_keys", "ON")
-            .map_err(|e| store.err(e))?;
+        // Only now is the file known to be ours.
+        schema::use_wal(&store.conn, &store.path)?;
         Ok(store)
     }
 
@@ -361,13 +136,7 @@ impl Store {
             Found::Empty => 0,
             Found::Ours(version) | Found::Unstamped(version) => version,
         };
-        tx.pragma_update(None, "application_id", APPLICATION_ID)
-            .map_err(sql)?;
-        for (step, migration) in MIGRATIONS.iter().enumerate().skip(from as usize) {
-            tx.execute_batch(migration).map_err(sql)?;
-            tx.pragma_update(None, "user_version", step as i64 + 1)
-                .map_err(sql)?;
-        }
+        schema::migrate(&tx, from).map_err(sql)?;
         tx.commit().map_err(sql)
     }
 
@@ -751,274 +520,9 @@ fn parse_decision(db: &Path, text: &str) -> Result<Decision, StoreError> {
     })
 }
 
-/// Maps SQLite's "not a database" and "corrupt" codes to
-/// [`StoreError::Corrupt`].
-fn classify(path: &Path, cause: rusqlite::Error) -> StoreError {
-    match cause.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
-            path: path.to_path_buf(),
-            detail: cause.to_string(),
-        },
-        _ => StoreError::Sqlite {
-            path: path.to_path_buf(),
-            cause,
-        },
-    }
-}
-
-/// What an existing database holds, as far as opening it is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Found {
-    /// No schema and no marks: ours to initialise.
-    Empty,
-    /// Marked with [`APPLICATION_ID`], at this schema version.
-    Ours(i64),
-    /// Not marked, but exactly the schema of this version: written by a
-    /// flawscope from before the mark.
-    Unstamped(i64),
-}
-
-/// Looks at the file at `path` without changing a byte of it (nor creating
-/// `-wal` / `-shm` files beside it) and says whether it may be opened.
-fn inspect_file(path: &Path) -> Result<Found, StoreError> {
-    let metadata = match std::fs::metadata(path) {
-        Ok(metadata) => metadata,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Empty),
-        Err(cause) => {
-            return Err(StoreError::Io {
-                path: path.to_path_buf(),
-                cause,
-            });
-        }
-    };
-    let corrupt = |detail: &str| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-    };
-    if !metadata.is_file() {
-        return Err(corrupt("not a regular file"));
-    }
-    if metadata.len() == 0 {
-        return Ok(Found::Empty);
-    }
-    let mut header = [0u8; 100];
-    std::fs::File::open(path)
-        .and_then(|mut file| file.read_exact(&mut header))
-        .map_err(|cause| match cause.kind() {
-            std::io::ErrorKind::UnexpectedEof => corrupt("file is not a database"),
-            _ => StoreError::Io {
-                path: path.to_path_buf(),
-                cause,
-            },
-        })?;
-    if &header[..16] != SQLITE_MAGIC {
-        return Err(corrupt("file is not a database"));
-    }
-    // A read-only connection to a WAL-mode file creates `-wal` and `-shm`
-    // files and leaves them; without a `-wal` file the main file holds
-    // everything, so it is read as immutable (no locks, no side files).
-    let wal_mode = header[18] == 2 || header[19] == 2;
-    let immutable = wal_mode && !side_file(path, "-wal").exists();
-    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-        | rusqlite::OpenFlags::SQLITE_OPEN_URI
-        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let sql = |e| classify(path, e);
-    let conn = Connection::open_with_flags(file_uri(path, immutable), flags).map_err(sql)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
-    let found = inspect(&conn, path)?;
-    if found != Found::Empty {
-        check_integrity(&conn, path)?;
-    }
-    Ok(found)
-}
-
-/// Classifies the database open on `conn`; only reads.
-fn inspect(conn: &Connection, path: &Path) -> Result<Found, StoreError> {
-    let sql = |e| classify(path, e);
-    let application_id: i32 = conn
-        .pragma_query_value(None, "application_id", |row| row.get(0))
-        .map_err(sql)?;
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(sql)?;
-    let layout = schema_layout(conn).map_err(sql)?;
-    let supported = MIGRATIONS.len() as i64;
-    if application_id == APPLICATION_ID {
-        if version > supported {
-            return Err(StoreError::TooNew {
-                path: path.to_path_buf(),
-                found: version,
-                supported,
-            });
-        }
-        if version < 0 {
-            return Err(StoreError::Corrupt {
-                path: path.to_path_buf(),
-                detail: format!("schema version {version}"),
-            });
-        }
-        return Ok(Found::Ours(version));
-    }
-    if application_id == 0 {
-        if layout.is_empty() && version == 0 {
-            return Ok(Found::Empty);
-        }
-        if (1..=supported).contains(&version)
-            && layout == schema_of_version(version).map_err(sql)?
-        {
-            return Ok(Found::Unstamped(version));
-        }
-    }
-    let tables: Vec<&str> = layout
-        .iter()
-        .filter_map(|entry| entry.strip_prefix("table "))
-        .collect();
-    let contents = if tables.is_empty() {
-        format!("no tables, user_version {version}")
-    } else {
-        format!("tables: {}", tables.join(", "))
-    };
-    Err(StoreError::Foreign {
-        path: path.to_path_buf(),
-        // The id is a 32-bit tag: shown as its bits.
-        application_id: application_id as u32,
-        contents,
-    })
-}
-
-/// The database's schema as sorted lines: `table T`, `column T.C TYPE`,
-/// `index I ON T`, `view V`, `trigger R` (SQLite's own objects left out).
-fn schema_layout(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut layout = Vec::new();
-    let mut objects = conn.prepare(
-        "SELECT type, name, tbl_name FROM sqlite_master
-         WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY type, name",
-    )?;
-    let mut rows = objects.query([])?;
-    while let Some(row) = rows.next()? {
-        let (kind, name, table): (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
-        match kind.as_str() {
-            "table" => layout.push(format!("table {name}")),
-            "index" => layout.push(format!("index {name} ON {table}")),
-            _ => layout.push(format!("{kind} {name}")),
-        }
-    }
-    let mut columns = conn.prepare(
-        "SELECT m.name, c.name, c.type, c.\"notnull\", c.pk
-         FROM sqlite_master m, pragma_table_info(m.name) c
-         WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
-    )?;
-    let mut rows = columns.query([])?;
-    while let Some(row) = rows.next()? {
-        let (table, column, kind, not_null, pk): (String, String, String, bool, i64) = (
-            row.get(0)?,
-            row.get(1)?,
-            row.get(2)?,
-            row.get(3)?,
-            row.get(4)?,
-        );
-        layout.push(format!(
-            "column {table}.{column} {kind} not_null={not_null} pk={pk}"
-        ));
-    }
-    layout.sort();
-    Ok(layout)
-}
-
-/// The layout [`MIGRATIONS`] up to `version` create, built in memory.
-fn schema_of_version(version: i64) -> rusqlite::Result<Vec<String>> {
-    let conn = Connection::open_in_memory()?;
-    for migration in MIGRATIONS.iter().take(version.max(0) as usize) {
-        conn.execute_batch(migration)?;
-    }
-    schema_layout(&conn)
-}
-
-fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let mut problems = Vec::new();
-    conn.pragma_query(None, "quick_check", |row| {
-        problems.push(row.get::<_, String>(0)?);
-        Ok(())
-    })
-    .map_err(|e| classify(path, e))?;
-    if problems.len() == 1 && problems[0] == "ok" {
-        return Ok(());
-    }
-    Err(StoreError::Corrupt {
-        path: path.to_path_buf(),
-        detail: problems.into_iter().take(3).collect::<Vec<_>>().join("; "),
-    })
-}
-
-/// `path` with `suffix` appended to its file name (SQLite's side files).
-fn side_file(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_os_string();
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
-/// A read-only `file:` URI for `path`, every byte outside the unreserved
-/// set percent-encoded (SQLite decodes them back to the same bytes).
-fn file_uri(path: &Path, immutable: bool) -> String {
-    use std::fmt::Write;
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut uri = String::from("file:");
-    if !absolute.as_os_str().as_encoded_bytes().starts_with(b"/") {
-        uri.push('/');
-    }
-    for &byte in absolute.as_os_str().as_encoded_bytes() {
-        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
-            uri.push(char::from(byte));
-        } else {
-            // Writing to a String cannot fail.
-            let _ = write!(uri, "%{byte:02X}");
-        }
-    }
-    uri.push_str("?mode=ro");
-    if immutable {
-        uri.push_str("&immutable=1");
-    }
-    uri
-}
-
 /// Paths are stored as text; a non-UTF-8 path is stored lossily.
 fn path_text(path: &Path) -> String {
     path.to_string_lossy().into_owned()
-}
-
-/// `sha256:<hex>` of bytes.
-pub fn content_hash(bytes: &[u8]) -> String {
-    hex_digest(Sha256::digest(bytes).as_slice())
-}
-
-/// `sha256:<hex>` of a file, read in chunks (model files can be large).
-pub fn file_hash(path: &Path) -> Result<String, StoreError> {
-    let io = |cause| StoreError::Io {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hex_digest(hasher.finalize().as_slice()))
-}
-
-fn hex_digest(digest: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(7 + digest.len() * 2);
-    out.push_str("sha256:");
-    for byte in digest {
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{byte:02x}");
-    }
-    out
 }
 
 #[cfg(test)]
@@ -1141,23 +645,6 @@ mod tests {
         store.set_setting("threshold", "0.42").unwrap();
         store.set_setting("threshold", "0.43").unwrap();
         assert_eq!(store.setting("threshold").unwrap().as_deref(), Some("0.43"));
-    }
-
-    #[test]
-    fn hashes_are_tagged_sha256() {
-        let h = content_hash(b"abc");
-        assert_eq!(
-            h,
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        let tmp = tempfile::tempdir().unwrap();
-        let f = tmp.path().join("f");
-        std::fs::write(&f, b"abc").unwrap();
-        assert_eq!(file_hash(&f).unwrap(), h);
-        assert!(matches!(
-            file_hash(&tmp.path().join("missing")),
-            Err(StoreError::Io { .. })
-        ));
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_results::export::{ExportRow, rows, write_csv, write_jsonl};
-use flawscope_results::store::{Decision, NewScore, Store, Verdict};
+use flawscope_results::rows::{Decision, NewScore, Verdict};
+use flawscope_results::store::Store;
 
 fn store_with_rows(db: &Path) -> Store {
     let store = Store::open(db).unwrap();

@@ -5,7 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use flawscope_results::store::{APPLICATION_ID, Decision, MIGRATIONS, NewScore, Store, StoreError};
+use flawscope_results::error::StoreError;
+use flawscope_results::rows::{Decision, NewScore};
+use flawscope_results::schema::{APPLICATION_ID, MIGRATIONS};
+use flawscope_results::store::Store;
 use rusqlite::Connection;
 
 /// The file's bytes and every name in its folder.

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use flawscope_results::error::StoreError;
+use flawscope_results::rows::{Decision, NewScore};
 use flawscope_results::scoring::{
     BatchItem, BatchOptions, ScoreError, Scored, Scorer, never, run_batch, store_path,
 };
-use flawscope_results::store::{Decision, NewScore, Store, StoreError};
+use flawscope_results::store::Store;
 
 /// Scores from the first byte of the file; counts calls per path; can
 /// "crash" (panic) on the n-th call, like a process killed mid-image.
