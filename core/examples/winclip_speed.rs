@@ -27,10 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use flawscope_core::detectors::DetectorConfig;
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{FitOptions, Model};
 use flawscope_core::progress::NoProgress;
-use flawscope_core::registry::DetectorConfig;
 use flawscope_core::runtime::Runtime;
 use flawscope_core::winclip::config::{WinClipConfig, prompt_set};
 use flawscope_core::winclip::engine::WinClip;

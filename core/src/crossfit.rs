@@ -18,9 +18,9 @@ use rayon::prelude::*;
 
 use crate::Error;
 use crate::detector::{Detector, FitInputs};
+use crate::detectors::DetectorConfig;
 use crate::folds::{Folds, Procedure};
 use crate::images::load_image;
-use crate::registry::DetectorConfig;
 use crate::synthetic::{DefectKind, with_defect};
 
 /// How many normal images also get synthetic defects pasted in (one per

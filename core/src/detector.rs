@@ -6,7 +6,7 @@
 //! a verdict is shared code in [`crate::model`].
 //!
 //! This file knows no detector: the detectors implement [`Detector`], and
-//! [`crate::registry`], the one place that lists them, picks one by its
+//! [`crate::detectors`], the one place that lists them, picks one by its
 //! settings.
 
 use std::collections::BTreeMap;

@@ -12,13 +12,13 @@ use serde::Serialize;
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
 use crate::dataset::{Category, Mask};
+use crate::detectors::DetectorConfig;
 use crate::features::FeatureConfig;
 use crate::images::{ImageLimits, load_image};
 use crate::metrics::{Confusion, PixelMetrics, PixelReport, f1_max, image_auroc, recall_at_far};
 use crate::model::{FitOptions, Model};
 use crate::operating_point::OperatingPoint;
 use crate::progress::Progress;
-use crate::registry::DetectorConfig;
 use crate::runtime::Runtime;
 use crate::tiling::TileChoice;
 

@@ -8,7 +8,7 @@
 //!
 //! This is PaDiM's per-position Gaussian written as a fixed, invertible
 //! first layer: `½‖z‖²` is half the squared Mahalanobis distance. The
-//! trained detectors ([`crate::flow`], [`crate::recon`]) put it in front of
+//! trained detectors ([`crate::detectors::flow`], [`crate::detectors::recon`]) put it in front of
 //! their networks, so that what they learn is shared across positions while
 //! where-things-usually-are stays in the statistics (the images of one
 //! product are aligned; a translation-invariant network alone cannot know

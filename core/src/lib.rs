@@ -2,21 +2,22 @@
 //!
 //! Data flows one way: an image is read ([`images`]), a backbone from
 //! `flawscope-models` turns it into patch features ([`features`]), a detector
-//! ([`patchcore`], [`padim`], the trained [`flow`], [`recon`] and
-//! [`supersimplenet`], behind the [`detector`] interface and listed in the
-//! [`registry`]; [`train`] holds their shared training loop) scores the
+//! (one file each in [`detectors`], which also lists them: PatchCore, PaDiM,
+//! the trained flow, recon and SuperSimpleNet, behind the [`detector`]
+//! interface; [`train`] holds their shared training loop) scores the
 //! features into an [`anomaly_map`], and [`calibration`] turns scores into a
 //! verdict, its threshold set on out-of-fold scores ([`crossfit`] over
 //! [`folds`]).
 //! [`winclip`] is a detector too: it scores with CLIP and text prompts
 //! (zero-shot, or few-shot with a handful of normal images).
 //! [`tiling`] lets any detector score large or elongated images in tiles at
-//! native resolution; [`synthetic`] pastes defects into held-back normal
-//! images so calibration can estimate the missed-alarm rate.
+//! native resolution; [`synthetic`] pastes defects into normal images so
+//! calibration can estimate the missed-alarm rate.
 //! [`model`] ties detector and calibration into one fitted model stored in
 //! one file ([`model_file`]), optionally with a [`prompt_layer`] that checks
-//! typed defect descriptions with CLIP, calibrated on the same held-back
-//! normal images; the [`verdict`] is decided in one place.
+//! typed defect descriptions with CLIP, calibrated on the normal images; the
+//! [`verdict`] rule is in one place, and [`model::Inspection`] is the one
+//! answer per image every face shows.
 //! [`runtime`] holds the device and the CLIP weights models run on.
 //! [`dataset`] reads folders of images, [`evaluation`] and [`metrics`]
 //! measure how well a detector separates good from bad.
@@ -27,9 +28,9 @@ pub mod coreset;
 pub mod crossfit;
 pub mod dataset;
 pub mod detector;
+pub mod detectors;
 pub mod evaluation;
 pub mod features;
-pub mod flow;
 pub mod folds;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -41,15 +42,10 @@ pub mod model;
 pub mod model_file;
 pub mod nearest;
 pub mod operating_point;
-pub mod padim;
-pub mod patchcore;
 pub mod progress;
 pub mod prompt_layer;
-pub mod recon;
 pub mod regions;
-pub mod registry;
 pub mod runtime;
-pub mod supersimplenet;
 pub mod synthetic;
 pub mod tiling;
 pub mod train;

@@ -16,6 +16,8 @@ use crate::anomaly_map::AnomalyMap;
 use crate::calibration::{Calibration, CalibrationError, DECISION_THRESHOLD, ThresholdMethod};
 use crate::crossfit::score_out_of_fold;
 use crate::detector::{Detector, FitInputs, RawInspection};
+use crate::detectors::patchcore::PatchCoreConfig;
+use crate::detectors::{DetectorConfig, Fitted};
 use crate::features::FeatureConfig;
 use crate::folds::{Folds, stable_hash};
 use crate::images::{ImageLimits, load_image};
@@ -23,11 +25,9 @@ use crate::model_file::{self, ModelFileError, take};
 use crate::operating_point::{
     CalibrationScores, Estimator, OperatingPoint, Target, kept, kept_synthetic,
 };
-use crate::patchcore::PatchCoreConfig;
 use crate::progress::Progress;
 use crate::prompt_layer::{DefectCheck, PromptLayer, PromptLayerInfo};
 use crate::regions::{Region, area_above, hotspot, regions};
-use crate::registry::{DetectorConfig, Fitted};
 use crate::runtime::Runtime;
 use crate::synthetic::{KindRate, MissedAlarmEstimate};
 use crate::tiling::{TileChoice, Tiling};

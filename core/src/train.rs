@@ -1,5 +1,5 @@
 //! Training machinery shared by the detectors that learn weights
-//! ([`crate::flow`], [`crate::recon`], [`crate::supersimplenet`]).
+//! ([`crate::detectors::flow`], [`crate::detectors::recon`], [`crate::detectors::supersimplenet`]).
 //!
 //! Weights are initialised from a seeded RNG (candle's CPU RNG cannot be
 //! seeded), registered in a `candle_nn::VarMap` and trained with AdamW.

@@ -1,5 +1,5 @@
-//! Tests of the trained detectors ([`crate::flow`], [`crate::recon`],
-//! [`crate::supersimplenet`]) on a
+//! Tests of the trained detectors ([`crate::detectors::flow`], [`crate::detectors::recon`],
+//! [`crate::detectors::supersimplenet`]) on a
 //! tiny synthetic set: training lowers the loss, a pasted defect scores
 //! above normal images, and a saved model scores exactly as the fitted one.
 
@@ -12,15 +12,17 @@ use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::detector::Detector;
+use crate::detectors::DetectorConfig;
+use crate::detectors::flow::{Flow, FlowConfig, FlowDetector};
+use crate::detectors::recon::{Recon, ReconConfig, ReconDetector};
+use crate::detectors::supersimplenet::{
+    SuperSimpleNet, SuperSimpleNetConfig, SuperSimpleNetDetector,
+};
 use crate::features::{BackboneKind, FeatureConfig, FeatureExtractor, Resize};
-use crate::flow::{Flow, FlowConfig, FlowDetector};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file;
 use crate::progress::NoProgress;
-use crate::recon::{Recon, ReconConfig, ReconDetector};
-use crate::registry::DetectorConfig;
 use crate::runtime::Runtime;
-use crate::supersimplenet::{SuperSimpleNet, SuperSimpleNetConfig, SuperSimpleNetDetector};
 use crate::train::{TrainingConfig, TrainingReport};
 
 const SIDE: u32 = 64;

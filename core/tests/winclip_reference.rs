@@ -18,9 +18,9 @@ use std::sync::Arc;
 
 use flawscope_core::Device;
 use flawscope_core::detector::{Detector, DetectorOutput, FitInputs, ImageScore};
+use flawscope_core::detectors::DetectorConfig;
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::progress::NoProgress;
-use flawscope_core::registry::DetectorConfig;
 use flawscope_core::runtime::Runtime;
 use flawscope_core::winclip::config::{DEFAULT_LOGIT_SCALE, PatchFeatures, WinClipConfig};
 use flawscope_core::winclip::engine::WinClip;

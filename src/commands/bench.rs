@@ -14,15 +14,15 @@ use anyhow::Context;
 use flawscope_core::Tensor;
 use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::detector::{FitInputs, ScoreGrid};
+use flawscope_core::detectors::patchcore::{PatchCore, PatchCoreConfig};
+use flawscope_core::detectors::resize_for;
 use flawscope_core::features::{
     BackboneKind, FeatureConfig, FeatureExtractor, parse_stage, time_backbone,
 };
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::first_by_hash;
 use flawscope_core::nearest::BankIndex;
-use flawscope_core::patchcore::{PatchCore, PatchCoreConfig};
 use flawscope_core::progress::NoProgress;
-use flawscope_core::registry::resize_for;
 use flawscope_core::runtime::Runtime;
 use serde::Serialize;
 

@@ -3,13 +3,13 @@
 
 use clap::ValueEnum;
 use flawscope_core::Device;
+use flawscope_core::detectors::flow::FlowConfig;
+use flawscope_core::detectors::padim::PadimConfig;
+use flawscope_core::detectors::patchcore::PatchCoreConfig;
+use flawscope_core::detectors::recon::ReconConfig;
+use flawscope_core::detectors::supersimplenet::SuperSimpleNetConfig;
+use flawscope_core::detectors::{DetectorConfig, resize_for};
 use flawscope_core::features::{BackboneKind, BackboneWeights, FeatureConfig, Resize, parse_stage};
-use flawscope_core::flow::FlowConfig;
-use flawscope_core::padim::PadimConfig;
-use flawscope_core::patchcore::PatchCoreConfig;
-use flawscope_core::recon::ReconConfig;
-use flawscope_core::registry::{DetectorConfig, resize_for};
-use flawscope_core::supersimplenet::SuperSimpleNetConfig;
 use flawscope_core::tiling::{self, TileChoice};
 use flawscope_core::train::TrainingConfig;
 use flawscope_core::winclip::config::WinClipConfig;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flawscope_core::Device;
+use flawscope_core::detectors::DetectorConfig;
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::Model;
-use flawscope_core::registry::DetectorConfig;
 use flawscope_core::runtime::Runtime;
 use flawscope_core::winclip::engine::WinClip;
 use flawscope_core::winclip::scoring::{harmonic_window_aggregation, zero_shot_grid};

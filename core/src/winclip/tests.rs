@@ -13,10 +13,10 @@ use flawscope_models::clip::sliding_windows;
 use super::scoring::{anomalous_probability, harmonic_mean, mean_grid};
 use super::*;
 use crate::calibration::Calibration;
+use crate::detectors::DetectorConfig;
 use crate::images::{ImageLimits, load_image};
 use crate::model::{FitOptions, Model};
 use crate::progress::NoProgress;
-use crate::registry::DetectorConfig;
 use crate::runtime::Runtime;
 
 fn close(a: f64, b: f64) -> bool {

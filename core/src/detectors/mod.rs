@@ -1,4 +1,8 @@
-//! The registry of detectors: the one place that lists them.
+//! The detectors and their registry: the one place that lists them. Each
+//! detector is a file in this folder implementing [`Detector`]
+//! (`patchcore`, `padim`, the trained `flow`, `recon` and
+//! `supersimplenet`; WinCLIP, which also serves the text layer, is
+//! [`crate::winclip`]).
 //!
 //! [`DetectorConfig`] names a detector with its settings; it is stored in
 //! every model file as `detector` (tagged by `kind`). It fits a detector
@@ -7,8 +11,15 @@
 //! [`Detector`] interface itself is in [`crate::detector`], below every
 //! detector and this file.
 //!
-//! Adding a detector means a file implementing [`Detector`], a variant here,
-//! and its command-line options (see the README, "Adding a detector").
+//! Adding a detector means a file in this folder implementing [`Detector`],
+//! its `pub mod` line and a variant here, and its command-line options (see
+//! the README, "Adding a detector").
+
+pub mod flow;
+pub mod padim;
+pub mod patchcore;
+pub mod recon;
+pub mod supersimplenet;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,13 +29,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::detector::{Detector, FitInputs};
+use crate::detectors::flow::{FlowConfig, FlowDetector};
+use crate::detectors::padim::{PadimConfig, PadimDetector};
+use crate::detectors::patchcore::{PatchCoreConfig, PatchCoreDetector};
+use crate::detectors::recon::{ReconConfig, ReconDetector};
+use crate::detectors::supersimplenet::{SuperSimpleNetConfig, SuperSimpleNetDetector};
 use crate::features::{FeatureConfig, Resize};
-use crate::flow::{FlowConfig, FlowDetector};
-use crate::padim::{PadimConfig, PadimDetector};
-use crate::patchcore::{PatchCoreConfig, PatchCoreDetector};
-use crate::recon::{ReconConfig, ReconDetector};
 use crate::runtime::Runtime;
-use crate::supersimplenet::{SuperSimpleNetConfig, SuperSimpleNetDetector};
 use crate::winclip::config::WinClipConfig;
 use crate::winclip::detector::WinClipDetector;
 

@@ -791,9 +791,9 @@ mod tests {
         let (net, _) = fit(&config);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ssn.flawscope");
-        let detector = crate::registry::DetectorConfig::SuperSimpleNet(config);
+        let detector = crate::detectors::DetectorConfig::SuperSimpleNet(config);
         crate::model_file::save(&path, &detector, net.tensors()).unwrap();
-        let (loaded_config, mut tensors): (crate::registry::DetectorConfig, _) =
+        let (loaded_config, mut tensors): (crate::detectors::DetectorConfig, _) =
             crate::model_file::load(&path, &Device::Cpu).unwrap();
         assert_eq!(loaded_config, detector);
         let loaded = SuperSimpleNet::from_tensors(&mut tensors, &path, &config).unwrap();
