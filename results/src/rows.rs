@@ -62,6 +62,8 @@ pub struct NewScore<'a> {
     pub threshold: f32,
     /// Typed defects checked beside the model (empty when none were asked).
     pub defects: &'a [DefectCheck],
+    /// Core's whole answer for the image (`Inspection` as JSON), if known.
+    pub answer: Option<&'a str>,
 }
 
 /// The verdict of a row: anomalous when the model's score is at or over
@@ -93,6 +95,10 @@ pub struct StoredResult {
     /// Typed defects checked beside the model, when any were asked.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub defects: Vec<DefectCheck>,
+    /// Core's whole answer for the image (`Inspection` as JSON); `None` in
+    /// rows written before it was kept.
+    #[serde(skip)]
+    pub answer: Option<String>,
 }
 
 impl StoredResult {

@@ -41,6 +41,9 @@ pub const MIGRATIONS: &[&str] = &[
     // 2: the typed defects checked beside the model (its text layer), as a
     // JSON array of [`DefectCheck`]; NULL when none were asked about.
     "ALTER TABLE results ADD COLUMN defects TEXT;",
+    // 3: the whole answer core gave for the image (`Inspection`, JSON), so
+    // a stored row shows what a fresh one does; NULL in older rows.
+    "ALTER TABLE results ADD COLUMN answer TEXT;",
 ];
 
 /// `PRAGMA application_id` of a results database: the bytes "FLWS".

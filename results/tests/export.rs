@@ -22,6 +22,7 @@ fn store_with_rows(db: &Path) -> Store {
             .record_score(
                 &model,
                 &NewScore {
+                    answer: None,
                     path: &path,
                     content_hash: &format!("sha256:{name}"),
                     score,
@@ -185,6 +186,7 @@ fn typed_defects_make_the_verdict_and_read_back() {
             .record_score(
                 &model,
                 &NewScore {
+                    answer: None,
                     path,
                     content_hash: "sha256:a",
                     score: 0.3,

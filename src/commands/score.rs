@@ -18,7 +18,7 @@ use flawscope_results::scoring::{
     BatchItem, BatchOptions, InspectorScorer, ScoreError, Scored, Scorer, run_batch,
 };
 use flawscope_results::shard::Shard;
-use flawscope_results::store::{Store, Verdict, file_hash, layered_model};
+use flawscope_results::store::{Store, StoredResult, Verdict, file_hash, layered_model};
 use image::Rgb32FImage;
 use serde::Serialize;
 
@@ -101,11 +101,18 @@ pub struct ScoreLine<'a> {
     pub answer: Answer<'a>,
 }
 
-/// What a line says of its image.
+/// What a line says of its image: core's answer, fresh or as the store
+/// kept it; rows written before the store kept answers say what they hold.
 #[derive(Serialize)]
 #[serde(untagged)]
 pub enum Answer<'a> {
     Fresh(&'a Inspection),
+    Kept {
+        #[serde(flatten)]
+        answer: serde_json::Value,
+        #[serde(skip)]
+        row: Stored<'a>,
+    },
     Stored(Stored<'a>),
 }
 
@@ -140,7 +147,7 @@ impl ScoreLine<'_> {
                 defects: &i.defects,
                 unchecked: i.defects_unchecked.as_deref(),
             },
-            Answer::Stored(s) => Shown {
+            Answer::Stored(s) | Answer::Kept { row: s, .. } => Shown {
                 score: s.score,
                 is_anomalous: s.is_anomalous,
                 defects: s.defects,
@@ -389,6 +396,31 @@ fn print_line(json: bool, line: &ScoreLine<'_>) -> std::io::Result<()> {
     out.flush()
 }
 
+/// A store row as a line's answer: core's answer as the store kept it, else
+/// (rows from before answers were kept) what the row holds.
+fn stored_answer<'a>(row: &'a StoredResult, point: &'a OperatingPoint) -> Answer<'a> {
+    let summary = Stored {
+        score: row.score,
+        is_anomalous: row.verdict == Verdict::Anomalous,
+        threshold: row.threshold,
+        model_is_anomalous: Verdict::at(row.score, row.threshold) == Verdict::Anomalous,
+        flagged_by: row.flagged_by(row.threshold),
+        defects: &row.defects,
+        operating_point: point,
+    };
+    match row
+        .answer
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+    {
+        Some(answer @ serde_json::Value::Object(_)) => Answer::Kept {
+            answer,
+            row: summary,
+        },
+        _ => Answer::Stored(summary),
+    }
+}
+
 /// Scores into the results store, skipping unchanged images (`--db`).
 fn run_with_store(
     args: &Args,
@@ -461,16 +493,7 @@ fn run_with_store(
                 &ScoreLine {
                     path: &row.path,
                     heatmap: heatmaps.get(&row.path).map(PathBuf::as_path),
-                    answer: Answer::Stored(Stored {
-                        score: row.score,
-                        is_anomalous: row.verdict == Verdict::Anomalous,
-                        threshold: row.threshold,
-                        model_is_anomalous: Verdict::at(row.score, row.threshold)
-                            == Verdict::Anomalous,
-                        flagged_by: row.flagged_by(row.threshold),
-                        defects: &row.defects,
-                        operating_point: point,
-                    }),
+                    answer: stored_answer(row, point),
                 },
             ),
             BatchItem::Failed { error, .. } => {

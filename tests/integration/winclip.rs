@@ -586,9 +586,12 @@ fn text_layer_checks_each_typed_defect_with_a_calibrated_threshold() {
     for (line, direct) in stored.iter().zip(&lines) {
         assert_eq!(line["is_anomalous"], direct["is_anomalous"], "{line}");
         assert_eq!(line["flagged_by"], direct["flagged_by"], "{line}");
-        // One shape per typed defect: the stored object is the fresh one.
+        // One answer per image: the store keeps core's answer, so a stored
+        // line is the fresh one (typed defects, operating point, regions).
         assert_eq!(line["defects"], direct["defects"], "{line}");
         assert_eq!(line["operating_point"], direct["operating_point"], "{line}");
+        assert_eq!(line["regions"], direct["regions"], "{line}");
+        assert_eq!(line["raw_score"], direct["raw_score"], "{line}");
     }
     assert_eq!(score(&[&asked[..], &db_arg[..]].concat()), stored);
     let plain = score(&db_arg);
