@@ -44,6 +44,11 @@ pub struct ExportRow {
     /// The typed defects checked beside the model, as a JSON array
     /// (empty when none were asked about).
     pub defects: String,
+    /// Core's whole answer for the image (score, verdicts, typed defects,
+    /// operating point, regions), as JSON; empty for rows stored before it
+    /// was kept.
+    #[serde(default)]
+    pub inspection: String,
 }
 
 impl ExportRow {
@@ -71,6 +76,7 @@ impl ExportRow {
             scored_at: row.scored_at,
             flagged_by,
             defects,
+            inspection: row.inspection.unwrap_or_default(),
         }
     }
 }

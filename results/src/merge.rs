@@ -80,7 +80,7 @@ mod tests {
             .record_score(
                 &model,
                 &NewScore {
-                    answer: None,
+                    inspection: None,
                     path: Path::new(path),
                     content_hash: hash,
                     score: value,

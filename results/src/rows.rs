@@ -63,7 +63,7 @@ pub struct NewScore<'a> {
     /// Typed defects checked beside the model (empty when none were asked).
     pub defects: &'a [DefectCheck],
     /// Core's whole answer for the image (`Inspection` as JSON), if known.
-    pub answer: Option<&'a str>,
+    pub inspection: Option<&'a str>,
 }
 
 /// The verdict of a row: anomalous when the model's score is at or over
@@ -98,7 +98,7 @@ pub struct StoredResult {
     /// Core's whole answer for the image (`Inspection` as JSON); `None` in
     /// rows written before it was kept.
     #[serde(skip)]
-    pub answer: Option<String>,
+    pub inspection: Option<String>,
 }
 
 impl StoredResult {

@@ -43,7 +43,7 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE results ADD COLUMN defects TEXT;",
     // 3: the whole answer core gave for the image (`Inspection`, JSON), so
     // a stored row shows what a fresh one does; NULL in older rows.
-    "ALTER TABLE results ADD COLUMN answer TEXT;",
+    "ALTER TABLE results ADD COLUMN inspection TEXT;",
 ];
 
 /// `PRAGMA application_id` of a results database: the bytes "FLWS".

@@ -88,7 +88,7 @@ pub struct Scored {
     /// Typed defects checked beside the model, when any were asked.
     pub defects: Vec<DefectCheck>,
     /// Core's whole answer (`Inspection` as JSON), kept with the row.
-    pub answer: Option<String>,
+    pub inspection: Option<String>,
 }
 
 /// Scores an image from its file bytes.
@@ -177,7 +177,7 @@ impl InspectorScorer {
             threshold: inspection.threshold,
             preview,
             defects: inspection.defects.clone(),
-            answer: serde_json::to_string(inspection).ok(),
+            inspection: serde_json::to_string(inspection).ok(),
         })
     }
 }
@@ -292,7 +292,7 @@ pub fn run_batch(
                         raw_score: scored.raw_score,
                         threshold: scored.threshold,
                         defects: &scored.defects,
-                        answer: scored.answer.as_deref(),
+                        inspection: scored.inspection.as_deref(),
                     },
                 )?;
                 summary.scored += 1;

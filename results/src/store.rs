@@ -72,7 +72,7 @@ pub struct Store {
 
 const SELECT_RESULTS: &str =
     "SELECT r.path, r.content_hash, m.name, m.identity, r.score, r.raw_score,
-        r.threshold, r.verdict, r.decision, r.decided_at, r.scored_at, r.defects, r.answer
+        r.threshold, r.verdict, r.decision, r.decided_at, r.scored_at, r.defects, r.inspection
      FROM results r JOIN models m ON m.id = r.model_id";
 
 impl Store {
@@ -187,7 +187,7 @@ impl Store {
         let defects = defects_json(&self.path, score.defects)?;
         let sql = format!(
             "INSERT INTO results (path, content_hash, model_id, score, raw_score, threshold,
-                                  verdict, decision, decided_at, scored_at, defects, answer)
+                                  verdict, decision, decided_at, scored_at, defects, inspection)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
                  COALESCE((SELECT decision FROM results WHERE path = ?1 AND content_hash = ?2
                            AND decision <> 'none' ORDER BY decided_at DESC LIMIT 1), 'none'),
@@ -197,7 +197,7 @@ impl Store {
              ON CONFLICT (path, model_id) DO UPDATE SET
                  score = excluded.score,
                  defects = excluded.defects,
-                 answer = excluded.answer,
+                 inspection = excluded.inspection,
                  raw_score = excluded.raw_score,
                  threshold = excluded.threshold,
                  verdict = excluded.verdict,
@@ -222,7 +222,7 @@ impl Store {
                     f64::from(score.threshold),
                     verdict.as_str(),
                     defects,
-                    score.answer,
+                    score.inspection,
                 ],
                 |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )
@@ -240,7 +240,7 @@ impl Store {
             decided_at,
             scored_at,
             defects: score.defects.to_vec(),
-            answer: score.answer.map(str::to_owned),
+            inspection: score.inspection.map(str::to_owned),
         })
     }
 
@@ -326,13 +326,13 @@ impl Store {
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO results (path, content_hash, model_id, score, raw_score, threshold,
-                                          verdict, decision, decided_at, scored_at, defects, answer)
+                                          verdict, decision, decided_at, scored_at, defects, inspection)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT (path, model_id) DO UPDATE SET
                          defects = CASE WHEN excluded.scored_at > results.scored_at
                                         THEN excluded.defects ELSE results.defects END,
-                         answer = CASE WHEN excluded.scored_at > results.scored_at
-                                       THEN excluded.answer ELSE results.answer END,
+                         inspection = CASE WHEN excluded.scored_at > results.scored_at
+                                       THEN excluded.inspection ELSE results.inspection END,
                          score = CASE WHEN excluded.scored_at > results.scored_at
                                       THEN excluded.score ELSE results.score END,
                          raw_score = CASE WHEN excluded.scored_at > results.scored_at
@@ -385,7 +385,7 @@ impl Store {
                         row.decided_at,
                         row.scored_at,
                         defects_json(&path, &row.defects)?,
-                        row.answer,
+                        row.inspection,
                     ])
                     .map_err(sql)?;
             }
@@ -467,7 +467,7 @@ struct RawRow {
     decided_at: Option<String>,
     scored_at: String,
     defects: Option<String>,
-    answer: Option<String>,
+    inspection: Option<String>,
 }
 
 impl RawRow {
@@ -485,7 +485,7 @@ impl RawRow {
             decided_at: row.get(9)?,
             scored_at: row.get(10)?,
             defects: row.get(11)?,
-            answer: row.get(12)?,
+            inspection: row.get(12)?,
         })
     }
 
@@ -505,7 +505,7 @@ impl RawRow {
         };
         Ok(StoredResult {
             defects,
-            answer: self.answer,
+            inspection: self.inspection,
             path: PathBuf::from(self.path),
             content_hash: self.content_hash,
             model: self.model,
@@ -540,7 +540,7 @@ mod tests {
 
     fn score<'a>(path: &'a Path, hash: &'a str, score: f32) -> NewScore<'a> {
         NewScore {
-            answer: None,
+            inspection: None,
             path,
             content_hash: hash,
             score,

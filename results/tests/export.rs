@@ -22,7 +22,7 @@ fn store_with_rows(db: &Path) -> Store {
             .record_score(
                 &model,
                 &NewScore {
-                    answer: None,
+                    inspection: None,
                     path: &path,
                     content_hash: &format!("sha256:{name}"),
                     score,
@@ -95,7 +95,7 @@ fn csv_has_a_header_and_reads_back_to_the_same_rows() {
             text.starts_with(
                 "path,content_hash,model,model_identity,score,raw_score,threshold,verdict,\
                  person_threshold,person_verdict,decision,decided_at,scored_at,flagged_by,\
-                 defects\n"
+                 defects,inspection\n"
             ),
             "{text}"
         );
@@ -146,7 +146,8 @@ fn an_empty_store_exports_the_csv_header_only() {
     assert_eq!(text.lines().count(), 1);
     assert!(text.starts_with("path,content_hash,"), "{text}");
     assert!(
-        text.trim_end().ends_with(",scored_at,flagged_by,defects"),
+        text.trim_end()
+            .ends_with(",scored_at,flagged_by,defects,inspection"),
         "{text}"
     );
     let mut text = Vec::new();
@@ -186,7 +187,7 @@ fn typed_defects_make_the_verdict_and_read_back() {
             .record_score(
                 &model,
                 &NewScore {
-                    answer: None,
+                    inspection: None,
                     path,
                     content_hash: "sha256:a",
                     score: 0.3,

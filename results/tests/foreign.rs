@@ -220,7 +220,7 @@ fn processes_opening_one_fresh_path_at_once_all_succeed() {
                     store.record_score(
                         &model,
                         &NewScore {
-                            answer: None,
+                            inspection: None,
                             path: &path,
                             content_hash: "h",
                             score: 0.5,

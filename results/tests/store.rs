@@ -49,7 +49,7 @@ impl Scorer for FakeScorer {
         }
         let score = f32::from(bytes.first().copied().unwrap_or(0)) / 255.0;
         Ok(Scored {
-            answer: None,
+            inspection: None,
             score,
             raw_score: score * 40.0,
             threshold: 0.5,
@@ -167,7 +167,7 @@ fn changed_files_and_other_models_are_rescored_and_failures_reported() {
         .record_score(
             &other,
             &NewScore {
-                answer: None,
+                inspection: None,
                 path: &row.path,
                 content_hash: &row.content_hash,
                 score: 0.1,
@@ -206,7 +206,7 @@ fn a_reader_sees_consistent_rows_while_a_writer_commits() {
                 let hash = format!("h{i}");
                 for model in [&a, &b] {
                     let score = NewScore {
-                        answer: None,
+                        inspection: None,
                         path,
                         content_hash: &hash,
                         score: 0.3,
@@ -299,7 +299,7 @@ fn a_corrupt_database_is_a_clear_error() {
                 .record_score(
                     &model,
                     &NewScore {
-                        answer: None,
+                        inspection: None,
                         path: &path,
                         content_hash: "sha256:00",
                         score: 0.5,

@@ -256,7 +256,7 @@ async fn decide(
         model.inspect(&image).map_err(|e| ApiError::from_core(&e))
     })
     .await?;
-    let answer = serde_json::to_string(&inspection).ok();
+    let kept = serde_json::to_string(&inspection).ok();
     let row = tokio::task::spawn_blocking(move || {
         // A panic elsewhere while holding the lock leaves SQLite consistent
         // (every write is its own transaction).
@@ -268,7 +268,7 @@ async fn decide(
             .record_score(
                 &entry,
                 &NewScore {
-                    answer: answer.as_deref(),
+                    inspection: kept.as_deref(),
                     path: &path,
                     content_hash: &hash,
                     score: inspection.score,

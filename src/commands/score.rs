@@ -409,7 +409,7 @@ fn stored_answer<'a>(row: &'a StoredResult, point: &'a OperatingPoint) -> Answer
         operating_point: point,
     };
     match row
-        .answer
+        .inspection
         .as_deref()
         .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
     {

@@ -468,7 +468,7 @@ mod tests {
 
     fn result(name: &str, score: f32) -> StoredResult {
         StoredResult {
-            answer: None,
+            inspection: None,
             path: PathBuf::from(format!("/imgs/{name}")),
             content_hash: format!("sha256:{name}"),
             model: "m".into(),
