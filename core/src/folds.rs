@@ -31,20 +31,11 @@ impl Folds {
             )));
         }
         let count = count.clamp(2, paths.len());
-        let mut order: Vec<(u64, usize)> = paths
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let name = p.file_name().unwrap_or(p.as_os_str());
-                (stable_hash(&name.to_string_lossy()), i)
-            })
-            .collect();
-        order.sort();
         let mut of_image = vec![0; paths.len()];
         let mut rank = vec![0; paths.len()];
-        for (place, (_, image)) in order.iter().enumerate() {
-            of_image[*image] = place % count;
-            rank[*image] = place;
+        for (place, image) in hash_order(paths).into_iter().enumerate() {
+            of_image[image] = place % count;
+            rank[image] = place;
         }
         Ok(Self {
             count,
@@ -78,6 +69,21 @@ impl Folds {
     pub fn is_among_first(&self, image: usize, n: usize) -> bool {
         self.rank[image] < n
     }
+}
+
+/// The indices of `paths` in the order of a stable hash of their file names
+/// (the same whatever folder they are in or the order they are listed).
+pub fn hash_order(paths: &[PathBuf]) -> Vec<usize> {
+    let mut keyed: Vec<(u64, usize)> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = p.file_name().unwrap_or(p.as_os_str());
+            (stable_hash(&name.to_string_lossy()), i)
+        })
+        .collect();
+    keyed.sort();
+    keyed.into_iter().map(|(_, i)| i).collect()
 }
 
 /// FNV-1a: stable across platforms and Rust versions.

@@ -19,7 +19,7 @@ use crate::detector::{Detector, FitInputs, RawInspection};
 use crate::detectors::patchcore::PatchCoreConfig;
 use crate::detectors::{DetectorConfig, Fitted};
 use crate::features::FeatureConfig;
-use crate::folds::{Folds, stable_hash};
+use crate::folds::{Folds, hash_order};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{self, ModelFileError, take};
 use crate::operating_point::{
@@ -845,15 +845,11 @@ pub const TEXT_LAYER_IMAGES: usize = 300;
 /// The first `n` of `paths` in the order of a stable hash of their file
 /// names (a subset that does not depend on the folder or listing order).
 pub fn first_by_hash(paths: &[PathBuf], n: usize) -> Vec<PathBuf> {
-    let mut keyed: Vec<(u64, &PathBuf)> = paths
-        .iter()
-        .map(|p| {
-            let name = p.file_name().unwrap_or(p.as_os_str());
-            (stable_hash(&name.to_string_lossy()), p)
-        })
-        .collect();
-    keyed.sort();
-    keyed.into_iter().take(n).map(|(_, p)| p.clone()).collect()
+    hash_order(paths)
+        .into_iter()
+        .take(n)
+        .map(|i| paths[i].clone())
+        .collect()
 }
 
 /// What a `refit` added to a model.

@@ -284,7 +284,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .with_context(|| format!("creating heatmap folder {}", dir.display()))?;
     }
     if let Some(db) = &args.db {
-        return run_with_store(args, inspector, &inputs, db, &point);
+        return run_with_store(args, inspector, &inputs, db, &point, asked);
     }
     let limits = ImageLimits::default();
     let bars = Bars::new(inputs.len() < 2);
@@ -428,6 +428,7 @@ fn run_with_store(
     inputs: &[Input],
     db: &Path,
     point: &OperatingPoint,
+    asked: &[String],
 ) -> anyhow::Result<Outcome> {
     let store = Store::open(db)?;
     let files: Vec<PathBuf> = inputs.iter().map(|i| i.path.clone()).collect();
@@ -442,11 +443,7 @@ fn run_with_store(
     let (mut name, mut identity) = match &args.model {
         // With --prompt the rows are the model's and its text layer's:
         // another entry, apart from the model's plain rows.
-        Some(path) => layered_model(
-            &path.display().to_string(),
-            &file_hash(path)?,
-            &typed_defects(args),
-        ),
+        Some(path) => layered_model(&path.display().to_string(), &file_hash(path)?, asked),
         None => (
             format!(
                 "zero-shot {}",
@@ -466,10 +463,9 @@ fn run_with_store(
         name.push_str(&suffix);
         identity.push_str(&suffix);
     }
-    let prompts = typed_defects(args);
     let scorer = StoreScorer {
         scorer: InspectorScorer::new(Arc::new(inspector), ImageLimits::default(), None)
-            .with_prompts(prompts)
+            .with_prompts(asked.to_vec())
             .map_err(|e| UsageError(format!("--prompt: {e}")))?
             .with_operating_point(point.clone()),
         heatmaps: Arc::clone(&heatmaps),

@@ -130,7 +130,6 @@ const BATCH: usize = 16;
 /// Each batch's mean and centred scatter come from one batched matrix
 /// product and are merged into the running ones with Chan et al.'s
 /// pairwise update, which is as exact as a two-pass covariance.
-#[derive(Clone)]
 pub struct PadimBuilder {
     config: PadimConfig,
     /// Grid positions, feature width and kept channels, from the first image.
@@ -212,39 +211,25 @@ impl PadimBuilder {
         let batch_mean = batch_mean.squeeze(1)?;
         let (_, d) = batch_mean.dims2()?;
         let batch_mean: Vec<f32> = batch_mean.flatten_all()?.to_vec1()?;
-        let (before, added) = (self.count as f64, batch as f64);
-        let total = before + added;
-        self.mean
-            .par_chunks_mut(d)
-            .zip(self.scatter.par_chunks_mut(d * d))
-            .zip(batch_mean.par_chunks(d))
-            .zip(batch_scatter.par_chunks(d * d))
-            .for_each(|(((mean, scatter), batch_mean), batch_scatter)| {
-                let delta: Vec<f64> = batch_mean
-                    .iter()
-                    .zip(mean.iter())
-                    .map(|(b, m)| f64::from(*b) - m)
-                    .collect();
-                let weight = before * added / total;
-                for i in 0..d {
-                    for j in 0..d {
-                        scatter[i * d + j] +=
-                            f64::from(batch_scatter[i * d + j]) + delta[i] * delta[j] * weight;
-                    }
-                }
-                for (m, dl) in mean.iter_mut().zip(&delta) {
-                    *m += dl * added / total;
-                }
-            });
+        merge_moments(
+            (&mut self.mean, &mut self.scatter, self.count),
+            (&batch_mean, &batch_scatter, batch),
+            d,
+        );
         self.count += batch;
         Ok(())
     }
 
-    /// Adds everything `other` has seen (Chan et al.'s pairwise merge of
-    /// means and scatters); both must have kept the same channels.
-    pub fn absorb(&mut self, other: &mut PadimBuilder) -> Result<(), Error> {
+    /// Adds everything `other` has seen ([`merge_moments`]); both must have
+    /// kept the same channels, and `other` must hold no pending batch
+    /// ([`PadimBuilder::flush`]).
+    pub fn absorb(&mut self, other: &PadimBuilder) -> Result<(), Error> {
         self.merge_pending()?;
-        other.merge_pending()?;
+        if !other.pending.is_empty() {
+            return Err(Error::InvalidConfig(
+                "a PaDiM builder with pending images cannot be absorbed; flush it first".into(),
+            ));
+        }
         if other.count == 0 {
             return Ok(());
         }
@@ -267,32 +252,18 @@ impl PadimBuilder {
             ));
         }
         let d = self.kept()?;
-        let (before, added) = (self.count as f64, other.count as f64);
-        let total = before + added;
-        let weight = before * added / total;
-        self.mean
-            .par_chunks_mut(d)
-            .zip(self.scatter.par_chunks_mut(d * d))
-            .zip(other.mean.par_chunks(d))
-            .zip(other.scatter.par_chunks(d * d))
-            .for_each(|(((mean, scatter), other_mean), other_scatter)| {
-                let delta: Vec<f64> = other_mean
-                    .iter()
-                    .zip(mean.iter())
-                    .map(|(b, m)| b - m)
-                    .collect();
-                for i in 0..d {
-                    for j in 0..d {
-                        scatter[i * d + j] +=
-                            other_scatter[i * d + j] + delta[i] * delta[j] * weight;
-                    }
-                }
-                for (m, dl) in mean.iter_mut().zip(&delta) {
-                    *m += dl * added / total;
-                }
-            });
+        merge_moments(
+            (&mut self.mean, &mut self.scatter, self.count),
+            (&other.mean, &other.scatter, other.count),
+            d,
+        );
         self.count += other.count;
         Ok(())
+    }
+
+    /// Folds the pending batch into the running moments.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.merge_pending()
     }
 
     fn kept(&self) -> Result<usize, Error> {
@@ -345,6 +316,40 @@ impl PadimBuilder {
     }
 }
 
+/// Chan et al.'s pairwise update: the per-position `mean` `[positions · d]`
+/// and `scatter` `[positions · d · d]` of `before` samples take in those of
+/// `added` more (`other`, in f32 from a batch or f64 from another builder),
+/// in f64.
+fn merge_moments<T: Copy + Into<f64> + Sync>(
+    (mean, scatter, before): (&mut [f64], &mut [f64], usize),
+    (other_mean, other_scatter, added): (&[T], &[T], usize),
+    d: usize,
+) {
+    let (before, added) = (before as f64, added as f64);
+    let total = before + added;
+    let weight = before * added / total;
+    mean.par_chunks_mut(d)
+        .zip(scatter.par_chunks_mut(d * d))
+        .zip(other_mean.par_chunks(d))
+        .zip(other_scatter.par_chunks(d * d))
+        .for_each(|(((mean, scatter), other_mean), other_scatter)| {
+            let delta: Vec<f64> = other_mean
+                .iter()
+                .zip(mean.iter())
+                .map(|(b, m)| Into::<f64>::into(*b) - m)
+                .collect();
+            for i in 0..d {
+                for j in 0..d {
+                    scatter[i * d + j] +=
+                        Into::<f64>::into(other_scatter[i * d + j]) + delta[i] * delta[j] * weight;
+                }
+            }
+            for (m, dl) in mean.iter_mut().zip(&delta) {
+                *m += dl * added / total;
+            }
+        });
+}
+
 /// Inverse of the symmetric positive definite matrix `a(i, j)` by Cholesky,
 /// in f64.
 fn invert_spd(d: usize, a: impl Fn(usize, usize) -> f64) -> Option<Vec<f32>> {
@@ -391,11 +396,7 @@ struct PadimWithout<'a> {
 
 impl Detector for PadimWithout<'_> {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
-        let grid = self.extractor.extract(image)?;
-        Ok(DetectorOutput::peak_of(
-            &grid,
-            self.padim.score(&grid.features)?,
-        ))
+        score_image(self.extractor, &self.padim, image)
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -435,6 +436,7 @@ impl PadimDetector {
         }
         let mut all = builders[0].empty_like();
         for builder in &mut builders {
+            builder.flush()?;
             all.absorb(builder)?;
         }
         let padim = all.finish(progress)?;
@@ -464,11 +466,20 @@ impl PadimDetector {
     }
 }
 
+/// The map of one image under `padim`; its peak is the image score.
+fn score_image(
+    extractor: &FeatureExtractor,
+    padim: &Padim,
+    image: &Rgb32FImage,
+) -> Result<DetectorOutput, Error> {
+    let grid = extractor.extract(image)?;
+    let scores = padim.score(&grid.features)?;
+    Ok(DetectorOutput::peak_of(&grid, scores))
+}
+
 impl Detector for PadimDetector {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
-        let grid = self.extractor.extract(image)?;
-        let scores = self.padim.score(&grid.features)?;
-        Ok(DetectorOutput::peak_of(&grid, scores))
+        score_image(&self.extractor, &self.padim, image)
     }
 
     fn without_fold(&self, fold: usize) -> Result<Option<FoldDetector<'_>>, Error> {
@@ -478,7 +489,7 @@ impl Detector for PadimDetector {
         let mut others = self.fold_sums[0].empty_like();
         for (f, builder) in self.fold_sums.iter().enumerate() {
             if f != fold {
-                others.absorb(&mut builder.clone())?;
+                others.absorb(builder)?;
             }
         }
         if others.count < 2 {
