@@ -66,6 +66,9 @@ pub enum ThresholdMethod {
     /// natural threshold is 0.5 (zero-shot WinCLIP); see
     /// [`Calibration::probability`].
     Probability,
+    /// No normal images: the threshold is an outlier rule on a batch's own
+    /// scores ([`crate::musc`]); no false-alarm rate is measured.
+    BatchOutlier,
 }
 
 /// Maps raw scores to `(0, 1)` with the decision threshold at 0.5.
@@ -250,6 +253,18 @@ impl Calibration {
         }
     }
 
+    /// Only the 0–1 map, with `threshold` at 0.5 and `spread` below it at
+    /// 0.25: for scores with a threshold but no measured false-alarm rate
+    /// (mutual scoring's batch outlier rule, [`crate::musc`]).
+    pub fn rational(threshold: f32, spread: f32) -> Self {
+        Self {
+            threshold,
+            spread: spread.max(f32::EPSILON),
+            method: ThresholdMethod::BatchOutlier,
+            ..Self::probability()
+        }
+    }
+
     /// The 0–1 score of a raw score: 0.5 at the threshold, strictly below
     /// 0.5 under it (also after rounding to `f32`), strictly increasing, and
     /// never exactly 0 or 1 for finite raw scores within 10⁷ spreads of the
@@ -311,7 +326,10 @@ impl Calibration {
 
     /// Whether a false-alarm rate was estimated (not for raw probabilities).
     pub fn is_fitted(&self) -> bool {
-        self.method != ThresholdMethod::Probability
+        !matches!(
+            self.method,
+            ThresholdMethod::Probability | ThresholdMethod::BatchOutlier
+        )
     }
 
     /// A warning when the normal images (out-of-sample scores) are too few to confirm

@@ -26,7 +26,7 @@ use crate::synthetic::{DefectKind, with_defect};
 /// How many normal images also get synthetic defects pasted in (one per
 /// kind): a tenth, at least 30 (or all), at most 300. The missed-alarm
 /// estimate needs far fewer images than the false-alarm one, and each costs
-/// three more scorings.
+/// five more scorings (one per kind).
 pub fn synthetic_images(normal: usize) -> usize {
     normal.div_ceil(10).max(normal.min(30)).min(300)
 }

@@ -2,6 +2,7 @@
 //! and measure. No test image is ever seen while fitting.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flawscope_prompts::object_phrase;
@@ -47,6 +48,9 @@ pub struct CategoryReport {
     pub test_images: usize,
     /// Tile side when images were scored in tiles (see `tiling`).
     pub tile_side: Option<u32>,
+    /// Why automatic tiling tiled or not, when the fit weighed both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiling_decision: Option<crate::tiling::TilingDecision>,
     /// Image AUROC of each defect type against all good test images.
     pub per_defect_image_auroc: BTreeMap<String, f64>,
     /// Verdicts at the threshold the model gives users.
@@ -107,6 +111,7 @@ pub fn evaluate(
             memory_bank_size: info.memory_bank_size,
             train_images: info.training_images,
             tile_side: info.tiling.map(|t| t.side),
+            tiling_decision: info.tiling_decision,
             operating_point,
             max_far: threshold.max_far,
             max_mar: threshold.max_mar,
@@ -178,6 +183,7 @@ pub struct FitSummary {
     pub train_images: usize,
     /// Tile side when images were scored in tiles.
     pub tile_side: Option<u32>,
+    pub tiling_decision: Option<crate::tiling::TilingDecision>,
     /// The model's own operating point (its threshold and estimates).
     pub operating_point: OperatingPoint,
     pub max_far: f64,
@@ -215,10 +221,7 @@ pub fn score_test_set(
     inspect: impl Fn(&Rgb32FImage) -> Result<(f32, AnomalyMap), Error> + Sync,
 ) -> Result<TestSetResults, Error> {
     let batch = batch.clamp(1, MAX_BATCH);
-    let with_masks = category.has_masks();
-    let mut pixels = PixelMetrics::new();
-    let mut scores = Vec::with_capacity(category.test.len());
-    let mut labels = Vec::with_capacity(category.test.len());
+    let mut gathered = Gathered::new(category);
     let mut inference = Duration::ZERO;
     progress.start("test", category.test.len() as u64);
     for samples in category.test.chunks(batch) {
@@ -239,40 +242,117 @@ pub fn score_test_set(
         };
         inference += start.elapsed();
         for ((sample, image), (score, map)) in samples.iter().zip(&images).zip(outputs) {
-            scores.push(score);
-            labels.push(sample.is_anomalous());
-            if with_masks {
-                let mask = match (&sample.mask, sample.is_anomalous()) {
-                    (Some(path), _) => Some(Mask::load(path, image.dimensions(), limits)?),
-                    (None, false) => None,
-                    // An anomalous image without a mask gets no pixel metrics.
-                    (None, true) => {
-                        progress.advance(1);
-                        continue;
-                    }
-                };
-                pixels.add_image(
-                    &map.values,
-                    mask.as_ref().map(|m| m.pixels.as_slice()),
-                    map.width,
-                    map.height,
-                )?;
-            }
+            gathered.add(sample, image.dimensions(), score, &map, limits)?;
             progress.advance(1);
         }
     }
     progress.finish();
-    Ok(TestSetResults {
-        pixels: if with_masks {
-            Some(pixels.finish()?)
-        } else {
-            None
+    gathered.finish(inference, batch)
+}
+
+/// Test-set scores, labels and pixel metrics as they come in.
+struct Gathered {
+    with_masks: bool,
+    pixels: PixelMetrics,
+    scores: Vec<f32>,
+    labels: Vec<bool>,
+    images: usize,
+}
+
+impl Gathered {
+    fn new(category: &Category) -> Self {
+        Self {
+            with_masks: category.has_masks(),
+            pixels: PixelMetrics::new(),
+            scores: Vec::with_capacity(category.test.len()),
+            labels: Vec::with_capacity(category.test.len()),
+            images: category.test.len(),
+        }
+    }
+
+    fn add(
+        &mut self,
+        sample: &crate::dataset::TestSample,
+        size: (u32, u32),
+        score: f32,
+        map: &AnomalyMap,
+        limits: &ImageLimits,
+    ) -> Result<(), Error> {
+        self.scores.push(score);
+        self.labels.push(sample.is_anomalous());
+        if !self.with_masks {
+            return Ok(());
+        }
+        let mask = match (&sample.mask, sample.is_anomalous()) {
+            (Some(path), _) => Some(Mask::load(path, size, limits)?),
+            (None, false) => None,
+            // An anomalous image without a mask gets no pixel metrics.
+            (None, true) => return Ok(()),
+        };
+        self.pixels.add_image(
+            &map.values,
+            mask.as_ref().map(|m| m.pixels.as_slice()),
+            map.width,
+            map.height,
+        )?;
+        Ok(())
+    }
+
+    fn finish(self, inference: Duration, batch: usize) -> Result<TestSetResults, Error> {
+        Ok(TestSetResults {
+            pixels: if self.with_masks {
+                Some(self.pixels.finish()?)
+            } else {
+                None
+            },
+            ms_per_image: inference.as_secs_f64() * 1000.0 / self.images.max(1) as f64,
+            batch,
+            scores: self.scores,
+            labels: self.labels,
+        })
+    }
+}
+
+/// Scores the category's test set as one unlabeled batch by mutual scoring
+/// ([`crate::musc`]): no model, and `train/` is never read. The operating
+/// point is the batch's outlier rule (uncalibrated).
+pub fn evaluate_batch(
+    category: &Category,
+    config: &crate::musc::MuscConfig,
+    runtime: &Runtime,
+    limits: &ImageLimits,
+    progress: &dyn Progress,
+) -> Result<CategoryReport, Error> {
+    let paths: Vec<PathBuf> = category.test.iter().map(|s| s.path.clone()).collect();
+    let start = Instant::now();
+    let scored = crate::musc::score_batch(&paths, config, runtime, limits, progress)?
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let inference = start.elapsed();
+    let raw: Vec<f32> = scored.iter().map(|r| r.score).collect();
+    let mut operating_point = OperatingPoint::probability();
+    operating_point.raw_threshold = crate::musc::outlier_threshold(&raw);
+    let mut gathered = Gathered::new(category);
+    for (sample, r) in category.test.iter().zip(&scored) {
+        let size = (r.map.width as u32, r.map.height as u32);
+        gathered.add(sample, size, r.score, &r.map, limits)?;
+    }
+    let batch = paths.len().min(config.max_batch);
+    gathered.finish(inference, batch)?.into_report(
+        category,
+        FitSummary {
+            detector: "musc".into(),
+            backbone: config.features.backbone.name().to_owned(),
+            fit_seconds: 0.0,
+            memory_bank_size: None,
+            train_images: 0,
+            tile_side: None,
+            tiling_decision: None,
+            operating_point,
+            max_far: 0.0,
+            max_mar: None,
         },
-        ms_per_image: inference.as_secs_f64() * 1000.0 / category.test.len().max(1) as f64,
-        batch,
-        scores,
-        labels,
-    })
+    )
 }
 
 impl TestSetResults {
@@ -327,6 +407,7 @@ impl TestSetResults {
             memory_bank_size: fit.memory_bank_size,
             train_images: fit.train_images,
             tile_side: fit.tile_side,
+            tiling_decision: fit.tiling_decision,
             test_images: category.test.len(),
             per_defect_image_auroc,
         })
@@ -437,6 +518,7 @@ mod tests {
             memory_bank_size: None,
             train_images: 0,
             tile_side: None,
+            tiling_decision: None,
             operating_point: point,
             max_far: 0.01,
             max_mar: None,

@@ -18,6 +18,8 @@
 //! typed defect descriptions with CLIP, calibrated on the normal images; the
 //! [`verdict`] rule is in one place, and [`model::Inspection`] is the one
 //! answer per image every face shows.
+//! [`musc`] scores an unlabeled batch with no model at all: each image's
+//! patches against the other images' (mutual scoring).
 //! [`runtime`] holds the device and the CLIP weights models run on.
 //! [`dataset`] reads folders of images, [`evaluation`] and [`metrics`]
 //! measure how well a detector separates good from bad.
@@ -40,6 +42,7 @@ pub mod images;
 pub mod metrics;
 pub mod model;
 pub mod model_file;
+pub mod musc;
 pub mod nearest;
 pub mod operating_point;
 pub mod progress;

@@ -30,7 +30,7 @@ use crate::prompt_layer::{DefectCheck, PromptLayer, PromptLayerInfo};
 use crate::regions::{Region, area_above, hotspot, regions};
 use crate::runtime::Runtime;
 use crate::synthetic::{KindRate, MissedAlarmEstimate};
-use crate::tiling::{TileChoice, Tiling};
+use crate::tiling::{TileChoice, Tiling, TilingDecision, ViewSeparation};
 use crate::verdict::{Verdict, flagged_by};
 use crate::winclip::config::WinClipConfig;
 
@@ -56,6 +56,10 @@ pub struct ModelInfo {
     /// files written before tiling existed: no tiling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiling: Option<Tiling>,
+    /// The automatic tiling choice's evidence, when the fit weighed tiles
+    /// against the whole image ([`crate::tiling::TilingDecision`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling_decision: Option<TilingDecision>,
     /// Missed-alarm rates on synthetic defects at the threshold (absent for
     /// uncalibrated detectors and older files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +111,9 @@ pub struct ModelSummary {
     /// Tile side when images are scored in tiles.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tile_side: Option<u32>,
+    /// Why automatic tiling tiled or not, when the fit weighed both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiling_decision: Option<TilingDecision>,
     pub training_images: usize,
     pub memory_bank_size: Option<usize>,
     /// What is inspected and the typed defect descriptions, for
@@ -254,9 +261,58 @@ impl Model {
     /// cross-fitting ([`crate::crossfit`]): the threshold and its estimates
     /// rest on all N images, and the scores are kept in the model so a
     /// request can move the threshold ([`Model::operating_point`]).
+    ///
+    /// With automatic tiling, images the size rule would tile
+    /// ([`TileChoice::resolve`]) are fitted both whole and in tiles, and the
+    /// view that tells the out-of-fold normal images from synthetic defects
+    /// (local and global ones) better is kept ([`TilingDecision`]): tiles
+    /// see thin local detail but lose the part as a whole. Under
+    /// [`crate::tiling::AUTO_MIN_IMAGES`] normal images the size rule
+    /// decides alone.
     pub fn fit(
         normal: &[PathBuf],
         options: &FitOptions,
+        runtime: &Runtime,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
+        let tiling = options.tile.resolve(
+            normal,
+            options.detector.input_side(options.features.as_ref()),
+            &options.limits,
+        )?;
+        let weigh = options.tile == TileChoice::Auto
+            && options.detector.is_calibrated()
+            && normal.len() >= crate::tiling::AUTO_MIN_IMAGES;
+        let Some(tiles) = tiling.filter(|_| weigh) else {
+            return Self::fit_view(normal, options, tiling, runtime, progress);
+        };
+        let untiled = Self::fit_view(normal, options, None, runtime, progress)?;
+        let tiled = Self::fit_view(normal, options, Some(tiles), runtime, progress)?;
+        let separation = |model: &Self| {
+            model
+                .info
+                .calibration_scores
+                .as_ref()
+                .and_then(|s| ViewSeparation::measure(&s.normal, &s.synthetic))
+        };
+        let (Some(a), Some(b)) = (separation(&untiled), separation(&tiled)) else {
+            return Ok(untiled);
+        };
+        let decision = TilingDecision::new(tiles.side, a, b);
+        let mut chosen = if decision.tiled_chosen {
+            tiled
+        } else {
+            untiled
+        };
+        chosen.info.tiling_decision = Some(decision);
+        Ok(chosen)
+    }
+
+    /// [`Model::fit`] with the tiling settled.
+    fn fit_view(
+        normal: &[PathBuf],
+        options: &FitOptions,
+        tiling: Option<Tiling>,
         runtime: &Runtime,
         progress: &dyn Progress,
     ) -> Result<Self, Error> {
@@ -266,11 +322,6 @@ impl Model {
         } else {
             None
         };
-        let tiling = options.tile.resolve(
-            normal,
-            options.detector.input_side(options.features.as_ref()),
-            &options.limits,
-        )?;
         let inputs = FitInputs {
             normal,
             features: options.features.as_ref(),
@@ -350,6 +401,7 @@ impl Model {
                 .collect(),
             memory_bank_size: detector.memory_bank_size(),
             tiling,
+            tiling_decision: None,
             missed_alarms,
             calibration_scores,
             refitted_from: None,
@@ -416,6 +468,7 @@ impl Model {
         {
             scores.labelled = vec![(String::new(), kept(&labelled))];
         }
+        model.info.tiling_decision = self.info.tiling_decision;
         model.info.refitted_from = Some(Refit {
             database: database.to_owned(),
             added_normal: added_normal
@@ -631,6 +684,7 @@ impl Model {
                 .map(|m| m.per_kind.clone())
                 .unwrap_or_default(),
             tile_side: self.info.tiling.map(|t| t.side),
+            tiling_decision: self.info.tiling_decision,
             training_images: self.info.training_images,
             memory_bank_size: self.info.memory_bank_size,
             object,

@@ -14,7 +14,20 @@
 //! - **blotch**: a noise-edged blob of radius 4–10 % of the short side,
 //!   darker or brighter by 0.15–0.35 (on a 0–1 scale), soft-edged;
 //! - **scratch**: a straight line 1–3 px wide and 20–50 % of the short side
-//!   long, darker or brighter by 0.2–0.4.
+//!   long, darker or brighter by 0.2–0.4;
+//! - **missing piece**: a square of 15–30 % of the short side replaced by
+//!   another square of the same image, unchanged and blended in over its
+//!   outer quarter (no seam), as where a piece is missing and what is
+//!   around it shows;
+//! - **moved piece**: two squares of 15–30 % of the short side, 20–45 %
+//!   apart, swapped the same way.
+//!
+//! In the last two every patch still looks like some normal patch: only
+//! the arrangement is wrong (a global anomaly, which tiles cannot see).
+//!
+//! The first three are local; the last two are what a whole-image view
+//! sees and tiles miss, so the automatic tiling choice weighs both
+//! ([`crate::tiling`]).
 //!
 //! The estimate is optimistic where real defects are subtler than these
 //! (the README compares it with real missed-alarm rates).
@@ -33,17 +46,35 @@ pub enum DefectKind {
     CutPaste,
     Blotch,
     Scratch,
+    MissingPiece,
+    MovedPiece,
 }
 
 impl DefectKind {
-    pub const ALL: [DefectKind; 3] = [Self::CutPaste, Self::Blotch, Self::Scratch];
+    pub const ALL: [DefectKind; 5] = [
+        Self::CutPaste,
+        Self::Blotch,
+        Self::Scratch,
+        Self::MissingPiece,
+        Self::MovedPiece,
+    ];
+    /// The local kinds (what SuperSimpleNet trains on).
+    pub const LOCAL: [DefectKind; 3] = [Self::CutPaste, Self::Blotch, Self::Scratch];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::CutPaste => "cut-paste",
             Self::Blotch => "blotch",
             Self::Scratch => "scratch",
+            Self::MissingPiece => "missing-piece",
+            Self::MovedPiece => "moved-piece",
         }
+    }
+
+    /// Whether a defect of this kind changes the part as a whole rather
+    /// than one place.
+    pub fn is_global(self) -> bool {
+        matches!(self, Self::MissingPiece | Self::MovedPiece)
     }
 }
 
@@ -94,8 +125,73 @@ pub fn with_defect(image: &Rgb32FImage, kind: DefectKind, index: usize) -> Rgb32
             let delta = signed(&mut rng, 0.2, 0.4);
             draw_line(&mut out, (cx, cy), angle, length, width, delta);
         }
+        DefectKind::MissingPiece => missing_piece(&mut out, image, short, &mut rng),
+        DefectKind::MovedPiece => moved_piece(&mut out, image, short, &mut rng),
     }
     out
+}
+
+/// A square side of `low..high` of the short side, at least 2 px and at
+/// most the image's short side.
+fn piece_side(rng: &mut StdRng, short: f32, low: f32, high: f32) -> u32 {
+    ((short * rng.random_range(low..high)).round() as u32).clamp(2, (short as u32).max(2))
+}
+
+fn missing_piece(out: &mut Rgb32FImage, image: &Rgb32FImage, short: f32, rng: &mut StdRng) {
+    // Where a piece came off, what surrounds it shows: a square of the
+    // part copied from elsewhere, unchanged and blended in without a seam.
+    let (w, h) = image.dimensions();
+    let side = piece_side(rng, short, 0.15, 0.30).min(w).min(h);
+    let corner = |rng: &mut StdRng| {
+        (
+            rng.random_range(0..=w - side),
+            rng.random_range(0..=h - side),
+        )
+    };
+    let (to, from) = (corner(rng), corner(rng));
+    blend_square(out, image, from, to, side);
+}
+
+fn moved_piece(out: &mut Rgb32FImage, image: &Rgb32FImage, short: f32, rng: &mut StdRng) {
+    let (w, h) = image.dimensions();
+    let side = piece_side(rng, short, 0.15, 0.30).min(w).min(h);
+    let a = (
+        rng.random_range(0..=w - side),
+        rng.random_range(0..=h - side),
+    );
+    let distance = short * rng.random_range(0.20..0.45);
+    let angle = rng.random_range(0.0..std::f32::consts::TAU);
+    let clamp = |v: f32, limit: u32| (v.round().max(0.0) as u32).min(limit - side);
+    let b = (
+        clamp(a.0 as f32 + distance * angle.cos(), w),
+        clamp(a.1 as f32 + distance * angle.sin(), h),
+    );
+    // Each square goes where the other was, blended in without a seam.
+    blend_square(out, image, a, b, side);
+    blend_square(out, image, b, a, side);
+}
+
+/// Copies the `side` square of `image` at `from` onto `out` at `to`, fully
+/// inside and fading out over the outer quarter, so no edge is drawn.
+fn blend_square(
+    out: &mut Rgb32FImage,
+    image: &Rgb32FImage,
+    from: (u32, u32),
+    to: (u32, u32),
+    side: u32,
+) {
+    let fade = (side as f32 / 4.0).max(1.0);
+    for dy in 0..side {
+        for dx in 0..side {
+            let edge = dx.min(dy).min(side - 1 - dx).min(side - 1 - dy) as f32 + 0.5;
+            let alpha = (edge / fade).min(1.0);
+            let source = image.get_pixel(from.0 + dx, from.1 + dy).0;
+            let target = out.get_pixel_mut(to.0 + dx, to.1 + dy);
+            for (t, s) in target.0.iter_mut().zip(source) {
+                *t += alpha * (s - *t);
+            }
+        }
+    }
 }
 
 /// A line of `width` px and `length` px centred on `centre` at `angle`

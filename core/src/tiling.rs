@@ -45,6 +45,103 @@ pub const AUTO_SIDE_FACTOR: f64 = 2.0;
 /// …or its long side is more than this many times its short side.
 pub const AUTO_ASPECT: f64 = 2.0;
 
+/// The automatic choice tiles only when the tiled view separates synthetic
+/// defects from normal images by more than this (mean AUROC), else the
+/// untiled view, many times cheaper, is kept.
+pub const AUTO_MARGIN: f64 = 0.005;
+
+/// Fewest normal images for the evidence to decide: with fewer, each kind
+/// of synthetic defect is a handful of scores, and the size rule decides
+/// alone (tiles).
+pub const AUTO_MIN_IMAGES: usize = 10;
+
+/// Why an automatic fit did or did not tile: how well each view tells
+/// out-of-fold normal images from synthetic defects (AUROC; local kinds and
+/// global kinds averaged apart, then the two averages). Stored in the model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TilingDecision {
+    /// The tile side tried.
+    pub side: u32,
+    pub untiled: ViewSeparation,
+    pub tiled: ViewSeparation,
+    pub tiled_chosen: bool,
+}
+
+/// One view's separation of normal images from synthetic defects.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ViewSeparation {
+    /// Mean AUROC over the local kinds (cut-paste, blotch, scratch).
+    pub local: f64,
+    /// Mean AUROC over the global kinds (missing piece, moved piece).
+    pub global: f64,
+}
+
+impl ViewSeparation {
+    /// Local and global weigh the same, however many kinds each has.
+    pub fn overall(&self) -> f64 {
+        (self.local + self.global) / 2.0
+    }
+
+    /// The separation of `normal` scores from each kind's `synthetic`
+    /// scores; `None` when either is missing.
+    pub fn measure(
+        normal: &[f32],
+        synthetic: &[(crate::synthetic::DefectKind, Vec<f32>)],
+    ) -> Option<Self> {
+        let mean_auroc = |global: bool| -> Option<f64> {
+            let values: Vec<f64> = synthetic
+                .iter()
+                .filter(|(kind, scores)| kind.is_global() == global && !scores.is_empty())
+                .filter_map(|(_, scores)| {
+                    let all: Vec<f32> = normal.iter().chain(scores).copied().collect();
+                    let labels: Vec<bool> = (0..all.len()).map(|i| i >= normal.len()).collect();
+                    crate::metrics::image_auroc(&all, &labels).ok()
+                })
+                .collect();
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        };
+        Some(Self {
+            local: mean_auroc(false)?,
+            global: mean_auroc(true)?,
+        })
+    }
+}
+
+impl TilingDecision {
+    /// Tiles only when they separate better by more than [`AUTO_MARGIN`].
+    pub fn new(side: u32, untiled: ViewSeparation, tiled: ViewSeparation) -> Self {
+        Self {
+            side,
+            untiled,
+            tiled,
+            tiled_chosen: tiled.overall() > untiled.overall() + AUTO_MARGIN,
+        }
+    }
+
+    /// `tiles of 224 px kept: …` for the fit's report.
+    pub fn describe(&self) -> String {
+        let view = |v: &ViewSeparation| {
+            format!(
+                "AUROC {:.3} (local {:.3}, global {:.3})",
+                v.overall(),
+                v.local,
+                v.global
+            )
+        };
+        format!(
+            "{}: on synthetic defects, untiled {} against tiles of {} px {}",
+            if self.tiled_chosen {
+                "tiled"
+            } else {
+                "left untiled"
+            },
+            view(&self.untiled),
+            self.side,
+            view(&self.tiled)
+        )
+    }
+}
+
 /// How a model cuts images into tiles; stored in the model file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tiling {
@@ -207,6 +304,45 @@ pub fn crop(image: &Rgb32FImage, rect: TileRect) -> Rgb32FImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::synthetic::DefectKind;
+
+    #[test]
+    fn the_decision_weighs_local_and_global_defects_alike() {
+        let normal: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        // Local kinds far above every normal score, global ones among them.
+        let sharp_but_blind = vec![
+            (DefectKind::CutPaste, vec![20.0; 4]),
+            (DefectKind::Blotch, vec![20.0; 4]),
+            (DefectKind::Scratch, vec![20.0; 4]),
+            (DefectKind::MissingPiece, vec![0.5, 2.5, 4.5, 6.5]),
+            (DefectKind::MovedPiece, vec![0.5, 2.5, 4.5, 6.5]),
+        ];
+        let tiled = ViewSeparation::measure(&normal, &sharp_but_blind).unwrap();
+        assert_eq!(tiled.local, 1.0);
+        // Each global score beats 1, 3, 5 and 7 of the ten normal ones.
+        assert!((tiled.global - 0.4).abs() < 1e-12, "{tiled:?}");
+        let whole = ViewSeparation {
+            local: 0.9,
+            global: 0.9,
+        };
+        // 0.7 overall against 0.9: the whole view stays.
+        let decision = TilingDecision::new(224, whole, tiled);
+        assert!(!decision.tiled_chosen);
+        assert!(decision.describe().starts_with("left untiled"));
+        // Tiles win only by more than the margin.
+        let better = ViewSeparation {
+            local: 0.9 + AUTO_MARGIN,
+            global: 0.9 + AUTO_MARGIN,
+        };
+        assert!(!TilingDecision::new(224, whole, better).tiled_chosen);
+        let clearly = ViewSeparation {
+            local: 0.99,
+            global: 0.9,
+        };
+        assert!(TilingDecision::new(224, whole, clearly).tiled_chosen);
+        // No global defects scored: no decision.
+        assert!(ViewSeparation::measure(&normal, &sharp_but_blind[..3]).is_none());
+    }
 
     #[test]
     fn tiles_cover_the_image_with_bounded_overlap() {

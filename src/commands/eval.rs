@@ -5,12 +5,14 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use flawscope_core::dataset::Dataset;
-use flawscope_core::evaluation::{ThresholdTarget, evaluate};
+use flawscope_core::detectors::DetectorConfig;
+use flawscope_core::evaluation::{ThresholdTarget, evaluate, evaluate_batch};
 use flawscope_core::images::ImageLimits;
+use flawscope_core::musc::MuscConfig;
 
 use super::Outcome;
 use super::clip::{ClipArgs, setup_error};
-use super::options::{DetectorArgs, DeviceChoice, TileArgs, parse_rate};
+use super::options::{DetectorArgs, DetectorKind, DeviceChoice, TileArgs, parse_rate};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -52,7 +54,13 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let (features, detector) = args.detector.configs(&args.clip, args.shots)?;
+    // Mutual scoring fits nothing: it takes each test set as one batch.
+    let mutual = args.detector.detector == DetectorKind::Musc;
+    let (features, detector) = if mutual {
+        (None, DetectorConfig::PatchCore(Default::default()))
+    } else {
+        args.detector.configs(&args.clip, args.shots)?
+    };
     let runtime = args.clip.runtime(args.device.device()?)?;
     let dataset = Dataset::open(&args.dataset)
         .with_context(|| format!("reading dataset {}", args.dataset.display()))?;
@@ -80,20 +88,30 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         );
     }
     for category in &categories {
-        let report = evaluate(
-            category,
-            features.as_ref(),
-            &detector,
-            &runtime,
-            &ImageLimits::default(),
-            args.tile.choice(),
-            usize::from(args.batch),
-            ThresholdTarget {
-                max_far: args.max_far,
-                max_mar: args.max_mar,
-            },
-            &bars,
-        )
+        let report = if mutual {
+            evaluate_batch(
+                category,
+                &MuscConfig::default(),
+                &runtime,
+                &ImageLimits::default(),
+                &bars,
+            )
+        } else {
+            evaluate(
+                category,
+                features.as_ref(),
+                &detector,
+                &runtime,
+                &ImageLimits::default(),
+                args.tile.choice(),
+                usize::from(args.batch),
+                ThresholdTarget {
+                    max_far: args.max_far,
+                    max_mar: args.max_mar,
+                },
+                &bars,
+            )
+        }
         .map_err(setup_error)
         .with_context(|| format!("evaluating category {}", category.name))?;
         if args.json {

@@ -110,7 +110,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let summary = model.summary();
     let calibration = &model.info().calibration;
     let threshold = match calibration.method {
-        ThresholdMethod::Probability => {
+        ThresholdMethod::Probability | ThresholdMethod::BatchOutlier => {
             "threshold 0.5 (not calibrated: the score is a probability)".to_owned()
         }
         _ => format!(
@@ -153,6 +153,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             missed.seed,
             missed.describe()
         );
+    }
+    if let Some(decision) = &summary.tiling_decision {
+        eprintln!("automatic tiling {}", decision.describe());
     }
     if let Some(warning) = &summary.calibration_warning {
         eprintln!("warning: {warning}");

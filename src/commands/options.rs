@@ -34,6 +34,9 @@ pub enum DetectorKind {
     /// WinCLIP: CLIP and text prompts, plus --shots K normal images as a
     /// memory (K = 0: zero-shot). Takes --object, --prompt, --clip-weights.
     Winclip,
+    /// Mutual scoring (MuSc) of an unlabeled batch: nothing is fitted; `eval`
+    /// scores each category's test set as one batch (train/ is not read).
+    Musc,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -130,6 +133,14 @@ impl DetectorArgs {
         shots: Option<usize>,
     ) -> Result<(Option<FeatureConfig>, DetectorConfig), UsageError> {
         let detector = match self.detector {
+            DetectorKind::Musc => {
+                return Err(UsageError(
+                    "--detector musc fits nothing: it scores a batch of images against each \
+                     other (`flawscope score --detector musc DIR`, or `flawscope eval \
+                     --detector musc`)"
+                        .into(),
+                ));
+            }
             DetectorKind::Patchcore => DetectorConfig::PatchCore(PatchCoreConfig {
                 coreset_ratio: self.coreset,
                 max_bank: self.max_bank,

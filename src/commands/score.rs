@@ -11,9 +11,11 @@ use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
 use flawscope_core::heatmap::{Legend, save_overlay};
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{Inspection, Model};
+use flawscope_core::musc::{self, MuscConfig};
 use flawscope_core::operating_point::{OperatingPoint, Target};
 use flawscope_core::progress::Progress;
 use flawscope_core::prompt_layer::DefectCheck;
+use flawscope_core::runtime::Runtime;
 use flawscope_results::scoring::{
     BatchItem, BatchOptions, InspectorScorer, ScoreError, Scored, Scorer, run_batch,
 };
@@ -27,15 +29,28 @@ use super::options::{DeviceChoice, parse_rate};
 use super::{Outcome, UsageError};
 use crate::progress::Bars;
 
+/// Detectors that score a batch against itself, with no model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BatchDetector {
+    /// Mutual scoring (MuSc): each image's patches against the others'.
+    Musc,
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Model file written by `flawscope fit` (any detector, WinCLIP included).
     #[arg(
         long,
-        required_unless_present = "zero_shot",
-        conflicts_with = "zero_shot"
+        required_unless_present_any = ["zero_shot", "detector"],
+        conflicts_with_all = ["zero_shot", "detector"]
     )]
     pub model: Option<PathBuf>,
+    /// No model file and no normal images: `musc` scores the given images
+    /// as one batch, each against the others (mutual scoring; at least 8
+    /// images, batches over 200 are split). Uncalibrated: it ranks the
+    /// batch and flags its outliers.
+    #[arg(long, value_enum, conflicts_with_all = ["zero_shot", "db", "shard", "max_far", "max_mar"])]
+    pub detector: Option<BatchDetector>,
     /// No model file: WinCLIP zero-shot scoring of --object with CLIP and
     /// text prompts (needs CLIP weights: --clip-weights DIR or
     /// FLAWSCOPE_CLIP_WEIGHTS).
@@ -257,6 +272,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let asked = typed_defects(args);
     let asked: &[String] = &asked;
     let runtime = args.clip.runtime(args.device.device()?)?;
+    if args.detector == Some(BatchDetector::Musc) {
+        return run_mutual(args, &runtime);
+    }
     let inspector = match &args.model {
         Some(path) => load_model(path, &runtime)?,
         None => zero_shot_model(&args.clip, &runtime)?,
@@ -320,6 +338,68 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         bars.advance(1);
     }
     bars.finish();
+    if failures > 0 {
+        eprintln!(
+            "{failures} of {} images could not be scored (see the errors above)",
+            inputs.len()
+        );
+        return Ok(Outcome::PartialFailure);
+    }
+    Ok(Outcome::Success)
+}
+
+/// `score --detector musc`: every image scored against the others, then
+/// printed in the order given.
+fn run_mutual(args: &Args, runtime: &Runtime) -> anyhow::Result<Outcome> {
+    let inputs = inputs(&args.paths, args.recursive)?;
+    if inputs.len() < musc::MIN_BATCH {
+        return Err(UsageError(format!(
+            "mutual scoring needs at least {} readable images in the batch, got {}",
+            musc::MIN_BATCH,
+            inputs.len()
+        ))
+        .into());
+    }
+    if let Some(dir) = &args.heatmaps {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating heatmap folder {}", dir.display()))?;
+    }
+    let limits = ImageLimits::default();
+    let paths: Vec<PathBuf> = inputs.iter().map(|i| i.path.clone()).collect();
+    let bars = Bars::new(false);
+    let scored = musc::score_batch(&paths, &MuscConfig::default(), runtime, &limits, &bars)
+        .map_err(setup_error)?;
+    let answers = musc::answers(&scored.iter().map(|r| r.as_ref().ok()).collect::<Vec<_>>());
+    if let Some(point) = answers.iter().flatten().next().map(|a| &a.operating_point)
+        && let Some(warning) = &point.warning
+    {
+        eprintln!("warning: {warning}");
+    }
+    let mut failures = 0usize;
+    for ((input, result), answer) in inputs.iter().zip(&scored).zip(&answers) {
+        let (Ok(_), Some(inspection)) = (result, answer) else {
+            failures += 1;
+            if let Err(err) = result {
+                eprintln!("error: {}: {err}", input.path.display());
+            }
+            continue;
+        };
+        let heatmap = args.heatmaps.as_ref().map(|dir| dir.join(&input.heatmap));
+        if let Some(out) = &heatmap {
+            let image = load_image(&input.path, &limits)?;
+            write_heatmap(out, &image, inspection)?;
+        }
+        let line = ScoreLine {
+            path: &input.path,
+            heatmap: heatmap.as_deref(),
+            answer: Answer::Fresh(inspection),
+        };
+        match print_line(args.json, &line) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(err) => return Err(err).context("writing the results"),
+        }
+    }
     if failures > 0 {
         eprintln!(
             "{failures} of {} images could not be scored (see the errors above)",

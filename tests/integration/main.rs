@@ -7,6 +7,7 @@ mod cli;
 mod hostile;
 mod hostile_images;
 mod import_cycles;
+mod musc;
 mod operating_point;
 mod pipeline;
 mod serve;

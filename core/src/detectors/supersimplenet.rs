@@ -340,7 +340,7 @@ impl SuperSimpleNet {
                 }
                 if held.contains(&file.get()) {
                     set.validation.push(grid.features);
-                    for kind in DefectKind::ALL {
+                    for kind in DefectKind::LOCAL {
                         let copy = with_defect(image, kind, copies);
                         set.defects.push(extractor.extract(&copy)?.features);
                     }
