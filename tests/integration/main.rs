@@ -14,5 +14,6 @@ mod shard;
 mod shared_data;
 mod tui;
 mod verdicts;
+mod watch;
 mod web;
 mod winclip;
