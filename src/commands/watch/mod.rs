@@ -428,6 +428,8 @@ impl Line {
                     self.process(&path)?;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
+                // The watcher also ends on a stop, maybe first.
+                Err(RecvTimeoutError::Disconnected) if stop.load(Ordering::Relaxed) => break,
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(anyhow::anyhow!("the folder watcher stopped"));
                 }
