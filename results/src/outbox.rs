@@ -153,7 +153,9 @@ impl Store {
     /// later starts after it rather than receiving the whole history.
     pub fn newest_message(&self) -> Result<i64, StoreError> {
         self.conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM outbox", [], |row| row.get(0))
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM outbox", [], |row| {
+                row.get(0)
+            })
             .map_err(|e| self.err(e))
     }
 
@@ -233,7 +235,10 @@ mod tests {
         assert_eq!(store.sink_lag("hook", 0).unwrap().0, 1);
         assert_eq!(store.newest_message().unwrap(), first.id);
         assert_eq!(store.sink_lag("hook", first.id).unwrap().0, 0);
-        assert_eq!(store.pending_messages("hook", 0, 10).unwrap(), vec![first.clone()]);
+        assert_eq!(
+            store.pending_messages("hook", 0, 10).unwrap(),
+            vec![first.clone()]
+        );
         store
             .record_delivery(first.id, "hook", &Outcome::Delivered)
             .unwrap();

@@ -23,18 +23,23 @@ use crate::shard::fit_small;
 /// What the webhook receiver got: (Idempotency-Key header, body, when).
 type Received = Arc<Mutex<Vec<(String, Value, Instant)>>>;
 
-/// A loopback HTTP receiver that answers 503 while `refuse` is above zero
-/// (counting down one per request), then 200.
+/// A loopback HTTP receiver that answers `refusal` (503: busy) while
+/// `refuse` is above zero (counting down one per request), then 200.
 struct Receiver {
     addr: SocketAddr,
     got: Received,
     refuse: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
+    refusal: u16,
     _runtime: tokio::runtime::Runtime,
 }
 
 impl Receiver {
     fn start(refuse: usize) -> Self {
+        Self::refusing_with(refuse, 503)
+    }
+
+    fn refusing_with(refuse: usize, refusal: u16) -> Self {
         use axum::http::{HeaderMap, StatusCode};
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -60,7 +65,7 @@ impl Receiver {
                         .is_ok();
                     if down {
                         refused.fetch_add(1, Ordering::SeqCst);
-                        return StatusCode::SERVICE_UNAVAILABLE;
+                        return StatusCode::from_u16(refusal).unwrap();
                     }
                     let key = headers
                         .get("idempotency-key")
@@ -79,6 +84,7 @@ impl Receiver {
             got,
             refuse,
             refused,
+            refusal,
             _runtime: runtime,
         }
     }
@@ -89,7 +95,10 @@ impl Receiver {
 
     fn distinct(&self) -> usize {
         let got = self.got.lock().unwrap();
-        got.iter().map(|(k, _, _)| k.clone()).collect::<BTreeSet<_>>().len()
+        got.iter()
+            .map(|(k, _, _)| k.clone())
+            .collect::<BTreeSet<_>>()
+            .len()
     }
 }
 
@@ -116,10 +125,14 @@ fn free_port() -> u16 {
 }
 
 fn mosquitto() -> Option<PathBuf> {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
 }
 
 /// Starts mosquitto, or says loudly why not (a failure when CI asks for
@@ -226,7 +239,11 @@ impl Subscriber {
 fn write_slowly(bytes: &[u8], to: &Path) {
     let mut file = std::fs::File::create(to).unwrap();
     let third = bytes.len() / 3;
-    for piece in [&bytes[..third], &bytes[third..2 * third], &bytes[2 * third..]] {
+    for piece in [
+        &bytes[..third],
+        &bytes[third..2 * third],
+        &bytes[2 * third..],
+    ] {
         file.write_all(piece).unwrap();
         file.flush().unwrap();
         std::thread::sleep(Duration::from_millis(150));
@@ -307,7 +324,10 @@ fn check_sink(sink: &str, messages: &[(String, Value)], expected: &BTreeMap<Stri
     for body in by_key.values() {
         let path = body["path"].as_str().unwrap();
         let name = Path::new(path).file_name().unwrap().to_str().unwrap();
-        assert!(paths.insert(name.to_owned()), "{sink}: {name} twice under two keys");
+        assert!(
+            paths.insert(name.to_owned()),
+            "{sink}: {name} twice under two keys"
+        );
         assert_eq!(
             body["sha256"].as_str(),
             Some(expected[name].as_str()),
@@ -322,7 +342,10 @@ fn check_sink(sink: &str, messages: &[(String, Value)], expected: &BTreeMap<Stri
             }
             Some("failed") => {
                 failed += 1;
-                assert!(name == "corrupt.png" || name == "truncated.png", "{sink}: {body}");
+                assert!(
+                    name == "corrupt.png" || name == "truncated.png",
+                    "{sink}: {body}"
+                );
                 assert!(!body["error"].as_str().unwrap().is_empty());
             }
             other => panic!("{sink}: status {other:?} in {body}"),
@@ -335,7 +358,11 @@ fn check_sink(sink: &str, messages: &[(String, Value)], expected: &BTreeMap<Stri
 
 fn http_get(addr: &str, path: &str) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
     text
@@ -390,7 +417,10 @@ fn watch_pushes_every_result_once_across_a_kill_and_a_503_spell() {
         })
         .collect();
     let whole = files[0].1.clone();
-    files.insert(5, ("truncated.png".into(), whole[..whole.len() / 2].to_vec()));
+    files.insert(
+        5,
+        ("truncated.png".into(), whole[..whole.len() / 2].to_vec()),
+    );
     let mut corrupt = b"\x89PNG\r\n\x1a\n".to_vec();
     corrupt.extend((0..4000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
     files.insert(12, ("corrupt.png".into(), corrupt));
@@ -408,9 +438,11 @@ fn watch_pushes_every_result_once_across_a_kill_and_a_503_spell() {
             std::fs::write(line.join(name), bytes).unwrap();
         }
     }
-    wait_for("half the results in the ledger", Duration::from_secs(60), || {
-        outbox_len(&db) >= 8
-    });
+    wait_for(
+        "half the results in the ledger",
+        Duration::from_secs(60),
+        || outbox_len(&db) >= 8,
+    );
     // kill -9, mid-stream: some files scored, some sends unacknowledged.
     watch.kill().unwrap();
     watch.wait().unwrap();
@@ -513,11 +545,75 @@ fn watch_pushes_every_result_once_across_a_kill_and_a_503_spell() {
     drop(broker);
 }
 
+#[test]
+fn watch_reports_a_webhook_refusal_once_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fit_small(tmp.path());
+    let line = tmp.path().join("line");
+    std::fs::create_dir(&line).unwrap();
+    let db = tmp.path().join("ledger.sqlite");
+    // 400 for everything: a refusal of the message, not a busy receiver.
+    let receiver = Receiver::refusing_with(usize::MAX, 400);
+    assert_eq!(receiver.refusal, 400);
+    let args: Vec<String> = [
+        line.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+        "--webhook",
+        &receiver.url(),
+        "--max-backoff-secs",
+        "0.1",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let out = tmp.path().join("watch.out");
+    let mut watch = start_watch(&args, &out);
+    for path in line_images(2) {
+        std::fs::copy(&path, line.join(path.file_name().unwrap())).unwrap();
+    }
+    wait_for("two refusals", Duration::from_secs(60), || {
+        receiver.refused.load(Ordering::SeqCst) >= 2
+    });
+    // Retries at 0.1 s would have come by now.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        receiver.refused.load(Ordering::SeqCst),
+        2,
+        "a 400 is not retried"
+    );
+    let term = Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = watch.wait().unwrap();
+    let (lines, log) = output(&out);
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(lines.len(), 2, "{log}");
+    assert_eq!(
+        log.matches("refused, not sent again: HTTP 400 Bad Request")
+            .count(),
+        2,
+        "{log}"
+    );
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let rejected: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM deliveries WHERE outcome = 'rejected'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rejected, 2);
+}
+
 /// Latency from a file closed in the folder to its webhook received:
 /// median and p99 over 100 images, one at a time (the README's numbers).
 /// `cargo test --release --test integration -- --ignored watch_latency --nocapture`
 #[test]
-#[ignore = "a measurement (about a minute): run with --ignored --nocapture"]
+#[ignore = "a measurement (seconds): run with --ignored --nocapture"]
 fn watch_latency_file_closed_to_webhook() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fit_small(tmp.path());

@@ -154,7 +154,11 @@ impl Folder {
 
     /// Every image in the folder now, sorted (unreadable entries skipped).
     fn list(&self) -> Vec<PathBuf> {
-        let depth = if self.options.recursive { usize::MAX } else { 1 };
+        let depth = if self.options.recursive {
+            usize::MAX
+        } else {
+            1
+        };
         let mut found: Vec<PathBuf> = walkdir::WalkDir::new(&self.options.dir)
             .max_depth(depth)
             .sort_by_file_name()

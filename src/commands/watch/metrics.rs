@@ -118,10 +118,22 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let counters = [
-            ("seen", "Files found ready and handed to the scorer.", &self.seen),
+            (
+                "seen",
+                "Files found ready and handed to the scorer.",
+                &self.seen,
+            ),
             ("scored", "Images scored and kept.", &self.scored),
-            ("failed", "Images that could not be scored (sent as failed results).", &self.failed),
-            ("skipped", "Files whose result the ledger already held.", &self.skipped),
+            (
+                "failed",
+                "Images that could not be scored (sent as failed results).",
+                &self.failed,
+            ),
+            (
+                "skipped",
+                "Files whose result the ledger already held.",
+                &self.skipped,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP flawscope_watch_{name}_total {help}");
@@ -133,23 +145,65 @@ impl Metrics {
             );
         }
         let gauges = [
-            ("queue_depth", "Files ready and waiting for the scorer.", &self.queued),
-            ("files_waiting", "Files seen being written, not yet ready.", &self.waiting),
+            (
+                "queue_depth",
+                "Files ready and waiting for the scorer.",
+                &self.queued,
+            ),
+            (
+                "files_waiting",
+                "Files seen being written, not yet ready.",
+                &self.waiting,
+            ),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP flawscope_watch_{name} {help}");
             let _ = writeln!(out, "# TYPE flawscope_watch_{name} gauge");
-            let _ = writeln!(out, "flawscope_watch_{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "flawscope_watch_{name} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         let sinks = self.lock().clone();
         type Field = fn(&SinkCounters) -> String;
         let families: [(&str, &str, &str, Field); 6] = [
-            ("sink_delivered_total", "counter", "Messages a sink acknowledged.", |c| c.delivered.to_string()),
-            ("sink_rejected_total", "counter", "Messages a sink refused for good (HTTP 4xx).", |c| c.rejected.to_string()),
-            ("sink_retries_total", "counter", "Failed sends retried.", |c| c.retries.to_string()),
-            ("sink_pending", "gauge", "Messages a sink has not acknowledged yet.", |c| c.pending.to_string()),
-            ("sink_lag_seconds", "gauge", "Age of the oldest message a sink has not acknowledged.", |c| format!("{:.3}", c.lag_seconds)),
-            ("sink_up", "gauge", "1 while the last send to a sink succeeded.", |c| u8::from(c.connected).to_string()),
+            (
+                "sink_delivered_total",
+                "counter",
+                "Messages a sink acknowledged.",
+                |c| c.delivered.to_string(),
+            ),
+            (
+                "sink_rejected_total",
+                "counter",
+                "Messages a sink refused for good (HTTP 4xx).",
+                |c| c.rejected.to_string(),
+            ),
+            (
+                "sink_retries_total",
+                "counter",
+                "Failed sends retried.",
+                |c| c.retries.to_string(),
+            ),
+            (
+                "sink_pending",
+                "gauge",
+                "Messages a sink has not acknowledged yet.",
+                |c| c.pending.to_string(),
+            ),
+            (
+                "sink_lag_seconds",
+                "gauge",
+                "Age of the oldest message a sink has not acknowledged.",
+                |c| format!("{:.3}", c.lag_seconds),
+            ),
+            (
+                "sink_up",
+                "gauge",
+                "1 while the last send to a sink succeeded.",
+                |c| u8::from(c.connected).to_string(),
+            ),
         ];
         for (name, kind, help, field) in families {
             let _ = writeln!(out, "# HELP flawscope_watch_{name} {help}");

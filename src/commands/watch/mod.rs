@@ -31,7 +31,7 @@ use self::metrics::Metrics;
 use self::sinks::{Mqtt, Phase, Sink, SinkTask, Webhook};
 use super::clip::{ClipArgs, check_typed_defects, load_model, setup_error};
 use super::options::{DeviceChoice, parse_rate};
-use super::score::{ScoreLine, stored_answer, store_model_entry};
+use super::score::{ScoreLine, store_model_entry, stored_answer};
 use super::{Outcome, UsageError};
 
 /// The ledger file when `--db` is not given, inside the watched folder
@@ -195,7 +195,11 @@ fn sinks(args: &Args) -> anyhow::Result<Vec<Sink>> {
         } else {
             format!("{base}-{}", i + 1)
         };
-        sinks.push(Sink::Mqtt(Mqtt::new(url, &id, args.mqtt_ca.as_deref())?));
+        sinks.push(Sink::Mqtt(Box::new(Mqtt::new(
+            url,
+            &id,
+            args.mqtt_ca.as_deref(),
+        )?)));
     }
     let mut names: Vec<String> = sinks.iter().map(Sink::name).collect();
     names.sort();
@@ -232,8 +236,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .operating_point(target)
         .map_err(|e| UsageError(e.to_string()))?;
     tracing::info!("operating point: {}", point.describe());
-    let (name, identity) =
-        store_model_entry(Some(&args.model), &inspector, &args.defects, &point)?;
+    let (name, identity) = store_model_entry(Some(&args.model), &inspector, &args.defects, &point)?;
     let scorer = InspectorScorer::new(Arc::new(inspector), ImageLimits::default(), None)
         .with_prompts(args.defects.clone())
         .map_err(|e| UsageError(format!("--defect: {e}")))?
@@ -353,9 +356,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         tracing::info!(
             "watching {}{} with {name}; ledger {}; sinks: {}",
             args.dir.display(),
-            if args.recursive { " and its subfolders" } else { "" },
+            if args.recursive {
+                " and its subfolders"
+            } else {
+                ""
+            },
             db.display(),
-            if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
         );
         tokio::select! {
             () = signal => tracing::info!("stopping: finishing the image in hand"),
@@ -475,7 +486,7 @@ impl Line {
         let made = match self.store.lookup(&self.model, &path)? {
             // Scored and kept before a stop, its message not yet made:
             // not scored again.
-            Some(row) if row.content_hash == hash => self.from_row(&row)?,
+            Some(row) if row.content_hash == hash => self.made_of(&row)?,
             _ => match self.scorer.score(&path, &bytes) {
                 Ok(scored) => {
                     let row = self.store.record_score(
@@ -490,7 +501,7 @@ impl Line {
                             inspection: scored.inspection.as_deref(),
                         },
                     )?;
-                    self.from_row(&row)?
+                    self.made_of(&row)?
                 }
                 Err(err) => failed(&path, &err.to_string()),
             },
@@ -498,7 +509,7 @@ impl Line {
         self.keep(&path, &hash, made)
     }
 
-    fn from_row(&self, row: &flawscope_results::store::StoredResult) -> anyhow::Result<Made> {
+    fn made_of(&self, row: &flawscope_results::store::StoredResult) -> anyhow::Result<Made> {
         let line = ScoreLine {
             path: &row.path,
             heatmap: None,
@@ -519,7 +530,11 @@ impl Line {
             fields.insert("id".into(), Value::String(key.clone()));
             let hex = hash.strip_prefix("sha256:").unwrap_or(hash);
             fields.insert("sha256".into(), Value::String(hex.to_owned()));
-            let status = if made.verdict.is_some() { "scored" } else { "failed" };
+            let status = if made.verdict.is_some() {
+                "scored"
+            } else {
+                "failed"
+            };
             fields.insert("status".into(), Value::String(status.into()));
         }
         let text = serde_json::to_string(&payload).context("writing a result as JSON")?;
@@ -560,7 +575,11 @@ impl Line {
         let (Some(target), Some(verdict)) = (&self.move_to, verdict) else {
             return;
         };
-        let sub = if verdict == Verdict::Anomalous { "NG" } else { "OK" };
+        let sub = if verdict == Verdict::Anomalous {
+            "NG"
+        } else {
+            "OK"
+        };
         let relative = match path.strip_prefix(&self.dir) {
             Ok(inside) => inside.to_path_buf(),
             Err(_) => PathBuf::from(path.file_name().unwrap_or_default()),

@@ -141,7 +141,11 @@ impl Mqtt {
         let tls = match parsed.scheme() {
             "mqtt" | "tcp" => false,
             "mqtts" | "ssl" => true,
-            other => return Err(usage(format!("unknown scheme {other}: (use mqtt:// or mqtts://)")).into()),
+            other => {
+                return Err(
+                    usage(format!("unknown scheme {other}: (use mqtt:// or mqtts://)")).into(),
+                );
+            }
         };
         let host = parsed
             .host_str()
@@ -153,10 +157,16 @@ impl Mqtt {
         let port = parsed.port().unwrap_or(if tls { 8883 } else { 1883 });
         let topic = parsed.path().trim_start_matches('/').to_owned();
         if topic.is_empty() {
-            return Err(usage("no topic (the URL's path is the topic: mqtt://host/line/verdicts)".into()).into());
+            return Err(usage(
+                "no topic (the URL's path is the topic: mqtt://host/line/verdicts)".into(),
+            )
+            .into());
         }
         if topic.contains(['+', '#']) || topic.len() > 1024 {
-            return Err(usage("a topic to publish to has no wildcards (+, #) and at most 1024 bytes".into()).into());
+            return Err(usage(
+                "a topic to publish to has no wildcards (+, #) and at most 1024 bytes".into(),
+            )
+            .into());
         }
         let mut options = MqttOptions::new(client_id, host, port);
         options
@@ -226,7 +236,12 @@ impl Mqtt {
         message: &Message,
     ) -> Sent {
         if let Err(err) = client
-            .publish(topic, QoS::AtLeastOnce, false, message.payload.clone().into_bytes())
+            .publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                message.payload.clone().into_bytes(),
+            )
             .await
         {
             return Sent::Retry(chain(&err));
@@ -256,7 +271,11 @@ impl Mqtt {
         };
         loop {
             if let Err(err) = events.poll().await {
-                tracing::info!("{}: connection closed ({}); reconnecting on the next message", redacted(&self.url), chain(&err));
+                tracing::info!(
+                    "{}: connection closed ({}); reconnecting on the next message",
+                    redacted(&self.url),
+                    chain(&err)
+                );
                 self.connection = None;
                 return;
             }
@@ -297,7 +316,7 @@ fn tls_config(ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
 
 pub enum Sink {
     Webhook(Webhook),
-    Mqtt(Mqtt),
+    Mqtt(Box<Mqtt>),
 }
 
 impl Sink {
@@ -429,6 +448,7 @@ impl SinkTask {
                     Outcome::Rejected(why)
                 }
                 Sent::Retry(why) => {
+                    self.report_lag().await?;
                     self.metrics.retried(&self.name);
                     self.metrics.set_connected(&self.name, false);
                     tracing::warn!(
