@@ -573,16 +573,19 @@ fn watch_reports_a_webhook_refusal_once_and_goes_on() {
     for path in line_images(2) {
         std::fs::copy(&path, line.join(path.file_name().unwrap())).unwrap();
     }
-    wait_for("two refusals", Duration::from_secs(60), || {
-        receiver.refused.load(Ordering::SeqCst) >= 2
+    // A name JSON cannot carry as it is: a failed result, not a stop.
+    let odd = {
+        use std::os::unix::ffi::OsStrExt;
+        line.join(std::ffi::OsStr::from_bytes(b"odd\xff.png"))
+    };
+    std::fs::copy(&line_images(1)[0], &odd).unwrap();
+    wait_for("three refusals", Duration::from_secs(60), || {
+        receiver.refused.load(Ordering::SeqCst) >= 3
     });
     // Retries at 0.1 s would have come by now.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        receiver.refused.load(Ordering::SeqCst),
-        2,
-        "a 400 is not retried"
-    );
+    let refused = receiver.refused.load(Ordering::SeqCst);
+    assert_eq!(refused, 3, "a 400 is not retried");
     let term = Command::new("kill")
         .args(["-TERM", &watch.id().to_string()])
         .status()
@@ -591,13 +594,15 @@ fn watch_reports_a_webhook_refusal_once_and_goes_on() {
     let status = watch.wait().unwrap();
     let (lines, log) = output(&out);
     assert_eq!(status.code(), Some(0), "{log}");
-    assert_eq!(lines.len(), 2, "{log}");
-    assert_eq!(
-        log.matches("refused, not sent again: HTTP 400 Bad Request")
-            .count(),
-        2,
-        "{log}"
-    );
+    assert_eq!(lines.len(), 3, "{log}");
+    let odd_line = lines
+        .iter()
+        .find(|l| l["status"] == "failed")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    let why = odd_line["error"].as_str().unwrap();
+    assert!(why.contains("not UTF-8"), "{odd_line}");
+    let refusals = log.matches("refused, not sent again: HTTP 400 Bad Request");
+    assert_eq!(refusals.count(), 3, "{log}");
     let conn = rusqlite::Connection::open(&db).unwrap();
     let rejected: i64 = conn
         .query_row(
@@ -606,7 +611,7 @@ fn watch_reports_a_webhook_refusal_once_and_goes_on() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(rejected, 2);
+    assert_eq!(rejected, 3);
 }
 
 /// Latency from a file closed in the folder to its webhook received:

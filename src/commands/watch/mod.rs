@@ -472,6 +472,14 @@ impl Line {
             }
         };
         let hash = content_hash(&bytes);
+        if path.to_str().is_none() {
+            // JSON strings are UTF-8: such a name could not be sent as is.
+            let error = format!(
+                "{}: the file name is not UTF-8; rename the file",
+                path.to_string_lossy()
+            );
+            return self.keep(&path, &hash, failed(&path, &error));
+        }
         let key = idempotency_key(&self.model, &path, &hash);
         if let Some(kept) = self.store.message_by_key(&key)? {
             self.metrics.skipped();
@@ -525,6 +533,11 @@ impl Line {
     /// moves the file.
     fn keep(&self, path: &Path, hash: &str, made: Made) -> anyhow::Result<()> {
         let key = idempotency_key(&self.model, path, hash);
+        if self.store.message_by_key(&key)?.is_some() {
+            // Made before a restart (a file refused before scoring).
+            self.metrics.skipped();
+            return Ok(());
+        }
         let mut payload = made.payload;
         if let Value::Object(fields) = &mut payload {
             fields.insert("id".into(), Value::String(key.clone()));
@@ -598,7 +611,7 @@ impl Line {
 /// The result of an image that could not be scored.
 fn failed(path: &Path, error: &str) -> Made {
     Made {
-        payload: json!({ "path": path, "error": error }),
+        payload: json!({ "path": path.to_string_lossy(), "error": error }),
         verdict: None,
     }
 }
