@@ -138,6 +138,18 @@ fn mosquitto() -> Option<PathBuf> {
 /// Starts mosquitto, or says loudly why not (a failure when CI asks for
 /// it with FLAWSCOPE_REQUIRE_MOSQUITTO=1).
 fn start_broker() -> Option<Broker> {
+    start_broker_with_tls(None)
+}
+
+/// The test CA and server certificate (tests/fixtures/tls).
+fn tls_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+/// A broker, plus a TLS listener on `tls_port` when given.
+fn start_broker_with_tls(tls_port: Option<u16>) -> Option<Broker> {
     let Some(bin) = mosquitto() else {
         assert!(
             std::env::var_os("FLAWSCOPE_REQUIRE_MOSQUITTO").is_none(),
@@ -152,11 +164,18 @@ fn start_broker() -> Option<Broker> {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
+    let mut config = format!(
+        "per_listener_settings false\nallow_anonymous true\npersistence false\nlistener {port} 127.0.0.1\n"
+    );
+    if let Some(tls) = tls_port {
+        config.push_str(&format!(
+            "listener {tls} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            tls_fixture("ca.crt").display(),
+            tls_fixture("server.crt").display(),
+            tls_fixture("server.key").display()
+        ));
+    }
+    std::fs::write(&conf, config).unwrap();
     let child = Command::new(bin)
         .arg("-c")
         .arg(&conf)
@@ -170,7 +189,9 @@ fn start_broker() -> Option<Broker> {
         _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while TcpStream::connect(("127.0.0.1", port)).is_err()
+        || tls_port.is_some_and(|t| TcpStream::connect(("127.0.0.1", t)).is_err())
+    {
         assert!(Instant::now() < deadline, "mosquitto did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -612,6 +633,69 @@ fn watch_reports_a_webhook_refusal_once_and_goes_on() {
         )
         .unwrap();
     assert_eq!(rejected, 3);
+}
+
+#[test]
+fn watch_publishes_over_mqtts_trusting_the_given_ca() {
+    let tls = free_port();
+    let Some(broker) = start_broker_with_tls(Some(tls)) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fit_small(tmp.path());
+    let line = tmp.path().join("line");
+    std::fs::create_dir(&line).unwrap();
+    let topic = "line/tls";
+    // The subscriber reads on the plain listener; the watch publishes over TLS.
+    let subscriber = Subscriber::start(broker.port, topic);
+    let url = format!("mqtts://127.0.0.1:{tls}/{topic}");
+    let ca = tls_fixture("ca.crt");
+    let mut args: Vec<String> = [
+        line.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--mqtt",
+        &url,
+        "--max-backoff-secs",
+        "0.2",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    // Without the CA the broker's certificate is not trusted: no delivery.
+    let out = tmp.path().join("untrusted.out");
+    let mut watch = start_watch(&args, &out);
+    let image = &line_images(1)[0];
+    std::fs::copy(image, line.join("a.png")).unwrap();
+    // A refused handshake, retried; or, on a machine without system
+    // certificates, a refusal to start.
+    wait_for("a refused TLS handshake", Duration::from_secs(60), || {
+        std::fs::read_to_string(out.with_extension("log"))
+            .unwrap_or_default()
+            .contains("not acknowledged")
+            || watch.try_wait().unwrap().is_some()
+    });
+    let _ = watch.kill();
+    watch.wait().unwrap();
+    assert_eq!(subscriber.distinct(), 0);
+    let (_, log) = output(&out);
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    // With it, the pending message goes through on the restart.
+    args.extend(["--mqtt-ca".to_owned(), ca.to_str().unwrap().to_owned()]);
+    let out = tmp.path().join("trusted.out");
+    let mut watch = start_watch(&args, &out);
+    wait_for("the message over mqtts", Duration::from_secs(60), || {
+        subscriber.distinct() == 1
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status();
+    assert_eq!(watch.wait().unwrap().code(), Some(0));
+    let got = subscriber.got.lock().unwrap();
+    assert_eq!(got[0]["status"], "scored");
+    assert_eq!(
+        got[0]["sha256"].as_str(),
+        Some(sha256_hex(&std::fs::read(image).unwrap()).as_str())
+    );
 }
 
 /// Latency from a file closed in the folder to its webhook received:
