@@ -391,6 +391,21 @@ impl SinkTask {
     /// returns when drained (or the drain deadline passes) after a stop.
     pub async fn run(mut self) -> anyhow::Result<()> {
         loop {
+            match self.serve().await {
+                Ok(()) => return Ok(()),
+                // The ledger failing (a locked or full disk) pauses this
+                // sink; its messages stay pending.
+                Err(err) if self.deadline().is_none() => {
+                    tracing::error!("{}: {err:#}; trying again in 1 s", self.name);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        loop {
             self.news.borrow_and_update();
             let (name, since) = (self.name.clone(), self.since);
             let batch = ledger(&self.store, move |s| s.pending_messages(&name, since, 64)).await?;
