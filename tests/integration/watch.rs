@@ -121,7 +121,37 @@ impl Receiver {
 struct Broker {
     child: Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn spawn(bin: &Path, conf: &Path) -> Child {
+        Command::new(bin)
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the broker (every connection drops) and starts it again on
+    /// the same port.
+    fn restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(&self.bin, &self.dir.path().join("mosquitto.conf"));
+        self.wait_listening();
+    }
 }
 
 impl Drop for Broker {
@@ -191,22 +221,16 @@ fn start_broker_with_tls(tls_port: Option<u16>) -> Option<Broker> {
         ));
     }
     std::fs::write(&conf, config).unwrap();
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Broker::spawn(&bin, &conf);
     let broker = Broker {
         child,
         port,
-        _dir: dir,
+        bin,
+        dir,
     };
+    broker.wait_listening();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err()
-        || tls_port.is_some_and(|t| TcpStream::connect(("127.0.0.1", t)).is_err())
-    {
+    while tls_port.is_some_and(|t| TcpStream::connect(("127.0.0.1", t)).is_err()) {
         assert!(Instant::now() < deadline, "mosquitto did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -216,6 +240,8 @@ fn start_broker_with_tls(tls_port: Option<u16>) -> Option<Broker> {
 /// Subscribes to `topic` with QoS 1 and collects every payload.
 struct Subscriber {
     got: Arc<Mutex<Vec<Value>>>,
+    /// SUBACKs received: one per (re)connection.
+    subscribed: Arc<AtomicUsize>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -231,15 +257,19 @@ impl Subscriber {
         let mut options = MqttOptions::new("watch-test-subscriber", "127.0.0.1", port);
         options.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(options, 16);
-        let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
+        let subscribed = Arc::new(AtomicUsize::new(0));
+        let acks = Arc::clone(&subscribed);
         let sink = Arc::clone(&got);
         let topic = topic.to_owned();
         runtime.spawn(async move {
-            client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
             loop {
                 match events.poll().await {
+                    // A clean session each time: subscribe on every connect.
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client.try_subscribe(&topic, QoS::AtLeastOnce).unwrap();
+                    }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = subscribed_tx.send(());
+                        acks.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let body = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
@@ -248,17 +278,21 @@ impl Subscriber {
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
-                // Keep the client alive with the loop.
-                let _ = &client;
             }
         });
-        subscribed_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("subscribed to the broker");
-        Self {
+        let subscriber = Self {
             got,
+            subscribed,
             _runtime: runtime,
-        }
+        };
+        subscriber.wait_subscribed(1);
+        subscriber
+    }
+
+    fn wait_subscribed(&self, times: usize) {
+        wait_for("the subscription", Duration::from_secs(10), || {
+            self.subscribed.load(Ordering::SeqCst) >= times
+        });
     }
 
     fn distinct(&self) -> usize {
@@ -761,6 +795,61 @@ fn watch_publishes_over_mqtts_trusting_the_given_ca() {
     assert_eq!(
         got[0]["sha256"].as_str(),
         Some(sha256_hex(&std::fs::read(image).unwrap()).as_str())
+    );
+}
+
+#[test]
+fn watch_reconnects_to_a_restarted_broker() {
+    let Some(mut broker) = start_broker() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fit_small(tmp.path());
+    let line = tmp.path().join("line");
+    std::fs::create_dir(&line).unwrap();
+    let topic = "line/again";
+    let subscriber = Subscriber::start(broker.port, topic);
+    let url = format!("mqtt://127.0.0.1:{}/{topic}", broker.port);
+    let args: Vec<String> = [
+        line.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--mqtt",
+        &url,
+        "--mqtt-client-id",
+        "line-7",
+        "--max-backoff-secs",
+        "0.2",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let out = tmp.path().join("watch.out");
+    let mut watch = start_watch(&args, &out);
+    let images = line_images(2);
+    std::fs::copy(&images[0], line.join("a.png")).unwrap();
+    wait_for("the first message", Duration::from_secs(60), || {
+        subscriber.distinct() == 1
+    });
+    // The broker goes away and comes back: the watch's connection is gone.
+    broker.restart();
+    subscriber.wait_subscribed(2);
+    std::fs::copy(&images[1], line.join("b.png")).unwrap();
+    wait_for(
+        "the message after the restart",
+        Duration::from_secs(60),
+        || subscriber.distinct() == 2,
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status();
+    let status = watch.wait().unwrap();
+    let (lines, log) = output(&out);
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(lines.len(), 2, "{log}");
+    // It saw the connection go (while idle, or on the next send).
+    assert!(
+        log.contains("reconnecting on the next message") || log.contains("not acknowledged"),
+        "{log}"
     );
 }
 
