@@ -50,6 +50,9 @@ enum Command {
     /// false alarms marked OK as normal images; NG marks give a labelled
     /// missed-alarm rate.
     Refit(commands::refit::Args),
+    /// Watch a folder: score every image that appears, once, and push each
+    /// result to webhooks and MQTT topics until acknowledged.
+    Watch(commands::watch::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Export(args) => commands::export::run(&args),
         Command::Results(args) => commands::results::run(&args),
         Command::Refit(args) => commands::refit::run(&args),
+        Command::Watch(args) => commands::watch::run(&args),
     };
     match outcome {
         Ok(code) => code.into(),

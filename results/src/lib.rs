@@ -18,6 +18,8 @@
 //! - [`scoring`]: resumable batch scoring into the store.
 //! - [`export`]: the rows as CSV or JSON lines, with the verdict at the
 //!   model's threshold and at the person's.
+//! - [`outbox`]: `flawscope watch`'s ledger: each result it made, keyed by
+//!   an idempotency key, and which sink acknowledged it.
 //! - [`shard`] and [`merge`]: batches split between workers
 //!   (`score --shard I/N`) and their stores combined again.
 
@@ -26,6 +28,7 @@ pub mod export;
 mod foreign;
 pub mod hash;
 pub mod merge;
+pub mod outbox;
 pub mod rows;
 pub mod schema;
 pub mod scoring;

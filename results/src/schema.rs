@@ -44,6 +44,26 @@ pub const MIGRATIONS: &[&str] = &[
     // 3: the whole answer core gave for the image (`Inspection`, JSON), so
     // a stored row shows what a fresh one does; NULL in older rows.
     "ALTER TABLE results ADD COLUMN inspection TEXT;",
+    // 4: `flawscope watch`'s outbox: every result it made (failed ones too),
+    // keyed by its idempotency key, and which sink acknowledged which.
+    "CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        path TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        failed INTEGER NOT NULL CHECK (failed IN (0, 1)),
+        payload TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE deliveries (
+        outbox_id INTEGER NOT NULL REFERENCES outbox(id),
+        sink TEXT NOT NULL,
+        outcome TEXT NOT NULL CHECK (outcome IN ('delivered', 'rejected')),
+        detail TEXT,
+        at TEXT NOT NULL,
+        PRIMARY KEY (outbox_id, sink)
+    );",
 ];
 
 /// `PRAGMA application_id` of a results database: the bytes "FLWS".

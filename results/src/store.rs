@@ -48,7 +48,7 @@ pub use crate::schema::{APPLICATION_ID, MIGRATIONS};
 pub const PERSON_THRESHOLD_SETTING: &str = "tui.threshold";
 
 /// UTC time with milliseconds, as SQLite writes it.
-const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+pub(crate) const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
 fn defects_json(db: &Path, defects: &[DefectCheck]) -> Result<Option<String>, StoreError> {
     if defects.is_empty() {
@@ -66,7 +66,7 @@ fn defects_json(db: &Path, defects: &[DefectCheck]) -> Result<Option<String>, St
 /// An open results database.
 #[derive(Debug)]
 pub struct Store {
-    conn: Connection,
+    pub(crate) conn: Connection,
     path: PathBuf,
 }
 
@@ -106,7 +106,7 @@ impl Store {
         Self::open(path)
     }
 
-    fn err(&self, cause: rusqlite::Error) -> StoreError {
+    pub(crate) fn err(&self, cause: rusqlite::Error) -> StoreError {
         classify(&self.path, cause)
     }
 
@@ -530,7 +530,7 @@ fn parse_decision(db: &Path, text: &str) -> Result<Decision, StoreError> {
 }
 
 /// Paths are stored as text; a non-UTF-8 path is stored lossily.
-fn path_text(path: &Path) -> String {
+pub(crate) fn path_text(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 

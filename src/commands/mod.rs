@@ -13,6 +13,7 @@ pub mod results;
 pub mod score;
 pub mod serve;
 pub mod tui;
+pub mod watch;
 
 use std::process::ExitCode;
 

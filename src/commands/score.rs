@@ -252,7 +252,7 @@ fn heatmap_name(relative: &Path, n: usize) -> PathBuf {
 /// The typed defects the model's text layer checks: `--defect`, and with a
 /// model file the older spelling `--prompt` (zero-shot models took their
 /// `--prompt`s, WinCLIP's ensemble, when they were made).
-fn typed_defects(args: &Args) -> Vec<String> {
+pub(crate) fn typed_defects(args: &Args) -> Vec<String> {
     if args.model.is_none() {
         return Vec::new();
     }
@@ -478,7 +478,7 @@ fn print_line(json: bool, line: &ScoreLine<'_>) -> std::io::Result<()> {
 
 /// A store row as a line's answer: core's answer as the store kept it, else
 /// (rows from before answers were kept) what the row holds.
-fn stored_answer<'a>(row: &'a StoredResult, point: &'a OperatingPoint) -> Answer<'a> {
+pub(crate) fn stored_answer<'a>(row: &'a StoredResult, point: &'a OperatingPoint) -> Answer<'a> {
     let summary = Stored {
         score: row.score,
         is_anomalous: row.verdict == Verdict::Anomalous,
@@ -519,30 +519,7 @@ fn run_with_store(
             .collect(),
         None => HashMap::new(),
     });
-    // A model file is known by its bytes; a zero-shot model by what it computes.
-    let (mut name, mut identity) = match &args.model {
-        // With --prompt the rows are the model's and its text layer's:
-        // another entry, apart from the model's plain rows.
-        Some(path) => layered_model(&path.display().to_string(), &file_hash(path)?, asked),
-        None => (
-            format!(
-                "zero-shot {}",
-                inspector.summary().object.unwrap_or_default()
-            ),
-            inspector.identity()?,
-        ),
-    };
-    // Verdicts at another operating point are other rows: a rerun at the
-    // model's own threshold must not reuse them.
-    if let Some(target) = point.target {
-        let suffix = match target {
-            Target::MaxFar(far) => format!(" @max_far={far}"),
-            Target::MaxMar(mar) => format!(" @max_mar={mar}"),
-            Target::Threshold(t) => format!(" @threshold={t}"),
-        };
-        name.push_str(&suffix);
-        identity.push_str(&suffix);
-    }
+    let (name, identity) = store_model_entry(args.model.as_deref(), &inspector, asked, point)?;
     let scorer = StoreScorer {
         scorer: InspectorScorer::new(Arc::new(inspector), ImageLimits::default(), None)
             .with_prompts(asked.to_vec())
@@ -599,6 +576,42 @@ fn run_with_store(
         return Ok(Outcome::PartialFailure);
     }
     Ok(Outcome::Success)
+}
+
+/// The name and identity the store files a model's rows under: a model
+/// file by its bytes, a zero-shot model by what it computes; typed defects
+/// and another operating point make other rows (`score --db`, `watch`).
+pub(crate) fn store_model_entry(
+    model: Option<&Path>,
+    inspector: &Model,
+    asked: &[String],
+    point: &OperatingPoint,
+) -> anyhow::Result<(String, String)> {
+    // A model file is known by its bytes; a zero-shot model by what it computes.
+    let (mut name, mut identity) = match model {
+        // With --prompt the rows are the model's and its text layer's:
+        // another entry, apart from the model's plain rows.
+        Some(path) => layered_model(&path.display().to_string(), &file_hash(path)?, asked),
+        None => (
+            format!(
+                "zero-shot {}",
+                inspector.summary().object.unwrap_or_default()
+            ),
+            inspector.identity()?,
+        ),
+    };
+    // Verdicts at another operating point are other rows: a rerun at the
+    // model's own threshold must not reuse them.
+    if let Some(target) = point.target {
+        let suffix = match target {
+            Target::MaxFar(far) => format!(" @max_far={far}"),
+            Target::MaxMar(mar) => format!(" @max_mar={mar}"),
+            Target::Threshold(t) => format!(" @threshold={t}"),
+        };
+        name.push_str(&suffix);
+        identity.push_str(&suffix);
+    }
+    Ok((name, identity))
 }
 
 /// The results crate's scorer (with `--prompt`, the typed defects too),

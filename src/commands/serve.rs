@@ -109,7 +109,7 @@ fn usage_or_failure(err: ServerError) -> anyhow::Error {
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`: one line per request).
-fn init_logging() {
+pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Already set (a second server in one process) is fine.

@@ -15,5 +15,6 @@ mod shard;
 mod shared_data;
 mod tui;
 mod verdicts;
+mod watch;
 mod web;
 mod winclip;

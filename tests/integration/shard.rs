@@ -21,7 +21,7 @@ fn run_ok(args: &[&str]) -> String {
 
 /// A model fitted on 12 of the demo's good cells (enough for a threshold,
 /// quick to fit).
-fn fit_small(dir: &Path) -> PathBuf {
+pub(crate) fn fit_small(dir: &Path) -> PathBuf {
     let train = dir.join("train");
     std::fs::create_dir(&train).unwrap();
     let mut good: Vec<PathBuf> = std::fs::read_dir(demo_dir().join("train/good"))
