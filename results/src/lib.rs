@@ -18,6 +18,7 @@
 //! - [`scoring`]: resumable batch scoring into the store.
 //! - [`export`]: the rows as CSV or JSON lines, with the verdict at the
 //!   model's threshold and at the person's.
+//! - [`report`]: the store as one self-contained HTML file to hand on.
 //! - [`shard`] and [`merge`]: batches split between workers
 //!   (`score --shard I/N`) and their stores combined again.
 
@@ -26,6 +27,7 @@ pub mod export;
 mod foreign;
 pub mod hash;
 pub mod merge;
+pub mod report;
 pub mod rows;
 pub mod schema;
 pub mod scoring;
