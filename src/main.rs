@@ -50,6 +50,8 @@ enum Command {
     /// false alarms marked OK as normal images; NG marks give a labelled
     /// missed-alarm rate.
     Refit(commands::refit::Args),
+    /// Write a results database as one self-contained HTML report (thumbnails, verdicts, decisions, threshold and estimates, histogram).
+    Report(commands::report::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Export(args) => commands::export::run(&args),
         Command::Results(args) => commands::results::run(&args),
         Command::Refit(args) => commands::refit::run(&args),
+        Command::Report(args) => commands::report::run(&args),
     };
     match outcome {
         Ok(code) => code.into(),
