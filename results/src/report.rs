@@ -376,7 +376,10 @@ fn document(db: &Path, lines: &[Line], person: Option<f32>, left_out: usize) -> 
             escape(row.decided_at.as_deref().unwrap_or(""))
         );
     }
-    let _ = write!(html, "</tbody></table><script>{SCRIPT}</script></body></html>\n");
+    let _ = writeln!(
+        html,
+        "</tbody></table><script>{SCRIPT}</script></body></html>"
+    );
     html
 }
 

@@ -267,7 +267,10 @@ mod tests {
         );
         assert!(!unchecked.contains("--") && !unchecked.contains("fit"));
         let general = ask_answer("cells", &with(vec![]), &[]);
-        assert_eq!(general, "cells: looks normal — score 0.20 (threshold 0.50).");
+        assert_eq!(
+            general,
+            "cells: looks normal — score 0.20 (threshold 0.50)."
+        );
     }
 
     #[test]

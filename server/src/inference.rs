@@ -77,7 +77,7 @@ impl Scored {
         if inspection.defects_unchecked.is_some() {
             // Why (and how to add a text layer) is for whoever runs the
             // server: it stays in the JSON's `defects_unchecked`.
-            answer.push_str(" ");
+            answer.push(' ');
             answer.push_str(UNCHECKED);
         }
         ScoreResponse {

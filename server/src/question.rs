@@ -63,14 +63,47 @@ const PARTICIPLES: &[(&str, &str)] = &[
 
 /// Words that name no defect: greetings, and the general verdict.
 const GREETINGS: &[&str] = &[
-    "hello", "hi", "hey", "thanks", "thank", "you", "help", "please", "morning", "evening",
-    "afternoon", "good", "yo", "there",
+    "hello",
+    "hi",
+    "hey",
+    "thanks",
+    "thank",
+    "you",
+    "help",
+    "please",
+    "morning",
+    "evening",
+    "afternoon",
+    "good",
+    "yo",
+    "there",
 ];
 /// Words asking for the general verdict ("is this ok?").
 const GENERAL: &[&str] = &[
-    "ok", "okay", "fine", "normal", "defective", "anomalous", "faulty", "bad", "flawed", "good",
-    "acceptable", "alright", "right", "wrong", "defect", "defects", "anomaly", "anomalies", "flaw",
-    "flaws", "problem", "problems", "issue", "issues",
+    "ok",
+    "okay",
+    "fine",
+    "normal",
+    "defective",
+    "anomalous",
+    "faulty",
+    "bad",
+    "flawed",
+    "good",
+    "acceptable",
+    "alright",
+    "right",
+    "wrong",
+    "defect",
+    "defects",
+    "anomaly",
+    "anomalies",
+    "flaw",
+    "flaws",
+    "problem",
+    "problems",
+    "issue",
+    "issues",
 ];
 
 /// Words that start a trailing place phrase ("on this part").

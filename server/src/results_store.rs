@@ -108,6 +108,9 @@ impl Recent {
     }
 }
 
+/// The results store handle kept in the state.
+pub type SharedResults = Arc<ResultsStore>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +143,3 @@ mod tests {
         assert!(recent.get("r1-nothing").is_none());
     }
 }
-
-/// The results store handle kept in the state.
-pub type SharedResults = Arc<ResultsStore>;

@@ -338,11 +338,9 @@ async fn decide(
                 .into(),
         )
     })?;
-    let stored_model = results
-        .models
-        .get(&result.model)
-        .cloned()
-        .ok_or_else(|| ApiError::Internal(format!("model {:?} has no store entry", result.model)))?;
+    let stored_model = results.models.get(&result.model).cloned().ok_or_else(|| {
+        ApiError::Internal(format!("model {:?} has no store entry", result.model))
+    })?;
     file_decision(results, stored_model, path, result, decision).await
 }
 

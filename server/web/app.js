@@ -598,7 +598,7 @@ function defectTable(item, captionText) {
     row.insertCell().textContent = d.verdict === null || d.verdict === undefined ? '' : d.verdict ? 'Anomalous' : 'Normal';
     row.insertCell().textContent = d.far === undefined
       ? 'not known (not calibrated on normal images)'
-      : 'about ' + pct(d.far) + '; ' + oneIn(d.farBound) + ' could be flagged, at worst (95% bound, ' + d.normalImages + ' normal images)';
+      : 'about ' + pct(d.far) + '; at worst ' + oneIn(d.farBound) + ' (95% bound, ' + d.normalImages + ' normal images)';
   });
   return table;
 }
@@ -936,7 +936,7 @@ function renderHistogram() {
   g.append(svg('line', { id: 'threshold-line', x1: t * W, x2: t * W, y1: 0, y2: H, stroke: '#a50e0e', 'stroke-width': 2 }));
   const ng = items.filter((i) => i.decision === 'ng').map((i) => i.result.score);
   $('threshold-costs').textContent = view
-    ? thresholdCosts(view, t, ng) + ' Grey: normal calibration images; pink: images marked NG at refit; blue: this list.'
+    ? thresholdCosts(view, t, ng) + ' (Grey: calibration normals; blue: this list.)'
     : (c && !c.calibrated ? 'No estimates: ' + c.reason + '.' : 'Blue: this list.');
 }
 

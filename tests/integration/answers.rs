@@ -33,15 +33,32 @@ fn ask_answers_like_a_colleague_and_errors_in_chat_style() {
         .unwrap();
 
     // "hello" names no defect: a clear request for one, as chat text.
-    let hello = ask(addr, "/v1/ask", &[("text", "hello"), ("style", "chat")], &image);
+    let hello = ask(
+        addr,
+        "/v1/ask",
+        &[("text", "hello"), ("style", "chat")],
+        &image,
+    );
     assert_eq!(hello.status, 400, "{}", text(&hello));
-    assert!(hello.head.to_lowercase().contains("content-type: text/plain"), "{}", hello.head);
     assert!(
-        text(&hello).starts_with("Sorry, I could not answer: I could not read a defect in \"hello\""),
+        hello
+            .head
+            .to_lowercase()
+            .contains("content-type: text/plain"),
+        "{}",
+        hello.head
+    );
+    assert!(
+        text(&hello)
+            .starts_with("Sorry, I could not answer: I could not read a defect in \"hello\""),
         "{}",
         text(&hello)
     );
-    assert!(text(&hello).contains("is this part ok?"), "{}", text(&hello));
+    assert!(
+        text(&hello).contains("is this part ok?"),
+        "{}",
+        text(&hello)
+    );
     // The same in JSON when JSON is asked for.
     let json = ask(addr, "/v1/ask", &[("text", "hello")], &image);
     assert_eq!(json.status, 400);
@@ -54,34 +71,61 @@ fn ask_answers_like_a_colleague_and_errors_in_chat_style() {
         b"not an image at all",
     );
     assert_eq!(garbage.status, 400, "{}", text(&garbage));
-    assert!(text(&garbage).starts_with("Sorry, I could not answer: "), "{}", text(&garbage));
+    assert!(
+        text(&garbage).starts_with("Sorry, I could not answer: "),
+        "{}",
+        text(&garbage)
+    );
     assert!(!text(&garbage).contains("{\""), "{}", text(&garbage));
     // …and one found before the form is read (?style=chat in the query).
     let refused = http_with(addr, "POST", "/v1/ask?style=chat", "text/plain", "", b"x");
     assert_eq!(refused.status, 400, "{}", text(&refused));
-    assert!(text(&refused).starts_with("Sorry, I could not answer: "), "{}", text(&refused));
+    assert!(
+        text(&refused).starts_with("Sorry, I could not answer: "),
+        "{}",
+        text(&refused)
+    );
 
     // The defect noun is kept; why it was not checked is the note's, not
     // the answer's.
-    let reply = ask(addr, "/v1/ask", &[("text", "is this tile cracked?")], &image);
+    let reply = ask(
+        addr,
+        "/v1/ask",
+        &[("text", "is this tile cracked?")],
+        &image,
+    );
     assert_eq!(reply.status, 200, "{}", text(&reply));
     let v = reply.json();
     assert_eq!(v["defects_asked"], serde_json::json!(["crack"]));
     let answer = v["answer"].as_str().unwrap();
     assert!(
-        answer.contains("The typed defects could not be checked here; the verdict is the model's own."),
+        answer.contains(
+            "The typed defects could not be checked here; the verdict is the model's own."
+        ),
         "{answer}"
     );
     for advice in ["--object", "fit it", "CLIP weights", "text layer"] {
-        assert!(!answer.contains(advice), "developer advice in the answer: {answer}");
+        assert!(
+            !answer.contains(advice),
+            "developer advice in the answer: {answer}"
+        );
     }
     assert!(v["note"].as_str().unwrap().contains("text layer"), "{v}");
     // A general question gets the general verdict, calibrated: no
     // "uncalibrated" for a fitted model.
-    let general = ask(addr, "/v1/ask", &[("text", "is this part ok?"), ("style", "chat")], &image);
+    let general = ask(
+        addr,
+        "/v1/ask",
+        &[("text", "is this part ok?"), ("style", "chat")],
+        &image,
+    );
     assert_eq!(general.status, 200, "{}", text(&general));
     assert!(text(&general).starts_with("cells: "), "{}", text(&general));
-    assert!(!text(&general).contains("ncalibrated"), "{}", text(&general));
+    assert!(
+        !text(&general).contains("ncalibrated"),
+        "{}",
+        text(&general)
+    );
 }
 
 /// Zero-shot (the tiny random CLIP fixture: plumbing, not accuracy)

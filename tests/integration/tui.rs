@@ -212,9 +212,7 @@ fn tui_at_80x24_tells_same_names_in_different_folders_apart() {
     );
     let limit = Duration::from_secs(180);
     let tmux = Tmux::start_sized(&command, 80, 24);
-    let screen = tmux.wait_for("scoring to finish", limit, |s| {
-        s.contains("done: 2 images")
-    });
+    let screen = tmux.wait_for("scoring to finish", limit, |s| s.contains("done: 2 images"));
     let list_lines: Vec<&str> = screen.lines().filter(|l| l.contains("000.png")).collect();
     assert!(
         screen.contains("crack/000.png") && screen.contains("good/000.png"),

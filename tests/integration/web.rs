@@ -612,7 +612,11 @@ async fn web_page_scores_marks_and_survives_garbage() {
         scores_before,
         "a decision scored again"
     );
-    assert!(stored(&db).iter().all(|(p, _, _)| *p != format!("upload:{best}")));
+    assert!(
+        stored(&db)
+            .iter()
+            .all(|(p, _, _)| *p != format!("upload:{best}"))
+    );
 
     // Moving the threshold re-verdicts the list from the model's kept
     // calibration (no request) and says what it costs.
@@ -634,13 +638,13 @@ async fn web_page_scores_marks_and_survives_garbage() {
         .collect();
     assert_eq!(moved["verdicts"], json!(expected_moved), "{moved}");
     assert!(
-        moved["costs"].as_str().unwrap().starts_with("At 0.99: about "),
+        moved["costs"]
+            .as_str()
+            .unwrap()
+            .starts_with("At 0.99: about "),
         "{moved}"
     );
-    assert_eq!(
-        requests_on(addr, "/v1/models/{name}/score"),
-        scores_before
-    );
+    assert_eq!(requests_on(addr, "/v1/models/{name}/score"), scores_before);
     // The stored score is the server's own, equal to the API's.
     for (path, _, score) in stored(&db) {
         let name = path.strip_prefix("upload:").unwrap();
@@ -1069,8 +1073,16 @@ async fn web_page_scores_typed_defects_with_clip() {
             check["location"][0].as_f64().unwrap(),
             check["location"][1].as_f64().unwrap(),
         );
-        assert_eq!(marker["x"].as_f64().unwrap(), (x * cw / w).round(), "{drawn}");
-        assert_eq!(marker["y"].as_f64().unwrap(), (y * ch / h).round(), "{drawn}");
+        assert_eq!(
+            marker["x"].as_f64().unwrap(),
+            (x * cw / w).round(),
+            "{drawn}"
+        );
+        assert_eq!(
+            marker["y"].as_f64().unwrap(),
+            (y * ch / h).round(),
+            "{drawn}"
+        );
     }
     let colour = drawn["markers"][1]["colour"].as_str().unwrap();
     let rgb: Vec<u64> = (0..3)
@@ -1083,7 +1095,10 @@ async fn web_page_scores_typed_defects_with_clip() {
         .map(|v| v.as_u64().unwrap())
         .collect();
     for (got, want) in centre.iter().zip(&rgb) {
-        assert!(got.abs_diff(*want) <= 40, "marker centre {centre:?} vs {colour}");
+        assert!(
+            got.abs_diff(*want) <= 40,
+            "marker centre {centre:?} vs {colour}"
+        );
     }
     // The per-defect table is above the fold at 1366 x 768.
     let table_bottom = client
@@ -1093,7 +1108,19 @@ async fn web_page_scores_typed_defects_with_clip() {
         )
         .await
         .unwrap();
-    assert_eq!(table_bottom, json!(true), "the defect table is below the fold");
+    assert_eq!(
+        table_bottom,
+        json!(true),
+        "the defect table is below the fold"
+    );
+    // The picture with its markers in view for the screenshot.
+    client
+        .execute(
+            "document.getElementById('overlay').scrollIntoView({ block: 'end' });",
+            vec![],
+        )
+        .await
+        .unwrap();
     screenshot(&client, "web-page-text-layer.png").await;
     publish("web-page-text-layer.png");
 
@@ -1273,7 +1300,12 @@ async fn report_opens_offline_with_every_row_and_the_histogram() {
                 "--db",
                 db.to_str().unwrap(),
             ]);
-            assert_eq!(scored.status.code(), Some(0), "{}", crate::cli::stderr(&scored));
+            assert_eq!(
+                scored.status.code(),
+                Some(0),
+                "{}",
+                crate::cli::stderr(&scored)
+            );
             let report = crate::cli::flawscope(&[
                 "report",
                 "--db",
@@ -1281,7 +1313,12 @@ async fn report_opens_offline_with_every_row_and_the_histogram() {
                 "--out",
                 out_file.to_str().unwrap(),
             ]);
-            assert_eq!(report.status.code(), Some(0), "{}", crate::cli::stderr(&report));
+            assert_eq!(
+                report.status.code(),
+                Some(0),
+                "{}",
+                crate::cli::stderr(&report)
+            );
         })
         .await
         .unwrap();

@@ -1003,10 +1003,12 @@ mod tests {
         let long = "test/broken_large/000.png";
         let cut = middle_elide(long, 16);
         assert_eq!(cut.chars().count(), 16);
-        assert!(cut.starts_with("test") && cut.ends_with("/000.png"), "{cut}");
+        assert!(
+            cut.starts_with("test") && cut.ends_with("/000.png"),
+            "{cut}"
+        );
         assert!(cut.contains('…'));
         assert_eq!(middle_elide(long, 0), "");
         assert_eq!(middle_elide(long, 1), "…");
     }
-
 }

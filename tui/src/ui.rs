@@ -34,16 +34,15 @@ impl Widget for &App {
         .areas(area);
         render_header(self, header, buf);
         render_gauge(self, gauge, buf);
-        let [list, right] =
-            Layout::horizontal([Constraint::Length(list_width(self, body.width)), Constraint::Min(0)])
-                .areas(body);
+        let [list, right] = Layout::horizontal([
+            Constraint::Length(list_width(self, body.width)),
+            Constraint::Min(0),
+        ])
+        .areas(body);
         // A short terminal keeps a smaller histogram and more preview.
         let histogram_rows = if body.height < 30 { 7 } else { 9 };
-        let [preview, histogram] = Layout::vertical([
-            Constraint::Min(4),
-            Constraint::Length(histogram_rows),
-        ])
-        .areas(right);
+        let [preview, histogram] =
+            Layout::vertical([Constraint::Min(4), Constraint::Length(histogram_rows)]).areas(right);
         render_list(self, list, buf);
         render_preview(self, preview, buf);
         render_histogram(self, histogram, buf);
@@ -62,7 +61,12 @@ const COMPACT_BELOW: u16 = 120;
 fn list_prefix(app: &App, compact: bool) -> usize {
     let fixed = if compact { 16 } else { 24 };
     let defects = app.rows().iter().any(|r| !r.defects.is_empty());
-    fixed + if defects { flagged_width(compact) + 2 } else { 0 }
+    fixed
+        + if defects {
+            flagged_width(compact) + 2
+        } else {
+            0
+        }
 }
 
 /// The list pane's width: as wide as its longest name needs, between 40 %
@@ -276,15 +280,14 @@ fn render_preview(app: &App, area: Rect, buf: &mut Buffer) {
     // A narrow pane wraps the details over more lines instead of cutting
     // them.
     let details_text = details_line(row, app.threshold());
-    let needed = details_text.width().div_ceil(usize::from(inner.width.max(1)));
+    let needed = details_text
+        .width()
+        .div_ceil(usize::from(inner.width.max(1)));
     // Wrapping at words takes a line more than the bare count.
     let needed = if needed > 1 { needed + 1 } else { needed };
     let details_rows = (needed.clamp(1, 4) as u16).min(inner.height.saturating_sub(1).max(1));
-    let [picture, details] = Layout::vertical([
-        Constraint::Min(1),
-        Constraint::Length(details_rows),
-    ])
-    .areas(inner);
+    let [picture, details] =
+        Layout::vertical([Constraint::Min(1), Constraint::Length(details_rows)]).areas(inner);
     Paragraph::new(details_text)
         .wrap(Wrap { trim: true })
         .render(details, buf);
@@ -713,9 +716,9 @@ mod tests {
                 (buf, blocks)
             })
             .find(|(buf, blocks)| {
-                blocks
-                    .iter()
-                    .any(|&(x, y)| buf[(x, y)].fg != buf[(x, y)].bg && buf[(x, y)].bg != Color::Reset)
+                blocks.iter().any(|&(x, y)| {
+                    buf[(x, y)].fg != buf[(x, y)].bg && buf[(x, y)].bg != Color::Reset
+                })
             })
             .expect("no terminal height shows a preview seam");
         assert!(!blocks.is_empty());
@@ -895,12 +898,14 @@ mod tests {
         // folder that tells them apart and the file name stay.
         assert!(text.contains("ANOM"), "{text}");
         let rows: Vec<&str> = text.lines().filter(|l| l.contains("000.png")).collect();
-        assert!(rows.iter().any(|l| l.contains("broken_large/000.png")), "{text}");
+        assert!(
+            rows.iter().any(|l| l.contains("broken_large/000.png")),
+            "{text}"
+        );
         assert!(rows.iter().any(|l| l.contains("good/000.png")), "{text}");
         // The details are wrapped, not cut: the decision and the scored
         // time are on screen.
         assert!(text.contains("decision"), "{text}");
         assert!(text.contains("2025-01-01"), "{text}");
     }
-
 }
