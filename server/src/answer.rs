@@ -84,7 +84,12 @@ pub fn ask_answer(model: &str, scored: &Inspection, asked: &[String]) -> String 
         if asked.is_empty() {
             return general;
         }
-        return format!("{general} {UNCHECKED}");
+        let names: Vec<String> = asked.iter().map(|a| format!("\"{a}\"")).collect();
+        return format!(
+            "{general} The defects asked about ({}) could not be checked here; the verdict is \
+             the model's own.",
+            join_words(&names)
+        );
     }
     let flagged: Vec<String> = checks
         .iter()
@@ -262,8 +267,8 @@ mod tests {
         let unchecked = ask_answer("cells", &with(vec![]), &asked);
         assert_eq!(
             unchecked,
-            "cells: looks normal — score 0.20 (threshold 0.50). The typed defects could not be \
-             checked here; the verdict is the model's own."
+            "cells: looks normal — score 0.20 (threshold 0.50). The defects asked about \
+             (\"crack\") could not be checked here; the verdict is the model's own."
         );
         assert!(!unchecked.contains("--") && !unchecked.contains("fit"));
         let general = ask_answer("cells", &with(vec![]), &[]);

@@ -134,9 +134,12 @@ pub fn defect_phrases(question: &str) -> Vec<String> {
 }
 
 /// Whether `question` names neither a defect nor the general verdict
-/// ("hello", "", "is it?"): it is answered with a request for a defect.
+/// ("hello", "is it?"): it is answered with a request for a defect. An
+/// empty question asks for the general verdict.
 pub fn names_nothing(question: &str) -> bool {
-    defect_phrases(question).is_empty()
+    // No text at all asks for the general verdict (an image sent alone).
+    !question.trim().is_empty()
+        && defect_phrases(question).is_empty()
         && !lower_words(question)
             .iter()
             .any(|w| GENERAL.contains(&w.as_str()))
@@ -285,10 +288,12 @@ mod tests {
 
     #[test]
     fn a_question_without_a_defect_is_told_from_a_general_one() {
-        for nothing in ["hello", "hi there!", "  ", "is it?", "thanks"] {
+        for nothing in ["hello", "hi there!", "is it?", "thanks"] {
             assert!(names_nothing(nothing), "{nothing:?}");
         }
         for something in [
+            "",
+            "  ",
             "is this ok?",
             "any defects?",
             "is this tile cracked?",

@@ -717,7 +717,8 @@ function drawDefectMarkers(item, canvas, ctx, sx, sy) {
     ctx.fillStyle = colour;
     ctx.beginPath(); ctx.arc(x, y, 3, 0, 2 * Math.PI); ctx.fill();
     ctx.font = 'bold 12px system-ui, sans-serif';
-    ctx.fillText('D' + (n + 1), x + 15, y + 4);
+    // The label goes left of the ring near the right edge, so it stays on the canvas.
+    ctx.fillText('D' + (n + 1), x + 40 > canvas.width ? x - 36 : x + 15, y + 4);
     drawn.push({ text: d.text, x: Math.round(x), y: Math.round(y), colour });
   });
   canvas.dataset.markers = JSON.stringify(drawn);

@@ -100,7 +100,8 @@ fn ask_answers_like_a_colleague_and_errors_in_chat_style() {
     let answer = v["answer"].as_str().unwrap();
     assert!(
         answer.contains(
-            "The typed defects could not be checked here; the verdict is the model's own."
+            "The defects asked about (\"crack\") could not be checked here; the verdict is the \
+             model's own."
         ),
         "{answer}"
     );
