@@ -56,8 +56,8 @@ impl ResultsStore {
 }
 
 /// Results kept for decisions at most; the oldest go first. Each is a few
-/// kilobytes (core's answer as JSON, no map), so this holds a shift's
-/// worth of images in a few megabytes.
+/// kilobytes (core's answer as JSON, no map, at most `MAX_REGIONS`
+/// regions), so a shift's worth of images stays within tens of megabytes.
 pub const RECENT_RESULTS: usize = 4_096;
 
 /// One scored image, as the store will file it when a person decides.
