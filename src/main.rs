@@ -53,6 +53,8 @@ enum Command {
     /// Watch a folder: score every image that appears, once, and push each
     /// result to webhooks and MQTT topics until acknowledged.
     Watch(commands::watch::Args),
+    /// Write a results database as one self-contained HTML report (thumbnails, verdicts, decisions, threshold and estimates, histogram).
+    Report(commands::report::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Results(args) => commands::results::run(&args),
         Command::Refit(args) => commands::refit::run(&args),
         Command::Watch(args) => commands::watch::run(&args),
+        Command::Report(args) => commands::report::run(&args),
     };
     match outcome {
         Ok(code) => code.into(),

@@ -490,6 +490,13 @@ impl Model {
         })
     }
 
+    /// The scores and estimates a person moves the threshold over
+    /// ([`crate::operating_point::CalibrationView`]); `None` when
+    /// uncalibrated (zero-shot) or without kept scores.
+    pub fn calibration_view(&self) -> Option<crate::operating_point::CalibrationView> {
+        self.estimator().map(|e| e.view())
+    }
+
     /// The operating point of a request: the model's own threshold without
     /// a target, else the threshold that meets `target` on the kept
     /// calibration scores (no refit).

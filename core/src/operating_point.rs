@@ -293,6 +293,90 @@ impl Estimator {
     }
 }
 
+/// Scores a [`CalibrationView`] lists per kind at most: enough for a
+/// histogram, small enough for a page to fetch.
+pub const VIEW_SCORES: usize = 512;
+
+/// Steps of a [`CalibrationView`]'s table over the 0–1 threshold.
+pub const VIEW_STEPS: usize = 100;
+
+/// What a person needs to move a model's threshold by hand: the 0–1
+/// scores the calibration rests on (normal, synthetic and labelled
+/// defects, each thinned to [`VIEW_SCORES`]) and the estimates at every
+/// hundredth of the threshold, all from the kept scores (no refit).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CalibrationView {
+    /// The model's own 0–1 threshold.
+    pub threshold: f32,
+    pub normal_images: usize,
+    pub normal: Vec<f32>,
+    pub synthetic: Vec<f32>,
+    pub labelled: Vec<f32>,
+    /// The estimates at `0.00, 0.01, …, 1.00`.
+    pub table: Vec<ViewPoint>,
+}
+
+/// The estimates at one threshold of a [`CalibrationView`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ViewPoint {
+    pub threshold: f32,
+    pub false_alarm_rate: f64,
+    pub false_alarm_upper_bound_95: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synthetic_missed_alarm_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labelled_missed_alarm_rate: Option<f64>,
+}
+
+impl Estimator {
+    /// The view a page or terminal draws its histogram and threshold
+    /// slider from.
+    pub fn view(&self) -> CalibrationView {
+        let normalised = |scores: &[f32]| -> Vec<f32> {
+            let mut out: Vec<f32> = scores
+                .iter()
+                .map(|s| self.calibration.normalise(*s))
+                .collect();
+            out.sort_by(f32::total_cmp);
+            thin(&out, VIEW_SCORES)
+        };
+        let pooled = |lists: Vec<&Vec<f32>>| -> Vec<f32> {
+            normalised(&lists.into_iter().flatten().copied().collect::<Vec<f32>>())
+        };
+        let table = (0..=VIEW_STEPS)
+            .filter_map(|i| {
+                let t = i as f32 / VIEW_STEPS as f32;
+                self.at(t).map(|p| ViewPoint {
+                    threshold: t,
+                    false_alarm_rate: p.estimated_false_alarm_rate,
+                    false_alarm_upper_bound_95: p.false_alarm_upper_bound_95,
+                    synthetic_missed_alarm_rate: p.synthetic_missed_alarm_rate,
+                    labelled_missed_alarm_rate: p.labelled_missed_alarm_rate.map(|l| l.rate),
+                })
+            })
+            .collect();
+        CalibrationView {
+            threshold: self.calibration.normalise(self.calibration.threshold),
+            normal_images: self.scores.normal_images.max(self.scores.normal.len()),
+            normal: normalised(&self.scores.normal),
+            synthetic: pooled(self.scores.synthetic.iter().map(|(_, s)| s).collect()),
+            labelled: pooled(self.scores.labelled.iter().map(|(_, s)| s).collect()),
+            table,
+        }
+    }
+}
+
+/// Evenly spaced order statistics of sorted `scores`, at most `max`.
+fn thin(scores: &[f32], max: usize) -> Vec<f32> {
+    let n = scores.len();
+    if n <= max || max < 2 {
+        return scores.iter().take(max.max(n.min(1))).copied().collect();
+    }
+    (0..max)
+        .map(|i| scores[(i * (n - 1) + (max - 1) / 2) / (max - 1)])
+        .collect()
+}
+
 /// Scores per synthetic kind, sorted and thinned.
 pub fn kept_synthetic(scores: &[(DefectKind, Vec<f32>)]) -> Vec<(DefectKind, Vec<f32>)> {
     scores.iter().map(|(k, s)| (*k, kept(s))).collect()
@@ -311,6 +395,36 @@ mod tests {
             synthetic: vec![(DefectKind::Blotch, (150..250).map(|i| i as f32).collect())],
             labelled: vec![("crack".into(), vec![180.0, 195.0, 199.5, 250.0])],
         }
+    }
+
+    #[test]
+    fn the_view_is_bounded_and_agrees_with_the_estimator() {
+        let s = CalibrationScores {
+            normal: (1..=5000).map(|i| i as f32 / 50.0).collect(),
+            normal_images: 5000,
+            ..scores()
+        };
+        let calibration = Calibration::from_normal_scores(&s.normal, 0.01).unwrap();
+        let estimator = Estimator {
+            calibration,
+            scores: s,
+        };
+        let view = estimator.view();
+        assert_eq!(view.normal.len(), VIEW_SCORES);
+        assert_eq!(view.table.len(), VIEW_STEPS + 1);
+        assert!(view.normal.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(view.labelled.len(), 4);
+        for point in &view.table {
+            let at = estimator.at(point.threshold).unwrap();
+            assert_eq!(point.false_alarm_rate, at.estimated_false_alarm_rate);
+        }
+        assert!((view.threshold - 0.5).abs() < 1e-6, "{}", view.threshold);
+        // Higher thresholds flag fewer normal images.
+        assert!(
+            view.table
+                .windows(2)
+                .all(|w| w[0].false_alarm_rate >= w[1].false_alarm_rate)
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //!   model's threshold and at the person's.
 //! - [`outbox`]: `flawscope watch`'s ledger: each result it made, keyed by
 //!   an idempotency key, and which sink acknowledged it.
+//! - [`report`]: the store as one self-contained HTML file to hand on.
 //! - [`shard`] and [`merge`]: batches split between workers
 //!   (`score --shard I/N`) and their stores combined again.
 
@@ -29,6 +30,7 @@ mod foreign;
 pub mod hash;
 pub mod merge;
 pub mod outbox;
+pub mod report;
 pub mod rows;
 pub mod schema;
 pub mod scoring;

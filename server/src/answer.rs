@@ -32,14 +32,36 @@ pub fn percent(fraction: f64) -> String {
     }
 }
 
-/// One typed defect's verdict in a sentence: "Crack: flagged — score 0.71,
-/// at most 26% false alarms (95% bound, 10 normal images); strongest in the
-/// lower left."
+/// What an answer says when typed defects could not be checked (the
+/// reason, for whoever runs the server, is in the JSON).
+pub const UNCHECKED: &str =
+    "The typed defects could not be checked here; the verdict is the model's own.";
+
+/// What an answer says where an uncalibrated (zero-shot) score decides.
+pub const UNCALIBRATED: &str =
+    "Uncalibrated: no false-alarm rate has been measured for this verdict.";
+
+/// A false-alarm bound as a line operator reads it: "1 in 4 normal parts
+/// could be flagged, at worst, judging from 10 normal images".
+pub fn bound_words(upper_95: f64, normal_images: usize) -> String {
+    format!(
+        "{} normal parts could be flagged, at worst, judging from {normal_images} normal images",
+        flawscope_results::report::one_in(upper_95)
+    )
+}
+
+/// One typed defect's verdict in a sentence: "\"crack\": flagged — score
+/// 0.71; 1 in 4 normal parts could be flagged, at worst, judging from 10
+/// normal images; strongest in the lower left."
 pub fn describe_defect(d: &DefectCheck, width: usize, height: usize) -> String {
     let (x, y) = (d.location.0 as usize, d.location.1 as usize);
+    let cost = if d.normal_images == 0 {
+        "uncalibrated (no false-alarm rate measured)".to_owned()
+    } else {
+        bound_words(d.false_alarm_upper_bound_95, d.normal_images)
+    };
     format!(
-        "\"{}\": {} — score {:.2}, at most {} false alarms ({} normal images, 95% bound); \
-         strongest {}.",
+        "\"{}\": {} — score {:.2}; {cost}; strongest {}.",
         d.description,
         if d.is_anomalous {
             "flagged"
@@ -47,25 +69,27 @@ pub fn describe_defect(d: &DefectCheck, width: usize, height: usize) -> String {
             "not seen"
         },
         d.score,
-        percent_plain(d.false_alarm_upper_bound_95),
-        d.normal_images,
         position(x, y, width, height)
     )
 }
 
-fn percent_plain(fraction: f64) -> String {
-    format!("{:.0}%", fraction * 100.0)
-}
-
 /// The answer to a question about typed defects, in one paragraph: a yes or
 /// no on the asked defects first, then each defect's sentence, then the
-/// model's own verdict. `note` says why the defects were not checked, when
-/// they were not.
-pub fn ask_answer(model: &str, scored: &Inspection, note: &str) -> String {
+/// model's own verdict. When the `asked` defects were not checked, it says
+/// so in an operator's words (the reason is the JSON's `note`).
+pub fn ask_answer(model: &str, scored: &Inspection, asked: &[String]) -> String {
     let checks = &scored.defects;
     let general = describe(model, scored);
     if checks.is_empty() {
-        return format!("{general} ({note}.)");
+        if asked.is_empty() {
+            return general;
+        }
+        let names: Vec<String> = asked.iter().map(|a| format!("\"{a}\"")).collect();
+        return format!(
+            "{general} The defects asked about ({}) could not be checked here; the verdict is \
+             the model's own.",
+            join_words(&names)
+        );
     }
     let flagged: Vec<String> = checks
         .iter()
@@ -108,6 +132,12 @@ pub fn describe(model: &str, scored: &Inspection) -> String {
         scored.score,
         scored.threshold
     );
+    // Zero-shot decides without a calibration: said in every answer.
+    let verdict = if scored.operating_point.normal_images == 0 {
+        format!("{verdict} {UNCALIBRATED}")
+    } else {
+        verdict
+    };
     let total = scored.width.saturating_mul(scored.height).max(1) as f64;
     let main = scored.regions.first().map(|r| {
         let (cx, cy) = (r.x + r.w / 2, r.y + r.h / 2);
@@ -171,7 +201,12 @@ mod tests {
             flagged_by: Vec::new(),
             defects,
             defects_unchecked: None,
-            operating_point: flawscope_core::operating_point::OperatingPoint::probability(),
+            // A calibrated model's point; zero-shot's is tested on its own.
+            operating_point: flawscope_core::operating_point::OperatingPoint {
+                normal_images: 10,
+                warning: None,
+                ..flawscope_core::operating_point::OperatingPoint::probability()
+            },
             width: 300,
             height: 200,
             regions,
@@ -199,19 +234,21 @@ mod tests {
     #[test]
     fn ask_answers_lead_with_the_asked_defects() {
         let with = |checks: Vec<DefectCheck>| scored_with(false, vec![], checks);
+        let asked = vec!["crack".to_owned()];
         let yes = ask_answer(
             "cells",
             &with(vec![check("crack", true), check("dark spot", false)]),
-            "",
+            &asked,
         );
         assert_eq!(
             yes,
-            "Yes: \"crack\" seen. \"crack\": flagged — score 0.71, at most 26% false alarms \
-             (10 normal images, 95% bound); strongest in the lower left. \"dark spot\": not seen \
-             — score 0.30, at most 26% false alarms (10 normal images, 95% bound); strongest in \
-             the lower left. Overall, cells: looks normal — score 0.20 (threshold 0.50)."
+            "Yes: \"crack\" seen. \"crack\": flagged — score 0.71; 1 in 4 normal parts could be \
+             flagged, at worst, judging from 10 normal images; strongest in the lower left. \
+             \"dark spot\": not seen — score 0.30; 1 in 4 normal parts could be flagged, at \
+             worst, judging from 10 normal images; strongest in the lower left. Overall, cells: \
+             looks normal — score 0.20 (threshold 0.50)."
         );
-        let no = ask_answer("cells", &with(vec![check("crack", false)]), "");
+        let no = ask_answer("cells", &with(vec![check("crack", false)]), &asked);
         assert!(
             no.starts_with("No: none of the asked defects is seen."),
             "{no}"
@@ -219,17 +256,45 @@ mod tests {
         let both = ask_answer(
             "cells",
             &with(vec![check("a", true), check("b", true), check("c", true)]),
-            "",
+            &asked,
         );
         assert!(
             both.starts_with("Yes: \"a\", \"b\" and \"c\" seen."),
             "{both}"
         );
-        let unchecked = ask_answer("cells", &with(vec![]), "no CLIP weights");
+        // Why the defects were not checked is the JSON note's, not the
+        // answer's: no developer advice reaches an operator.
+        let unchecked = ask_answer("cells", &with(vec![]), &asked);
         assert_eq!(
             unchecked,
-            "cells: looks normal — score 0.20 (threshold 0.50). (no CLIP weights.)"
+            "cells: looks normal — score 0.20 (threshold 0.50). The defects asked about \
+             (\"crack\") could not be checked here; the verdict is the model's own."
         );
+        assert!(!unchecked.contains("--") && !unchecked.contains("fit"));
+        let general = ask_answer("cells", &with(vec![]), &[]);
+        assert_eq!(
+            general,
+            "cells: looks normal — score 0.20 (threshold 0.50)."
+        );
+    }
+
+    #[test]
+    fn zero_shot_answers_say_uncalibrated() {
+        let mut zero_shot = scored(true, vec![]);
+        zero_shot.operating_point = flawscope_core::operating_point::OperatingPoint::probability();
+        let text = describe("zero-shot", &zero_shot);
+        assert!(
+            text.starts_with(
+                "zero-shot: anomalous — score 0.87 (threshold 0.50). Uncalibrated: no \
+                 false-alarm rate has been measured for this verdict."
+            ),
+            "{text}"
+        );
+        let mut unmeasured = check("crack", true);
+        unmeasured.normal_images = 0;
+        let defect = describe_defect(&unmeasured, 300, 200);
+        assert!(defect.contains("uncalibrated"), "{defect}");
+        assert!(!defect.contains("normal parts"), "{defect}");
     }
 
     #[test]

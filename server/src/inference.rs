@@ -13,7 +13,7 @@ use flawscope_core::operating_point::{OperatingPoint, Target};
 use image::Rgb32FImage;
 use serde::Serialize;
 
-use crate::answer::{describe, describe_defect};
+use crate::answer::{UNCHECKED, describe, describe_defect};
 use crate::error::ApiError;
 use crate::state::{AppState, Slot};
 
@@ -53,6 +53,10 @@ pub struct ScoreResponse {
     /// The typed defects asked about (zero-shot: the descriptions scored).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prompts: Vec<String>,
+    /// With a results store (`serve --db`): the id a decision names
+    /// (`POST /v1/decisions`) to file this result without scoring again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_id: Option<String>,
 }
 
 impl Scored {
@@ -70,16 +74,11 @@ impl Scored {
             answer.push(' ');
             answer.push_str(&describe_defect(d, inspection.width, inspection.height));
         }
-        if let Some(reason) = &inspection.defects_unchecked {
-            // The reason is a sentence's tail ("the typed defects could not
-            // be checked: …"); it ends the answer as a sentence of its own.
-            let mut chars = reason.chars();
-            let first = chars.next().map(|c| c.to_uppercase().to_string());
-            answer.push_str(&format!(
-                " {}{}.",
-                first.unwrap_or_default(),
-                chars.as_str()
-            ));
+        if inspection.defects_unchecked.is_some() {
+            // Why (and how to add a text layer) is for whoever runs the
+            // server: it stays in the JSON's `defects_unchecked`.
+            answer.push(' ');
+            answer.push_str(UNCHECKED);
         }
         ScoreResponse {
             model: model.to_owned(),
@@ -89,6 +88,7 @@ impl Scored {
             heatmap_png: self.heatmap_png,
             object: None,
             prompts: asked,
+            result_id: None,
         }
     }
 }

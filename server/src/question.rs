@@ -7,11 +7,16 @@
 //! 3. in each part, drop leading question words ("is there any", "does it
 //!    have", "check for", …) and trailing place words ("on this part",
 //!    "in the image", …);
-//! 4. keep the non-empty parts, in order, without repeats;
-//! 5. if none is left, the whole question (trimmed) is the one phrase.
+//! 4. a part ending in a defect's participle ("cracked", "scratched", …)
+//!    becomes that defect's noun ("crack"): the other words name the part;
+//! 5. a part made only of greetings or general words ("hello", "ok",
+//!    "defective") is dropped;
+//! 6. keep the non-empty parts, in order, without repeats.
 //!
 //! "any chips or scratches on this part?" → `["chips", "scratches"]`;
-//! "is the thread damaged?" → `["thread damaged"]`.
+//! "is this tile cracked?" → `["crack"]`; "is this ok?" → `[]` (the
+//! general verdict); "hello" → `[]`, and [`names_nothing`] says it asks
+//! nothing, so `/v1/ask` asks for a defect instead of answering.
 //!
 //! The model: the `model` field when given, else the only model, else the
 //! one model whose name or object shares the most words with the question
@@ -29,6 +34,78 @@ const LEADING: &[&str] = &[
     "sign",
 ];
 
+/// A defect's participle or adjective, and its noun.
+const PARTICIPLES: &[(&str, &str)] = &[
+    ("cracked", "crack"),
+    ("scratched", "scratch"),
+    ("chipped", "chip"),
+    ("dented", "dent"),
+    ("stained", "stain"),
+    ("bent", "bend"),
+    ("broken", "break"),
+    ("torn", "tear"),
+    ("damaged", "damage"),
+    ("contaminated", "contamination"),
+    ("rusted", "rust"),
+    ("rusty", "rust"),
+    ("corroded", "corrosion"),
+    ("deformed", "deformation"),
+    ("discoloured", "discolouration"),
+    ("discolored", "discoloration"),
+    ("scuffed", "scuff"),
+    ("warped", "warp"),
+    ("burnt", "burn"),
+    ("burned", "burn"),
+    ("misaligned", "misalignment"),
+    ("holed", "hole"),
+    ("cut", "cut"),
+];
+
+/// Words that name no defect: greetings, and the general verdict.
+const GREETINGS: &[&str] = &[
+    "hello",
+    "hi",
+    "hey",
+    "thanks",
+    "thank",
+    "you",
+    "help",
+    "please",
+    "morning",
+    "evening",
+    "afternoon",
+    "good",
+    "yo",
+    "there",
+];
+/// Words asking for the general verdict ("is this ok?").
+const GENERAL: &[&str] = &[
+    "ok",
+    "okay",
+    "fine",
+    "normal",
+    "defective",
+    "anomalous",
+    "faulty",
+    "bad",
+    "flawed",
+    "good",
+    "acceptable",
+    "alright",
+    "right",
+    "wrong",
+    "defect",
+    "defects",
+    "anomaly",
+    "anomalies",
+    "flaw",
+    "flaws",
+    "problem",
+    "problems",
+    "issue",
+    "issues",
+];
+
 /// Words that start a trailing place phrase ("on this part").
 const PLACE_PREPOSITIONS: &[&str] = &["on", "in", "at", "of"];
 /// What a trailing place phrase refers to.
@@ -42,18 +119,52 @@ const PLACE_DETERMINERS: &[&str] = &["this", "that", "the", "my", "our"];
 pub fn defect_phrases(question: &str) -> Vec<String> {
     let trimmed = question.trim().trim_end_matches(['?', '!', '.']).trim();
     let mut phrases: Vec<String> = Vec::new();
-    for part in trimmed.split([',', ';', '/', '?']) {
+    for part in trimmed.split([',', ';', '/', '?', '!', '.']) {
         for piece in split_on_words(part, &["or", "and"]) {
-            let phrase = strip_place(&strip_leading(&piece));
-            if !phrase.is_empty() && !phrases.contains(&phrase) {
+            let phrase = noun_of(strip_place(&strip_leading(&piece)));
+            if phrase.is_empty() || only_words(&phrase, &[GREETINGS, GENERAL]) {
+                continue;
+            }
+            if !phrases.contains(&phrase) {
                 phrases.push(phrase);
             }
         }
     }
-    if phrases.is_empty() && !trimmed.is_empty() {
-        phrases.push(trimmed.to_owned());
-    }
     phrases
+}
+
+/// Whether `question` names neither a defect nor the general verdict
+/// ("hello", "is it?"): it is answered with a request for a defect. An
+/// empty question asks for the general verdict.
+pub fn names_nothing(question: &str) -> bool {
+    // No text at all asks for the general verdict (an image sent alone).
+    !question.trim().is_empty()
+        && defect_phrases(question).is_empty()
+        && !lower_words(question)
+            .iter()
+            .any(|w| GENERAL.contains(&w.as_str()))
+}
+
+fn lower_words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+fn only_words(phrase: &str, lists: &[&[&str]]) -> bool {
+    lower_words(phrase)
+        .iter()
+        .all(|w| lists.iter().any(|l| l.contains(&w.as_str())))
+}
+
+/// A phrase ending in a defect's participle is that defect's noun ("tile
+/// cracked" → "crack"); others ("bent pins") are kept as they are.
+fn noun_of(phrase: String) -> String {
+    lower_words(&phrase)
+        .last()
+        .and_then(|w| PARTICIPLES.iter().find(|(p, _)| p == w))
+        .map_or(phrase, |(_, noun)| (*noun).to_owned())
 }
 
 fn split_on_words(text: &str, separators: &[&str]) -> Vec<String> {
@@ -152,7 +263,11 @@ mod tests {
                 "any chips or scratches on this part?",
                 &["chips", "scratches"],
             ),
-            ("is the thread damaged?", &["thread damaged"]),
+            ("is the thread damaged?", &["damage"]),
+            ("is this tile cracked?", &["crack"]),
+            ("Is the cable cut or scratched?", &["cut", "scratch"]),
+            ("hello", &[]),
+            ("hi there!", &[]),
             (
                 "Do you see a crack near the edge, a dark spot, or bent pins?",
                 &["crack near the edge", "dark spot", "bent pins"],
@@ -162,12 +277,29 @@ mod tests {
                 &["scratch on the thread"],
             ),
             ("scratch and scratch", &["scratch"]),
-            ("is this ok?", &["ok"]),
-            ("is it?", &["is it"]),
+            ("is this ok?", &[]),
+            ("is it?", &[]),
             ("  ", &[]),
         ];
         for (question, expected) in cases {
             assert_eq!(&defect_phrases(question), expected, "{question:?}");
+        }
+    }
+
+    #[test]
+    fn a_question_without_a_defect_is_told_from_a_general_one() {
+        for nothing in ["hello", "hi there!", "is it?", "thanks"] {
+            assert!(names_nothing(nothing), "{nothing:?}");
+        }
+        for something in [
+            "",
+            "  ",
+            "is this ok?",
+            "any defects?",
+            "is this tile cracked?",
+            "scratches",
+        ] {
+            assert!(!names_nothing(something), "{something:?}");
         }
     }
 

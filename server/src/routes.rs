@@ -25,6 +25,7 @@ use crate::extract::{PathModel, ScoringUpload, Started, UploadForm};
 use crate::inference::{Extras, ScoreResponse, blocking, inspect, scored};
 use crate::oip;
 use crate::question;
+use crate::results_store::RecentResult;
 use crate::state::{AppState, ZeroShot, ZeroShotScorer, bearer};
 use crate::upload::{MAX_PROMPTS, RawBody, Upload};
 use crate::web;
@@ -278,15 +279,23 @@ fn score_extras(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<Extr
 struct ScoreForm {
     /// The typed defects asked about, checked by the model's text layer.
     asked: Vec<String>,
+    /// The image file's content hash, when a results store may file the
+    /// result (`serve --db`): a decision then names the result.
+    hash: Option<String>,
 }
 
 impl UploadForm for ScoreForm {
     const RAW: RawBody = RawBody::Image;
     const FIELDS: &'static [&'static str] = &["defect", "prompt"];
 
-    fn parse(upload: &Upload, _state: &AppState) -> Result<Self, ApiError> {
+    fn parse(upload: &Upload, state: &AppState) -> Result<Self, ApiError> {
+        let hash = state
+            .results()
+            .and(upload.image.as_deref())
+            .map(flawscope_results::store::content_hash);
         Ok(Self {
             asked: text_fields(upload, Self::FIELDS)?,
+            hash,
         })
     }
 }
@@ -303,12 +312,29 @@ async fn score(
 ) -> Result<Json<ScoreResponse>, ApiError> {
     let ScoringUpload {
         permit: _body,
-        body: ScoreForm { asked },
+        body: ScoreForm { asked, hash },
         image,
     } = upload;
     let slot = state.slot().await?;
     let scored = inspect(model, image, extras, asked.clone(), slot).await?;
-    Ok(Json(scored.response(&name, started, asked)))
+    let mut response = scored.response(&name, started, asked);
+    // Kept for a decision on it (`POST /v1/decisions` with `result_id`), so
+    // deciding never uploads or scores the image again. Only plain model
+    // verdicts are filed, as `score --db` files them.
+    if let (Some(results), Some(hash)) = (state.results(), hash)
+        && response.inspection.defects.is_empty()
+        && response.inspection.defects_unchecked.is_none()
+    {
+        response.result_id = Some(results.remember(RecentResult {
+            model: name.clone(),
+            content_hash: hash,
+            score: response.inspection.score,
+            raw_score: response.inspection.raw_score,
+            threshold: response.inspection.threshold,
+            inspection: serde_json::to_string(&response.inspection).ok(),
+        }));
+    }
+    Ok(Json(response))
 }
 
 /// The `prompt` fields of an upload, trimmed: each must say something, and
@@ -421,7 +447,6 @@ impl AskStyle {
 /// The form of `/v1/ask`: multipart `image`, `text`, optional `model`
 /// and `style`.
 struct AskForm {
-    style: AskStyle,
     question: String,
     /// The model chosen ([`choose_model`]), and its name.
     name: String,
@@ -433,12 +458,20 @@ impl UploadForm for AskForm {
     const FIELDS: &'static [&'static str] = &["text", "model", "style"];
 
     fn parse(upload: &Upload, state: &AppState) -> Result<Self, ApiError> {
-        let style = AskStyle::parse(upload.text("style"))?;
         let question = upload.text("text").unwrap_or("").to_owned();
+        if question::names_nothing(&question) {
+            return Err(ApiError::bad_request(
+                "no_defect_named",
+                format!(
+                    "I could not read a defect in \"{}\". Ask about one, e.g. \"any cracks or \
+                     scratches?\", or ask \"is this part ok?\" for the general verdict.",
+                    question.trim().chars().take(80).collect::<String>()
+                ),
+            ));
+        }
         let name = choose_model(state, upload.text("model"), &question)?;
         let model = state.model(&name)?;
         Ok(Self {
-            style,
             question,
             name,
             model,
@@ -446,25 +479,86 @@ impl UploadForm for AskForm {
     }
 }
 
+/// The style a `/v1/ask` caller wants before its form is read: `?style=chat`
+/// in the query, or `Accept: text/plain`; the form's `style` field then
+/// decides, once read.
+fn style_hint(request: &Request) -> AskStyle {
+    let query_chat = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "style=chat"));
+    let accepts_text = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if query_chat || accepts_text {
+        AskStyle::Chat
+    } else {
+        AskStyle::Json
+    }
+}
+
+/// An error as a chat message: the same status and headers, the message
+/// as a sentence in plain text.
+fn chat_error(err: ApiError) -> Response {
+    let mut response = err.into_response();
+    let message = response
+        .extensions()
+        .get::<crate::error::ErrorMessage>()
+        .map(|m| m.message.clone())
+        .unwrap_or_else(|| "the server could not answer".to_owned());
+    let mut text = format!("Sorry, I could not answer: {message}");
+    if !text.ends_with(['.', '!', '?']) {
+        text.push('.');
+    }
+    *response.body_mut() = axum::body::Body::from(text);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    response
+}
+
 /// `POST /v1/ask`: multipart `image`, `text`, optional `model` and `style`
-/// (`json`, the default, or `chat`).
+/// (`json`, the default, or `chat`). With `style=chat` errors are chat
+/// messages too (from the form's field once it is read, or from the query
+/// or an `Accept: text/plain` header before).
 async fn ask(
     Started(started): Started,
     State(state): State<AppState>,
-    QueryExtras(extras): QueryExtras,
-    upload: ScoringUpload<AskForm>,
+    request: Request,
+) -> Response {
+    let mut style = style_hint(&request);
+    match answer_question(&state, started, request, &mut style).await {
+        Ok(response) => response,
+        Err(err) if style == AskStyle::Chat => chat_error(err),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// `/v1/ask`'s work, in the order every scoring route keeps (body permit,
+/// form, image decoded, then a slot); `style` is set as soon as the form
+/// says it.
+async fn answer_question(
+    state: &AppState,
+    started: Instant,
+    request: Request,
+    style: &mut AskStyle,
 ) -> Result<Response, ApiError> {
-    let ScoringUpload {
-        permit: _body,
-        body:
-            AskForm {
-                style,
-                question,
-                name,
-                model,
-            },
-        image,
-    } = upload;
+    let extras = score_extras(Query::try_from_uri(request.uri()))?;
+    let _permit = state.body_permit()?;
+    let mut upload =
+        crate::upload::read_upload(state, request, AskForm::RAW, AskForm::FIELDS).await?;
+    *style = AskStyle::parse(upload.text("style"))?;
+    let AskForm {
+        question,
+        name,
+        model,
+    } = AskForm::parse(&upload, state)?;
+    let bytes = upload.require_image()?;
+    let image = crate::inference::decode(state, bytes).await?;
     let slot = state.slot().await?;
     let asked = question::defect_phrases(&question);
     let scored = inspect(model, image, extras, asked.clone(), slot).await?;
@@ -479,13 +573,13 @@ async fn ask(
         ),
         (None, false) => format!("asked about {}", quoted(&asked)),
     };
-    let answer = ask_answer(&name, inspection, &note);
+    let answer = ask_answer(&name, inspection, &asked);
     let (defects, is_anomalous, flagged_by) = (
         inspection.defects.clone(),
         inspection.is_anomalous,
         inspection.flagged_by.clone(),
     );
-    if style == AskStyle::Chat {
+    if *style == AskStyle::Chat {
         return Ok((
             [(
                 header::CONTENT_TYPE,

@@ -1,28 +1,32 @@
 //! The web page for engineers: `GET /` and its assets (embedded in the
-//! binary, nothing fetched from elsewhere), plus the two routes the page
-//! needs that the `/v1` API lacks: what this server can do
-//! (`GET /v1/capabilities`) and a person's OK / NG decision recorded in the
-//! results store the TUI uses (`POST /v1/decisions`). The page scores
-//! through the ordinary `/v1` routes, so scoring costs it nothing extra.
+//! binary, nothing fetched from elsewhere), plus the routes the page needs
+//! that the `/v1` API lacks: what this server can do
+//! (`GET /v1/capabilities`), a person's OK / NG decision recorded in the
+//! results store the TUI uses (`POST /v1/decisions`, naming a result the
+//! server scored, so nothing is scored twice), a model's calibration scores
+//! and estimates for the threshold slider
+//! (`GET /v1/models/{name}/calibration`) and the store as a report
+//! (`GET /v1/report`). The page scores through the ordinary `/v1` routes,
+//! so scoring costs it nothing extra.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flawscope_core::model::Model;
 use flawscope_results::store::{Decision, NewScore, StoreError, content_hash};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::extract::{ScoringUpload, UploadForm};
+use crate::extract::{PathModel, ScoringUpload, UploadForm};
 use crate::inference::blocking;
-use crate::results_store::{SharedResults, StoredModel};
+use crate::results_store::{RecentResult, SharedResults, StoredModel};
 use crate::state::{AppState, ZeroShot};
 use crate::upload::{MAX_PROMPTS, RawBody, Upload};
 
@@ -54,6 +58,8 @@ pub fn routes() -> Router<AppState> {
         .route("/web/style.css", get(style_css))
         .route("/v1/capabilities", get(capabilities))
         .route("/v1/decisions", post(decide))
+        .route("/v1/models/{name}/calibration", get(calibration))
+        .route("/v1/report", get(report))
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
@@ -234,9 +240,9 @@ impl UploadForm for DecisionForm {
 /// itself (the store never holds a score a client claimed), files the row
 /// as `upload:NAME` with the image's content hash, and records the decision
 /// on every row of that image, as the TUI's `a` / `x` / `u` do.
-async fn decide(
-    State(state): State<AppState>,
-    Results(results): Results,
+async fn decide_upload(
+    state: AppState,
+    results: SharedResults,
     upload: ScoringUpload<DecisionForm>,
 ) -> Result<Json<DecisionResponse>, ApiError> {
     let ScoringUpload {
@@ -257,6 +263,104 @@ async fn decide(
     })
     .await?;
     let kept = serde_json::to_string(&inspection).ok();
+    file_decision(
+        results,
+        stored_model,
+        path,
+        RecentResult {
+            model: String::new(),
+            content_hash: hash,
+            score: inspection.score,
+            raw_score: inspection.raw_score,
+            threshold: inspection.threshold,
+            inspection: kept,
+        },
+        decision,
+    )
+    .await
+}
+
+/// Longest JSON body of a decision by reference.
+const MAX_DECISION_JSON: usize = 16 * 1024;
+
+/// `POST /v1/decisions` by reference: a JSON body naming a result the
+/// server scored (`result_id` from the score response).
+#[derive(Debug, Deserialize)]
+struct DecisionByReference {
+    result_id: String,
+    name: String,
+    decision: String,
+}
+
+/// `POST /v1/decisions`: either a JSON body `{"result_id", "name",
+/// "decision"}` naming a result this server scored (the page's way: no
+/// upload, no second scoring), or the older multipart form with the image,
+/// which is scored here (see [`decide_upload`]).
+async fn decide(
+    State(state): State<AppState>,
+    Results(results): Results,
+    request: Request,
+) -> Result<Json<DecisionResponse>, ApiError> {
+    let is_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        let upload = ScoringUpload::<DecisionForm>::from_request(request, &state).await?;
+        return decide_upload(state, results, upload).await;
+    }
+    let body = axum::body::to_bytes(request.into_body(), MAX_DECISION_JSON)
+        .await
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("the decision must be a JSON object of at most {MAX_DECISION_JSON} bytes"),
+            )
+        })?;
+    let asked: DecisionByReference = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("expected {{\"result_id\", \"name\", \"decision\"}}: {e}"),
+        )
+    })?;
+    let decision = Decision::parse(&asked.decision).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_decision",
+            "\"decision\" must be \"ok\", \"ng\" or \"none\"",
+        )
+    })?;
+    let path = upload_path(&asked.name)?;
+    let result = results.recall(&asked.result_id).ok_or_else(|| {
+        ApiError::NotFound(
+            "no such result: it was scored before the server restarted or too long ago; send \
+             the image with the decision (multipart) instead"
+                .into(),
+        )
+    })?;
+    let stored_model = results.models.get(&result.model).cloned().ok_or_else(|| {
+        ApiError::Internal(format!("model {:?} has no store entry", result.model))
+    })?;
+    file_decision(results, stored_model, path, result, decision).await
+}
+
+/// Files `result` as `path` under `stored_model` and records `decision` on
+/// every row of that image.
+async fn file_decision(
+    results: SharedResults,
+    stored_model: StoredModel,
+    path: PathBuf,
+    result: RecentResult,
+    decision: Decision,
+) -> Result<Json<DecisionResponse>, ApiError> {
+    let RecentResult {
+        content_hash: hash,
+        score,
+        raw_score,
+        threshold,
+        inspection: kept,
+        ..
+    } = result;
     let row = tokio::task::spawn_blocking(move || {
         // A panic elsewhere while holding the lock leaves SQLite consistent
         // (every write is its own transaction).
@@ -271,9 +375,9 @@ async fn decide(
                     inspection: kept.as_deref(),
                     path: &path,
                     content_hash: &hash,
-                    score: inspection.score,
-                    raw_score: inspection.raw_score,
-                    threshold: inspection.threshold,
+                    score,
+                    raw_score,
+                    threshold,
                     defects: &[],
                 },
             )
@@ -298,6 +402,50 @@ async fn decide(
         decision: row.decision,
         decided_at: row.decided_at,
     }))
+}
+
+/// `GET /v1/models/{name}/calibration`: the model's calibration scores
+/// (0–1, at most a few hundred per list) and the estimates at every
+/// hundredth of the threshold, for the page's histogram and slider;
+/// `calibrated: false` for zero-shot models and files without kept scores.
+async fn calibration(PathModel { name, model }: PathModel) -> Json<serde_json::Value> {
+    match model.calibration_view() {
+        Some(view) => Json(serde_json::json!({
+            "model": name,
+            "calibrated": true,
+            "view": view,
+        })),
+        None => Json(serde_json::json!({
+            "model": name,
+            "calibrated": false,
+            "reason": "this model keeps no calibration scores (zero-shot, or a file written \
+                       before they were kept): its threshold cannot be moved with estimates",
+        })),
+    }
+}
+
+/// `GET /v1/report`: the results store as one self-contained HTML file
+/// (`flawscope report` for the served store), as a download. The server
+/// reads no image file a row names, so its report has no thumbnails.
+async fn report(Results(results): Results) -> Result<Response, ApiError> {
+    let html = tokio::task::spawn_blocking(move || {
+        let store = results.store.lock().unwrap_or_else(|e| e.into_inner());
+        flawscope_results::report::render(&store, flawscope_results::report::Thumbnails::None)
+            .map_err(|e| store_error(&e))
+    })
+    .await
+    .map_err(|join| ApiError::Internal(format!("report task failed: {join}")))??;
+    let mut response = html.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"flawscope-report.html\""),
+    );
+    Ok(response)
 }
 
 /// Whether `path` is one of the page's own (token-free) paths.

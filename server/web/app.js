@@ -9,6 +9,11 @@ const PARALLEL = 2; // requests in flight at once; more would only queue on the 
 const RETRIES_WHEN_BUSY = 3;
 
 const $ = (id) => document.getElementById(id);
+const MAX_FOLDER_FILES = 2000; // images read from one dropped or chosen folder at most
+const IMAGE_NAME = /\.(png|jpe?g|bmp|tiff?|webp|gif)$/i;
+// One colour per typed defect, told apart on the heatmap's blues and reds.
+const DEFECT_COLOURS = ['#00e5ff', '#ffd400', '#ff4fd8', '#7cff4f', '#ff8c1a', '#b388ff'];
+
 const state = {
   items: [],
   selected: null,
@@ -17,6 +22,10 @@ const state = {
   undo: [],
   nextId: 1,
   running: 0,
+  zoom: 'fit', // or a scale: 1 is the image's native resolution
+  calibration: new Map(), // model name -> its /calibration answer (or a promise of it)
+  thresholds: new Map(), // model name -> the threshold a person moved to on this page
+  hiddenDefects: new Set(), // typed defect texts whose markers are toggled off
 };
 
 // ---------- talking to the server ----------
@@ -123,6 +132,7 @@ async function start() {
     for (const m of models.models) state.models.set(m.name, m);
     fillSources();
     describeServer();
+    for (const name of state.models.keys()) loadCalibration(name);
   } catch (err) {
     $('server-status').textContent = 'Cannot read the server\'s models: ' + readable(err);
   }
@@ -200,11 +210,16 @@ function addFiles(files) {
   if (!source) return;
   const object = $('object').value.trim();
   const defects = typedDefects();
-  for (const file of files) {
+  let first = null;
+  for (const entry of files) {
+    // A file from a folder comes with the path inside it, so two 000.png
+    // from different folders are told apart.
+    const file = entry.file || entry;
+    const path = entry.path || file.webkitRelativePath || file.name;
     const item = {
       id: state.nextId++,
       file,
-      name: file.name || 'pasted-image-' + state.nextId + '.png',
+      name: path || 'pasted-image-' + state.nextId + '.png',
       model: source === ZERO_SHOT ? null : source,
       // The operating point asked for (a false-alarm limit), if any: the
       // server moves the model's threshold for this request only.
@@ -218,12 +233,48 @@ function addFiles(files) {
       decisionNote: '',
       overlay: null,
       picture: null,
+      thumb: null,
     };
     state.items.push(item);
-    if (state.selected === null) state.selected = item.id;
+    if (first === null) first = item.id;
   }
+  // What was just added is what a person wants to see.
+  if (first !== null) state.selected = first;
   render();
   pump();
+  if (source !== ZERO_SHOT) loadCalibration(source);
+}
+
+/** Image files of a dropped folder entry, with their paths inside it. */
+async function folderFiles(entry, out) {
+  if (out.length >= MAX_FOLDER_FILES) return;
+  if (entry.isFile) {
+    if (!IMAGE_NAME.test(entry.name)) return;
+    const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+    out.push({ file, path: entry.fullPath.replace(/^\//, '') });
+    return;
+  }
+  if (!entry.isDirectory) return;
+  const reader = entry.createReader();
+  for (;;) {
+    const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+    if (!batch.length) return;
+    batch.sort((a, b) => a.name.localeCompare(b.name));
+    for (const child of batch) await folderFiles(child, out);
+  }
+}
+
+async function dropped(transfer) {
+  const entries = [...(transfer.items || [])]
+    .map((i) => (i.webkitGetAsEntry ? i.webkitGetAsEntry() : null))
+    .filter((e) => e);
+  if (!entries.length || entries.every((e) => e.isFile)) {
+    addFiles([...(transfer.files || [])]);
+    return;
+  }
+  const out = [];
+  for (const e of entries) await folderFiles(e, out);
+  addFiles(out);
 }
 
 function pump() {
@@ -357,8 +408,8 @@ function verdictBadge(item) {
   const span = document.createElement('span');
   span.className = 'badge';
   if (item.status === 'done') {
-    span.classList.add(item.result.is_anomalous ? 'anomalous' : 'normal');
-    span.textContent = item.result.is_anomalous ? 'Anomalous' : 'Normal';
+    span.classList.add(anomalous(item) ? 'anomalous' : 'normal');
+    span.textContent = anomalous(item) ? 'Anomalous' : 'Normal';
   } else if (item.status === 'error') {
     span.classList.add('error');
     span.textContent = 'Error';
@@ -385,12 +436,23 @@ function render() {
     li.dataset.status = item.status;
     if (item.status === 'done') {
       li.dataset.score = String(item.result.score);
-      li.dataset.verdict = item.result.is_anomalous ? 'anomalous' : 'normal';
+      li.dataset.verdict = anomalous(item) ? 'anomalous' : 'normal';
     }
     li.dataset.decision = item.decision;
+    li.dataset.saved = item.decisionNote.startsWith('saved') ? 'yes' : 'no';
+    if (!item.thumb) item.thumb = URL.createObjectURL(item.file);
+    const thumb = document.createElement('img');
+    thumb.className = 'thumb';
+    thumb.alt = '';
+    thumb.src = item.thumb;
     const name = document.createElement('span');
     name.className = 'name';
     name.textContent = item.model ? item.name : item.name + ' (zero-shot)';
+    name.title = item.name;
+    const model = document.createElement('span');
+    model.className = 'model';
+    model.textContent = item.model || 'zero-shot';
+    model.title = 'model';
     const scoreCell = document.createElement('span');
     scoreCell.className = 'score';
     scoreCell.textContent = item.status === 'done' ? item.result.score.toFixed(3) : '';
@@ -398,7 +460,7 @@ function render() {
     mark.className = 'mark ' + item.decision;
     mark.textContent = markText(item.decision);
     mark.title = 'decision';
-    li.append(name, verdictBadge(item), scoreCell, mark);
+    li.append(thumb, name, model, verdictBadge(item), scoreCell, mark);
     li.addEventListener('click', () => { select(item.id); list.focus(); });
     list.append(li);
   }
@@ -408,9 +470,10 @@ function render() {
   const failed = state.items.filter((i) => i.status === 'error').length;
   const pending = state.items.length - done.length - failed;
   $('list-summary').textContent = state.items.length
-    ? done.length + ' scored (' + done.filter((i) => i.result.is_anomalous).length + ' anomalous)'
+    ? done.length + ' scored (' + done.filter(anomalous).length + ' anomalous)'
       + (pending ? ', ' + pending + ' waiting' : '') + (failed ? ', ' + failed + ' could not be scored' : '')
     : 'No images yet.';
+  renderHistogram();
   renderDetail();
 }
 
@@ -469,7 +532,7 @@ function renderDetail() {
     clearCanvas();
     return;
   }
-  $('detail-title').textContent = item.name;
+  $('detail-title').textContent = item.name + ' · ' + (item.model ? 'model ' + item.model : 'zero-shot');
   err.hidden = item.status !== 'error';
   err.textContent = item.error || '';
   if (item.status === 'error') {
@@ -482,7 +545,7 @@ function renderDetail() {
   const r = item.result;
   const source = item.model ? 'model ' + item.model : 'zero-shot CLIP (' + item.object + ')';
   $('detail-verdict').textContent = r
-    ? (r.is_anomalous ? 'Anomalous' : 'Normal') + ' · score ' + r.score.toFixed(3) + ' (threshold ' + r.threshold.toFixed(2) + ', 0–1) · ' + source
+    ? (anomalous(item) ? 'Anomalous' : 'Normal') + ' · score ' + r.score.toFixed(3) + ' (threshold ' + thresholdShown(item).toFixed(2) + ', 0–1) · ' + source
     : item.status === 'error' ? '' : 'Scoring with ' + source + '…';
   $('answer').textContent = r ? r.answer : '';
   $('false-alarm').textContent = r ? costs(item, r.operating_point) : '';
@@ -510,17 +573,33 @@ function defectTable(item, captionText) {
     head.append(th);
   }
   const body = table.createTBody();
-  for (const d of item.defects) {
+  item.defects.forEach((d, n) => {
     const row = body.insertRow();
-    row.insertCell().textContent = d.text;
+    const first = row.insertCell();
+    if (d.location) {
+      // A marker per located defect, in its colour; the box hides it.
+      const toggle = document.createElement('input');
+      toggle.type = 'checkbox';
+      toggle.checked = !state.hiddenDefects.has(d.text);
+      toggle.setAttribute('aria-label', 'Show the marker of ' + d.text);
+      toggle.addEventListener('change', () => {
+        if (toggle.checked) state.hiddenDefects.delete(d.text); else state.hiddenDefects.add(d.text);
+        draw(item);
+      });
+      const swatch = document.createElement('span');
+      swatch.className = 'swatch';
+      swatch.style.background = DEFECT_COLOURS[n % DEFECT_COLOURS.length];
+      first.append(toggle, swatch, 'D' + (n + 1) + ' ');
+    }
+    first.append(d.text);
     const cell = row.insertCell();
     cell.textContent = d.error ? d.error : d.score === null ? 'scoring…' : d.score.toFixed(3);
     if (d.score !== null) cell.dataset.score = String(d.score);
     row.insertCell().textContent = d.verdict === null || d.verdict === undefined ? '' : d.verdict ? 'Anomalous' : 'Normal';
     row.insertCell().textContent = d.far === undefined
       ? 'not known (not calibrated on normal images)'
-      : 'about ' + pct(d.far) + ', at most ' + pct(d.farBound) + ' (95% bound, ' + d.normalImages + ' normal images)';
-  }
+      : 'about ' + pct(d.far) + '; at worst ' + oneIn(d.farBound) + ' (95% bound, ' + d.normalImages + ' normal images)';
+  });
   return table;
 }
 
@@ -571,10 +650,20 @@ function draw(item) {
   const ctx = canvas.getContext('2d');
   const r = item.result;
   if (!r || !(item.picture || item.overlay)) { clearCanvas(); return; }
-  const box = canvas.parentElement.clientWidth - 220;
-  const maxW = Math.max(240, Math.min(640, box));
-  const maxH = Math.max(200, Math.min(420, window.innerHeight - 330));
-  const scale = Math.min(maxW / r.width, maxH / r.height);
+  const box = $('view-box');
+  let scale;
+  if (state.zoom === 'fit') {
+    // Fit: the whole image in the space left on screen (never enlarged).
+    const maxW = Math.max(240, box.parentElement.clientWidth - 200);
+    const maxH = Math.max(200, window.innerHeight - box.getBoundingClientRect().top - 12);
+    scale = Math.min(1, maxW / r.width, maxH / r.height);
+    box.style.maxHeight = '';
+  } else {
+    // Native resolution (or 2x) in a scrolling box: drag to pan.
+    scale = state.zoom;
+    box.style.maxHeight = Math.max(200, window.innerHeight - box.getBoundingClientRect().top - 12) + 'px';
+  }
+  canvas.dataset.zoom = String(state.zoom);
   canvas.width = Math.max(1, Math.round(r.width * scale));
   canvas.height = Math.max(1, Math.round(r.height * scale));
   // The server's overlay PNG is the image with the heatmap blended in, at
@@ -608,6 +697,31 @@ function draw(item) {
       ctx.fillText(String(n + 1), x + 4, Math.max(12, y - 4));
     });
   }
+  drawDefectMarkers(item, canvas, ctx, canvas.width / r.width, canvas.height / r.height);
+}
+
+/** Each typed defect the text layer located: a ring in its own colour at
+ *  its `location`, numbered as in the table (toggled there). */
+function drawDefectMarkers(item, canvas, ctx, sx, sy) {
+  const drawn = [];
+  item.defects.forEach((d, n) => {
+    if (!d.location || state.hiddenDefects.has(d.text)) return;
+    const x = d.location[0] * sx, y = d.location[1] * sy;
+    const colour = DEFECT_COLOURS[n % DEFECT_COLOURS.length];
+    ctx.lineWidth = 3;
+    ctx.strokeStyle = '#000';
+    ctx.beginPath(); ctx.arc(x, y, 13, 0, 2 * Math.PI); ctx.stroke();
+    ctx.strokeStyle = colour;
+    ctx.lineWidth = 2;
+    ctx.beginPath(); ctx.arc(x, y, 12, 0, 2 * Math.PI); ctx.stroke();
+    ctx.fillStyle = colour;
+    ctx.beginPath(); ctx.arc(x, y, 3, 0, 2 * Math.PI); ctx.fill();
+    ctx.font = 'bold 12px system-ui, sans-serif';
+    // The label goes left of the ring near the right edge, so it stays on the canvas.
+    ctx.fillText('D' + (n + 1), x + 40 > canvas.width ? x - 36 : x + 15, y + 4);
+    drawn.push({ text: d.text, x: Math.round(x), y: Math.round(y), colour });
+  });
+  canvas.dataset.markers = JSON.stringify(drawn);
 }
 
 // ---------- decisions ----------
@@ -626,10 +740,24 @@ async function decide(decision, fromUndo) {
     item.decisionNote = 'saving…';
     render();
     try {
-      const row = await api('/v1/decisions', {
-        method: 'POST',
-        body: form([['image', item.file], ['model', item.model], ['name', item.name], ['decision', decision]]),
-      });
+      let row;
+      try {
+        // The server kept the result it scored: the decision names it, so
+        // nothing is uploaded or scored again.
+        if (!item.result.result_id) throw new ApiError(404, 'not_found', 'no result id');
+        row = await api('/v1/decisions', {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ result_id: item.result.result_id, name: item.name, decision }),
+        });
+      } catch (err) {
+        if (err.status !== 404) throw err;
+        // Scored before the server restarted: the image goes with it.
+        row = await api('/v1/decisions', {
+          method: 'POST',
+          body: form([['image', item.file], ['model', item.model], ['name', item.name], ['decision', decision]]),
+        });
+      }
       item.decisionNote = 'saved in the results store as ' + row.path;
     } catch (err) {
       item.decision = before;
@@ -639,9 +767,18 @@ async function decide(decision, fromUndo) {
   render();
 }
 
+/** Decides on the selected image and moves on, as the TUI's `a` / `x`. */
+function decideAndNext(decision) {
+  const item = selectedItem();
+  if (!item || item.status !== 'done') return;
+  decide(decision);
+  move(1);
+}
+
 function undo() {
   const last = state.undo.pop();
   if (!last) return;
+  // Back to the image the undone decision was on.
   select(last.id);
   decide(last.decision, true);
 }
@@ -654,8 +791,8 @@ function rows() {
     status: i.status,
     source: i.model ? 'model ' + i.model : 'zero-shot ' + i.object,
     score: i.result ? i.result.score : null,
-    threshold: i.result ? i.result.threshold : null,
-    verdict: i.result ? (i.result.is_anomalous ? 'anomalous' : 'ok') : null,
+    threshold: i.result ? thresholdShown(i) : null,
+    verdict: i.result ? (anomalous(i) ? 'anomalous' : 'ok') : null,
     anomalous_fraction: i.result ? i.result.anomalous_fraction : null,
     regions: i.result ? i.result.regions.length : null,
     decision: i.decision,
@@ -701,6 +838,155 @@ function downloadJsonl() {
   download('flawscope-results.jsonl', 'application/x-ndjson', rows().map((r) => JSON.stringify(r)).join('\n') + '\n');
 }
 
+// ---------- the threshold, moved by a person ----------
+
+/** The threshold a person set for the item's model, or null. */
+function personThreshold(item) {
+  return item.model && state.thresholds.has(item.model) ? state.thresholds.get(item.model) : null;
+}
+
+function thresholdShown(item) {
+  const t = personThreshold(item);
+  return t === null ? item.result.threshold : t;
+}
+
+/** The verdict at the threshold shown: the model's score against it, or
+ *  any typed defect the text layer flagged (their thresholds stay). */
+function anomalous(item) {
+  const t = personThreshold(item);
+  if (t === null) return item.result.is_anomalous;
+  return item.result.score >= t || (item.result.defects || []).some((d) => d.is_anomalous);
+}
+
+function loadCalibration(model) {
+  if (state.calibration.has(model)) return;
+  state.calibration.set(model, null);
+  api('/v1/models/' + encodeURIComponent(model) + '/calibration')
+    .then((c) => { state.calibration.set(model, c); renderHistogram(); })
+    .catch(() => state.calibration.delete(model));
+}
+
+/** The model the histogram shows: the selected image's, else the source's. */
+function histogramModel() {
+  const item = selectedItem();
+  if (item && item.model) return item.model;
+  const source = $('source').value;
+  return source && source !== ZERO_SHOT ? source : null;
+}
+
+/** What the threshold `t` costs, from the model's kept calibration (no refit). */
+function thresholdCosts(view, t, listNg) {
+  const at = view.table[Math.max(0, Math.min(view.table.length - 1, Math.round(t * (view.table.length - 1))))];
+  let text = 'At ' + t.toFixed(2) + ': about ' + pct(at.false_alarm_rate) + ' of normal parts flagged; '
+    + oneIn(at.false_alarm_upper_bound_95) + ' could be flagged, at worst, judging from ' + view.normal_images + ' normal images';
+  if (at.synthetic_missed_alarm_rate !== undefined) text += '; about ' + pct(at.synthetic_missed_alarm_rate) + ' of synthetic defects missed';
+  if (at.labelled_missed_alarm_rate !== undefined) text += '; ' + pct(at.labelled_missed_alarm_rate) + ' of the images marked NG at the last refit missed';
+  if (listNg.length) text += '; ' + listNg.filter((s) => s < t).length + ' of the ' + listNg.length + ' marked NG in this list missed';
+  return text + '.';
+}
+
+function oneIn(rate) {
+  if (!(rate > 0)) return 'no normal parts';
+  if (rate >= 0.5) return Math.round(rate * 10) + ' in 10 normal parts';
+  return '1 in ' + Math.round(1 / rate) + ' normal parts';
+}
+
+function svg(tag, attrs) {
+  // The SVG namespace, read from the page's own <svg> element.
+  const e = document.createElementNS($('histogram').namespaceURI, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+  return e;
+}
+
+/** Scores of the list (by decision), the calibration's normal scores and
+ *  its labelled NG scores, against the threshold. */
+function renderHistogram() {
+  const box = $('histo');
+  const model = histogramModel();
+  const c = model ? state.calibration.get(model) : null;
+  const items = state.items.filter((i) => i.status === 'done' && i.model === model);
+  if (!model || (!items.length && !(c && c.calibrated))) { box.hidden = true; return; }
+  box.hidden = false;
+  const view = c && c.calibrated ? c.view : null;
+  const t = state.thresholds.has(model) ? state.thresholds.get(model) : (view ? view.threshold : 0.5);
+  $('threshold').value = String(t);
+  $('threshold').disabled = !view && !items.length;
+  $('threshold-value').textContent = t.toFixed(2);
+  const bins = 30;
+  const count = (scores) => {
+    const out = new Array(bins).fill(0);
+    for (const s of scores) out[Math.min(bins - 1, Math.max(0, Math.floor(s * bins)))]++;
+    return out;
+  };
+  const series = [
+    { cls: 'normal-cal', colour: '#8a919c', counts: count(view ? view.normal : []) },
+    { cls: 'labelled-cal', colour: '#e8a0a0', counts: count(view ? view.labelled : []) },
+    { cls: 'list', colour: '#0b57d0', counts: count(items.map((i) => i.result.score)) },
+  ];
+  const g = $('histogram');
+  g.textContent = '';
+  const W = 300, H = 70, w = W / bins;
+  for (const s of series) {
+    const top = Math.max(1, ...s.counts);
+    s.counts.forEach((n, i) => {
+      if (!n) return;
+      const h = (H - 4) * n / top;
+      g.append(svg('rect', { class: 'bin ' + s.cls, x: i * w + (s.cls === 'list' ? w * 0.35 : 0), y: H - h, width: s.cls === 'list' ? w * 0.5 : w - 1, height: h, fill: s.colour, 'fill-opacity': s.cls === 'list' ? 0.9 : 0.6 }));
+    });
+  }
+  g.append(svg('line', { id: 'threshold-line', x1: t * W, x2: t * W, y1: 0, y2: H, stroke: '#a50e0e', 'stroke-width': 2 }));
+  const ng = items.filter((i) => i.decision === 'ng').map((i) => i.result.score);
+  $('threshold-costs').textContent = view
+    ? thresholdCosts(view, t, ng) + ' (Grey: calibration normals; blue: this list.)'
+    : (c && !c.calibrated ? 'No estimates: ' + c.reason + '.' : 'Blue: this list.');
+}
+
+// ---------- zoom and pan ----------
+
+function setZoom(zoom) {
+  state.zoom = zoom;
+  const item = selectedItem();
+  if (item) draw(item);
+}
+
+function cycleZoom() {
+  setZoom(state.zoom === 'fit' ? 1 : state.zoom === 1 ? 2 : 'fit');
+}
+
+function wirePan() {
+  const box = $('view-box');
+  let from = null;
+  box.addEventListener('pointerdown', (e) => {
+    from = { x: e.clientX, y: e.clientY, left: box.scrollLeft, top: box.scrollTop };
+    box.setPointerCapture(e.pointerId);
+  });
+  box.addEventListener('pointermove', (e) => {
+    if (!from) return;
+    box.scrollLeft = from.left - (e.clientX - from.x);
+    box.scrollTop = from.top - (e.clientY - from.y);
+  });
+  const end = () => { from = null; };
+  box.addEventListener('pointerup', end);
+  box.addEventListener('pointercancel', end);
+}
+
+// ---------- the report ----------
+
+async function downloadReport() {
+  if (!state.caps || !state.caps.results_store) {
+    $('list-summary').textContent = 'No report: the server was started without --db, so it keeps no results.';
+    return;
+  }
+  for (;;) {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const response = await fetch('/v1/report', { headers: token ? { Authorization: 'Bearer ' + token } : {} });
+    if (response.status === 401) { await askToken('This server needs an access token.'); continue; }
+    if (!response.ok) { $('list-summary').textContent = 'The report failed: HTTP ' + response.status; return; }
+    download('flawscope-report.html', 'text/html', await response.text());
+    return;
+  }
+}
+
 // ---------- controls and keys ----------
 
 function typing(target) {
@@ -718,13 +1004,13 @@ function wireControls() {
   document.addEventListener('drop', (e) => {
     e.preventDefault();
     drop.classList.remove('over');
-    addFiles([...(e.dataTransfer ? e.dataTransfer.files : [])]);
+    if (e.dataTransfer) dropped(e.dataTransfer);
   });
   document.addEventListener('paste', (e) => {
     const files = [...(e.clipboardData ? e.clipboardData.files : [])];
     if (files.length) { e.preventDefault(); addFiles(files); }
   });
-  $('source').addEventListener('change', updateClipNote);
+  $('source').addEventListener('change', () => { updateClipNote(); renderHistogram(); });
   $('object').addEventListener('input', updateClipNote);
   $('defects').addEventListener('input', updateClipNote);
   $('opacity').addEventListener('input', () => {
@@ -733,8 +1019,20 @@ function wireControls() {
     if (item) draw(item);
   });
   $('show-regions').addEventListener('change', () => { const item = selectedItem(); if (item) draw(item); });
-  $('mark-ok').addEventListener('click', () => decide('ok'));
-  $('mark-ng').addEventListener('click', () => decide('ng'));
+  $('mark-ok').addEventListener('click', () => decideAndNext('ok'));
+  $('mark-ng').addEventListener('click', () => decideAndNext('ng'));
+  $('download-report').addEventListener('click', downloadReport);
+  $('folder').addEventListener('change', (e) => { addFiles([...e.target.files]); e.target.value = ''; });
+  $('threshold').addEventListener('input', () => {
+    const model = histogramModel();
+    if (!model) return;
+    state.thresholds.set(model, Number($('threshold').value));
+    render();
+  });
+  $('zoom-fit').addEventListener('click', () => setZoom('fit'));
+  $('zoom-1').addEventListener('click', () => setZoom(1));
+  $('zoom-2').addEventListener('click', () => setZoom(2));
+  wirePan();
   $('mark-undo').addEventListener('click', undo);
   $('download-csv').addEventListener('click', downloadCsv);
   $('download-jsonl').addEventListener('click', downloadJsonl);
@@ -743,6 +1041,7 @@ function wireControls() {
       $('list-summary').textContent = 'Images are still being scored; clear the list when they are done.';
       return;
     }
+    for (const i of state.items) if (i.thumb) URL.revokeObjectURL(i.thumb);
     state.items = [];
     state.undo = [];
     state.selected = null;
@@ -756,7 +1055,7 @@ function wireControls() {
       j: () => move(1), ArrowDown: () => move(1), k: () => move(-1), ArrowUp: () => move(-1),
       g: () => move(-Infinity), Home: () => move(-Infinity), G: () => move(Infinity), End: () => move(Infinity),
       PageDown: () => move(10), PageUp: () => move(-10),
-      a: () => decide('ok'), x: () => decide('ng'), u: undo,
+      a: () => decideAndNext('ok'), x: () => decideAndNext('ng'), u: undo, z: cycleZoom,
     };
     const action = keys[e.key];
     if (!action) return;

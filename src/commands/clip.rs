@@ -127,6 +127,15 @@ pub fn zero_shot_model(clip: &ClipArgs, runtime: &Runtime) -> anyhow::Result<Mod
 
 /// `score --model FILE`: a model file of any kind.
 pub fn load_model(path: &Path, runtime: &Runtime) -> anyhow::Result<Model> {
+    // A model file that is not there is missing setup (exit 2), as the
+    // README's table of exit codes says, not a failure of the run.
+    if !path.exists() {
+        return Err(UsageError(format!(
+            "model file {} not found (make one with `flawscope fit`)",
+            path.display()
+        ))
+        .into());
+    }
     Model::load(path, runtime)
         .map_err(setup_error)
         .with_context(|| format!("loading model {}", path.display()))

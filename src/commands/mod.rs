@@ -9,6 +9,7 @@ pub mod export;
 pub mod fit;
 pub mod options;
 pub mod refit;
+pub mod report;
 pub mod results;
 pub mod score;
 pub mod serve;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use flawscope_core::dataset::{scan_image_folder, scan_image_tree};
+use flawscope_core::dataset::{DatasetError, scan_image_folder, scan_image_tree};
 use flawscope_core::heatmap::{Legend, save_overlay};
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{Inspection, Model};
@@ -191,7 +191,7 @@ pub fn inputs(paths: &[PathBuf], recursive: bool) -> anyhow::Result<Vec<Input>> 
             let images = if recursive {
                 scan_image_tree(arg)?
             } else {
-                scan_image_folder(arg)?
+                scan_image_folder(arg).map_err(|err| suggest_recursive(arg, err))?
             };
             for path in images {
                 let relative = path.strip_prefix(arg).unwrap_or(&path).to_path_buf();
@@ -221,6 +221,22 @@ pub fn inputs(paths: &[PathBuf], recursive: bool) -> anyhow::Result<Vec<Input>> 
         });
     }
     Ok(inputs)
+}
+
+/// A folder with no images of its own but some in its subfolders (an
+/// MVTec category, a folder per day) is a usage slip: say `--recursive`.
+fn suggest_recursive(dir: &Path, err: DatasetError) -> anyhow::Error {
+    if matches!(err, DatasetError::NoImages(_))
+        && let Ok(below) = scan_image_tree(dir)
+    {
+        return UsageError(format!(
+            "{} holds no images of its own, but {} in its subfolders: add --recursive to score them",
+            dir.display(),
+            below.len()
+        ))
+        .into();
+    }
+    err.into()
 }
 
 /// `path` without its root, prefix or `.` parts, `..` kept as `_up`.
@@ -343,7 +359,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             "{failures} of {} images could not be scored (see the errors above)",
             inputs.len()
         );
-        return Ok(Outcome::PartialFailure);
+        return Ok(failed_outcome(failures, inputs.len()));
     }
     Ok(Outcome::Success)
 }
@@ -405,7 +421,7 @@ fn run_mutual(args: &Args, runtime: &Runtime) -> anyhow::Result<Outcome> {
             "{failures} of {} images could not be scored (see the errors above)",
             inputs.len()
         );
-        return Ok(Outcome::PartialFailure);
+        return Ok(failed_outcome(failures, inputs.len()));
     }
     Ok(Outcome::Success)
 }
@@ -573,7 +589,10 @@ fn run_with_store(
         db.display()
     );
     if summary.failed > 0 {
-        return Ok(Outcome::PartialFailure);
+        return Ok(failed_outcome(
+            summary.failed,
+            summary.scored + summary.unchanged + summary.failed,
+        ));
     }
     Ok(Outcome::Success)
 }
@@ -612,6 +631,16 @@ pub(crate) fn store_model_entry(
         identity.push_str(&suffix);
     }
     Ok((name, identity))
+}
+
+/// As the README's table says: 3 when some inputs failed while the rest
+/// were processed, 1 when every one failed (nothing was scored).
+fn failed_outcome(failed: usize, all: usize) -> Outcome {
+    if failed >= all {
+        Outcome::Failure
+    } else {
+        Outcome::PartialFailure
+    }
 }
 
 /// The results crate's scorer (with `--prompt`, the typed defects too),

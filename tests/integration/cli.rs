@@ -215,3 +215,57 @@ pub fn tiny_tile_dataset(cat: &Path) {
         mask.save(path).unwrap();
     }
 }
+
+/// Exit codes as the README's table says: a missing model file is missing
+/// setup (2); a run where every input failed scored nothing (1, not 3);
+/// a folder whose images are all in subfolders points to `--recursive` (2).
+#[test]
+fn score_exit_codes_follow_the_readme_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing_model = tmp.path().join("no-such-model.flawscope");
+    let image = crate::pipeline::demo_dir().join("test/good");
+    let out = flawscope(&[
+        "score",
+        "--model",
+        missing_model.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+
+    let model = crate::web::model_dir().join("cells.flawscope");
+    let missing_input = tmp.path().join("missing.png");
+    let out = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        missing_input.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
+    // Images only in subfolders (an MVTec category's layout).
+    let nested = tmp.path().join("category");
+    std::fs::create_dir_all(nested.join("test/crack")).unwrap();
+    let first = std::fs::read_dir(&image).unwrap().next().unwrap().unwrap();
+    std::fs::copy(first.path(), nested.join("test/crack/000.png")).unwrap();
+    let out = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        nested.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("add --recursive") && stderr(&out).contains("1 in its subfolders"),
+        "{}",
+        stderr(&out)
+    );
+    let out = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        nested.to_str().unwrap(),
+        "--recursive",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

@@ -65,14 +65,16 @@ fn heatmaps_keep_relative_paths_and_files_get_the_umask_mode() {
     let test = same_stems(tmp.path());
     let maps = tmp.path().join("maps");
 
-    // Without --recursive the folder has no images of its own.
+    // Without --recursive the folder has no images of its own: a usage
+    // slip (exit 2) that says --recursive.
     let flat = flawscope(&[
         "score",
         "--model",
         model.to_str().unwrap(),
         test.to_str().unwrap(),
     ]);
-    assert_eq!(flat.status.code(), Some(1));
+    assert_eq!(flat.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&flat.stderr).contains("--recursive"));
 
     let out = flawscope(&[
         "score",

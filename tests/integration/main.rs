@@ -2,6 +2,7 @@
 //! end-to-end runs of the `flawscope` command.
 #![allow(clippy::unwrap_used)]
 
+mod answers;
 mod backbone;
 mod cli;
 mod hostile;

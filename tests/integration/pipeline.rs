@@ -211,16 +211,21 @@ fn wrong_model_files_are_clear_errors() {
         .path();
     let bogus = tmp.path().join("bogus.flawscope");
     std::fs::write(&bogus, b"not a model at all").unwrap();
-    for model in [bogus.clone(), tmp.path().join("missing.flawscope")] {
+    // A file that is no model fails (1); a missing one is missing setup
+    // (2), as the README's table of exit codes says.
+    for (model, code, said) in [
+        (bogus.clone(), 1, "loading model"),
+        (tmp.path().join("missing.flawscope"), 2, "not found"),
+    ] {
         let out = flawscope(&[
             "score",
             "--model",
             model.to_str().unwrap(),
             image.to_str().unwrap(),
         ]);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(code));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("loading model"), "{stderr}");
+        assert!(stderr.contains(said), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }

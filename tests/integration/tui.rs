@@ -65,6 +65,11 @@ static SESSIONS: AtomicUsize = AtomicUsize::new(0);
 impl Tmux {
     /// Starts `command` in a 160×48 session; fails clearly without tmux.
     fn start(command: &str) -> Self {
+        Self::start_sized(command, 160, 48)
+    }
+
+    /// Starts `command` in a `width`×`height` session.
+    fn start_sized(command: &str, width: u16, height: u16) -> Self {
         let available = Command::new("tmux")
             .arg("-V")
             .output()
@@ -88,9 +93,9 @@ impl Tmux {
                 "new-session",
                 "-d",
                 "-x",
-                "160",
+                &width.to_string(),
                 "-y",
-                "48",
+                &height.to_string(),
                 "-s",
                 "t",
                 &line,
@@ -179,6 +184,45 @@ fn file_name(row: &serde_json::Value) -> String {
         .unwrap()
         .to_string_lossy()
         .into_owned()
+}
+
+/// MVTec-style names: `000.png` in two folders, triaged with `-r` on an
+/// 80×24 terminal, are told apart on screen by their paths in the folder.
+#[test]
+fn tui_at_80x24_tells_same_names_in_different_folders_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fit_model(tmp.path());
+    let images = tmp.path().join("images");
+    for (folder, kind) in [("crack", "defect"), ("good", "good")] {
+        let dir = images.join(folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = std::fs::read_dir(demo().join("test").join(kind))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .min()
+            .unwrap();
+        std::fs::copy(source, dir.join("000.png")).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_flawscope");
+    let command = format!(
+        "{} tui {} -r --model {}",
+        quote(Path::new(bin)),
+        quote(&images),
+        quote(&model)
+    );
+    let limit = Duration::from_secs(180);
+    let tmux = Tmux::start_sized(&command, 80, 24);
+    let screen = tmux.wait_for("scoring to finish", limit, |s| s.contains("done: 2 images"));
+    let list_lines: Vec<&str> = screen.lines().filter(|l| l.contains("000.png")).collect();
+    assert!(
+        screen.contains("crack/000.png") && screen.contains("good/000.png"),
+        "the two 000.png are not told apart at 80x24:\n{screen}"
+    );
+    assert!(list_lines.len() >= 2, "{screen}");
+    // The selected image's details are not cut: its decision is on screen.
+    assert!(screen.contains("decision"), "{screen}");
+    tmux.keys("q");
+    tmux.wait_for("a clean exit", limit, |s| s.contains("EXITED:0"));
 }
 
 #[test]

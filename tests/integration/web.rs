@@ -138,7 +138,7 @@ async fn session(driver: &Driver, browser: &Browser, downloads: &Path) -> Client
 }
 
 /// The fixture model, fitted once for all browser tests.
-fn model_dir() -> PathBuf {
+pub(crate) fn model_dir() -> PathBuf {
     static FITTED: Mutex<bool> = Mutex::new(false);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-page-models");
     let mut fitted = FITTED.lock().unwrap_or_else(|e| e.into_inner());
@@ -295,14 +295,39 @@ fn decision_of(db: &Path, name: &str) -> String {
         .unwrap_or_else(|| panic!("no row for {path} in {:?}", stored(db)))
 }
 
-/// Waits for the selected image's decision to be saved as `mark`.
+/// Waits for an image's decision to be saved as `mark`.
 async fn wait_saved(client: &Client, name: &str, mark: &str) {
     let script = format!(
-        "const s = document.getElementById('decision-state').textContent;
-         const li = [...document.querySelectorAll('#list li')].find(l => l.dataset.name === {name:?});
-         return s.includes('saved in the results store') && li.dataset.decision === {mark:?} ? s : null;"
+        "const li = [...document.querySelectorAll('#list li')].find(l => l.dataset.name === {name:?});
+         return li.dataset.saved === 'yes' && li.dataset.decision === {mark:?};"
     );
     wait_for(client, &format!("{name} saved as {mark}"), &script).await;
+}
+
+/// Requests the server counted on `route` (all statuses), from `/metrics`.
+fn requests_on(addr: SocketAddr, route: &str) -> u64 {
+    let reply = http_with(addr, "GET", "/metrics", "text/plain", "", b"");
+    let text = String::from_utf8_lossy(&reply.body).into_owned();
+    let prefix = format!("flawscope_http_requests_total{{route=\"{route}\",");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The name of the selected image (the detail's title, before the model).
+async fn selected_name(client: &Client) -> String {
+    let title = text(client, "detail-title").await;
+    title.split(" · ").next().unwrap().to_owned()
+}
+
+/// Copies the page's screenshot into docs/ (shown in the README) when
+/// FLAWSCOPE_UPDATE_DOCS=1, so the documented pictures are today's page.
+fn publish(name: &str) {
+    if std::env::var("FLAWSCOPE_UPDATE_DOCS").as_deref() == Ok("1") {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        std::fs::copy(screenshots().join(name), docs.join(name)).unwrap();
+    }
 }
 
 fn wait_file(path: &Path) -> String {
@@ -347,8 +372,10 @@ async fn web_page_scores_marks_and_survives_garbage() {
         .expect("the model passes none of demo/solar_cell/test/good");
     let normal = tmp.path().join("normal-cell.png");
     let defect = tmp.path().join("defect-cell.png");
+    let second = tmp.path().join("second-defect-cell.png");
     std::fs::copy(normal_source, &normal).unwrap();
     std::fs::copy(first_png("test/defect"), &defect).unwrap();
+    std::fs::copy(&pngs("test/defect")[1], &second).unwrap();
     let garbage = tmp.path().join("garbage.png");
     std::fs::write(&garbage, b"this is a text file, not a PNG\n").unwrap();
 
@@ -375,18 +402,18 @@ async fn web_page_scores_marks_and_survives_garbage() {
         "{note}"
     );
 
-    upload(&client, &[&normal, &defect]).await;
+    upload(&client, &[&normal, &defect, &second]).await;
     wait_for(
         &client,
-        "both results",
+        "the three results",
         "const li = [...document.querySelectorAll('#list li')];
-         return li.length === 2 && li.every(l => l.dataset.status === 'done');",
+         return li.length === 3 && li.every(l => l.dataset.status === 'done');",
     )
     .await;
 
     // Verdicts, scores and order equal the API's for the same files.
     let rows = list(&client).await;
-    let mut expected: Vec<(String, f64, bool)> = [&normal, &defect]
+    let mut expected: Vec<(String, f64, bool)> = [&normal, &defect, &second]
         .iter()
         .map(|p| {
             let (score, anomalous) = api_score(addr, p, "");
@@ -404,15 +431,31 @@ async fn web_page_scores_marks_and_survives_garbage() {
         assert_eq!(row["verdict"], verdict, "{name}");
     }
     assert!(
-        expected[0].2 && !expected[1].2,
-        "the fixture pair should be one anomalous, one normal: {expected:?}"
+        expected[0].2 && !expected[2].2,
+        "the fixtures should be worst anomalous, best normal: {expected:?}"
+    );
+    // Each row shows its thumbnail and its model.
+    let columns = wait_for(
+        &client,
+        "the thumbnails",
+        "const rows = [...document.querySelectorAll('#list li')].map(li => ({
+           thumb: li.querySelector('img.thumb').naturalWidth > 0,
+           model: li.querySelector('.model').textContent }));
+         return rows.every(r => r.thumb) ? rows : null;",
+    )
+    .await;
+    assert_eq!(
+        columns,
+        json!([{"thumb": true, "model": "cells"}, {"thumb": true, "model": "cells"},
+               {"thumb": true, "model": "cells"}]),
+        "thumbnails and the model column"
     );
 
     // The worst image is selected; its overlay is drawn and follows the
     // opacity slider.
     keys(&client, "g").await;
     let title = text(&client, "detail-title").await;
-    assert_eq!(title, expected[0].0);
+    assert_eq!(title, format!("{} · model cells", expected[0].0));
     let canvas = client
         .execute(
             "const c = document.getElementById('overlay');
@@ -510,22 +553,98 @@ async fn web_page_scores_marks_and_survives_garbage() {
     let defects = text(&client, "defects-out").await;
     assert!(defects.contains("could not be checked"), "{defects}");
     assert!(defects.contains("no text layer"), "{defects}");
+    // The histogram of the list against the threshold, with the model's
+    // calibration scores, in view.
+    let histogram = wait_for(
+        &client,
+        "the histogram with the calibration's normal scores",
+        "const h = document.getElementById('histo');
+         const normal = h.querySelectorAll('rect.normal-cal').length;
+         const list = h.querySelectorAll('rect.list').length;
+         return !h.hidden && normal > 0 && list > 0 && h.getBoundingClientRect().bottom <= innerHeight
+           ? { normal, list, costs: document.getElementById('threshold-costs').textContent } : null;",
+    )
+    .await;
+    let costs_text = histogram["costs"].as_str().unwrap();
+    assert!(
+        costs_text.starts_with("At 0.50: about ")
+            && costs_text.contains("could be flagged, at worst, judging from"),
+        "{histogram}"
+    );
     screenshot(&client, "web-page.png").await;
+    publish("web-page.png");
 
-    // OK / NG with the TUI's keys reach the results store.
-    let (worst, best) = (expected[0].0.clone(), expected[1].0.clone());
+    // OK / NG with the TUI's keys: each decides and moves to the next
+    // image; the decision names the server's result, so nothing is scored
+    // or uploaded again.
+    let names: Vec<String> = expected.iter().map(|e| e.0.clone()).collect();
+    let (worst, middle, best) = (names[0].clone(), names[1].clone(), names[2].clone());
+    let scores_before = requests_on(addr, "/v1/models/{name}/score");
+    let decisions_before = requests_on(addr, "/v1/decisions");
     keys(&client, "x").await;
     wait_saved(&client, &worst, "ng").await;
-    keys(&client, "ja").await;
-    wait_saved(&client, &best, "ok").await;
-    assert_eq!(decision_of(&db, &worst), "ng");
-    assert_eq!(decision_of(&db, &best), "ok");
-    keys(&client, "u").await;
-    wait_saved(&client, &best, "none").await;
-    assert_eq!(decision_of(&db, &best), "none");
+    assert_eq!(selected_name(&client).await, middle, "x moves to the next");
     keys(&client, "a").await;
-    wait_saved(&client, &best, "ok").await;
-    assert_eq!(decision_of(&db, &best), "ok");
+    wait_saved(&client, &middle, "ok").await;
+    assert_eq!(selected_name(&client).await, best, "a moves to the next");
+    assert_eq!(decision_of(&db, &worst), "ng");
+    assert_eq!(decision_of(&db, &middle), "ok");
+    assert_eq!(
+        requests_on(addr, "/v1/decisions") - decisions_before,
+        2,
+        "one request per decision"
+    );
+    assert_eq!(
+        requests_on(addr, "/v1/models/{name}/score"),
+        scores_before,
+        "a decision scored again"
+    );
+    // Undo goes back to the image it undoes.
+    keys(&client, "u").await;
+    wait_saved(&client, &middle, "none").await;
+    assert_eq!(selected_name(&client).await, middle, "u goes back");
+    assert_eq!(decision_of(&db, &middle), "none");
+    keys(&client, "a").await;
+    wait_saved(&client, &middle, "ok").await;
+    assert_eq!(decision_of(&db, &middle), "ok");
+    assert_eq!(
+        requests_on(addr, "/v1/models/{name}/score"),
+        scores_before,
+        "a decision scored again"
+    );
+    assert!(
+        stored(&db)
+            .iter()
+            .all(|(p, _, _)| *p != format!("upload:{best}"))
+    );
+
+    // Moving the threshold re-verdicts the list from the model's kept
+    // calibration (no request) and says what it costs.
+    let moved = client
+        .execute(
+            "const t = document.getElementById('threshold');
+             t.value = '0.99'; t.dispatchEvent(new Event('input'));
+             const verdicts = [...document.querySelectorAll('#list li')].map(l => l.dataset.verdict);
+             const costs = document.getElementById('threshold-costs').textContent;
+             t.value = '0.5'; t.dispatchEvent(new Event('input'));
+             return { verdicts, costs };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let expected_moved: Vec<&str> = expected
+        .iter()
+        .map(|e| if e.1 >= 0.99 { "anomalous" } else { "normal" })
+        .collect();
+    assert_eq!(moved["verdicts"], json!(expected_moved), "{moved}");
+    assert!(
+        moved["costs"]
+            .as_str()
+            .unwrap()
+            .starts_with("At 0.99: about "),
+        "{moved}"
+    );
+    assert_eq!(requests_on(addr, "/v1/models/{name}/score"), scores_before);
     // The stored score is the server's own, equal to the API's.
     for (path, _, score) in stored(&db) {
         let name = path.strip_prefix("upload:").unwrap();
@@ -542,7 +661,7 @@ async fn web_page_scores_marks_and_survives_garbage() {
     )
     .await;
     let after = list(&client).await;
-    assert_eq!(after.len(), 3, "{after:?}");
+    assert_eq!(after.len(), 4, "{after:?}");
     for (before, now) in rows.iter().zip(&after) {
         assert_eq!(before["name"], now["name"]);
         assert_eq!(before["score"], now["score"]);
@@ -555,7 +674,7 @@ async fn web_page_scores_marks_and_survives_garbage() {
     assert!(error.contains("Not an image flawscope can read"), "{error}");
     screenshot(&client, "web-page-error.png").await;
     keys(&client, "g").await;
-    assert_eq!(text(&client, "detail-title").await, worst);
+    assert_eq!(selected_name(&client).await, worst);
 
     // The downloads hold the rows shown, worst first.
     client
@@ -567,14 +686,14 @@ async fn web_page_scores_marks_and_survives_garbage() {
         .unwrap();
     let csv = tokio::task::block_in_place(|| wait_file(&downloads.join("flawscope-results.csv")));
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines.len(), 4, "{csv}");
+    assert_eq!(lines.len(), 5, "{csv}");
     assert!(lines[0].starts_with("name,status,source,score"), "{csv}");
     assert!(
         lines[1].starts_with(&format!("{worst},done,model cells,")),
         "{csv}"
     );
     assert!(lines[1].contains(",ng,"), "{csv}");
-    assert!(lines[3].starts_with("garbage.png,error,"), "{csv}");
+    assert!(lines[4].starts_with("garbage.png,error,"), "{csv}");
     client
         .find(Locator::Id("download-jsonl"))
         .await
@@ -588,16 +707,31 @@ async fn web_page_scores_marks_and_survives_garbage() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(parsed.len(), 3);
+    assert_eq!(parsed.len(), 4);
     assert_eq!(parsed[0]["name"], worst.as_str());
     assert!((parsed[0]["score"].as_f64().unwrap() - expected[0].1).abs() < 1e-6);
     assert_eq!(parsed[1]["decision"], "ok");
     assert!(
-        parsed[2]["error"]
+        parsed[3]["error"]
             .as_str()
             .unwrap()
             .contains("Not an image")
     );
+
+    // The served store as a report: one self-contained HTML file with the
+    // decided rows.
+    client
+        .find(Locator::Id("download-report"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let report =
+        tokio::task::block_in_place(|| wait_file(&downloads.join("flawscope-report.html")));
+    assert_eq!(report.matches("<tr class=\"row\"").count(), 2, "{report}");
+    assert!(report.contains(&format!("upload:{worst}")), "{report}");
+    assert!(report.contains("id=\"histogram\""), "{report}");
 
     // A file dropped on the page and one pasted are scored once each.
     client
@@ -630,7 +764,7 @@ async fn web_page_scores_marks_and_survives_garbage() {
         &client,
         "the dropped and the pasted image",
         "const li = [...document.querySelectorAll('#list li')];
-         return li.length === 5 && li.filter(l => l.dataset.status === 'done').length === 4;",
+         return li.length === 6 && li.filter(l => l.dataset.status === 'done').length === 5;",
     )
     .await;
     let names: Vec<String> = list(&client)
@@ -766,7 +900,7 @@ async fn web_page_asks_for_the_token_and_the_api_refuses_without_it() {
 }
 
 /// A multipart form with text `fields` and the `image`.
-fn multipart(fields: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
+pub(crate) fn multipart(fields: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
     let boundary = "flawscope-web-test-boundary";
     let mut body = Vec::new();
     for (name, value) in fields {
@@ -913,7 +1047,82 @@ async fn web_page_scores_typed_defects_with_clip() {
     let defects = text(&client, "defects-out").await;
     assert!(defects.contains("95% bound"), "{defects}");
     assert!(defects.contains("Flagged by: "), "{defects}");
+    // Each typed defect is drawn where the API locates it, in its colour.
+    let fields: Vec<(&str, &str)> = prompts.iter().map(|p| ("prompt", *p)).collect();
+    let answer = post_form(addr, "/v1/models/cells/score", &fields, &bytes);
+    let drawn = wait_for(
+        &client,
+        "the typed defects' markers",
+        "const c = document.getElementById('overlay');
+         const m = c.dataset.markers ? JSON.parse(c.dataset.markers) : [];
+         if (m.length !== 2) return null;
+         const last = m[m.length - 1];
+         const px = c.getContext('2d').getImageData(last.x, last.y, 1, 1).data;
+         return { markers: m, w: c.width, h: c.height, centre: [px[0], px[1], px[2]] };",
+    )
+    .await;
+    let (w, h) = (
+        answer["width"].as_f64().unwrap(),
+        answer["height"].as_f64().unwrap(),
+    );
+    let (cw, ch) = (drawn["w"].as_f64().unwrap(), drawn["h"].as_f64().unwrap());
+    for (i, check) in answer["defects"].as_array().unwrap().iter().enumerate() {
+        let marker = &drawn["markers"][i];
+        assert_eq!(marker["text"], check["description"], "{drawn}");
+        let (x, y) = (
+            check["location"][0].as_f64().unwrap(),
+            check["location"][1].as_f64().unwrap(),
+        );
+        assert_eq!(
+            marker["x"].as_f64().unwrap(),
+            (x * cw / w).round(),
+            "{drawn}"
+        );
+        assert_eq!(
+            marker["y"].as_f64().unwrap(),
+            (y * ch / h).round(),
+            "{drawn}"
+        );
+    }
+    let colour = drawn["markers"][1]["colour"].as_str().unwrap();
+    let rgb: Vec<u64> = (0..3)
+        .map(|i| u64::from_str_radix(&colour[1 + 2 * i..3 + 2 * i], 16).unwrap())
+        .collect();
+    let centre: Vec<u64> = drawn["centre"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    for (got, want) in centre.iter().zip(&rgb) {
+        assert!(
+            got.abs_diff(*want) <= 40,
+            "marker centre {centre:?} vs {colour}"
+        );
+    }
+    // The per-defect table is above the fold at 1366 x 768.
+    let table_bottom = client
+        .execute(
+            "return document.querySelector('#defects-out table').getBoundingClientRect().bottom <= innerHeight",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        table_bottom,
+        json!(true),
+        "the defect table is below the fold"
+    );
+    // The picture with its markers in view for the screenshot.
+    client
+        .execute(
+            "document.getElementById('overlay').scrollIntoView({ block: 'end' });",
+            vec![],
+        )
+        .await
+        .unwrap();
     screenshot(&client, "web-page-text-layer.png").await;
+    publish("web-page-text-layer.png");
 
     // Zero-shot as the verdict: the same as /v1/zero-shot with both texts.
     typed("object", "solar cell").await;
@@ -1054,4 +1263,109 @@ async fn web_page_server_time_equals_curl() {
         "the page's requests cost the server {diff_median:.3} ms more"
     );
     drop(server);
+}
+
+/// `flawscope report` on a store of 20 rows: one HTML file that Chromium
+/// opens from disk with 20 rows and the histogram, fetching nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_opens_offline_with_every_row_and_the_histogram() {
+    let Some(browser) = browser("report_opens_offline_with_every_row_and_the_histogram") else {
+        return;
+    };
+    let models = tokio::task::spawn_blocking(model_dir).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let mut sources = pngs("test/good");
+    sources.extend(pngs("test/defect"));
+    sources.extend(pngs("train/good"));
+    for (n, source) in sources.iter().take(20).enumerate() {
+        std::fs::copy(source, images.join(format!("{n:03}.png"))).unwrap();
+    }
+    let db = tmp.path().join("results.sqlite");
+    let out_file = tmp.path().join("report.html");
+    {
+        let (images, db, out_file, model) = (
+            images.clone(),
+            db.clone(),
+            out_file.clone(),
+            models.join("cells.flawscope"),
+        );
+        tokio::task::spawn_blocking(move || {
+            let scored = crate::cli::flawscope(&[
+                "score",
+                "--model",
+                model.to_str().unwrap(),
+                images.to_str().unwrap(),
+                "--db",
+                db.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                scored.status.code(),
+                Some(0),
+                "{}",
+                crate::cli::stderr(&scored)
+            );
+            let report = crate::cli::flawscope(&[
+                "report",
+                "--db",
+                db.to_str().unwrap(),
+                "--out",
+                out_file.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                report.status.code(),
+                Some(0),
+                "{}",
+                crate::cli::stderr(&report)
+            );
+        })
+        .await
+        .unwrap();
+    }
+    let html = std::fs::read_to_string(&out_file).unwrap();
+    for absolute in ["http://", "https://", "src=\"//", "href=\"//"] {
+        assert!(!html.contains(absolute), "{absolute} in the report");
+    }
+    // Written through a temporary name: nothing else is left beside it.
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("report") && n != "report.html")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    let driver = start_driver(&browser, &tmp.path().join("chromedriver.log"));
+    let client = session(&driver, &browser, tmp.path()).await;
+    client
+        .goto(&format!("file://{}", out_file.display()))
+        .await
+        .unwrap();
+    let seen = client
+        .execute(
+            "return { rows: document.querySelectorAll('tr.row').length,
+                      bins: document.querySelectorAll('#histogram rect.bin').length,
+                      threshold: !!document.getElementById('threshold'),
+                      thumbs: document.querySelectorAll('tr.row svg.thumb image').length,
+                      costs: document.getElementById('thresholds').textContent,
+                      fetched: performance.getEntriesByType('resource')
+                        .map(e => e.name).filter(n => !n.startsWith('data:')) };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen["rows"], 20, "{seen}");
+    assert_eq!(seen["thumbs"], 20, "{seen}");
+    assert!(seen["bins"].as_u64().unwrap() > 0, "{seen}");
+    assert_eq!(seen["threshold"], true, "{seen}");
+    assert_eq!(seen["fetched"], json!([]), "no network request: {seen}");
+    assert!(
+        seen["costs"]
+            .as_str()
+            .unwrap()
+            .contains("normal parts could be flagged, at worst, judging from"),
+        "{seen}"
+    );
+    screenshot(&client, "report.png").await;
+    client.close().await.unwrap();
 }

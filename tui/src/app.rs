@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
-use flawscope_core::operating_point::{Estimator, OperatingPoint};
+use flawscope_core::operating_point::{CalibrationView, Estimator, OperatingPoint};
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_results::scoring::{BatchItem, BatchSummary, Preview};
 use flawscope_results::store::{Decision, StoredResult, Verdict, flagged_by, layered_verdict};
@@ -103,7 +103,8 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub path: PathBuf,
-    /// File name, as listed and searched.
+    /// The path inside the triaged folder (`sub/000.png`), as listed and
+    /// searched: MVTec-style `000.png` in different folders stay apart.
     pub name: String,
     /// Empty when the file could not be read.
     pub content_hash: String,
@@ -117,9 +118,9 @@ pub struct Row {
 }
 
 impl Row {
-    fn from_result(result: &StoredResult) -> Self {
+    fn from_result(result: &StoredResult, root: &Path) -> Self {
         Self {
-            name: display_name(&result.path),
+            name: display_name(&result.path, root),
             path: result.path.clone(),
             content_hash: result.content_hash.clone(),
             score: Some(result.score),
@@ -221,12 +222,23 @@ pub struct App {
     scored_now: usize,
     /// States the estimates at the current threshold.
     estimator: Option<Estimator>,
+    /// The calibration's scores, for the histogram (made once).
+    calibration: Option<CalibrationView>,
+    /// The triaged folder, absolute: rows are named by their path in it.
+    root: PathBuf,
     quit: bool,
 }
 
 impl App {
     pub fn new(info: SessionInfo, threshold: f32) -> Self {
+        let root = if info.folder.is_empty() {
+            PathBuf::new()
+        } else {
+            flawscope_results::scoring::store_path(Path::new(&info.folder))
+        };
         Self {
+            root,
+            calibration: None,
             info,
             rows: Vec::new(),
             by_path: HashMap::new(),
@@ -297,6 +309,11 @@ impl App {
     /// The estimated false- and missed-alarm rates at the current threshold
     /// (from the model's calibration; `None` until known or for
     /// uncalibrated models).
+    /// The model's calibration scores (normal, labelled NG), when known.
+    pub fn calibration_view(&self) -> Option<&CalibrationView> {
+        self.calibration.as_ref()
+    }
+
     pub fn operating_point(&self) -> Option<OperatingPoint> {
         self.estimator.as_ref()?.at(self.threshold)
     }
@@ -349,6 +366,7 @@ impl App {
                 Action::None
             }
             Event::Estimates(estimator) => {
+                self.calibration = estimator.as_ref().map(Estimator::view);
                 self.estimator = estimator;
                 Action::None
             }
@@ -358,7 +376,7 @@ impl App {
             }
             Event::Loaded(results) => {
                 for result in &results {
-                    self.upsert(Row::from_result(result));
+                    self.upsert(Row::from_result(result, &self.root));
                 }
                 self.rebuild_view();
                 Action::None
@@ -391,7 +409,7 @@ impl App {
         let changed = match item {
             BatchItem::Unchanged(result) => {
                 self.progress.unchanged += 1;
-                self.upsert(Row::from_result(&result))
+                self.upsert(Row::from_result(&result, &self.root))
             }
             BatchItem::Scored(result, preview) => {
                 self.progress.scored += 1;
@@ -401,12 +419,12 @@ impl App {
                 } else {
                     self.forget_preview(&result.path);
                 }
-                self.upsert(Row::from_result(&result))
+                self.upsert(Row::from_result(&result, &self.root))
             }
             BatchItem::Failed { path, error } => {
                 self.progress.failed += 1;
                 self.upsert(Row {
-                    name: display_name(&path),
+                    name: display_name(&path, &self.root),
                     path,
                     content_hash: String::new(),
                     score: None,
@@ -682,11 +700,38 @@ fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
     haystack.to_lowercase().contains(&needle.to_lowercase())
 }
 
-/// The file name of a path (the whole path if it has none).
-pub fn display_name(path: &Path) -> String {
+/// The path inside `root` (`sub/000.png`); the file name of a path outside
+/// it; the whole path if it has none.
+pub fn display_name(path: &Path, root: &Path) -> String {
+    if !root.as_os_str().is_empty()
+        && let Ok(inside) = path.strip_prefix(root)
+        && inside.file_name().is_some()
+    {
+        return inside.to_string_lossy().into_owned();
+    }
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())
+}
+
+/// `text` in at most `width` characters, its middle replaced by `…` when
+/// longer: both the folder and the file name stay readable.
+pub fn middle_elide(text: &str, width: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= width {
+        return text.to_owned();
+    }
+    if width <= 1 {
+        return "…".chars().take(width).collect();
+    }
+    let keep = width - 1;
+    // The end (the file name) is worth more than the start.
+    let head = keep / 3;
+    let tail = keep - head;
+    let mut out: String = chars[..head].iter().collect();
+    out.push('…');
+    out.extend(&chars[chars.len() - tail..]);
+    out
 }
 
 pub fn decision_label(decision: Decision) -> &'static str {
@@ -943,5 +988,27 @@ mod tests {
         }
         assert_eq!(app.previews.len(), PREVIEW_CACHE);
         assert!(app.preview(Path::new("/p/0")).is_none());
+    }
+
+    #[test]
+    fn names_are_paths_in_the_folder_elided_in_the_middle() {
+        let root = Path::new("/data/bottle");
+        assert_eq!(
+            display_name(Path::new("/data/bottle/test/crack/000.png"), root),
+            "test/crack/000.png"
+        );
+        assert_eq!(display_name(Path::new("/elsewhere/1.png"), root), "1.png");
+        assert_eq!(display_name(Path::new("/x/a.png"), Path::new("")), "a.png");
+        assert_eq!(middle_elide("short.png", 20), "short.png");
+        let long = "test/broken_large/000.png";
+        let cut = middle_elide(long, 16);
+        assert_eq!(cut.chars().count(), 16);
+        assert!(
+            cut.starts_with("test") && cut.ends_with("/000.png"),
+            "{cut}"
+        );
+        assert!(cut.contains('…'));
+        assert_eq!(middle_elide(long, 0), "");
+        assert_eq!(middle_elide(long, 1), "…");
     }
 }

@@ -34,11 +34,15 @@ impl Widget for &App {
         .areas(area);
         render_header(self, header, buf);
         render_gauge(self, gauge, buf);
-        let [list, right] =
-            Layout::horizontal([Constraint::Percentage(45), Constraint::Percentage(55)])
-                .areas(body);
+        let [list, right] = Layout::horizontal([
+            Constraint::Length(list_width(self, body.width)),
+            Constraint::Min(0),
+        ])
+        .areas(body);
+        // A short terminal keeps a smaller histogram and more preview.
+        let histogram_rows = if body.height < 30 { 7 } else { 9 };
         let [preview, histogram] =
-            Layout::vertical([Constraint::Min(4), Constraint::Length(9)]).areas(right);
+            Layout::vertical([Constraint::Min(4), Constraint::Length(histogram_rows)]).areas(right);
         render_list(self, list, buf);
         render_preview(self, preview, buf);
         render_histogram(self, histogram, buf);
@@ -47,6 +51,37 @@ impl Widget for &App {
             render_help(self, area, buf);
         }
     }
+}
+
+/// Below this many columns the list's columns are compact (`ANOM`, a
+/// narrower "flagged by").
+const COMPACT_BELOW: u16 = 120;
+
+/// Characters a list line takes before the name.
+fn list_prefix(app: &App, compact: bool) -> usize {
+    let fixed = if compact { 16 } else { 24 };
+    let defects = app.rows().iter().any(|r| !r.defects.is_empty());
+    fixed
+        + if defects {
+            flagged_width(compact) + 2
+        } else {
+            0
+        }
+}
+
+/// The list pane's width: as wide as its longest name needs, between 40 %
+/// and 58 % of the screen, so names and the preview both get room.
+fn list_width(app: &App, width: u16) -> u16 {
+    let compact = width < COMPACT_BELOW;
+    let longest = app
+        .rows()
+        .iter()
+        .map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(12);
+    let wanted = (list_prefix(app, compact) + longest + 2).min(usize::from(u16::MAX)) as u16;
+    let (min, max) = (width * 2 / 5, width * 58 / 100);
+    wanted.clamp(min, max.max(min))
 }
 
 fn render_header(app: &App, area: Rect, buf: &mut Buffer) {
@@ -121,6 +156,8 @@ fn render_list(app: &App, area: Rect, buf: &mut Buffer) {
     let height = usize::from(inner.height);
     let selected = app.selected_position();
     let offset = list_offset(selected.unwrap_or(0), height, app.visible_len());
+    let compact = buf.area.width < COMPACT_BELOW;
+    let name_width = usize::from(inner.width).saturating_sub(list_prefix(app, compact));
     for (i, row) in app.visible().enumerate().skip(offset).take(height) {
         let y = inner.y + (i - offset) as u16;
         let line_area = Rect::new(inner.x, y, inner.width, 1);
@@ -128,7 +165,7 @@ fn render_list(app: &App, area: Rect, buf: &mut Buffer) {
         if is_selected {
             buf.set_style(line_area, Style::new().bg(SELECTED_BG));
         }
-        list_line(row, app.threshold(), is_selected).render(line_area, buf);
+        list_line(row, app.threshold(), is_selected, compact, name_width).render(line_area, buf);
     }
 }
 
@@ -146,35 +183,57 @@ pub fn list_offset(selected: usize, height: usize, len: usize) -> usize {
 /// Width of the list's "flagged by" column (with typed defects).
 const FLAGGED_BY_WIDTH: usize = 18;
 
+fn flagged_width(compact: bool) -> usize {
+    if compact { 10 } else { FLAGGED_BY_WIDTH }
+}
+
 /// `▶ 0.873  ANOMALOUS  NG  name`; with typed defects (`tui --prompt`) the
 /// layers that flagged the image come after the verdict
-/// (`ANOMALOUS model+crack  NG  name`).
-fn list_line(row: &Row, threshold: f32, selected: bool) -> Line<'static> {
+/// (`ANOMALOUS model+crack  NG  name`). `compact` (a narrow terminal):
+/// `▶ 0.873 ANOM NG name`. The name (a path in the folder) is elided in the
+/// middle to `name_width`.
+fn list_line(
+    row: &Row,
+    threshold: f32,
+    selected: bool,
+    compact: bool,
+    name_width: usize,
+) -> Line<'static> {
     let marker = if selected { "▶ " } else { "  " };
+    let gap = if compact { " " } else { "  " };
     let (score, verdict) = match row.verdict(threshold) {
+        Some(v) if compact => (
+            format!("{:.3}", row.score.unwrap_or(0.0)),
+            match v {
+                Verdict::Anomalous => Span::from("ANOM").fg(ANOMALOUS),
+                Verdict::Ok => Span::from("ok  ").fg(NORMAL),
+            },
+        ),
         Some(v) => (format!("{:.3}", row.score.unwrap_or(0.0)), verdict_span(v)),
+        None if compact => ("  -  ".to_string(), Span::from("FAIL").fg(FAILED)),
         None => ("  -  ".to_string(), Span::from("FAILED   ").fg(FAILED)),
     };
     let mut spans = vec![
         Span::from(marker),
         Span::from(score),
-        Span::from("  "),
+        Span::from(gap),
         verdict,
-        Span::from("  "),
+        Span::from(gap),
     ];
     if !row.defects.is_empty() {
+        let width = flagged_width(compact);
         let by: String = row.flagged_by(threshold).join("+");
-        let mut by: String = by.chars().take(FLAGGED_BY_WIDTH).collect();
-        while by.chars().count() < FLAGGED_BY_WIDTH {
+        let mut by: String = by.chars().take(width).collect();
+        while by.chars().count() < width {
             by.push(' ');
         }
         spans.push(Span::from(by).fg(ANOMALOUS));
-        spans.push(Span::from("  "));
+        spans.push(Span::from(gap));
     }
     spans.extend([
         decision_span(row.decision),
-        Span::from("  "),
-        Span::from(row.name.clone()),
+        Span::from(gap),
+        Span::from(crate::app::middle_elide(&row.name, name_width.max(8))),
     ]);
     let mut line = Line::from(spans);
     if selected {
@@ -208,15 +267,30 @@ fn render_preview(app: &App, area: Rect, buf: &mut Buffer) {
             .render(inner, buf);
         return;
     };
-    let block = Block::bordered().title(format!(" {} ", row.name));
+    let title_width = usize::from(area.width.saturating_sub(4));
+    let block = Block::bordered().title(format!(
+        " {} ",
+        crate::app::middle_elide(&row.name, title_width)
+    ));
     let inner = block.inner(area);
     block.render(area, buf);
     if inner.height < 2 {
         return;
     }
+    // A narrow pane wraps the details over more lines instead of cutting
+    // them.
+    let details_text = details_line(row, app.threshold());
+    let needed = details_text
+        .width()
+        .div_ceil(usize::from(inner.width.max(1)));
+    // Wrapping at words takes a line more than the bare count.
+    let needed = if needed > 1 { needed + 1 } else { needed };
+    let details_rows = (needed.clamp(1, 4) as u16).min(inner.height.saturating_sub(1).max(1));
     let [picture, details] =
-        Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(inner);
-    details_line(row, app.threshold()).render(details, buf);
+        Layout::vertical([Constraint::Min(1), Constraint::Length(details_rows)]).areas(inner);
+    Paragraph::new(details_text)
+        .wrap(Wrap { trim: true })
+        .render(details, buf);
     if let Some(error) = &row.error {
         Paragraph::new(error.as_str())
             .fg(FAILED)
@@ -340,8 +414,13 @@ fn render_histogram(app: &App, area: Rect, buf: &mut Buffer) {
             100.0 * p.false_alarm_upper_bound_95
         )
     });
+    let legend = if app.calibration_view().is_some() {
+        " · ░ normal calibration"
+    } else {
+        ""
+    };
     let block = Block::bordered().title(format!(
-        " Scores · threshold {:.2} (+/-) · {} anomalous{costs} ",
+        " Scores · threshold {:.2} (+/-) · {} anomalous{costs}{legend} ",
         app.threshold(),
         anomalous
     ));
@@ -378,8 +457,27 @@ fn render_histogram(app: &App, area: Rect, buf: &mut Buffer) {
             }
         }
     }
-    // Axis: 0 on the left, 1 on the right, ▲ under the threshold.
+    // Axis: 0 on the left, 1 on the right, ▲ under the threshold; on it
+    // where the calibration's normal scores fall (░▒▓ by how many) and the
+    // images marked NG at a refit (×), when the model keeps them.
     let axis_y = inner.y + bars_height;
+    if let Some(view) = app.calibration_view() {
+        let normal = histogram(view.normal.iter().copied(), usize::from(inner.width));
+        let most = normal.iter().copied().max().unwrap_or(0).max(1);
+        let labelled = histogram(view.labelled.iter().copied(), usize::from(inner.width));
+        for col in 0..usize::from(inner.width) {
+            let x = inner.x + col as u16;
+            let (symbol, colour) = if labelled[col] > 0 {
+                ("×", Color::Magenta)
+            } else if normal[col] > 0 {
+                let shade = ["░", "▒", "▓"][(normal[col] * 3).div_ceil(most).clamp(1, 3) - 1];
+                (shade, Color::Gray)
+            } else {
+                continue;
+            };
+            buf.set_string(x, axis_y, symbol, Style::new().fg(colour));
+        }
+    }
     buf.set_string(inner.x, axis_y, "0", Style::new().dark_gray());
     buf.set_string(inner.right() - 1, axis_y, "1", Style::new().dark_gray());
     buf.set_string(
@@ -602,11 +700,27 @@ mod tests {
             path: PathBuf::from("/imgs/bad.png"),
             result: Ok(preview),
         });
-        let buf = render(&app, 120, 30);
-        let blocks: Vec<(u16, u16)> = (0..30)
-            .flat_map(|y| (0..120).map(move |x| (x, y)))
-            .filter(|&(x, y)| buf[(x, y)].symbol() == HALF_BLOCK)
-            .collect();
+        // The first height where each preview pixel spans an odd number
+        // of half rows, so one cell holds two of them (the seam checked
+        // below); the panes size themselves, so it is searched for.
+        let blocks_of = |buf: &Buffer, height: u16| -> Vec<(u16, u16)> {
+            (0..height)
+                .flat_map(|y| (0..120).map(move |x| (x, y)))
+                .filter(|&(x, y)| buf[(x, y)].symbol() == HALF_BLOCK)
+                .collect()
+        };
+        let (buf, blocks) = (26..=44)
+            .map(|h| {
+                let buf = render(&app, 120, h);
+                let blocks = blocks_of(&buf, h);
+                (buf, blocks)
+            })
+            .find(|(buf, blocks)| {
+                blocks.iter().any(|&(x, y)| {
+                    buf[(x, y)].fg != buf[(x, y)].bg && buf[(x, y)].bg != Color::Reset
+                })
+            })
+            .expect("no terminal height shows a preview seam");
         assert!(!blocks.is_empty());
         // Top left red, bottom left green, top right blue: each pixel of the
         // preview covers several cells, top pixel as foreground, bottom as
@@ -760,5 +874,38 @@ mod tests {
         // defect's score and the layers.
         assert!(text.contains("\"crack\" 0.80"), "{text}");
         assert!(text.contains("flagged by model, crack"), "{text}");
+    }
+
+    #[test]
+    fn at_80x24_paths_stay_apart_and_the_details_wrap() {
+        let mut app = App::new(
+            SessionInfo {
+                folder: "/imgs".into(),
+                model: "cells.flawscope".into(),
+                db: "/imgs/db.sqlite".into(),
+            },
+            0.5,
+        );
+        app.handle_event(Event::Files(2));
+        for (name, score) in [
+            ("bottle/test/broken_large/000.png", 0.93),
+            ("bottle/test/good/000.png", 0.12),
+        ] {
+            app.handle_event(Event::Item(BatchItem::Scored(result(name, score), None)));
+        }
+        let text = lines(&render(&app, 80, 24)).join("\n");
+        // The list shows both paths whole or elided in the middle: the
+        // folder that tells them apart and the file name stay.
+        assert!(text.contains("ANOM"), "{text}");
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains("000.png")).collect();
+        assert!(
+            rows.iter().any(|l| l.contains("broken_large/000.png")),
+            "{text}"
+        );
+        assert!(rows.iter().any(|l| l.contains("good/000.png")), "{text}");
+        // The details are wrapped, not cut: the decision and the scored
+        // time are on screen.
+        assert!(text.contains("decision"), "{text}");
+        assert!(text.contains("2025-01-01"), "{text}");
     }
 }
