@@ -53,6 +53,7 @@ pub fn status(error: &ApiError) -> Status {
     let code = match error {
         ApiError::BadRequest { .. } => Code::InvalidArgument,
         ApiError::Unauthorized => Code::Unauthenticated,
+        ApiError::Forbidden { .. } => Code::PermissionDenied,
         ApiError::NotFound(_) => Code::NotFound,
         ApiError::MethodNotAllowed(_) => Code::Unimplemented,
         // Only the web page's decision route needs a store; not a gRPC call.

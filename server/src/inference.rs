@@ -3,6 +3,7 @@
 //! whatever the load), scoring in `spawn_blocking` while one is held.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Bytes;
 use base64::Engine as _;
@@ -124,9 +125,30 @@ pub async fn decode(state: &AppState, bytes: Bytes) -> Result<Rgb32FImage, ApiEr
         .map_err(|_| ApiError::Internal("decoding the image failed (panic)".into()))?
 }
 
+/// A failed inference as the client's answer: a phrase CLIP cannot read
+/// (too long, empty) is the asker's to fix, on every route alike.
+pub fn inference_error(err: flawscope_core::Error) -> ApiError {
+    match err {
+        flawscope_core::Error::Prompt(_) => ApiError::bad_request("bad_prompt", err.to_string()),
+        other => ApiError::from_core(&other),
+    }
+}
+
+/// Sets its flag when dropped: held by a request's future, so the work it
+/// started hears when the request is gone (timed out, client left).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Scores a decoded image with `model` at the request's operating point,
 /// with each typed defect in `asked` checked by the model's text layer (or
-/// the reason it could not be), on one slot.
+/// the reason it could not be), on one slot. When the request goes away
+/// (its timeout), the work stops at its next check (between stages and
+/// between typed defects) and the slot frees.
 pub async fn inspect(
     model: Arc<Model>,
     image: Rgb32FImage,
@@ -134,17 +156,13 @@ pub async fn inspect(
     asked: Vec<String>,
     slot: Slot,
 ) -> Result<Scored, ApiError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
     blocking(slot, move || {
         let point = operating_point(&model, extras.target)?;
         let inspection = model
-            .inspect_with(&image, &point, &asked)
-            .map_err(|e| match e {
-                // A phrase CLIP cannot read (too long) is the asker's to fix.
-                flawscope_core::Error::Prompt(_) => {
-                    ApiError::bad_request("bad_prompt", e.to_string())
-                }
-                other => ApiError::from_core(&other),
-            })?;
+            .inspect_until(&image, &point, &asked, &stop)
+            .map_err(inference_error)?;
         scored(&image, inspection, extras)
     })
     .await

@@ -17,6 +17,7 @@ mod oip;
 mod question;
 mod results_store;
 mod routes;
+pub mod site;
 mod state;
 mod upload;
 mod web;

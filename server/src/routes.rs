@@ -22,9 +22,10 @@ use flawscope_core::prompt_layer::DefectCheck;
 use crate::answer::ask_answer;
 use crate::error::ApiError;
 use crate::extract::{PathModel, ScoringUpload, Started, UploadForm};
-use crate::inference::{Extras, ScoreResponse, blocking, inspect, scored};
+use crate::inference::{Extras, ScoreResponse, blocking, inference_error, inspect, scored};
 use crate::oip;
 use crate::question;
+use crate::site;
 use crate::state::{AppState, ZeroShot, ZeroShotScorer, bearer};
 use crate::upload::{MAX_PROMPTS, RawBody, Upload};
 use crate::web;
@@ -66,6 +67,7 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), timeout))
         .layer(from_fn_with_state(state.clone(), authenticate))
+        .layer(from_fn_with_state(state.clone(), site::guard))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(oip::v2_errors))
         .layer(from_fn_with_state(state.clone(), track))
@@ -423,6 +425,8 @@ impl AskStyle {
 struct AskForm {
     style: AskStyle,
     question: String,
+    /// The defect phrases read from the question, at most [`MAX_PROMPTS`].
+    asked: Vec<String>,
     /// The model chosen ([`choose_model`]), and its name.
     name: String,
     model: Arc<Model>,
@@ -435,11 +439,24 @@ impl UploadForm for AskForm {
     fn parse(upload: &Upload, state: &AppState) -> Result<Self, ApiError> {
         let style = AskStyle::parse(upload.text("style"))?;
         let question = upload.text("text").unwrap_or("").to_owned();
+        // The same bound as the score route's fields: each phrase costs a
+        // text-layer pass (842 phrases from 4 KB of text held a slot 48 s).
+        let asked = question::defect_phrases(&question);
+        if asked.len() > MAX_PROMPTS {
+            return Err(ApiError::bad_request(
+                "too_many_prompts",
+                format!(
+                    "the question names {} defects; ask about at most {MAX_PROMPTS} at once",
+                    asked.len()
+                ),
+            ));
+        }
         let name = choose_model(state, upload.text("model"), &question)?;
         let model = state.model(&name)?;
         Ok(Self {
             style,
             question,
+            asked,
             name,
             model,
         })
@@ -460,13 +477,13 @@ async fn ask(
             AskForm {
                 style,
                 question,
+                asked,
                 name,
                 model,
             },
         image,
     } = upload;
     let slot = state.slot().await?;
-    let asked = question::defect_phrases(&question);
     let scored = inspect(model, image, extras, asked.clone(), slot).await?;
     let inspection = &scored.inspection;
     let note = match (&inspection.defects_unchecked, asked.is_empty()) {
@@ -590,7 +607,7 @@ async fn zero_shot(
         blocking(slot, move || {
             let inspection = engine
                 .inspect(&image, &object, &prompts)
-                .map_err(|e| ApiError::from_core(&e))?;
+                .map_err(inference_error)?;
             scored(&image, inspection, extras)
         })
         .await?

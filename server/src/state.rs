@@ -41,6 +41,10 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// Pixel budget, checked from the image header before decoding.
     pub image_limits: ImageLimits,
+    /// Host names served besides IP addresses and `localhost`
+    /// (`--allow-host`; `*.domain` for a domain's names, `*` for any); see
+    /// [`crate::site`].
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -76,6 +80,7 @@ impl Default for ServerConfig {
             body_timeout: Duration::from_secs(10),
             body_limit: 20 * 1024 * 1024,
             image_limits: ImageLimits::default(),
+            allowed_hosts: Vec::new(),
         }
         .with_slots(slots)
     }

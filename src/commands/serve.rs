@@ -69,6 +69,12 @@ pub struct Args {
     /// Where the networks run.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Also accept requests for this host name (repeatable; `*.DOMAIN` for
+    /// a domain's names, `*` for any). IP addresses and localhost are always
+    /// accepted; other names are refused with 403, so a rebound DNS name
+    /// cannot reach the service from a browser.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_hosts: Vec<String>,
     /// Results database (the one `flawscope tui` and `score --db` use) where
     /// the web page's OK / NG decisions are recorded; without it the page
     /// shows results but cannot record decisions.
@@ -135,6 +141,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         timeout: Duration::from_secs(args.timeout_secs),
         body_timeout: Duration::from_secs(args.body_timeout_secs),
         body_limit: args.body_limit_mb * 1024 * 1024,
+        allowed_hosts: args.allow_hosts.clone(),
         ..ServerConfig::default()
     };
     if let Some(n) = args.max_concurrent {
