@@ -1794,3 +1794,175 @@ async fn a_request_chooses_its_operating_point() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_zero_shot_prompt_too_long_for_clip_is_400_like_the_score_route() {
+    let app = app(state().with_zero_shot(tiny_runtime()));
+    let long = "crack ".repeat(683); // 4 098 bytes, far past CLIP's 77 tokens.
+    let long = &long[..4096];
+    let png = defect_png();
+    let reply = send(
+        app.clone(),
+        multipart(
+            "/v1/zero-shot",
+            &[
+                Part::File("image", &png),
+                Part::Text("object", "solar cell"),
+                Part::Text("prompt", long),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.json());
+    assert_eq!(reply.error_code(), "bad_prompt");
+}
+
+#[tokio::test]
+async fn ask_refuses_more_defects_than_the_score_route_takes() {
+    let app = app(state());
+    // The reporter's 4 KB of comma-separated text: 842 phrases before.
+    let text: String = (0..842).map(|i| format!("d{i},")).collect();
+    let text = &text[..text.len().min(4096)];
+    let png = good_png();
+    let ask = |text: &str| {
+        multipart(
+            "/v1/ask",
+            &[Part::File("image", &png), Part::Text("text", text)],
+        )
+    };
+    let reply = send(app.clone(), ask(text)).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.json());
+    assert_eq!(reply.error_code(), "too_many_prompts");
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 32"),
+        "{}",
+        reply.json()
+    );
+    // 32 is still a question.
+    let text: String = (0..32).map(|i| format!("defect{i},")).collect();
+    let reply = send(app, ask(&text)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    assert_eq!(reply.json()["defects_asked"].as_array().unwrap().len(), 32);
+}
+
+#[tokio::test]
+async fn a_cross_site_form_post_writes_no_decision_and_foreign_hosts_are_refused() {
+    use flawscope_results::store::Store;
+    use flawscope_server::{ResultsStore, StoredModel};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("results.sqlite");
+    let entry = StoredModel {
+        name: "models/cells.flawscope".into(),
+        identity: "sha256:0123".into(),
+    };
+    let results = ResultsStore::new(
+        Store::open(&db).unwrap(),
+        [("cells".to_owned(), entry)].into_iter().collect(),
+    );
+    let app = app(state().with_results(results));
+    let png = defect_png();
+    let with = |mut request: Request<Body>, headers: &[(&'static str, &'static str)]| {
+        for (k, v) in headers {
+            request.headers_mut().insert(*k, v.parse().unwrap());
+        }
+        request
+    };
+    // The reporter's request: a form posted by a page on another site.
+    for headers in [
+        &[
+            ("origin", "http://evil.example"),
+            ("sec-fetch-site", "cross-site"),
+            ("host", "127.0.0.1:8080"),
+        ][..],
+        &[
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:8080"),
+        ],
+        &[("sec-fetch-site", "same-site"), ("host", "127.0.0.1:8080")],
+        &[("origin", "null"), ("host", "localhost:8080")],
+        // DNS rebinding: the attacker's name resolved to this server.
+        &[
+            ("origin", "http://evil.example:8080"),
+            ("host", "evil.example:8080"),
+        ],
+    ] {
+        let reply = send(
+            app.clone(),
+            with(decision(&png, "cells", "d.png", "ng"), headers),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{headers:?}");
+        assert!(
+            ["cross_site", "host_not_allowed"].contains(&reply.error_code().as_str()),
+            "{headers:?}"
+        );
+    }
+    assert!(
+        Store::open_existing(&db)
+            .unwrap()
+            .all_results()
+            .unwrap()
+            .is_empty(),
+        "a refused write reached the store"
+    );
+    // A rebound name cannot read either; health stays open to any host.
+    let reply = send(
+        app.clone(),
+        with(get("/v1/models"), &[("host", "evil.example:8080")]),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.error_code(), "host_not_allowed");
+    let reply = send(
+        app.clone(),
+        with(get("/healthz"), &[("host", "evil.example:8080")]),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // The page's own write (same origin) and a program's (no Origin) pass.
+    for headers in [
+        &[
+            ("origin", "http://127.0.0.1:8080"),
+            ("sec-fetch-site", "same-origin"),
+            ("host", "127.0.0.1:8080"),
+        ][..],
+        &[("host", "localhost:8080")],
+    ] {
+        let reply = send(
+            app.clone(),
+            with(decision(&png, "cells", "d.png", "ng"), headers),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{headers:?}: {}",
+            reply.json()
+        );
+    }
+    // A configured name is served.
+    let allowed = state_with(
+        &["cells"],
+        ServerConfig {
+            allowed_hosts: vec!["inspect.factory.example".into()],
+            ..config()
+        },
+    );
+    let reply = send(
+        app_of(allowed),
+        with(
+            get("/v1/models"),
+            &[("host", "inspect.factory.example:8080")],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+fn app_of(state: AppState) -> Router {
+    app(state)
+}
