@@ -14,6 +14,7 @@ pub mod grpc;
 mod inference;
 mod metrics;
 mod oip;
+mod oip_json;
 mod question;
 mod results_store;
 mod routes;
