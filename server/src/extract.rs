@@ -80,11 +80,11 @@ impl<F: UploadForm> ScoringBody for F {
     }
 }
 
-/// The front part of every scoring route: a body permit (503 when too many
-/// bodies are held), the body read and checked (`B`), and its image
-/// decoded, all before an inference slot is taken, so a slow or bad
-/// upload never holds one. The permit is held while reading, and after:
-/// keep [`ScoringUpload::permit`] until the answer is ready.
+/// The front part of every scoring route: the body read and checked (`B`,
+/// its bytes counted against the byte budget as they arrive), a body
+/// permit (503 when too many bodies are held), and its image decoded, all
+/// before an inference slot is taken, so a slow or bad upload never holds
+/// one. Keep [`ScoringUpload::permit`] until the answer is ready.
 pub(crate) struct ScoringUpload<B> {
     pub permit: BodyPermit,
     /// The route's own part of the body.
@@ -97,8 +97,13 @@ impl<B: ScoringBody> FromRequest<AppState> for ScoringUpload<B> {
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         B::admit(request.headers())?;
-        let permit = state.body_permit()?;
-        let (body, bytes) = B::read(state, request).await?;
+        // The body is read first, its bytes counted as they come: a stalled
+        // upload holds only the bytes it sent, not one of the body permits.
+        let (request, meter) = state.meter(request);
+        let (body, bytes) = B::read(state, request)
+            .await
+            .map_err(|e| meter.explain(e))?;
+        let permit = state.body_permit(Some(&meter))?;
         let image = decode(state, bytes).await?;
         Ok(Self {
             permit,

@@ -352,7 +352,7 @@ where
             }
         }
         let permit = if method == "ModelInfer" {
-            match self.state.body_permit() {
+            match self.state.body_permit(None) {
                 Ok(permit) => Some(permit),
                 Err(error) => return refuse(error, &self.state, &method),
             }

@@ -187,8 +187,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
         ),
         (
             "flawscope_request_bodies_held",
-            "Requests holding a body (being read, decoded, queued or scored).",
+            "Requests holding a whole body (being decoded, queued or scored).",
             state.buffered() as f64,
+        ),
+        (
+            "flawscope_request_body_bytes",
+            "Bytes of request bodies held, counted as they arrive.",
+            state.body_bytes_held() as f64,
         ),
     ]);
     (

@@ -1322,25 +1322,132 @@ async fn an_upload_slower_than_the_body_timeout_gets_408() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// A connection that sends the head of a 1000-byte upload and 10 body
+/// bytes, then nothing.
+async fn stalled_upload(addr: std::net::SocketAddr, uri: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = post_head(uri, "Content-Length: 1000\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[b'x'; 10]).await.unwrap();
+    stream
+}
+
+/// `GET path` on a fresh connection: status and time taken.
+async fn get_timed(addr: std::net::SocketAddr, path: &str) -> (u16, Duration) {
+    use tokio::io::AsyncWriteExt;
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (status, _) = read_response(&mut stream).await;
+    (status, started.elapsed())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bodies_held_at_once_are_bounded() {
-    // One slot, no queue: two bodies at once.
+async fn idle_sockets_and_stalled_uploads_leave_health_and_scoring_on_the_air() {
+    use tokio::io::AsyncReadExt;
+    // Client and server sockets share this process's descriptors.
+    let _ = rlimit::increase_nofile_limit(4096);
+    // The reporter's setting: 2 slots, so 68 body permits; 70 stalled
+    // uploads took them all and everyone else got 503 for 10 s.
+    let state = state_with(
+        &["cells"],
+        ServerConfig {
+            header_timeout: Duration::from_secs(3),
+            ..config().with_slots(2)
+        },
+    );
+    assert_eq!(state.config().max_buffered(), 68);
+    let addr = serve_on_loopback(state.clone()).await;
+    let uri = "/v1/models/cells/score";
+    let png = good_png();
+    exchange(addr, uri, &png).await;
+    let (_, _, normal) = exchange(addr, uri, &png).await;
+
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut stalled = Vec::new();
+    for _ in 0..70 {
+        stalled.push(stalled_upload(addr, uri).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut worst_health = Duration::ZERO;
+    for _ in 0..5 {
+        let (status, took) = get_timed(addr, "/healthz").await;
+        assert_eq!(status, 200);
+        worst_health = worst_health.max(took);
+    }
+    let (status, v, took) = exchange(addr, uri, &png).await;
+    eprintln!(
+        "300 idle + 70 stalled: /healthz worst of 5 {worst_health:?}, score {took:?} \
+         (unloaded {normal:?})"
+    );
+    assert!(worst_health < Duration::from_secs(1), "{worst_health:?}");
+    assert_eq!(status, 200, "{v}");
+    check_result(&v);
+    assert!(
+        took < Duration::from_secs(1) + normal,
+        "score took {took:?}"
+    );
+    // The stalled uploads hold no body permit: only their bytes.
+    assert_eq!(state.buffered(), 0);
+    assert!(
+        state.body_bytes_held() <= 70 * 10,
+        "{}",
+        state.body_bytes_held()
+    );
+
+    // The header timeout closes the idle sockets (and idle keep-alive).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut closed = 0;
+    for socket in idle.iter_mut().take(20) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut byte)).await;
+        if matches!(read, Ok(Ok(0) | Err(_))) {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, 20,
+        "idle sockets still open past the header timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn body_bytes_held_at_once_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    // One slot: room for 256 KiB × (1 + 4) of bodies at once.
     let state = state_with(
         &["cells"],
         ServerConfig {
             max_queued: 0,
+            body_limit: 256 << 10,
             ..config().with_slots(1)
         },
     );
-    assert_eq!(state.config().max_buffered(), 2);
+    assert_eq!(state.config().max_body_bytes(), 5 * (256 << 10));
     let addr = serve_on_loopback(state.clone()).await;
     let uri = "/v1/models/cells/score";
-    let slow = [slow_upload(addr, uri), slow_upload(addr, uri)];
+    // Five uploads that send all but the last bytes, then stall.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = post_head(uri, &format!("Content-Length: {}\r\n", 256 << 10));
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream
+            .write_all(&vec![b'x'; (256 << 10) - 16])
+            .await
+            .unwrap();
+        held.push(stream);
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while state.buffered() < 2 {
+    while state.body_bytes_held() < 5 * ((256 << 10) - 16) - 64 * 1024 {
         assert!(
             std::time::Instant::now() < deadline,
-            "uploads never started"
+            "uploads never arrived"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1348,10 +1455,10 @@ async fn bodies_held_at_once_are_bounded() {
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "overloaded");
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    // Hanging up frees the bodies.
-    slow.iter().for_each(tokio::task::JoinHandle::abort);
-    while state.buffered() > 0 {
-        assert!(std::time::Instant::now() < deadline, "bodies never freed");
+    // Hanging up frees the bytes.
+    drop(held);
+    while state.body_bytes_held() > 0 {
+        assert!(std::time::Instant::now() < deadline, "bytes never freed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (status, v, _) = exchange(addr, uri, &good_png()).await;
