@@ -165,6 +165,32 @@ pub fn decode_image(
         .map_err(|cause| decode_failure(&source_name, cause))
 }
 
+/// The sides of an encoded image, read from its header and checked
+/// against `limits` (the budget, the aspect bound), without decoding it:
+/// what a server reserves memory by before decoding.
+pub fn peek_dimensions(
+    bytes: &[u8],
+    source_name: &str,
+    limits: &ImageLimits,
+) -> Result<(u32, u32), ImageError> {
+    let source_name = source_name.to_string();
+    if bytes.is_empty() {
+        return Err(ImageError::Empty { source_name });
+    }
+    let format = sniff_format(bytes).ok_or_else(|| ImageError::UnsupportedFormat {
+        source_name: source_name.clone(),
+    })?;
+    let bytes = match format {
+        ImageFormat::Png => ancillary::png_pixel_chunks(bytes),
+        _ => Cow::Borrowed(bytes),
+    };
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes.as_ref()), format)
+        .into_dimensions()
+        .map_err(|cause| decode_failure(&source_name, cause))?;
+    check_dimensions(&source_name, width, height, limits)?;
+    Ok((width, height))
+}
+
 /// A decoder's error as ours: a read past the end of the bytes (TIFF
 /// strips, BMP rows, a header cut short) is truncation.
 fn decode_failure(source_name: &str, cause: image::ImageError) -> ImageError {

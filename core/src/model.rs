@@ -763,14 +763,15 @@ impl Model {
         let raw = self.inspect_raw(image)?;
         let calibration = &self.info.calibration;
         let score = calibration.normalise(raw.score);
+        // In place: the raw map is not needed after (160 MB at 40 MP).
         let map = AnomalyMap {
             width: raw.map.width,
             height: raw.map.height,
             values: raw
                 .map
                 .values
-                .iter()
-                .map(|v| calibration.normalise(*v))
+                .into_iter()
+                .map(|v| calibration.normalise(v))
                 .collect(),
         };
         // The raw score decides where it can: two raw scores may round to

@@ -17,7 +17,7 @@ use image::Rgb32FImage;
 
 use crate::error::ApiError;
 use crate::inference::decode;
-use crate::state::{AppState, BodyPermit};
+use crate::state::{AppState, BodyPermit, PixelPermit};
 use crate::upload::{RawBody, Upload, read_upload};
 
 /// The model a route's path names: `{name}`, and `{version}` on the
@@ -87,6 +87,8 @@ impl<F: UploadForm> ScoringBody for F {
 /// one. Keep [`ScoringUpload::permit`] until the answer is ready.
 pub(crate) struct ScoringUpload<B> {
     pub permit: BodyPermit,
+    /// Room for the decoded image: keep it as long as the image.
+    pub pixels: PixelPermit,
     /// The route's own part of the body.
     pub body: B,
     pub image: Rgb32FImage,
@@ -104,9 +106,10 @@ impl<B: ScoringBody> FromRequest<AppState> for ScoringUpload<B> {
             .await
             .map_err(|e| meter.explain(e))?;
         let permit = state.body_permit(Some(&meter))?;
-        let image = decode(state, bytes).await?;
+        let (image, pixels) = decode(state, bytes).await?;
         Ok(Self {
             permit,
+            pixels,
             body,
             image,
         })

@@ -254,7 +254,7 @@ impl GrpcInferenceService for Service {
             // images of a batch one at a time.
             let mut answers = Vec::with_capacity(images.len());
             for bytes in images {
-                let image = decode(&self.state, bytes).await?;
+                let (image, _pixels) = decode(&self.state, bytes).await?;
                 answers.push(
                     infer_image(
                         &self.state,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::body::Bytes;
 use base64::Engine as _;
 use flawscope_core::heatmap::{Legend, overlay_png};
-use flawscope_core::images::decode_image;
+use flawscope_core::images::{decode_image, peek_dimensions};
 use flawscope_core::model::{Inspection, Model};
 use flawscope_core::operating_point::{OperatingPoint, Target};
 use image::Rgb32FImage;
@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::answer::{describe, describe_defect};
 use crate::error::ApiError;
-use crate::state::{AppState, Slot};
+use crate::state::{AppState, PixelPermit, Slot};
 
 /// What a caller wants besides the verdict.
 #[derive(Debug, Clone, Copy, Default)]
@@ -110,19 +110,30 @@ where
 }
 
 /// Decodes image bytes within the pixel budget, on the decoding threads and
-/// without a slot.
-pub async fn decode(state: &AppState, bytes: Bytes) -> Result<Rgb32FImage, ApiError> {
+/// without a slot, once there is room for the decoded image among those
+/// held ([`crate::ServerConfig::max_decoded_pixels`]; its sides are read
+/// from the header first). Keep the permit as long as the image.
+pub(crate) async fn decode(
+    state: &AppState,
+    bytes: Bytes,
+) -> Result<(Rgb32FImage, PixelPermit), ApiError> {
+    const NAME: &str = "the uploaded image";
     let limits = state.config().image_limits;
+    let (width, height) =
+        peek_dimensions(&bytes, NAME, &limits).map_err(|e| ApiError::from_image(&e))?;
+    let permit = state
+        .pixel_permit(u64::from(width) * u64::from(height))
+        .await?;
     let (sender, receiver) = tokio::sync::oneshot::channel();
     state.decoders().spawn(move || {
-        let decoded = decode_image(&bytes, "the uploaded image", &limits)
-            .map_err(|e| ApiError::from_image(&e));
+        let decoded = decode_image(&bytes, NAME, &limits).map_err(|e| ApiError::from_image(&e));
         // Nobody listens when the request has gone meanwhile.
         let _ = sender.send(decoded);
     });
-    receiver
+    let image = receiver
         .await
-        .map_err(|_| ApiError::Internal("decoding the image failed (panic)".into()))?
+        .map_err(|_| ApiError::Internal("decoding the image failed (panic)".into()))??;
+    Ok((image, permit))
 }
 
 /// A failed inference as the client's answer: a phrase CLIP cannot read

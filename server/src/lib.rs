@@ -31,8 +31,9 @@ pub use metrics::Metrics;
 pub use results_store::{ResultsStore, StoredModel};
 pub use routes::{HEALTH_ROUTES, app};
 pub use state::{
-    AppState, DEFAULT_MAX_CONNECTIONS, NO_ZERO_SHOT, ServedModel, ServerConfig, Slot, Token,
-    ZeroShot, ZeroShotScorer, is_servable_name, load_models,
+    AppState, DEFAULT_MAX_CONNECTIONS, MEMORY_BASE_MIB, MEMORY_PER_SLOT_MIB, NO_ZERO_SHOT,
+    ServedModel, ServerConfig, Slot, Token, ZeroShot, ZeroShotScorer, is_servable_name,
+    load_models,
 };
 pub use web::UPLOAD_PREFIX;
 

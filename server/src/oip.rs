@@ -693,6 +693,7 @@ pub async fn infer(
 ) -> Result<Response, ApiError> {
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body:
             InferBody {
                 parsed,
@@ -704,8 +705,10 @@ pub async fn infer(
         image,
     } = upload;
     let mut answers = vec![infer_image(&state, Arc::clone(&model), image, &wanted, target).await?];
+    drop(_pixels);
     for bytes in rest {
-        let image = decode(&state, bytes).await?;
+        // One image of the batch at a time, each with its own room.
+        let (image, _pixels) = decode(&state, bytes).await?;
         answers.push(infer_image(&state, Arc::clone(&model), image, &wanted, target).await?);
     }
     let outputs = batch_outputs(answers)?;

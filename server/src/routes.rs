@@ -310,6 +310,7 @@ async fn score(
 ) -> Result<Json<ScoreResponse>, ApiError> {
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body: ScoreForm { asked },
         image,
     } = upload;
@@ -478,6 +479,7 @@ async fn ask(
 ) -> Result<Response, ApiError> {
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body:
             AskForm {
                 style,
@@ -603,6 +605,7 @@ async fn zero_shot(
     };
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body: ZeroShotForm { object, prompts },
         image,
     } = upload;

@@ -22,6 +22,14 @@ use crate::results_store::{ResultsStore, SharedResults};
 /// time a request can spend in it anyway).
 const QUEUE_PER_SLOT: usize = 16;
 
+/// Memory of the process without requests, in MiB (a model, the network
+/// runtime, the allocator's reserve; measured at about 100 MiB).
+pub const MEMORY_BASE_MIB: usize = 256;
+/// Memory of one request at the default pixel budget (40 MP), in MiB:
+/// the decoded image and what scoring it takes (measured at 0.8 GiB for a
+/// 6 300 × 6 300 16-bit RGBA PNG).
+pub const MEMORY_PER_SLOT_MIB: usize = 1024;
+
 /// Default cap on open HTTP connections (`serve` lowers it to fit the
 /// process's descriptor limit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -75,6 +83,32 @@ impl ServerConfig {
         self.max_concurrent
             .saturating_add(self.max_queued)
             .saturating_mul(2)
+    }
+
+    /// Pixels of decoded images held at once (decoding, queued or scored):
+    /// the pixel budget once per inference slot, so the slots at full
+    /// concurrency fit however many requests wait, and memory stays within
+    /// [`ServerConfig::memory_mib`]. A request waits for room within the
+    /// queue wait (503 after).
+    pub fn max_decoded_pixels(&self) -> usize {
+        usize::try_from(self.image_limits.max_pixels)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(self.max_concurrent)
+            .min(Semaphore::MAX_PERMITS)
+    }
+
+    /// The memory, in MiB, this configuration needs at full concurrency
+    /// with the largest allowed image in every slot: [`MEMORY_BASE_MIB`]
+    /// (the process, a model, the runtime) + [`MEMORY_PER_SLOT_MIB`] per
+    /// slot (one image at the 40 MP budget, decoded and scored; measured
+    /// at 0.8 GiB) + the request bytes held ([`Self::max_body_bytes`]).
+    /// The shipped KServe runtime's memory limit is set by it.
+    pub fn memory_mib(&self) -> usize {
+        let per_slot = MEMORY_PER_SLOT_MIB as f64 * self.image_limits.max_pixels as f64
+            / flawscope_core::images::DEFAULT_MAX_PIXELS as f64;
+        MEMORY_BASE_MIB
+            + (per_slot.ceil() as usize).saturating_mul(self.max_concurrent)
+            + self.max_body_bytes().div_ceil(1 << 20)
     }
 
     /// Bytes of request bodies held at once, counted as they arrive: the
@@ -208,6 +242,9 @@ pub struct AppState {
     /// Bounds the bytes of bodies held, as they arrive
     /// ([`ServerConfig::max_body_bytes`]).
     body_bytes: Arc<Semaphore>,
+    /// Bounds the pixels of images decoded and held at once
+    /// ([`ServerConfig::max_decoded_pixels`]).
+    pixels: Arc<Semaphore>,
     /// Decodes uploads before they wait for a slot. Its own few threads,
     /// not Tokio's blocking pool: inference then stays on few threads and so
     /// in few allocator arenas (sharing the pool doubled the benchmark's RSS).
@@ -234,6 +271,9 @@ pub(crate) struct BodyPermit {
     #[allow(dead_code)]
     bytes: Option<OwnedSemaphorePermit>,
 }
+
+/// Room for one decoded image, held until the answer is ready.
+pub(crate) struct PixelPermit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 /// Counts a request body's bytes against [`ServerConfig::max_body_bytes`]
 /// as they arrive ([`AppState::meter`]).
@@ -306,6 +346,7 @@ impl AppState {
                 config.max_buffered().min(Semaphore::MAX_PERMITS),
             )),
             body_bytes: Arc::new(Semaphore::new(config.max_body_bytes())),
+            pixels: Arc::new(Semaphore::new(config.max_decoded_pixels())),
             queued: Arc::new(AtomicUsize::new(0)),
             config: Arc::new(config),
             token: None,
@@ -464,6 +505,20 @@ impl AppState {
             }))
         });
         (request, meter)
+    }
+
+    /// Room for a decoded image of `pixels` pixels, waiting at most the
+    /// queue wait; 503 after.
+    pub(crate) async fn pixel_permit(&self, pixels: u64) -> Result<PixelPermit, ApiError> {
+        let pixels = u32::try_from(pixels).unwrap_or(u32::MAX);
+        let room = Arc::clone(&self.pixels);
+        if let Ok(permit) = Arc::clone(&room).try_acquire_many_owned(pixels) {
+            return Ok(PixelPermit(Some(permit)));
+        }
+        match tokio::time::timeout(self.config.queue_wait, room.acquire_many_owned(pixels)).await {
+            Ok(Ok(permit)) => Ok(PixelPermit(Some(permit))),
+            _ => Err(ApiError::Overloaded),
+        }
     }
 
     /// Bytes of request bodies held now (arrived and not yet answered).

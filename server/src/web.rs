@@ -241,6 +241,7 @@ async fn decide(
 ) -> Result<Json<DecisionResponse>, ApiError> {
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body:
             DecisionForm {
                 model,

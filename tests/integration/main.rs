@@ -4,6 +4,7 @@
 
 mod backbone;
 mod cli;
+mod deploy;
 mod hostile;
 mod hostile_images;
 mod import_cycles;
