@@ -183,7 +183,7 @@ mod tests {
         for bad in ["[1]", r#"["a", 2]"#, r#"{"a": "b"}"#, "null"] {
             assert!(serde_json::from_str::<Strings>(bad).is_err(), "{bad}");
         }
-        let nine = format!("[{}]", vec!["\"x\""; MAX_BATCH + 1].join(","));
+        let nine = format!("[{}]", ["\"x\""; MAX_BATCH + 1].join(","));
         assert!(serde_json::from_str::<Strings>(&nine).is_err());
         let p: Parameters =
             serde_json::from_str(r#"{"a": 1, "b": true, "c": "x", "d": 0.5}"#).unwrap();

@@ -90,7 +90,6 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         tile: args.tile.choice(),
         max_mar: args.max_mar,
         limits,
-        ..FitOptions::default()
     };
     let started = std::time::Instant::now();
     let mut model = Model::fit(&normal, &options, &runtime, &Bars::new(false))

@@ -286,7 +286,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         tracing::info!(
             "serving {} model(s) [{}] on http://{local}{}; {} inference slot(s), queue of {} \
              (≤ {} s wait), {} s timeout, {} s body timeout, {} MB body limit, {} connections, \
-             {} s header timeout{}",
+             {} s header timeout; needs up to {} MiB at full concurrency{}",
             names.len(),
             names.join(", "),
             grpc_local.map_or_else(String::new, |a| format!(" and grpc://{a}")),
@@ -298,6 +298,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             args.body_limit_mb,
             config.max_connections,
             args.header_timeout_secs,
+            config.memory_mib(),
             if state.token().is_some() {
                 ", bearer token required"
             } else {
