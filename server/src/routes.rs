@@ -30,8 +30,7 @@ use crate::state::{AppState, ZeroShot, ZeroShotScorer, bearer};
 use crate::upload::{MAX_PROMPTS, RawBody, Upload};
 use crate::web;
 
-/// Routes open without a token.
-pub const HEALTH_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"];
+pub use crate::site::HEALTH_ROUTES;
 
 /// The whole service.
 pub fn app(state: AppState) -> Router {

@@ -272,7 +272,10 @@ fn score_with_a_store_writes_heatmaps_for_relative_paths_and_says_each_error_onc
         cells.join("b.png").to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr.lines().next().unwrap_or_default();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
     assert!(line.contains("b.png"), "{stderr}");
     assert!(doubled_parts(line).is_empty(), "{line}");
 }
