@@ -2073,3 +2073,42 @@ async fn a_cross_site_form_post_writes_no_decision_and_foreign_hosts_are_refused
 fn app_of(state: AppState) -> Router {
     app(state)
 }
+
+/// The work a timed-out request started stops at its next check: a model
+/// with a text layer asked about 32 defects gives up when told to, where
+/// the reporter's 842-defect question held its slot 48 s past its 504.
+#[tokio::test]
+async fn inspection_stops_between_defects_when_its_request_is_gone() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let runtime = tiny_runtime();
+    let train: Vec<PathBuf> = images_in("train/good").into_iter().take(12).collect();
+    let mut model = common::small_patchcore(12, 256, &runtime);
+    model
+        .add_prompt_layer(
+            &runtime,
+            "solar cell",
+            &train,
+            &flawscope_core::images::ImageLimits::default(),
+            &flawscope_core::progress::NoProgress,
+        )
+        .unwrap();
+    let image = flawscope_core::images::decode_image(
+        &defect_png(),
+        "d.png",
+        &flawscope_core::images::ImageLimits::default(),
+    )
+    .unwrap();
+    let point = model.operating_point(None).unwrap();
+    let defects: Vec<String> = (0..32).map(|i| format!("defect number {i}")).collect();
+    let stop = AtomicBool::new(false);
+    let whole = model
+        .inspect_until(&image, &point, &defects, &stop)
+        .unwrap();
+    assert_eq!(whole.defects.len(), 32);
+    stop.store(true, Ordering::SeqCst);
+    let stopped = model.inspect_until(&image, &point, &defects, &stop);
+    assert!(
+        matches!(stopped, Err(flawscope_core::Error::Cancelled)),
+        "{stopped:?}"
+    );
+}
