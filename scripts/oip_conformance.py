@@ -6,9 +6,11 @@ with a model fitted on the shipped demo cells, and drives it through
 tritonclient.http and tritonclient.grpc with their default settings:
 health, server and model metadata, model readiness (also with
 model_version="1"), inference with the image as raw bytes
-(np.array([png_bytes], dtype=object)), an unknown model and a garbage
-image. The outputs must equal what /v1/models/{name}/score says for the
-same file. Exits non-zero on any mismatch.
+(np.array([png_bytes], dtype=object)), a batch of four images (shape [4])
+whose four scores must equal four single requests, an unknown model, a
+garbage image and inputs Triton refuses (an unknown name, two inputs). The
+outputs must equal what /v1/models/{name}/score says for the same file.
+Exits non-zero on any mismatch.
 
     python3 -m venv target/oip-venv
     target/oip-venv/bin/pip install 'tritonclient[http,grpc]' numpy
@@ -172,6 +174,29 @@ def drive(name, module, client, cases):
         check(name, "JSON outputs equal /v1",
               float(result.as_numpy("score")[0]) == float(np.float32(reference["score"]))
               and bool(result.as_numpy("is_anomalous")[0]) == reference["is_anomalous"])
+
+    # A batch: shape [4], four PNGs in one request, one score per image,
+    # equal to four single requests.
+    batch_files = [p.read_bytes() for label in ("defect", "good")
+                   for p in sorted((DEMO / "test" / label).glob("*.png"))[:2]]
+    batch = module.InferInput("image", [4], "BYTES")
+    batch.set_data_from_numpy(np.array(batch_files, dtype=object))
+    result = client.infer("cells", [batch])
+    scores = result.as_numpy("score")
+    singles = [float(client.infer("cells", [image_input(f)]).as_numpy("score")[0]) for f in batch_files]
+    check(name, "batch of 4: four scores equal to four single requests",
+          scores is not None and scores.shape == (4,) and [float(s) for s in scores] == singles,
+          f"{None if scores is None else list(scores)} vs {singles}")
+    amap = result.as_numpy("anomaly_map")
+    check(name, "batch of 4: anomaly_map is [4, H, W]",
+          amap is not None and amap.shape[0] == 4 and amap.ndim == 3,
+          f"{None if amap is None else amap.shape}")
+    nonsense = module.InferInput("nonsense_name", [1], "BYTES")
+    nonsense.set_data_from_numpy(np.array([png], dtype=object))
+    expect_error(name, "an unknown input name is refused",
+                 lambda: client.infer("cells", [nonsense]), "unexpected inference input")
+    expect_error(name, "two inputs are refused",
+                 lambda: client.infer("cells", [image_input(png), image_input(png)]), "specified 2 times")
 
     expect_error(name, "unknown model is refused with the server's message",
                  lambda: client.infer("nope", [image_input(png)]), 'no model named "nope"')

@@ -79,27 +79,10 @@ fn main() -> ExitCode {
         // A reader that went away (`score ... | head`) is not an error.
         Err(err) if is_broken_pipe(&err) => commands::Outcome::Success.into(),
         Err(err) => {
-            eprintln!("error: {}", describe(&err));
+            eprintln!("error: {}", commands::describe(&err));
             commands::Outcome::from_error(&err).into()
         }
     }
-}
-
-/// The error and its causes, each cause said once: many errors already
-/// quote their cause in their own message.
-fn describe(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let message = cause.to_string();
-        if text.contains(&message) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&message);
-    }
-    text
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -126,7 +109,7 @@ mod tests {
         );
         let err = anyhow::Error::new(Quoting(io)).context("scoring a.png");
         assert_eq!(
-            describe(&err),
+            commands::describe(&err),
             "scoring a.png: cannot read x: failed to fill whole buffer"
         );
     }

@@ -184,14 +184,28 @@ impl DetectorOutput {
     }
 
     /// The map of every grid at `image_size`, averaged, and the image score.
+    /// The maps are summed one at a time (as [`AnomalyMap::mean`] sums,
+    /// so the result is the same): at 40 megapixels each map is 160 MB,
+    /// and holding every grid's at once cost the server 0.5 GB more.
     pub fn into_raw(self, image_size: (u32, u32)) -> Result<RawInspection, Error> {
-        let maps = self
-            .grids
-            .iter()
-            .map(|g| g.to_map(image_size))
-            .collect::<Result<Vec<_>, _>>()?;
-        let map = AnomalyMap::mean(&maps)
-            .ok_or_else(|| Error::InvalidConfig("a detector gave no map, or maps differ".into()))?;
+        let differ = || Error::InvalidConfig("a detector gave no map, or maps differ".into());
+        let mut grids = self.grids.iter();
+        let mut map = grids.next().ok_or_else(differ)?.to_map(image_size)?;
+        let mut count = 1usize;
+        for grid in grids {
+            let next = grid.to_map(image_size)?;
+            if (next.width, next.height) != (map.width, map.height) {
+                return Err(differ());
+            }
+            for (sum, v) in map.values.iter_mut().zip(&next.values) {
+                *sum += v;
+            }
+            count += 1;
+        }
+        if count > 1 {
+            let inverse = 1.0 / count as f32;
+            map.values.iter_mut().for_each(|v| *v *= inverse);
+        }
         let score = match self.image_score {
             ImageScore::Given(score) => score,
             ImageScore::MapPeak => map.max(),

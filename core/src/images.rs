@@ -8,13 +8,17 @@
 //! allocated, so a decompression bomb costs nothing. A file that ends before
 //! its image does (a cut download or upload) is refused as
 //! [`ImageError::Truncated`] instead of being scored with the decoder's
-//! filler pixels.
+//! filler pixels. Chunks a decoder would inflate besides the pixels (a PNG's
+//! compressed colour profile or text) never reach it, so every allocation
+//! is bounded by the budget ([`ancillary`]).
 
-use std::io::Cursor;
+use std::borrow::Cow;
+use std::io::{Cursor, Read as _};
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageFormat, ImageReader, Rgb32FImage};
 
+mod ancillary;
 mod truncation;
 
 /// Default pixel budget: 40 megapixels.
@@ -134,6 +138,11 @@ pub fn decode_image(
             detail: detail.to_string(),
         });
     }
+    let bytes = match format {
+        ImageFormat::Png => ancillary::png_pixel_chunks(bytes),
+        _ => Cow::Borrowed(bytes),
+    };
+    let bytes = bytes.as_ref();
     let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|cause| decode_failure(&source_name, cause))?;
@@ -154,6 +163,32 @@ pub fn decode_image(
     decoded
         .map(into_rgb32f)
         .map_err(|cause| decode_failure(&source_name, cause))
+}
+
+/// The sides of an encoded image, read from its header and checked
+/// against `limits` (the budget, the aspect bound), without decoding it:
+/// what a server reserves memory by before decoding.
+pub fn peek_dimensions(
+    bytes: &[u8],
+    source_name: &str,
+    limits: &ImageLimits,
+) -> Result<(u32, u32), ImageError> {
+    let source_name = source_name.to_string();
+    if bytes.is_empty() {
+        return Err(ImageError::Empty { source_name });
+    }
+    let format = sniff_format(bytes).ok_or_else(|| ImageError::UnsupportedFormat {
+        source_name: source_name.clone(),
+    })?;
+    let bytes = match format {
+        ImageFormat::Png => ancillary::png_pixel_chunks(bytes),
+        _ => Cow::Borrowed(bytes),
+    };
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes.as_ref()), format)
+        .into_dimensions()
+        .map_err(|cause| decode_failure(&source_name, cause))?;
+    check_dimensions(&source_name, width, height, limits)?;
+    Ok((width, height))
 }
 
 /// A decoder's error as ours: a read past the end of the bytes (TIFF
@@ -184,6 +219,23 @@ fn into_rgb32f(image: DynamicImage) -> Rgb32FImage {
 /// Reads only the header and returns `(width, height)`, enforcing the budget.
 pub fn image_dimensions(path: &Path, limits: &ImageLimits) -> Result<(u32, u32), ImageError> {
     let source_name = path.display().to_string();
+    // A PNG's sides are read from IHDR, its first chunk, by hand: the
+    // decoder would read (and inflate) every chunk up to the pixels.
+    let mut head = Vec::with_capacity(24);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(24).read_to_end(&mut head))
+        .map_err(|cause| ImageError::Io {
+            source_name: source_name.clone(),
+            cause,
+        })?;
+    if sniff_format(&head) == Some(ImageFormat::Png) && head.len() == 24 && &head[12..16] == b"IHDR"
+    {
+        let side =
+            |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        let (width, height) = (side(16), side(20));
+        check_dimensions(&source_name, width, height, limits)?;
+        return Ok((width, height));
+    }
     let reader = ImageReader::open(path)
         .map_err(|cause| ImageError::Io {
             source_name: source_name.clone(),

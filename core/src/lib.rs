@@ -90,6 +90,9 @@ pub enum Error {
     Training(String),
     #[error("cannot encode image: {0}")]
     Encode(String),
+    /// The caller stopped the work (a request that timed out).
+    #[error("stopped: the caller no longer waits for the answer")]
+    Cancelled,
 }
 
 impl Error {

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Tensor;
 use flawscope_prompts::PromptSet;
@@ -196,6 +197,17 @@ impl PromptLayer {
         image: &Rgb32FImage,
         descriptions: &[String],
     ) -> Result<Vec<DefectCheck>, Error> {
+        self.check_until(image, descriptions, &AtomicBool::new(false))
+    }
+
+    /// [`PromptLayer::check`] that stops with [`Error::Cancelled`] before
+    /// the next description once `stop` is set.
+    pub fn check_until(
+        &self,
+        image: &Rgb32FImage,
+        descriptions: &[String],
+        stop: &AtomicBool,
+    ) -> Result<Vec<DefectCheck>, Error> {
         if descriptions.is_empty() {
             return Ok(Vec::new());
         }
@@ -203,6 +215,9 @@ impl PromptLayer {
         let scale = self.info.logit_scale;
         let mut checks = Vec::with_capacity(descriptions.len());
         for description in descriptions {
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
             let prompts = PromptSet::winclip_normal().with_defect(description)?;
             let vectors = self.engine.class_vectors(&self.info.object, &prompts)?;
             let text = self.engine.text_tensor(&vectors)?;

@@ -358,3 +358,49 @@ fn jpeg_pixels_are_the_image_crates() {
         assert_eq!(ours, theirs, "grey={grey}");
     }
 }
+
+#[test]
+fn a_cut_jpeg_with_an_end_marker_appended_is_truncated() {
+    // The reporter's file: a JPEG cut at 50 % with FF D9 appended scored as
+    // a confident defect, the decoder painting the rest.
+    for grey in [false, true] {
+        let bytes = photo(ImageFormat::Jpeg, grey);
+        for pct in [20, 50, 90] {
+            let cut = [&bytes[..bytes.len() * pct / 100], &[0xFF, 0xD9][..]].concat();
+            let err = decode_image(&cut, "x", &ImageLimits::default()).unwrap_err();
+            assert!(
+                matches!(err, ImageError::Truncated { .. }),
+                "grey={grey} {pct}%: {err}"
+            );
+        }
+    }
+    // Whole files whose last rows hold few bytes still decode: flat, narrow
+    // and tall (many rows of a byte or two), and tiny ones.
+    for (w, h) in [(8, 2000), (1, 64), (16, 17), (2000, 9), (1, 1), (3, 100)] {
+        for value in [0u8, 128, 255] {
+            let flat = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(w, h, Rgb([value; 3])));
+            let bytes = encode(&flat, ImageFormat::Jpeg).unwrap();
+            let ours = decode_image(&bytes, "x", &ImageLimits::default())
+                .unwrap_or_else(|e| panic!("{w}×{h} at {value}: {e}"));
+            let theirs = image::load_from_memory(&bytes).unwrap().to_rgb32f();
+            assert_eq!(ours, theirs, "{w}×{h} at {value}");
+        }
+    }
+}
+
+#[test]
+fn png_profiles_and_text_are_left_out_not_inflated() {
+    // The corpus's 256 MB profile: a 64 × 64 grey image; its memory is
+    // checked by tests/decoder_memory.rs. Here: the pixels are the same
+    // with and without the chunks.
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/decode");
+    let bomb = std::fs::read(dir.join("ok_iccp_bomb.png")).unwrap();
+    let image = decode_image(&bomb, "bomb", &ImageLimits::default()).unwrap();
+    assert_eq!(image.dimensions(), (64, 64));
+    let path = dir.join("ok_iccp_bomb.png");
+    assert_eq!(
+        flawscope_core::images::image_dimensions(&path, &ImageLimits::default()).unwrap(),
+        (64, 64)
+    );
+}

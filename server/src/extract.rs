@@ -17,7 +17,7 @@ use image::Rgb32FImage;
 
 use crate::error::ApiError;
 use crate::inference::decode;
-use crate::state::{AppState, BodyPermit};
+use crate::state::{AppState, BodyPermit, PixelPermit};
 use crate::upload::{RawBody, Upload, read_upload};
 
 /// The model a route's path names: `{name}`, and `{version}` on the
@@ -80,13 +80,15 @@ impl<F: UploadForm> ScoringBody for F {
     }
 }
 
-/// The front part of every scoring route: a body permit (503 when too many
-/// bodies are held), the body read and checked (`B`), and its image
-/// decoded, all before an inference slot is taken, so a slow or bad
-/// upload never holds one. The permit is held while reading, and after:
-/// keep [`ScoringUpload::permit`] until the answer is ready.
+/// The front part of every scoring route: the body read and checked (`B`,
+/// its bytes counted against the byte budget as they arrive), a body
+/// permit (503 when too many bodies are held), and its image decoded, all
+/// before an inference slot is taken, so a slow or bad upload never holds
+/// one. Keep [`ScoringUpload::permit`] until the answer is ready.
 pub(crate) struct ScoringUpload<B> {
     pub permit: BodyPermit,
+    /// Room for the decoded image: keep it as long as the image.
+    pub pixels: PixelPermit,
     /// The route's own part of the body.
     pub body: B,
     pub image: Rgb32FImage,
@@ -97,11 +99,17 @@ impl<B: ScoringBody> FromRequest<AppState> for ScoringUpload<B> {
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         B::admit(request.headers())?;
-        let permit = state.body_permit()?;
-        let (body, bytes) = B::read(state, request).await?;
-        let image = decode(state, bytes).await?;
+        // The body is read first, its bytes counted as they come: a stalled
+        // upload holds only the bytes it sent, not one of the body permits.
+        let (request, meter) = state.meter(request);
+        let (body, bytes) = B::read(state, request)
+            .await
+            .map_err(|e| meter.explain(e))?;
+        let permit = state.body_permit(Some(&meter))?;
+        let (image, pixels) = decode(state, bytes).await?;
         Ok(Self {
             permit,
+            pixels,
             body,
             image,
         })

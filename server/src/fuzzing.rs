@@ -75,7 +75,7 @@ pub fn upload(data: &[u8]) -> Result<UploadSummary, ApiError> {
 }
 
 /// Parses `data` as the JSON body of an Open Inference Protocol `infer`
-/// request and returns the decoded image bytes.
-pub fn infer_request(data: &[u8]) -> Result<Vec<u8>, ApiError> {
-    crate::oip::request_image(data)
+/// request and returns the image files it holds (one per batch element).
+pub fn infer_request(data: &[u8]) -> Result<Vec<Vec<u8>>, ApiError> {
+    crate::oip::request_images(data)
 }

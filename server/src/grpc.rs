@@ -21,7 +21,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::error::ApiError;
 use crate::inference::decode;
 use crate::oip::{
-    EXTENSIONS, check_image_tensor, infer_image, platform, signature, single_bytes_element,
+    EXTENSIONS, batch_outputs, bytes_elements, check_inputs, infer_image, platform, signature,
     wanted_outputs,
 };
 use crate::state::{AppState, MODEL_VERSION, bearer};
@@ -53,6 +53,7 @@ pub fn status(error: &ApiError) -> Status {
     let code = match error {
         ApiError::BadRequest { .. } => Code::InvalidArgument,
         ApiError::Unauthorized => Code::Unauthenticated,
+        ApiError::Forbidden { .. } => Code::PermissionDenied,
         ApiError::NotFound(_) => Code::NotFound,
         ApiError::MethodNotAllowed(_) => Code::Unimplemented,
         // Only the web page's decision route needs a store; not a gRPC call.
@@ -106,38 +107,39 @@ impl Service {
     }
 }
 
-/// The image of a ModelInfer request: the only input or the one named
-/// `image`, from `raw_input_contents` (one length-prefixed element) or from
-/// `contents.bytes_contents`.
-fn image_bytes(inputs: &[InferInputTensor], raw: &mut [Vec<u8>]) -> Result<Bytes, ApiError> {
+/// The images of a ModelInfer request, checked as REST checks them
+/// ([`check_inputs`]): from `raw_input_contents` (`N` length-prefixed
+/// elements) or from `contents.bytes_contents` (`N` entries).
+fn image_bytes(
+    inputs: &[InferInputTensor],
+    raw: &mut [Vec<u8>],
+    model: &str,
+) -> Result<Vec<Bytes>, ApiError> {
     let bad = |message: String| ApiError::bad_request("invalid_inference_request", message);
-    let index = match inputs {
-        [_] => 0,
-        [] => return Err(bad("no inputs: send one BYTES input with the image".into())),
-        several => several
-            .iter()
-            .position(|i| i.name == "image")
-            .ok_or_else(|| bad("several inputs and none named \"image\"".into()))?,
-    };
-    let input = &inputs[index];
-    check_image_tensor(&input.name, &input.datatype, &input.shape)?;
+    let listed: Vec<(&str, &str, &[i64])> = inputs
+        .iter()
+        .map(|i| (i.name.as_str(), i.datatype.as_str(), i.shape.as_slice()))
+        .collect();
+    let count = check_inputs(&listed, model)?;
+    let input = &inputs[0];
     if !raw.is_empty() {
         // The protocol: raw contents for every input or for none.
-        if raw.len() != inputs.len() {
+        let [contents] = raw else {
             return Err(bad(format!(
-                "{} raw_input_contents for {} inputs; send one per input",
-                raw.len(),
-                inputs.len()
+                "{} raw_input_contents for 1 input; send one per input",
+                raw.len()
             )));
-        }
-        let contents = std::mem::take(&mut raw[index]);
-        return single_bytes_element(&input.name, &contents);
+        };
+        let contents = std::mem::take(contents);
+        return bytes_elements(&input.name, &contents, count);
     }
     match input.contents.as_ref().map(|c| c.bytes_contents.as_slice()) {
-        Some([only]) => Ok(Bytes::copy_from_slice(only)),
+        Some(files) if files.len() == count => {
+            Ok(files.iter().map(|f| Bytes::copy_from_slice(f)).collect())
+        }
         _ => Err(bad(format!(
-            "input {:?} must hold exactly one bytes_contents element (the image file) or come \
-             in raw_input_contents",
+            "input {:?} must hold {count} bytes_contents element(s) (the image files, as its \
+             shape says) or come in raw_input_contents",
             input.name
         ))),
     }
@@ -241,12 +243,30 @@ impl GrpcInferenceService for Service {
                 .state
                 .versioned_model(&request.model_name, Some(&request.model_version))?;
             let wanted = wanted_outputs(request.outputs.iter().map(|o| o.name.as_str()))?;
-            let image = image_bytes(&request.inputs, &mut request.raw_input_contents)?;
+            let images = image_bytes(
+                &request.inputs,
+                &mut request.raw_input_contents,
+                &request.model_name,
+            )?;
             request.raw_input_contents = Vec::new();
-            // The message was read under the body permit the gate took; the
-            // image is decoded before a slot is taken, as over HTTP.
-            let image = decode(&self.state, image).await?;
-            let outputs = infer_image(&self.state, model, image, &wanted, None).await?;
+            // The message was read under the body permit the gate took; each
+            // image is decoded before a slot is taken, as over HTTP, and the
+            // images of a batch one at a time.
+            let mut answers = Vec::with_capacity(images.len());
+            for bytes in images {
+                let (image, _pixels) = decode(&self.state, bytes).await?;
+                answers.push(
+                    infer_image(
+                        &self.state,
+                        std::sync::Arc::clone(&model),
+                        image,
+                        &wanted,
+                        None,
+                    )
+                    .await?,
+                );
+            }
+            let outputs = batch_outputs(answers)?;
             // Raw contents, as the reference servers answer: the clients
             // read them by output index.
             let mut raw_output_contents = Vec::with_capacity(outputs.len());
@@ -332,7 +352,7 @@ where
             }
         }
         let permit = if method == "ModelInfer" {
-            match self.state.body_permit() {
+            match self.state.body_permit(None) {
                 Ok(permit) => Some(permit),
                 Err(error) => return refuse(error, &self.state, &method),
             }
@@ -427,20 +447,32 @@ mod tests {
 
     #[test]
     fn image_from_raw_or_bytes_contents() {
+        let bytes = |r: Result<Vec<Bytes>, ApiError>| r.unwrap();
         let mut raw = vec![[&3u32.to_le_bytes()[..], b"png"].concat()];
         assert_eq!(
-            image_bytes(&[input("x", "BYTES", None)], &mut raw).unwrap(),
-            &b"png"[..]
+            bytes(image_bytes(&[input("image", "BYTES", None)], &mut raw, "m")),
+            vec![Bytes::from_static(b"png")]
         );
         let inputs = [input("image", "BYTES", Some(vec![b"jpg".to_vec()]))];
-        assert_eq!(image_bytes(&inputs, &mut Vec::new()).unwrap(), &b"jpg"[..]);
+        assert_eq!(
+            bytes(image_bytes(&inputs, &mut Vec::new(), "m")),
+            vec![Bytes::from_static(b"jpg")]
+        );
+        // A batch of two.
+        let mut two = input("image", "BYTES", Some(vec![b"a".to_vec(), b"b".to_vec()]));
+        two.shape = vec![2];
+        assert_eq!(bytes(image_bytes(&[two], &mut Vec::new(), "m")).len(), 2);
         for (inputs, mut raw) in [
-            (vec![input("x", "FP32", None)], vec![vec![0u8; 4]]),
-            (vec![input("x", "BYTES", None)], vec![b"png".to_vec()]),
-            (vec![input("x", "BYTES", None)], Vec::new()),
+            (vec![input("image", "FP32", None)], vec![vec![0u8; 4]]),
+            (vec![input("image", "BYTES", None)], vec![b"png".to_vec()]),
+            (vec![input("image", "BYTES", None)], Vec::new()),
+            (
+                vec![input("x", "BYTES", Some(vec![b"a".to_vec()]))],
+                Vec::new(),
+            ),
             (
                 vec![input(
-                    "x",
+                    "image",
                     "BYTES",
                     Some(vec![b"a".to_vec(), b"b".to_vec()]),
                 )],
@@ -448,11 +480,14 @@ mod tests {
             ),
             (vec![], Vec::new()),
             (
-                vec![input("a", "BYTES", None), input("b", "BYTES", None)],
+                vec![
+                    input("image", "BYTES", Some(vec![b"a".to_vec()])),
+                    input("image", "BYTES", Some(vec![b"a".to_vec()])),
+                ],
                 Vec::new(),
             ),
         ] {
-            assert!(image_bytes(&inputs, &mut raw).is_err(), "{inputs:?}");
+            assert!(image_bytes(&inputs, &mut raw, "m").is_err(), "{inputs:?}");
         }
     }
 

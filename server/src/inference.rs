@@ -3,11 +3,12 @@
 //! whatever the load), scoring in `spawn_blocking` while one is held.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Bytes;
 use base64::Engine as _;
 use flawscope_core::heatmap::{Legend, overlay_png};
-use flawscope_core::images::decode_image;
+use flawscope_core::images::{decode_image, peek_dimensions};
 use flawscope_core::model::{Inspection, Model};
 use flawscope_core::operating_point::{OperatingPoint, Target};
 use image::Rgb32FImage;
@@ -15,7 +16,7 @@ use serde::Serialize;
 
 use crate::answer::{UNCHECKED, describe, describe_defect};
 use crate::error::ApiError;
-use crate::state::{AppState, Slot};
+use crate::state::{AppState, PixelPermit, Slot};
 
 /// What a caller wants besides the verdict.
 #[derive(Debug, Clone, Copy, Default)]
@@ -109,24 +110,56 @@ where
 }
 
 /// Decodes image bytes within the pixel budget, on the decoding threads and
-/// without a slot.
-pub async fn decode(state: &AppState, bytes: Bytes) -> Result<Rgb32FImage, ApiError> {
+/// without a slot, once there is room for the decoded image among those
+/// held ([`crate::ServerConfig::max_decoded_pixels`]; its sides are read
+/// from the header first). Keep the permit as long as the image.
+pub(crate) async fn decode(
+    state: &AppState,
+    bytes: Bytes,
+) -> Result<(Rgb32FImage, PixelPermit), ApiError> {
+    const NAME: &str = "the uploaded image";
     let limits = state.config().image_limits;
+    let (width, height) =
+        peek_dimensions(&bytes, NAME, &limits).map_err(|e| ApiError::from_image(&e))?;
+    let permit = state
+        .pixel_permit(u64::from(width) * u64::from(height))
+        .await?;
     let (sender, receiver) = tokio::sync::oneshot::channel();
     state.decoders().spawn(move || {
-        let decoded = decode_image(&bytes, "the uploaded image", &limits)
-            .map_err(|e| ApiError::from_image(&e));
+        let decoded = decode_image(&bytes, NAME, &limits).map_err(|e| ApiError::from_image(&e));
         // Nobody listens when the request has gone meanwhile.
         let _ = sender.send(decoded);
     });
-    receiver
+    let image = receiver
         .await
-        .map_err(|_| ApiError::Internal("decoding the image failed (panic)".into()))?
+        .map_err(|_| ApiError::Internal("decoding the image failed (panic)".into()))??;
+    Ok((image, permit))
+}
+
+/// A failed inference as the client's answer: a phrase CLIP cannot read
+/// (too long, empty) is the asker's to fix, on every route alike.
+pub fn inference_error(err: flawscope_core::Error) -> ApiError {
+    match err {
+        flawscope_core::Error::Prompt(_) => ApiError::bad_request("bad_prompt", err.to_string()),
+        other => ApiError::from_core(&other),
+    }
+}
+
+/// Sets its flag when dropped: held by a request's future, so the work it
+/// started hears when the request is gone (timed out, client left).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Scores a decoded image with `model` at the request's operating point,
 /// with each typed defect in `asked` checked by the model's text layer (or
-/// the reason it could not be), on one slot.
+/// the reason it could not be), on one slot. When the request goes away
+/// (its timeout), the work stops at its next check (between stages and
+/// between typed defects) and the slot frees.
 pub async fn inspect(
     model: Arc<Model>,
     image: Rgb32FImage,
@@ -134,17 +167,13 @@ pub async fn inspect(
     asked: Vec<String>,
     slot: Slot,
 ) -> Result<Scored, ApiError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
     blocking(slot, move || {
         let point = operating_point(&model, extras.target)?;
         let inspection = model
-            .inspect_with(&image, &point, &asked)
-            .map_err(|e| match e {
-                // A phrase CLIP cannot read (too long) is the asker's to fix.
-                flawscope_core::Error::Prompt(_) => {
-                    ApiError::bad_request("bad_prompt", e.to_string())
-                }
-                other => ApiError::from_core(&other),
-            })?;
+            .inspect_until(&image, &point, &asked, &stop)
+            .map_err(inference_error)?;
         scored(&image, inspection, extras)
     })
     .await

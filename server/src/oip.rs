@@ -27,9 +27,13 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{ApiError, ErrorMessage};
 use crate::extract::{PathModel, ScoringBody, ScoringUpload};
-use crate::inference::{Extras, inspect};
+use crate::inference::{Extras, decode, inspect};
+use crate::oip_json::{Bounded, MAX_BATCH, MAX_DIMS, MAX_TENSORS, Parameters, Strings};
 use crate::state::{AppState, MODEL_VERSION};
 use crate::upload::read_body;
+
+/// The one input of every model: `N` encoded image files.
+pub const IMAGE_INPUT: &str = "image";
 
 /// Outputs a model can give.
 pub const OUTPUT_SCORE: &str = "score";
@@ -108,7 +112,7 @@ pub fn signature() -> (Vec<TensorMetadata>, Vec<TensorMetadata>) {
         shape: shape.to_vec(),
     };
     (
-        vec![tensor("image", "BYTES", &[1])],
+        vec![tensor(IMAGE_INPUT, "BYTES", &[-1])],
         vec![
             tensor(OUTPUT_SCORE, "FP32", &[1]),
             tensor(OUTPUT_IS_ANOMALOUS, "BOOL", &[1]),
@@ -151,29 +155,29 @@ pub async fn model_ready(
 struct InferRequest {
     #[serde(default)]
     id: Option<String>,
-    inputs: Vec<InferInput>,
+    inputs: Bounded<InferInput, MAX_TENSORS>,
     #[serde(default)]
-    outputs: Option<Vec<RequestedOutput>>,
+    outputs: Option<Bounded<RequestedOutput, MAX_TENSORS>>,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<Parameters>,
 }
 
 #[derive(Debug, Deserialize)]
 struct InferInput {
     name: String,
-    shape: Vec<i64>,
+    shape: Bounded<i64, MAX_DIMS>,
     datatype: String,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<Parameters>,
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Strings>,
 }
 
 #[derive(Debug, Deserialize)]
 struct RequestedOutput {
     name: String,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<Parameters>,
 }
 
 /// An output the model can give.
@@ -310,87 +314,140 @@ fn bad(message: String) -> ApiError {
     ApiError::bad_request("invalid_inference_request", message)
 }
 
-/// The one element count a shape allows: its dimensions multiplied, or
-/// `None` when one is negative or the product overflows.
-fn element_count(shape: &[i64]) -> Option<i64> {
-    shape.iter().try_fold(
-        1i64,
-        |acc, d| if *d < 0 { None } else { acc.checked_mul(*d) },
-    )
+/// The outputs of a batch from each image's ([`infer_image`], in order):
+/// one image's as they are; for several, `score` and `is_anomalous` of
+/// shape `[N]` and `anomaly_map` of shape `[N, H, W]`, which needs the
+/// images to share one size.
+pub(crate) fn batch_outputs(
+    mut answers: Vec<Vec<OutputTensor>>,
+) -> Result<Vec<OutputTensor>, ApiError> {
+    if answers.len() == 1 {
+        return Ok(answers.pop().unwrap_or_default());
+    }
+    let n = answers.len();
+    let Some(first) = answers.first() else {
+        return Ok(Vec::new());
+    };
+    let mut outputs: Vec<OutputTensor> = first
+        .iter()
+        .map(|o| OutputTensor {
+            name: o.name,
+            shape: std::iter::once(n)
+                .chain(if o.name == OUTPUT_ANOMALY_MAP {
+                    o.shape.clone()
+                } else {
+                    Vec::new()
+                })
+                .collect(),
+            data: match o.data {
+                TensorData::Fp32(_) => TensorData::Fp32(Vec::new()),
+                TensorData::Bool(_) => TensorData::Bool(Vec::new()),
+            },
+        })
+        .collect();
+    for answer in answers {
+        for (out, part) in outputs.iter_mut().zip(answer) {
+            if part.name == OUTPUT_ANOMALY_MAP && out.shape[1..] != part.shape[..] {
+                return Err(bad(format!(
+                    "the anomaly maps of this batch differ in size ({:?} and {:?}); send \
+                     images of one size together, or ask for score and is_anomalous only",
+                    &out.shape[1..],
+                    part.shape
+                )));
+            }
+            match (&mut out.data, part.data) {
+                (TensorData::Fp32(all), TensorData::Fp32(mut more)) => all.append(&mut more),
+                (TensorData::Bool(all), TensorData::Bool(mut more)) => all.append(&mut more),
+                _ => return Err(ApiError::Internal("mixed output types".into())),
+            }
+        }
+    }
+    Ok(outputs)
 }
 
-/// Checks that a tensor is one BYTES element (shape `[1]`, `[1, 1]`, ...).
-pub(crate) fn check_image_tensor(
-    name: &str,
-    datatype: &str,
-    shape: &[i64],
-) -> Result<(), ApiError> {
+/// Checks a request's inputs as the reference server (Triton) does: exactly
+/// one input, named `image`, BYTES, of shape `[N]` with `1 ≤ N ≤`
+/// [`MAX_BATCH`] (N images, answered one by one). Returns `N`.
+pub(crate) fn check_inputs<'a>(
+    inputs: &[(&'a str, &'a str, &'a [i64])],
+    model: &str,
+) -> Result<usize, ApiError> {
+    if let Some((name, ..)) = inputs.iter().find(|(name, ..)| *name != IMAGE_INPUT) {
+        return Err(bad(format!(
+            "unexpected inference input {name:?} for model {model:?}; its one input is \
+             \"{IMAGE_INPUT}\" (BYTES, shape [N])"
+        )));
+    }
+    let [(name, datatype, shape)] = inputs else {
+        return Err(bad(if inputs.is_empty() {
+            format!(
+                "expected 1 input but got 0 for model {model:?}: send the images as the \
+                 BYTES input \"{IMAGE_INPUT}\""
+            )
+        } else {
+            format!(
+                "input \"{IMAGE_INPUT}\" is specified {} times for model {model:?}; send it once",
+                inputs.len()
+            )
+        }));
+    };
     if !datatype.eq_ignore_ascii_case("BYTES") {
         return Err(bad(format!(
-            "input {name:?} has datatype {datatype}; expected BYTES (an encoded image file)"
+            "input {name:?} has datatype {datatype}; expected BYTES (encoded image files)"
         )));
     }
-    if element_count(shape) != Some(1) {
-        return Err(bad(format!(
-            "input {name:?} has shape {shape:?}; one image per request (shape [1])"
-        )));
+    match shape {
+        [n] if (1..=MAX_BATCH as i64).contains(n) => Ok(*n as usize),
+        [n] if *n > MAX_BATCH as i64 => Err(bad(format!(
+            "input {name:?} has shape {shape:?}: at most {MAX_BATCH} images per request"
+        ))),
+        _ => Err(bad(format!(
+            "input {name:?} has shape {shape:?}; expected [N], N images (1 to {MAX_BATCH})"
+        ))),
     }
-    Ok(())
 }
 
-/// The one element of a BYTES tensor in the raw layout (a 4-byte
+/// The `count` elements of a BYTES tensor in the raw layout (each a 4-byte
 /// little-endian length, then that many bytes), as the binary extension
-/// and gRPC's `raw_input_contents` carry it.
-pub(crate) fn single_bytes_element(name: &str, raw: &[u8]) -> Result<Bytes, ApiError> {
+/// and gRPC's `raw_input_contents` carry them; any other length is refused.
+pub(crate) fn bytes_elements(name: &str, raw: &[u8], count: usize) -> Result<Vec<Bytes>, ApiError> {
     let malformed = || {
         bad(format!(
-            "input {name:?}: binary BYTES data must be one element, a 4-byte little-endian \
-             length and then that many bytes ({} bytes received)",
+            "input {name:?}: binary BYTES data must be {count} element(s), each a 4-byte \
+             little-endian length and then that many bytes ({} bytes received)",
             raw.len()
         ))
     };
-    let (length, rest) = raw.split_first_chunk::<4>().ok_or_else(malformed)?;
-    let length = u32::from_le_bytes(*length) as usize;
-    if rest.len() != length {
+    let mut rest = raw;
+    let mut elements = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (length, tail) = rest.split_first_chunk::<4>().ok_or_else(malformed)?;
+        let length = u32::from_le_bytes(*length) as usize;
+        if tail.len() < length {
+            return Err(malformed());
+        }
+        let (element, tail) = tail.split_at(length);
+        elements.push(Bytes::copy_from_slice(element));
+        rest = tail;
+    }
+    if !rest.is_empty() {
         return Err(malformed());
     }
-    Ok(Bytes::copy_from_slice(rest))
-}
-
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        other => out.push(other),
-    }
+    Ok(elements)
 }
 
 /// Whether a tensor's `content_type` parameter asks for base64 (the one
 /// alternative to raw bytes in JSON).
-fn is_base64(parameters: Option<&Map<String, Value>>) -> bool {
+fn is_base64(parameters: Option<&Parameters>) -> bool {
     parameters
-        .and_then(|p| p.get("content_type"))
+        .and_then(|p| p.0.get("content_type"))
         .and_then(Value::as_str)
         .is_some_and(|c| c.eq_ignore_ascii_case("base64"))
 }
 
-/// The input holding the image: the only one, or the one named `image`.
-fn image_input(request: &InferRequest) -> Result<usize, ApiError> {
-    match request.inputs.as_slice() {
-        [_] => Ok(0),
-        [] => Err(bad("no inputs: send one BYTES input with the image".into())),
-        several => several
-            .iter()
-            .position(|i| i.name == "image")
-            .ok_or_else(|| bad("several inputs and none named \"image\"".into())),
-    }
-}
-
 /// The `binary_data_size` parameter of a tensor, if it has one.
-fn binary_size(
-    name: &str,
-    parameters: Option<&Map<String, Value>>,
-) -> Result<Option<usize>, ApiError> {
-    match parameters.and_then(|p| p.get("binary_data_size")) {
+fn binary_size(name: &str, parameters: Option<&Parameters>) -> Result<Option<usize>, ApiError> {
+    match parameters.and_then(|p| p.0.get("binary_data_size")) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => value
             .as_u64()
@@ -404,45 +461,34 @@ fn binary_size(
     }
 }
 
-/// The image bytes of a request whose binary part (after the JSON) is
-/// `binary`: from the binary part for an input with `binary_data_size`,
-/// else from its JSON `data` (the file's bytes as a string, or base64 with
-/// `"parameters": {"content_type": "base64"}`).
-fn image_bytes(request: &InferRequest, binary: &[u8]) -> Result<Bytes, ApiError> {
-    let index = image_input(request)?;
-    // Binary inputs are laid out one after another, in input order.
-    let mut offset = 0usize;
-    let mut image = None;
-    for (i, input) in request.inputs.iter().enumerate() {
-        let Some(size) = binary_size(&input.name, input.parameters.as_ref())? else {
-            continue;
-        };
-        let end = offset
-            .checked_add(size)
-            .filter(|end| *end <= binary.len())
-            .ok_or_else(|| {
-                bad(format!(
-                    "input {:?} claims {size} bytes of binary data past the {} bytes sent",
-                    input.name,
-                    binary.len().saturating_sub(offset)
-                ))
-            })?;
-        if i == index {
-            image = Some(&binary[offset..end]);
+/// The image files of a request whose binary part (after the JSON) is
+/// `binary`: from the binary part when the input has `binary_data_size`,
+/// else from its JSON `data` (each file's bytes as a string, or base64
+/// with `"parameters": {"content_type": "base64"}`).
+fn image_bytes(request: &InferRequest, binary: &[u8], model: &str) -> Result<Vec<Bytes>, ApiError> {
+    let listed: Vec<(&str, &str, &[i64])> = request
+        .inputs
+        .0
+        .iter()
+        .map(|i| (i.name.as_str(), i.datatype.as_str(), i.shape.0.as_slice()))
+        .collect();
+    let count = check_inputs(&listed, model)?;
+    let input = &request.inputs.0[0];
+    if let Some(size) = binary_size(&input.name, input.parameters.as_ref())? {
+        if size != binary.len() {
+            return Err(bad(format!(
+                "input {:?} claims {size} bytes of binary data, but {} follow the JSON header",
+                input.name,
+                binary.len()
+            )));
         }
-        offset = end;
+        return bytes_elements(&input.name, binary, count);
     }
-    if offset != binary.len() {
+    if !binary.is_empty() {
         return Err(bad(format!(
-            "{} bytes of binary data follow the JSON header, but the inputs' \
-             binary_data_size add up to {offset}",
+            "{} bytes of binary data follow the JSON header, but no input has binary_data_size",
             binary.len()
         )));
-    }
-    let input = &request.inputs[index];
-    check_image_tensor(&input.name, &input.datatype, &input.shape)?;
-    if let Some(raw) = image {
-        return single_bytes_element(&input.name, raw);
     }
     let data = input.data.as_ref().ok_or_else(|| {
         bad(format!(
@@ -450,22 +496,28 @@ fn image_bytes(request: &InferRequest, binary: &[u8]) -> Result<Bytes, ApiError>
             input.name
         ))
     })?;
-    let mut elements = Vec::new();
-    flatten(data, &mut elements);
-    let [Value::String(text)] = elements.as_slice() else {
+    if data.0.len() != count {
         return Err(bad(format!(
-            "input {:?} must hold exactly one string element (the image file)",
-            input.name
+            "input {:?} has shape [{count}] but {} element(s) in data",
+            input.name,
+            data.0.len()
         )));
-    };
-    if is_base64(input.parameters.as_ref()) {
-        let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        return BASE64
-            .decode(compact.as_bytes())
-            .map(Bytes::from)
-            .map_err(|e| bad(format!("input {:?} is not valid base64: {e}", input.name)));
     }
-    Ok(Bytes::copy_from_slice(text.as_bytes()))
+    let base64 = is_base64(input.parameters.as_ref());
+    data.0
+        .iter()
+        .map(|text| {
+            if base64 {
+                let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+                BASE64
+                    .decode(compact.as_bytes())
+                    .map(Bytes::from)
+                    .map_err(|e| bad(format!("input {:?} is not valid base64: {e}", input.name)))
+            } else {
+                Ok(Bytes::copy_from_slice(text.as_bytes()))
+            }
+        })
+        .collect()
 }
 
 /// Splits a body into the JSON header and the binary part after it, as
@@ -492,10 +544,11 @@ fn parse_request(json: &[u8]) -> Result<InferRequest, ApiError> {
     serde_json::from_slice(json).map_err(|e| bad(format!("not a v2 inference request: {e}")))
 }
 
-/// The image bytes of an all-JSON `infer` request body, parsed as `infer`
+/// The image files of an all-JSON `infer` request body, parsed as `infer`
 /// parses it (for the fuzz target and its regression test).
-pub(crate) fn request_image(body: &[u8]) -> Result<Vec<u8>, ApiError> {
-    image_bytes(&parse_request(body)?, &[]).map(|b| b.to_vec())
+pub(crate) fn request_images(body: &[u8]) -> Result<Vec<Vec<u8>>, ApiError> {
+    let images = image_bytes(&parse_request(body)?, &[], "fuzz")?;
+    Ok(images.into_iter().map(|b| b.to_vec()).collect())
 }
 
 /// A `bool` parameter (absent: `None`).
@@ -519,8 +572,10 @@ pub(crate) fn request_target(
         .map_err(|e| ApiError::bad_request("invalid_operating_point", e.to_string()))
 }
 
-fn bool_parameter(parameters: Option<&Map<String, Value>>, key: &str) -> Option<bool> {
-    parameters.and_then(|p| p.get(key)).and_then(Value::as_bool)
+fn bool_parameter(parameters: Option<&Parameters>, key: &str) -> Option<bool> {
+    parameters
+        .and_then(|p| p.0.get(key))
+        .and_then(Value::as_bool)
 }
 
 /// The body of an `infer` request: a v2 inference request, in JSON or with
@@ -532,6 +587,27 @@ pub(crate) struct InferBody {
     /// `binary_data_output`: every output in binary unless it says.
     all_binary: bool,
     target: Option<Target>,
+    /// The batch's images after the first (which the extractor decodes),
+    /// decoded and scored one at a time.
+    rest: Vec<Bytes>,
+}
+
+/// Largest JSON part of an `infer` request: a quarter of the body limit
+/// (at least 1 MiB). JSON carries an image as a string (base64 costs a
+/// third more); large images belong in the binary extension, whose part
+/// has the whole body limit.
+pub(crate) fn json_limit(state: &AppState) -> usize {
+    let body = state.config().body_limit;
+    (body / 4).max(1 << 20).min(body)
+}
+
+fn json_too_large(state: &AppState) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "the JSON part of an inference request is over the limit of {} bytes; send images \
+         with the binary tensor data extension (binary_data_size), limited to {} bytes",
+        json_limit(state),
+        state.config().body_limit
+    ))
 }
 
 impl ScoringBody for InferBody {
@@ -552,22 +628,60 @@ impl ScoringBody for InferBody {
 
     async fn read(state: &AppState, request: Request) -> Result<(Self, Bytes), ApiError> {
         let headers = request.headers().clone();
+        // An all-JSON body declared over the JSON limit is refused unread.
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if !headers.contains_key(HEADER_LENGTH)
+            && declared.is_some_and(|n| n > json_limit(state) as u64)
+        {
+            return Err(json_too_large(state));
+        }
+        let model = request
+            .uri()
+            .path()
+            .split('/')
+            .nth(3)
+            .unwrap_or_default()
+            .to_owned();
         let body = read_body(state, request).await?;
-        let (json_part, binary) = split_body(&headers, &body)?;
-        let mut parsed = parse_request(json_part)?;
-        let wanted = wanted_outputs(parsed.outputs.iter().flatten().map(|o| o.name.as_str()))?;
-        let image = image_bytes(&parsed, binary)?;
-        parsed.inputs = Vec::new();
-        let all_binary =
-            bool_parameter(parsed.parameters.as_ref(), "binary_data_output").unwrap_or(false);
-        let target = request_target(parsed.parameters.as_ref())?;
-        let infer = Self {
-            parsed,
-            wanted,
-            all_binary,
-            target,
+        let (json_part, _) = split_body(&headers, &body)?;
+        if json_part.len() > json_limit(state) {
+            return Err(json_too_large(state));
+        }
+        // Parsing takes a while for megabytes of JSON: off the async
+        // threads, so health checks and other requests are not held up.
+        let parse = move || -> Result<(Self, Bytes), ApiError> {
+            let (json_part, binary) = split_body(&headers, &body)?;
+            let mut parsed = parse_request(json_part)?;
+            let wanted = wanted_outputs(
+                parsed
+                    .outputs
+                    .iter()
+                    .flat_map(|o| &o.0)
+                    .map(|o| o.name.as_str()),
+            )?;
+            let mut images = image_bytes(&parsed, binary, &model)?.into_iter();
+            let first = images
+                .next()
+                .ok_or_else(|| bad("no image in the request".into()))?;
+            parsed.inputs = Bounded(Vec::new());
+            let all_binary =
+                bool_parameter(parsed.parameters.as_ref(), "binary_data_output").unwrap_or(false);
+            let target = request_target(parsed.parameters.as_ref().map(|p| &p.0))?;
+            let infer = Self {
+                parsed,
+                wanted,
+                all_binary,
+                target,
+                rest: images.collect(),
+            };
+            Ok((infer, first))
         };
-        Ok((infer, image))
+        tokio::task::spawn_blocking(parse)
+            .await
+            .map_err(|e| ApiError::Internal(format!("parsing the request failed: {e}")))?
     }
 }
 
@@ -579,17 +693,26 @@ pub async fn infer(
 ) -> Result<Response, ApiError> {
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body:
             InferBody {
                 parsed,
                 wanted,
                 all_binary,
                 target,
+                rest,
             },
         image,
     } = upload;
-    let outputs = infer_image(&state, model, image, &wanted, target).await?;
-    let requested: Vec<&RequestedOutput> = parsed.outputs.iter().flatten().collect();
+    let mut answers = vec![infer_image(&state, Arc::clone(&model), image, &wanted, target).await?];
+    drop(_pixels);
+    for bytes in rest {
+        // One image of the batch at a time, each with its own room.
+        let (image, _pixels) = decode(&state, bytes).await?;
+        answers.push(infer_image(&state, Arc::clone(&model), image, &wanted, target).await?);
+    }
+    let outputs = batch_outputs(answers)?;
+    let requested: Vec<&RequestedOutput> = parsed.outputs.iter().flat_map(|o| &o.0).collect();
 
     let mut json_outputs = Vec::with_capacity(outputs.len());
     let mut binary_part = Vec::new();
@@ -651,6 +774,10 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
+    fn images(value: Value, binary: &[u8]) -> Result<Vec<Bytes>, ApiError> {
+        image_bytes(&request(value), binary, "cells")
+    }
+
     fn bytes_element(payload: &[u8]) -> Vec<u8> {
         let mut out = (payload.len() as u32).to_le_bytes().to_vec();
         out.extend_from_slice(payload);
@@ -660,63 +787,54 @@ mod tests {
     #[test]
     fn json_bytes_element_is_the_raw_string() {
         for data in [json!(["hi"]), json!([["hi"]]), json!("hi")] {
-            let r = request(
-                json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": data}]}),
-            );
-            assert_eq!(image_bytes(&r, &[]).unwrap(), &b"hi"[..]);
+            let r = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": data}]});
+            assert_eq!(images(r, &[]).unwrap(), vec![Bytes::from_static(b"hi")]);
         }
         // A base64-looking string is still just bytes without the parameter.
-        let r = request(
-            json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]}),
-        );
-        assert_eq!(image_bytes(&r, &[]).unwrap(), &b"aGk="[..]);
+        let r = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]});
+        assert_eq!(images(r, &[]).unwrap(), vec![Bytes::from_static(b"aGk=")]);
     }
 
     #[test]
     fn base64_only_when_asked_for() {
         for data in [json!(["aGk="]), json!([["aGk"]]), json!("aGk=\n")] {
-            let r = request(
-                json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
-                "parameters": {"content_type": "base64"}, "data": data}]}),
-            );
-            assert_eq!(image_bytes(&r, &[]).unwrap(), &b"hi"[..]);
+            let r = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                "parameters": {"content_type": "base64"}, "data": data}]});
+            assert_eq!(images(r, &[]).unwrap(), vec![Bytes::from_static(b"hi")]);
         }
-        let r = request(
-            json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
-            "parameters": {"content_type": "base64"}, "data": ["!!"]}]}),
-        );
-        assert!(image_bytes(&r, &[]).is_err());
+        let r = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+            "parameters": {"content_type": "base64"}, "data": ["!!"]}]});
+        assert!(images(r, &[]).is_err());
     }
 
     #[test]
-    fn binary_inputs_are_cut_in_order() {
-        let image = bytes_element(b"PNGDATA");
-        let other = vec![1u8, 2, 3, 4];
-        let mut binary = other.clone();
-        binary.extend_from_slice(&image);
-        let r = request(json!({"inputs": [
-            {"name": "other", "shape": [1], "datatype": "INT32",
-             "parameters": {"binary_data_size": other.len()}},
-            {"name": "image", "shape": [1], "datatype": "BYTES",
-             "parameters": {"binary_data_size": image.len()}},
-        ]}));
-        assert_eq!(image_bytes(&r, &binary).unwrap(), &b"PNGDATA"[..]);
+    fn a_batch_is_n_elements_in_json_or_binary() {
+        let r = json!({"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES",
+            "data": ["a", "b", "c"]}]});
+        assert_eq!(images(r, &[]).unwrap().len(), 3);
+        let binary = [bytes_element(b"PNG1"), bytes_element(b"PNG22")].concat();
+        let r = json!({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+            "parameters": {"binary_data_size": binary.len()}}]});
+        assert_eq!(
+            images(r.clone(), &binary).unwrap(),
+            vec![Bytes::from_static(b"PNG1"), Bytes::from_static(b"PNG22")]
+        );
         // Sizes that do not add up to the binary part are refused.
-        assert!(image_bytes(&r, &binary[..binary.len() - 1]).is_err());
+        assert!(images(r.clone(), &binary[..binary.len() - 1]).is_err());
         let mut longer = binary.clone();
         longer.push(0);
-        assert!(image_bytes(&r, &longer).is_err());
+        assert!(images(r, &longer).is_err());
     }
 
     #[test]
     fn binary_bytes_elements_must_be_length_prefixed() {
         assert_eq!(
-            single_bytes_element("x", &bytes_element(b"ab")).unwrap(),
-            &b"ab"[..]
+            bytes_elements("x", &bytes_element(b"ab"), 1).unwrap(),
+            vec![Bytes::from_static(b"ab")]
         );
         assert_eq!(
-            single_bytes_element("x", &bytes_element(b"")).unwrap(),
-            &b""[..]
+            bytes_elements("x", &bytes_element(b""), 1).unwrap(),
+            vec![Bytes::new()]
         );
         for bad in [
             &b""[..],
@@ -724,11 +842,13 @@ mod tests {
             &b"\x02\0\0\0a"[..],
             &b"\x01\0\0\0ab"[..],
         ] {
-            assert!(single_bytes_element("x", bad).is_err(), "{bad:?}");
+            assert!(bytes_elements("x", bad, 1).is_err(), "{bad:?}");
         }
         let mut two = bytes_element(b"a");
         two.extend_from_slice(&bytes_element(b"b"));
-        assert!(single_bytes_element("x", &two).is_err());
+        assert!(bytes_elements("x", &two, 1).is_err());
+        assert_eq!(bytes_elements("x", &two, 2).unwrap().len(), 2);
+        assert!(bytes_elements("x", &two, 3).is_err());
     }
 
     #[test]
@@ -748,20 +868,54 @@ mod tests {
     }
 
     #[test]
-    fn wrong_inputs_are_refused() {
-        for input in [
-            json!({"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}),
-            json!({"name": "image", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}),
-            json!({"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["a"]}),
-            json!({"name": "image", "shape": [1], "datatype": "BYTES", "data": [1]}),
-            json!({"name": "image", "shape": [1], "datatype": "BYTES"}),
-            json!({"name": "image", "shape": [1], "datatype": "BYTES",
-                   "parameters": {"binary_data_size": -3}}),
+    fn inputs_are_refused_as_triton_refuses_them() {
+        let image = |name: &str, shape: Value| json!({"name": name, "shape": shape, "datatype": "BYTES", "data": ["a"]});
+        for (inputs, says) in [
+            (
+                json!([image("nonsense_name", json!([1]))]),
+                "unexpected inference input \"nonsense_name\"",
+            ),
+            (
+                json!([image("image", json!([1])), image("extra", json!([1]))]),
+                "unexpected inference input \"extra\"",
+            ),
+            (
+                json!([image("image", json!([1])), image("image", json!([1]))]),
+                "specified 2 times",
+            ),
+            (json!([]), "expected 1 input but got 0"),
+            (json!([image("image", json!([]))]), "expected [N]"),
+            (json!([image("image", json!([1, 1]))]), "expected [N]"),
+            (json!([image("image", json!([0]))]), "expected [N]"),
+            (json!([image("image", json!([-1]))]), "expected [N]"),
+            (json!([image("image", json!([9]))]), "at most 8 images"),
+            (
+                json!([image("image", json!([2]))]),
+                "shape [2] but 1 element",
+            ),
+            (
+                json!([{"name": "image", "shape": [1], "datatype": "FP32", "data": ["a"]}]),
+                "datatype FP32",
+            ),
+            (
+                json!([{"name": "image", "shape": [1], "datatype": "BYTES"}]),
+                "neither data",
+            ),
         ] {
-            let r = request(json!({ "inputs": [input] }));
-            assert!(image_bytes(&r, &[]).is_err());
+            let err = images(json!({ "inputs": inputs }), &[]).unwrap_err();
+            assert!(err.to_string().contains(says), "{inputs}: {err}");
         }
-        assert!(image_bytes(&request(json!({"inputs": []})), &[]).is_err());
+        // Values of the wrong kind are refused while parsing.
+        for body in [
+            json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [1]}]}),
+            json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                   "parameters": {"binary_data_size": -3}}]}),
+            json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["a"],
+                   "parameters": {"x": [1, 2]}}]}),
+        ] {
+            let parsed = serde_json::to_vec(&body).unwrap();
+            assert!(request_images(&parsed).is_err(), "{body}");
+        }
     }
 
     #[test]
@@ -773,6 +927,31 @@ mod tests {
         );
         assert!(wanted_outputs(["logits"]).is_err());
         assert!(wanted_outputs(["score", "score"]).is_err());
+    }
+
+    #[test]
+    fn batch_outputs_stack_per_image_answers() {
+        let one = |score: f32, side: usize| {
+            vec![
+                OutputTensor {
+                    name: OUTPUT_SCORE,
+                    shape: vec![1],
+                    data: TensorData::Fp32(vec![score]),
+                },
+                OutputTensor {
+                    name: OUTPUT_ANOMALY_MAP,
+                    shape: vec![side, side],
+                    data: TensorData::Fp32(vec![score; side * side]),
+                },
+            ]
+        };
+        let single = batch_outputs(vec![one(0.1, 2)]).unwrap();
+        assert_eq!(single[1].shape, vec![2, 2]);
+        let two = batch_outputs(vec![one(0.1, 2), one(0.9, 2)]).unwrap();
+        assert_eq!(two[0].shape, vec![2]);
+        assert_eq!(two[0].data, TensorData::Fp32(vec![0.1, 0.9]));
+        assert_eq!(two[1].shape, vec![2, 2, 2]);
+        assert!(batch_outputs(vec![one(0.1, 2), one(0.9, 3)]).is_err());
     }
 
     #[test]

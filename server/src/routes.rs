@@ -22,16 +22,16 @@ use flawscope_core::prompt_layer::DefectCheck;
 use crate::answer::ask_answer;
 use crate::error::ApiError;
 use crate::extract::{PathModel, ScoringUpload, Started, UploadForm};
-use crate::inference::{Extras, ScoreResponse, blocking, inspect, scored};
+use crate::inference::{Extras, ScoreResponse, blocking, inference_error, inspect, scored};
 use crate::oip;
 use crate::question;
 use crate::results_store::RecentResult;
+use crate::site;
 use crate::state::{AppState, ZeroShot, ZeroShotScorer, bearer};
 use crate::upload::{MAX_PROMPTS, RawBody, Upload};
 use crate::web;
 
-/// Routes open without a token.
-pub const HEALTH_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"];
+pub use crate::site::HEALTH_ROUTES;
 
 /// The whole service.
 pub fn app(state: AppState) -> Router {
@@ -67,6 +67,7 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), timeout))
         .layer(from_fn_with_state(state.clone(), authenticate))
+        .layer(from_fn_with_state(state.clone(), site::guard))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(oip::v2_errors))
         .layer(from_fn_with_state(state.clone(), track))
@@ -186,8 +187,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
         ),
         (
             "flawscope_request_bodies_held",
-            "Requests holding a body (being read, decoded, queued or scored).",
+            "Requests holding a whole body (being decoded, queued or scored).",
             state.buffered() as f64,
+        ),
+        (
+            "flawscope_request_body_bytes",
+            "Bytes of request bodies held, counted as they arrive.",
+            state.body_bytes_held() as f64,
         ),
     ]);
     (
@@ -312,6 +318,7 @@ async fn score(
 ) -> Result<Json<ScoreResponse>, ApiError> {
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body: ScoreForm { asked, hash },
         image,
     } = upload;
@@ -448,6 +455,8 @@ impl AskStyle {
 /// and `style`.
 struct AskForm {
     question: String,
+    /// The defect phrases read from the question, at most [`MAX_PROMPTS`].
+    asked: Vec<String>,
     /// The model chosen ([`choose_model`]), and its name.
     name: String,
     model: Arc<Model>,
@@ -469,10 +478,23 @@ impl UploadForm for AskForm {
                 ),
             ));
         }
+        // The same bound as the score route's fields: each phrase costs a
+        // text-layer pass (842 phrases from 4 KB of text held a slot 48 s).
+        let asked = question::defect_phrases(&question);
+        if asked.len() > MAX_PROMPTS {
+            return Err(ApiError::bad_request(
+                "too_many_prompts",
+                format!(
+                    "the question names {} defects; ask about at most {MAX_PROMPTS} at once",
+                    asked.len()
+                ),
+            ));
+        }
         let name = choose_model(state, upload.text("model"), &question)?;
         let model = state.model(&name)?;
         Ok(Self {
             question,
+            asked,
             name,
             model,
         })
@@ -548,19 +570,23 @@ async fn answer_question(
     style: &mut AskStyle,
 ) -> Result<Response, ApiError> {
     let extras = score_extras(Query::try_from_uri(request.uri()))?;
-    let _permit = state.body_permit()?;
-    let mut upload =
-        crate::upload::read_upload(state, request, AskForm::RAW, AskForm::FIELDS).await?;
+    // As every scoring route: the body read first, its bytes counted as they
+    // come, then a body permit, then room for the decoded image.
+    let (request, meter) = state.meter(request);
+    let mut upload = crate::upload::read_upload(state, request, AskForm::RAW, AskForm::FIELDS)
+        .await
+        .map_err(|e| meter.explain(e))?;
+    let _permit = state.body_permit(Some(&meter))?;
     *style = AskStyle::parse(upload.text("style"))?;
     let AskForm {
         question,
+        asked,
         name,
         model,
     } = AskForm::parse(&upload, state)?;
     let bytes = upload.require_image()?;
-    let image = crate::inference::decode(state, bytes).await?;
+    let (image, _pixels) = crate::inference::decode(state, bytes).await?;
     let slot = state.slot().await?;
-    let asked = question::defect_phrases(&question);
     let scored = inspect(model, image, extras, asked.clone(), slot).await?;
     let inspection = &scored.inspection;
     let note = match (&inspection.defects_unchecked, asked.is_empty()) {
@@ -675,6 +701,7 @@ async fn zero_shot(
     };
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body: ZeroShotForm { object, prompts },
         image,
     } = upload;
@@ -684,7 +711,7 @@ async fn zero_shot(
         blocking(slot, move || {
             let inspection = engine
                 .inspect(&image, &object, &prompts)
-                .map_err(|e| ApiError::from_core(&e))?;
+                .map_err(inference_error)?;
             scored(&image, inspection, extras)
         })
         .await?

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flawscope_core::images::ImageLimits;
@@ -21,6 +21,18 @@ use crate::results_store::{ResultsStore, SharedResults};
 /// Default queue length per inference slot (the queue wait bounds the
 /// time a request can spend in it anyway).
 const QUEUE_PER_SLOT: usize = 16;
+
+/// Memory of the process without requests, in MiB (a model, the network
+/// runtime, the allocator's reserve; measured at about 100 MiB).
+pub const MEMORY_BASE_MIB: usize = 256;
+/// Memory of one request at the default pixel budget (40 MP), in MiB:
+/// the decoded image and what scoring it takes (measured at 0.8 GiB for a
+/// 6 300 × 6 300 16-bit RGBA PNG).
+pub const MEMORY_PER_SLOT_MIB: usize = 1024;
+
+/// Default cap on open HTTP connections (`serve` lowers it to fit the
+/// process's descriptor limit).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Limits of the service.
 #[derive(Debug, Clone)]
@@ -41,6 +53,17 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// Pixel budget, checked from the image header before decoding.
     pub image_limits: ImageLimits,
+    /// HTTP connections open at once; past it new ones wait in the
+    /// kernel's backlog until one closes.
+    pub max_connections: usize,
+    /// Longest wait for a request's headers, from when the connection opens
+    /// or its last answer went out (so also the idle keep-alive timeout);
+    /// the connection is closed after it.
+    pub header_timeout: Duration,
+    /// Host names served besides IP addresses and `localhost`
+    /// (`--allow-host`; `*.domain` for a domain's names, `*` for any); see
+    /// [`crate::site`].
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -53,14 +76,49 @@ impl ServerConfig {
         }
     }
 
-    /// Requests that may hold a body (being read, decoded, queued or scored)
-    /// at once; beyond that a request is refused with 503 before its body
-    /// is read. Twice what the slots and the queue can admit, so uploads in
-    /// progress do not crowd out the admitted ones.
+    /// Requests that may hold a whole body (being decoded, queued or
+    /// scored) at once; beyond that a request is refused with 503 when its
+    /// body has arrived. Twice what the slots and the queue can admit.
     pub fn max_buffered(&self) -> usize {
         self.max_concurrent
             .saturating_add(self.max_queued)
             .saturating_mul(2)
+    }
+
+    /// Pixels of decoded images held at once (decoding, queued or scored):
+    /// the pixel budget once per inference slot, so the slots at full
+    /// concurrency fit however many requests wait, and memory stays within
+    /// [`ServerConfig::memory_mib`]. A request waits for room within the
+    /// queue wait (503 after).
+    pub fn max_decoded_pixels(&self) -> usize {
+        usize::try_from(self.image_limits.max_pixels)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(self.max_concurrent)
+            .min(Semaphore::MAX_PERMITS)
+    }
+
+    /// The memory, in MiB, this configuration needs at full concurrency
+    /// with the largest allowed image in every slot: [`MEMORY_BASE_MIB`]
+    /// (the process, a model, the runtime) + [`MEMORY_PER_SLOT_MIB`] per
+    /// slot (one image at the 40 MP budget, decoded and scored; measured
+    /// at 0.8 GiB) + the request bytes held ([`Self::max_body_bytes`]).
+    /// The shipped KServe runtime's memory limit is set by it.
+    pub fn memory_mib(&self) -> usize {
+        let per_slot = MEMORY_PER_SLOT_MIB as f64 * self.image_limits.max_pixels as f64
+            / flawscope_core::images::DEFAULT_MAX_PIXELS as f64;
+        MEMORY_BASE_MIB
+            + (per_slot.ceil() as usize).saturating_mul(self.max_concurrent)
+            + self.max_body_bytes().div_ceil(1 << 20)
+    }
+
+    /// Bytes of request bodies held at once, counted as they arrive: the
+    /// body limit times (slots + 4). A body that would take the total past
+    /// it is refused with 503; a stalled upload holds only the bytes it
+    /// sent, so stalled uploads cannot lock the others out.
+    pub fn max_body_bytes(&self) -> usize {
+        self.body_limit
+            .saturating_mul(self.max_concurrent.saturating_add(4))
+            .min(Semaphore::MAX_PERMITS)
     }
 }
 
@@ -76,6 +134,9 @@ impl Default for ServerConfig {
             body_timeout: Duration::from_secs(10),
             body_limit: 20 * 1024 * 1024,
             image_limits: ImageLimits::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: Duration::from_secs(10),
+            allowed_hosts: Vec::new(),
         }
         .with_slots(slots)
     }
@@ -178,6 +239,12 @@ pub struct AppState {
     slots: Arc<Semaphore>,
     /// Bounds the request bodies held at once ([`ServerConfig::max_buffered`]).
     bodies: Arc<Semaphore>,
+    /// Bounds the bytes of bodies held, as they arrive
+    /// ([`ServerConfig::max_body_bytes`]).
+    body_bytes: Arc<Semaphore>,
+    /// Bounds the pixels of images decoded and held at once
+    /// ([`ServerConfig::max_decoded_pixels`]).
+    pixels: Arc<Semaphore>,
     /// Decodes uploads before they wait for a slot. Its own few threads,
     /// not Tokio's blocking pool: inference then stays on few threads and so
     /// in few allocator arenas (sharing the pool doubled the benchmark's RSS).
@@ -197,8 +264,40 @@ pub struct AppState {
 pub struct Slot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
 /// Leave to hold one request body (and the image decoded from it) until
-/// dropped.
-pub(crate) struct BodyPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+/// dropped, with the body's bytes.
+pub(crate) struct BodyPermit {
+    #[allow(dead_code)]
+    body: OwnedSemaphorePermit,
+    #[allow(dead_code)]
+    bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// Room for one decoded image, held until the answer is ready.
+pub(crate) struct PixelPermit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+/// Counts a request body's bytes against [`ServerConfig::max_body_bytes`]
+/// as they arrive ([`AppState::meter`]).
+pub(crate) struct Meter {
+    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    exhausted: Arc<AtomicBool>,
+}
+
+impl Meter {
+    /// A reading error as the client's answer: 503 when the byte budget
+    /// ran out (the body stream failed for that), else `err`.
+    pub(crate) fn explain(&self, err: ApiError) -> ApiError {
+        if self.exhausted.load(Ordering::SeqCst) {
+            ApiError::Overloaded
+        } else {
+            err
+        }
+    }
+
+    /// The bytes counted so far, to hold as long as the body.
+    fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.held.lock().ok().and_then(|mut held| held.take())
+    }
+}
 
 impl AppState {
     /// State serving `models` under their names.
@@ -211,6 +310,11 @@ impl AppState {
         if config.timeout.is_zero() || config.body_timeout.is_zero() {
             return Err(ServerError::InvalidConfig(
                 "the request and body timeouts must be positive".into(),
+            ));
+        }
+        if config.max_connections == 0 || config.header_timeout.is_zero() {
+            return Err(ServerError::InvalidConfig(
+                "the connection cap and the header timeout must be positive".into(),
             ));
         }
         if config.body_limit == 0 {
@@ -241,6 +345,8 @@ impl AppState {
             bodies: Arc::new(Semaphore::new(
                 config.max_buffered().min(Semaphore::MAX_PERMITS),
             )),
+            body_bytes: Arc::new(Semaphore::new(config.max_body_bytes())),
+            pixels: Arc::new(Semaphore::new(config.max_decoded_pixels())),
             queued: Arc::new(AtomicUsize::new(0)),
             config: Arc::new(config),
             token: None,
@@ -350,13 +456,76 @@ impl AppState {
         }
     }
 
-    /// Leave to read a request body, or 503 at once when
-    /// [`ServerConfig::max_buffered`] bodies are already held.
-    pub(crate) fn body_permit(&self) -> Result<BodyPermit, ApiError> {
+    /// Leave to hold a request body (with what `meter` counted of it), or
+    /// 503 at once when [`ServerConfig::max_buffered`] bodies are already
+    /// held.
+    pub(crate) fn body_permit(&self, meter: Option<&Meter>) -> Result<BodyPermit, ApiError> {
         Arc::clone(&self.bodies)
             .try_acquire_owned()
-            .map(BodyPermit)
+            .map(|body| BodyPermit {
+                body,
+                bytes: meter.and_then(Meter::take),
+            })
             .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// `request` with its body counted against
+    /// [`ServerConfig::max_body_bytes`] as it arrives: a chunk past the
+    /// budget fails the body (the meter then says 503).
+    pub(crate) fn meter(&self, request: axum::extract::Request) -> (axum::extract::Request, Meter) {
+        use futures_util::StreamExt as _;
+        let held = Arc::new(Mutex::new(None::<OwnedSemaphorePermit>));
+        let exhausted = Arc::new(AtomicBool::new(false));
+        let meter = Meter {
+            held: Arc::clone(&held),
+            exhausted: Arc::clone(&exhausted),
+        };
+        let budget = Arc::clone(&self.body_bytes);
+        let request = request.map(|body| {
+            axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+                let chunk = chunk?;
+                let size = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+                match Arc::clone(&budget).try_acquire_many_owned(size) {
+                    Ok(permit) => {
+                        if let Ok(mut held) = held.lock() {
+                            match held.as_mut() {
+                                Some(all) => all.merge(permit),
+                                None => *held = Some(permit),
+                            }
+                        }
+                        Ok(chunk)
+                    }
+                    Err(_) => {
+                        exhausted.store(true, Ordering::SeqCst);
+                        Err(axum::Error::new(std::io::Error::other(
+                            "the server holds as many request bytes as it may",
+                        )))
+                    }
+                }
+            }))
+        });
+        (request, meter)
+    }
+
+    /// Room for a decoded image of `pixels` pixels, waiting at most the
+    /// queue wait; 503 after.
+    pub(crate) async fn pixel_permit(&self, pixels: u64) -> Result<PixelPermit, ApiError> {
+        let pixels = u32::try_from(pixels).unwrap_or(u32::MAX);
+        let room = Arc::clone(&self.pixels);
+        if let Ok(permit) = Arc::clone(&room).try_acquire_many_owned(pixels) {
+            return Ok(PixelPermit(Some(permit)));
+        }
+        match tokio::time::timeout(self.config.queue_wait, room.acquire_many_owned(pixels)).await {
+            Ok(Ok(permit)) => Ok(PixelPermit(Some(permit))),
+            _ => Err(ApiError::Overloaded),
+        }
+    }
+
+    /// Bytes of request bodies held now (arrived and not yet answered).
+    pub fn body_bytes_held(&self) -> usize {
+        self.config
+            .max_body_bytes()
+            .saturating_sub(self.body_bytes.available_permits())
     }
 
     /// The threads that decode uploads.

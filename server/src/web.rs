@@ -247,6 +247,7 @@ async fn decide_upload(
 ) -> Result<Json<DecisionResponse>, ApiError> {
     let ScoringUpload {
         permit: _body,
+        pixels: _pixels,
         body:
             DecisionForm {
                 model,

@@ -1325,25 +1325,132 @@ async fn an_upload_slower_than_the_body_timeout_gets_408() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// A connection that sends the head of a 1000-byte upload and 10 body
+/// bytes, then nothing.
+async fn stalled_upload(addr: std::net::SocketAddr, uri: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = post_head(uri, "Content-Length: 1000\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[b'x'; 10]).await.unwrap();
+    stream
+}
+
+/// `GET path` on a fresh connection: status and time taken.
+async fn get_timed(addr: std::net::SocketAddr, path: &str) -> (u16, Duration) {
+    use tokio::io::AsyncWriteExt;
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (status, _) = read_response(&mut stream).await;
+    (status, started.elapsed())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bodies_held_at_once_are_bounded() {
-    // One slot, no queue: two bodies at once.
+async fn idle_sockets_and_stalled_uploads_leave_health_and_scoring_on_the_air() {
+    use tokio::io::AsyncReadExt;
+    // Client and server sockets share this process's descriptors.
+    let _ = rlimit::increase_nofile_limit(4096);
+    // The reporter's setting: 2 slots, so 68 body permits; 70 stalled
+    // uploads took them all and everyone else got 503 for 10 s.
+    let state = state_with(
+        &["cells"],
+        ServerConfig {
+            header_timeout: Duration::from_secs(3),
+            ..config().with_slots(2)
+        },
+    );
+    assert_eq!(state.config().max_buffered(), 68);
+    let addr = serve_on_loopback(state.clone()).await;
+    let uri = "/v1/models/cells/score";
+    let png = good_png();
+    exchange(addr, uri, &png).await;
+    let (_, _, normal) = exchange(addr, uri, &png).await;
+
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut stalled = Vec::new();
+    for _ in 0..70 {
+        stalled.push(stalled_upload(addr, uri).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut worst_health = Duration::ZERO;
+    for _ in 0..5 {
+        let (status, took) = get_timed(addr, "/healthz").await;
+        assert_eq!(status, 200);
+        worst_health = worst_health.max(took);
+    }
+    let (status, v, took) = exchange(addr, uri, &png).await;
+    eprintln!(
+        "300 idle + 70 stalled: /healthz worst of 5 {worst_health:?}, score {took:?} \
+         (unloaded {normal:?})"
+    );
+    assert!(worst_health < Duration::from_secs(1), "{worst_health:?}");
+    assert_eq!(status, 200, "{v}");
+    check_result(&v);
+    assert!(
+        took < Duration::from_secs(1) + normal,
+        "score took {took:?}"
+    );
+    // The stalled uploads hold no body permit: only their bytes.
+    assert_eq!(state.buffered(), 0);
+    assert!(
+        state.body_bytes_held() <= 70 * 10,
+        "{}",
+        state.body_bytes_held()
+    );
+
+    // The header timeout closes the idle sockets (and idle keep-alive).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut closed = 0;
+    for socket in idle.iter_mut().take(20) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut byte)).await;
+        if matches!(read, Ok(Ok(0) | Err(_))) {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, 20,
+        "idle sockets still open past the header timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn body_bytes_held_at_once_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    // One slot: room for 256 KiB × (1 + 4) of bodies at once.
     let state = state_with(
         &["cells"],
         ServerConfig {
             max_queued: 0,
+            body_limit: 256 << 10,
             ..config().with_slots(1)
         },
     );
-    assert_eq!(state.config().max_buffered(), 2);
+    assert_eq!(state.config().max_body_bytes(), 5 * (256 << 10));
     let addr = serve_on_loopback(state.clone()).await;
     let uri = "/v1/models/cells/score";
-    let slow = [slow_upload(addr, uri), slow_upload(addr, uri)];
+    // Five uploads that send all but the last bytes, then stall.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = post_head(uri, &format!("Content-Length: {}\r\n", 256 << 10));
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream
+            .write_all(&vec![b'x'; (256 << 10) - 16])
+            .await
+            .unwrap();
+        held.push(stream);
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while state.buffered() < 2 {
+    while state.body_bytes_held() < 5 * ((256 << 10) - 16) - 64 * 1024 {
         assert!(
             std::time::Instant::now() < deadline,
-            "uploads never started"
+            "uploads never arrived"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1351,10 +1458,10 @@ async fn bodies_held_at_once_are_bounded() {
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "overloaded");
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    // Hanging up frees the bodies.
-    slow.iter().for_each(tokio::task::JoinHandle::abort);
-    while state.buffered() > 0 {
-        assert!(std::time::Instant::now() < deadline, "bodies never freed");
+    // Hanging up frees the bytes.
+    drop(held);
+    while state.body_bytes_held() > 0 {
+        assert!(std::time::Instant::now() < deadline, "bytes never freed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (status, v, _) = exchange(addr, uri, &good_png()).await;
@@ -1799,4 +1906,215 @@ async fn a_request_chooses_its_operating_point() {
             "{bad}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_zero_shot_prompt_too_long_for_clip_is_400_like_the_score_route() {
+    let app = app(state().with_zero_shot(tiny_runtime()));
+    let long = "crack ".repeat(683); // 4 098 bytes, far past CLIP's 77 tokens.
+    let long = &long[..4096];
+    let png = defect_png();
+    let reply = send(
+        app.clone(),
+        multipart(
+            "/v1/zero-shot",
+            &[
+                Part::File("image", &png),
+                Part::Text("object", "solar cell"),
+                Part::Text("prompt", long),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.json());
+    assert_eq!(reply.error_code(), "bad_prompt");
+}
+
+#[tokio::test]
+async fn ask_refuses_more_defects_than_the_score_route_takes() {
+    let app = app(state());
+    // The reporter's 4 KB of comma-separated text: 842 phrases before.
+    let text: String = (0..842).map(|i| format!("d{i},")).collect();
+    let text = &text[..text.len().min(4096)];
+    let png = good_png();
+    let ask = |text: &str| {
+        multipart(
+            "/v1/ask",
+            &[Part::File("image", &png), Part::Text("text", text)],
+        )
+    };
+    let reply = send(app.clone(), ask(text)).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.json());
+    assert_eq!(reply.error_code(), "too_many_prompts");
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 32"),
+        "{}",
+        reply.json()
+    );
+    // 32 is still a question.
+    let text: String = (0..32).map(|i| format!("defect{i},")).collect();
+    let reply = send(app, ask(&text)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    assert_eq!(reply.json()["defects_asked"].as_array().unwrap().len(), 32);
+}
+
+#[tokio::test]
+async fn a_cross_site_form_post_writes_no_decision_and_foreign_hosts_are_refused() {
+    use flawscope_results::store::Store;
+    use flawscope_server::{ResultsStore, StoredModel};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("results.sqlite");
+    let entry = StoredModel {
+        name: "models/cells.flawscope".into(),
+        identity: "sha256:0123".into(),
+    };
+    let results = ResultsStore::new(
+        Store::open(&db).unwrap(),
+        [("cells".to_owned(), entry)].into_iter().collect(),
+    );
+    let app = app(state().with_results(results));
+    let png = defect_png();
+    let with = |mut request: Request<Body>, headers: &[(&'static str, &'static str)]| {
+        for (k, v) in headers {
+            request.headers_mut().insert(*k, v.parse().unwrap());
+        }
+        request
+    };
+    // The reporter's request: a form posted by a page on another site.
+    for headers in [
+        &[
+            ("origin", "http://evil.example"),
+            ("sec-fetch-site", "cross-site"),
+            ("host", "127.0.0.1:8080"),
+        ][..],
+        &[
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:8080"),
+        ],
+        &[("sec-fetch-site", "same-site"), ("host", "127.0.0.1:8080")],
+        &[("origin", "null"), ("host", "localhost:8080")],
+        // DNS rebinding: the attacker's name resolved to this server.
+        &[
+            ("origin", "http://evil.example:8080"),
+            ("host", "evil.example:8080"),
+        ],
+    ] {
+        let reply = send(
+            app.clone(),
+            with(decision(&png, "cells", "d.png", "ng"), headers),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{headers:?}");
+        assert!(
+            ["cross_site", "host_not_allowed"].contains(&reply.error_code().as_str()),
+            "{headers:?}"
+        );
+    }
+    assert!(
+        Store::open_existing(&db)
+            .unwrap()
+            .all_results()
+            .unwrap()
+            .is_empty(),
+        "a refused write reached the store"
+    );
+    // A rebound name cannot read either; health stays open to any host.
+    let reply = send(
+        app.clone(),
+        with(get("/v1/models"), &[("host", "evil.example:8080")]),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.error_code(), "host_not_allowed");
+    let reply = send(
+        app.clone(),
+        with(get("/healthz"), &[("host", "evil.example:8080")]),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // The page's own write (same origin) and a program's (no Origin) pass.
+    for headers in [
+        &[
+            ("origin", "http://127.0.0.1:8080"),
+            ("sec-fetch-site", "same-origin"),
+            ("host", "127.0.0.1:8080"),
+        ][..],
+        &[("host", "localhost:8080")],
+    ] {
+        let reply = send(
+            app.clone(),
+            with(decision(&png, "cells", "d.png", "ng"), headers),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{headers:?}: {}",
+            reply.json()
+        );
+    }
+    // A configured name is served.
+    let allowed = state_with(
+        &["cells"],
+        ServerConfig {
+            allowed_hosts: vec!["inspect.factory.example".into()],
+            ..config()
+        },
+    );
+    let reply = send(
+        app_of(allowed),
+        with(
+            get("/v1/models"),
+            &[("host", "inspect.factory.example:8080")],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+fn app_of(state: AppState) -> Router {
+    app(state)
+}
+
+/// The work a timed-out request started stops at its next check: a model
+/// with a text layer asked about 32 defects gives up when told to, where
+/// the reporter's 842-defect question held its slot 48 s past its 504.
+#[tokio::test]
+async fn inspection_stops_between_defects_when_its_request_is_gone() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let runtime = tiny_runtime();
+    let train: Vec<PathBuf> = images_in("train/good").into_iter().take(12).collect();
+    let mut model = common::small_patchcore(12, 256, &runtime);
+    model
+        .add_prompt_layer(
+            &runtime,
+            "solar cell",
+            &train,
+            &flawscope_core::images::ImageLimits::default(),
+            &flawscope_core::progress::NoProgress,
+        )
+        .unwrap();
+    let image = flawscope_core::images::decode_image(
+        &defect_png(),
+        "d.png",
+        &flawscope_core::images::ImageLimits::default(),
+    )
+    .unwrap();
+    let point = model.operating_point(None).unwrap();
+    let defects: Vec<String> = (0..32).map(|i| format!("defect number {i}")).collect();
+    let stop = AtomicBool::new(false);
+    let whole = model
+        .inspect_until(&image, &point, &defects, &stop)
+        .unwrap();
+    assert_eq!(whole.defects.len(), 32);
+    stop.store(true, Ordering::SeqCst);
+    let stopped = model.inspect_until(&image, &point, &defects, &stop);
+    assert!(
+        matches!(stopped, Err(flawscope_core::Error::Cancelled)),
+        "{stopped:?}"
+    );
 }

@@ -700,3 +700,74 @@ async fn grpc_shares_models_token_slots_and_metrics() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_batch_of_four_is_answered_per_image_over_rest_and_grpc() {
+    let state = state_with(config());
+    let app = app(state.clone());
+    let files: Vec<Vec<u8>> = images_in("test/defect")
+        .iter()
+        .chain(images_in("test/good").iter())
+        .take(4)
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert_eq!(files.len(), 4);
+    let mut singles = Vec::new();
+    for file in &files {
+        singles.push(v1_score(&app, file).await["score"].as_f64().unwrap() as f32);
+    }
+    // REST, binary extension: shape [4], four length-prefixed elements.
+    let binary: Vec<u8> = files
+        .iter()
+        .flat_map(|f| [&(f.len() as u32).to_le_bytes()[..], f].concat())
+        .collect();
+    let mut body = serde_json::to_vec(&json!({
+        "inputs": [{"name": "image", "shape": [4], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": binary.len()}}],
+        "outputs": [{"name": "score", "parameters": {"binary_data": false}},
+                    {"name": "is_anomalous", "parameters": {"binary_data": false}},
+                    {"name": "anomaly_map", "parameters": {"binary_data": true}}],
+    }))
+    .unwrap();
+    let json_length = body.len();
+    body.extend_from_slice(&binary);
+    let reply = send(
+        &app,
+        post(
+            "/v2/models/cells/infer",
+            &[("inference-header-content-length", json_length.to_string())],
+            body,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let (answer, raw) = split_answer(&reply);
+    assert_eq!(answer["outputs"][0]["shape"], json!([4]));
+    let scores: Vec<f32> = answer["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(scores, singles);
+    assert_eq!(answer["outputs"][1]["shape"], json!([4]));
+    assert_eq!(answer["outputs"][2]["shape"], json!([4, 300, 300]));
+    assert_eq!(raw[0].1.len(), 4 * 300 * 300 * 4);
+
+    // gRPC: the same four in raw_input_contents.
+    let url = grpc_server(state).await;
+    let mut client = GrpcInferenceServiceClient::connect(url).await.unwrap();
+    let mut request = infer_request("cells", &files[0]);
+    request.inputs[0].shape = vec![4];
+    request.raw_input_contents = vec![binary];
+    let answer = client.model_infer(request).await.unwrap().into_inner();
+    assert_eq!(answer.outputs[0].shape, [4]);
+    assert_eq!(f32s(&answer.raw_output_contents[0]), singles);
+    assert_eq!(answer.outputs[2].shape, [4, 300, 300]);
+    // Nine is past the stated maximum.
+    let mut request = infer_request("cells", &files[0]);
+    request.inputs[0].shape = vec![9];
+    let status = client.model_infer(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("at most 8"), "{status:?}");
+}

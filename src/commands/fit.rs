@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use flawscope_core::calibration::ThresholdMethod;
 use flawscope_core::dataset::scan_image_folder;
+use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::{FitOptions, Model};
+use rayon::prelude::*;
 
 use super::clip::{ClipArgs, setup_error};
 use super::options::{DetectorArgs, DeviceChoice, TileArgs, parse_rate};
@@ -67,11 +69,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         None
     };
     let runtime = args.clip.runtime(args.device.device()?)?;
+    let limits = FitOptions::default().limits;
     let normal = scan_image_folder(&args.train)
         .with_context(|| format!("reading training images in {}", args.train.display()))?;
+    let normal = readable(normal, "training", &limits)?;
     let anomalies = match &args.anomalies {
-        Some(dir) => scan_image_folder(dir)
-            .with_context(|| format!("reading anomalous images in {}", dir.display()))?,
+        Some(dir) => readable(
+            scan_image_folder(dir)
+                .with_context(|| format!("reading anomalous images in {}", dir.display()))?,
+            "anomalous",
+            &limits,
+        )?,
         None => Vec::new(),
     };
     let options = FitOptions {
@@ -81,7 +89,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         anomalies,
         tile: args.tile.choice(),
         max_mar: args.max_mar,
-        ..FitOptions::default()
+        limits,
     };
     let started = std::time::Instant::now();
     let mut model = Model::fit(&normal, &options, &runtime, &Bars::new(false))
@@ -161,4 +169,42 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         eprintln!("warning: {warning}");
     }
     Ok(Outcome::Success)
+}
+
+/// The images of `files` that decode; each one that does not is named in a
+/// warning and left out, with a count at the end. An error only when none
+/// is left (too few for the detector is the detector's error, said next).
+/// Decoding every file once up front costs a fraction of fitting, and
+/// one bad file no longer throws away the whole run.
+fn readable(files: Vec<PathBuf>, kind: &str, limits: &ImageLimits) -> anyhow::Result<Vec<PathBuf>> {
+    let all = files.len();
+    let checked: Vec<(PathBuf, Option<String>)> = files
+        .into_par_iter()
+        .map(|path| {
+            let problem = load_image(&path, limits).err().map(|e| e.to_string());
+            (path, problem)
+        })
+        .collect();
+    let mut kept = Vec::with_capacity(all);
+    let mut skipped = 0usize;
+    for (path, problem) in checked {
+        match problem {
+            None => kept.push(path),
+            Some(problem) => {
+                skipped += 1;
+                eprintln!("warning: skipping a {kind} image: {problem}");
+            }
+        }
+    }
+    if skipped > 0 {
+        eprintln!(
+            "warning: {skipped} of {all} {kind} images could not be read and are left out; \
+             fitting on the other {}",
+            kept.len()
+        );
+    }
+    if kept.is_empty() && all > 0 {
+        anyhow::bail!("none of the {all} {kind} images could be read (see the warnings above)");
+    }
+    Ok(kept)
 }

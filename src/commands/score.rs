@@ -17,7 +17,7 @@ use flawscope_core::progress::Progress;
 use flawscope_core::prompt_layer::DefectCheck;
 use flawscope_core::runtime::Runtime;
 use flawscope_results::scoring::{
-    BatchItem, BatchOptions, InspectorScorer, ScoreError, Scored, Scorer, run_batch,
+    BatchItem, BatchOptions, InspectorScorer, ScoreError, Scored, Scorer, run_batch, store_path,
 };
 use flawscope_results::shard::Shard;
 use flawscope_results::store::{Store, StoredResult, Verdict, file_hash, layered_model};
@@ -348,7 +348,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             }
             Err(err) => {
                 failures += 1;
-                bars.suspend(|| eprintln!("error: {err:#}"));
+                bars.suspend(|| eprintln!("error: {}", super::describe(&err)));
             }
         }
         bars.advance(1);
@@ -528,10 +528,12 @@ fn run_with_store(
 ) -> anyhow::Result<Outcome> {
     let store = Store::open(db)?;
     let files: Vec<PathBuf> = inputs.iter().map(|i| i.path.clone()).collect();
+    // Keyed as the batch names files (absolute): keyed by the paths as
+    // typed, a relative path found no heatmap and none was written.
     let heatmaps: Arc<HashMap<PathBuf, PathBuf>> = Arc::new(match &args.heatmaps {
         Some(dir) => inputs
             .iter()
-            .map(|i| (i.path.clone(), dir.join(&i.heatmap)))
+            .map(|i| (store_path(&i.path), dir.join(&i.heatmap)))
             .collect(),
         None => HashMap::new(),
     });
@@ -655,7 +657,7 @@ impl Scorer for StoreScorer {
         let (image, inspection) = self.scorer.inspect(path, bytes)?;
         if let Some(out) = self.heatmaps.get(path) {
             write_heatmap(out, &image, &inspection)
-                .map_err(|e| ScoreError::Other(format!("{e:#}")))?;
+                .map_err(|e| ScoreError::Other(super::describe(&e)))?;
         }
         self.scorer.scored(&image, &inspection)
     }

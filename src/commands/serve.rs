@@ -57,6 +57,16 @@ pub struct Args {
     /// Largest request body, in MB.
     #[arg(long, default_value_t = 20)]
     pub body_limit_mb: usize,
+    /// HTTP connections open at once; more wait until one closes (lowered
+    /// to fit the process's descriptor limit, which is raised to its hard
+    /// limit first).
+    #[arg(long, default_value_t = flawscope_server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Longest wait, in seconds, for a request's headers, from when a
+    /// connection opens or its last answer went out (also the idle
+    /// keep-alive timeout); the connection is closed after it.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_secs: u64,
     /// CLIP checkpoint folder for /v1/zero-shot and WinCLIP model files
     /// (also FLAWSCOPE_CLIP_WEIGHTS). Without either, /v1/zero-shot answers
     /// 503 unless --clip-model is given (then the Hugging Face cache is used).
@@ -69,6 +79,12 @@ pub struct Args {
     /// Where the networks run.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Also accept requests for this host name (repeatable; `*.DOMAIN` for
+    /// a domain's names, `*` for any). IP addresses and localhost are always
+    /// accepted; other names are refused with 403, so a rebound DNS name
+    /// cannot reach the service from a browser.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_hosts: Vec<String>,
     /// Results database (the one `flawscope tui` and `score --db` use) where
     /// the web page's OK / NG decisions are recorded; without it the page
     /// shows results but cannot record decisions.
@@ -101,6 +117,32 @@ fn results_store(
     Ok(ResultsStore::new(store, entries))
 }
 
+/// Descriptors kept for everything but HTTP connections: model and weight
+/// files, the gRPC listener and its connections, logs, the results store.
+const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// `wanted` HTTP connections, fewer when the descriptor limit (raised to
+/// its hard limit first) leaves less room: at the limit, accepting fails
+/// and `/healthz` goes unanswered, which the cap avoids by waiting instead.
+fn connection_cap(wanted: usize) -> usize {
+    let limit = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft));
+    match limit {
+        Ok(limit) => {
+            let room = usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS).max(16))
+                .unwrap_or(usize::MAX);
+            if room < wanted {
+                tracing::warn!(
+                    "the descriptor limit ({limit}) leaves room for {room} connections; \
+                     --max-connections {wanted} lowered to {room}"
+                );
+            }
+            wanted.min(room)
+        }
+        Err(_) => wanted,
+    }
+}
+
 fn usage_or_failure(err: ServerError) -> anyhow::Error {
     match err {
         ServerError::Model { .. } => anyhow::Error::new(err),
@@ -131,10 +173,19 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if !(1..=1024).contains(&args.body_limit_mb) {
         return Err(UsageError("--body-limit-mb must be between 1 and 1024".into()).into());
     }
+    if !(1..=3600).contains(&args.header_timeout_secs) {
+        return Err(UsageError("--header-timeout-secs must be between 1 and 3600".into()).into());
+    }
+    if !(1..=1_000_000).contains(&args.max_connections) {
+        return Err(UsageError("--max-connections must be between 1 and 1000000".into()).into());
+    }
     let mut config = ServerConfig {
+        max_connections: connection_cap(args.max_connections),
+        header_timeout: Duration::from_secs(args.header_timeout_secs),
         timeout: Duration::from_secs(args.timeout_secs),
         body_timeout: Duration::from_secs(args.body_timeout_secs),
         body_limit: args.body_limit_mb * 1024 * 1024,
+        allowed_hosts: args.allow_hosts.clone(),
         ..ServerConfig::default()
     };
     if let Some(n) = args.max_concurrent {
@@ -234,7 +285,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         stdout.flush()?;
         tracing::info!(
             "serving {} model(s) [{}] on http://{local}{}; {} inference slot(s), queue of {} \
-             (≤ {} s wait), {} s timeout, {} s body timeout, {} MB body limit{}",
+             (≤ {} s wait), {} s timeout, {} s body timeout, {} MB body limit, {} connections, \
+             {} s header timeout; needs up to {} MiB at full concurrency{}",
             names.len(),
             names.join(", "),
             grpc_local.map_or_else(String::new, |a| format!(" and grpc://{a}")),
@@ -244,6 +296,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             args.timeout_secs,
             args.body_timeout_secs,
             args.body_limit_mb,
+            config.max_connections,
+            args.header_timeout_secs,
+            config.memory_mib(),
             if state.token().is_some() {
                 ", bearer token required"
             } else {

@@ -212,3 +212,126 @@ fn repeated_causes_are_said_once() {
         }
     }
 }
+
+/// Whether any `": "`-separated part of a line (longer than a word) is
+/// said twice in it.
+fn doubled_parts(line: &str) -> Vec<String> {
+    line.split(": ")
+        .filter(|part| part.len() > 12 && line.matches(*part).count() > 1)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A PNG whose pixel data holds half its rows (IEND present).
+fn short_idat_png() -> PathBuf {
+    crate::cli::root().join("fuzz/regressions/decode/any_short_idat.png")
+}
+
+#[test]
+fn score_with_a_store_writes_heatmaps_for_relative_paths_and_says_each_error_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = small_model(tmp.path());
+    let cells = tmp.path().join("cells");
+    std::fs::create_dir_all(&cells).unwrap();
+    std::fs::copy(
+        demo_dir().join("test/good/cell0060.png"),
+        cells.join("a.png"),
+    )
+    .unwrap();
+    std::fs::copy(short_idat_png(), cells.join("b.png")).unwrap();
+    // Relative paths, as typed at a prompt: the store keeps them absolute.
+    let out = crate::cli::flawscope_command()
+        .current_dir(tmp.path())
+        .args([
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--db",
+            "results.sqlite",
+            "--heatmaps",
+            "maps",
+            "cells",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        tmp.path().join("maps/a_heatmap.png").is_file(),
+        "no heatmap written: {:?}\n{stderr}",
+        walk(tmp.path())
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("b.png"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(doubled_parts(line).is_empty(), "{line}");
+    // Without the store, the same: one message per cause.
+    let out = flawscope(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        cells.join("b.png").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert!(line.contains("b.png"), "{stderr}");
+    assert!(doubled_parts(line).is_empty(), "{line}");
+}
+
+#[test]
+fn fit_skips_unreadable_training_images_and_says_how_many() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train");
+    std::fs::create_dir_all(&train).unwrap();
+    let mut cells: Vec<PathBuf> = std::fs::read_dir(demo_dir().join("train/good"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    cells.sort();
+    for cell in &cells[..8] {
+        std::fs::copy(cell, train.join(cell.file_name().unwrap())).unwrap();
+    }
+    // Sorted first, so a fit that stops at the first bad image stops here.
+    std::fs::copy(short_idat_png(), train.join("0000_bad.png")).unwrap();
+    std::fs::write(train.join("0001_empty.png"), b"").unwrap();
+    let model = tmp.path().join("m.flawscope");
+    let out = flawscope(&[
+        "fit",
+        "--train",
+        train.to_str().unwrap(),
+        "--coarse-size",
+        "0",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(model.is_file());
+    assert!(stderr.contains("0000_bad.png"), "{stderr}");
+    assert!(stderr.contains("0001_empty.png"), "{stderr}");
+    assert!(
+        stderr.contains("2 of 10 training images could not be read"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("on 8 images"), "{stderr}");
+
+    // Nothing readable: a clear failure, no model.
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(short_idat_png(), bad.join("a.png")).unwrap();
+    let out = flawscope(&[
+        "fit",
+        "--train",
+        bad.to_str().unwrap(),
+        "--out",
+        tmp.path().join("n.flawscope").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("none of the 1 training images"), "{stderr}");
+    assert!(!tmp.path().join("n.flawscope").exists());
+}

@@ -5,6 +5,7 @@
 mod answers;
 mod backbone;
 mod cli;
+mod deploy;
 mod hostile;
 mod hostile_images;
 mod import_cycles;

@@ -17,7 +17,7 @@ use zune_jpeg::zune_core::options::DecoderOptions;
 pub(super) fn missing_end(format: ImageFormat, bytes: &[u8]) -> Option<&'static str> {
     match format {
         ImageFormat::Png => png_missing_end(bytes),
-        ImageFormat::Jpeg => jpeg_missing_end(bytes),
+        ImageFormat::Jpeg => jpeg_end(bytes).err(),
         ImageFormat::Bmp => bmp_missing_end(bytes),
         // TIFF has no end marker; its strips are read at stated offsets
         // and a short file fails there with an end-of-file error, which
@@ -68,9 +68,12 @@ fn png_missing_end(bytes: &[u8]) -> Option<&'static str> {
 
 /// JPEG: the marker segments, skipped by their lengths, and the
 /// entropy-coded data after each start-of-scan must reach an end-of-image
-/// marker. Skipping by length keeps the end marker of an embedded EXIF
-/// thumbnail from counting.
-fn jpeg_missing_end(bytes: &[u8]) -> Option<&'static str> {
+/// marker, whose offset is returned with whether a start-of-frame said
+/// progressive. Skipping by length keeps the end marker of an embedded EXIF
+/// thumbnail from counting. A malformed file (a length under 2) gives the
+/// file's length: the decoder says why.
+pub(super) fn jpeg_end(bytes: &[u8]) -> Result<JpegEnd, &'static str> {
+    let mut progressive = false;
     const CUT: &str = "the JPEG data ends before its end-of-image marker";
     let mut at = 2usize; // After SOI.
     loop {
@@ -82,24 +85,34 @@ fn jpeg_missing_end(bytes: &[u8]) -> Option<&'static str> {
             at += 1;
         }
         let Some(&marker) = bytes.get(at) else {
-            return Some(CUT);
+            return Err(CUT);
         };
         at += 1;
         match marker {
-            0xD9 => return None,
+            0xD9 => {
+                return Ok(JpegEnd {
+                    eoi: at - 2,
+                    progressive,
+                });
+            }
             // Markers without a length: TEM, SOI, RST0–7.
             0x01 | 0xD8 | 0xD0..=0xD7 => {}
             _ => {
                 let Some(length) = bytes.get(at..at + 2) else {
-                    return Some(CUT);
+                    return Err(CUT);
                 };
                 let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
                 if length < 2 {
-                    return None; // Malformed: the decoder says why.
+                    // Malformed: the decoder says why.
+                    return Ok(JpegEnd {
+                        eoi: bytes.len(),
+                        progressive,
+                    });
                 }
+                progressive |= matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE);
                 at += length;
                 if at > bytes.len() {
-                    return Some(CUT);
+                    return Err(CUT);
                 }
                 if marker == 0xDA {
                     // Entropy-coded data: 0xFF is followed by 0x00 (a
@@ -107,11 +120,11 @@ fn jpeg_missing_end(bytes: &[u8]) -> Option<&'static str> {
                     // else is the next marker.
                     loop {
                         let Some(&b) = bytes.get(at) else {
-                            return Some(CUT);
+                            return Err(CUT);
                         };
                         if b == 0xFF {
                             match bytes.get(at + 1) {
-                                None => return Some(CUT),
+                                None => return Err(CUT),
                                 Some(0x00 | 0xD0..=0xD7) => at += 2,
                                 Some(0xFF) => at += 1,
                                 Some(_) => break,
@@ -125,6 +138,18 @@ fn jpeg_missing_end(bytes: &[u8]) -> Option<&'static str> {
         }
     }
 }
+
+/// Where a JPEG's image ends.
+pub(super) struct JpegEnd {
+    /// Offset of the end-of-image marker.
+    eoi: usize,
+    /// Whether its frame is progressive (several scans over the image).
+    progressive: bool,
+}
+
+/// Zero bytes after the entropy data in place of the end marker: more than
+/// the decoder reads ahead (8 bytes), far fewer than a missing row needs.
+const ENTROPY_PADDING: usize = 16;
 
 /// BMP: uncompressed pixel rows must all be inside the file (the decoder
 /// itself reports a short read; this names it).
@@ -162,16 +187,41 @@ fn bmp_missing_end(bytes: &[u8]) -> Option<&'static str> {
 /// Decodes a JPEG as the `image` crate does (same decoder, same output
 /// colour types) but in strict mode, so entropy data that runs out before
 /// the last block is an error rather than grey filler.
+///
+/// The decoder treats an end marker inside the entropy data as the data's
+/// end and paints the rest: a file cut in half with `FF D9` appended was
+/// scored. So a sequential JPEG is decoded without its end marker, followed
+/// by [`ENTROPY_PADDING`] zero bytes: data cut short then runs out, which
+/// strict mode refuses. (A progressive file's scans need the marker; it
+/// keeps the lenient end.)
 pub(super) fn decode_jpeg_strictly(
     bytes: &[u8],
     width: u32,
     height: u32,
 ) -> Result<DynamicImage, image::ImageError> {
     let failed = |err: zune_jpeg::errors::DecodeErrors| {
+        use zune_jpeg::errors::DecodeErrors::{ExhaustedData, FormatStatic};
+        if matches!(&err, ExhaustedData)
+            || matches!(&err, FormatStatic(m) if m.starts_with("Premature"))
+        {
+            // Reported as truncation by `decode_failure`.
+            return image::ImageError::IoError(std::io::ErrorKind::UnexpectedEof.into());
+        }
         image::ImageError::Decoding(image::error::DecodingError::new(
             ImageFormat::Jpeg.into(),
             err,
         ))
+    };
+    let padded;
+    let bytes = match jpeg_end(bytes) {
+        Ok(JpegEnd {
+            eoi,
+            progressive: false,
+        }) if eoi < bytes.len() => {
+            padded = [&bytes[..eoi], &[0u8; ENTROPY_PADDING][..]].concat();
+            &padded[..]
+        }
+        _ => bytes,
     };
     let options = DecoderOptions::default()
         .set_strict_mode(true)
