@@ -319,22 +319,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_patch_no_other_image_has_stands_out() {
-        // Ten images of two patches each: (0, 0) and (1, 0) everywhere,
-        // except image 3, whose second patch is (0, 5).
+    /// Mutual scores of ten two-patch images, (0, 0) and (1, 0), where
+    /// `odd(i)` images have (0, 5) as their second patch instead.
+    fn scores_with_odd(odd: impl Fn(usize) -> bool) -> Vec<ScoreGrid> {
         let images: Vec<Patches> = (0..10)
             .map(|i| {
-                if i == 3 {
-                    patches(&[[0.0, 0.0], [0.0, 5.0]])
-                } else {
-                    patches(&[[0.0, 0.0], [1.0, 0.0]])
-                }
+                let second = if odd(i) { [0.0, 5.0] } else { [1.0, 0.0] };
+                patches(&[[0.0, 0.0], second])
             })
             .collect();
         let set: Vec<&Patches> = images.iter().collect();
         let runtime = Runtime::new(candle_core::Device::Cpu);
-        let grids = mutual_scores(&set, INTERVAL, &runtime, &crate::progress::NoProgress).unwrap();
+        mutual_scores(&set, INTERVAL, &runtime, &crate::progress::NoProgress).unwrap()
+    }
+
+    #[test]
+    fn a_patch_no_other_image_has_stands_out() {
+        // Ten images of two patches each: (0, 0) and (1, 0) everywhere,
+        // except image 3, whose second patch is (0, 5).
+        let grids = scores_with_odd(|i| i == 3);
         // Its nearest patch in every other image is (1, 0) or (0, 0):
         // distance √26 or 5; the smallest 3 of 9 are all 5.
         assert!(
@@ -357,18 +360,7 @@ mod tests {
     fn a_defect_shared_by_a_few_images_still_stands_out() {
         // The odd patch in 2 of 10 images: each finds its twin in one other
         // image, but the mean of the smallest 3 of 9 distances stays high.
-        let images: Vec<Patches> = (0..10)
-            .map(|i| {
-                if i < 2 {
-                    patches(&[[0.0, 0.0], [0.0, 5.0]])
-                } else {
-                    patches(&[[0.0, 0.0], [1.0, 0.0]])
-                }
-            })
-            .collect();
-        let set: Vec<&Patches> = images.iter().collect();
-        let runtime = Runtime::new(candle_core::Device::Cpu);
-        let grids = mutual_scores(&set, INTERVAL, &runtime, &crate::progress::NoProgress).unwrap();
+        let grids = scores_with_odd(|i| i < 2);
         assert!(
             (grids[0].values[1] - 10.0 / 3.0).abs() < 1e-4,
             "{:?}",

@@ -91,6 +91,31 @@ pub struct Scored {
     pub inspection: Option<String>,
 }
 
+impl Scored {
+    /// Files this score of the image at `path` (content `hash`) under
+    /// `model` (batch scoring and `flawscope watch`).
+    pub fn record(
+        &self,
+        store: &Store,
+        model: &ModelRef,
+        path: &Path,
+        hash: &str,
+    ) -> Result<StoredResult, StoreError> {
+        store.record_score(
+            model,
+            &NewScore {
+                path,
+                content_hash: hash,
+                score: self.score,
+                raw_score: self.raw_score,
+                threshold: self.threshold,
+                defects: &self.defects,
+                inspection: self.inspection.as_deref(),
+            },
+        )
+    }
+}
+
 /// Scores an image from its file bytes.
 pub trait Scorer: Sync {
     fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError>;
@@ -283,18 +308,7 @@ pub fn run_batch(
         }
         match scorer.score(&path, &bytes) {
             Ok(scored) => {
-                let row = store.record_score(
-                    model,
-                    &NewScore {
-                        path: &path,
-                        content_hash: &hash,
-                        score: scored.score,
-                        raw_score: scored.raw_score,
-                        threshold: scored.threshold,
-                        defects: &scored.defects,
-                        inspection: scored.inspection.as_deref(),
-                    },
-                )?;
+                let row = scored.record(store, model, &path, &hash)?;
                 summary.scored += 1;
                 on_item(BatchItem::Scored(row, scored.preview));
             }

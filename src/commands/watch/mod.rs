@@ -22,7 +22,7 @@ use flawscope_core::images::ImageLimits;
 use flawscope_core::operating_point::{OperatingPoint, Target};
 use flawscope_results::outbox::{NewMessage, idempotency_key};
 use flawscope_results::scoring::{InspectorScorer, Scorer, store_path};
-use flawscope_results::store::{ModelRef, NewScore, Store, Verdict, content_hash};
+use flawscope_results::store::{ModelRef, Store, Verdict, content_hash};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -497,18 +497,7 @@ impl Line {
             Some(row) if row.content_hash == hash => self.made_of(&row)?,
             _ => match self.scorer.score(&path, &bytes) {
                 Ok(scored) => {
-                    let row = self.store.record_score(
-                        &self.model,
-                        &NewScore {
-                            path: &path,
-                            content_hash: &hash,
-                            score: scored.score,
-                            raw_score: scored.raw_score,
-                            threshold: scored.threshold,
-                            defects: &scored.defects,
-                            inspection: scored.inspection.as_deref(),
-                        },
-                    )?;
+                    let row = scored.record(&self.store, &self.model, &path, &hash)?;
                     self.made_of(&row)?
                 }
                 Err(err) => failed(&path, &err.to_string()),
