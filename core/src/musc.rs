@@ -108,14 +108,7 @@ pub fn score_batch(
         .collect();
     progress.finish();
     let readable: Vec<usize> = (0..paths.len()).filter(|i| patches[*i].is_ok()).collect();
-    if readable.len() < MIN_BATCH {
-        return Err(Error::InvalidConfig(format!(
-            "mutual scoring needs at least {MIN_BATCH} readable images in the batch, got {} \
-             (of {})",
-            readable.len(),
-            paths.len()
-        )));
-    }
+    check_batch_size(readable.len(), paths.len())?;
     let total_patches: usize = readable
         .iter()
         .filter_map(|i| patches[*i].as_ref().ok())
@@ -159,6 +152,18 @@ pub fn score_batch(
             (Ok(_), None) => Err(Error::InvalidConfig("an image was left unscored".into())),
         })
         .collect())
+}
+
+/// Refuses a batch of fewer than [`MIN_BATCH`] readable images (`readable`
+/// of `given`); callers may check the count given before reading any.
+pub fn check_batch_size(readable: usize, given: usize) -> Result<(), Error> {
+    if readable < MIN_BATCH {
+        return Err(Error::InvalidConfig(format!(
+            "mutual scoring needs at least {MIN_BATCH} readable images in the batch, got \
+             {readable} (of {given})"
+        )));
+    }
+    Ok(())
 }
 
 fn patches_of(extractor: &FeatureExtractor, image: &Rgb32FImage) -> Result<Patches, Error> {

@@ -368,14 +368,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 /// printed in the order given.
 fn run_mutual(args: &Args, runtime: &Runtime) -> anyhow::Result<Outcome> {
     let inputs = inputs(&args.paths, args.recursive)?;
-    if inputs.len() < musc::MIN_BATCH {
-        return Err(UsageError(format!(
-            "mutual scoring needs at least {} readable images in the batch, got {}",
-            musc::MIN_BATCH,
-            inputs.len()
-        ))
-        .into());
-    }
+    // Too few images given is a usage error (exit 2), found before any is read.
+    musc::check_batch_size(inputs.len(), inputs.len()).map_err(|e| UsageError(e.to_string()))?;
     if let Some(dir) = &args.heatmaps {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating heatmap folder {}", dir.display()))?;
