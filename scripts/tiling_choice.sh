@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Automatic tiling against forced tiles and no tiles: image and pixel AUROC
+# Automatic tiling (whole image, tiles, or both) against forced tiles and no tiles: image and pixel AUROC
 # of PatchCore and PaDiM on the committed thin-line and parts sets and their
 # four-times-larger versions (built here from the committed generators), as
 # tab-separated rows: set, category, detector, tiling, image AUROC, pixel
@@ -34,10 +34,10 @@ path, dataset, category, detector, tiling, seconds = sys.argv[1:]
 report = json.load(open(path))
 c = report["categories"][0] if "categories" in report else report
 d = c.get("tiling_decision")
-why = "" if not d else "untiled %.3f / tiled %.3f -> %s" % (
-    (d["untiled"]["local"] + d["untiled"]["global"]) / 2,
-    (d["tiled"]["local"] + d["tiled"]["global"]) / 2,
-    "tiles" if d["tiled_chosen"] else "untiled")
+overall = lambda v: "-" if not v else "%.3f" % ((v["local"] + v["global"]) / 2)
+why = "" if not d else "untiled %s / tiled %s / both %s -> %s" % (
+    overall(d["untiled"]), overall(d["tiled"]), overall(d.get("both")),
+    "both" if d.get("whole_kept") else "tiles" if d["tiled_chosen"] else "untiled")
 print("\t".join([dataset.split("/")[-1], category, detector, tiling,
                  "%.3f" % c["image_auroc"], "%.3f" % (c.get("pixel_auroc") or float("nan")),
                  str(c.get("tile_side") or "-"), why, "%.0f" % float(seconds)]), flush=True)

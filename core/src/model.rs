@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
 use crate::calibration::{Calibration, CalibrationError, DECISION_THRESHOLD, ThresholdMethod};
-use crate::crossfit::score_out_of_fold;
+use crate::crossfit::{OutOfFold, score_out_of_fold};
 use crate::detector::{Detector, FitInputs, RawInspection};
 use crate::detectors::patchcore::PatchCoreConfig;
 use crate::detectors::{DetectorConfig, Fitted};
@@ -31,7 +31,7 @@ use crate::prompt_layer::{DefectCheck, PromptLayer, PromptLayerInfo};
 use crate::regions::{Region, area_above, hotspot, regions};
 use crate::runtime::Runtime;
 use crate::synthetic::{KindRate, MissedAlarmEstimate};
-use crate::tiling::{TileChoice, Tiling, TilingDecision, ViewSeparation};
+use crate::tiling::{Scale, TileChoice, Tiling, TilingDecision, View, ViewScales, ViewSeparation};
 use crate::verdict::{Verdict, flagged_by};
 use crate::winclip::config::WinClipConfig;
 
@@ -61,6 +61,10 @@ pub struct ModelInfo {
     /// against the whole image ([`crate::tiling::TilingDecision`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiling_decision: Option<TilingDecision>,
+    /// Set when the whole image is scored beside the tiles: how the two
+    /// views' raw scores are put on one scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole_view: Option<ViewScales>,
     /// Missed-alarm rates on synthetic defects at the threshold (absent for
     /// uncalibrated detectors and older files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,6 +116,9 @@ pub struct ModelSummary {
     /// Tile side when images are scored in tiles.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tile_side: Option<u32>,
+    /// The whole image is scored beside the tiles.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub whole_image_view: bool,
     /// Why automatic tiling tiled or not, when the fit weighed both.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tiling_decision: Option<TilingDecision>,
@@ -246,6 +253,8 @@ enum TextLayer {
 /// A loaded or freshly fitted model.
 pub struct Model {
     detector: Box<dyn Detector>,
+    /// The whole-image view scored beside the tiles ([`ModelInfo::whole_view`]).
+    whole: Option<Box<dyn Detector>>,
     info: ModelInfo,
     text: Option<TextLayer>,
 }
@@ -264,10 +273,11 @@ impl Model {
     /// request can move the threshold ([`Model::operating_point`]).
     ///
     /// With automatic tiling, images the size rule would tile
-    /// ([`TileChoice::resolve`]) are fitted both whole and in tiles, and the
+    /// ([`TileChoice::resolve`]) are fitted both whole and in tiles, and of
+    /// the whole image, the tiles, and both together ([`ViewScales`]), the
     /// view that tells the out-of-fold normal images from synthetic defects
-    /// (local and global ones) better is kept ([`TilingDecision`]): tiles
-    /// see thin local detail but lose the part as a whole. Under
+    /// (local and global ones) best is kept ([`TilingDecision`]): tiles see
+    /// thin local detail but lose the part as a whole. Under
     /// [`crate::tiling::AUTO_MIN_IMAGES`] normal images the size rule
     /// decides alone.
     pub fn fit(
@@ -281,42 +291,58 @@ impl Model {
             options.detector.input_side(options.features.as_ref()),
             &options.limits,
         )?;
-        let weigh = options.tile == TileChoice::Auto
-            && options.detector.is_calibrated()
-            && normal.len() >= crate::tiling::AUTO_MIN_IMAGES;
+        let weigh = options.detector.is_calibrated()
+            && match options.tile {
+                TileChoice::Auto => normal.len() >= crate::tiling::AUTO_MIN_IMAGES,
+                TileChoice::SideAndWhole(_) => true,
+                TileChoice::Off | TileChoice::Side(_) => false,
+            };
         let Some(tiles) = tiling.filter(|_| weigh) else {
-            return Self::fit_view(normal, options, tiling, runtime, progress);
+            return Ok(Self::fit_view(normal, options, tiling, runtime, progress)?.0);
         };
-        let untiled = Self::fit_view(normal, options, None, runtime, progress)?;
-        let tiled = Self::fit_view(normal, options, Some(tiles), runtime, progress)?;
-        let separation = |model: &Self| {
-            model
-                .info
-                .calibration_scores
-                .as_ref()
-                .and_then(|s| ViewSeparation::measure(&s.normal, &s.synthetic))
-        };
-        let (Some(a), Some(b)) = (separation(&untiled), separation(&tiled)) else {
+        let (untiled, untiled_out) = Self::fit_view(normal, options, None, runtime, progress)?;
+        let (tiled, tiled_out) = Self::fit_view(normal, options, Some(tiles), runtime, progress)?;
+        let (Some(untiled_out), Some(tiled_out)) = (untiled_out, tiled_out) else {
             return Ok(untiled);
         };
-        let decision = TilingDecision::new(tiles.side, a, b);
-        let mut chosen = if decision.tiled_chosen {
-            tiled
-        } else {
-            untiled
+        let separation = |out: &OutOfFold| ViewSeparation::measure(&out.normal, &out.synthetic);
+        let scales = ViewScales {
+            tiles: Scale::of(&tiled.info.calibration),
+            whole: Scale::of(&untiled.info.calibration),
         };
-        chosen.info.tiling_decision = Some(decision);
+        let both_out = scales.fuse_out(&tiled_out, &untiled_out);
+        let (view, decision) = match (
+            options.tile,
+            separation(&untiled_out),
+            separation(&tiled_out),
+        ) {
+            (TileChoice::SideAndWhole(_), ..) => (View::Both, None),
+            (_, Some(a), Some(b)) => {
+                let decision = TilingDecision::new(tiles.side, a, b, separation(&both_out));
+                (decision.view(), Some(decision))
+            }
+            _ => (View::Whole, None),
+        };
+        let mut chosen = match view {
+            View::Whole => untiled,
+            View::Tiles => tiled,
+            View::Both => {
+                Self::with_whole_view(tiled, untiled, scales, both_out, options, progress)?
+            }
+        };
+        chosen.info.tiling_decision = decision;
         Ok(chosen)
     }
 
-    /// [`Model::fit`] with the tiling settled.
+    /// [`Model::fit`] with the tiling settled, and the out-of-fold scores
+    /// its calibration rests on (for calibrated detectors).
     fn fit_view(
         normal: &[PathBuf],
         options: &FitOptions,
         tiling: Option<Tiling>,
         runtime: &Runtime,
         progress: &dyn Progress,
-    ) -> Result<Self, Error> {
+    ) -> Result<(Self, Option<OutOfFold>), Error> {
         let calibrated = options.detector.is_calibrated();
         let folds = if calibrated {
             Some(Folds::deal(normal, options.detector.calibration_folds())?)
@@ -337,53 +363,16 @@ impl Model {
             config,
             images_used,
         } = options.detector.fit(&inputs)?;
-        let (calibration, missed_alarms, calibration_scores) = match &folds {
+        let (calibration, missed_alarms, calibration_scores, out) = match &folds {
             Some(folds) => {
                 let out = score_out_of_fold(&options.detector, detector.as_ref(), &inputs, folds)?;
-                progress.start("calibration (anomalous)", options.anomalies.len() as u64);
-                let mut anomalous_scores = Vec::with_capacity(options.anomalies.len());
-                for path in &options.anomalies {
-                    let image = load_image(path, &options.limits)?;
-                    let raw = detector.inspect_tiled(tiling.as_ref(), &image)?;
-                    anomalous_scores.push(raw.score);
-                    progress.advance(1);
-                }
-                progress.finish();
-                let calibration = match options.max_mar {
-                    Some(max_mar) => {
-                        if !options.anomalies.is_empty() {
-                            return Err(Error::InvalidConfig(
-                                "a missed-alarm target and labelled anomalies cannot both set \
-                                 the threshold"
-                                    .into(),
-                            ));
-                        }
-                        let pooled: Vec<f32> = out
-                            .synthetic
-                            .iter()
-                            .flat_map(|(_, s)| s.iter().copied())
-                            .collect();
-                        Calibration::from_missed_alarm_target(&out.normal, &pooled, max_mar)?
-                    }
-                    None => Calibration::from_labelled_scores(
-                        &out.normal,
-                        &anomalous_scores,
-                        options.max_far,
-                    )?,
-                };
-                let missed =
-                    MissedAlarmEstimate::measure(&out.synthetic, |s| calibration.is_anomalous(s));
-                let scores = CalibrationScores {
-                    procedure: out.procedure,
-                    folds: out.folds,
-                    normal: kept(&out.normal),
-                    normal_images: out.normal.len(),
-                    synthetic: kept_synthetic(&out.synthetic),
-                    labelled: Vec::new(),
-                };
-                (calibration, Some(missed), Some(scores))
+                let anomalous = score_anomalies(options, progress, |image| {
+                    Ok(detector.inspect_tiled(tiling.as_ref(), image)?.score)
+                })?;
+                let (calibration, missed, scores) = calibrate(&out, &anomalous, options)?;
+                (calibration, Some(missed), Some(scores), Some(out))
             }
-            None => (Calibration::probability(), None, None),
+            None => (Calibration::probability(), None, None, None),
         };
         detector.forget_folds();
         let info = ModelInfo {
@@ -403,17 +392,52 @@ impl Model {
             memory_bank_size: detector.memory_bank_size(),
             tiling,
             tiling_decision: None,
+            whole_view: None,
             missed_alarms,
             calibration_scores,
             refitted_from: None,
             prompt_layer: None,
             written_by: format!("flawscope {}", env!("CARGO_PKG_VERSION")),
         };
-        Ok(Self {
-            detector,
-            info,
-            text: None,
-        })
+        Ok((
+            Self {
+                detector,
+                whole: None,
+                info,
+                text: None,
+            },
+            out,
+        ))
+    }
+
+    /// The tiled model `tiled` with the whole-image model `whole` scored
+    /// beside it ([`ViewScales`]), calibrated on the mean of the two views'
+    /// scaled out-of-fold scores of each image, `out` (both views scored
+    /// the same images and the same synthetic defects, so the fused scores
+    /// are as out of sample as each view's).
+    fn with_whole_view(
+        mut tiled: Self,
+        whole: Self,
+        scales: ViewScales,
+        out: OutOfFold,
+        options: &FitOptions,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
+        tiled.info.memory_bank_size =
+            match (tiled.info.memory_bank_size, whole.info.memory_bank_size) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+        tiled.whole = Some(whole.detector);
+        tiled.info.whole_view = Some(scales);
+        let anomalous = score_anomalies(options, progress, |image| {
+            Ok(tiled.inspect_raw(image)?.score)
+        })?;
+        let (calibration, missed, scores) = calibrate(&out, &anomalous, options)?;
+        tiled.info.calibration = calibration;
+        tiled.info.missed_alarms = Some(missed);
+        tiled.info.calibration_scores = Some(scores);
+        Ok(tiled)
     }
 
     /// Fits again, as this model was fitted, on its training images plus
@@ -452,9 +476,10 @@ impl Model {
                 ThresholdMethod::MissedAlarmTarget { max_mar } => Some(max_mar),
                 _ => None,
             },
-            tile: match self.info.tiling {
-                Some(t) => TileChoice::Side(t.side),
-                None => TileChoice::Off,
+            tile: match (self.info.tiling, &self.info.whole_view) {
+                (Some(t), Some(_)) => TileChoice::SideAndWhole(t.side),
+                (Some(t), None) => TileChoice::Side(t.side),
+                (None, _) => TileChoice::Off,
             },
             ..FitOptions::default()
         };
@@ -622,6 +647,14 @@ impl Model {
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
         let mut tensors = self.detector.tensors();
+        if let Some(whole) = &self.whole {
+            tensors.extend(
+                whole
+                    .tensors()
+                    .into_iter()
+                    .map(|(name, t)| (format!("{WHOLE_VIEW_PREFIX}{name}"), t)),
+            );
+        }
         match &self.text {
             Some(TextLayer::Ready(layer)) => tensors.extend(layer.tensors()),
             Some(TextLayer::Unavailable { tensors: kept, .. }) => {
@@ -702,6 +735,7 @@ impl Model {
                 .map(|m| m.per_kind.clone())
                 .unwrap_or_default(),
             tile_side: self.info.tiling.map(|t| t.side),
+            whole_image_view: self.info.whole_view.is_some(),
             tiling_decision: self.info.tiling_decision,
             training_images: self.info.training_images,
             memory_bank_size: self.info.memory_bank_size,
@@ -766,11 +800,32 @@ impl Model {
             }
             None => None,
         };
+        let whole = match info.whole_view {
+            Some(_) => {
+                let names: Vec<String> = tensors
+                    .keys()
+                    .filter(|k| k.starts_with(WHOLE_VIEW_PREFIX))
+                    .cloned()
+                    .collect();
+                let mut own = std::collections::HashMap::with_capacity(names.len());
+                for name in names {
+                    if let Some(t) = tensors.remove(&name) {
+                        own.insert(name[WHOLE_VIEW_PREFIX.len()..].to_owned(), t);
+                    }
+                }
+                Some(
+                    info.detector
+                        .load(info.features.as_ref(), &mut own, path, runtime)?,
+                )
+            }
+            None => None,
+        };
         let detector = info
             .detector
             .load(info.features.as_ref(), &mut tensors, path, runtime)?;
         Ok(Self {
             detector,
+            whole,
             info,
             text,
         })
@@ -778,8 +833,21 @@ impl Model {
 
     /// The raw score and map of one image, before calibration.
     pub fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
-        self.detector
-            .inspect_tiled(self.info.tiling.as_ref(), image)
+        let tiled = self
+            .detector
+            .inspect_tiled(self.info.tiling.as_ref(), image)?;
+        let (Some(whole), Some(scales)) = (&self.whole, &self.info.whole_view) else {
+            return Ok(tiled);
+        };
+        let whole = whole.inspect_raw(image)?;
+        let mut map = tiled.map;
+        for (t, w) in map.values.iter_mut().zip(&whole.map.values) {
+            *t = scales.fuse(*t, *w);
+        }
+        Ok(RawInspection {
+            score: scales.fuse(tiled.score, whole.score),
+            map,
+        })
     }
 
     /// Scores one image at the model's own threshold.
@@ -897,6 +965,62 @@ impl Inspection {
 
 /// Metadata of files written before WinCLIP became a detector like the
 /// others: its object, prompts, checkpoint and shots sat beside `detector`.
+/// Tensor names of the whole-image view kept beside tiles start with this.
+const WHOLE_VIEW_PREFIX: &str = "whole_view.";
+
+/// Raw scores of the labelled anomalies given to `fit`.
+fn score_anomalies(
+    options: &FitOptions,
+    progress: &dyn Progress,
+    score: impl Fn(&Rgb32FImage) -> Result<f32, Error>,
+) -> Result<Vec<f32>, Error> {
+    progress.start("calibration (anomalous)", options.anomalies.len() as u64);
+    let mut scores = Vec::with_capacity(options.anomalies.len());
+    for path in &options.anomalies {
+        let image = load_image(path, &options.limits)?;
+        scores.push(score(&image)?);
+        progress.advance(1);
+    }
+    progress.finish();
+    Ok(scores)
+}
+
+/// The threshold, the missed-alarm estimate and the kept scores from
+/// out-of-fold scores (and labelled anomalies' scores).
+fn calibrate(
+    out: &OutOfFold,
+    anomalous: &[f32],
+    options: &FitOptions,
+) -> Result<(Calibration, MissedAlarmEstimate, CalibrationScores), Error> {
+    let calibration = match options.max_mar {
+        Some(max_mar) => {
+            if !anomalous.is_empty() {
+                return Err(Error::InvalidConfig(
+                    "a missed-alarm target and labelled anomalies cannot both set the threshold"
+                        .into(),
+                ));
+            }
+            let pooled: Vec<f32> = out
+                .synthetic
+                .iter()
+                .flat_map(|(_, s)| s.iter().copied())
+                .collect();
+            Calibration::from_missed_alarm_target(&out.normal, &pooled, max_mar)?
+        }
+        None => Calibration::from_labelled_scores(&out.normal, anomalous, options.max_far)?,
+    };
+    let missed = MissedAlarmEstimate::measure(&out.synthetic, |s| calibration.is_anomalous(s));
+    let scores = CalibrationScores {
+        procedure: out.procedure,
+        folds: out.folds,
+        normal: kept(&out.normal),
+        normal_images: out.normal.len(),
+        synthetic: kept_synthetic(&out.synthetic),
+        labelled: Vec::new(),
+    };
+    Ok((calibration, missed, scores))
+}
+
 fn upgrade_metadata(mut metadata: serde_json::Value) -> serde_json::Value {
     let is_old_winclip = metadata.pointer("/detector/kind").and_then(|k| k.as_str())
         == Some("winclip")
@@ -1052,6 +1176,69 @@ mod tests {
         let loaded = back.inspect(&image).unwrap();
         assert_eq!(fresh.raw_score, loaded.raw_score);
         assert_eq!(fresh.is_anomalous, loaded.is_anomalous);
+    }
+
+    #[test]
+    fn a_whole_image_view_beside_tiles_scores_the_mean_of_the_two_and_survives_a_save() {
+        use crate::features::{BackboneKind, Resize, parse_stage};
+        let cells = four_demo_cells();
+        let features = FeatureConfig {
+            backbone: BackboneKind::Lite0,
+            stages: vec![parse_stage("stage4").unwrap()],
+            resize: Resize::Fixed {
+                width: 64,
+                height: 64,
+            },
+            weights: None,
+        };
+        let runtime = Runtime::new(candle_core::Device::Cpu);
+        let fit = |tile| {
+            let options = FitOptions {
+                tile,
+                ..small_patchcore(features.clone())
+            };
+            Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap()
+        };
+        let both = fit(TileChoice::SideAndWhole(160));
+        let tiles = fit(TileChoice::Side(160));
+        let whole = fit(TileChoice::Off);
+        let scales = both.info().whole_view.expect("a whole view");
+        assert_eq!(both.info().tiling, Some(Tiling { side: 160 }));
+        assert_eq!(scales.tiles, Scale::of(&tiles.info().calibration));
+        assert_eq!(scales.whole, Scale::of(&whole.info().calibration));
+
+        // A bright square: its score is the larger of the views' scaled ones.
+        let mut image = load_image(&cells[0], &ImageLimits::default()).unwrap();
+        for y in 100..140 {
+            for x in 100..140 {
+                image.put_pixel(x, y, image::Rgb([1.0, 1.0, 1.0]));
+            }
+        }
+        let (t, w) = (
+            tiles.inspect_raw(&image).unwrap(),
+            whole.inspect_raw(&image).unwrap(),
+        );
+        let fused = both.inspect_raw(&image).unwrap();
+        assert_eq!(fused.score, scales.fuse(t.score, w.score));
+        assert_eq!(
+            fused.map.values[120 * 300 + 120],
+            scales.fuse(t.map.values[120 * 300 + 120], w.map.values[120 * 300 + 120])
+        );
+        assert_eq!(
+            both.info().memory_bank_size,
+            Some(tiles.info().memory_bank_size.unwrap() + whole.info().memory_bank_size.unwrap())
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("both.flawscope");
+        both.save(&path).unwrap();
+        let back = Model::load(&path, &runtime).unwrap();
+        assert_eq!(back.info().whole_view, Some(scales));
+        assert_eq!(back.inspect_raw(&image).unwrap().score, fused.score);
+        assert_eq!(
+            back.inspect(&image).unwrap().score,
+            both.inspect(&image).unwrap().score
+        );
     }
 
     #[test]

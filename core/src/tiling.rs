@@ -50,6 +50,10 @@ pub const AUTO_ASPECT: f64 = 2.0;
 /// untiled view, many times cheaper, is kept.
 pub const AUTO_MARGIN: f64 = 0.005;
 
+/// A whole-image separation above this leaves synthetic defects nothing to
+/// show: a tie between the views then keeps the whole image alone.
+pub const AUTO_SETTLED: f64 = 0.99;
+
 /// Fewest normal images for the evidence to decide: with fewer, each kind
 /// of synthetic defect is a handful of scores, and the size rule decides
 /// alone (tiles).
@@ -64,7 +68,15 @@ pub struct TilingDecision {
     pub side: u32,
     pub untiled: ViewSeparation,
     pub tiled: ViewSeparation,
+    /// The tiles and the whole image together ([`ViewScales`]); absent in
+    /// files written before the two views could be kept together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub both: Option<ViewSeparation>,
+    /// Images are scored in tiles (alone, or beside the whole image).
     pub tiled_chosen: bool,
+    /// The whole image is scored beside the tiles.
+    #[serde(default)]
+    pub whole_kept: bool,
 }
 
 /// One view's separation of normal images from synthetic defects.
@@ -107,18 +119,56 @@ impl ViewSeparation {
     }
 }
 
+/// The views an automatic fit may keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Whole,
+    Tiles,
+    Both,
+}
+
 impl TilingDecision {
-    /// Tiles only when they separate better by more than [`AUTO_MARGIN`].
-    pub fn new(side: u32, untiled: ViewSeparation, tiled: ViewSeparation) -> Self {
+    /// The tiles (with the whole image beside them, `both`) are kept when
+    /// they separate better than the whole image alone by more than
+    /// [`AUTO_MARGIN`], or tie with it while the whole image's own
+    /// separation falls short of [`AUTO_SETTLED`]: synthetic defects the
+    /// whole view already separates leave nothing to gain. Of the two
+    /// tiled views, `both` is kept unless the tiles alone beat it by more
+    /// than the margin: it keeps the part as a whole in view, which tiles
+    /// lose.
+    pub fn new(
+        side: u32,
+        untiled: ViewSeparation,
+        tiled: ViewSeparation,
+        both: Option<ViewSeparation>,
+    ) -> Self {
+        let best_tiled = both.map_or(tiled.overall(), |b| b.overall().max(tiled.overall()));
+        let tiles_win = best_tiled > untiled.overall() + AUTO_MARGIN
+            || (best_tiled >= untiled.overall() - AUTO_MARGIN
+                && untiled.overall() < AUTO_SETTLED
+                && both.is_some());
+        let whole_kept =
+            tiles_win && both.is_some_and(|b| tiled.overall() <= b.overall() + AUTO_MARGIN);
         Self {
             side,
             untiled,
             tiled,
-            tiled_chosen: tiled.overall() > untiled.overall() + AUTO_MARGIN,
+            both,
+            tiled_chosen: tiles_win,
+            whole_kept,
         }
     }
 
-    /// `tiles of 224 px kept: …` for the fit's report.
+    /// The view kept.
+    pub fn view(&self) -> View {
+        match (self.tiled_chosen, self.whole_kept) {
+            (false, _) => View::Whole,
+            (true, false) => View::Tiles,
+            (true, true) => View::Both,
+        }
+    }
+
+    /// `tiled: …` for the fit's report.
     pub fn describe(&self) -> String {
         let view = |v: &ViewSeparation| {
             format!(
@@ -128,17 +178,93 @@ impl TilingDecision {
                 v.global
             )
         };
+        let both = self
+            .both
+            .map(|b| format!(", both together {}", view(&b)))
+            .unwrap_or_default();
         format!(
-            "{}: on synthetic defects, untiled {} against tiles of {} px {}",
-            if self.tiled_chosen {
-                "tiled"
-            } else {
-                "left untiled"
+            "{}: on synthetic defects, untiled {} against tiles of {} px {}{both}",
+            match self.view() {
+                View::Whole => "left untiled",
+                View::Tiles => "tiled",
+                View::Both => "tiled, with the whole image beside the tiles",
             },
             view(&self.untiled),
             self.side,
             view(&self.tiled)
         )
+    }
+}
+
+/// Puts the raw scores of two views on one scale and averages them into the
+/// image's score (and, pixel by pixel, its map): each view's score is
+/// measured in its own calibration's spreads from its own threshold, so both
+/// views sit at 0 at their thresholds and at −1 at their medians. The mean,
+/// not the larger, because a tile view's rare high score on a normal image
+/// (the largest of many tiles) is then damped by an unremarkable whole
+/// view, while a part missing as a whole lifts the whole view by many
+/// spreads (on the flanges of `demo/parts` the larger of the two lost 0.056
+/// image AUROC, the mean none). Stored in the model when both are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ViewScales {
+    pub tiles: Scale,
+    pub whole: Scale,
+}
+
+/// `(raw − threshold) / spread` of one view.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Scale {
+    pub threshold: f32,
+    pub spread: f32,
+}
+
+impl Scale {
+    /// The scale of a view calibrated as `calibration`.
+    pub fn of(calibration: &crate::calibration::Calibration) -> Self {
+        Self {
+            threshold: calibration.threshold,
+            spread: calibration.spread,
+        }
+    }
+
+    pub fn apply(&self, raw: f32) -> f32 {
+        (raw - self.threshold) / self.spread.max(f32::EPSILON)
+    }
+}
+
+impl ViewScales {
+    /// One score from the two views' raw scores.
+    pub fn fuse(&self, tiles: f32, whole: f32) -> f32 {
+        0.5 * (self.tiles.apply(tiles) + self.whole.apply(whole))
+    }
+
+    /// One list from two lists of raw scores of the same images.
+    pub fn fuse_all(&self, tiles: &[f32], whole: &[f32]) -> Vec<f32> {
+        tiles
+            .iter()
+            .zip(whole)
+            .map(|(t, w)| self.fuse(*t, *w))
+            .collect()
+    }
+
+    /// One view's out-of-fold scores from the two views' scores of the same
+    /// images and synthetic defects.
+    pub fn fuse_out(
+        &self,
+        tiles: &crate::crossfit::OutOfFold,
+        whole: &crate::crossfit::OutOfFold,
+    ) -> crate::crossfit::OutOfFold {
+        crate::crossfit::OutOfFold {
+            normal: self.fuse_all(&tiles.normal, &whole.normal),
+            synthetic: tiles
+                .synthetic
+                .iter()
+                .zip(&whole.synthetic)
+                .map(|((kind, t), (_, w))| (*kind, self.fuse_all(t, w)))
+                .collect(),
+            procedure: tiles.procedure,
+            folds: tiles.folds,
+        }
     }
 }
 
@@ -157,6 +283,9 @@ pub enum TileChoice {
     Auto,
     Off,
     Side(u32),
+    /// Tiles of this side with the whole image scored beside them (what
+    /// `refit` keeps of an automatic fit that chose both).
+    SideAndWhole(u32),
 }
 
 /// One tile: its top-left corner and size in image pixels.
@@ -235,7 +364,7 @@ impl TileChoice {
     ) -> Result<Option<Tiling>, Error> {
         match self {
             Self::Off => Ok(None),
-            Self::Side(side) => Tiling::new(side).map(Some),
+            Self::Side(side) | Self::SideAndWhole(side) => Tiling::new(side).map(Some),
             Self::Auto => {
                 let mut shorts = Vec::with_capacity(normal.len());
                 let mut aspects = Vec::with_capacity(normal.len());
@@ -326,22 +455,63 @@ mod tests {
             global: 0.9,
         };
         // 0.7 overall against 0.9: the whole view stays.
-        let decision = TilingDecision::new(224, whole, tiled);
+        let decision = TilingDecision::new(224, whole, tiled, None);
         assert!(!decision.tiled_chosen);
         assert!(decision.describe().starts_with("left untiled"));
-        // Tiles win only by more than the margin.
+        // Without the two views together, tiles win only by more than the
+        // margin.
         let better = ViewSeparation {
             local: 0.9 + AUTO_MARGIN,
             global: 0.9 + AUTO_MARGIN,
         };
-        assert!(!TilingDecision::new(224, whole, better).tiled_chosen);
+        assert!(!TilingDecision::new(224, whole, better, None).tiled_chosen);
         let clearly = ViewSeparation {
             local: 0.99,
             global: 0.9,
         };
-        assert!(TilingDecision::new(224, whole, clearly).tiled_chosen);
+        let d = TilingDecision::new(224, whole, clearly, None);
+        assert_eq!(d.view(), View::Tiles);
+        // With them, a tie keeps both while the whole view leaves room…
+        let d = TilingDecision::new(224, whole, better, Some(better));
+        assert_eq!(d.view(), View::Both);
+        assert!(d.describe().contains("whole image beside the tiles"));
+        // …but not once the whole view already separates every defect.
+        let settled = ViewSeparation {
+            local: 1.0,
+            global: 0.995,
+        };
+        let d = TilingDecision::new(224, settled, settled, Some(settled));
+        assert_eq!(d.view(), View::Whole);
+        // Tiles alone only when they beat both together by the margin.
+        let d = TilingDecision::new(224, whole, clearly, Some(better));
+        assert_eq!(d.view(), View::Tiles);
+        let d = TilingDecision::new(224, whole, clearly, Some(clearly));
+        assert_eq!(d.view(), View::Both);
         // No global defects scored: no decision.
         assert!(ViewSeparation::measure(&normal, &sharp_but_blind[..3]).is_none());
+    }
+
+    #[test]
+    fn two_views_flag_where_either_would() {
+        let scales = ViewScales {
+            tiles: Scale {
+                threshold: 10.0,
+                spread: 2.0,
+            },
+            whole: Scale {
+                threshold: 1.0,
+                spread: 0.5,
+            },
+        };
+        // At its own threshold each view sits at 0 on the shared scale.
+        assert_eq!(scales.tiles.apply(10.0), 0.0);
+        assert_eq!(scales.whole.apply(1.0), 0.0);
+        assert_eq!(scales.fuse(10.0, 1.0), 0.0);
+        // One view far above its threshold outweighs the other at its median…
+        assert_eq!(scales.fuse(8.0, 3.0), 1.5);
+        // …a little above it does not.
+        assert_eq!(scales.fuse(11.0, 0.5), -0.25);
+        assert_eq!(scales.fuse_all(&[8.0, 11.0], &[3.0, 0.5]), vec![1.5, -0.25]);
     }
 
     #[test]

@@ -143,9 +143,14 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         summary
             .memory_bank_size
             .map_or(String::new(), |n| format!(", memory bank {n}")),
-        summary
-            .tile_side
-            .map_or(String::new(), |t| format!(", in tiles of {t} px")),
+        summary.tile_side.map_or(String::new(), |t| format!(
+            ", in tiles of {t} px{}",
+            if summary.whole_image_view {
+                " with the whole image beside them"
+            } else {
+                ""
+            }
+        )),
         args.out.display()
     );
     if let ThresholdMethod::MissedAlarmTarget { max_mar } = calibration.method {

@@ -131,8 +131,9 @@ fn bad_rates_and_tile_sides_are_refused_when_parsed() {
 
 /// The automatic choice fits the committed tall parts (320 × ~900 px) both
 /// whole and in tiles, keeps the view that tells synthetic defects from the
-/// normal images better (here the tiles: a crack 2 px wide shrinks below a
-/// pixel when the whole part is resized), and says why.
+/// normal images best (here tiles with the whole part beside them: a crack
+/// 2 px wide shrinks below a pixel when the whole part is resized), and
+/// says why.
 #[test]
 fn automatic_tiling_weighs_tiles_against_the_whole_part() {
     let set = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/parts/tall");
@@ -152,14 +153,20 @@ fn automatic_tiling_weighs_tiles_against_the_whole_part() {
         .find(|l| l.starts_with("automatic tiling "))
         .unwrap_or_else(|| panic!("no tiling decision in {stderr}"));
     assert!(
-        decision.starts_with("automatic tiling tiled: on synthetic defects, untiled AUROC"),
+        decision.starts_with(
+            "automatic tiling tiled, with the whole image beside the tiles: on synthetic \
+             defects, untiled AUROC"
+        ),
         "{decision}"
     );
     assert!(
-        decision.contains("against tiles of 224 px AUROC"),
+        decision.contains("against tiles of 224 px AUROC") && decision.contains("both together"),
         "{decision}"
     );
-    assert!(stderr.contains("in tiles of 224 px"), "{stderr}");
+    assert!(
+        stderr.contains("in tiles of 224 px with the whole image beside them"),
+        "{stderr}"
+    );
     // Every lined part scores above every normal one.
     let scores = |folder: &str| -> Vec<f64> {
         let out = flawscope(&[
