@@ -48,6 +48,9 @@ pub struct CategoryReport {
     pub test_images: usize,
     /// Tile side when images were scored in tiles (see `tiling`).
     pub tile_side: Option<u32>,
+    /// The whole image was scored beside the tiles.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub whole_image_view: bool,
     /// Why automatic tiling tiled or not, when the fit weighed both.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tiling_decision: Option<crate::tiling::TilingDecision>,
@@ -111,6 +114,7 @@ pub fn evaluate(
             memory_bank_size: info.memory_bank_size,
             train_images: info.training_images,
             tile_side: info.tiling.map(|t| t.side),
+            whole_image_view: info.whole_view.is_some(),
             tiling_decision: info.tiling_decision,
             operating_point,
             max_far: threshold.max_far,
@@ -183,6 +187,7 @@ pub struct FitSummary {
     pub train_images: usize,
     /// Tile side when images were scored in tiles.
     pub tile_side: Option<u32>,
+    pub whole_image_view: bool,
     pub tiling_decision: Option<crate::tiling::TilingDecision>,
     /// The model's own operating point (its threshold and estimates).
     pub operating_point: OperatingPoint,
@@ -347,6 +352,7 @@ pub fn evaluate_batch(
             memory_bank_size: None,
             train_images: 0,
             tile_side: None,
+            whole_image_view: false,
             tiling_decision: None,
             operating_point,
             max_far: 0.0,
@@ -407,6 +413,7 @@ impl TestSetResults {
             memory_bank_size: fit.memory_bank_size,
             train_images: fit.train_images,
             tile_side: fit.tile_side,
+            whole_image_view: fit.whole_image_view,
             tiling_decision: fit.tiling_decision,
             test_images: category.test.len(),
             per_defect_image_auroc,
@@ -518,6 +525,7 @@ mod tests {
             memory_bank_size: None,
             train_images: 0,
             tile_side: None,
+            whole_image_view: false,
             tiling_decision: None,
             operating_point: point,
             max_far: 0.01,

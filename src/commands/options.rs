@@ -285,14 +285,19 @@ pub struct TileArgs {
     /// Never tile: every image is resized to the detector's input.
     #[arg(long)]
     pub no_tile: bool,
+    /// With --tile: also score the whole image beside the tiles (both
+    /// views' scores averaged on one scale; see docs/tiling.md).
+    #[arg(long, requires = "tile")]
+    pub whole_too: bool,
 }
 
 impl TileArgs {
     pub fn choice(&self) -> TileChoice {
-        match (self.tile, self.no_tile) {
-            (_, true) => TileChoice::Off,
-            (Some(side), false) => TileChoice::Side(side),
-            (None, false) => TileChoice::Auto,
+        match (self.tile, self.no_tile, self.whole_too) {
+            (_, true, _) => TileChoice::Off,
+            (Some(side), false, true) => TileChoice::SideAndWhole(side),
+            (Some(side), false, false) => TileChoice::Side(side),
+            (None, false, _) => TileChoice::Auto,
         }
     }
 }

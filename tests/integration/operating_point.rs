@@ -121,6 +121,7 @@ fn bad_rates_and_tile_sides_are_refused_when_parsed() {
         &["--max-far", "abc"],
         &["--tile", "8"],
         &["--tile", "256", "--no-tile"],
+        &["--whole-too"],
         &["--max-mar", "0.1", "--max-far", "0.1"],
     ] {
         let out = crate::cli::fit(&train, &out_path, bad);
