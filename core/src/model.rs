@@ -1239,6 +1239,19 @@ mod tests {
             back.inspect(&image).unwrap().score,
             both.inspect(&image).unwrap().score
         );
+
+        // A refit keeps both views.
+        let again = both
+            .refit(
+                &[],
+                &[],
+                "decisions.db",
+                &runtime,
+                &crate::progress::NoProgress,
+            )
+            .unwrap();
+        assert_eq!(again.info().whole_view, Some(scales));
+        assert_eq!(again.inspect_raw(&image).unwrap().score, fused.score);
     }
 
     #[test]
