@@ -44,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{name}/score", post(score))
         .route("/v1/zero-shot", post(zero_shot))
         .route("/v1/ask", post(ask))
+        .route("/v1/batch/score", post(crate::batch::score_batch))
         .route("/v2", get(oip::server_metadata))
         .route("/v2/health/live", get(oip::live))
         .route("/v2/health/ready", get(oip::ready))
@@ -236,7 +237,7 @@ struct ScoreQuery {
 
 /// The request's [`Extras`] from the query ([`score_extras`]); 400 when
 /// it is invalid.
-struct QueryExtras(Extras);
+pub(crate) struct QueryExtras(pub(crate) Extras);
 
 impl<S: Send + Sync> FromRequestParts<S> for QueryExtras {
     type Rejection = ApiError;
