@@ -25,7 +25,7 @@ use flawscope_core::progress::NoProgress;
 use serde::Serialize;
 
 use crate::error::ApiError;
-use crate::extract::Started;
+use crate::extract::{QueryExtras, Started};
 use crate::inference::{Extras, ScoreResponse, blocking, scored};
 use crate::state::AppState;
 use crate::upload::{BatchImage, read_images};
@@ -93,7 +93,7 @@ impl ItemError {
 pub(crate) async fn score_batch(
     Started(started): Started,
     State(state): State<AppState>,
-    crate::routes::QueryExtras(extras): crate::routes::QueryExtras,
+    QueryExtras(extras): QueryExtras,
     request: Request,
 ) -> Result<Json<BatchResponse>, ApiError> {
     let extras = Extras {

@@ -215,6 +215,38 @@ fn the_batch_route_scores_as_score_detector_musc_does() {
         .collect();
     assert!(top.iter().all(|n| n.starts_with("crack-")), "{top:?}");
 
+    // Pixels together over the budget of one image (8 × 2 300², 42 MP):
+    // 413, read from the headers.
+    let mut big = Vec::new();
+    image::GrayImage::new(2300, 2300)
+        .write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png)
+        .unwrap();
+    let bigs: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("big{i}.png"), big.clone()))
+        .collect();
+    let (content_type, body) = batch_form(&bigs);
+    let reply = http_with(
+        server.addr,
+        "POST",
+        "/v1/batch/score",
+        &content_type,
+        "",
+        &body,
+    );
+    assert_eq!(
+        reply.status,
+        413,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("42320000 pixels together"),
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     // Too few images: the minimum, said.
     let (content_type, body) = batch_form(&images[..7]);
     let reply = http_with(
