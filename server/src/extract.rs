@@ -1,6 +1,7 @@
 //! The extractors the routes share, each refusing with an [`ApiError`]:
 //! the model a path names ([`PathModel`]) and a scoring upload read and
-//! decoded in the one order every scoring route keeps ([`ScoringUpload`]).
+//! decoded in the one order every scoring route keeps ([`ScoringUpload`]),
+//! and the query's operating point and heatmap ([`QueryExtras`]).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -9,14 +10,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use flawscope_core::model::Model;
+use flawscope_core::operating_point::Target;
 use image::Rgb32FImage;
+use serde::Deserialize;
 
 use crate::error::ApiError;
-use crate::inference::decode;
+use crate::inference::{Extras, decode};
 use crate::state::{AppState, BodyPermit, PixelPermit};
 use crate::upload::{RawBody, Upload, read_upload};
 
@@ -126,4 +130,59 @@ impl<S: Send + Sync> FromRequestParts<S> for Started {
     async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
         Ok(Self(Instant::now()))
     }
+}
+
+/// The query of `/v1/models/{name}/score`; other keys are ignored.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ScoreQuery {
+    heatmap: Option<String>,
+    max_far: Option<String>,
+    max_mar: Option<String>,
+}
+
+/// The request's [`Extras`] from the query ([`score_extras`]); 400 when
+/// it is invalid.
+pub(crate) struct QueryExtras(pub(crate) Extras);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryExtras {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        score_extras(Query::try_from_uri(&parts.uri)).map(Self)
+    }
+}
+
+/// `heatmap=png`, and `max_far` / `max_mar` (a rate in [0, 1), at most one
+/// of them): the request's operating point.
+pub(crate) fn score_extras(
+    query: Result<Query<ScoreQuery>, QueryRejection>,
+) -> Result<Extras, ApiError> {
+    let invalid =
+        || ApiError::bad_request("invalid_query", "heatmap must be \"png\" (the only format)");
+    let Query(query) = query.map_err(|_| invalid())?;
+    let heatmap_png = match query.heatmap.as_deref() {
+        None => false,
+        Some("png") => true,
+        Some(_) => return Err(invalid()),
+    };
+    let rate = |name: &str, text: Option<&str>| -> Result<Option<f64>, ApiError> {
+        text.map(|t| {
+            t.trim().parse::<f64>().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_operating_point",
+                    format!("{name} must be a number in [0, 1), got \"{t}\""),
+                )
+            })
+        })
+        .transpose()
+    };
+    let target = Target::from_request(
+        rate("max_far", query.max_far.as_deref())?,
+        rate("max_mar", query.max_mar.as_deref())?,
+    )
+    .map_err(|e| ApiError::bad_request("invalid_operating_point", e.to_string()))?;
+    Ok(Extras {
+        heatmap_png,
+        target,
+    })
 }

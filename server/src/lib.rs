@@ -6,6 +6,7 @@
 //! API. Logs go through `tracing`; the binary installs the subscriber.
 
 mod answer;
+mod batch;
 mod error;
 mod extract;
 #[doc(hidden)]

@@ -1,19 +1,17 @@
 //! The router, its middleware, and the health, metrics and `/v1` handlers.
 
-use flawscope_core::operating_point::Target;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 
 use flawscope_core::model::Model;
@@ -21,7 +19,7 @@ use flawscope_core::prompt_layer::DefectCheck;
 
 use crate::answer::ask_answer;
 use crate::error::ApiError;
-use crate::extract::{PathModel, ScoringUpload, Started, UploadForm};
+use crate::extract::{PathModel, QueryExtras, ScoringUpload, Started, UploadForm, score_extras};
 use crate::inference::{Extras, ScoreResponse, blocking, inference_error, inspect, scored};
 use crate::oip;
 use crate::question;
@@ -44,6 +42,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{name}/score", post(score))
         .route("/v1/zero-shot", post(zero_shot))
         .route("/v1/ask", post(ask))
+        .route("/v1/batch/score", post(crate::batch::score_batch))
         .route("/v2", get(oip::server_metadata))
         .route("/v2/health/live", get(oip::live))
         .route("/v2/health/ready", get(oip::ready))
@@ -224,59 +223,6 @@ async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
         })
         .collect();
     Json(json!({ "models": models }))
-}
-
-/// The query of `/v1/models/{name}/score`; other keys are ignored.
-#[derive(Debug, Deserialize)]
-struct ScoreQuery {
-    heatmap: Option<String>,
-    max_far: Option<String>,
-    max_mar: Option<String>,
-}
-
-/// The request's [`Extras`] from the query ([`score_extras`]); 400 when
-/// it is invalid.
-struct QueryExtras(Extras);
-
-impl<S: Send + Sync> FromRequestParts<S> for QueryExtras {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        score_extras(Query::try_from_uri(&parts.uri)).map(Self)
-    }
-}
-
-/// `heatmap=png`, and `max_far` / `max_mar` (a rate in [0, 1), at most one
-/// of them): the request's operating point.
-fn score_extras(query: Result<Query<ScoreQuery>, QueryRejection>) -> Result<Extras, ApiError> {
-    let invalid =
-        || ApiError::bad_request("invalid_query", "heatmap must be \"png\" (the only format)");
-    let Query(query) = query.map_err(|_| invalid())?;
-    let heatmap_png = match query.heatmap.as_deref() {
-        None => false,
-        Some("png") => true,
-        Some(_) => return Err(invalid()),
-    };
-    let rate = |name: &str, text: Option<&str>| -> Result<Option<f64>, ApiError> {
-        text.map(|t| {
-            t.trim().parse::<f64>().map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_operating_point",
-                    format!("{name} must be a number in [0, 1), got \"{t}\""),
-                )
-            })
-        })
-        .transpose()
-    };
-    let target = Target::from_request(
-        rate("max_far", query.max_far.as_deref())?,
-        rate("max_mar", query.max_mar.as_deref())?,
-    )
-    .map_err(|e| ApiError::bad_request("invalid_operating_point", e.to_string()))?;
-    Ok(Extras {
-        heatmap_png,
-        target,
-    })
 }
 
 /// The form of `/v1/models/{name}/score`: the image as the body or a

@@ -253,6 +253,8 @@ pub struct AppState {
     queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     zero_shot: ZeroShot,
+    /// Where batch scoring (`/v1/batch/score`) runs: the server's device.
+    runtime: Arc<Runtime>,
     /// Where the web page's OK / NG decisions go (`serve --db`).
     results: Option<SharedResults>,
     draining: Arc<AtomicBool>,
@@ -352,6 +354,7 @@ impl AppState {
             token: None,
             metrics: Arc::new(Metrics::default()),
             zero_shot: ZeroShot::Unavailable(NO_ZERO_SHOT.into()),
+            runtime: Arc::new(Runtime::new(flawscope_core::Device::Cpu)),
             results: None,
             draining: Arc::new(AtomicBool::new(false)),
         })
@@ -367,6 +370,18 @@ impl AppState {
     pub fn with_zero_shot(mut self, engine: Arc<dyn ZeroShotScorer>) -> Self {
         self.zero_shot = ZeroShot::Engine(engine);
         self
+    }
+
+    /// Scores batches (`/v1/batch/score`) on `runtime`'s device instead of
+    /// the CPU.
+    pub fn with_runtime(mut self, runtime: Arc<Runtime>) -> Self {
+        self.runtime = runtime;
+        self
+    }
+
+    /// Where batch scoring runs.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
     }
 
     /// Says why `/v1/zero-shot` is unavailable.

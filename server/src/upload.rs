@@ -197,3 +197,74 @@ async fn read_form(
     }
     Ok(upload)
 }
+
+/// One image of a batch form: the file name it was sent with (or
+/// `image-N`) and its bytes.
+#[derive(Debug)]
+pub struct BatchImage {
+    pub name: String,
+    pub bytes: Bytes,
+}
+
+/// Longest file name kept for an image of a batch, in characters.
+const MAX_IMAGE_NAME: usize = 200;
+
+/// The `image` files of a multipart form, in order (other fields are
+/// ignored), within the size limit and the body deadline; 400 past
+/// `max_images` files, before the rest is read.
+pub async fn read_images(
+    state: &AppState,
+    request: Request,
+    max_images: usize,
+) -> Result<Vec<BatchImage>, ApiError> {
+    within_deadline(state, read_image_parts(state, request, max_images)).await
+}
+
+async fn read_image_parts(
+    state: &AppState,
+    request: Request,
+    max_images: usize,
+) -> Result<Vec<BatchImage>, ApiError> {
+    check_declared_length(state, request.headers())?;
+    if !is_multipart(request.headers()) {
+        return Err(ApiError::bad_request(
+            "expected_multipart",
+            "send a multipart/form-data form with one \"image\" file per image",
+        ));
+    }
+    let multipart_error = |err: axum::extract::multipart::MultipartError| {
+        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(state)
+        } else {
+            ApiError::bad_request("invalid_multipart", err.body_text())
+        }
+    };
+    let mut form = Multipart::from_request(request, &())
+        .await
+        .map_err(|rejection| ApiError::bad_request("invalid_multipart", rejection.body_text()))?;
+    let mut images = Vec::new();
+    while let Some(field) = form.next_field().await.map_err(multipart_error)? {
+        if field.name() != Some("image") {
+            continue;
+        }
+        if images.len() == max_images {
+            return Err(ApiError::bad_request(
+                "too_many_images",
+                format!("a batch holds at most {max_images} images"),
+            ));
+        }
+        let name = field
+            .file_name()
+            .map(|n| {
+                n.chars()
+                    .filter(|c| !c.is_control())
+                    .take(MAX_IMAGE_NAME)
+                    .collect::<String>()
+            })
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| format!("image-{}", images.len() + 1));
+        let bytes = field.bytes().await.map_err(multipart_error)?;
+        images.push(BatchImage { name, bytes });
+    }
+    Ok(images)
+}

@@ -110,6 +110,17 @@ struct Capabilities {
     /// Whether `POST /v1/decisions` records decisions (`serve --db`).
     results_store: bool,
     body_limit_bytes: usize,
+    /// What `POST /v1/batch/score` takes.
+    batch: BatchInfo,
+}
+
+/// The bounds of a batch scored against itself.
+#[derive(Serialize)]
+struct BatchInfo {
+    min_images: usize,
+    max_images: usize,
+    /// The images' pixels together.
+    max_pixels: u64,
 }
 
 /// `GET /v1/capabilities`: whether typed defect descriptions can be
@@ -131,6 +142,11 @@ async fn capabilities(State(state): State<AppState>) -> Json<Capabilities> {
         zero_shot,
         results_store: state.results().is_some(),
         body_limit_bytes: state.config().body_limit,
+        batch: BatchInfo {
+            min_images: flawscope_core::musc::MIN_BATCH,
+            max_images: flawscope_core::musc::MAX_BATCH,
+            max_pixels: state.config().image_limits.max_pixels,
+        },
     })
 }
 

@@ -1513,6 +1513,9 @@ async fn capabilities_say_what_the_page_can_do() {
     assert_eq!(v["zero_shot"]["max_prompts"], 32);
     assert_eq!(v["results_store"], false);
     assert_eq!(v["body_limit_bytes"], config().body_limit);
+    assert_eq!(v["batch"]["min_images"], 8, "{v}");
+    assert_eq!(v["batch"]["max_images"], 200, "{v}");
+    assert_eq!(v["batch"]["max_pixels"], config().image_limits.max_pixels);
     let engine: Arc<dyn ZeroShotScorer> = tiny_runtime();
     let v = send(app(state().with_zero_shot(engine)), get("/v1/capabilities"))
         .await

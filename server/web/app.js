@@ -5,6 +5,8 @@
 
 const TOKEN_KEY = 'flawscope.token';
 const ZERO_SHOT = '\u0000zero-shot';
+// No model: the picked images scored against each other (POST /v1/batch/score).
+const BATCH = '\u0000batch';
 const PARALLEL = 2; // requests in flight at once; more would only queue on the server
 const RETRIES_WHEN_BUSY = 3;
 
@@ -151,6 +153,8 @@ function fillSources() {
     : 'Zero-shot CLIP (not available on this server)', ZERO_SHOT);
   option.disabled = !zs.available;
   select.add(option);
+  const b = state.caps.batch;
+  select.add(new Option('No model: score this batch against itself (' + b.min_images + '–' + b.max_images + ' images, uncalibrated)', BATCH));
   updateClipNote();
 }
 
@@ -171,6 +175,11 @@ function updateClipNote() {
   const note = $('clip-note');
   if (!caps) return;
   const defects = typedDefects();
+  if ($('source').value === BATCH) {
+    const b = caps.batch;
+    note.textContent = 'Pick or drop ' + b.min_images + ' to ' + b.max_images + ' images at once: each is scored against the others (no model, no normal images; typed defects are not checked). The verdict flags the images that stand out from the batch: uncalibrated, no false-alarm rate.';
+    return;
+  }
   const zeroShot = $('source').value === ZERO_SHOT;
   const model = zeroShot ? null : state.models.get($('source').value);
   if (model) {
@@ -209,7 +218,9 @@ function addFiles(files) {
   const source = $('source').value;
   if (!source) return;
   const object = $('object').value.trim();
-  const defects = typedDefects();
+  const batch = source === BATCH ? { id: state.nextId, size: 0 } : null;
+  const defects = batch ? [] : typedDefects();
+  const added = [];
   let first = null;
   for (const entry of files) {
     // A file from a folder comes with the path inside it, so two 000.png
@@ -220,10 +231,12 @@ function addFiles(files) {
       id: state.nextId++,
       file,
       name: path || 'pasted-image-' + state.nextId + '.png',
-      model: source === ZERO_SHOT ? null : source,
+      model: source === ZERO_SHOT || batch ? null : source,
+      // Scored together with the others added now, against each other.
+      batch,
       // The operating point asked for (a false-alarm limit), if any: the
       // server moves the model's threshold for this request only.
-      maxFar: source === ZERO_SHOT ? '' : $('max-far').value,
+      maxFar: source === ZERO_SHOT || batch ? '' : $('max-far').value,
       object,
       defects: defects.map((text) => ({ text, score: null, verdict: null, error: null })),
       status: 'queued',
@@ -236,13 +249,61 @@ function addFiles(files) {
       thumb: null,
     };
     state.items.push(item);
+    added.push(item);
     if (first === null) first = item.id;
   }
   // What was just added is what a person wants to see.
   if (first !== null) state.selected = first;
+  if (batch && added.length) {
+    batch.size = added.length;
+    for (const item of added) item.status = 'scoring';
+    render();
+    scoreBatch(added).finally(render);
+    return;
+  }
   render();
   pump();
   if (source !== ZERO_SHOT) loadCalibration(source);
+}
+
+/** Scores a batch's items in one request, each against the others. */
+async function scoreBatch(items) {
+  const b = state.caps.batch;
+  const limit = state.caps.body_limit_bytes;
+  const fail = (message) => {
+    for (const item of items) { item.status = 'error'; item.error = message; }
+  };
+  const bytes = items.reduce((n, i) => n + i.file.size, 0);
+  if (items.length < b.min_images || items.length > b.max_images) {
+    fail('A batch scored against itself needs ' + b.min_images + ' to ' + b.max_images + ' images picked at once; these were ' + items.length + '. Pick them again together.');
+    return;
+  }
+  if (bytes > limit) {
+    fail('Too large: the batch is ' + bytes + ' bytes; this server takes at most ' + limit + ' bytes in one request. Pick fewer or smaller images.');
+    return;
+  }
+  try {
+    const answer = await apiBusyRetry('/v1/batch/score?heatmap=png', () => ({
+      method: 'POST',
+      body: form(items.map((i) => ['image', i.file, i.name])),
+    }));
+    items.forEach((item, n) => {
+      const r = answer.results[n];
+      if (r && r.error) {
+        item.status = 'error';
+        item.error = 'Not scored with the batch: ' + r.error.message;
+      } else if (r) {
+        item.result = r;
+        item.status = 'done';
+      }
+    });
+    for (const item of items) item.batch.scored = answer.scored;
+    render();
+    for (const item of items) if (item.status === 'done') await drawable(item);
+    renderDetail();
+  } catch (err) {
+    fail(err instanceof ApiError ? readable(err) : 'The page failed: ' + err.message);
+  }
 }
 
 /** Image files of a dropped folder entry, with their paths inside it. */
@@ -289,7 +350,9 @@ function pump() {
 
 function form(fields) {
   const data = new FormData();
-  for (const [k, v] of fields) data.append(k, v);
+  for (const [k, v, name] of fields) {
+    if (name === undefined) data.append(k, v); else data.append(k, v, name);
+  }
   return data;
 }
 
@@ -434,6 +497,7 @@ function render() {
     li.setAttribute('aria-selected', String(item.id === state.selected));
     li.dataset.name = item.name;
     li.dataset.status = item.status;
+    if (item.batch) li.dataset.batch = String(item.batch.id);
     if (item.status === 'done') {
       li.dataset.score = String(item.result.score);
       li.dataset.verdict = anomalous(item) ? 'anomalous' : 'normal';
@@ -447,11 +511,11 @@ function render() {
     thumb.src = item.thumb;
     const name = document.createElement('span');
     name.className = 'name';
-    name.textContent = item.model ? item.name : item.name + ' (zero-shot)';
+    name.textContent = item.model ? item.name : item.name + (item.batch ? ' (batch)' : ' (zero-shot)');
     name.title = item.name;
     const model = document.createElement('span');
     model.className = 'model';
-    model.textContent = item.model || 'zero-shot';
+    model.textContent = item.model || (item.batch ? 'batch (musc)' : 'zero-shot');
     model.title = 'model';
     const scoreCell = document.createElement('span');
     scoreCell.className = 'score';
@@ -498,6 +562,9 @@ function move(delta) {
 
 /** What the threshold a result was judged at costs, in words. */
 function costs(item, p) {
+  if (item.batch && item.result) {
+    return 'Rank ' + item.result.rank + ' of ' + item.batch.scored + ' in its batch. No false-alarm estimate: the batch was scored against itself with no normal images; an image is flagged when it stands out from the batch\'s own scores.';
+  }
   if (!item.model || !p || !p.normal_images) {
     return 'No false-alarm estimate: zero-shot scores are not calibrated on normal images.';
   }
@@ -532,10 +599,10 @@ function renderDetail() {
     clearCanvas();
     return;
   }
-  $('detail-title').textContent = item.name + ' · ' + (item.model ? 'model ' + item.model : 'zero-shot');
+  $('detail-title').textContent = item.name + ' · ' + (item.model ? 'model ' + item.model : item.batch ? 'batch scored against itself' : 'zero-shot');
   err.hidden = item.status !== 'error';
   err.textContent = item.error || '';
-  if (item.status === 'error') {
+  if (item.status === 'error' && !item.batch) {
     const retry = document.createElement('button');
     retry.type = 'button';
     retry.textContent = 'Retry';
@@ -543,7 +610,7 @@ function renderDetail() {
     err.append(' ', retry);
   }
   const r = item.result;
-  const source = item.model ? 'model ' + item.model : 'zero-shot CLIP (' + item.object + ')';
+  const source = item.model ? 'model ' + item.model : item.batch ? 'the batch scored against itself (musc, uncalibrated)' : 'zero-shot CLIP (' + item.object + ')';
   $('detail-verdict').textContent = r
     ? (anomalous(item) ? 'Anomalous' : 'Normal') + ' · score ' + r.score.toFixed(3) + ' (threshold ' + thresholdShown(item).toFixed(2) + ', 0–1) · ' + source
     : item.status === 'error' ? '' : 'Scoring with ' + source + '…';
@@ -733,7 +800,7 @@ async function decide(decision, fromUndo) {
   if (!fromUndo) state.undo.push({ id: item.id, decision: before });
   item.decision = decision;
   if (!item.model) {
-    item.decisionNote = 'kept in this page only: decisions are stored with a model file\'s score, and this verdict is zero-shot';
+    item.decisionNote = 'kept in this page only: decisions are stored with a model file\'s score, and this verdict is ' + (item.batch ? 'the batch\'s own' : 'zero-shot');
   } else if (!state.caps.results_store) {
     item.decisionNote = 'kept in this page only: the server was started without --db';
   } else {
@@ -789,7 +856,7 @@ function rows() {
   return ordered().map((i) => ({
     name: i.name,
     status: i.status,
-    source: i.model ? 'model ' + i.model : 'zero-shot ' + i.object,
+    source: i.model ? 'model ' + i.model : i.batch ? 'batch (musc)' : 'zero-shot ' + i.object,
     score: i.result ? i.result.score : null,
     threshold: i.result ? thresholdShown(i) : null,
     verdict: i.result ? (anomalous(i) ? 'anomalous' : 'ok') : null,
@@ -871,7 +938,7 @@ function histogramModel() {
   const item = selectedItem();
   if (item && item.model) return item.model;
   const source = $('source').value;
-  return source && source !== ZERO_SHOT ? source : null;
+  return source && source !== ZERO_SHOT && source !== BATCH ? source : null;
 }
 
 /** What the threshold `t` costs, from the model's kept calibration (no refit). */

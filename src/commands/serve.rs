@@ -223,7 +223,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let runtime = Arc::new(clip.runtime(args.device.device()?)?);
     let models = load_models(&args.models, &runtime).map_err(usage_or_failure)?;
     let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
-    let mut state = AppState::new(models, config.clone()).map_err(usage_or_failure)?;
+    let mut state = AppState::new(models, config.clone())
+        .map_err(usage_or_failure)?
+        .with_runtime(Arc::clone(&runtime));
     if let Some(token) = token {
         state = state.with_token(token);
     }

@@ -21,8 +21,18 @@ pub struct Args {
     #[arg(long, short = 'r')]
     pub recursive: bool,
     /// Model file written by `flawscope fit` (classical or WinCLIP).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "detector",
+        conflicts_with = "detector"
+    )]
+    pub model: Option<PathBuf>,
+    /// No model file and no normal images: `musc` scores the folder's
+    /// images as one batch, each against the others (at least 8 images;
+    /// uncalibrated: it ranks the batch and flags its outliers), as `score
+    /// --detector musc` does.
+    #[arg(long, value_enum, conflicts_with = "prompts")]
+    pub detector: Option<super::score::BatchDetector>,
     /// CLIP checkpoint folder for WinCLIP model files (also
     /// FLAWSCOPE_CLIP_WEIGHTS).
     #[arg(long, value_name = "DIR")]

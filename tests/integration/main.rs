@@ -4,6 +4,7 @@
 
 mod answers;
 mod backbone;
+mod batch;
 mod cli;
 mod deploy;
 mod hostile;

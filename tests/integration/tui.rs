@@ -51,12 +51,12 @@ fn copy_test_images(dir: &Path, copies: usize) -> usize {
     n
 }
 
-fn quote(path: &Path) -> String {
+pub(crate) fn quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
 }
 
 /// A tmux server of our own (its own socket), killed on drop.
-struct Tmux {
+pub(crate) struct Tmux {
     socket: String,
 }
 
@@ -64,7 +64,7 @@ static SESSIONS: AtomicUsize = AtomicUsize::new(0);
 
 impl Tmux {
     /// Starts `command` in a 160×48 session; fails clearly without tmux.
-    fn start(command: &str) -> Self {
+    pub(crate) fn start(command: &str) -> Self {
         Self::start_sized(command, 160, 48)
     }
 
@@ -112,7 +112,7 @@ impl Tmux {
         command
     }
 
-    fn screen(&self) -> String {
+    pub(crate) fn screen(&self) -> String {
         let out = self
             .cmd()
             .args(["capture-pane", "-p", "-t", "t"])
@@ -121,7 +121,7 @@ impl Tmux {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn keys(&self, keys: &str) {
+    pub(crate) fn keys(&self, keys: &str) {
         let status = self
             .cmd()
             .args(["send-keys", "-t", "t", keys])
@@ -132,7 +132,12 @@ impl Tmux {
 
     /// Polls the screen until `predicate` holds; panics with the screen
     /// after `limit`.
-    fn wait_for(&self, what: &str, limit: Duration, predicate: impl Fn(&str) -> bool) -> String {
+    pub(crate) fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        predicate: impl Fn(&str) -> bool,
+    ) -> String {
         let start = Instant::now();
         loop {
             let screen = self.screen();
@@ -164,7 +169,7 @@ fn marked(screen: &str, label: &str) -> String {
     line.split(&needle).next().unwrap().trim().to_string()
 }
 
-fn export_jsonl(db: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn export_jsonl(db: &Path) -> Vec<serde_json::Value> {
     let out = flawscope(&["export", "--db", db.to_str().unwrap(), "--format", "jsonl"]);
     assert_eq!(
         out.status.code(),

@@ -28,7 +28,7 @@ use crate::serve::{Server, fit_model, http_with, start_server_with};
 const REQUIRE_ENV: &str = "FLAWSCOPE_REQUIRE_BROWSER";
 const TOKEN: &str = "web-page-test-token-7f3a";
 
-struct Browser {
+pub(crate) struct Browser {
     chromium: PathBuf,
     driver: PathBuf,
 }
@@ -42,7 +42,7 @@ fn on_path(names: &[&str]) -> Option<PathBuf> {
 
 /// Chromium and chromedriver (FLAWSCOPE_CHROMIUM / FLAWSCOPE_CHROMEDRIVER,
 /// else found on PATH); `None`, said loudly, when either is missing.
-fn browser(test: &str) -> Option<Browser> {
+pub(crate) fn browser(test: &str) -> Option<Browser> {
     let chromium = std::env::var_os("FLAWSCOPE_CHROMIUM")
         .map(PathBuf::from)
         .or_else(|| on_path(&["chromium", "chromium-browser", "google-chrome"]));
@@ -78,7 +78,7 @@ fn browser(test: &str) -> Option<Browser> {
 }
 
 /// A chromedriver process, killed when dropped.
-struct Driver {
+pub(crate) struct Driver {
     child: Child,
     url: String,
 }
@@ -90,7 +90,7 @@ impl Drop for Driver {
     }
 }
 
-fn start_driver(browser: &Browser, log: &Path) -> Driver {
+pub(crate) fn start_driver(browser: &Browser, log: &Path) -> Driver {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -114,7 +114,7 @@ fn start_driver(browser: &Browser, log: &Path) -> Driver {
     driver
 }
 
-async fn session(driver: &Driver, browser: &Browser, downloads: &Path) -> Client {
+pub(crate) async fn session(driver: &Driver, browser: &Browser, downloads: &Path) -> Client {
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
@@ -151,7 +151,7 @@ pub(crate) fn model_dir() -> PathBuf {
     dir
 }
 
-fn screenshots() -> PathBuf {
+pub(crate) fn screenshots() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .unwrap()
@@ -160,7 +160,7 @@ fn screenshots() -> PathBuf {
     dir
 }
 
-async fn screenshot(client: &Client, name: &str) {
+pub(crate) async fn screenshot(client: &Client, name: &str) {
     let png = client.screenshot().await.unwrap();
     std::fs::write(screenshots().join(name), png).unwrap();
 }
@@ -187,7 +187,7 @@ fn truthy(v: &Value) -> bool {
 }
 
 /// Runs `script` (a function body) until it returns something truthy.
-async fn wait_for(client: &Client, what: &str, script: &str) -> Value {
+pub(crate) async fn wait_for(client: &Client, what: &str, script: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let value = client.execute(script, vec![]).await.unwrap();
@@ -210,14 +210,14 @@ const LIST: &str = "return [...document.querySelectorAll('#list li')].map(li => 
     score: li.dataset.score === undefined ? null : Number(li.dataset.score),
     verdict: li.dataset.verdict || null, decision: li.dataset.decision }));";
 
-async fn list(client: &Client) -> Vec<Value> {
+pub(crate) async fn list(client: &Client) -> Vec<Value> {
     match client.execute(LIST, vec![]).await.unwrap() {
         Value::Array(rows) => rows,
         other => panic!("{other}"),
     }
 }
 
-async fn text(client: &Client, id: &str) -> String {
+pub(crate) async fn text(client: &Client, id: &str) -> String {
     client
         .find(Locator::Id(id))
         .await
@@ -237,7 +237,7 @@ async fn keys(client: &Client, keys: &str) {
     list.send_keys(keys).await.unwrap();
 }
 
-async fn upload(client: &Client, files: &[&Path]) {
+pub(crate) async fn upload(client: &Client, files: &[&Path]) {
     let paths: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     client
         .find(Locator::Id("files"))

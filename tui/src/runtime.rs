@@ -21,8 +21,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use flawscope_core::dataset::{DatasetError, scan_image_folder, scan_image_tree};
-use flawscope_core::images::ImageLimits;
-use flawscope_core::model::Model;
+use flawscope_core::images::{ImageLimits, decode_image};
+use flawscope_core::model::{Inspection, Model};
+use flawscope_core::musc::{self, MuscConfig};
+use flawscope_core::progress::NoProgress;
 use flawscope_core::runtime::Runtime;
 use ratatui::crossterm::cursor::Show;
 use ratatui::crossterm::event::{self as term_event, Event as TermEvent, KeyEventKind};
@@ -33,7 +35,9 @@ use flawscope_results::scoring::{
     BatchOptions, InspectorScorer, PREVIEW_SIDE, Preview, ScoreError, Scored, Scorer, never,
     run_batch, store_path,
 };
-use flawscope_results::store::{ModelRef, Store, StoreError, file_hash, layered_model};
+use flawscope_results::store::{
+    ModelRef, Store, StoreError, content_hash, file_hash, layered_model,
+};
 
 use crate::app::{Action, App, Event, SessionInfo};
 
@@ -63,6 +67,8 @@ pub enum TuiError {
     },
     #[error("scoring stopped: {0}")]
     Worker(String),
+    #[error("{0}")]
+    Batch(#[source] flawscope_core::Error),
 }
 
 /// What to triage and where to keep the results.
@@ -72,8 +78,10 @@ pub struct Options {
     pub folder: PathBuf,
     /// Read the folder's subfolders too (hidden ones skipped).
     pub recursive: bool,
-    /// Model file from `flawscope fit` (classical or WinCLIP).
-    pub model: PathBuf,
+    /// Model file from `flawscope fit` (classical or WinCLIP); `None`: no
+    /// model, the folder's images scored as one batch against each other
+    /// (core's mutual scoring, [`flawscope_core::musc`]).
+    pub model: Option<PathBuf>,
     /// Typed defects the model's text layer checks on every image (the
     /// list then shows which layer flagged each one).
     pub prompts: Vec<String>,
@@ -182,11 +190,17 @@ pub fn run(options: Options) -> Result<(), TuiError> {
     let store = Store::open(&db)?;
     // Rows checked for typed defects are kept apart from the model's plain
     // rows: another entry in the store for the model with these prompts.
-    let (model_name, model_identity) = layered_model(
-        &options.model.display().to_string(),
-        &file_hash(&options.model)?,
-        &options.prompts,
-    );
+    let (model_name, model_identity) = match &options.model {
+        Some(model) => layered_model(
+            &model.display().to_string(),
+            &file_hash(model)?,
+            &options.prompts,
+        ),
+        None => {
+            musc::check_batch_size(files.len(), files.len()).map_err(TuiError::Batch)?;
+            batch_model(&files)?
+        }
+    };
     let threshold = store.person_threshold()?.unwrap_or(0.5);
     let mut app = App::new(
         SessionInfo {
@@ -443,7 +457,7 @@ fn read_input(tx: &Sender<Sent>, stop: &AtomicBool) {
 /// The scoring worker's inputs.
 struct Worker {
     files: Vec<PathBuf>,
-    model: PathBuf,
+    model: Option<PathBuf>,
     model_name: String,
     model_identity: String,
     prompts: Vec<String>,
@@ -508,10 +522,13 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         self.send(Event::Files(self.files.len()));
         self.send_stored(&store, &model)?;
-        self.send(Event::Phase("loading model".into()));
         let pool = self.pool.clone();
-        let inspector = in_pool(pool.as_deref(), || Model::load(&self.model, &self.runtime))
-            .map_err(|e| format!("loading model {}: {e}", self.model.display()))?;
+        let Some(model_file) = self.model.clone() else {
+            return self.score_batch(&store, &model);
+        };
+        self.send(Event::Phase("loading model".into()));
+        let inspector = in_pool(pool.as_deref(), || Model::load(&model_file, &self.runtime))
+            .map_err(|e| format!("loading model {}: {e}", model_file.display()))?;
         self.send(Event::Estimates(inspector.estimator()));
         let scorer = InspectorScorer::new(
             Arc::new(inspector),
@@ -519,7 +536,7 @@ impl Worker {
             Some(PREVIEW_SIDE),
         )
         .with_prompts(self.prompts.clone())
-        .map_err(|e| format!("{} with --prompt: {e}", self.model.display()))?;
+        .map_err(|e| format!("{} with --prompt: {e}", model_file.display()))?;
         self.start_previews(scorer.clone());
         self.send(Event::Phase("scoring".into()));
         let options = BatchOptions {
@@ -531,6 +548,43 @@ impl Worker {
             pool: pool.as_deref(),
         };
         let summary = run_batch(&self.files, &pooled, &store, &model, &options, |item| {
+            self.send(Event::Item(item))
+        })
+        .map_err(|e| e.to_string())?;
+        self.send(Event::Done(summary));
+        Ok(())
+    }
+
+    /// No model: the folder scored as one batch through core (as `score
+    /// --detector musc` does), then filed row by row as a model's scores
+    /// are. Every row is written again (the batch's scores depend on all its
+    /// images, and each row gets its preview); decisions are kept.
+    fn score_batch(&self, store: &Store, model: &ModelRef) -> Result<(), String> {
+        self.send(Event::Phase("mutual scoring (no model)".into()));
+        let limits = ImageLimits::default();
+        let pool = self.pool.clone();
+        let (files, runtime) = (&self.files, &self.runtime);
+        let raw = in_pool(pool.as_deref(), || {
+            musc::score_batch(files, &MuscConfig::default(), runtime, &limits, &NoProgress)
+        })
+        .map_err(|e| e.to_string())?;
+        let answers = musc::answers(&raw.iter().map(|r| r.as_ref().ok()).collect::<Vec<_>>());
+        let mut scored = std::collections::HashMap::new();
+        for ((file, result), answer) in self.files.iter().zip(&raw).zip(answers) {
+            let outcome = match (result, answer) {
+                (Err(err), _) => Err(err.to_string()),
+                (Ok(_), None) => Err("left unscored".to_owned()),
+                (Ok(_), Some(inspection)) => Ok(inspection),
+            };
+            scored.insert(store_path(file), outcome);
+        }
+        self.send(Event::Phase("filing the batch's scores".into()));
+        let scorer = BatchScorer { scored, limits };
+        let options = BatchOptions {
+            cancel: &self.cancel,
+            rescore: &|_| true,
+        };
+        let summary = run_batch(&self.files, &scorer, store, model, &options, |item| {
             self.send(Event::Item(item))
         })
         .map_err(|e| e.to_string())?;
@@ -566,6 +620,56 @@ impl Worker {
         }) {
             self.send(Event::Phase(format!("scoring (no previews: {err})")));
         }
+    }
+}
+
+/// The store's model entry of a batch scored against itself: named for
+/// it, and identified by every file's content, so a changed folder is
+/// another batch.
+fn batch_model(files: &[PathBuf]) -> Result<(String, String), TuiError> {
+    let mut hashes = String::new();
+    for file in files {
+        hashes.push_str(&file_hash(file)?);
+        hashes.push('\n');
+    }
+    Ok((
+        format!(
+            "no model: musc batch of {} images, uncalibrated",
+            files.len()
+        ),
+        format!("musc-batch:{}", content_hash(hashes.as_bytes())),
+    ))
+}
+
+/// A batch's answers, computed together beforehand, handed out one file
+/// at a time to [`run_batch`] (which files them and reports each).
+struct BatchScorer {
+    scored: std::collections::HashMap<PathBuf, Result<Inspection, String>>,
+    limits: ImageLimits,
+}
+
+impl Scorer for BatchScorer {
+    fn score(&self, path: &Path, bytes: &[u8]) -> Result<Scored, ScoreError> {
+        let inspection = match self.scored.get(path) {
+            Some(Ok(inspection)) => inspection,
+            Some(Err(err)) => return Err(ScoreError::Other(err.clone())),
+            None => return Err(ScoreError::Other("not in the batch".into())),
+        };
+        // The preview needs the pixels: decoded again, one at a time.
+        let image = decode_image(bytes, &path.display().to_string(), &self.limits)?;
+        Ok(Scored {
+            score: inspection.score,
+            raw_score: inspection.raw_score,
+            threshold: inspection.threshold,
+            preview: Some(Preview::from_map(
+                &image,
+                &inspection.map,
+                inspection.threshold,
+                PREVIEW_SIDE,
+            )),
+            defects: Vec::new(),
+            inspection: serde_json::to_string(inspection).ok(),
+        })
     }
 }
 
