@@ -6,6 +6,7 @@ mod answers;
 mod backbone;
 mod cli;
 mod deploy;
+mod few_shot;
 mod hostile;
 mod hostile_images;
 mod import_cycles;
