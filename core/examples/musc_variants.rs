@@ -6,6 +6,7 @@
 //! ```text
 //! cargo run --release -p flawscope-core --example musc_variants -- DATASET CATEGORY
 //!     [--side PX] [--stages stage4,stage3,stage5] [--degrees 1,3,5] [--interval 0.3]
+//!     [--rescore 1,2,3]   (default: off)
 //! ```
 
 use std::error::Error;
@@ -50,6 +51,13 @@ fn main() -> Result<(), Box<dyn Error>> {
             .map(str::parse)
             .collect::<Result<Vec<_>, _>>()?;
     }
+    if let Some(list) = value("--rescore") {
+        config.rescore = list
+            .split(',')
+            .map(str::parse)
+            .filter(|k| *k != Ok(0))
+            .collect::<Result<Vec<_>, _>>()?;
+    }
     if let Some(f) = value("--interval") {
         config.interval = f.parse()?;
     }
@@ -64,10 +72,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         &NoProgress,
     )?;
     eprintln!(
-        "side {side}, stages {:?}, degrees {:?}, interval {}",
+        "side {side}, stages {:?}, degrees {:?}, interval {}, rescore {:?}",
         stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
         config.degrees,
-        config.interval
+        config.interval,
+        config.rescore
     );
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
