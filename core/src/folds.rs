@@ -192,8 +192,8 @@ mod tests {
         let groups: Vec<usize> = (0..24).map(|i| i / 8).collect();
         let folds = Folds::grouped(&paths, &groups, 10).unwrap();
         assert_eq!(folds.count(), 3);
-        for i in 0..24 {
-            assert_eq!(folds.of(i), folds.of(groups[i] * 8));
+        for (i, group) in groups.iter().enumerate() {
+            assert_eq!(folds.of(i), folds.of(group * 8));
         }
         // One group: nothing to leave out by group, so view by view.
         let one = Folds::grouped(&paths[..8], &groups[..8], 10).unwrap();
