@@ -81,6 +81,27 @@ pub fn evaluate(
     threshold: ThresholdTarget,
     progress: &dyn Progress,
 ) -> Result<CategoryReport, Error> {
+    evaluate_shots(
+        category, None, features, detector, runtime, limits, tile, batch, threshold, progress,
+    )
+}
+
+/// [`evaluate`], fitted on the first `shots` normal training images by
+/// path when given ([`Model::fit_shots`]); WinCLIP takes its shots from its
+/// own settings.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_shots(
+    category: &Category,
+    shots: Option<usize>,
+    features: Option<&FeatureConfig>,
+    detector: &DetectorConfig,
+    runtime: &Runtime,
+    limits: &ImageLimits,
+    tile: TileChoice,
+    batch: usize,
+    threshold: ThresholdTarget,
+    progress: &dyn Progress,
+) -> Result<CategoryReport, Error> {
     let mut config = detector.clone();
     if let DetectorConfig::WinClip(c) = &mut config
         && c.object.trim().is_empty()
@@ -97,7 +118,12 @@ pub fn evaluate(
         max_mar: threshold.max_mar,
         ..FitOptions::default()
     };
-    let model = Model::fit(&category.train_good, &options, runtime, progress)?;
+    let model = match shots {
+        Some(k) if options.detector.is_calibrated() => {
+            Model::fit_shots(&category.train_good, k, &options, runtime, progress)?
+        }
+        _ => Model::fit(&category.train_good, &options, runtime, progress)?,
+    };
     let fit_seconds = fit_start.elapsed().as_secs_f64();
     let results = score_test_set(category, limits, batch, progress, |image| {
         let raw = model.inspect_raw(image)?;

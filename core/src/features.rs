@@ -452,7 +452,7 @@ mod stage_names {
 /// Brings a `[1, C, h, w]` map to `target_h × target_w`: an exact
 /// average over blocks when the map is an integer multiple of the target,
 /// bilinear interpolation otherwise.
-fn resample(map: Tensor, target_h: usize, target_w: usize) -> Result<Tensor, Error> {
+pub(crate) fn resample(map: Tensor, target_h: usize, target_w: usize) -> Result<Tensor, Error> {
     let (_, _, h, w) = map.dims4()?;
     if (h, w) == (target_h, target_w) {
         return Ok(map);

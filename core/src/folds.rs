@@ -44,6 +44,38 @@ impl Folds {
         })
     }
 
+    /// Deals images into folds by group: every image of a group lands in
+    /// the same fold (the augmented views of one few-shot image, so a fold
+    /// is scored by a detector that saw no view of it). Groups are dealt
+    /// round robin in the hash order of their first image. With fewer than
+    /// 2 groups there is nothing to leave out by group, and the images are
+    /// dealt one by one as [`Folds::deal`] does (leave-views-out).
+    pub fn grouped(paths: &[PathBuf], groups: &[usize], count: usize) -> Result<Self, Error> {
+        let mut folds = Self::deal(paths, count)?;
+        if groups.len() != paths.len() {
+            return Err(Error::InvalidConfig(format!(
+                "{} groups given for {} images",
+                groups.len(),
+                paths.len()
+            )));
+        }
+        let mut order: Vec<usize> = Vec::new();
+        for image in hash_order(paths) {
+            if !order.contains(&groups[image]) {
+                order.push(groups[image]);
+            }
+        }
+        if order.len() < 2 {
+            return Ok(folds);
+        }
+        folds.count = count.clamp(2, order.len());
+        for (image, group) in groups.iter().enumerate() {
+            let place = order.iter().position(|g| g == group).unwrap_or(0);
+            folds.of_image[image] = place % folds.count;
+        }
+        Ok(folds)
+    }
+
     pub fn count(&self) -> usize {
         self.count
     }
@@ -150,5 +182,22 @@ mod tests {
         }
         assert_eq!(Folds::deal(&paths[..3], 10).unwrap().count(), 3);
         assert!(Folds::deal(&paths[..1], 10).is_err());
+    }
+
+    #[test]
+    fn grouped_folds_keep_each_group_together() {
+        let paths: Vec<PathBuf> = (0..24)
+            .map(|i| PathBuf::from(format!("d/{i}.png")))
+            .collect();
+        let groups: Vec<usize> = (0..24).map(|i| i / 8).collect();
+        let folds = Folds::grouped(&paths, &groups, 10).unwrap();
+        assert_eq!(folds.count(), 3);
+        for (i, group) in groups.iter().enumerate() {
+            assert_eq!(folds.of(i), folds.of(group * 8));
+        }
+        // One group: nothing to leave out by group, so view by view.
+        let one = Folds::grouped(&paths[..8], &groups[..8], 10).unwrap();
+        assert_eq!(one.count(), 8);
+        assert!(Folds::grouped(&paths, &groups[..3], 10).is_err());
     }
 }

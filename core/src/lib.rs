@@ -33,6 +33,7 @@ pub mod detector;
 pub mod detectors;
 pub mod evaluation;
 pub mod features;
+pub mod fewshot;
 pub mod folds;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -20,6 +20,7 @@ use crate::detector::{Detector, FitInputs, RawInspection};
 use crate::detectors::patchcore::PatchCoreConfig;
 use crate::detectors::{DetectorConfig, Fitted};
 use crate::features::FeatureConfig;
+use crate::fewshot::{FewShot, augments, first_shots, write_views};
 use crate::folds::{Folds, hash_order};
 use crate::images::{ImageLimits, load_image};
 use crate::model_file::{self, ModelFileError, take};
@@ -34,6 +35,32 @@ use crate::synthetic::{KindRate, MissedAlarmEstimate};
 use crate::tiling::{Scale, TileChoice, Tiling, TilingDecision, View, ViewScales, ViewSeparation};
 use crate::verdict::{Verdict, flagged_by};
 use crate::winclip::config::WinClipConfig;
+
+/// Most bank rows of a few-shot PatchCore ([`Model::fit_shots`]).
+pub const FEW_SHOT_BANK: usize = 20_000;
+
+/// `point`, whose estimates were made on the augmented views of
+/// `few.shots` images, restated for those images: its upper bound and its
+/// warning count images, not views.
+fn restate_for_shots(mut point: OperatingPoint, few: &FewShot) -> OperatingPoint {
+    let n = few.shots;
+    let flagged = (point.estimated_false_alarm_rate * n as f64).round() as usize;
+    point.false_alarm_upper_bound_95 = crate::calibration::upper_bound_95(flagged, n);
+    point.normal_images = n;
+    let best = crate::calibration::upper_bound_95(0, n);
+    point.warning = Some(format!(
+        "few-shot: the threshold rests on {} views of {n} normal images, and {n} images cannot \
+         confirm a false-alarm rate below {best:.3} (the 95 % upper bound with no false alarm){}",
+        n * few.views_per_image,
+        if few.folds_by_image {
+            ""
+        } else {
+            "; with one image, views were left out instead of images, so the threshold is \
+             likely too low"
+        }
+    ));
+    point
+}
 
 /// Everything about a model except its tensors; stored as the model file's
 /// JSON metadata.
@@ -81,6 +108,9 @@ pub struct ModelInfo {
     /// and CLIP weights beside a classical detector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_layer: Option<PromptLayerInfo>,
+    /// Set when fitted on a few shots ([`Model::fit_shots`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub few_shot: Option<FewShot>,
     /// The flawscope version that wrote the file.
     pub written_by: String,
 }
@@ -298,10 +328,12 @@ impl Model {
                 TileChoice::Off | TileChoice::Side(_) => false,
             };
         let Some(tiles) = tiling.filter(|_| weigh) else {
-            return Ok(Self::fit_view(normal, options, tiling, runtime, progress)?.0);
+            return Ok(Self::fit_view(normal, None, options, tiling, runtime, progress)?.0);
         };
-        let (untiled, untiled_out) = Self::fit_view(normal, options, None, runtime, progress)?;
-        let (tiled, tiled_out) = Self::fit_view(normal, options, Some(tiles), runtime, progress)?;
+        let (untiled, untiled_out) =
+            Self::fit_view(normal, None, options, None, runtime, progress)?;
+        let (tiled, tiled_out) =
+            Self::fit_view(normal, None, options, Some(tiles), runtime, progress)?;
         let (Some(untiled_out), Some(tiled_out)) = (untiled_out, tiled_out) else {
             return Ok(untiled);
         };
@@ -335,9 +367,11 @@ impl Model {
     }
 
     /// [`Model::fit`] with the tiling settled, and the out-of-fold scores
-    /// its calibration rests on (for calibrated detectors).
+    /// its calibration rests on (for calibrated detectors); `groups` (one
+    /// per image) keeps images of one group in one calibration fold.
     fn fit_view(
         normal: &[PathBuf],
+        groups: Option<&[usize]>,
         options: &FitOptions,
         tiling: Option<Tiling>,
         runtime: &Runtime,
@@ -345,7 +379,11 @@ impl Model {
     ) -> Result<(Self, Option<OutOfFold>), Error> {
         let calibrated = options.detector.is_calibrated();
         let folds = if calibrated {
-            Some(Folds::deal(normal, options.detector.calibration_folds())?)
+            let count = options.detector.calibration_folds();
+            Some(match groups {
+                Some(groups) => Folds::grouped(normal, groups, count)?,
+                None => Folds::deal(normal, count)?,
+            })
         } else {
             None
         };
@@ -397,6 +435,7 @@ impl Model {
             calibration_scores,
             refitted_from: None,
             prompt_layer: None,
+            few_shot: None,
             written_by: format!("flawscope {}", env!("CARGO_PKG_VERSION")),
         };
         Ok((
@@ -438,6 +477,74 @@ impl Model {
         tiled.info.missed_alarms = Some(missed);
         tiled.info.calibration_scores = Some(scores);
         Ok(tiled)
+    }
+
+    /// Fits on the first `shots` of `normal` (by path), with the rotated and
+    /// flipped views of each for the detectors that call for them
+    /// ([`crate::fewshot`]). The calibration states its estimates for
+    /// `shots` images, and says they cannot confirm the limit asked.
+    /// WinCLIP takes its shots from its own settings; it is fitted as
+    /// [`Model::fit`] does.
+    pub fn fit_shots(
+        normal: &[PathBuf],
+        shots: usize,
+        options: &FitOptions,
+        runtime: &Runtime,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
+        if !options.detector.is_calibrated() {
+            return Self::fit(normal, options, runtime, progress);
+        }
+        let chosen = first_shots(normal, shots, &options.detector)?;
+        let mut options = options.clone();
+        // Nothing to thin in a few images' patches: keep them all (up to a
+        // bank of 20 000 rows, so scoring stays as fast as a full fit's).
+        if let DetectorConfig::PatchCore(c) = &mut options.detector {
+            c.coreset_ratio = 1.0;
+            c.max_bank = Some(c.max_bank.unwrap_or(FEW_SHOT_BANK).min(FEW_SHOT_BANK));
+        }
+        let scratch = tempfile::tempdir()
+            .map_err(|e| Error::InvalidConfig(format!("making a scratch folder: {e}")))?;
+        let (fitted_on, groups) = if augments(&options.detector) {
+            write_views(&chosen, &options.limits, scratch.path())?
+        } else {
+            let groups = (0..chosen.len()).collect();
+            (chosen.clone(), groups)
+        };
+        let views_per_image = fitted_on.len() / chosen.len().max(1);
+        let tiling = options.tile.resolve(
+            &fitted_on,
+            options.detector.input_side(options.features.as_ref()),
+            &options.limits,
+        )?;
+        let (mut model, _) = Self::fit_view(
+            &fitted_on,
+            Some(&groups),
+            &options,
+            tiling,
+            runtime,
+            progress,
+        )?;
+        let info = &mut model.info;
+        info.training_images = chosen.len();
+        info.training_paths = chosen
+            .iter()
+            .map(|p| {
+                std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        // The estimates rest on the images, not on their views.
+        info.calibration.normal_images = chosen.len();
+        info.calibration.refresh_bound();
+        info.few_shot = Some(FewShot {
+            shots: chosen.len(),
+            views_per_image,
+            folds_by_image: chosen.len() >= 2,
+        });
+        Ok(model)
     }
 
     /// Fits again, as this model was fitted, on its training images plus
@@ -539,7 +646,13 @@ impl Model {
             };
         }
         match &self.info.calibration_scores {
-            Some(scores) => Ok(OperatingPoint::new(calibration, scores, target)?),
+            Some(scores) => {
+                let point = OperatingPoint::new(calibration, scores, target)?;
+                Ok(match &self.info.few_shot {
+                    Some(few) => restate_for_shots(point, few),
+                    None => point,
+                })
+            }
             None if target.is_none() => Ok(OperatingPoint {
                 target: None,
                 threshold: DECISION_THRESHOLD,

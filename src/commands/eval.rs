@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use anyhow::Context;
 use flawscope_core::dataset::Dataset;
 use flawscope_core::detectors::DetectorConfig;
-use flawscope_core::evaluation::{ThresholdTarget, evaluate, evaluate_batch};
+use flawscope_core::evaluation::{ThresholdTarget, evaluate_batch, evaluate_shots};
 use flawscope_core::images::ImageLimits;
 use flawscope_core::musc::MuscConfig;
 
-use super::Outcome;
 use super::clip::{ClipArgs, setup_error};
 use super::options::{DetectorArgs, DetectorKind, DeviceChoice, TileArgs, parse_rate};
+use super::{Outcome, UsageError};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -30,8 +30,8 @@ pub struct Args {
     /// One JSON object per category instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// WinCLIP: normal training images (the first by path) in the few-shot
-    /// memory; 0 or absent: zero-shot.
+    /// Fit on the first K normal training images by path (as `fit
+    /// --shots`). WinCLIP: the few-shot memory; 0 or absent: zero-shot.
     #[arg(long)]
     pub shots: Option<usize>,
     #[command(flatten)]
@@ -56,11 +56,24 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     // Mutual scoring fits nothing: it takes each test set as one batch.
     let mutual = args.detector.detector == DetectorKind::Musc;
+    if mutual && args.shots.is_some() {
+        return Err(UsageError(
+            "--detector musc uses no normal images (it is the k = 0 point); drop --shots".into(),
+        )
+        .into());
+    }
     let (features, detector) = if mutual {
         (None, DetectorConfig::PatchCore(Default::default()))
     } else {
         args.detector.configs(&args.clip, args.shots)?
     };
+    if let Some(k) = args.shots
+        && detector.is_calibrated()
+        && !mutual
+    {
+        flawscope_core::fewshot::check_shots(k, &detector)
+            .map_err(|e| UsageError(e.to_string()))?;
+    }
     let runtime = args.clip.runtime(args.device.device()?)?;
     let dataset = Dataset::open(&args.dataset)
         .with_context(|| format!("reading dataset {}", args.dataset.display()))?;
@@ -97,8 +110,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 &bars,
             )
         } else {
-            evaluate(
+            evaluate_shots(
                 category,
+                args.shots,
                 features.as_ref(),
                 &detector,
                 &runtime,

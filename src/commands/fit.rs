@@ -40,8 +40,10 @@ pub struct Args {
     /// maximises F1 within the false-alarm limit.
     #[arg(long)]
     pub anomalies: Option<PathBuf>,
-    /// WinCLIP: how many normal images (the first by path) make the
-    /// few-shot memory; 0 writes a zero-shot model.
+    /// Fit on the first K normal images by path. PatchCore and PaDiM also
+    /// see the 8 rotations/flips of each (K ≥ 1); flow, recon and
+    /// SuperSimpleNet need K ≥ 2. WinCLIP: the few-shot memory; 0 writes a
+    /// zero-shot model.
     #[arg(long)]
     pub shots: Option<usize>,
     #[command(flatten)]
@@ -53,6 +55,12 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let (features, detector) = args.detector.fit_configs(&args.clip, args.shots)?;
+    if let Some(k) = args.shots
+        && detector.is_calibrated()
+    {
+        flawscope_core::fewshot::check_shots(k, &detector)
+            .map_err(|e| UsageError(e.to_string()))?;
+    }
     // Beside a classical detector, --object adds the text layer; defects
     // are asked about when scoring, not here.
     let text_layer = if detector.is_calibrated() {
@@ -92,9 +100,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         limits,
     };
     let started = std::time::Instant::now();
-    let mut model = Model::fit(&normal, &options, &runtime, &Bars::new(false))
-        .map_err(setup_error)
-        .context("fitting the model")?;
+    let fitted = match args.shots {
+        Some(k) if options.detector.is_calibrated() => {
+            Model::fit_shots(&normal, k, &options, &runtime, &Bars::new(false))
+        }
+        _ => Model::fit(&normal, &options, &runtime, &Bars::new(false)),
+    };
+    let mut model = fitted.map_err(setup_error).context("fitting the model")?;
     if let Some(object) = &text_layer {
         model
             .add_prompt_layer(
@@ -166,6 +178,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             missed.seed,
             missed.describe()
         );
+    }
+    if let Some(few) = &model.info().few_shot {
+        eprintln!("{}", few.describe());
     }
     if let Some(decision) = &summary.tiling_decision {
         eprintln!("automatic tiling {}", decision.describe());

@@ -7,6 +7,7 @@ mod backbone;
 mod batch;
 mod cli;
 mod deploy;
+mod few_shot;
 mod hostile;
 mod hostile_images;
 mod import_cycles;
