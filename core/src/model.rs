@@ -1020,6 +1020,7 @@ mod tests {
             ],
             resize: Resize::KeepAspect { side: 64 },
             weights: None,
+            layers: Vec::new(),
         });
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let model = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap();
@@ -1071,6 +1072,7 @@ mod tests {
                 height: 64,
             },
             weights,
+            layers: Vec::new(),
         };
         assert!(matches!(
             BackboneWeights::from_file(dir.path()),
