@@ -152,3 +152,38 @@ fn bad_inputs_and_folders_are_clear_errors() {
     let err = Dinov2Model::load(empty.path(), &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("embeddings"), "{err}");
 }
+
+/// A checkpoint of a released shape (e.g. a random ViT-S/14 with the
+/// trained 37 × 37 grid) and `check.safetensors` beside it, made with
+/// transformers (`pixels`, `hidden_state_6`, `hidden_state_12`,
+/// `patch_tokens`): `FLAWSCOPE_DINOV2_CHECK=DIR cargo test --release -p
+/// flawscope-models --test dinov2 -- --ignored`.
+#[test]
+#[ignore = "needs FLAWSCOPE_DINOV2_CHECK=DIR (a full-size checkpoint and its reference)"]
+fn full_size_checkpoint_matches_transformers() {
+    let Some(dir) = std::env::var_os("FLAWSCOPE_DINOV2_CHECK") else {
+        println!("FLAWSCOPE_DINOV2_CHECK is not set: nothing checked");
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let model = Dinov2Model::load(&dir, &Device::Cpu).unwrap();
+    let reference = safetensors::load(dir.join("check.safetensors"), &Device::Cpu).unwrap();
+    let pixels = &reference["pixels"];
+    let (states, _) = model.hidden_states(pixels, &[6, 12]).unwrap();
+    assert_close(
+        "hidden state 6",
+        &states[0].i(0).unwrap(),
+        &reference["hidden_state_6"],
+    );
+    assert_close(
+        "hidden state 12",
+        &states[1].i(0).unwrap(),
+        &reference["hidden_state_12"],
+    );
+    let tokens = model.patch_tokens(pixels).unwrap();
+    assert_close(
+        "patch tokens",
+        &tokens.i(0).unwrap(),
+        &reference["patch_tokens"],
+    );
+}

@@ -34,6 +34,8 @@ const DINOV2_REPOS: [&str; 3] = [
     "facebook/dinov2-large",
 ];
 
+// One network per extractor: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Model {
     Dinov2(Dinov2Model),
     Clip(ClipModel),
@@ -289,7 +291,7 @@ pub fn resolve_vit_weights(
             let looks_like_id =
                 id.matches('/').count() == 1 && !id.starts_with(['/', '.']) && !id.ends_with('/');
             let cached = looks_like_id
-                .then(|| lookup.hub_cache.as_deref())
+                .then_some(lookup.hub_cache.as_deref())
                 .flatten()
                 .and_then(|cache| find_cached(cache, &id, None, &["config.json"], &WEIGHT_FILES));
             match cached {

@@ -133,7 +133,7 @@ impl Dinov2Config {
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err("hidden_size is not a multiple of num_attention_heads".into());
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return Err("layer_norm_eps must be positive".into());
         }
         Ok(())
