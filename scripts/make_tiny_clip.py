@@ -15,8 +15,17 @@ The BPE merges come from OpenAI's bpe_simple_vocab_16e6.txt.gz, which the
 open_clip_torch wheel ships (`pip download open_clip_torch --no-deps`):
 pass --bpe FILE.txt.gz, or --open-clip-wheel WHEEL.whl.
 
+  reference_patch_tokens.safetensors   the vision tower's patch tokens (every
+                                  hidden state without the class token, and the
+                                  post-layernormed last layer) at the 40x48
+                                  input `pixels_rect`, which interpolates the
+                                  position embeddings
+
 Needs: torch, transformers (5.x), pillow, safetensors, numpy.
 Usage: python scripts/make_tiny_clip.py --open-clip-wheel /tmp/oc/open_clip_torch-*.whl
+       python scripts/make_tiny_clip.py --patch-tokens-only
+         (re-derives only reference_patch_tokens.safetensors from the
+          committed checkpoint, leaving every other file unchanged)
 """
 
 import argparse
@@ -29,7 +38,7 @@ import zipfile
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -145,15 +154,40 @@ def windows(grid, sizes=(2, 3)):
     return result
 
 
+def write_patch_tokens(model, out):
+    """Patch tokens of the vision tower at the interpolated 40x48 input."""
+    vm = model.double().vision_model
+    px = load_file(os.path.join(out, "reference.safetensors"))["pixels_rect"].double()
+    tensors = {"pixels_rect": px}
+    with torch.no_grad():
+        o = vm(pixel_values=px, output_hidden_states=True, interpolate_pos_encoding=True)
+        for i, h in enumerate(o.hidden_states):
+            tensors[f"rect_patch_tokens_{i}"] = h[0, 1:]
+        tensors["rect_patch_tokens_normed"] = vm.post_layernorm(o.last_hidden_state[0, 1:])
+    save_file(
+        {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()},
+        os.path.join(out, "reference_patch_tokens.safetensors"),
+    )
+
+
 def main():
     parser = argparse.ArgumentParser()
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--bpe", help="bpe_simple_vocab_16e6.txt.gz")
     src.add_argument("--open-clip-wheel", help="open_clip_torch wheel that ships the BPE file")
+    src.add_argument(
+        "--patch-tokens-only",
+        action="store_true",
+        help="only write reference_patch_tokens.safetensors from the existing checkpoint",
+    )
     parser.add_argument("--merges", type=int, default=2000)
     parser.add_argument("--out", default="models/tests/fixtures/tiny_clip")
     args = parser.parse_args()
     out = args.out
+    if args.patch_tokens_only:
+        write_patch_tokens(CLIPModel.from_pretrained(out).eval(), out)
+        print(f"wrote {out}/reference_patch_tokens.safetensors")
+        return
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(SEED)
 
@@ -282,6 +316,7 @@ def main():
         {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()},
         os.path.join(out, "reference.safetensors"),
     )
+    write_patch_tokens(model, out)
     with open(os.path.join(out, "reference.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False)
     total = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))

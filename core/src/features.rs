@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
+mod vit;
+pub use vit::{MAX_VIT_TOKENS, default_vit_layers, resolve_vit_weights};
+
 /// Which pretrained network produces the features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,6 +35,12 @@ pub enum BackboneKind {
     Lite1,
     /// EfficientNet-Lite2, ImageNet weights from a file.
     Lite2,
+    /// DINOv2 ViT (`facebook/dinov2-small` / `-base` Hugging Face folder):
+    /// patch tokens of chosen layers.
+    Dinov2,
+    /// The CLIP vision tower (a CLIP Hugging Face folder): patch tokens of
+    /// chosen layers.
+    Clip,
 }
 
 impl BackboneKind {
@@ -40,16 +49,25 @@ impl BackboneKind {
             Self::Lite0 => "lite0",
             Self::Lite1 => "lite1",
             Self::Lite2 => "lite2",
+            Self::Dinov2 => "dinov2",
+            Self::Clip => "clip",
         }
     }
 
-    /// The network variant.
-    pub fn variant(self) -> LiteVariant {
+    /// The EfficientNet-Lite variant (none for the vision transformers).
+    pub fn variant(self) -> Option<LiteVariant> {
         match self {
-            Self::Lite0 => LiteVariant::Lite0,
-            Self::Lite1 => LiteVariant::Lite1,
-            Self::Lite2 => LiteVariant::Lite2,
+            Self::Lite0 => Some(LiteVariant::Lite0),
+            Self::Lite1 => Some(LiteVariant::Lite1),
+            Self::Lite2 => Some(LiteVariant::Lite2),
+            Self::Dinov2 | Self::Clip => None,
         }
+    }
+
+    /// Whether this is a vision transformer, whose features are the patch
+    /// tokens of chosen layers ([`FeatureConfig::layers`]) rather than CNN stages.
+    pub fn is_vit(self) -> bool {
+        matches!(self, Self::Dinov2 | Self::Clip)
     }
 
     /// Whether the weights are compiled into the binary (else a
@@ -66,8 +84,10 @@ impl std::str::FromStr for BackboneKind {
             "lite0" => Ok(Self::Lite0),
             "lite1" => Ok(Self::Lite1),
             "lite2" => Ok(Self::Lite2),
+            "dinov2" => Ok(Self::Dinov2),
+            "clip" => Ok(Self::Clip),
             _ => Err(Error::InvalidConfig(format!(
-                "unknown backbone {s:?}; available: lite0, lite1, lite2"
+                "unknown backbone {s:?}; available: lite0, lite1, lite2, dinov2, clip"
             ))),
         }
     }
@@ -138,8 +158,26 @@ fn read_weights(path: &Path) -> Result<Vec<u8>, Error> {
 }
 
 /// Loads the backbone `config` names, checking its weight file's hash.
-fn load_backbone(config: &FeatureConfig, device: &Device) -> Result<EfficientNetLite, Error> {
+fn load_backbone(config: &FeatureConfig, device: &Device) -> Result<Net, Error> {
+    if config.backbone.is_vit() {
+        return vit::load(config, device);
+    }
+    Ok(Net::Lite(load_lite(config, device)?))
+}
+
+/// The network behind a [`FeatureExtractor`] (one per extractor, so the
+/// size difference between the variants costs nothing).
+#[allow(clippy::large_enum_variant)]
+enum Net {
+    Lite(EfficientNetLite),
+    Vit(vit::VitNet),
+}
+
+fn load_lite(config: &FeatureConfig, device: &Device) -> Result<EfficientNetLite, Error> {
     let kind = config.backbone;
+    let variant = kind.variant().ok_or_else(|| {
+        Error::InvalidConfig(format!("{} is not an EfficientNet-Lite", kind.name()))
+    })?;
     let Some(weights) = &config.weights else {
         if kind.is_embedded() {
             return Ok(EfficientNetLite::embedded_lite0(device)?);
@@ -162,11 +200,10 @@ fn load_backbone(config: &FeatureConfig, device: &Device) -> Result<EfficientNet
             weights.sha256
         )));
     }
-    EfficientNetLite::from_safetensors_bytes(kind.variant(), &bytes, device).map_err(|e| {
+    EfficientNetLite::from_safetensors_bytes(variant, &bytes, device).map_err(|e| {
         Error::BackboneWeights(format!(
-            "{} is not usable as {} weights: {e}",
+            "{} is not usable as {variant} weights: {e}",
             weights.path.display(),
-            kind.variant()
         ))
     })
 }
@@ -223,6 +260,11 @@ pub struct FeatureConfig {
     /// from model files written before Lite1 and Lite2 existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<BackboneWeights>,
+    /// Vision transformers: the layers whose patch tokens are concatenated
+    /// (`transformers`' `hidden_states` numbering: 0 = embeddings, `i` = the
+    /// output of layer `i`); empty for the CNNs, which use `stages`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<usize>,
 }
 
 impl FeatureConfig {
@@ -233,6 +275,7 @@ impl FeatureConfig {
             stages: stages.to_vec(),
             resize,
             weights: None,
+            layers: Vec::new(),
         }
     }
 }
@@ -247,8 +290,14 @@ pub fn time_backbone(
     runs: usize,
     device: &Device,
 ) -> Result<Vec<f64>, Error> {
+    let variant = kind.variant().ok_or_else(|| {
+        Error::InvalidConfig(format!(
+            "bench backbone times the EfficientNet-Lite classifiers; {} has none",
+            kind.name()
+        ))
+    })?;
     let net = match weights {
-        Some(path) => EfficientNetLite::load(kind.variant(), path, device).map_err(|e| {
+        Some(path) => EfficientNetLite::load(variant, path, device).map_err(|e| {
             Error::BackboneWeights(format!(
                 "loading {} weights from {}: {e}",
                 kind.name(),
@@ -317,13 +366,17 @@ impl PatchGrid {
 
 /// A backbone plus the recipe that turns its stages into patch features.
 pub struct FeatureExtractor {
-    net: EfficientNetLite,
+    net: Net,
     config: FeatureConfig,
 }
 
 impl FeatureExtractor {
     pub fn new(config: FeatureConfig, device: &Device) -> Result<Self, Error> {
-        if config.stages.is_empty() {
+        if config.backbone.is_vit() {
+            if config.layers.is_empty() {
+                return Err(Error::InvalidConfig("no transformer layers chosen".into()));
+            }
+        } else if config.stages.is_empty() {
             return Err(Error::InvalidConfig("no backbone stages chosen".into()));
         }
         let net = load_backbone(&config, device)?;
@@ -335,16 +388,23 @@ impl FeatureExtractor {
     }
 
     pub fn device(&self) -> &Device {
-        self.net.device()
+        match &self.net {
+            Net::Lite(net) => net.device(),
+            Net::Vit(net) => net.device(),
+        }
     }
 
     /// Width of each patch feature vector.
     pub fn channels(&self) -> usize {
-        self.config
-            .stages
-            .iter()
-            .map(|s| self.net.stage_channels(*s))
-            .sum()
+        match &self.net {
+            Net::Lite(net) => self
+                .config
+                .stages
+                .iter()
+                .map(|s| net.stage_channels(*s))
+                .sum(),
+            Net::Vit(net) => net.hidden_size() * self.config.layers.len(),
+        }
     }
 
     /// Backbone input tensor `[1, 3, H, W]` for an image.
@@ -354,7 +414,10 @@ impl FeatureExtractor {
 
     fn input_tensor_at(&self, image: &Rgb32FImage, resize: Resize) -> Result<Tensor, Error> {
         let (w, h) = resize.input_size(image.width(), image.height());
-        Ok(Preprocess::new(w, h).image_rgb32f(image, self.net.device())?)
+        match &self.net {
+            Net::Lite(net) => Ok(Preprocess::new(w, h).image_rgb32f(image, net.device())?),
+            Net::Vit(net) => net.input_tensor(image, w, h),
+        }
     }
 
     /// The raw maps of the configured stages, each `[1, C, h, w]` f32, in
@@ -364,8 +427,14 @@ impl FeatureExtractor {
     pub fn stage_maps(&self, image: &Rgb32FImage) -> Result<(Vec<Tensor>, (u32, u32)), Error> {
         let input = self.input_tensor(image)?;
         let (_, _, h, w) = input.dims4()?;
-        let maps = self
-            .net
+        let net = match &self.net {
+            Net::Lite(net) => net,
+            Net::Vit(net) => {
+                let maps = net.layer_maps(&input, &self.config.layers)?;
+                return Ok((maps, (w as u32, h as u32)));
+            }
+        };
+        let maps = net
             .forward_stages(&input, &self.config.stages)?
             .into_iter()
             .map(|(_, map)| map.to_dtype(DType::F32))
@@ -392,7 +461,21 @@ impl FeatureExtractor {
     ) -> Result<PatchGrid, Error> {
         let input = self.input_tensor_at(image, resize)?;
         let (_, _, h, w) = input.dims4()?;
-        let stages = self.net.forward_stages(&input, &self.config.stages)?;
+        let net = match &self.net {
+            Net::Lite(net) => net,
+            Net::Vit(net) => {
+                // Transformer tokens already mix the whole image: they are
+                // used as they are, without PatchCore's 3×3 local averaging.
+                let (features, (rows, cols)) = net.patch_features(&input, &self.config.layers)?;
+                return Ok(PatchGrid {
+                    features,
+                    grid_width: cols,
+                    grid_height: rows,
+                    input_size: (w as u32, h as u32),
+                });
+            }
+        };
+        let stages = net.forward_stages(&input, &self.config.stages)?;
         // The first stage listed sets the grid; the others are resampled to
         // it (finer ones averaged down, coarser ones upsampled bilinearly).
         let mut maps = Vec::with_capacity(stages.len());
@@ -508,6 +591,7 @@ mod tests {
                 height: 96,
             },
             weights: None,
+            layers: Vec::new(),
         };
         let extractor = FeatureExtractor::new(config, &Device::Cpu).unwrap();
         let image = Rgb32FImage::from_pixel(50, 40, image::Rgb([0.5, 0.2, 0.9]));

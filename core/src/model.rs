@@ -1257,6 +1257,7 @@ mod tests {
             ],
             resize: Resize::KeepAspect { side: 64 },
             weights: None,
+            layers: Vec::new(),
         });
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let model = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap();
@@ -1384,6 +1385,7 @@ mod tests {
                 height: 64,
             },
             weights,
+            layers: Vec::new(),
         };
         assert!(matches!(
             BackboneWeights::from_file(dir.path()),

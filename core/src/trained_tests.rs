@@ -82,6 +82,7 @@ fn fixture() -> Fixture {
                 height: SIDE,
             },
             weights: None,
+            layers: Vec::new(),
         },
         &Device::Cpu,
     )

@@ -50,6 +50,7 @@ fn preprocessing_memory_does_not_grow_with_the_aspect_ratio() {
             stages: vec![Stage::Stage4, Stage::Stage5],
             resize: Resize::KeepAspect { side: 224 },
             weights: None,
+            layers: Vec::new(),
         },
         &Device::Cpu,
     )

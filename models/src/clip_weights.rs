@@ -327,14 +327,43 @@ pub fn check_checkpoint_dir(dir: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
-/// A complete snapshot of a cached repository: the pinned revision, then the
-/// one `refs/main` points at, then the most recently modified other one.
+/// A complete CLIP snapshot of a cached repository (see [`find_cached`]).
 fn cached_snapshot(repo: &Path, revision: &str) -> Option<PathBuf> {
+    snapshot_where(repo, Some(revision), |dir| {
+        check_checkpoint_dir(dir).is_ok()
+    })
+}
+
+/// The folder of hub repository `repo_id` (`owner/name`) in the hub cache
+/// `cache` that holds every file of `required` (any of `weight_files` too,
+/// unless it is empty): `revision` first where given, then the one
+/// `refs/main` points at, then the most recently modified other one.
+/// Nothing is downloaded.
+pub fn find_cached(
+    cache: &Path,
+    repo_id: &str,
+    revision: Option<&str>,
+    required: &[&str],
+    weight_files: &[&str],
+) -> Option<PathBuf> {
+    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    snapshot_where(&repo, revision, |dir| {
+        required.iter().all(|f| dir.join(f).is_file())
+            && (weight_files.is_empty() || weight_files.iter().any(|f| dir.join(f).is_file()))
+    })
+}
+
+fn snapshot_where(
+    repo: &Path,
+    revision: Option<&str>,
+    complete: impl Fn(&Path) -> bool,
+) -> Option<PathBuf> {
     let snapshots = repo.join("snapshots");
-    let complete = |dir: &Path| check_checkpoint_dir(dir).is_ok();
-    let pinned = snapshots.join(revision);
-    if complete(&pinned) {
-        return Some(pinned);
+    if let Some(revision) = revision.filter(|r| !r.is_empty()) {
+        let pinned = snapshots.join(revision);
+        if complete(&pinned) {
+            return Some(pinned);
+        }
     }
     if let Ok(main) = std::fs::read_to_string(repo.join("refs").join("main")) {
         let main = snapshots.join(main.trim());

@@ -8,6 +8,7 @@ mod bf16_gemm;
 pub mod clip;
 pub mod clip_weights;
 pub mod depthwise;
+pub mod dinov2;
 pub mod efficientnet;
 pub mod error;
 pub mod resample;

@@ -550,3 +550,35 @@ fn clip_class_vectors_through_the_cache() {
         .fold(0f32, f32::max);
     assert!(d < 1e-6);
 }
+
+#[test]
+fn vision_patch_tokens_match_transformers_at_an_interpolated_size() {
+    // reference_patch_tokens.safetensors: transformers' vision tower at the
+    // 40x48 input (10x12 grid from the trained 8x8), class token dropped.
+    let reference = safetensors::load(
+        fixture_dir().join("reference_patch_tokens.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let model = model();
+    let pixels = &reference["pixels_rect"];
+    let depth = model.config().vision.num_hidden_layers;
+    let layers: Vec<usize> = (0..=depth).collect();
+    let states = model.vision_hidden_states(pixels, &layers).unwrap();
+    for (i, state) in states.iter().enumerate() {
+        let n = state.dim(1).unwrap();
+        assert_eq!(n, 1 + 10 * 12);
+        let patches = state.narrow(1, 1, n - 1).unwrap().squeeze(0).unwrap();
+        assert_close(
+            &format!("patch tokens of hidden state {i}"),
+            &patches,
+            &reference[&format!("rect_patch_tokens_{i}")],
+        );
+    }
+    let (_, normed) = model.encode_image_and_patch_tokens(pixels).unwrap();
+    assert_close(
+        "post-layernormed patch tokens",
+        &normed.squeeze(0).unwrap(),
+        &reference["rect_patch_tokens_normed"],
+    );
+}

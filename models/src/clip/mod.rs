@@ -37,9 +37,9 @@
 mod config;
 mod preprocess;
 mod text;
-mod transformer;
-mod vision;
-mod weights_file;
+pub(crate) mod transformer;
+pub(crate) mod vision;
+pub(crate) mod weights_file;
 
 use std::path::{Path, PathBuf};
 

@@ -40,13 +40,13 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Resu
 }
 
 /// Weights reader that names the file and the tensor in its errors.
-pub(super) struct Weights<'a> {
-    pub(super) vb: VarBuilder<'a>,
-    pub(super) path: &'a Path,
+pub(crate) struct Weights<'a> {
+    pub(crate) vb: VarBuilder<'a>,
+    pub(crate) path: &'a Path,
 }
 
 impl<'a> Weights<'a> {
-    pub(super) fn pp(&self, prefix: impl ToString) -> Weights<'a> {
+    pub(crate) fn pp(&self, prefix: impl ToString) -> Weights<'a> {
         Weights {
             vb: self.vb.pp(prefix),
             path: self.path,
@@ -69,7 +69,7 @@ impl<'a> Weights<'a> {
         }
     }
 
-    pub(super) fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor, ModelError> {
+    pub(crate) fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor, ModelError> {
         if !self.vb.contains_tensor(name) {
             return Err(self.missing(name));
         }
@@ -80,7 +80,7 @@ impl<'a> Weights<'a> {
     }
 
     /// A tensor whose shape is checked by the caller.
-    pub(super) fn get_any(&self, name: &str) -> Result<Tensor, ModelError> {
+    pub(crate) fn get_any(&self, name: &str) -> Result<Tensor, ModelError> {
         if !self.vb.contains_tensor(name) {
             return Err(self.missing(name));
         }
@@ -92,7 +92,7 @@ impl<'a> Weights<'a> {
             })
     }
 
-    pub(super) fn linear(&self, inp: usize, out: usize, name: &str) -> Result<Linear, ModelError> {
+    pub(crate) fn linear(&self, inp: usize, out: usize, name: &str) -> Result<Linear, ModelError> {
         let w = self.pp(name);
         Ok(Linear::new(
             w.get((out, inp), "weight")?,
@@ -100,7 +100,7 @@ impl<'a> Weights<'a> {
         ))
     }
 
-    pub(super) fn layer_norm(
+    pub(crate) fn layer_norm(
         &self,
         dim: usize,
         eps: f64,
@@ -117,15 +117,15 @@ impl<'a> Weights<'a> {
 
 /// `y = x Wᵀ + b` over the last dimension, as one 2-D product.
 #[derive(Debug, Clone)]
-pub(super) struct Linear {
-    pub(super) weight: Tensor,
-    pub(super) bias: Option<Tensor>,
+pub(crate) struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
     /// The bf16 copy of `weight` and the bias values, where [`Precision::Bf16`] is on.
-    pub(super) bf16: Option<Arc<(PackedBf16, Vec<f32>)>>,
+    pub(crate) bf16: Option<Arc<(PackedBf16, Vec<f32>)>>,
 }
 
 impl Linear {
-    pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             weight,
             bias,
@@ -211,7 +211,7 @@ impl Linear {
         residual + self.forward(x)?
     }
 
-    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(y) = self.forward_bf16(x, Epilogue::Bias, None)? {
             return Ok(y);
         }
@@ -232,7 +232,7 @@ impl Linear {
 }
 
 #[derive(Debug, Clone)]
-struct Attention {
+pub(crate) struct Attention {
     qkv: Linear,
     out: Linear,
     heads: usize,
@@ -245,6 +245,18 @@ impl Attention {
         let q = w.linear(dim, dim, "q_proj")?;
         let k = w.linear(dim, dim, "k_proj")?;
         let v = w.linear(dim, dim, "v_proj")?;
+        Self::from_projections(q, k, v, w.linear(dim, dim, "out_proj")?, dim, heads)
+    }
+
+    /// Multi-head self-attention from its four projections (each with a bias).
+    pub(crate) fn from_projections(
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        out: Linear,
+        dim: usize,
+        heads: usize,
+    ) -> Result<Self, ModelError> {
         let bias = |l: &Linear| {
             l.bias
                 .clone()
@@ -257,7 +269,7 @@ impl Attention {
         let head_dim = dim / heads;
         Ok(Self {
             qkv,
-            out: w.linear(dim, dim, "out_proj")?,
+            out,
             heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -265,7 +277,7 @@ impl Attention {
     }
 
     /// `residual + attention(x)`.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         mask: Option<&Tensor>,
@@ -359,7 +371,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     ln1: LayerNorm,
     attn: Attention,
     ln2: LayerNorm,
@@ -369,6 +381,25 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// A pre-norm layer: `x + attn(ln1(x))`, then `x + fc2(act(fc1(ln2(x))))`.
+    pub(crate) fn new(
+        ln1: LayerNorm,
+        attn: Attention,
+        ln2: LayerNorm,
+        fc1: Linear,
+        fc2: Linear,
+        act: Activation,
+    ) -> Self {
+        Self {
+            ln1,
+            attn,
+            ln2,
+            fc1,
+            fc2,
+            act,
+        }
+    }
+
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let x = self.attn.forward(&self.ln1.forward(x)?, mask, x)?;
         let h = self.fc1.forward_act(&self.ln2.forward(&x)?, self.act)?;
@@ -377,13 +408,13 @@ impl EncoderLayer {
 }
 
 #[derive(Debug, Clone)]
-pub(super) struct Encoder {
+pub(crate) struct Encoder {
     layers: Vec<EncoderLayer>,
 }
 
 impl Encoder {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn load(
+    pub(crate) fn load(
         w: &Weights,
         dim: usize,
         mlp: usize,
@@ -409,8 +440,18 @@ impl Encoder {
         Ok(Self { layers })
     }
 
+    /// An encoder of the given layers.
+    pub(crate) fn from_layers(layers: Vec<EncoderLayer>) -> Self {
+        Self { layers }
+    }
+
+    /// Number of layers.
+    pub(crate) fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Sets the arithmetic of every linear layer (see [`Precision`]).
-    pub(super) fn set_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
+    pub(crate) fn set_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
         for layer in &mut self.layers {
             for linear in [
                 &mut layer.attn.qkv,
@@ -426,7 +467,7 @@ impl Encoder {
 
     /// Runs the first `upto` layers; `keep(i)` says whether to record
     /// the output of layer `i` (1-based; 0 is the input).
-    pub(super) fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         mask: Option<&Tensor>,

@@ -134,32 +134,7 @@ impl ClipModel {
         if let Some(cls) = table.first() {
             out.extend_from_slice(cls);
         }
-        let patches = &table[1..];
-        let wy = cubic_taps(g, rows);
-        let wx = cubic_taps(g, cols);
-        let mut row_mix = vec![0f64; g * d];
-        for (ty, ky) in &wy {
-            // Interpolate along y first: one source row per grid column.
-            row_mix.iter_mut().for_each(|v| *v = 0.0);
-            for (k, &sy) in ty.iter().enumerate() {
-                for sx in 0..g {
-                    let src = &patches[sy * g + sx];
-                    let dst = &mut row_mix[sx * d..(sx + 1) * d];
-                    for (o, &s) in dst.iter_mut().zip(src) {
-                        *o += ky[k] * f64::from(s);
-                    }
-                }
-            }
-            for (tx, kx) in &wx {
-                let mut acc = vec![0f64; d];
-                for (k, &sx) in tx.iter().enumerate() {
-                    for (a, &s) in acc.iter_mut().zip(&row_mix[sx * d..(sx + 1) * d]) {
-                        *a += kx[k] * s;
-                    }
-                }
-                out.extend(acc.iter().map(|&v| v as f32));
-            }
-        }
+        out.extend(interpolate_grid(&table[1..], g, rows, cols, d));
         Ok(Tensor::from_vec(out, (1 + rows * cols, d), &self.device)?)
     }
 
@@ -379,6 +354,45 @@ pub fn sliding_windows(rows: usize, cols: usize, size: usize, stride: usize) -> 
                     .flat_map(|r| (0..size).map(move |c| (top + r) * cols + left + c))
                     .collect(),
             );
+        }
+    }
+    out
+}
+
+/// The `g × g` grid of `d`-wide rows `patches` (row-major) resized to
+/// `rows × cols` as PyTorch's `interpolate(mode="bicubic",
+/// align_corners=False)` does, row-major, computed in f64.
+pub(crate) fn interpolate_grid(
+    patches: &[Vec<f32>],
+    g: usize,
+    rows: usize,
+    cols: usize,
+    d: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * cols * d);
+    let wy = cubic_taps(g, rows);
+    let wx = cubic_taps(g, cols);
+    let mut row_mix = vec![0f64; g * d];
+    for (ty, ky) in &wy {
+        // Interpolate along y first: one source row per grid column.
+        row_mix.iter_mut().for_each(|v| *v = 0.0);
+        for (k, &sy) in ty.iter().enumerate() {
+            for sx in 0..g {
+                let src = &patches[sy * g + sx];
+                let dst = &mut row_mix[sx * d..(sx + 1) * d];
+                for (o, &s) in dst.iter_mut().zip(src) {
+                    *o += ky[k] * f64::from(s);
+                }
+            }
+        }
+        for (tx, kx) in &wx {
+            let mut acc = vec![0f64; d];
+            for (k, &sx) in tx.iter().enumerate() {
+                for (a, &s) in acc.iter_mut().zip(&row_mix[sx * d..(sx + 1) * d]) {
+                    *a += kx[k] * s;
+                }
+            }
+            out.extend(acc.iter().map(|&v| v as f32));
         }
     }
     out
