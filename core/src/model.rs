@@ -1304,6 +1304,7 @@ mod tests {
                 height: 64,
             },
             weights: None,
+            layers: Vec::new(),
         };
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let fit = |tile| {
