@@ -10,6 +10,7 @@ pub mod clip_weights;
 pub mod depthwise;
 pub mod efficientnet;
 pub mod error;
+mod pointwise;
 pub mod resample;
 pub mod simd;
 
