@@ -180,7 +180,6 @@ impl PackedPointwise {
 /// `out_h · out_w` values, zero where a tap falls in the padding (`top`,
 /// `left` before the image). Used for the stem, whose 3 input channels make
 /// a direct kernel not worth its code.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn im2col(
     x: &[f32],
     (n, c, h, w): (usize, usize, usize, usize),
@@ -432,6 +431,7 @@ mod tests {
     use super::*;
 
     /// The same sums in f64, one output at a time.
+    #[allow(clippy::too_many_arguments)]
     fn naive(
         w: &[f32],
         b: &[f32],
