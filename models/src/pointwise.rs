@@ -174,49 +174,6 @@ impl PackedPointwise {
     }
 }
 
-/// The patches of a `k × k` convolution with stride `stride` as rows of a
-/// matrix product: for `n` images of `c × h × w` values, `n` blocks of
-/// `c·k·k` rows (in a convolution weight's `(channel, ky, kx)` order) of
-/// `out_h · out_w` values, zero where a tap falls in the padding (`top`,
-/// `left` before the image). Used for the stem, whose 3 input channels make
-/// a direct kernel not worth its code.
-pub(crate) fn im2col(
-    x: &[f32],
-    (n, c, h, w): (usize, usize, usize, usize),
-    k: usize,
-    stride: usize,
-    (top, left): (usize, usize),
-    (out_h, out_w): (usize, usize),
-) -> Vec<f32> {
-    let plane = out_h * out_w;
-    let mut cols = vec![0f32; n * c * k * k * plane];
-    if plane == 0 || x.len() != n * c * h * w {
-        return cols;
-    }
-    cols.par_chunks_exact_mut(plane)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let (image_channel, tap) = (row / (k * k), row % (k * k));
-            let (ky, kx) = (tap / k, tap % k);
-            let src = &x[image_channel * h * w..][..h * w];
-            for (oy, drow) in dst.chunks_exact_mut(out_w).enumerate() {
-                let Some(iy) = (oy * stride + ky).checked_sub(top).filter(|&iy| iy < h) else {
-                    continue;
-                };
-                let srow = &src[iy * w..][..w];
-                for (ox, d) in drow.iter_mut().enumerate() {
-                    if let Some(&v) = (ox * stride + kx)
-                        .checked_sub(left)
-                        .and_then(|ix| srow.get(ix))
-                    {
-                        *d = v;
-                    }
-                }
-            }
-        });
-    cols
-}
-
 /// The output pointer, shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -507,21 +464,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn im2col_lays_out_taps_with_same_padding() {
-        // One 2-channel 3×4 image, 3×3 taps at stride 2, padding 1 before:
-        // output 2×2.
-        let x: Vec<f32> = (1..=24).map(|v| v as f32).collect();
-        let cols = im2col(&x, (1, 2, 3, 4), 3, 2, (1, 1), (2, 2));
-        assert_eq!(cols.len(), 2 * 9 * 4);
-        // Channel 0, tap (0, 0): input (−1, −1), (−1, 1), (1, −1), (1, 1).
-        assert_eq!(&cols[0..4], &[0.0, 0.0, 0.0, 6.0]);
-        // Channel 0, tap (1, 1): input (0, 0), (0, 2), (2, 0), (2, 2).
-        assert_eq!(&cols[16..20], &[1.0, 3.0, 9.0, 11.0]);
-        // Channel 1, tap (2, 2): input (1, 1), (1, 3), (3, 1) outside, (3, 3) outside.
-        assert_eq!(&cols[68..72], &[18.0, 20.0, 0.0, 0.0]);
     }
 
     #[test]
