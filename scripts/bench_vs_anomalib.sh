@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark: flawscope and anomalib 2.7 back to back, at anomalib's settings,
 # on one machine in one run. Prints PatchCore scoring ms/image (same 100
-# training images, bank 10 240) and PaDiM fit peak RSS (64 × 64 grid).
+# training images, bank 10 240) and PaDiM fit peak RSS (64 × 64 grid);
+# flawscope's peak RSS (fit and score in one process) is in OUT_DIR/*.time.
 #
 #   scripts/bench_vs_anomalib.sh HARNESS_DIR PYTHON WEIGHTS [CATEGORY_DIR] [OUT_DIR]
 #
@@ -55,9 +56,9 @@ if [ "${SKIP_PATCHCORE:-0}" != 1 ]; then
     # Batch 1 (one image after another: a request's latency) and batch 32
     # (32 images scored at once, as anomalib's batch-32 forward).
     for batch in 1 32; do
-        "$flawscope" eval --dataset "$subset" --detector patchcore --stages stage3,stage5 \
-            --size 256 --square --coarse-size 0 --batch "$batch" --json \
-            >"$out/flawscope_patchcore_b$batch.json"
+        /usr/bin/time -v "$flawscope" eval --dataset "$subset" --detector patchcore \
+            --stages stage3,stage5 --size 256 --square --coarse-size 0 --batch "$batch" --json \
+            >"$out/flawscope_patchcore_b$batch.json" 2>"$out/flawscope_patchcore_b$batch.time"
     done
     echo "load after flawscope PatchCore: $(uptime)"
     extra=()
@@ -81,8 +82,8 @@ echo
 if [ "${SKIP_PATCHCORE:-0}" != 1 ]; then
     f=$out/flawscope_patchcore_b1.json f32=$out/flawscope_patchcore_b32.json a=$out/anomalib_patchcore.json
     echo "PatchCore, 100 training images, stages 3+5 at 256² square, one scale:"
-    echo "  flawscope: image AUROC $(field "$f" image_auroc), pixel $(field "$f" pixel_auroc), bank $(field "$f" memory_bank_size), $(field "$f32" ms_per_image) ms/image (batch 32), $(field "$f" ms_per_image) (batch 1)"
-    echo "  anomalib ($(field "$a" bank_sampler)): image AUROC $(field "$a" image_auroc), pixel $(field "$a" pixel_auroc), bank $(field "$a" memory_bank_shape), $(field "$a" infer_ms_per_image) ms/image (batch 32), $(field "$a" infer_ms_per_image_batch1) (batch 1)"
+    echo "  flawscope: image AUROC $(field "$f" image_auroc), pixel $(field "$f" pixel_auroc), bank $(field "$f" memory_bank_size), $(field "$f32" ms_per_image) ms/image (batch 32), $(field "$f" ms_per_image) (batch 1), peak RSS $(peak_mib "$out/flawscope_patchcore_b32.time") / $(peak_mib "$out/flawscope_patchcore_b1.time") MiB"
+    echo "  anomalib ($(field "$a" bank_sampler)): image AUROC $(field "$a" image_auroc), pixel $(field "$a" pixel_auroc), bank $(field "$a" memory_bank_shape), $(field "$a" infer_ms_per_image) ms/image (batch 32), $(field "$a" infer_ms_per_image_batch1) (batch 1), peak RSS $(field "$a" peak_rss_mib) MiB"
 fi
 if [ "${SKIP_PADIM:-0}" != 1 ]; then
     f=$out/flawscope_padim.json a=$out/anomalib_padim.json

