@@ -62,6 +62,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         )
         .into());
     }
+    let d = &args.detector;
+    if mutual && (d.backbone != "lite0" || d.backbone_weights.is_some() || d.layers.is_some()) {
+        // musc takes its features from core's own recipe (embedded Lite0);
+        // refusing is better than silently ignoring another backbone.
+        return Err(UsageError(
+            "--detector musc scores with the embedded Lite0 features; --backbone, \
+             --backbone-weights and --layers do not apply to it yet"
+                .into(),
+        )
+        .into());
+    }
     let (features, detector) = if mutual {
         (None, DetectorConfig::PatchCore(Default::default()))
     } else {

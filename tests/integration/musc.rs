@@ -146,4 +146,16 @@ fn a_batch_too_small_is_refused_with_the_minimum() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fits nothing"));
+    // Another backbone is refused, not silently ignored.
+    let out = flawscope(&[
+        "eval",
+        "--dataset",
+        tmp.path().to_str().unwrap(),
+        "--detector",
+        "musc",
+        "--backbone",
+        "dinov2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("do not apply to it yet"));
 }
