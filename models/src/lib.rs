@@ -5,6 +5,7 @@
 //! it needs. Nothing here knows about anomalies.
 
 mod bf16_gemm;
+pub mod checkpoint;
 pub mod clip;
 pub mod clip_weights;
 pub mod depthwise;

@@ -41,10 +41,9 @@ pub(crate) mod transformer;
 pub(crate) mod vision;
 pub(crate) mod weights_file;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 
 pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use preprocess::{CLIP_MEAN, CLIP_STD, ClipPreprocessor, CropBox, ResizeMode, resize_bicubic};
@@ -52,22 +51,10 @@ pub use transformer::Precision;
 pub use vision::sliding_windows;
 
 use crate::ModelError;
+use crate::checkpoint::Checkpoint;
 use text::TextTower;
 use transformer::Weights;
 use vision::VisionTower;
-use weights_file::SafetensorsFile;
-
-/// Which file a checkpoint folder keeps its weights in.
-fn weights_path(dir: &Path) -> Result<PathBuf, ModelError> {
-    ["model.safetensors", "pytorch_model.bin"]
-        .iter()
-        .map(|name| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| ModelError::MissingFile {
-            dir: dir.to_owned(),
-            what: "model.safetensors (or pytorch_model.bin)".into(),
-        })
-}
 
 /// A CLIP model: both towers and both projections, ready for inference.
 #[derive(Debug, Clone)]
@@ -84,31 +71,13 @@ impl ClipModel {
     /// Loads `config.json` and `model.safetensors` (or `pytorch_model.bin`)
     /// from a checkpoint folder onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
-        if !dir.is_dir() {
-            return Err(ModelError::MissingFile {
-                dir: dir.to_owned(),
-                what: "the checkpoint folder itself".into(),
-            });
-        }
-        let config_path = dir.join("config.json");
-        if !config_path.is_file() {
-            return Err(ModelError::MissingFile {
-                dir: dir.to_owned(),
-                what: "config.json".into(),
-            });
-        }
-        let config = ClipConfig::from_file(&config_path)?;
-        let path = weights_path(dir)?;
-        let vb = if path.extension().is_some_and(|e| e == "safetensors") {
-            let file = SafetensorsFile::open(&path)?;
-            VarBuilder::from_backend(Box::new(file), DType::F32, device.clone())
-        } else {
-            VarBuilder::from_pth(&path, DType::F32, device).map_err(|e| ModelError::Weights {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?
+        let checkpoint = Checkpoint::open(dir, device)?;
+        let config = ClipConfig::from_file(&checkpoint.config)?;
+        let weights = Weights {
+            vb: checkpoint.vb,
+            path: &checkpoint.weights,
         };
-        Self::from_weights(config, &Weights { vb, path: &path }, device)
+        Self::from_weights(config, &weights, device)
     }
 
     fn from_weights(config: ClipConfig, w: &Weights, device: &Device) -> Result<Self, ModelError> {

@@ -94,28 +94,7 @@ impl ClipModel {
 impl ClipModel {
     fn check_pixels(&self, pixels: &Tensor) -> Result<(usize, usize, usize), ModelError> {
         let v = &self.config.vision;
-        let (b, c, h, w) = pixels.dims4().map_err(|_| {
-            ModelError::InvalidInput(format!(
-                "pixels must be [batch, channels, height, width], got {:?}",
-                pixels.dims()
-            ))
-        })?;
-        if b == 0 {
-            return Err(ModelError::InvalidInput("empty image batch".into()));
-        }
-        if c != v.num_channels {
-            return Err(ModelError::InvalidInput(format!(
-                "{c} channels, the model takes {}",
-                v.num_channels
-            )));
-        }
-        if h < v.patch_size || w < v.patch_size {
-            return Err(ModelError::InvalidInput(format!(
-                "{h}x{w} input is smaller than one {0}x{0} patch",
-                v.patch_size
-            )));
-        }
-        Ok((b, h, w))
+        crate::checkpoint::check_pixels(pixels, v.num_channels, v.patch_size)
     }
 
     /// Position embeddings for a `rows × cols` grid, `[1 + rows*cols, hidden]`.

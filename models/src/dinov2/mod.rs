@@ -21,18 +21,19 @@
 
 mod config;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{LayerNorm, Module, VarBuilder};
+use candle_nn::{LayerNorm, Module};
 
 pub use config::Dinov2Config;
 
 use crate::ModelError;
+pub use crate::checkpoint::weights_path;
+use crate::checkpoint::{Checkpoint, check_pixels};
 use crate::clip::Precision;
 use crate::clip::transformer::{Attention, Encoder, EncoderLayer, Linear, Weights};
 use crate::clip::vision::interpolate_grid;
-use crate::clip::weights_file::SafetensorsFile;
 
 /// ImageNet channel means DINOv2 was trained with (pixels in `[0, 1]`).
 pub const DINOV2_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -56,47 +57,17 @@ pub struct Dinov2Model {
     device: Device,
 }
 
-/// The weight file of a checkpoint folder (safetensors preferred).
-pub fn weights_path(dir: &Path) -> Result<PathBuf, ModelError> {
-    ["model.safetensors", "pytorch_model.bin"]
-        .iter()
-        .map(|name| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| ModelError::MissingFile {
-            dir: dir.to_owned(),
-            what: "model.safetensors (or pytorch_model.bin)".into(),
-        })
-}
-
 impl Dinov2Model {
     /// Loads `config.json` and `model.safetensors` (or `pytorch_model.bin`)
     /// from a checkpoint folder onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
-        if !dir.is_dir() {
-            return Err(ModelError::MissingFile {
-                dir: dir.to_owned(),
-                what: "the checkpoint folder itself".into(),
-            });
-        }
-        let config_path = dir.join("config.json");
-        if !config_path.is_file() {
-            return Err(ModelError::MissingFile {
-                dir: dir.to_owned(),
-                what: "config.json".into(),
-            });
-        }
-        let config = Dinov2Config::from_file(&config_path)?;
-        let path = weights_path(dir)?;
-        let vb = if path.extension().is_some_and(|e| e == "safetensors") {
-            let file = SafetensorsFile::open(&path)?;
-            VarBuilder::from_backend(Box::new(file), DType::F32, device.clone())
-        } else {
-            VarBuilder::from_pth(&path, DType::F32, device).map_err(|e| ModelError::Weights {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?
+        let checkpoint = Checkpoint::open(dir, device)?;
+        let config = Dinov2Config::from_file(&checkpoint.config)?;
+        let path = checkpoint.weights;
+        let w = Weights {
+            vb: checkpoint.vb,
+            path: &path,
         };
-        let w = Weights { vb, path: &path };
         // Saved as a bare Dinov2Model or inside a wrapper (e.g. a classifier).
         let w = if w.vb.contains_tensor("dinov2.embeddings.cls_token") {
             w.pp("dinov2")
@@ -205,29 +176,7 @@ impl Dinov2Model {
     }
 
     fn check_pixels(&self, pixels: &Tensor) -> Result<(usize, usize, usize), ModelError> {
-        let c = &self.config;
-        let (b, ch, h, w) = pixels.dims4().map_err(|_| {
-            ModelError::InvalidInput(format!(
-                "pixels must be [batch, channels, height, width], got {:?}",
-                pixels.dims()
-            ))
-        })?;
-        if b == 0 {
-            return Err(ModelError::InvalidInput("empty image batch".into()));
-        }
-        if ch != c.num_channels {
-            return Err(ModelError::InvalidInput(format!(
-                "{ch} channels, the model takes {}",
-                c.num_channels
-            )));
-        }
-        if h < c.patch_size || w < c.patch_size {
-            return Err(ModelError::InvalidInput(format!(
-                "{h}x{w} input is smaller than one {0}x{0} patch",
-                c.patch_size
-            )));
-        }
-        Ok((b, h, w))
+        check_pixels(pixels, self.config.num_channels, self.config.patch_size)
     }
 
     /// Position embeddings for a `rows × cols` grid, `[1 + rows*cols, hidden]`.
