@@ -342,7 +342,7 @@ impl Model {
             tiles: Scale::of(&tiled.info.calibration),
             whole: Scale::of(&untiled.info.calibration),
         };
-        let both_out = scales.fuse_out(&tiled_out, &untiled_out);
+        let both_out = fuse_out(&scales, &tiled_out, &untiled_out);
         let (view, decision) = match (
             options.tile,
             separation(&untiled_out),
@@ -1080,6 +1080,22 @@ impl Inspection {
 /// others: its object, prompts, checkpoint and shots sat beside `detector`.
 /// Tensor names of the whole-image view kept beside tiles start with this.
 const WHOLE_VIEW_PREFIX: &str = "whole_view.";
+
+/// The two-view model's out-of-fold scores from each view's scores of the
+/// same images and synthetic defects.
+fn fuse_out(scales: &ViewScales, tiles: &OutOfFold, whole: &OutOfFold) -> OutOfFold {
+    OutOfFold {
+        normal: scales.fuse_all(&tiles.normal, &whole.normal),
+        synthetic: tiles
+            .synthetic
+            .iter()
+            .zip(&whole.synthetic)
+            .map(|((kind, t), (_, w))| (*kind, scales.fuse_all(t, w)))
+            .collect(),
+        procedure: tiles.procedure,
+        folds: tiles.folds,
+    }
+}
 
 /// Raw scores of the labelled anomalies given to `fit`.
 fn score_anomalies(

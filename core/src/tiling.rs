@@ -246,26 +246,6 @@ impl ViewScales {
             .map(|(t, w)| self.fuse(*t, *w))
             .collect()
     }
-
-    /// One view's out-of-fold scores from the two views' scores of the same
-    /// images and synthetic defects.
-    pub fn fuse_out(
-        &self,
-        tiles: &crate::crossfit::OutOfFold,
-        whole: &crate::crossfit::OutOfFold,
-    ) -> crate::crossfit::OutOfFold {
-        crate::crossfit::OutOfFold {
-            normal: self.fuse_all(&tiles.normal, &whole.normal),
-            synthetic: tiles
-                .synthetic
-                .iter()
-                .zip(&whole.synthetic)
-                .map(|((kind, t), (_, w))| (*kind, self.fuse_all(t, w)))
-                .collect(),
-            procedure: tiles.procedure,
-            folds: tiles.folds,
-        }
-    }
 }
 
 /// How a model cuts images into tiles; stored in the model file.

@@ -17,7 +17,7 @@ use flawscope_models::clip_weights::{PRESETS, WEIGHTS_ENV, WeightsLookup, find_c
 use flawscope_models::dinov2::{DINOV2_MEAN, DINOV2_STD, Dinov2Config, Dinov2Model, weights_path};
 use image::Rgb32FImage;
 
-use super::{BackboneKind, BackboneWeights, FeatureConfig, Net};
+use super::backbone::{BackboneKind, BackboneWeights};
 use crate::Error;
 
 /// Most patch tokens one image may give a transformer: attention holds
@@ -151,10 +151,15 @@ impl VitNet {
     }
 }
 
-/// Loads the transformer `config` names, after checking its weight file's hash.
-pub(super) fn load(config: &FeatureConfig, device: &Device) -> Result<Net, Error> {
-    let kind = config.backbone;
-    let weights = config.weights.as_ref().ok_or_else(|| {
+/// Loads the transformer `kind` from `weights` (after checking the file's
+/// hash), to give the patch tokens of `layers`.
+pub(super) fn load(
+    kind: BackboneKind,
+    weights: Option<&BackboneWeights>,
+    layers: &[usize],
+    device: &Device,
+) -> Result<VitNet, Error> {
+    let weights = weights.ok_or_else(|| {
         Error::BackboneWeights(format!(
             "backbone {} needs its weights (--backbone-weights DIR)",
             kind.name()
@@ -196,8 +201,8 @@ pub(super) fn load(config: &FeatureConfig, device: &Device) -> Result<Net, Error
         mean,
         std,
     };
-    check_layers(kind, depth_of(&net), &config.layers)?;
-    Ok(Net::Vit(net))
+    check_layers(kind, depth_of(&net), layers)?;
+    Ok(net)
 }
 
 fn depth_of(net: &VitNet) -> usize {
