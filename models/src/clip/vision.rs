@@ -100,21 +100,7 @@ impl ClipModel {
     /// Position embeddings for a `rows × cols` grid, `[1 + rows*cols, hidden]`.
     fn position_embeddings(&self, rows: usize, cols: usize) -> Result<Tensor, ModelError> {
         let g = self.config.vision.grid();
-        let pos = &self.vision.position_embedding;
-        if (rows, cols) == (g, g) {
-            return Ok(pos.clone());
-        }
-        let d = self.config.vision.hidden_size;
-        let table = pos
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
-        let mut out = Vec::with_capacity((1 + rows * cols) * d);
-        if let Some(cls) = table.first() {
-            out.extend_from_slice(cls);
-        }
-        out.extend(interpolate_grid(&table[1..], g, rows, cols, d));
-        Ok(Tensor::from_vec(out, (1 + rows * cols, d), &self.device)?)
+        resize_position_embeddings(&self.vision.position_embedding, g, rows, cols, &self.device)
     }
 
     /// Tokens entering the encoder: class + patches, position embeddings
@@ -341,6 +327,32 @@ pub fn sliding_windows(rows: usize, cols: usize, size: usize, stride: usize) -> 
 /// The `g × g` grid of `d`-wide rows `patches` (row-major) resized to
 /// `rows × cols` as PyTorch's `interpolate(mode="bicubic",
 /// align_corners=False)` does, row-major, computed in f64.
+/// A `[1 + g*g, hidden]` table (class row first, then a `g × g` grid) for a
+/// `rows × cols` grid: the class row as is, the grid interpolated
+/// ([`interpolate_grid`]); the table itself when the grid is unchanged.
+pub(crate) fn resize_position_embeddings(
+    table: &Tensor,
+    g: usize,
+    rows: usize,
+    cols: usize,
+    device: &Device,
+) -> Result<Tensor, ModelError> {
+    if (rows, cols) == (g, g) {
+        return Ok(table.clone());
+    }
+    let rows_of_table = table
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+    let d = rows_of_table.first().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity((1 + rows * cols) * d);
+    if let Some(cls) = rows_of_table.first() {
+        out.extend_from_slice(cls);
+    }
+    out.extend(interpolate_grid(&rows_of_table[1..], g, rows, cols, d));
+    Ok(Tensor::from_vec(out, (1 + rows * cols, d), device)?)
+}
+
 pub(crate) fn interpolate_grid(
     patches: &[Vec<f32>],
     g: usize,

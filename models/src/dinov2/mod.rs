@@ -33,7 +33,7 @@ pub use crate::checkpoint::weights_path;
 use crate::checkpoint::{Checkpoint, check_pixels};
 use crate::clip::Precision;
 use crate::clip::transformer::{Attention, Encoder, EncoderLayer, Linear, Weights};
-use crate::clip::vision::interpolate_grid;
+use crate::clip::vision::resize_position_embeddings;
 
 /// ImageNet channel means DINOv2 was trained with (pixels in `[0, 1]`).
 pub const DINOV2_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -181,24 +181,15 @@ impl Dinov2Model {
 
     /// Position embeddings for a `rows × cols` grid, `[1 + rows*cols, hidden]`.
     fn position_embeddings(&self, rows: usize, cols: usize) -> Result<Tensor, ModelError> {
-        let g = self.grid;
         // transformers skips the resize for a square input of the trained grid;
         // elsewhere a resize to the same grid is the identity anyway.
-        if (rows, cols) == (g, g) {
-            return Ok(self.position_embedding.clone());
-        }
-        let d = self.config.hidden_size;
-        let table = self
-            .position_embedding
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
-        let mut out = Vec::with_capacity((1 + rows * cols) * d);
-        if let Some(cls) = table.first() {
-            out.extend_from_slice(cls);
-        }
-        out.extend(interpolate_grid(&table[1..], g, rows, cols, d));
-        Ok(Tensor::from_vec(out, (1 + rows * cols, d), &self.device)?)
+        resize_position_embeddings(
+            &self.position_embedding,
+            self.grid,
+            rows,
+            cols,
+            &self.device,
+        )
     }
 
     /// Tokens entering the encoder: class + patches with position
