@@ -150,16 +150,8 @@ async fn read_form(
             )),
         };
     }
-    let multipart_error = |err: axum::extract::multipart::MultipartError| {
-        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large(state)
-        } else {
-            ApiError::bad_request("invalid_multipart", err.body_text())
-        }
-    };
-    let mut form = Multipart::from_request(request, &())
-        .await
-        .map_err(|rejection| ApiError::bad_request("invalid_multipart", rejection.body_text()))?;
+    let multipart_error = |err| multipart_error(state, err);
+    let mut form = open_form(request).await?;
     let mut upload = Upload::default();
     let mut text_count = 0;
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
@@ -232,16 +224,8 @@ async fn read_image_parts(
             "send a multipart/form-data form with one \"image\" file per image",
         ));
     }
-    let multipart_error = |err: axum::extract::multipart::MultipartError| {
-        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large(state)
-        } else {
-            ApiError::bad_request("invalid_multipart", err.body_text())
-        }
-    };
-    let mut form = Multipart::from_request(request, &())
-        .await
-        .map_err(|rejection| ApiError::bad_request("invalid_multipart", rejection.body_text()))?;
+    let multipart_error = |err| multipart_error(state, err);
+    let mut form = open_form(request).await?;
     let mut images = Vec::new();
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         if field.name() != Some("image") {
@@ -267,4 +251,20 @@ async fn read_image_parts(
         images.push(BatchImage { name, bytes });
     }
     Ok(images)
+}
+
+/// A multipart form read from `request`'s body.
+async fn open_form(request: Request) -> Result<Multipart, ApiError> {
+    Multipart::from_request(request, &())
+        .await
+        .map_err(|rejection| ApiError::bad_request("invalid_multipart", rejection.body_text()))
+}
+
+/// A multipart error as the client sees it: over the body limit is 413.
+fn multipart_error(state: &AppState, err: axum::extract::multipart::MultipartError) -> ApiError {
+    if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(state)
+    } else {
+        ApiError::bad_request("invalid_multipart", err.body_text())
+    }
 }
