@@ -127,7 +127,7 @@ pub fn bias_act(
 }
 
 /// The contiguous f32 data of a CPU storage, or an error.
-fn f32_slice<'a>(
+pub(crate) fn f32_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,

@@ -15,6 +15,7 @@
 // what it relies on, and the workspace denies unsafe code everywhere else.
 #![allow(unsafe_code)]
 
+use crate::depthwise::f32_slice;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, bail};
 use rayon::prelude::*;
 
@@ -298,24 +299,6 @@ mod x86 {
                 unsafe { _mm512_mask_storeu_ps(out.add(at), masks[v], y) };
             }
         }
-    }
-}
-
-/// The contiguous f32 data of a CPU storage, or an error.
-fn f32_slice<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        bail!("{what}: expected f32 data");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("{what}: expected a contiguous tensor");
-    };
-    match data.get(start..end) {
-        Some(s) => Ok(s),
-        None => bail!("{what}: layout exceeds storage"),
     }
 }
 
