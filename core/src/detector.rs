@@ -17,12 +17,12 @@ use image::Rgb32FImage;
 
 use crate::Error;
 use crate::anomaly_map::{AnomalyMap, DEFAULT_BLUR_SIGMA};
-use crate::features::{FeatureConfig, PatchGrid};
+use crate::features::{FeatureConfig, FeatureExtractor, PatchGrid, for_each_tile_of};
 use crate::folds::{Folds, Procedure};
 use crate::images::ImageLimits;
 use crate::progress::Progress;
 use crate::runtime::Runtime;
-use crate::tiling::{ImageSource, Tiling, crop};
+use crate::tiling::{ImageSource, TileRect, Tiling, crop};
 
 /// A detector that never saw one fold's images, and how it was derived
 /// ([`Detector::without_fold`]).
@@ -57,6 +57,24 @@ pub trait Detector: Send + Sync {
         self.score(image)?.into_raw(image.dimensions())
     }
 
+    /// The place and output of every tile of `image` under `tiling`. By
+    /// default each tile is cut out and [`Detector::score`]d; detectors on
+    /// CNN patch features cut them from shared backbone passes instead
+    /// ([`crate::features::FeatureExtractor::tile_grids`]), where a tile
+    /// may reach past the image's right and bottom edge.
+    fn score_tiles(
+        &self,
+        tiling: &Tiling,
+        image: &Rgb32FImage,
+    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+        let (width, height) = image.dimensions();
+        tiling
+            .tiles(width, height)?
+            .into_iter()
+            .map(|rect| Ok((rect, self.score(&crop(image, rect))?)))
+            .collect()
+    }
+
     /// The raw score and map of `image`, whole or cut into the tiles of
     /// `tiling` (see [`crate::tiling`]): each tile scored at the detector's
     /// own input size, the tiles' maps stitched at the image's size and
@@ -72,24 +90,25 @@ pub trait Detector: Send + Sync {
             return self.inspect_raw(image);
         };
         let (width, height) = image.dimensions();
-        let rects = tiling.tiles(width, height)?;
         let (w, h) = (width as usize, height as usize);
         let mut sum = vec![0f32; w * h];
         let mut count = vec![0f32; w * h];
         let mut given: Option<f32> = None;
         let mut every_given = true;
-        for rect in rects {
-            let tile = crop(image, rect);
-            let output = self.score(&tile)?;
+        for (rect, output) in self.score_tiles(tiling, image)? {
             match output.image_score {
                 ImageScore::Given(s) => given = Some(given.map_or(s, |g| g.max(s))),
                 ImageScore::MapPeak => every_given = false,
             }
-            let raw = output.into_raw(tile.dimensions())?;
-            let (tw, th) = (rect.width as usize, rect.height as usize);
-            for ty in 0..th {
+            let raw = output.into_raw((rect.width, rect.height))?;
+            // A tile cut from a shared pass may reach past the image's
+            // right and bottom edge: only its part inside is stitched.
+            let tw = rect.width as usize;
+            let inside_w = tw.min(w.saturating_sub(rect.x as usize));
+            let inside_h = (rect.height as usize).min(h.saturating_sub(rect.y as usize));
+            for ty in 0..inside_h {
                 let row = (rect.y as usize + ty) * w + rect.x as usize;
-                let src = &raw.map.values[ty * tw..(ty + 1) * tw];
+                let src = &raw.map.values[ty * tw..ty * tw + inside_w];
                 for (i, v) in src.iter().enumerate() {
                     sum[row + i] += v;
                     count[row + i] += 1.0;
@@ -107,6 +126,22 @@ pub trait Detector: Send + Sync {
         };
         Ok(RawInspection { score, map })
     }
+}
+
+/// [`Detector::score_tiles`] for a detector that scores the fine patch
+/// features of `extractor` with `score` (given the tile and its features).
+pub fn score_tiles_with(
+    extractor: &FeatureExtractor,
+    tiling: &Tiling,
+    image: &Rgb32FImage,
+    score: impl Fn(&Rgb32FImage, PatchGrid) -> Result<DetectorOutput, Error>,
+) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+    let mut outputs = Vec::new();
+    for_each_tile_of(extractor, Some(tiling), image, |rect, tile, grid| {
+        outputs.push((rect, score(tile, grid)?));
+        Ok(())
+    })?;
+    Ok(outputs)
 }
 
 /// What a detector computes for one image, before any map is built.

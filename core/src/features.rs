@@ -20,6 +20,7 @@ use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::tiling::{TileRect, Tiling, crop, pad_edges};
 
 mod backbone;
 mod vit;
@@ -222,6 +223,65 @@ pub fn extract_all(
     Ok(grids)
 }
 
+/// Calls `f` with every image (or tile) of `images` and its fine patch
+/// features (tiles cut from shared passes where
+/// [`FeatureExtractor::tile_grids`] allows), one file at a time, and
+/// `per_file` after each file.
+pub fn for_each_grid(
+    extractor: &FeatureExtractor,
+    images: &crate::tiling::ImageSource<'_>,
+    mut f: impl FnMut(usize, &Rgb32FImage, PatchGrid) -> Result<(), Error>,
+    mut per_file: impl FnMut(),
+) -> Result<(), Error> {
+    for (index, path) in images.paths.iter().enumerate() {
+        let image = crate::images::load_image(path, images.limits)?;
+        for_each_tile_of(
+            extractor,
+            images.tiling.as_ref(),
+            &image,
+            |_, tile, grid| f(index, tile, grid),
+        )?;
+        per_file();
+    }
+    Ok(())
+}
+
+/// Calls `f` with `image` (or each of its tiles under `tiling`, with the
+/// tile's place; a tile may reach past the image's right and bottom edge,
+/// see [`TileGrids::padded`]) and its fine patch features.
+pub fn for_each_tile_of(
+    extractor: &FeatureExtractor,
+    tiling: Option<&Tiling>,
+    image: &Rgb32FImage,
+    mut f: impl FnMut(TileRect, &Rgb32FImage, PatchGrid) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let Some(tiling) = tiling else {
+        let (width, height) = image.dimensions();
+        let whole = TileRect {
+            x: 0,
+            y: 0,
+            width,
+            height,
+        };
+        return f(whole, image, extractor.extract(image)?);
+    };
+    match extractor.tile_grids(image, tiling)? {
+        Some(shared) => {
+            for (rect, grid) in shared.tiles {
+                f(rect, &crop(&shared.padded, rect), grid)?;
+            }
+        }
+        None => {
+            for rect in tiling.tiles(image.width(), image.height())? {
+                let tile = crop(image, rect);
+                let grid = extractor.extract(&tile)?;
+                f(rect, &tile, grid)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Patch features of one image: `features` is `[grid_h · grid_w, channels]`,
 /// row-major over the grid.
 #[derive(Debug, Clone)]
@@ -350,7 +410,31 @@ impl FeatureExtractor {
                 });
             }
         };
-        let stages = net.forward_stages(&input, &self.config.stages)?;
+        let joined = self.joined(net, &input, border)?;
+        let (_, channels, grid_height, grid_width) = joined.dims4()?;
+        let features = joined
+            .reshape((channels, grid_height * grid_width))?
+            .t()?
+            .contiguous()?
+            .to_dtype(DType::F32)?;
+        Ok(PatchGrid {
+            features,
+            grid_width,
+            grid_height,
+            input_size: (w as u32, h as u32),
+        })
+    }
+
+    /// The configured stages of `input`, each averaged over 3×3
+    /// neighbourhoods and brought to the first stage's grid, concatenated:
+    /// `[1, C, grid_h, grid_w]`.
+    fn joined(
+        &self,
+        net: &EfficientNetLite,
+        input: &Tensor,
+        border: BorderAveraging,
+    ) -> Result<Tensor, Error> {
+        let stages = net.forward_stages(input, &self.config.stages)?;
         // The first stage listed sets the grid; the others are resampled to
         // it (finer ones averaged down, coarser ones upsampled bilinearly).
         let mut maps = Vec::with_capacity(stages.len());
@@ -364,22 +448,139 @@ impl FeatureExtractor {
             let (gh0, gw0) = *grid.get_or_insert((gh, gw));
             maps.push(resample(pooled, gh0, gw0)?);
         }
-        let (grid_height, grid_width) =
-            grid.ok_or_else(|| Error::InvalidConfig("backbone returned no stage".into()))?;
-        let joined = Tensor::cat(&maps, 1)?; // [1, C, gh, gw]
-        let channels = joined.dim(1)?;
-        let features = joined
-            .reshape((channels, grid_height * grid_width))?
-            .t()?
-            .contiguous()?
-            .to_dtype(DType::F32)?;
-        Ok(PatchGrid {
-            features,
-            grid_width,
-            grid_height,
-            input_size: (w as u32, h as u32),
-        })
+        if maps.is_empty() {
+            return Err(Error::InvalidConfig("backbone returned no stage".into()));
+        }
+        Ok(Tensor::cat(&maps, 1)?)
     }
+
+    /// The fine patch features of every tile of `image`, cut from shared
+    /// backbone passes instead of one pass per tile, when `tiling` allows
+    /// it ([`Tiling::shareable`], a CNN backbone that sees a tile at its
+    /// native size); `None` otherwise (the caller crops and extracts each
+    /// tile). A tile's cells then see their true neighbours across the
+    /// tile's edges, where a tile cut out first would see padding.
+    ///
+    /// The passes cover whole bands of tile rows of at most
+    /// [`SHARED_PASS_PIXELS`] (a row wider than that is split between its
+    /// tiles), so the work is about the image's own pixels plus the rows'
+    /// overlap, and memory is bounded whatever the image size.
+    pub fn tile_grids(
+        &self,
+        image: &Rgb32FImage,
+        tiling: &Tiling,
+    ) -> Result<Option<TileGrids>, Error> {
+        let Net::Lite(net) = &self.net else {
+            return Ok(None);
+        };
+        let (width, height) = image.dimensions();
+        let side = tiling.side;
+        if !tiling.shareable(width, height)
+            || self.config.resize.input_size(side, side) != (side, side)
+        {
+            return Ok(None);
+        }
+        let ((pw, ph), rects) = tiling.aligned_tiles(width, height)?;
+        let padded = pad_edges(image, pw, ph);
+        let mut tiles = Vec::with_capacity(rects.len());
+        for pass in shared_passes(&rects, pw) {
+            let region = crop(&padded, pass);
+            let input =
+                Preprocess::new(pass.width, pass.height).image_rgb32f(&region, net.device())?;
+            let joined = self.joined(net, &input, BorderAveraging::ZeroPadded)?;
+            let (_, channels, gh, gw) = joined.dims4()?;
+            let stride = pass.width as usize / gw;
+            if stride == 0 || pass.height as usize / gh != stride {
+                return Err(Error::InvalidConfig(
+                    "a shared pass gave an uneven grid".into(),
+                ));
+            }
+            let cells = side as usize / stride;
+            for rect in rects.iter().filter(|r| pass.contains(r)) {
+                let (x, y) = (
+                    (rect.x - pass.x) as usize / stride,
+                    (rect.y - pass.y) as usize / stride,
+                );
+                let features = joined
+                    .narrow(2, y, cells)?
+                    .narrow(3, x, cells)?
+                    .contiguous()?
+                    .reshape((channels, cells * cells))?
+                    .t()?
+                    .contiguous()?
+                    .to_dtype(DType::F32)?;
+                let grid = PatchGrid {
+                    features,
+                    grid_width: cells,
+                    grid_height: cells,
+                    input_size: (side, side),
+                };
+                tiles.push((*rect, grid));
+            }
+        }
+        // Passes follow the rows, so tiles come out row by row as cut.
+        Ok(Some(TileGrids { padded, tiles }))
+    }
+}
+
+/// Pixels of one shared backbone pass over tiles: at 2 MP, Lite0's widest
+/// activation (96 channels at half resolution) is about 200 MB.
+pub const SHARED_PASS_PIXELS: u64 = 1 << 21;
+
+/// The regions of `padded_width`-wide image that shared passes cover:
+/// whole-width bands of consecutive tile rows while a band stays within
+/// [`SHARED_PASS_PIXELS`]; a single row wider than that is split into runs
+/// of consecutive tiles.
+fn shared_passes(rects: &[TileRect], padded_width: u32) -> Vec<TileRect> {
+    let mut rows: Vec<(u32, u32)> = rects.iter().map(|r| (r.y, r.height)).collect();
+    rows.dedup();
+    let Some(side) = rects.first().map(|r| r.width) else {
+        return Vec::new();
+    };
+    let area = |w: u32, h: u32| u64::from(w) * u64::from(h);
+    let mut passes: Vec<TileRect> = Vec::new();
+    if area(padded_width, side) > SHARED_PASS_PIXELS {
+        let run = (SHARED_PASS_PIXELS / area(side, side)).max(1) as usize;
+        for &(y, h) in &rows {
+            let row: Vec<&TileRect> = rects.iter().filter(|r| r.y == y).collect();
+            for chunk in row.chunks(run) {
+                let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
+                passes.push(TileRect {
+                    x: first.x,
+                    y,
+                    width: last.x + last.width - first.x,
+                    height: h,
+                });
+            }
+        }
+        return passes;
+    }
+    for (y, h) in rows {
+        if let Some(band) = passes.last_mut() {
+            let bottom = y + h;
+            if area(padded_width, bottom - band.y) <= SHARED_PASS_PIXELS {
+                band.height = bottom - band.y;
+                continue;
+            }
+        }
+        passes.push(TileRect {
+            x: 0,
+            y,
+            width: padded_width,
+            height: h,
+        });
+    }
+    passes
+}
+
+/// Every tile of one image with its patch features
+/// ([`FeatureExtractor::tile_grids`]).
+pub struct TileGrids {
+    /// The image padded to the tiles' extent (tiles may reach past the
+    /// image by less than [`crate::tiling::SHARED_ALIGN`] pixels).
+    pub padded: Rgb32FImage,
+    /// The tiles, row by row, with their fine patch features.
+    pub tiles: Vec<(TileRect, PatchGrid)>,
 }
 
 /// Parses a stage name (`stage3`, `head`, …).
@@ -484,6 +685,69 @@ mod tests {
         // 64 × 64 input, grid set by stage 3 (stride 8).
         assert_eq!((coarse.grid_width, coarse.grid_height), (8, 8));
         assert_eq!(coarse.channels(), extractor.channels());
+    }
+
+    #[test]
+    fn shared_tiles_are_windows_of_one_pass_over_the_padded_image() {
+        let config = FeatureConfig::lite0(
+            &[Stage::Stage3, Stage::Stage4],
+            Resize::KeepAspect { side: 64 },
+        );
+        let extractor = FeatureExtractor::new(config, &Device::Cpu).unwrap();
+        // 150 × 90: padded to 160 × 96, tiles of 64 at multiples of 32.
+        let image = Rgb32FImage::from_fn(150, 90, |x, y| {
+            image::Rgb([(x % 17) as f32 / 17.0, (y % 11) as f32 / 11.0, 0.3])
+        });
+        let tiling = Tiling::new(64).unwrap();
+        let shared = extractor.tile_grids(&image, &tiling).unwrap().unwrap();
+        assert_eq!(shared.padded.dimensions(), (160, 96));
+        let (_, rects) = tiling.aligned_tiles(150, 90).unwrap();
+        let cut: Vec<TileRect> = shared.tiles.iter().map(|(r, _)| *r).collect();
+        assert_eq!(cut, rects);
+        // The whole padded image in one pass (stride 8: a 20 × 12 grid).
+        let whole = extractor
+            .extract_at(
+                &shared.padded,
+                Resize::Fixed {
+                    width: 160,
+                    height: 96,
+                },
+                BorderAveraging::ZeroPadded,
+            )
+            .unwrap();
+        let all = whole.features.to_vec2::<f32>().unwrap();
+        for (rect, grid) in &shared.tiles {
+            assert_eq!((grid.grid_width, grid.grid_height), (8, 8));
+            assert_eq!(grid.input_size, (64, 64));
+            let rows = grid.features.to_vec2::<f32>().unwrap();
+            for (i, row) in rows.iter().enumerate() {
+                let (gx, gy) = (rect.x as usize / 8 + i % 8, rect.y as usize / 8 + i / 8);
+                assert_eq!(row, &all[gy * 20 + gx], "tile {rect:?}, cell {i}");
+            }
+        }
+        // Tiles of a side the grid cannot be cut at fall back to cropping.
+        let odd = Tiling::new(60).unwrap();
+        assert!(extractor.tile_grids(&image, &odd).unwrap().is_none());
+    }
+
+    #[test]
+    fn shared_passes_cover_every_tile_within_the_pixel_budget() {
+        let tiling = Tiling::new(224).unwrap();
+        for (w, h) in [(256, 1200), (4096, 256), (6000, 4000), (20_000, 224)] {
+            let ((pw, _), rects) = tiling.aligned_tiles(w, h).unwrap();
+            let passes = shared_passes(&rects, pw);
+            for rect in &rects {
+                assert!(passes.iter().any(|p| p.contains(rect)), "{w}×{h}: {rect:?}");
+            }
+            for pass in &passes {
+                let pixels = u64::from(pass.width) * u64::from(pass.height);
+                assert!(pixels <= SHARED_PASS_PIXELS, "{w}×{h}: {pass:?}");
+                assert_eq!((pass.x % 32, pass.y % 32), (0, 0));
+            }
+        }
+        // A tall column is one pass, not one per tile row.
+        let ((pw, _), rects) = tiling.aligned_tiles(256, 1200).unwrap();
+        assert_eq!(shared_passes(&rects, pw).len(), 1);
     }
 
     #[test]

@@ -277,6 +277,16 @@ pub struct TileRect {
     pub height: u32,
 }
 
+impl TileRect {
+    /// Whether `other` lies inside this rectangle.
+    pub fn contains(&self, other: &TileRect) -> bool {
+        other.x >= self.x
+            && other.y >= self.y
+            && other.x + other.width <= self.x + self.width
+            && other.y + other.height <= self.y + self.height
+    }
+}
+
 impl Tiling {
     /// A tiling of side `side`, checked.
     pub fn new(side: u32) -> Result<Self, Error> {
@@ -293,6 +303,53 @@ impl Tiling {
     pub fn tiles(&self, width: u32, height: u32) -> Result<Vec<TileRect>, Error> {
         let xs = axis_starts(width, self.side);
         let ys = axis_starts(height, self.side);
+        let size = (self.side.min(width), self.side.min(height));
+        self.rects((width, height), &xs, &ys, size)
+    }
+
+    /// Whether the tiles of a `width × height` image can be cut from shared
+    /// backbone passes ([`Tiling::aligned_tiles`]): tiles a multiple of
+    /// [`SHARED_ALIGN`] on an image at least one tile in each direction.
+    pub fn shareable(&self, width: u32, height: u32) -> bool {
+        self.side.is_multiple_of(SHARED_ALIGN) && width >= self.side && height >= self.side
+    }
+
+    /// The tiles of a `width × height` image for shared backbone passes:
+    /// every start a multiple of [`SHARED_ALIGN`], so each tile's patch grid
+    /// is a window of the pass's grid, over the image padded at the right
+    /// and bottom to a multiple of [`SHARED_ALIGN`] ([`pad_edges`]); returns
+    /// the padded size and the tiles (row by row, overlapping by about a
+    /// quarter like [`Tiling::tiles`]).
+    pub fn aligned_tiles(
+        &self,
+        width: u32,
+        height: u32,
+    ) -> Result<((u32, u32), Vec<TileRect>), Error> {
+        let padded = |length: u32| length.div_ceil(SHARED_ALIGN) * SHARED_ALIGN;
+        let (pw, ph) = (padded(width), padded(height));
+        let aligned = |length: u32| {
+            let mut starts: Vec<u32> = axis_starts(length, self.side)
+                .into_iter()
+                .map(|s| (s + SHARED_ALIGN / 2) / SHARED_ALIGN * SHARED_ALIGN)
+                .map(|s| s.min(length.saturating_sub(self.side)))
+                .collect();
+            starts.dedup();
+            starts
+        };
+        let side = (self.side, self.side);
+        let rects = self.rects((width, height), &aligned(pw), &aligned(ph), side)?;
+        Ok(((pw, ph), rects))
+    }
+
+    /// Tiles of `(tw, th)` at every start pair, for an image of `(width,
+    /// height)`; an error when there would be more than [`MAX_TILES`].
+    fn rects(
+        &self,
+        (width, height): (u32, u32),
+        xs: &[u32],
+        ys: &[u32],
+        (tw, th): (u32, u32),
+    ) -> Result<Vec<TileRect>, Error> {
         let count = xs.len().saturating_mul(ys.len());
         if count > MAX_TILES {
             return Err(Error::InvalidConfig(format!(
@@ -301,7 +358,6 @@ impl Tiling {
                 self.side
             )));
         }
-        let (tw, th) = (self.side.min(width), self.side.min(height));
         Ok(ys
             .iter()
             .flat_map(|&y| {
@@ -314,6 +370,22 @@ impl Tiling {
             })
             .collect())
     }
+}
+
+/// Tile starts of shared passes are multiples of this many pixels: the
+/// largest stride of the CNN backbones' stages.
+pub const SHARED_ALIGN: u32 = 32;
+
+/// `image` grown to `width × height` (never shrunk) by repeating its last
+/// column and row.
+pub fn pad_edges(image: &Rgb32FImage, width: u32, height: u32) -> Rgb32FImage {
+    let (w, h) = image.dimensions();
+    if (w, h) == (width, height) || w == 0 || h == 0 {
+        return image.clone();
+    }
+    Rgb32FImage::from_fn(width.max(w), height.max(h), |x, y| {
+        *image.get_pixel(x.min(w - 1), y.min(h - 1))
+    })
 }
 
 /// Tile starts along one axis of `length`: tiles of `side` overlapping by
@@ -513,6 +585,38 @@ mod tests {
         let tiny = Tiling::new(32).unwrap();
         assert!(tiny.tiles(6000, 6000).is_err());
         assert!(Tiling::new(8).is_err());
+    }
+
+    #[test]
+    fn aligned_tiles_start_on_the_grid_and_cover_the_padded_image() {
+        let tiling = Tiling::new(224).unwrap();
+        for (w, h) in [(500, 1250), (4096, 256), (300, 300), (224, 225)] {
+            let ((pw, ph), rects) = tiling.aligned_tiles(w, h).unwrap();
+            assert_eq!((pw % 32, ph % 32), (0, 0));
+            assert!(pw >= w && pw < w + 32 && ph >= h && ph < h + 32);
+            let mut covered = vec![false; (pw * ph) as usize];
+            for r in &rects {
+                assert_eq!((r.x % 32, r.y % 32), (0, 0), "{w}×{h}: {r:?}");
+                assert!(r.x + r.width <= pw && r.y + r.height <= ph);
+                for y in r.y..r.y + r.height {
+                    for x in r.x..r.x + r.width {
+                        covered[(y * pw + x) as usize] = true;
+                    }
+                }
+            }
+            assert!(covered.iter().all(|&c| c), "{w}×{h}");
+            // No more tiles than the unaligned layout needs, plus a row or
+            // column at most.
+            let plain = tiling.tiles(w, h).unwrap().len();
+            assert!(
+                rects.len() <= plain + plain.isqrt() + 2,
+                "{w}×{h}: {}",
+                rects.len()
+            );
+        }
+        let padded = pad_edges(&Rgb32FImage::from_pixel(3, 2, image::Rgb([0.5; 3])), 5, 4);
+        assert_eq!(padded.dimensions(), (5, 4));
+        assert_eq!(padded.get_pixel(4, 3).0, [0.5; 3]);
     }
 
     #[test]

@@ -16,12 +16,13 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::detector::{Detector, DetectorOutput, FitInputs, FoldDetector};
-use crate::features::{FeatureConfig, FeatureExtractor, Resize};
+use crate::detector::{Detector, DetectorOutput, FitInputs, FoldDetector, score_tiles_with};
+use crate::features::{FeatureConfig, FeatureExtractor, PatchGrid, Resize, for_each_grid};
 use crate::folds::Procedure;
 use crate::gaussian::inverse_cholesky_factor;
 use crate::model_file::take;
 use crate::progress::Progress;
+use crate::tiling::{TileRect, Tiling};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PadimConfig {
@@ -396,7 +397,17 @@ struct PadimWithout<'a> {
 
 impl Detector for PadimWithout<'_> {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
-        score_image(self.extractor, &self.padim, image)
+        score_grid(&self.padim, self.extractor.extract(image)?)
+    }
+
+    fn score_tiles(
+        &self,
+        tiling: &Tiling,
+        image: &Rgb32FImage,
+    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+        score_tiles_with(self.extractor, tiling, image, |_, grid| {
+            score_grid(&self.padim, grid)
+        })
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -418,10 +429,12 @@ impl PadimDetector {
         let mut builders: Vec<PadimBuilder> =
             (0..folds).map(|_| PadimBuilder::new(*config)).collect();
         progress.start("features", inputs.normal.len() as u64);
-        inputs.images().for_each(
-            |index, image| {
+        for_each_grid(
+            &extractor,
+            &inputs.images(),
+            |index, _, grid| {
                 let fold = inputs.folds.map_or(0, |f| f.of(index));
-                builders[fold].add(&extractor.extract(image)?.features)
+                builders[fold].add(&grid.features)
             },
             || progress.advance(1),
         )?;
@@ -466,20 +479,26 @@ impl PadimDetector {
     }
 }
 
-/// The map of one image under `padim`; its peak is the image score.
-fn score_image(
-    extractor: &FeatureExtractor,
-    padim: &Padim,
-    image: &Rgb32FImage,
-) -> Result<DetectorOutput, Error> {
-    let grid = extractor.extract(image)?;
+/// The map of one image's patch features under `padim`; its peak is the
+/// image score.
+fn score_grid(padim: &Padim, grid: PatchGrid) -> Result<DetectorOutput, Error> {
     let scores = padim.score(&grid.features)?;
     Ok(DetectorOutput::peak_of(&grid, scores))
 }
 
 impl Detector for PadimDetector {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
-        score_image(&self.extractor, &self.padim, image)
+        score_grid(&self.padim, self.extractor.extract(image)?)
+    }
+
+    fn score_tiles(
+        &self,
+        tiling: &Tiling,
+        image: &Rgb32FImage,
+    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+        score_tiles_with(&self.extractor, tiling, image, |_, grid| {
+            score_grid(&self.padim, grid)
+        })
     }
 
     fn without_fold(&self, fold: usize) -> Result<Option<FoldDetector<'_>>, Error> {

@@ -21,12 +21,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::coreset::greedy_coreset;
-use crate::detector::{Detector, DetectorOutput, FitInputs, FoldDetector, ImageScore, ScoreGrid};
-use crate::features::{BorderAveraging, FeatureConfig, FeatureExtractor, Resize};
+use crate::detector::{
+    Detector, DetectorOutput, FitInputs, FoldDetector, ImageScore, ScoreGrid, score_tiles_with,
+};
+use crate::features::{
+    BorderAveraging, FeatureConfig, FeatureExtractor, PatchGrid, Resize, for_each_grid,
+};
 use crate::folds::Procedure;
 use crate::model_file::take;
 use crate::nearest::BankIndex;
 use crate::progress::Progress;
+use crate::tiling::{TileRect, Tiling};
+
+/// Each bank's cap on tiled fits when no `max_bank` is set: the variety of
+/// normal texture does not grow with the number of tiles an image is cut
+/// into, but a bank of 10 % of every tile's patches does, and with it the
+/// coreset's and every query's cost (an untiled fit on 800 images keeps
+/// about this many rows).
+pub const TILED_MAX_BANK: usize = 16_384;
 
 /// Bank rows compared with the queries in one matrix product.
 const BANK_CHUNK: usize = 8_192;
@@ -354,6 +366,10 @@ impl PatchCoreDetector {
     ) -> Result<Self, Error> {
         let extractor = FeatureExtractor::new(features.clone(), inputs.runtime.device())?;
         let coarse_resize = CoarsePatchCore::resize(config, features.resize);
+        let config = &PatchCoreConfig {
+            max_bank: config.max_bank.or(inputs.tiling.map(|_| TILED_MAX_BANK)),
+            ..*config
+        };
         let progress = inputs.progress;
         progress.start("features", inputs.normal.len() as u64);
         let mut grids = Vec::with_capacity(inputs.normal.len());
@@ -361,9 +377,11 @@ impl PatchCoreDetector {
         // The fold of each patch row's image, for cross-fitting.
         let fold_of = |index: usize| inputs.folds.map_or(0, |f| f.of(index) as u8);
         let (mut fine_folds, mut coarse_folds) = (Vec::new(), Vec::new());
-        inputs.images().for_each(
-            |index, image| {
-                let features = extractor.extract(image)?.features;
+        for_each_grid(
+            &extractor,
+            &inputs.images(),
+            |index, image, grid| {
+                let features = grid.features;
                 fine_folds.extend(std::iter::repeat_n(fold_of(index), features.dims()[0]));
                 grids.push(features);
                 if let Some(resize) = coarse_resize {
@@ -430,15 +448,15 @@ impl PatchCoreDetector {
 const FINE_BANK: &str = "patchcore.bank";
 const COARSE_BANK: &str = "patchcore.coarse_bank";
 
-/// The fine bank's score and map, averaged with the coarse bank's when
-/// there is one.
+/// The fine bank's score and map of `image`, whose fine patch features are
+/// `grid`, averaged with the coarse bank's when there is one.
 fn score_banks(
     extractor: &FeatureExtractor,
     fine: &PatchCore,
     coarse: Option<(&PatchCore, Resize)>,
     image: &Rgb32FImage,
+    grid: PatchGrid,
 ) -> Result<DetectorOutput, Error> {
-    let grid = extractor.extract(image)?;
     let scores = fine.score(&grid.features)?;
     let mut grids = vec![ScoreGrid::of(&grid, scores.patches)];
     let Some((coarse, resize)) = coarse else {
@@ -465,8 +483,20 @@ fn rows_outside(folds: &[u8], fold: usize) -> Vec<u32> {
 
 impl Detector for PatchCoreWithout<'_> {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let grid = self.extractor.extract(image)?;
         let coarse = self.coarse.as_ref().map(|(bank, resize)| (bank, *resize));
-        score_banks(self.extractor, &self.fine, coarse, image)
+        score_banks(self.extractor, &self.fine, coarse, image, grid)
+    }
+
+    fn score_tiles(
+        &self,
+        tiling: &Tiling,
+        image: &Rgb32FImage,
+    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+        let coarse = self.coarse.as_ref().map(|(bank, resize)| (bank, *resize));
+        score_tiles_with(self.extractor, tiling, image, |tile, grid| {
+            score_banks(self.extractor, &self.fine, coarse, tile, grid)
+        })
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -476,8 +506,20 @@ impl Detector for PatchCoreWithout<'_> {
 
 impl Detector for PatchCoreDetector {
     fn score(&self, image: &Rgb32FImage) -> Result<DetectorOutput, Error> {
+        let grid = self.extractor.extract(image)?;
         let coarse = self.coarse.as_ref().map(|c| (&c.bank, c.resize));
-        score_banks(&self.extractor, &self.fine, coarse, image)
+        score_banks(&self.extractor, &self.fine, coarse, image, grid)
+    }
+
+    fn score_tiles(
+        &self,
+        tiling: &Tiling,
+        image: &Rgb32FImage,
+    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+        let coarse = self.coarse.as_ref().map(|c| (&c.bank, c.resize));
+        score_tiles_with(&self.extractor, tiling, image, |tile, grid| {
+            score_banks(&self.extractor, &self.fine, coarse, tile, grid)
+        })
     }
 
     fn without_fold(&self, fold: usize) -> Result<Option<FoldDetector<'_>>, Error> {

@@ -291,7 +291,9 @@ impl Attention {
             && qkv.dtype() == DType::F32
             && matches!(qkv.device(), Device::Cpu)
         {
-            let ctx = with_cpu_f32(&qkv, |v| short_attention(v, b, n, h, hd, self.scale as f32))?;
+            let ctx = with_cpu_f32(&qkv, |v| {
+                short_attention(v, (b, n), n, (h, hd), self.scale as f32)
+            })?;
             let ctx = Tensor::from_vec(ctx, (b, n, d), &Device::Cpu)?;
             return self.out.forward_add(&ctx, residual);
         }
@@ -319,12 +321,20 @@ impl Attention {
 const SHORT_SEQUENCE: usize = 32;
 
 /// Unmasked attention over `b` sequences of `n` tokens, from the fused
-/// projection `qkv` (`[b·n, 3·h·hd]`: q, k, v, each head-major); returns the
-/// context `[b·n, h·hd]`. One sequence per task; plain loops (`n` is small).
-fn short_attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f32) -> Vec<f32> {
+/// projection `qkv` (`[b·n, 3·h·hd]`: q, k, v, each head-major), for the
+/// first `queries` tokens of each sequence (all `n`, or 1 for the class
+/// token alone); returns the context `[b·queries, h·hd]`. One sequence per
+/// task; plain loops (`n` is small).
+fn short_attention(
+    qkv: &[f32],
+    (b, n): (usize, usize),
+    queries: usize,
+    (h, hd): (usize, usize),
+    scale: f32,
+) -> Vec<f32> {
     let d = h * hd;
-    let mut ctx = vec![0f32; b * n * d];
-    ctx.par_chunks_mut(n * d)
+    let mut ctx = vec![0f32; b * queries * d];
+    ctx.par_chunks_mut(queries * d)
         .zip(qkv.par_chunks(n * 3 * d))
         .for_each(|(out, qkv)| {
             let mut p = vec![0f32; n];
@@ -332,7 +342,7 @@ fn short_attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: 
                 let q = |i: usize| &qkv[i * 3 * d + head * hd..][..hd];
                 let k = |j: usize| &qkv[j * 3 * d + d + head * hd..][..hd];
                 let v = |j: usize| &qkv[j * 3 * d + 2 * d + head * hd..][..hd];
-                for i in 0..n {
+                for i in 0..queries {
                     let qi = q(i);
                     for (j, pj) in p.iter_mut().enumerate() {
                         *pj = dot(qi, k(j)) * scale;
@@ -402,8 +412,34 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let x = self.attn.forward(&self.ln1.forward(x)?, mask, x)?;
-        let h = self.fc1.forward_act(&self.ln2.forward(&x)?, self.act)?;
-        self.fc2.forward_add(&h, &x)
+        self.feed_forward(&x)
+    }
+
+    /// `x + fc2(act(fc1(ln2(x))))`.
+    fn feed_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.fc1.forward_act(&self.ln2.forward(x)?, self.act)?;
+        self.fc2.forward_add(&h, x)
+    }
+
+    /// The output of the first (class) token of each sequence, `[b, d]`.
+    /// Short unmasked sequences on the CPU compute that token alone past
+    /// the fused query, key and value projection (a quarter of the layer's
+    /// work, which every token's keys and values need); the rest run the
+    /// whole layer.
+    fn forward_class(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let attn = &self.attn;
+        let qkv = attn.qkv.forward(&self.ln1.forward(x)?)?;
+        if n > SHORT_SEQUENCE || qkv.dtype() != DType::F32 || !matches!(qkv.device(), Device::Cpu) {
+            return self.forward(x, None)?.i((.., 0, ..))?.contiguous();
+        }
+        let (h, hd) = (attn.heads, attn.head_dim);
+        let ctx = with_cpu_f32(&qkv, |v| {
+            short_attention(v, (b, n), 1, (h, hd), attn.scale as f32)
+        })?;
+        let ctx = Tensor::from_vec(ctx, (b, d), &Device::Cpu)?;
+        let class = x.i((.., 0, ..))?.contiguous()?;
+        self.feed_forward(&attn.out.forward_add(&ctx, &class)?)
     }
 }
 
@@ -463,6 +499,19 @@ impl Encoder {
             }
         }
         Ok(())
+    }
+
+    /// The class token's output of the whole encoder, `[b, d]`: every
+    /// layer but the last in full, the last for that token alone.
+    pub(crate) fn forward_class(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some((last, first)) = self.layers.split_last() else {
+            return x.i((.., 0, ..))?.contiguous();
+        };
+        let mut x = x.clone();
+        for layer in first {
+            x = layer.forward(&x, None)?;
+        }
+        last.forward_class(&x)
     }
 
     /// Runs the first `upto` layers; `keep(i)` says whether to record

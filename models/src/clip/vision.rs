@@ -293,11 +293,8 @@ impl ClipModel {
             let x = tokens
                 .index_select(&index, 0)?
                 .reshape((chunk.len(), len, d))?;
-            let out = self
-                .vision
-                .encoder
-                .forward(&x, None, usize::MAX, |_, _| {})?;
-            parts.push(self.project_tokens(&out.i((.., 0, ..))?)?);
+            let class = self.vision.encoder.forward_class(&x)?;
+            parts.push(self.project_tokens(&class)?);
             start = end;
         }
         let sorted = Tensor::cat(&parts, 0)?;
