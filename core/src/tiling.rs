@@ -16,13 +16,20 @@
 //! stitched map (PaDiM, flow, recon) — in both cases what the detector would
 //! report for the worst tile.
 //!
+//! Detectors on CNN patch features (PatchCore, PaDiM) do not run the
+//! backbone once per tile: with a tile side that is a multiple of
+//! [`SHARED_ALIGN`] they cut the tiles' grids from shared passes over whole
+//! bands of the image ([`crate::features::FeatureExtractor::tile_grids`]),
+//! tiles then start on multiples of [`SHARED_ALIGN`] over the image padded
+//! to them ([`Tiling::aligned_tiles`]), so the work follows the image's
+//! pixels instead of the tiles' overlap; other detectors cut each tile out.
+//!
 //! This file cuts images into tiles; scoring and stitching them is
 //! [`Detector::inspect_tiled`](crate::detector::Detector::inspect_tiled).
 //!
-//! Cost: time grows with the number of tiles, i.e. linearly with the image
-//! area; the stitched map needs 8 bytes per image pixel beside the decoded
-//! image (12 bytes per pixel). The tile count per image is bounded by
-//! [`MAX_TILES`].
+//! Cost: time grows linearly with the image area; the stitched map needs 8
+//! bytes per image pixel beside the decoded image (12 bytes per pixel). The
+//! tile count per image is bounded by [`MAX_TILES`].
 
 use std::path::PathBuf;
 
