@@ -24,6 +24,9 @@ use crate::progress::Progress;
 use crate::runtime::Runtime;
 use crate::tiling::{ImageSource, TileRect, Tiling, crop};
 
+/// Every tile's place and output ([`Detector::score_tiles`]).
+pub type TileOutputs = Result<Vec<(TileRect, DetectorOutput)>, Error>;
+
 /// A detector that never saw one fold's images, and how it was derived
 /// ([`Detector::without_fold`]).
 pub type FoldDetector<'a> = (Box<dyn Detector + 'a>, Procedure);
@@ -62,11 +65,7 @@ pub trait Detector: Send + Sync {
     /// CNN patch features cut them from shared backbone passes instead
     /// ([`crate::features::FeatureExtractor::tile_grids`]), where a tile
     /// may reach past the image's right and bottom edge.
-    fn score_tiles(
-        &self,
-        tiling: &Tiling,
-        image: &Rgb32FImage,
-    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+    fn score_tiles(&self, tiling: &Tiling, image: &Rgb32FImage) -> TileOutputs {
         let (width, height) = image.dimensions();
         tiling
             .tiles(width, height)?
@@ -135,7 +134,7 @@ pub fn score_tiles_with(
     tiling: &Tiling,
     image: &Rgb32FImage,
     score: impl Fn(&Rgb32FImage, PatchGrid) -> Result<DetectorOutput, Error>,
-) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+) -> TileOutputs {
     let mut outputs = Vec::new();
     for_each_tile_of(extractor, Some(tiling), image, |rect, tile, grid| {
         outputs.push((rect, score(tile, grid)?));

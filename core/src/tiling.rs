@@ -154,8 +154,14 @@ impl TilingDecision {
             || (best_tiled >= untiled.overall() - AUTO_MARGIN
                 && untiled.overall() < AUTO_SETTLED
                 && both.is_some());
-        let whole_kept =
-            tiles_win && both.is_some_and(|b| tiled.overall() <= b.overall() + AUTO_MARGIN);
+        // Both views stay when the tiles alone gain nothing over them, or
+        // when both together already separate (nearly) every synthetic
+        // defect: the whole view then guards against global defects the
+        // synthetic ones stand for only roughly, at the cost of one pass.
+        let whole_kept = tiles_win
+            && both.is_some_and(|b| {
+                tiled.overall() <= b.overall() + AUTO_MARGIN || b.overall() >= AUTO_SETTLED
+            });
         Self {
             side,
             untiled,
@@ -545,6 +551,18 @@ mod tests {
         let d = TilingDecision::new(224, whole, clearly, Some(better));
         assert_eq!(d.view(), View::Tiles);
         let d = TilingDecision::new(224, whole, clearly, Some(clearly));
+        assert_eq!(d.view(), View::Both);
+        // Nor when both together already separate (nearly) every defect,
+        // however perfect the tiles alone look.
+        let perfect = ViewSeparation {
+            local: 1.0,
+            global: 1.0,
+        };
+        let nearly = ViewSeparation {
+            local: 0.995,
+            global: 0.99,
+        };
+        let d = TilingDecision::new(224, whole, perfect, Some(nearly));
         assert_eq!(d.view(), View::Both);
         // No global defects scored: no decision.
         assert!(ViewSeparation::measure(&normal, &sharp_but_blind[..3]).is_none());

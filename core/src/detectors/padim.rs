@@ -16,13 +16,15 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::detector::{Detector, DetectorOutput, FitInputs, FoldDetector, score_tiles_with};
+use crate::detector::{
+    Detector, DetectorOutput, FitInputs, FoldDetector, TileOutputs, score_tiles_with,
+};
 use crate::features::{FeatureConfig, FeatureExtractor, PatchGrid, Resize, for_each_grid};
 use crate::folds::Procedure;
 use crate::gaussian::inverse_cholesky_factor;
 use crate::model_file::take;
 use crate::progress::Progress;
-use crate::tiling::{TileRect, Tiling};
+use crate::tiling::Tiling;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PadimConfig {
@@ -400,14 +402,8 @@ impl Detector for PadimWithout<'_> {
         score_grid(&self.padim, self.extractor.extract(image)?)
     }
 
-    fn score_tiles(
-        &self,
-        tiling: &Tiling,
-        image: &Rgb32FImage,
-    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
-        score_tiles_with(self.extractor, tiling, image, |_, grid| {
-            score_grid(&self.padim, grid)
-        })
+    fn score_tiles(&self, tiling: &Tiling, image: &Rgb32FImage) -> TileOutputs {
+        score_tiles_of(self.extractor, &self.padim, tiling, image)
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -481,6 +477,16 @@ impl PadimDetector {
 
 /// The map of one image's patch features under `padim`; its peak is the
 /// image score.
+/// Every tile's output under `padim` ([`Detector::score_tiles`]).
+fn score_tiles_of(
+    extractor: &FeatureExtractor,
+    padim: &Padim,
+    tiling: &Tiling,
+    image: &Rgb32FImage,
+) -> TileOutputs {
+    score_tiles_with(extractor, tiling, image, |_, grid| score_grid(padim, grid))
+}
+
 fn score_grid(padim: &Padim, grid: PatchGrid) -> Result<DetectorOutput, Error> {
     let scores = padim.score(&grid.features)?;
     Ok(DetectorOutput::peak_of(&grid, scores))
@@ -491,14 +497,8 @@ impl Detector for PadimDetector {
         score_grid(&self.padim, self.extractor.extract(image)?)
     }
 
-    fn score_tiles(
-        &self,
-        tiling: &Tiling,
-        image: &Rgb32FImage,
-    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
-        score_tiles_with(&self.extractor, tiling, image, |_, grid| {
-            score_grid(&self.padim, grid)
-        })
+    fn score_tiles(&self, tiling: &Tiling, image: &Rgb32FImage) -> TileOutputs {
+        score_tiles_of(&self.extractor, &self.padim, tiling, image)
     }
 
     fn without_fold(&self, fold: usize) -> Result<Option<FoldDetector<'_>>, Error> {

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::coreset::greedy_coreset;
 use crate::detector::{
-    Detector, DetectorOutput, FitInputs, FoldDetector, ImageScore, ScoreGrid, score_tiles_with,
+    Detector, DetectorOutput, FitInputs, FoldDetector, ImageScore, ScoreGrid, TileOutputs,
+    score_tiles_with,
 };
 use crate::features::{
     BorderAveraging, FeatureConfig, FeatureExtractor, PatchGrid, Resize, for_each_grid,
@@ -31,7 +32,7 @@ use crate::folds::Procedure;
 use crate::model_file::take;
 use crate::nearest::BankIndex;
 use crate::progress::Progress;
-use crate::tiling::{TileRect, Tiling};
+use crate::tiling::Tiling;
 
 /// Each bank's cap on tiled fits when no `max_bank` is set: the variety of
 /// normal texture does not grow with the number of tiles an image is cut
@@ -488,11 +489,7 @@ impl Detector for PatchCoreWithout<'_> {
         score_banks(self.extractor, &self.fine, coarse, image, grid)
     }
 
-    fn score_tiles(
-        &self,
-        tiling: &Tiling,
-        image: &Rgb32FImage,
-    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+    fn score_tiles(&self, tiling: &Tiling, image: &Rgb32FImage) -> TileOutputs {
         let coarse = self.coarse.as_ref().map(|(bank, resize)| (bank, *resize));
         score_tiles_with(self.extractor, tiling, image, |tile, grid| {
             score_banks(self.extractor, &self.fine, coarse, tile, grid)
@@ -511,11 +508,7 @@ impl Detector for PatchCoreDetector {
         score_banks(&self.extractor, &self.fine, coarse, image, grid)
     }
 
-    fn score_tiles(
-        &self,
-        tiling: &Tiling,
-        image: &Rgb32FImage,
-    ) -> Result<Vec<(TileRect, DetectorOutput)>, Error> {
+    fn score_tiles(&self, tiling: &Tiling, image: &Rgb32FImage) -> TileOutputs {
         let coarse = self.coarse.as_ref().map(|c| (&c.bank, c.resize));
         score_tiles_with(&self.extractor, tiling, image, |tile, grid| {
             score_banks(&self.extractor, &self.fine, coarse, tile, grid)
