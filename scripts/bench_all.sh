@@ -22,6 +22,9 @@
 #   PAIRS          timed backbone pairs after one warm-up pair (default 3)
 #   SKIP_BACKBONE / SKIP_PATCHCORE / SKIP_WINCLIP   set to 1 to leave a part out
 set -euo pipefail
+# The harness's malloc setting (for anomalib's coreset) slows torch's forward
+# about 2× here; bench_vs_anomalib.sh sets it for its own part, both sides.
+unset MALLOC_MMAP_THRESHOLD_
 
 harness=${1:?harness directory}
 python=${2:?python of the anomalib venv}
