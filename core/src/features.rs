@@ -231,19 +231,17 @@ pub fn for_each_grid(
     extractor: &FeatureExtractor,
     images: &crate::tiling::ImageSource<'_>,
     mut f: impl FnMut(usize, &Rgb32FImage, PatchGrid) -> Result<(), Error>,
-    mut per_file: impl FnMut(),
+    per_file: impl FnMut(),
 ) -> Result<(), Error> {
-    for (index, path) in images.paths.iter().enumerate() {
-        let image = crate::images::load_image(path, images.limits)?;
-        for_each_tile_of(
-            extractor,
-            images.tiling.as_ref(),
-            &image,
-            |_, tile, grid| f(index, tile, grid),
-        )?;
-        per_file();
-    }
-    Ok(())
+    let tiling = images.tiling.as_ref();
+    images.for_each_file(
+        |index, image| {
+            for_each_tile_of(extractor, tiling, image, |_, tile, grid| {
+                f(index, tile, grid)
+            })
+        },
+        per_file,
+    )
 }
 
 /// Calls `f` with `image` (or each of its tiles under `tiling`, with the

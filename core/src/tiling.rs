@@ -472,18 +472,32 @@ impl ImageSource<'_> {
     pub fn for_each(
         &self,
         mut f: impl FnMut(usize, &Rgb32FImage) -> Result<(), Error>,
+        per_file: impl FnMut(),
+    ) -> Result<(), Error> {
+        let tiling = self.tiling;
+        self.for_each_file(
+            |index, image| match tiling {
+                None => f(index, image),
+                Some(tiling) => {
+                    for rect in tiling.tiles(image.width(), image.height())? {
+                        f(index, &crop(image, rect))?;
+                    }
+                    Ok(())
+                }
+            },
+            per_file,
+        )
+    }
+
+    /// Calls `f` with the file's index and every whole image, decoded one
+    /// at a time, and `per_file` after each file.
+    pub fn for_each_file(
+        &self,
+        mut f: impl FnMut(usize, &Rgb32FImage) -> Result<(), Error>,
         mut per_file: impl FnMut(),
     ) -> Result<(), Error> {
         for (index, path) in self.paths.iter().enumerate() {
-            let image = load_image(path, self.limits)?;
-            match self.tiling {
-                None => f(index, &image)?,
-                Some(tiling) => {
-                    for rect in tiling.tiles(image.width(), image.height())? {
-                        f(index, &crop(&image, rect))?;
-                    }
-                }
-            }
+            f(index, &load_image(path, self.limits)?)?;
             per_file();
         }
         Ok(())

@@ -475,8 +475,6 @@ impl PadimDetector {
     }
 }
 
-/// The map of one image's patch features under `padim`; its peak is the
-/// image score.
 /// Every tile's output under `padim` ([`Detector::score_tiles`]).
 fn score_tiles_of(
     extractor: &FeatureExtractor,
@@ -487,6 +485,8 @@ fn score_tiles_of(
     score_tiles_with(extractor, tiling, image, |_, grid| score_grid(padim, grid))
 }
 
+/// The map of one image's patch features under `padim`; its peak is the
+/// image score.
 fn score_grid(padim: &Padim, grid: PatchGrid) -> Result<DetectorOutput, Error> {
     let scores = padim.score(&grid.features)?;
     Ok(DetectorOutput::peak_of(&grid, scores))

@@ -428,11 +428,13 @@ impl EncoderLayer {
     /// whole layer.
     fn forward_class(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let attn = &self.attn;
-        let qkv = attn.qkv.forward(&self.ln1.forward(x)?)?;
-        if n > SHORT_SEQUENCE || qkv.dtype() != DType::F32 || !matches!(qkv.device(), Device::Cpu) {
+        // Checked on the input, before the projection: the fallback below
+        // computes its own.
+        if n > SHORT_SEQUENCE || x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
             return self.forward(x, None)?.i((.., 0, ..))?.contiguous();
         }
+        let attn = &self.attn;
+        let qkv = attn.qkv.forward(&self.ln1.forward(x)?)?;
         let (h, hd) = (attn.heads, attn.head_dim);
         let ctx = with_cpu_f32(&qkv, |v| {
             short_attention(v, (b, n), 1, (h, hd), attn.scale as f32)
