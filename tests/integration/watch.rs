@@ -213,11 +213,25 @@ fn start_broker_with_tls(tls_port: Option<u16>) -> Option<Broker> {
         "per_listener_settings false\nallow_anonymous true\npersistence false\nlistener {port} 127.0.0.1\n"
     );
     if let Some(tls) = tls_port {
+        // mosquitto started as root reads its certificates after dropping to
+        // its own user, which cannot enter a checkout under a 0700 folder
+        // (`mktemp -d`): the broker gets readable copies in its own folder.
+        use std::os::unix::fs::PermissionsExt;
+        let readable = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        readable(dir.path(), 0o755);
+        let copy = |name: &str| {
+            let to = dir.path().join(name);
+            std::fs::copy(tls_fixture(name), &to).unwrap();
+            readable(&to, 0o644);
+            to
+        };
         config.push_str(&format!(
             "listener {tls} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
-            tls_fixture("ca.crt").display(),
-            tls_fixture("server.crt").display(),
-            tls_fixture("server.key").display()
+            copy("ca.crt").display(),
+            copy("server.crt").display(),
+            copy("server.key").display()
         ));
     }
     std::fs::write(&conf, config).unwrap();
