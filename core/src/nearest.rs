@@ -10,9 +10,14 @@
 //! the best distance found so far get their full distance computed. Every
 //! row that could be nearest is checked, so the result is the brute-force
 //! one: the nearest row, the lowest index among exact ties.
+//!
+//! Where the CPU has AVX512-BF16 the bound's product runs in bf16 (twice the
+//! f32 rate) with the bank packed once, and its rounding is added to the
+//! bound's slack, so the search stays exact.
 
 use candle_core::{DType, Device, Tensor};
-use flawscope_models::simd::widest;
+use flawscope_models::bf16_gemm::{BF16_PRODUCT_RELATIVE_ERROR, FixedBf16Product};
+use flawscope_models::simd::{prefetch, widest};
 use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut, SymmetricEigen};
 use rayon::prelude::*;
 
@@ -23,14 +28,24 @@ use crate::Error;
 /// gained nothing), scanned while still in cache, and neighbouring patches
 /// usually share their nearest bank row, which seeds the next query's search.
 const QUERY_RUN: usize = 64;
+/// The same for the bf16 product: its bank is packed once, so short runs
+/// cost nothing extra, and a run's products (`16 · n` floats) stay in the
+/// L2 cache for the scan.
+const QUERY_RUN_BF16: usize = 16;
 /// Bound products tested together: a block is looked at row by row only
 /// when one of them can beat the best distance (rarely).
 const SCAN_BLOCK: usize = 32;
+/// Candidate rows fetched ahead of their full distance.
+const PREFETCH_AHEAD: usize = 4;
 /// Share of the bank's variance the leading axes must hold. Measured on MTD
 /// (152 channels, anomalib's settings): 85 % (48 axes) was fastest; fewer
 /// axes leave more rows to check in full, more make the bound's product
 /// dearer (README, "Nearest-neighbour search").
 const LEAD_VARIANCE: f64 = 0.85;
+/// The same where the bound's product runs in bf16 (half the cost per
+/// axis, and its rounding slack lets a few more rows through): 92 % was
+/// fastest on the same bank (72 axes against 48, 8.2 against 9.2 ms).
+const LEAD_VARIANCE_BF16: f64 = 0.92;
 /// Relative slack on the bound against rounding in its matrix product
 /// (scaled by `‖q‖² + max ‖b‖²`, which bounds every term of the product).
 const BOUND_SLACK: f32 = 1e-4;
@@ -53,6 +68,14 @@ pub struct BankIndex {
     bound_rows: Vec<f32>,
     /// Largest squared norm of a rotated bank row.
     max_square_norm: f32,
+    /// The bound's product in bf16 (bank rows: leading coordinates and the
+    /// norm of the rest; bias `−‖b‖²/2`), where the CPU has AVX512-BF16.
+    bf16: Option<FixedBf16Product>,
+}
+
+thread_local! {
+    /// Each thread's buffer for a run's bound products.
+    static PRODUCTS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Nearest bank row per query: squared distance and index.
@@ -74,6 +97,21 @@ impl BankIndex {
     /// [`Self::new`] with `lead` leading axes (clamped to `1..=dim`) when
     /// given.
     pub fn with_lead(bank: &Tensor, lead_wanted: Option<usize>) -> Result<Self, Error> {
+        Self::build(bank, lead_wanted, true)
+    }
+
+    /// [`Self::with_lead`] with the bound's product in f32 even where the
+    /// CPU has bf16 (to test and time the f32 path).
+    pub fn with_lead_f32(bank: &Tensor, lead_wanted: Option<usize>) -> Result<Self, Error> {
+        Self::build(bank, lead_wanted, false)
+    }
+
+    /// Whether the bound's product runs in bf16.
+    pub fn uses_bf16(&self) -> bool {
+        self.bf16.is_some()
+    }
+
+    fn build(bank: &Tensor, lead_wanted: Option<usize>, prefer_bf16: bool) -> Result<Self, Error> {
         let (n, dim) = bank.dims2()?;
         if n == 0 || dim == 0 {
             return Err(Error::InvalidConfig("empty memory bank".into()));
@@ -96,11 +134,17 @@ impl BankIndex {
         let mut order: Vec<usize> = (0..dim).collect();
         order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
         let total: f64 = eigen.eigenvalues.iter().map(|v| v.max(0.0)).sum();
+        let bf16 = prefer_bf16 && FixedBf16Product::available();
+        let share = if bf16 {
+            LEAD_VARIANCE_BF16
+        } else {
+            LEAD_VARIANCE
+        };
         let mut lead = dim;
         let mut held = 0.0;
         for (i, &axis) in order.iter().enumerate() {
             held += eigen.eigenvalues[axis].max(0.0);
-            if held >= LEAD_VARIANCE * total {
+            if held >= share * total {
                 lead = i + 1;
                 break;
             }
@@ -141,6 +185,19 @@ impl BankIndex {
             bound_rows[(lead + 1) * n + j] = -0.5 * square_norm;
             max_square_norm = max_square_norm.max(square_norm);
         }
+        let bf16 = if bf16 {
+            let mut rows = vec![0f32; n * (lead + 1)];
+            let mut bias = vec![0f32; n];
+            for (j, (row, b)) in rows.chunks_exact_mut(lead + 1).zip(&mut bias).enumerate() {
+                for (axis, v) in row.iter_mut().enumerate() {
+                    *v = bound_rows[axis * n + j];
+                }
+                *b = bound_rows[(lead + 1) * n + j];
+            }
+            FixedBf16Product::new(&rows, n, lead + 1, &bias)
+        } else {
+            None
+        };
         Ok(Self {
             dim,
             lead,
@@ -150,6 +207,7 @@ impl BankIndex {
             rotated,
             bound_rows,
             max_square_norm,
+            bf16,
         })
     }
 
@@ -211,43 +269,85 @@ impl BankIndex {
             factor[lead] = rest.sqrt();
             factor[lead + 1] = 1.0;
         }
+        // The bf16 product's rounding, bounded per query: `Σ |q̃_l| |b̃_l| ≤
+        // ‖q‖ ‖b‖` (the bound's vectors have the rows' norms) `≤ ‖q‖ max ‖b‖`.
+        let bf16_slack = |square_norm: f32| {
+            BF16_PRODUCT_RELATIVE_ERROR * (square_norm * self.max_square_norm).sqrt() + 1e-30
+        };
+        let (run_len, bf16_pairs) = match &self.bf16 {
+            Some(product) => {
+                // The bf16 product's left factor has no trailing 1: the
+                // bank's `−‖b‖²/2` is its bias.
+                let narrow: Vec<f32> = factors
+                    .chunks_exact(width)
+                    .flat_map(|f| f[..width - 1].iter().copied())
+                    .collect();
+                (QUERY_RUN_BF16, product.convert(&narrow))
+            }
+            None => (QUERY_RUN, Vec::new()),
+        };
+        let pairs_per_query = bf16_pairs.len() / p.max(1);
         let bank = DMatrixView::from_slice(&self.bound_rows, n, width);
 
         let mut distances = vec![0f32; p];
         let mut indices = vec![0u32; p];
         let computed = rotated
-            .par_chunks(QUERY_RUN * dim)
-            .zip(factors.par_chunks(QUERY_RUN * width))
-            .zip(square_norms.par_chunks(QUERY_RUN))
-            .zip(distances.par_chunks_mut(QUERY_RUN))
-            .zip(indices.par_chunks_mut(QUERY_RUN))
-            .map_init(
-                || vec![0f32; QUERY_RUN * n],
-                |products, ((((coords, factors), square_norms), distances), indices)| {
+            .par_chunks(run_len * dim)
+            .zip(factors.par_chunks(run_len * width))
+            .zip(square_norms.par_chunks(run_len))
+            .zip(distances.par_chunks_mut(run_len))
+            .zip(indices.par_chunks_mut(run_len))
+            .enumerate()
+            .map(
+                |(r, ((((coords, factors), square_norms), distances), indices))| {
                     let run = square_norms.len();
-                    let products = &mut products[..run * n];
-                    // Column-major views: the product's column `k` is query
-                    // `k`'s `s` against every bank row.
-                    let mut out = DMatrixViewMut::from_slice(products, n, run);
-                    out.gemm(
-                        1.0,
-                        &bank,
-                        &DMatrixView::from_slice(factors, width, run),
-                        0.0,
-                    );
+                    // One buffer per thread, kept between calls: rayon may
+                    // split the runs into many jobs, and zeroing a fresh
+                    // megabyte for each cost more than the scan.
+                    let mut buffer = PRODUCTS.with(std::cell::Cell::take);
+                    if buffer.len() < run * n {
+                        buffer.resize(run * n, 0.0);
+                    }
+                    let products = &mut buffer[..run * n];
+                    let bf16 = match &self.bf16 {
+                        Some(product) => {
+                            let start = r * run_len * pairs_per_query;
+                            product.product(
+                                &bf16_pairs[start..start + run * pairs_per_query],
+                                products,
+                            );
+                            true
+                        }
+                        None => {
+                            // Column-major views: the product's column `k` is
+                            // query `k`'s `s` against every bank row.
+                            let mut out = DMatrixViewMut::from_slice(products, n, run);
+                            out.gemm(
+                                1.0,
+                                &bank,
+                                &DMatrixView::from_slice(factors, width, run),
+                                0.0,
+                            );
+                            false
+                        }
+                    };
                     let products = &products[..];
-                    widest(
+                    let computed = widest(
                         #[inline(always)]
                         || {
                             let mut seed = None;
                             let mut computed = 0u64;
+                            let mut candidates = Vec::new();
                             for (k, products) in products.chunks_exact(n).enumerate() {
+                                let square_norm = square_norms[k];
                                 let query = Query {
                                     coords: &coords[k * dim..(k + 1) * dim],
-                                    square_norm: square_norms[k],
-                                    slack: BOUND_SLACK * (square_norms[k] + self.max_square_norm),
+                                    square_norm,
+                                    slack: BOUND_SLACK * (square_norm + self.max_square_norm),
+                                    product_slack: if bf16 { bf16_slack(square_norm) } else { 0.0 },
                                 };
-                                let (d, j, c) = self.search(&query, products, seed);
+                                let (d, j, c) =
+                                    self.search(&query, products, seed, &mut candidates);
                                 distances[k] = d;
                                 indices[k] = j as u32;
                                 computed += c;
@@ -255,7 +355,9 @@ impl BankIndex {
                             }
                             computed
                         },
-                    )
+                    );
+                    PRODUCTS.with(|cell| cell.set(buffer));
+                    computed
                 },
             )
             .sum::<u64>();
@@ -298,6 +400,7 @@ impl BankIndex {
         query: &Query<'_>,
         products: &[f32],
         seed: Option<usize>,
+        candidates: &mut Vec<u32>,
     ) -> (f32, usize, u64) {
         let seed = seed.unwrap_or_else(|| {
             products
@@ -310,8 +413,16 @@ impl BankIndex {
         let mut computed = 1;
         // A row can be nearest only if its bound is at most the best
         // distance (plus rounding slack): `s ≥ (‖q‖² − best − slack) / 2`.
-        let floor = |best: f32| 0.5 * (query.square_norm - best - query.slack);
+        // With the product's own rounding `e`, the computed `s` may lie `e`
+        // below the exact one.
+        let floor =
+            |best: f32| 0.5 * (query.square_norm - best - query.slack) - query.product_slack;
         let mut wanted = floor(best.0);
+        // First every row the seed's distance leaves in play, then their
+        // full distances in bank order, each row's first cache lines
+        // fetched a few rows ahead: the rows lie scattered over the bank,
+        // and waiting for each one from memory took most of the search.
+        candidates.clear();
         for (block, values) in products.chunks(SCAN_BLOCK).enumerate() {
             // Branch-free over the block (it vectorises); most blocks stop here.
             if !values.iter().fold(false, |any, &s| any | (s >= wanted)) {
@@ -319,15 +430,24 @@ impl BankIndex {
             }
             for (offset, &s) in values.iter().enumerate() {
                 let j = block * SCAN_BLOCK + offset;
-                if s < wanted || j == seed {
-                    continue;
+                if s >= wanted && j != seed {
+                    candidates.push(j as u32);
                 }
-                computed += 1;
-                let d = self.distance(query.coords, j, best.0);
-                if d < best.0 || (d == best.0 && j < best.1) {
-                    best = (d, j);
-                    wanted = floor(d);
-                }
+            }
+        }
+        for (i, &j) in candidates.iter().enumerate() {
+            if let Some(&ahead) = candidates.get(i + PREFETCH_AHEAD) {
+                prefetch(&self.rotated[ahead as usize * self.dim..][..self.dim]);
+            }
+            let j = j as usize;
+            if products[j] < wanted {
+                continue;
+            }
+            computed += 1;
+            let d = self.distance(query.coords, j, best.0);
+            if d < best.0 || (d == best.0 && j < best.1) {
+                best = (d, j);
+                wanted = floor(d);
             }
         }
         (best.0, best.1, computed)
@@ -374,7 +494,10 @@ impl BankIndex {
 struct Query<'a> {
     coords: &'a [f32],
     square_norm: f32,
+    /// Rounding slack on the bound (its squared-distance units).
     slack: f32,
+    /// Largest error of the computed `s` (bf16 product), 0 for f32.
+    product_slack: f32,
 }
 
 /// Brute force over every pair, as `Σ (q − b)²` in the original axes: the
@@ -410,11 +533,27 @@ mod tests {
             .collect()
     }
 
+    /// Both products for the bound: bf16 (where the CPU has it) and f32.
+    fn indexes(bank: &[f32], n: usize, dim: usize) -> Vec<BankIndex> {
+        let bank = Tensor::from_slice(bank, (n, dim), &Device::Cpu).unwrap();
+        let f32_index = BankIndex::with_lead_f32(&bank, None).unwrap();
+        assert!(!f32_index.uses_bf16());
+        let index = BankIndex::new(&bank).unwrap();
+        if !index.uses_bf16() {
+            eprintln!("this CPU has no AVX512-BF16: only the f32 bound is tested");
+        }
+        vec![index, f32_index]
+    }
+
     fn check(bank: &[f32], queries: &[f32], dim: usize) {
         let n = bank.len() / dim;
+        for index in indexes(bank, n, dim) {
+            check_with(&index, bank, queries, dim);
+        }
+    }
+
+    fn check_with(index: &BankIndex, bank: &[f32], queries: &[f32], dim: usize) {
         let p = queries.len() / dim;
-        let index =
-            BankIndex::new(&Tensor::from_slice(bank, (n, dim), &Device::Cpu).unwrap()).unwrap();
         let got = index
             .nearest(&Tensor::from_slice(queries, (p, dim), &Device::Cpu).unwrap())
             .unwrap();
@@ -466,6 +605,33 @@ mod tests {
         check(&bank, &queries, 32);
     }
 
+    /// Queries far from the bank's mean among near-ties: the bf16 product's
+    /// rounding (about `2⁻⁷ ‖q‖ ‖b‖`) is far larger than the gaps between
+    /// the candidates' distances, so the search is exact only if its bound
+    /// allows for that rounding.
+    #[test]
+    fn near_ties_far_from_the_mean_survive_the_bf16_rounding() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let dim = 8;
+        let offset = 100.0f32;
+        let mut cluster = |count: usize, sign: f32| -> Vec<f32> {
+            (0..count * dim)
+                .map(|i| {
+                    let noise = rng.random_range(-1.0f32..1.0);
+                    if i % dim == 0 {
+                        sign * offset + noise
+                    } else {
+                        noise
+                    }
+                })
+                .collect()
+        };
+        let mut bank = cluster(300, 1.0);
+        bank.extend(cluster(300, -1.0));
+        let queries = cluster(100, 1.0);
+        check(&bank, &queries, dim);
+    }
+
     #[test]
     fn queries_on_bank_rows_and_duplicates_find_the_lowest_index() {
         let mut rng = StdRng::seed_from_u64(3);
@@ -480,22 +646,22 @@ mod tests {
         for j in [399, 5, 10, 0, 398, 200] {
             queries.extend_from_slice(&bank[j * dim..(j + 1) * dim]);
         }
-        let index =
-            BankIndex::new(&Tensor::from_slice(&bank, (400, dim), &Device::Cpu).unwrap()).unwrap();
-        let got = index
-            .nearest(&Tensor::from_slice(&queries, (6, dim), &Device::Cpu).unwrap())
-            .unwrap();
-        assert_eq!(got.indices, vec![5, 5, 5, 0, 398, 5]);
-        assert!(got.distances.iter().all(|d| *d < 1e-4), "{got:?}");
+        for index in indexes(&bank, 400, dim) {
+            let got = index
+                .nearest(&Tensor::from_slice(&queries, (6, dim), &Device::Cpu).unwrap())
+                .unwrap();
+            assert_eq!(got.indices, vec![5, 5, 5, 0, 398, 5]);
+            assert!(got.distances.iter().all(|d| *d < 1e-4), "{got:?}");
+        }
         // A constant bank: every row ties.
         let constant = vec![0.5f32; 20 * 4];
-        let index =
-            BankIndex::new(&Tensor::from_slice(&constant, (20, 4), &Device::Cpu).unwrap()).unwrap();
-        let got = index
-            .nearest(&Tensor::from_slice(&[1f32, 0.0, 0.5, 2.0], (1, 4), &Device::Cpu).unwrap())
-            .unwrap();
-        assert_eq!(got.indices, vec![0]);
-        assert!((got.distances[0] - (0.25 + 0.25 + 2.25)).abs() < 1e-5);
+        for index in indexes(&constant, 20, 4) {
+            let got = index
+                .nearest(&Tensor::from_slice(&[1f32, 0.0, 0.5, 2.0], (1, 4), &Device::Cpu).unwrap())
+                .unwrap();
+            assert_eq!(got.indices, vec![0]);
+            assert!((got.distances[0] - (0.25 + 0.25 + 2.25)).abs() < 1e-5);
+        }
     }
 
     #[test]
@@ -508,18 +674,19 @@ mod tests {
             .iter()
             .map(|v| v + rng.random_range(-0.05..0.05))
             .collect();
-        let index =
-            BankIndex::new(&Tensor::from_slice(&bank, (4000, dim), &Device::Cpu).unwrap()).unwrap();
-        let got = index
-            .nearest(&Tensor::from_slice(&queries, (256, dim), &Device::Cpu).unwrap())
-            .unwrap();
-        assert!(index.lead() < dim);
-        assert!(
-            got.full_distances_computed < 256 * 4000 / 10,
-            "{} full distances",
-            got.full_distances_computed
-        );
-        check(&bank, &queries, dim);
+        for index in indexes(&bank, 4000, dim) {
+            let got = index
+                .nearest(&Tensor::from_slice(&queries, (256, dim), &Device::Cpu).unwrap())
+                .unwrap();
+            assert!(index.lead() < dim);
+            assert!(
+                got.full_distances_computed < 256 * 4000 / 10,
+                "{} full distances (bf16: {})",
+                got.full_distances_computed,
+                index.uses_bf16()
+            );
+            check_with(&index, &bank, &queries, dim);
+        }
     }
 
     #[test]

@@ -138,6 +138,99 @@ impl PackedBf16 {
     }
 }
 
+/// Bound on `|computed − exact|` of one output of [`FixedBf16Product`],
+/// relative to `Σ |x_l| |w_l| + |bias|`, for `k ≤ 4 096`: each input is rounded to
+/// the nearest bf16 (8 significant bits, so each product is off by at most
+/// `2⁻⁷ + 2⁻¹⁶` of itself), the products are exact in f32, and the f32 sums add at most
+/// `2k · 2⁻²⁴`. (`vdpbf16ps` also flushes subnormals; callers add their own
+/// absolute slack for that.)
+pub const BF16_PRODUCT_RELATIVE_ERROR: f32 = 0.0082;
+
+/// `x Wᵀ + bias` for a fixed `W` (`[n, k]`) and bias, computed on the
+/// caller's thread, for callers that split their work themselves (PatchCore's
+/// exact search: one product per run of queries on each thread, scanned while
+/// in cache). `None` where the CPU lacks AVX512-BF16: keep an f32 path.
+#[derive(Debug, Clone)]
+pub struct FixedBf16Product {
+    packed: PackedBf16,
+    /// The bias split into panels of [`NR`] (zero past `n`).
+    bias: Vec<[f32; NR]>,
+}
+
+impl FixedBf16Product {
+    /// `None` without AVX512-BF16, or when the sizes do not match
+    /// (`weight.len() == n · k`, `bias.len() == n`, `k ≤ 4 096`).
+    pub fn new(weight: &[f32], n: usize, k: usize, bias: &[f32]) -> Option<Self> {
+        if bias.len() != n || k > 4096 {
+            return None;
+        }
+        let packed = PackedBf16::new(weight, n, k)?;
+        let mut panels = vec![[0f32; NR]; n.div_ceil(NR)];
+        for (i, &b) in bias.iter().enumerate() {
+            panels[i / NR][i % NR] = b;
+        }
+        Some(Self {
+            packed,
+            bias: panels,
+        })
+    }
+
+    /// Whether this CPU has the instructions (AVX512-BF16).
+    pub fn available() -> bool {
+        available()
+    }
+
+    /// Output width.
+    pub fn n(&self) -> usize {
+        self.packed.n
+    }
+
+    /// Input width.
+    pub fn k(&self) -> usize {
+        self.packed.k
+    }
+
+    /// Rows of `x` (`k` floats each) rounded to bf16, as [`Self::product`]
+    /// takes them: `k.div_ceil(2)` values per row.
+    ///
+    /// # Panics
+    /// When `x.len()` is not a multiple of `k`.
+    pub fn convert(&self, x: &[f32]) -> Vec<u32> {
+        let (k, kp) = (self.packed.k, self.packed.k_pairs);
+        assert_eq!(x.len() % k, 0, "bf16 product: input size");
+        let mut a = vec![0u32; x.len() / k * kp];
+        #[cfg(target_arch = "x86_64")]
+        for (dst, src) in a.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
+            // SAFETY: `new` only builds a `FixedBf16Product` where `available()` holds.
+            unsafe { x86::convert_row(src, dst) };
+        }
+        a
+    }
+
+    /// `out` (`m × n`, row-major) `= x Wᵀ + bias` for the `m` rows that
+    /// [`Self::convert`] made, on this thread.
+    ///
+    /// # Panics
+    /// When `pairs` is not whole rows or `out` is not `m · n` floats.
+    pub fn product(&self, pairs: &[u32], out: &mut [f32]) {
+        let kp = self.packed.k_pairs;
+        assert_eq!(pairs.len() % kp, 0, "bf16 product: input size");
+        assert_eq!(
+            out.len(),
+            pairs.len() / kp * self.packed.n,
+            "bf16 product: output size"
+        );
+        if out.is_empty() {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `new` only builds a `FixedBf16Product` where `available()` holds.
+        unsafe {
+            x86::block(&self.packed, pairs, &self.bias, Epilogue::Bias, None, out)
+        };
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -148,7 +241,7 @@ mod x86 {
 
     /// Rows of `x` converted to bf16 pairs, `k_pairs` per row (odd `k` padded with 0).
     #[target_feature(enable = "avx512f,avx512bf16")]
-    fn convert_row(src: &[f32], dst: &mut [u32]) {
+    pub(super) fn convert_row(src: &[f32], dst: &mut [u32]) {
         let k = src.len();
         let full = k / 32;
         for i in 0..full {
@@ -221,6 +314,20 @@ mod x86 {
                 }
             }
         }
+        if cols == NR && residual.is_none() && epilogue == Epilogue::Bias {
+            // A whole panel: straight from the registers to the output.
+            for (r, acc) in acc.iter().enumerate() {
+                for (j, &v) in acc.iter().enumerate() {
+                    // SAFETY: 16 floats at 16·j are in `bias`; the caller's
+                    // `c` has `ROWS` rows of `ldc ≥ cols = NR` floats.
+                    unsafe {
+                        let v = _mm512_add_ps(v, _mm512_loadu_ps(bias.as_ptr().add(16 * j)));
+                        _mm512_storeu_ps(c.add(r * ldc + 16 * j), v);
+                    }
+                }
+            }
+            return;
+        }
         let mut row = [0f32; NR];
         for (r, acc) in acc.iter().enumerate() {
             for (j, &v) in acc.iter().enumerate() {
@@ -279,7 +386,7 @@ mod x86 {
     /// A block of rows against every panel: `a` holds `rows` converted rows,
     /// `c` the same rows of the output.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    fn block(
+    pub(super) fn block(
         w: &PackedBf16,
         a: &[u32],
         bias: &[[f32; NR]],
@@ -397,6 +504,42 @@ mod tests {
         assert_eq!(round_trip(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
         assert!(round_trip(f32::NAN).is_nan());
         assert_eq!(round_trip(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn fixed_product_stays_within_its_stated_error() {
+        if !available() {
+            assert!(FixedBf16Product::new(&[1.0], 1, 1, &[0.0]).is_none());
+            eprintln!("SKIPPED: this CPU has no AVX512-BF16");
+            return;
+        }
+        assert!(
+            FixedBf16Product::new(&[1.0; 6], 3, 2, &[0.0; 2]).is_none(),
+            "bias size"
+        );
+        for (m, n, k) in [(1, 1, 1), (16, 96, 49), (5, 100, 73), (16, 48, 64)] {
+            let x: Vec<f32> = values(m * k, k as u64).iter().map(|v| v * 30.0).collect();
+            let w: Vec<f32> = values(n * k, n as u64).iter().map(|v| v * 40.0).collect();
+            let bias: Vec<f32> = values(n, 9).iter().map(|v| v * 500.0).collect();
+            let product = FixedBf16Product::new(&w, n, k, &bias).expect("packs");
+            assert_eq!((product.n(), product.k()), (n, k));
+            let mut got = vec![f32::NAN; m * n];
+            product.product(&product.convert(&x), &mut got);
+            let exact = naive(&x, &w, &bias, m, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    let scale: f32 = (0..k)
+                        .map(|l| (x[i * k + l] * w[j * k + l]).abs())
+                        .sum::<f32>()
+                        + bias[j].abs();
+                    let (g, e) = (got[i * n + j], exact[i * n + j]);
+                    assert!(
+                        (g - e).abs() <= BF16_PRODUCT_RELATIVE_ERROR * scale,
+                        "{m}x{n}x{k} [{i}, {j}]: {g} vs {e} (scale {scale})"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

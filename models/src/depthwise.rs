@@ -78,6 +78,163 @@ pub fn depthwise_conv2d_same(
     }
 }
 
+/// Dense 2-D convolution with TF "SAME" padding, bias and optional ReLU6,
+/// for the few-input-channel stem: `x` `[N, C, H, W]`, `weight`
+/// `[O, C, K, K]`, `bias` `[O]`. Each output is its `C·K·K` products summed
+/// in f64 and rounded once (candle's tiled convolution took a tenth of a
+/// PatchCore score; this is also closer to the exact sum than any f32 order).
+pub fn dense_conv2d_same(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    relu6: bool,
+) -> candle_core::Result<Tensor> {
+    let (_n, c, h, w) = x.dims4()?;
+    let (o, wc, kh, kw) = weight.dims4()?;
+    if wc != c || kh != kw {
+        bail!(
+            "convolution weight {:?} does not fit input {:?}",
+            weight.dims(),
+            x.dims()
+        );
+    }
+    if bias.dims() != [o] {
+        bail!(
+            "convolution bias {:?} does not fit {o} channels",
+            bias.dims()
+        );
+    }
+    if stride == 0 {
+        bail!("convolution stride must be at least 1");
+    }
+    let (out_h, pad_top, pad_bottom) = same_padding(h, kh, stride);
+    let (out_w, pad_left, pad_right) = same_padding(w, kw, stride);
+    let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
+    if x.device().is_cpu() && all_f32 {
+        let op = DenseConvOp {
+            kernel: kh,
+            stride,
+            pad_top,
+            pad_left,
+            out_h,
+            out_w,
+            relu6,
+        };
+        x.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+    } else {
+        let padded = x
+            .pad_with_zeros(2, pad_top, pad_bottom)?
+            .pad_with_zeros(3, pad_left, pad_right)?;
+        let y = padded.conv2d(weight, 0, stride, 1, 1)?;
+        let y = y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?;
+        if relu6 { y.clamp(0f32, 6f32) } else { Ok(y) }
+    }
+}
+
+struct DenseConvOp {
+    kernel: usize,
+    stride: usize,
+    pad_top: usize,
+    pad_left: usize,
+    out_h: usize,
+    out_w: usize,
+    relu6: bool,
+}
+
+impl CustomOp3 for DenseConvOp {
+    fn name(&self) -> &'static str {
+        "flawscope-dense-conv2d-same"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let (o, _, _, _) = wl.shape().dims4()?;
+        let x = f32_slice(xs, xl, "convolution input")?;
+        let weight = f32_slice(ws, wl, "convolution weight")?;
+        let bias = f32_slice(bs, bl, "convolution bias")?;
+        let (k, s) = (self.kernel, self.stride);
+        if weight.len() != o * c * k * k || bias.len() != o || x.len() != n * c * h * w {
+            bail!("convolution: tensor sizes do not agree");
+        }
+        let (out_h, out_w) = (self.out_h, self.out_w);
+        // Each input row split into its `s` column phases, zero-padded, so a
+        // tap reads contiguous memory: phase `kx % s` from column `kx / s`.
+        let phase_len = out_w + k.div_ceil(s);
+        let row_len = s * phase_len;
+        let mut phases = vec![0f32; n * c * h * row_len];
+        phases
+            .par_chunks_mut(row_len)
+            .zip(x.par_chunks(w.max(1)))
+            .for_each(|(dst, src)| {
+                for (col, &v) in src.iter().enumerate() {
+                    let padded = col + self.pad_left;
+                    let (phase, j) = (padded % s, padded / s);
+                    if j < phase_len {
+                        dst[phase * phase_len + j] = v;
+                    }
+                }
+            });
+        let plane_out = out_h * out_w;
+        let mut out = vec![0f32; n * o * plane_out];
+        if plane_out > 0 && h * w > 0 {
+            out.par_chunks_mut(plane_out).enumerate().for_each_init(
+                Vec::new,
+                |acc: &mut Vec<f64>, (plane, dst)| {
+                    let (image, ch) = (plane / o, plane % o);
+                    let wk = &weight[ch * c * k * k..(ch + 1) * c * k * k];
+                    let b = f64::from(bias[ch]);
+                    crate::simd::widest(
+                        #[inline(always)]
+                        || {
+                            acc.resize(out_w, 0.0);
+                            for (y, dst_row) in dst.chunks_exact_mut(out_w).enumerate() {
+                                acc.fill(0.0);
+                                for (ci, taps) in wk.chunks_exact(k * k).enumerate() {
+                                    for (ky, taps) in taps.chunks_exact(k).enumerate() {
+                                        let Some(iy) = (y * s + ky).checked_sub(self.pad_top)
+                                        else {
+                                            continue;
+                                        };
+                                        if iy >= h {
+                                            continue;
+                                        }
+                                        let row = &phases[((image * c + ci) * h + iy) * row_len..]
+                                            [..row_len];
+                                        for (kx, &tap) in taps.iter().enumerate() {
+                                            let tap = f64::from(tap);
+                                            let start = (kx % s) * phase_len + kx / s;
+                                            for (a, &v) in
+                                                acc.iter_mut().zip(&row[start..start + out_w])
+                                            {
+                                                *a += tap * f64::from(v);
+                                            }
+                                        }
+                                    }
+                                }
+                                for (d, &a) in dst_row.iter_mut().zip(acc.iter()) {
+                                    let v = a + b;
+                                    *d = if self.relu6 { v.clamp(0.0, 6.0) } else { v } as f32;
+                                }
+                            }
+                        },
+                    );
+                },
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, o, out_h, out_w))))
+    }
+}
+
 /// `y = act(x + bias[c]) (+ residual)` over `[N, C, ...]` in one pass.
 ///
 /// `act` is ReLU6 when `relu6` is set, the identity otherwise; the residual,
@@ -609,6 +766,57 @@ mod tests {
             let d = max_diff(&got, &want);
             assert!(d < 1e-5, "h={h} w={w} k={k} s={s}: diff {d}");
         }
+    }
+
+    #[test]
+    fn dense_conv_matches_an_f64_reference() {
+        let dev = Device::Cpu;
+        for &(h, w, k, s, relu6) in &[
+            (9, 7, 3, 2, true),
+            (10, 13, 5, 2, false),
+            (8, 8, 3, 1, false),
+            (1, 1, 3, 2, true),
+            (2, 3, 3, 2, false),
+            (33, 64, 3, 2, true),
+            (7, 5, 3, 3, false),
+        ] {
+            let x = Tensor::randn(0f32, 2.0, (2, 3, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+            let got = dense_conv2d_same(&x, &wt, &b, s, relu6).unwrap();
+            let (oh, top, bottom) = same_padding(h, k, s);
+            let (ow, left, right) = same_padding(w, k, s);
+            assert_eq!(got.dims(), [2, 4, oh, ow]);
+            // The reference in f64: the kernel's sum is rounded once.
+            let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let want = f64_of(&x)
+                .pad_with_zeros(2, top, bottom)
+                .unwrap()
+                .pad_with_zeros(3, left, right)
+                .unwrap()
+                .conv2d(&f64_of(&wt), 0, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&f64_of(&b).reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            let want = if relu6 {
+                want.clamp(0f64, 6f64).unwrap()
+            } else {
+                want
+            };
+            let want: Vec<f64> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            for (g, e) in got.iter().zip(&want) {
+                let d = (f64::from(*g) - e).abs();
+                assert!(
+                    d <= 1e-7 * (1.0 + e.abs()),
+                    "h={h} w={w} k={k} s={s}: {g} vs {e}"
+                );
+            }
+        }
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let wrong = Tensor::zeros((4, 2, 3, 3), DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        assert!(dense_conv2d_same(&x, &wrong, &b, 2, true).is_err());
     }
 
     /// The AVX-512 kernel (used by every other test on such a CPU) and the

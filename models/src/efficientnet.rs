@@ -42,7 +42,7 @@ use candle_core::{DType, Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, Rgb32FImage};
 
-use crate::depthwise::{bias_act, depthwise_conv2d_same, same_padding};
+use crate::depthwise::{bias_act, dense_conv2d_same, depthwise_conv2d_same};
 use crate::error::{ModelError, Result};
 use crate::pointwise::{PackedPointwise, PointwiseOp};
 use crate::resample::{area_reduce, pre_reduced_size};
@@ -501,14 +501,13 @@ impl EfficientNetLite {
     }
 
     fn stem(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let (_, top, bottom) = same_padding(h, 3, 2);
-        let (_, left, right) = same_padding(w, 3, 2);
-        let padded = x
-            .pad_with_zeros(2, top, bottom)?
-            .pad_with_zeros(3, left, right)?;
-        let y = padded.conv2d(&self.stem.weight, 0, 2, 1, 1)?;
-        Ok(bias_act(&y, &self.stem.bias, true, None)?)
+        Ok(dense_conv2d_same(
+            x,
+            &self.stem.weight,
+            &self.stem.bias,
+            2,
+            true,
+        )?)
     }
 
     /// The same model on candle's matrix product for every 1×1 layer (to

@@ -4,7 +4,7 @@
 //! and returns its intermediate stages by name so a detector can pick the ones
 //! it needs. Nothing here knows about anomalies.
 
-mod bf16_gemm;
+pub mod bf16_gemm;
 pub mod checkpoint;
 pub mod clip;
 pub mod clip_weights;

@@ -330,6 +330,12 @@ fn nearest(args: &NearestBench<'_>) -> anyhow::Result<Outcome> {
             Some(index),
         ));
     }
+    if let Some(index) = bank.index().filter(|i| i.uses_bf16()) {
+        indexes.push((
+            format!("index, lead {}, f32 bound product", index.lead()),
+            Some(BankIndex::with_lead_f32(bank.bank(), Some(index.lead()))?),
+        ));
+    }
     let default_lead = bank
         .index()
         .map_or((0, 0.0), |i| (i.lead(), i.lead_share()));
@@ -422,9 +428,14 @@ fn nearest(args: &NearestBench<'_>) -> anyhow::Result<Outcome> {
     for (((name, _), times), computed) in indexes.iter().zip(index_times).zip(computed) {
         let name = if name == "index" {
             format!(
-                "index (default lead {}, {:.1} % of variance)",
+                "index (default lead {}, {:.1} % of variance, {} bound product)",
                 default_lead.0,
-                100.0 * default_lead.1
+                100.0 * default_lead.1,
+                if bank.index().is_some_and(|i| i.uses_bf16()) {
+                    "bf16"
+                } else {
+                    "f32"
+                }
             )
         } else {
             name.clone()
