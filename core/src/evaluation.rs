@@ -261,10 +261,14 @@ pub fn score_test_set(
             .map(|sample| load_image(&sample.path, limits))
             .collect::<Result<Vec<_>, _>>()?;
         let start = Instant::now();
-        // One image stays on this thread: handing it to the pool would add a
-        // thread hand-off to every image's measured latency.
+        // One image at a time runs inside the thread pool (one hand-off per
+        // image): from outside it, each of the image's parallel steps would
+        // wake the pool and wait for it, a hand-off per layer.
         let outputs = if batch == 1 {
-            images.iter().map(&inspect).collect::<Result<Vec<_>, _>>()?
+            images
+                .iter()
+                .map(|image| rayon::scope(|_| inspect(image)))
+                .collect::<Result<Vec<_>, _>>()?
         } else {
             images
                 .par_iter()

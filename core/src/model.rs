@@ -999,6 +999,19 @@ impl Model {
         defects: &[String],
         stop: &AtomicBool,
     ) -> Result<Inspection, Error> {
+        // Inside the thread pool: called from outside it (a request's
+        // thread, the CLI's main thread), each parallel layer would wake the
+        // pool and wait for it; this way the image is handed over once.
+        rayon::scope(|_| self.inspect_in_pool(image, point, defects, stop))
+    }
+
+    fn inspect_in_pool(
+        &self,
+        image: &Rgb32FImage,
+        point: &OperatingPoint,
+        defects: &[String],
+        stop: &AtomicBool,
+    ) -> Result<Inspection, Error> {
         if stop.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }

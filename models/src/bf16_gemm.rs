@@ -314,14 +314,22 @@ mod x86 {
                 }
             }
         }
-        if cols == NR && residual.is_none() && epilogue == Epilogue::Bias {
+        if cols == NR {
             // A whole panel: straight from the registers to the output.
             for (r, acc) in acc.iter().enumerate() {
                 for (j, &v) in acc.iter().enumerate() {
                     // SAFETY: 16 floats at 16·j are in `bias`; the caller's
-                    // `c` has `ROWS` rows of `ldc ≥ cols = NR` floats.
+                    // `c` (and the residual, laid out like it) has `ROWS`
+                    // rows of `ldc ≥ cols = NR` floats.
                     unsafe {
-                        let v = _mm512_add_ps(v, _mm512_loadu_ps(bias.as_ptr().add(16 * j)));
+                        let mut v = _mm512_add_ps(v, _mm512_loadu_ps(bias.as_ptr().add(16 * j)));
+                        if epilogue == Epilogue::BiasQuickGelu {
+                            let e = exp(_mm512_mul_ps(v, _mm512_set1_ps(-1.702)));
+                            v = _mm512_div_ps(v, _mm512_add_ps(e, _mm512_set1_ps(1.0)));
+                        }
+                        if let Some(res) = residual {
+                            v = _mm512_add_ps(v, _mm512_loadu_ps(res.add(r * ldc + 16 * j)));
+                        }
                         _mm512_storeu_ps(c.add(r * ldc + 16 * j), v);
                     }
                 }
