@@ -280,6 +280,19 @@ mod x86 {
         _mm512_scalef_ps(p, n)
     }
 
+    /// 16 sums plus their bias (`bias` points at 16 floats), then the epilogue.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish(v: __m512, bias: *const f32, epilogue: Epilogue) -> __m512 {
+        // SAFETY: the caller passes 16 readable floats.
+        let v = _mm512_add_ps(v, unsafe { _mm512_loadu_ps(bias) });
+        if epilogue == Epilogue::BiasQuickGelu {
+            let e = exp(_mm512_mul_ps(v, _mm512_set1_ps(-1.702)));
+            _mm512_div_ps(v, _mm512_add_ps(e, _mm512_set1_ps(1.0)))
+        } else {
+            v
+        }
+    }
+
     /// One `rows × NR` tile over all of `k`: `a` points at row 0 of the
     /// converted input (`lda` pairs per row), `b` at the panel.
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -322,11 +335,7 @@ mod x86 {
                     // `c` (and the residual, laid out like it) has `ROWS`
                     // rows of `ldc ≥ cols = NR` floats.
                     unsafe {
-                        let mut v = _mm512_add_ps(v, _mm512_loadu_ps(bias.as_ptr().add(16 * j)));
-                        if epilogue == Epilogue::BiasQuickGelu {
-                            let e = exp(_mm512_mul_ps(v, _mm512_set1_ps(-1.702)));
-                            v = _mm512_div_ps(v, _mm512_add_ps(e, _mm512_set1_ps(1.0)));
-                        }
+                        let mut v = finish(v, bias.as_ptr().add(16 * j), epilogue);
                         if let Some(res) = residual {
                             v = _mm512_add_ps(v, _mm512_loadu_ps(res.add(r * ldc + 16 * j)));
                         }
@@ -341,11 +350,7 @@ mod x86 {
             for (j, &v) in acc.iter().enumerate() {
                 // SAFETY: 16 floats at 16·j are in `bias` and `row`.
                 unsafe {
-                    let mut v = _mm512_add_ps(v, _mm512_loadu_ps(bias.as_ptr().add(16 * j)));
-                    if epilogue == Epilogue::BiasQuickGelu {
-                        let e = exp(_mm512_mul_ps(v, _mm512_set1_ps(-1.702)));
-                        v = _mm512_div_ps(v, _mm512_add_ps(e, _mm512_set1_ps(1.0)));
-                    }
+                    let v = finish(v, bias.as_ptr().add(16 * j), epilogue);
                     _mm512_storeu_ps(row.as_mut_ptr().add(16 * j), v);
                 }
             }

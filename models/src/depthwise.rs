@@ -38,61 +38,37 @@ pub fn depthwise_conv2d_same(
     stride: usize,
     relu6: bool,
 ) -> candle_core::Result<Tensor> {
-    let (_n, c, h, w) = x.dims4()?;
-    let (wc, one, kh, kw) = weight.dims4()?;
-    if wc != c || one != 1 || kh != kw {
-        bail!(
-            "depthwise weight {:?} does not fit input {:?}",
-            weight.dims(),
-            x.dims()
-        );
-    }
-    if bias.dims() != [c] {
-        bail!("depthwise bias {:?} does not fit {c} channels", bias.dims());
-    }
-    if stride == 0 {
-        bail!("depthwise stride must be at least 1");
-    }
-    let (out_h, pad_top, pad_bottom) = same_padding(h, kh, stride);
-    let (out_w, pad_left, pad_right) = same_padding(w, kw, stride);
-    let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
-    if x.device().is_cpu() && all_f32 {
-        let op = DepthwiseOp {
-            kernel: kh,
-            stride,
-            pad_top,
-            pad_left,
-            out_h,
-            out_w,
-            relu6,
-        };
-        x.contiguous()?
-            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
-    } else {
-        let padded = x
-            .pad_with_zeros(2, pad_top, pad_bottom)?
-            .pad_with_zeros(3, pad_left, pad_right)?;
-        let y = padded.conv2d(weight, 0, stride, 1, c)?;
-        let y = y.broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
-        if relu6 { y.clamp(0f32, 6f32) } else { Ok(y) }
-    }
+    let c = x.dims4()?.1;
+    conv2d_same(x, weight, bias, stride, relu6, c, DepthwiseOp)
 }
 
-/// Dense 2-D convolution with TF "SAME" padding, bias and optional ReLU6,
-/// for the few-input-channel stem: `x` `[N, C, H, W]`, `weight`
-/// `[O, C, K, K]`, `bias` `[O]`. Each output is its `C·K·K` products summed
-/// in f64 and rounded once (candle's tiled convolution took a tenth of a
-/// PatchCore score; this is also closer to the exact sum than any f32 order).
-pub fn dense_conv2d_same(
+/// The geometry of a "SAME" convolution, shared by both kernels here.
+#[derive(Debug, Clone, Copy)]
+struct SameConv {
+    kernel: usize,
+    stride: usize,
+    pad_top: usize,
+    pad_left: usize,
+    out_h: usize,
+    out_w: usize,
+    relu6: bool,
+}
+
+/// Checks the shapes of a convolution with `groups` groups (1: dense, `C`:
+/// depthwise), then runs `op` where the data is f32 on the CPU, or candle's
+/// grouped convolution elsewhere.
+fn conv2d_same<Op: CustomOp3>(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     stride: usize,
     relu6: bool,
+    groups: usize,
+    op: impl FnOnce(SameConv) -> Op,
 ) -> candle_core::Result<Tensor> {
     let (_n, c, h, w) = x.dims4()?;
     let (o, wc, kh, kw) = weight.dims4()?;
-    if wc != c || kh != kw {
+    if wc * groups != c || kh != kw || (groups > 1 && o != c) {
         bail!(
             "convolution weight {:?} does not fit input {:?}",
             weight.dims(),
@@ -112,7 +88,7 @@ pub fn dense_conv2d_same(
     let (out_w, pad_left, pad_right) = same_padding(w, kw, stride);
     let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
     if x.device().is_cpu() && all_f32 {
-        let op = DenseConvOp {
+        let op = op(SameConv {
             kernel: kh,
             stride,
             pad_top,
@@ -120,27 +96,41 @@ pub fn dense_conv2d_same(
             out_h,
             out_w,
             relu6,
-        };
+        });
         x.contiguous()?
             .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
     } else {
         let padded = x
             .pad_with_zeros(2, pad_top, pad_bottom)?
             .pad_with_zeros(3, pad_left, pad_right)?;
-        let y = padded.conv2d(weight, 0, stride, 1, 1)?;
+        let y = padded.conv2d(weight, 0, stride, 1, groups)?;
         let y = y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?;
         if relu6 { y.clamp(0f32, 6f32) } else { Ok(y) }
     }
 }
 
-struct DenseConvOp {
-    kernel: usize,
+/// Dense 2-D convolution with TF "SAME" padding, bias and optional ReLU6,
+/// for the few-input-channel stem: `x` `[N, C, H, W]`, `weight`
+/// `[O, C, K, K]`, `bias` `[O]`. Each output is its `C·K·K` products summed
+/// in f64 and rounded once (candle's tiled convolution took a tenth of a
+/// PatchCore score; this is also closer to the exact sum than any f32 order).
+pub fn dense_conv2d_same(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
     stride: usize,
-    pad_top: usize,
-    pad_left: usize,
-    out_h: usize,
-    out_w: usize,
     relu6: bool,
+) -> candle_core::Result<Tensor> {
+    conv2d_same(x, weight, bias, stride, relu6, 1, DenseConvOp)
+}
+
+struct DenseConvOp(SameConv);
+
+impl std::ops::Deref for DenseConvOp {
+    type Target = SameConv;
+    fn deref(&self) -> &SameConv {
+        &self.0
+    }
 }
 
 impl CustomOp3 for DenseConvOp {
@@ -301,14 +291,13 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
-struct DepthwiseOp {
-    kernel: usize,
-    stride: usize,
-    pad_top: usize,
-    pad_left: usize,
-    out_h: usize,
-    out_w: usize,
-    relu6: bool,
+struct DepthwiseOp(SameConv);
+
+impl std::ops::Deref for DepthwiseOp {
+    type Target = SameConv;
+    fn deref(&self) -> &SameConv {
+        &self.0
+    }
 }
 
 impl CustomOp3 for DepthwiseOp {
@@ -836,7 +825,7 @@ mod tests {
             let (out_h, pad_top, _) = same_padding(h, k, s);
             let (out_w, pad_left, _) = same_padding(w, k, s);
             for relu6 in [false, true] {
-                let op = DepthwiseOp {
+                let op = DepthwiseOp(SameConv {
                     kernel: k,
                     stride: s,
                     pad_top,
@@ -844,7 +833,7 @@ mod tests {
                     out_h,
                     out_w,
                     relu6,
-                };
+                });
                 let (inp, wk) = (noise(h * w, 0.3), noise(k * k, 1.7));
                 let mut padded = Vec::new();
                 let mut fast = vec![0f32; out_h * out_w];
