@@ -64,7 +64,8 @@ pub struct BankIndex {
     /// `[n, dim]` row-major: centred, rotated bank rows.
     rotated: Vec<f32>,
     /// `[lead + 2][n]`: per bank row its leading coordinates, the norm of
-    /// the rest and `−‖b‖²/2`, one axis after another (the bound's product).
+    /// the rest and `−‖b‖²/2`, one axis after another (the bound's f32
+    /// product); empty where the bf16 product holds the same numbers.
     bound_rows: Vec<f32>,
     /// Largest squared norm of a rotated bank row.
     max_square_norm: f32,
@@ -198,6 +199,11 @@ impl BankIndex {
         } else {
             None
         };
+        let bound_rows = if bf16.is_some() {
+            Vec::new()
+        } else {
+            bound_rows
+        };
         Ok(Self {
             dim,
             lead,
@@ -287,7 +293,6 @@ impl BankIndex {
             None => (QUERY_RUN, Vec::new()),
         };
         let pairs_per_query = bf16_pairs.len() / p.max(1);
-        let bank = DMatrixView::from_slice(&self.bound_rows, n, width);
 
         let mut distances = vec![0f32; p];
         let mut indices = vec![0u32; p];
@@ -324,7 +329,7 @@ impl BankIndex {
                             let mut out = DMatrixViewMut::from_slice(products, n, run);
                             out.gemm(
                                 1.0,
-                                &bank,
+                                &DMatrixView::from_slice(&self.bound_rows, n, width),
                                 &DMatrixView::from_slice(factors, width, run),
                                 0.0,
                             );
