@@ -11,12 +11,12 @@
 //! row that could be nearest is checked, so the result is the brute-force
 //! one: the nearest row, the lowest index among exact ties.
 //!
-//! Where the CPU has AVX512-BF16 the bound's product runs in bf16 (twice the
-//! f32 rate) with the bank packed once, and its rounding is added to the
-//! bound's slack, so the search stays exact.
+//! Where the CPU has AVX512-VNNI the bound's product runs in 8-bit integers
+//! (four times the f32 rate) with the bank quantised once, and each query's
+//! rounding bound is added to its slack, so the search stays exact.
 
 use candle_core::{DType, Device, Tensor};
-use flawscope_models::bf16_gemm::{BF16_PRODUCT_RELATIVE_ERROR, FixedBf16Product};
+use flawscope_models::i8_product::FixedI8Product;
 use flawscope_models::simd::{prefetch, widest};
 use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut, SymmetricEigen};
 use rayon::prelude::*;
@@ -28,10 +28,10 @@ use crate::Error;
 /// gained nothing), scanned while still in cache, and neighbouring patches
 /// usually share their nearest bank row, which seeds the next query's search.
 const QUERY_RUN: usize = 64;
-/// The same for the bf16 product: its bank is packed once, so short runs
+/// The same for the 8-bit product: its bank is packed once, so short runs
 /// cost nothing extra, and a run's products (`16 · n` floats) stay in the
 /// L2 cache for the scan.
-const QUERY_RUN_BF16: usize = 16;
+const QUERY_RUN_I8: usize = 16;
 /// Bound products tested together: a block is looked at row by row only
 /// when one of them can beat the best distance (rarely).
 const SCAN_BLOCK: usize = 32;
@@ -42,10 +42,11 @@ const PREFETCH_AHEAD: usize = 4;
 /// axes leave more rows to check in full, more make the bound's product
 /// dearer (README, "Nearest-neighbour search").
 const LEAD_VARIANCE: f64 = 0.85;
-/// The same where the bound's product runs in bf16 (half the cost per
-/// axis, and its rounding slack lets a few more rows through): 92 % was
-/// fastest on the same bank (72 axes against 48, 8.2 against 9.2 ms).
-const LEAD_VARIANCE_BF16: f64 = 0.92;
+/// The same where the bound's product runs in 8-bit integers (a quarter of
+/// the f32 cost per axis, and its rounding slack lets more rows through):
+/// 95.5 % (88 axes) was fastest on the same bank, against 72 axes (the
+/// bf16 product's best, which this replaced) and 96, 112 axes.
+const LEAD_VARIANCE_I8: f64 = 0.955;
 /// Relative slack on the bound against rounding in its matrix product
 /// (scaled by `‖q‖² + max ‖b‖²`, which bounds every term of the product).
 const BOUND_SLACK: f32 = 1e-4;
@@ -65,13 +66,14 @@ pub struct BankIndex {
     rotated: Vec<f32>,
     /// `[lead + 2][n]`: per bank row its leading coordinates, the norm of
     /// the rest and `−‖b‖²/2`, one axis after another (the bound's f32
-    /// product); empty where the bf16 product holds the same numbers.
+    /// product); empty where the 8-bit product holds the same numbers.
     bound_rows: Vec<f32>,
     /// Largest squared norm of a rotated bank row.
     max_square_norm: f32,
-    /// The bound's product in bf16 (bank rows: leading coordinates and the
-    /// norm of the rest; bias `−‖b‖²/2`), where the CPU has AVX512-BF16.
-    bf16: Option<FixedBf16Product>,
+    /// The bound's product in 8-bit integers (bank rows: leading coordinates
+    /// and the norm of the rest; bias `−‖b‖²/2`), where the CPU has
+    /// AVX512-VNNI.
+    i8: Option<FixedI8Product>,
 }
 
 thread_local! {
@@ -102,17 +104,17 @@ impl BankIndex {
     }
 
     /// [`Self::with_lead`] with the bound's product in f32 even where the
-    /// CPU has bf16 (to test and time the f32 path).
+    /// CPU has the 8-bit one (to test and time the f32 path).
     pub fn with_lead_f32(bank: &Tensor, lead_wanted: Option<usize>) -> Result<Self, Error> {
         Self::build(bank, lead_wanted, false)
     }
 
-    /// Whether the bound's product runs in bf16.
-    pub fn uses_bf16(&self) -> bool {
-        self.bf16.is_some()
+    /// Whether the bound's product runs in 8-bit integers.
+    pub fn uses_i8(&self) -> bool {
+        self.i8.is_some()
     }
 
-    fn build(bank: &Tensor, lead_wanted: Option<usize>, prefer_bf16: bool) -> Result<Self, Error> {
+    fn build(bank: &Tensor, lead_wanted: Option<usize>, prefer_i8: bool) -> Result<Self, Error> {
         let (n, dim) = bank.dims2()?;
         if n == 0 || dim == 0 {
             return Err(Error::InvalidConfig("empty memory bank".into()));
@@ -135,12 +137,8 @@ impl BankIndex {
         let mut order: Vec<usize> = (0..dim).collect();
         order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
         let total: f64 = eigen.eigenvalues.iter().map(|v| v.max(0.0)).sum();
-        let bf16 = prefer_bf16 && FixedBf16Product::available();
-        let share = if bf16 {
-            LEAD_VARIANCE_BF16
-        } else {
-            LEAD_VARIANCE
-        };
+        let i8 = prefer_i8 && flawscope_models::i8_product::available();
+        let share = if i8 { LEAD_VARIANCE_I8 } else { LEAD_VARIANCE };
         let mut lead = dim;
         let mut held = 0.0;
         for (i, &axis) in order.iter().enumerate() {
@@ -186,7 +184,7 @@ impl BankIndex {
             bound_rows[(lead + 1) * n + j] = -0.5 * square_norm;
             max_square_norm = max_square_norm.max(square_norm);
         }
-        let bf16 = if bf16 {
+        let i8 = if i8 {
             let mut rows = vec![0f32; n * (lead + 1)];
             let mut bias = vec![0f32; n];
             for (j, (row, b)) in rows.chunks_exact_mut(lead + 1).zip(&mut bias).enumerate() {
@@ -195,15 +193,11 @@ impl BankIndex {
                 }
                 *b = bound_rows[(lead + 1) * n + j];
             }
-            FixedBf16Product::new(&rows, n, lead + 1, &bias)
+            FixedI8Product::new(&rows, n, lead + 1, &bias)
         } else {
             None
         };
-        let bound_rows = if bf16.is_some() {
-            Vec::new()
-        } else {
-            bound_rows
-        };
+        let bound_rows = if i8.is_some() { Vec::new() } else { bound_rows };
         Ok(Self {
             dim,
             lead,
@@ -213,7 +207,7 @@ impl BankIndex {
             rotated,
             bound_rows,
             max_square_norm,
-            bf16,
+            i8,
         })
     }
 
@@ -275,24 +269,18 @@ impl BankIndex {
             factor[lead] = rest.sqrt();
             factor[lead + 1] = 1.0;
         }
-        // The bf16 product's rounding, bounded per query: `Σ |q̃_l| |b̃_l| ≤
-        // ‖q‖ ‖b‖` (the bound's vectors have the rows' norms) `≤ ‖q‖ max ‖b‖`.
-        let bf16_slack = |square_norm: f32| {
-            BF16_PRODUCT_RELATIVE_ERROR * (square_norm * self.max_square_norm).sqrt() + 1e-30
-        };
-        let (run_len, bf16_pairs) = match &self.bf16 {
+        let (run_len, quantized) = match &self.i8 {
             Some(product) => {
-                // The bf16 product's left factor has no trailing 1: the
+                // The integer product's left factor has no trailing 1: the
                 // bank's `−‖b‖²/2` is its bias.
                 let narrow: Vec<f32> = factors
                     .chunks_exact(width)
                     .flat_map(|f| f[..width - 1].iter().copied())
                     .collect();
-                (QUERY_RUN_BF16, product.convert(&narrow))
+                (QUERY_RUN_I8, product.quantize(&narrow))
             }
-            None => (QUERY_RUN, Vec::new()),
+            None => (QUERY_RUN, Default::default()),
         };
-        let pairs_per_query = bf16_pairs.len() / p.max(1);
 
         let mut distances = vec![0f32; p];
         let mut indices = vec![0u32; p];
@@ -314,13 +302,10 @@ impl BankIndex {
                         buffer.resize(run * n, 0.0);
                     }
                     let products = &mut buffer[..run * n];
-                    let bf16 = match &self.bf16 {
+                    let i8 = match &self.i8 {
                         Some(product) => {
-                            let start = r * run_len * pairs_per_query;
-                            product.product(
-                                &bf16_pairs[start..start + run * pairs_per_query],
-                                products,
-                            );
+                            let start = r * run_len;
+                            product.product(&quantized, start..start + run, products);
                             true
                         }
                         None => {
@@ -349,7 +334,11 @@ impl BankIndex {
                                     coords: &coords[k * dim..(k + 1) * dim],
                                     square_norm,
                                     slack: BOUND_SLACK * (square_norm + self.max_square_norm),
-                                    product_slack: if bf16 { bf16_slack(square_norm) } else { 0.0 },
+                                    product_slack: if i8 {
+                                        quantized.error[r * run_len + k] + 1e-30
+                                    } else {
+                                        0.0
+                                    },
                                 };
                                 let (d, j, c) =
                                     self.search(&query, products, seed, &mut candidates);
@@ -407,12 +396,18 @@ impl BankIndex {
         seed: Option<usize>,
         candidates: &mut Vec<u32>,
     ) -> (f32, usize, u64) {
+        // Without a neighbour's row, the row of the largest `s` (the
+        // lowest bound): any seed gives the same answer, so two passes that
+        // vectorise beat an ordered comparison of every row.
         let seed = seed.unwrap_or_else(|| {
-            products
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-                .map_or(0, |(j, _)| j)
+            let mut lanes = [f32::NEG_INFINITY; 16];
+            for chunk in products.chunks(16) {
+                for (m, &s) in lanes.iter_mut().zip(chunk) {
+                    *m = if s > *m { s } else { *m };
+                }
+            }
+            let top = lanes.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            products.iter().position(|&s| s == top).unwrap_or(0)
         });
         let mut best = (self.distance(query.coords, seed, f32::INFINITY), seed);
         let mut computed = 1;
@@ -501,7 +496,8 @@ struct Query<'a> {
     square_norm: f32,
     /// Rounding slack on the bound (its squared-distance units).
     slack: f32,
-    /// Largest error of the computed `s` (bf16 product), 0 for f32.
+    /// How far below the exact `s` the computed one can lie (8-bit
+    /// product), 0 for f32.
     product_slack: f32,
 }
 
@@ -538,14 +534,14 @@ mod tests {
             .collect()
     }
 
-    /// Both products for the bound: bf16 (where the CPU has it) and f32.
+    /// Both products for the bound: 8-bit (where the CPU has it) and f32.
     fn indexes(bank: &[f32], n: usize, dim: usize) -> Vec<BankIndex> {
         let bank = Tensor::from_slice(bank, (n, dim), &Device::Cpu).unwrap();
         let f32_index = BankIndex::with_lead_f32(&bank, None).unwrap();
-        assert!(!f32_index.uses_bf16());
+        assert!(!f32_index.uses_i8());
         let index = BankIndex::new(&bank).unwrap();
-        if !index.uses_bf16() {
-            eprintln!("this CPU has no AVX512-BF16: only the f32 bound is tested");
+        if !index.uses_i8() {
+            eprintln!("this CPU has no AVX512-VNNI: only the f32 bound is tested");
         }
         vec![index, f32_index]
     }
@@ -610,12 +606,12 @@ mod tests {
         check(&bank, &queries, 32);
     }
 
-    /// Queries far from the bank's mean among near-ties: the bf16 product's
-    /// rounding (about `2⁻⁷ ‖q‖ ‖b‖`) is far larger than the gaps between
-    /// the candidates' distances, so the search is exact only if its bound
-    /// allows for that rounding.
+    /// Queries far from the bank's mean among near-ties: the 8-bit
+    /// product's rounding (about `‖q‖ ‖b‖ / 127`) is far larger than the
+    /// gaps between the candidates' distances, so the search is exact only
+    /// if its bound allows for that rounding.
     #[test]
-    fn near_ties_far_from_the_mean_survive_the_bf16_rounding() {
+    fn near_ties_far_from_the_mean_survive_the_integer_rounding() {
         let mut rng = StdRng::seed_from_u64(5);
         let dim = 8;
         let offset = 100.0f32;
@@ -686,9 +682,9 @@ mod tests {
             assert!(index.lead() < dim);
             assert!(
                 got.full_distances_computed < 256 * 4000 / 10,
-                "{} full distances (bf16: {})",
+                "{} full distances (8-bit: {})",
                 got.full_distances_computed,
-                index.uses_bf16()
+                index.uses_i8()
             );
             check_with(&index, &bank, &queries, dim);
         }

@@ -161,7 +161,8 @@ impl CustomOp3 for DenseConvOp {
         // tap reads contiguous memory: phase `kx % s` from column `kx / s`.
         let phase_len = out_w + k.div_ceil(s);
         let row_len = s * phase_len;
-        let mut phases = vec![0f32; n * c * h * row_len];
+        // Held in f64, so the taps' loop does not widen every value again.
+        let mut phases = vec![0f64; n * c * h * row_len];
         phases
             .par_chunks_mut(row_len)
             .zip(x.par_chunks(w.max(1)))
@@ -170,7 +171,7 @@ impl CustomOp3 for DenseConvOp {
                     let padded = col + self.pad_left;
                     let (phase, j) = (padded % s, padded / s);
                     if j < phase_len {
-                        dst[phase * phase_len + j] = v;
+                        dst[phase * phase_len + j] = f64::from(v);
                     }
                 }
             });
@@ -206,7 +207,7 @@ impl CustomOp3 for DenseConvOp {
                                             for (a, &v) in
                                                 acc.iter_mut().zip(&row[start..start + out_w])
                                             {
-                                                *a += tap * f64::from(v);
+                                                *a += tap * v;
                                             }
                                         }
                                     }

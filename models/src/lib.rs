@@ -4,7 +4,7 @@
 //! and returns its intermediate stages by name so a detector can pick the ones
 //! it needs. Nothing here knows about anomalies.
 
-pub mod bf16_gemm;
+mod bf16_gemm;
 pub mod checkpoint;
 pub mod clip;
 pub mod clip_weights;
@@ -12,6 +12,7 @@ pub mod depthwise;
 pub mod dinov2;
 pub mod efficientnet;
 pub mod error;
+pub mod i8_product;
 mod pointwise;
 pub mod resample;
 pub mod simd;

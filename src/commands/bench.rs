@@ -330,7 +330,7 @@ fn nearest(args: &NearestBench<'_>) -> anyhow::Result<Outcome> {
             Some(index),
         ));
     }
-    if let Some(index) = bank.index().filter(|i| i.uses_bf16()) {
+    if let Some(index) = bank.index().filter(|i| i.uses_i8()) {
         indexes.push((
             format!("index, lead {}, f32 bound product", index.lead()),
             Some(BankIndex::with_lead_f32(bank.bank(), Some(index.lead()))?),
@@ -431,8 +431,8 @@ fn nearest(args: &NearestBench<'_>) -> anyhow::Result<Outcome> {
                 "index (default lead {}, {:.1} % of variance, {} bound product)",
                 default_lead.0,
                 100.0 * default_lead.1,
-                if bank.index().is_some_and(|i| i.uses_bf16()) {
-                    "bf16"
+                if bank.index().is_some_and(|i| i.uses_i8()) {
+                    "8-bit"
                 } else {
                     "f32"
                 }
