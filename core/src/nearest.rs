@@ -17,7 +17,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use flawscope_models::i8_product::FixedI8Product;
-use flawscope_models::simd::{prefetch, widest};
+use flawscope_models::simd::widest;
 use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut, SymmetricEigen};
 use rayon::prelude::*;
 
@@ -35,8 +35,6 @@ const QUERY_RUN_I8: usize = 16;
 /// Bound products tested together: a block is looked at row by row only
 /// when one of them can beat the best distance (rarely).
 const SCAN_BLOCK: usize = 32;
-/// Candidate rows fetched ahead of their full distance.
-const PREFETCH_AHEAD: usize = 4;
 /// Share of the bank's variance the leading axes must hold. Measured on MTD
 /// (152 channels, anomalib's settings): 85 % (48 axes) was fastest; fewer
 /// axes leave more rows to check in full, more make the bound's product
@@ -327,7 +325,6 @@ impl BankIndex {
                         || {
                             let mut seed = None;
                             let mut computed = 0u64;
-                            let mut candidates = Vec::new();
                             for (k, products) in products.chunks_exact(n).enumerate() {
                                 let square_norm = square_norms[k];
                                 let query = Query {
@@ -340,8 +337,7 @@ impl BankIndex {
                                         0.0
                                     },
                                 };
-                                let (d, j, c) =
-                                    self.search(&query, products, seed, &mut candidates);
+                                let (d, j, c) = self.search(&query, products, seed);
                                 distances[k] = d;
                                 indices[k] = j as u32;
                                 computed += c;
@@ -394,7 +390,6 @@ impl BankIndex {
         query: &Query<'_>,
         products: &[f32],
         seed: Option<usize>,
-        candidates: &mut Vec<u32>,
     ) -> (f32, usize, u64) {
         // Without a neighbour's row, the row of the largest `s` (the
         // lowest bound): any seed gives the same answer, so two passes that
@@ -418,11 +413,6 @@ impl BankIndex {
         let floor =
             |best: f32| 0.5 * (query.square_norm - best - query.slack) - query.product_slack;
         let mut wanted = floor(best.0);
-        // First every row the seed's distance leaves in play, then their
-        // full distances in bank order, each row's first cache lines
-        // fetched a few rows ahead: the rows lie scattered over the bank,
-        // and waiting for each one from memory took most of the search.
-        candidates.clear();
         for (block, values) in products.chunks(SCAN_BLOCK).enumerate() {
             // Branch-free over the block (it vectorises); most blocks stop here.
             if !values.iter().fold(false, |any, &s| any | (s >= wanted)) {
@@ -431,23 +421,13 @@ impl BankIndex {
             for (offset, &s) in values.iter().enumerate() {
                 let j = block * SCAN_BLOCK + offset;
                 if s >= wanted && j != seed {
-                    candidates.push(j as u32);
+                    computed += 1;
+                    let d = self.distance(query.coords, j, best.0);
+                    if d < best.0 || (d == best.0 && j < best.1) {
+                        best = (d, j);
+                        wanted = floor(d);
+                    }
                 }
-            }
-        }
-        for (i, &j) in candidates.iter().enumerate() {
-            if let Some(&ahead) = candidates.get(i + PREFETCH_AHEAD) {
-                prefetch(&self.rotated[ahead as usize * self.dim..][..self.dim]);
-            }
-            let j = j as usize;
-            if products[j] < wanted {
-                continue;
-            }
-            computed += 1;
-            let d = self.distance(query.coords, j, best.0);
-            if d < best.0 || (d == best.0 && j < best.1) {
-                best = (d, j);
-                wanted = floor(d);
             }
         }
         (best.0, best.1, computed)

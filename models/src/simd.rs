@@ -34,27 +34,6 @@ pub fn widest<R>(kernel: impl FnOnce() -> R) -> R {
     kernel()
 }
 
-/// Asks the CPU to bring the first two cache lines of `data` into its
-/// caches (a hint: nothing is read, nothing can fail); a no-op elsewhere.
-#[inline(always)]
-pub fn prefetch(data: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let p = data.as_ptr().cast::<i8>();
-        // SAFETY: a prefetch never faults; both addresses are inside or one
-        // cache line past `data`'s allocation start and are never dereferenced.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p);
-            if data.len() > 16 {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
 fn avx512<R>(kernel: impl FnOnce() -> R) -> R {
