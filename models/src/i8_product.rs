@@ -46,9 +46,9 @@ pub struct FixedI8Product {
     k: usize,
     /// `k` rounded up to a quad.
     k_quads: usize,
-    /// Per input axis: `W`'s scale (`max |w| / 127`, 1 where zero; the same
-    /// on every axis, see [`Self::new`]).
-    column_scale: Vec<f32>,
+    /// `W`'s scale, one for every axis (`max |w| / 127`, 1 where zero; see
+    /// [`Self::new`]).
+    scale: f32,
     /// `[ceil(n / NR)][k_quads][NR]` quads of `i8` as `u32`; columns past `n` are zero.
     panels: Vec<u32>,
     /// Per panel, what each column adds to its integer sums.
@@ -97,7 +97,7 @@ impl FixedI8Product {
         // axis on each side, so equal steps cost least (scaling the small
         // axes up gave a bound ten times wider on PatchCore's rotated bank).
         let top = weight.iter().fold(0f32, |m, w| m.max(w.abs()));
-        let column_scale = vec![if top > 0.0 { top / LEVELS } else { 1.0 }; k];
+        let scale = if top > 0.0 { top / LEVELS } else { 1.0 };
         let k_quads = k.div_ceil(4);
         let panels_n = n.div_ceil(NR);
         let mut panels = vec![0u32; panels_n * k_quads * NR];
@@ -109,11 +109,12 @@ impl FixedI8Product {
             };
             panels_n
         ];
+        // The row's bytes, padded with zeros to whole quads.
+        let mut bytes = vec![0i8; k_quads * 4];
         for (j, row) in weight.chunks_exact(k).enumerate() {
             let (p, c) = (j / NR, j % NR);
-            let mut bytes = vec![0i8; k_quads * 4];
-            for ((b, &w), &s) in bytes.iter_mut().zip(row).zip(&column_scale) {
-                *b = (w / s).round().clamp(-LEVELS, LEVELS) as i8;
+            for (b, &w) in bytes.iter_mut().zip(row) {
+                *b = (w / scale).round().clamp(-LEVELS, LEVELS) as i8;
             }
             let sum: i32 = bytes.iter().map(|&b| i32::from(b)).sum();
             let abs_sum: i32 = bytes.iter().map(|&b| i32::from(b).abs()).sum();
@@ -133,7 +134,7 @@ impl FixedI8Product {
             n,
             k,
             k_quads,
-            column_scale,
+            scale,
             panels,
             columns,
         })
@@ -172,8 +173,8 @@ impl FixedI8Product {
         let mut bytes = vec![128u8; kq * 4];
         for (i, row) in x.chunks_exact(k).enumerate() {
             let mut top = 0f32;
-            for ((s, &v), &c) in scaled.iter_mut().zip(row).zip(&self.column_scale) {
-                *s = v * c;
+            for (s, &v) in scaled.iter_mut().zip(row) {
+                *s = v * self.scale;
                 top = top.max(s.abs());
             }
             let alpha = if top > 0.0 && top.is_finite() {
@@ -234,12 +235,11 @@ mod x86 {
     use super::{Columns, FixedI8Product, MR, NR};
 
     /// One `ROWS × NR` tile over all of `k`: `a` points at row 0's quads
-    /// (`lda` per row), `b` at the panel.
+    /// (`k_quads` per row), `b` at the panel.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const ROWS: usize>(
         a: *const u32,
-        lda: usize,
         b: *const u32,
         k_quads: usize,
         scale: *const f32,
@@ -251,14 +251,14 @@ mod x86 {
         let mut acc = [[_mm512_setzero_si512(); 3]; ROWS];
         for q in 0..k_quads {
             // SAFETY (whole block): the caller passes a panel of
-            // `k_quads · NR` quads and `ROWS` rows of `lda ≥ k_quads` quads.
+            // `k_quads · NR` quads and `ROWS` rows of `k_quads` quads.
             unsafe {
                 let bq = b.add(q * NR);
                 let b0 = _mm512_loadu_si512(bq.cast());
                 let b1 = _mm512_loadu_si512(bq.add(16).cast());
                 let b2 = _mm512_loadu_si512(bq.add(32).cast());
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_epi32(*a.add(r * lda + q) as i32);
+                    let av = _mm512_set1_epi32(*a.add(r * k_quads + q) as i32);
                     acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
                     acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
                     acc[2] = _mm512_dpbusd_epi32(acc[2], av, b2);
@@ -306,9 +306,9 @@ mod x86 {
                 // `scale` and in `c` (n floats each, from column p·NR on,
                 // `cols` of them).
                 unsafe {
-                    let args = (
+                    tile_rows(
+                        mr,
                         a.as_ptr().add(r0 * kq),
-                        kq,
                         panel.as_ptr(),
                         kq,
                         scale.as_ptr().add(r0),
@@ -317,29 +317,42 @@ mod x86 {
                         n,
                         cols,
                     );
-                    match mr {
-                        8 => tile::<8>(
-                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        ),
-                        4 => tile::<4>(
-                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        ),
-                        _ => {
-                            // Odd leftovers: one row at a time.
-                            for r in 0..mr {
-                                tile::<1>(
-                                    args.0.add(r * kq),
-                                    args.1,
-                                    args.2,
-                                    args.3,
-                                    args.4.add(r),
-                                    args.5,
-                                    args.6.add(r * n),
-                                    args.7,
-                                    args.8,
-                                );
-                            }
-                        }
+                }
+            }
+        }
+    }
+
+    /// [`tile`] for `rows` rows: 8 or 4 at once, odd leftovers one at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_rows(
+        rows: usize,
+        a: *const u32,
+        b: *const u32,
+        k_quads: usize,
+        scale: *const f32,
+        columns: &Columns,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        // SAFETY: forwarded from the caller, row by row for the leftovers.
+        unsafe {
+            match rows {
+                8 => tile::<8>(a, b, k_quads, scale, columns, c, ldc, cols),
+                4 => tile::<4>(a, b, k_quads, scale, columns, c, ldc, cols),
+                _ => {
+                    for r in 0..rows {
+                        tile::<1>(
+                            a.add(r * k_quads),
+                            b,
+                            k_quads,
+                            scale.add(r),
+                            columns,
+                            c.add(r * ldc),
+                            ldc,
+                            cols,
+                        );
                     }
                 }
             }
