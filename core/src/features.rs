@@ -38,7 +38,8 @@ fn load_backbone(config: &FeatureConfig, device: &Device) -> Result<Net, Error> 
             device,
         )?));
     }
-    Ok(Net::Lite(load_lite(config, device)?))
+    let net = load_lite(config, device)?.with_precision(config.precision.to_models())?;
+    Ok(Net::Lite(net))
 }
 
 /// The network behind a [`FeatureExtractor`] (one per extractor, so the
@@ -141,6 +142,36 @@ pub struct FeatureConfig {
     /// output of layer `i`); empty for the CNNs, which use `stages`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<usize>,
+    /// Arithmetic of the CNN's 1×1 layers (f32 in model files written
+    /// before bf16 existed). Recorded so a model scores in the precision it
+    /// was fitted and calibrated in.
+    #[serde(default, skip_serializing_if = "BackbonePrecision::is_f32")]
+    pub precision: BackbonePrecision,
+}
+
+/// Arithmetic of an EfficientNet-Lite's 1×1 layers (most of its work):
+/// f32, or bf16 products with f32 sums where the CPU has AVX512-BF16
+/// ([`flawscope_models::Precision`]; f32 runs elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackbonePrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl BackbonePrecision {
+    /// f32, the default (left out of model files).
+    pub fn is_f32(&self) -> bool {
+        *self == Self::F32
+    }
+
+    fn to_models(self) -> flawscope_models::Precision {
+        match self {
+            Self::F32 => flawscope_models::Precision::F32,
+            Self::Bf16 => flawscope_models::Precision::Bf16,
+        }
+    }
 }
 
 impl FeatureConfig {
@@ -152,6 +183,7 @@ impl FeatureConfig {
             resize,
             weights: None,
             layers: Vec::new(),
+            precision: BackbonePrecision::F32,
         }
     }
 }
@@ -162,6 +194,7 @@ impl FeatureConfig {
 pub fn time_backbone(
     kind: BackboneKind,
     weights: Option<&Path>,
+    precision: BackbonePrecision,
     size: u32,
     runs: usize,
     device: &Device,
@@ -188,6 +221,7 @@ pub fn time_backbone(
             )));
         }
     };
+    let net = net.with_precision(precision.to_models())?;
     let image =
         image::DynamicImage::ImageRgb32F(image::Rgb32FImage::from_fn(size, size, |x, y| {
             image::Rgb([x as f32 / size as f32, y as f32 / size as f32, 0.5])
@@ -666,6 +700,7 @@ mod tests {
             },
             weights: None,
             layers: Vec::new(),
+            precision: BackbonePrecision::F32,
         };
         let extractor = FeatureExtractor::new(config, &Device::Cpu).unwrap();
         let image = Rgb32FImage::from_pixel(50, 40, image::Rgb([0.5, 0.2, 0.9]));
@@ -683,6 +718,54 @@ mod tests {
         // 64 × 64 input, grid set by stage 3 (stride 8).
         assert_eq!((coarse.grid_width, coarse.grid_height), (8, 8));
         assert_eq!(coarse.channels(), extractor.channels());
+    }
+
+    #[test]
+    fn the_model_file_records_bf16_and_old_files_read_as_f32() {
+        let mut config = FeatureConfig::lite0(&[Stage::Stage3], Resize::KeepAspect { side: 64 });
+        let f32_json = serde_json::to_value(&config).unwrap();
+        assert!(f32_json.get("precision").is_none(), "{f32_json}");
+        // A file written before the field existed reads as f32.
+        let old: FeatureConfig = serde_json::from_value(f32_json).unwrap();
+        assert_eq!(old.precision, BackbonePrecision::F32);
+        config.precision = BackbonePrecision::Bf16;
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["precision"], "bf16");
+        let back: FeatureConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back.precision, BackbonePrecision::Bf16);
+        // Its features come from the bf16 layers where the CPU has them, and
+        // stay close to f32's.
+        let image = Rgb32FImage::from_fn(64, 64, |x, y| {
+            image::Rgb([x as f32 / 64.0, y as f32 / 64.0, ((x * y) % 7) as f32 / 7.0])
+        });
+        let a = FeatureExtractor::new(back, &Device::Cpu)
+            .unwrap()
+            .extract(&image)
+            .unwrap();
+        let b = FeatureExtractor::new(old, &Device::Cpu)
+            .unwrap()
+            .extract(&image)
+            .unwrap();
+        let (a, b) = (
+            a.features.flatten_all().unwrap(),
+            b.features.flatten_all().unwrap(),
+        );
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let drift = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(drift <= 0.05 * scale, "drift {drift} of {scale}");
     }
 
     #[test]

@@ -1287,6 +1287,7 @@ mod tests {
             resize: Resize::KeepAspect { side: 64 },
             weights: None,
             layers: Vec::new(),
+            precision: Default::default(),
         });
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let model = Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap();
@@ -1334,6 +1335,7 @@ mod tests {
             },
             weights: None,
             layers: Vec::new(),
+            precision: Default::default(),
         };
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let fit = |tile| {
@@ -1416,6 +1418,7 @@ mod tests {
             },
             weights,
             layers: Vec::new(),
+            precision: Default::default(),
         };
         assert!(matches!(
             BackboneWeights::from_file(dir.path()),

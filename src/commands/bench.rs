@@ -17,7 +17,7 @@ use flawscope_core::detector::{FitInputs, ScoreGrid};
 use flawscope_core::detectors::patchcore::{PatchCore, PatchCoreConfig};
 use flawscope_core::detectors::resize_for;
 use flawscope_core::features::{
-    BackboneKind, FeatureConfig, FeatureExtractor, parse_stage, time_backbone,
+    BackboneKind, BackbonePrecision, FeatureConfig, FeatureExtractor, parse_stage, time_backbone,
 };
 use flawscope_core::images::{ImageLimits, load_image};
 use flawscope_core::model::first_by_hash;
@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use super::Outcome;
 use super::clip::{ClipArgs, setup_error};
-use super::options::{DetectorArgs, device};
+use super::options::{DetectorArgs, PrecisionArg, device};
 use crate::progress::Bars;
 
 #[derive(clap::Args)]
@@ -50,6 +50,9 @@ pub enum Bench {
         /// Weights as safetensors (see `fit --backbone-weights`).
         #[arg(long, value_name = "FILE")]
         backbone_weights: Option<PathBuf>,
+        /// Arithmetic of the 1×1 layers (see `fit --backbone-precision`).
+        #[arg(long, value_enum, default_value = "f32")]
+        backbone_precision: PrecisionArg,
         /// Input side in pixels (32 to 2048, as for fitting).
         #[arg(long, default_value_t = 224,
               value_parser = clap::value_parser!(u32).range(32..=2048))]
@@ -125,9 +128,16 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         Bench::Backbone {
             backbone: kind,
             backbone_weights,
+            backbone_precision,
             size,
             runs,
-        } => backbone(kind, backbone_weights.as_deref(), *size, *runs),
+        } => backbone(
+            kind,
+            backbone_weights.as_deref(),
+            (*backbone_precision).into(),
+            *size,
+            *runs,
+        ),
         Bench::Fit {
             train,
             fractions,
@@ -165,6 +175,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn backbone(
     kind: &str,
     weights: Option<&std::path::Path>,
+    precision: BackbonePrecision,
     size: u32,
     runs: usize,
 ) -> anyhow::Result<Outcome> {
@@ -176,9 +187,14 @@ fn backbone(
             super::UsageError(format!("--size must be between 16 and 2048, got {size}")).into(),
         );
     }
-    let times = time_backbone(kind, weights, size, runs, &device()).map_err(setup_error)?;
+    let times =
+        time_backbone(kind, weights, precision, size, runs, &device()).map_err(setup_error)?;
+    let arithmetic = match precision {
+        BackbonePrecision::F32 => "",
+        BackbonePrecision::Bf16 => ", bf16 1×1 layers",
+    };
     println!(
-        "{} forward at {size}×{size}, batch 1: median {:.2} ms over {runs} runs ({} threads)",
+        "{} forward at {size}×{size}{arithmetic}, batch 1: median {:.2} ms over {runs} runs ({} threads)",
         kind.name(),
         median(times),
         rayon::current_num_threads()

@@ -10,14 +10,30 @@ use flawscope_core::detectors::recon::ReconConfig;
 use flawscope_core::detectors::supersimplenet::SuperSimpleNetConfig;
 use flawscope_core::detectors::{DetectorConfig, resize_for};
 use flawscope_core::features::{
-    BackboneKind, BackboneWeights, FeatureConfig, Resize, default_vit_layers, parse_stage,
-    resolve_vit_weights,
+    BackboneKind, BackbonePrecision, BackboneWeights, FeatureConfig, Resize, default_vit_layers,
+    parse_stage, resolve_vit_weights,
 };
 use flawscope_core::tiling::{self, TileChoice};
 use flawscope_core::train::TrainingConfig;
 use flawscope_core::winclip::config::WinClipConfig;
 
 use super::UsageError;
+
+/// `--backbone-precision`: the CNN's 1×1 layers in f32 or bf16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+impl From<PrecisionArg> for BackbonePrecision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Self::F32,
+            PrecisionArg::Bf16 => Self::Bf16,
+        }
+    }
+}
 use super::clip::ClipArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -62,6 +78,13 @@ pub struct DetectorArgs {
     /// when loaded.
     #[arg(long, value_name = "FILE|DIR")]
     pub backbone_weights: Option<std::path::PathBuf>,
+    /// lite0/1/2: arithmetic of the 1×1 layers (most of the network's
+    /// work). bf16 rounds their inputs and weights to bf16 and sums in f32
+    /// where the CPU has AVX512-BF16 (f32 runs elsewhere): faster, with
+    /// features a few percent off f32 (docs/speed.md). The model file
+    /// records it, so scoring uses what fitting and calibration used.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub backbone_precision: PrecisionArg,
     /// dinov2/clip: transformer layers whose patch tokens are concatenated,
     /// comma-separated (1 = first layer's output; default: the middle and
     /// the last layer).
@@ -272,6 +295,7 @@ impl DetectorArgs {
             resize: resize_for(side, square),
             weights,
             layers: Vec::new(),
+            precision: self.backbone_precision.into(),
         };
         Ok((Some(features), detector))
     }
@@ -290,6 +314,12 @@ impl DetectorArgs {
                 backbone.name()
             )));
         }
+        if self.backbone_precision != PrecisionArg::F32 {
+            return Err(UsageError(format!(
+                "--backbone-precision is for the CNN backbones; --backbone {} runs in f32",
+                backbone.name()
+            )));
+        }
         let weights = resolve_vit_weights(backbone, self.backbone_weights.as_deref())
             .map_err(|e| UsageError(e.to_string()))?;
         let layers = default_vit_layers(backbone, &weights, self.layers.as_deref())
@@ -300,6 +330,7 @@ impl DetectorArgs {
             resize: resize_for(side, square),
             weights: Some(weights),
             layers,
+            precision: BackbonePrecision::F32,
         })
     }
 }

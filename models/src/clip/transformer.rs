@@ -12,16 +12,17 @@ use super::config::Activation;
 use crate::ModelError;
 use crate::bf16_gemm::{Epilogue, PackedBf16};
 
-/// Arithmetic of the vision tower's linear layers on the CPU.
+/// Arithmetic of a network's matrix products on the CPU: the CLIP vision
+/// tower's linear layers, EfficientNet-Lite's 1×1 convolutions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// f32 throughout (candle's matrix product); matches the reference implementation.
+    /// f32 throughout; matches the reference implementation.
     #[default]
     F32,
     /// Weights and activations rounded to bf16 for the products, f32
-    /// accumulation and everything else f32: about twice as fast where the
-    /// CPU has AVX512-BF16, with small drift (see the README); elsewhere
-    /// (other CPUs, CUDA) it runs as [`Precision::F32`].
+    /// accumulation and everything else f32: about twice the product's
+    /// rate where the CPU has AVX512-BF16, with small drift (see the
+    /// README); elsewhere (other CPUs, CUDA) it runs as [`Precision::F32`].
     Bf16,
 }
 

@@ -39,6 +39,7 @@ pub fn small_patchcore(train: usize, side: u32, runtime: &Runtime) -> Model {
             resize: Resize::KeepAspect { side },
             weights: None,
             layers: Vec::new(),
+            precision: Default::default(),
         }),
         // PatchCore with its default settings, at most 1 % false alarms.
         ..FitOptions::default()
