@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::depthwise::{DepthwiseOp, InputBand, f32_slice};
-use crate::pointwise::{Band, PackedPointwise, SharedOut};
+use crate::pointwise::{Band, Packed1x1, PackedPointwise, SharedOut};
 
 /// Scratch bytes one task may use for its expanded rows and depthwise
 /// output: half of this CPU's 1 MiB of L2 per core, so the projection
@@ -71,7 +71,7 @@ impl FusedBlock<'_> {
     /// Channels of the expanded planes.
     fn expanded(&self) -> usize {
         self.expand
-            .map_or(self.project.cin(), PackedPointwise::cout)
+            .map_or(self.project.input_channels(), Packed1x1::output_channels)
     }
 
     fn depthwise(&self, h: usize, w: usize) -> DepthwiseOp {
@@ -230,9 +230,13 @@ impl CustomOp3 for FusedBlockOp<'_> {
         let x = f32_slice(xs, xl, "block input")?;
         let weight = f32_slice(ws, wl, "block depthwise weight")?;
         let bias = f32_slice(bs, bl, "block depthwise bias")?;
-        let (k, e, cout) = (block.kernel, block.expanded(), block.project.cout());
-        let cin = block.expand.map_or(e, PackedPointwise::cin);
-        if c != cin || block.project.cin() != e {
+        let (k, e, cout) = (
+            block.kernel,
+            block.expanded(),
+            block.project.output_channels(),
+        );
+        let cin = block.expand.map_or(e, Packed1x1::input_channels);
+        if c != cin || block.project.input_channels() != e {
             bail!("block: input has {c} channels, the weights expect {cin}");
         }
         if weight.len() != e * k * k || bias.len() != e || x.len() != n * c * h * w {

@@ -327,7 +327,6 @@ pub struct EfficientNetLite {
     fc_weight: Tensor,
     /// `[1000]`
     fc_bias: Tensor,
-    precision: Precision,
 }
 
 impl EfficientNetLite {
@@ -420,7 +419,6 @@ impl EfficientNetLite {
             head,
             fc_weight: Tensor::from_vec(fc_weight, (NUM_CLASSES, HEAD_CHANNELS), device)?,
             fc_bias: Tensor::from_vec(fc_bias, NUM_CLASSES, device)?,
-            precision: Precision::F32,
         })
     }
 
@@ -444,13 +442,7 @@ impl EfficientNetLite {
             }
             block.project.set_precision(precision)?;
         }
-        self.precision = precision;
         Ok(self)
-    }
-
-    /// The precision of the 1×1 layers ([`Self::with_precision`]).
-    pub fn precision(&self) -> Precision {
-        self.precision
     }
 
     /// The bytes of the embedded Lite0 safetensors file.

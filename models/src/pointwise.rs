@@ -19,12 +19,12 @@ use crate::depthwise::f32_slice;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, bail};
 use rayon::prelude::*;
 
-/// Output channels per micro-tile.
-const MR: usize = 8;
+/// Output channels per micro-tile (of this kernel and the bf16 one).
+pub(crate) const MR: usize = 8;
 /// 16-lane vectors of pixels per micro-tile.
-const NV: usize = 3;
+pub(crate) const NV: usize = 3;
 /// Pixels per micro-tile.
-const NR: usize = NV * 16;
+pub(crate) const NR: usize = NV * 16;
 /// Output channels per task (a multiple of [`MR`]).
 const ROW_CHUNK: usize = 64;
 /// Pixels per task (a multiple of [`NR`]).
@@ -98,48 +98,21 @@ impl PackedPointwise {
         if let Some(r) = residual {
             assert_eq!(r.len(), total, "pointwise: residual size");
         }
-        let mut out: Vec<f32> = Vec::with_capacity(total);
-        if total == 0 {
-            return out;
-        }
-        let col_chunks = p.div_ceil(COL_CHUNK);
-        let row_chunks = cout.div_ceil(ROW_CHUNK);
-        let dst = SharedOut(out.as_mut_ptr());
-        (0..n * col_chunks * row_chunks)
-            .into_par_iter()
-            .for_each(|task| {
-                let image = task / (col_chunks * row_chunks);
-                let rest = task % (col_chunks * row_chunks);
-                let (cc, rc) = (rest / row_chunks, rest % row_chunks);
-                let cols = cc * COL_CHUNK..p.min((cc + 1) * COL_CHUNK);
-                let rows = rc * ROW_CHUNK..cout.min((rc + 1) * ROW_CHUNK);
-                let xi = &x[image * cin * p..][..cin * p];
-                let ri = residual.map(|r| &r[image * cout * p..][..cout * p]);
-                let band = Band {
-                    x: xi,
-                    x_stride: p,
-                    out_stride: p,
-                    relu6,
-                    residual: ri,
-                };
-                // SAFETY: `out` has room for `total` values; this task writes
-                // only image `image`'s rows `rows` × columns `cols`, which no
-                // other task writes, and every value is written once before
-                // `set_len` below.
-                unsafe { self.task(&band, rows, cols, dst.at(image * cout * p)) };
-            });
-        // SAFETY: the tasks above wrote all `total` values.
-        unsafe { out.set_len(total) };
-        out
-    }
-
-    /// Output channels, input channels.
-    pub(crate) fn cout(&self) -> usize {
-        self.cout
-    }
-
-    pub(crate) fn cin(&self) -> usize {
-        self.cin
+        let task = |image: usize, rows, cols, out: SharedOut| {
+            let band = Band {
+                x: &x[image * cin * p..][..cin * p],
+                x_stride: p,
+                out_stride: p,
+                relu6,
+                residual: residual.map(|r| &r[image * cout * p..][..cout * p]),
+            };
+            // SAFETY: `in_tasks` gives room for the image's `cout × p`
+            // values at `out`; the CPU has AVX-512F (`new`).
+            unsafe { self.task(&band, rows, cols, out.0) };
+        };
+        // SAFETY: `task` writes every value of its rows × columns, nothing
+        // else.
+        unsafe { in_tasks(n, cout, p, task) }
     }
 
     /// The first `cols` pixels of every output channel, on the calling
@@ -235,6 +208,49 @@ pub(crate) struct Band<'a> {
     pub(crate) residual: Option<&'a [f32]>,
 }
 
+/// The output of a 1×1 layer over `n` images of `cout × p` values, computed
+/// in parallel tasks of [`ROW_CHUNK`] channels × [`COL_CHUNK`] pixels:
+/// `task(image, rows, cols, out)`, with `out` the image's first value and
+/// its rows `p` apart.
+///
+/// # Safety
+/// Each call of `task` must write every value of rows `rows` × columns
+/// `cols` of its image, and nothing else.
+pub(crate) unsafe fn in_tasks<F>(n: usize, cout: usize, p: usize, task: F) -> Vec<f32>
+where
+    F: Fn(usize, std::ops::Range<usize>, std::ops::Range<usize>, SharedOut) + Sync,
+{
+    let total = n * cout * p;
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    if total == 0 {
+        return out;
+    }
+    let col_chunks = p.div_ceil(COL_CHUNK);
+    let row_chunks = cout.div_ceil(ROW_CHUNK);
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..n * col_chunks * row_chunks)
+        .into_par_iter()
+        .for_each(|t| {
+            let image = t / (col_chunks * row_chunks);
+            let rest = t % (col_chunks * row_chunks);
+            let (cc, rc) = (rest / row_chunks, rest % row_chunks);
+            let cols = cc * COL_CHUNK..p.min((cc + 1) * COL_CHUNK);
+            let rows = rc * ROW_CHUNK..cout.min((rc + 1) * ROW_CHUNK);
+            // SAFETY: `out` has room for `total` values, so the image's
+            // first value is inside it.
+            task(
+                image,
+                rows,
+                cols,
+                SharedOut(unsafe { dst.at(image * cout * p) }),
+            );
+        });
+    // SAFETY: the tasks cover every image, row and column, and each writes
+    // all of its values (the caller's promise).
+    unsafe { out.set_len(total) };
+    out
+}
+
 /// The output pointer, shared by tasks that write disjoint parts of it
 /// (here, in the bf16 kernel and in the fused blocks).
 #[derive(Clone, Copy)]
@@ -275,7 +291,7 @@ struct Tile<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::{
         __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
         _mm512_max_ps, _mm512_min_ps, _mm512_set1_ps, _mm512_setzero_ps,
@@ -299,7 +315,7 @@ mod x86 {
 
     /// Lane mask of vector `v` of a tile `width` pixels wide.
     #[inline(always)]
-    fn mask(width: usize, v: usize) -> __mmask16 {
+    pub(crate) fn mask(width: usize, v: usize) -> __mmask16 {
         let lanes = width.saturating_sub(v * 16).min(16);
         ((1u32 << lanes) - 1) as __mmask16
     }

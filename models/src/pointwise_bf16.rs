@@ -14,18 +14,8 @@
 use rayon::prelude::*;
 
 use crate::bf16_gemm::{available, pair};
-use crate::pointwise::{Packed1x1, SharedOut};
-
-/// Output channels per micro-tile.
-const MR: usize = 8;
-/// 16-lane vectors of pixels per micro-tile.
-const NV: usize = 3;
-/// Pixels per micro-tile.
-const NR: usize = NV * 16;
-/// Output channels per task (a multiple of [`MR`]).
-const ROW_CHUNK: usize = 64;
-/// Pixels per task (a multiple of [`NR`]).
-const COL_CHUNK: usize = 4 * NR;
+// The f32 kernel's tile shape and task split.
+use crate::pointwise::{MR, NR, Packed1x1, SharedOut, in_tasks};
 
 /// A 1×1 convolution's weight (`[cout, cin]`) in bf16, packed as
 /// `[ceil(cout / MR)][ceil(cin / 2)][MR]` pairs of input channels (what
@@ -87,10 +77,6 @@ impl PackedPointwiseBf16 {
         if let Some(r) = residual {
             assert_eq!(r.len(), total, "pointwise bf16: residual size");
         }
-        let mut out: Vec<f32> = Vec::with_capacity(total);
-        if total == 0 {
-            return out;
-        }
         // The input as pairs of channels, `[n][k_pairs][p]`.
         let mut pairs = vec![0u32; n * kp * p];
         pairs.par_chunks_mut(p).enumerate().for_each(|(row, dst)| {
@@ -103,47 +89,39 @@ impl PackedPointwiseBf16 {
                 x86::interleave(plane(k2), hi, dst)
             };
         });
-        let col_chunks = p.div_ceil(COL_CHUNK);
-        let row_chunks = cout.div_ceil(ROW_CHUNK);
-        let dst = SharedOut(out.as_mut_ptr());
-        (0..n * col_chunks * row_chunks)
-            .into_par_iter()
-            .for_each(|task| {
-                let image = task / (col_chunks * row_chunks);
-                let rest = task % (col_chunks * row_chunks);
-                let (cc, rc) = (rest / row_chunks, rest % row_chunks);
-                let cols = cc * COL_CHUNK..p.min((cc + 1) * COL_CHUNK);
-                let rows = rc * ROW_CHUNK..cout.min((rc + 1) * ROW_CHUNK);
-                let xi = &pairs[image * kp * p..][..kp * p];
-                let ri = residual.map(|r| &r[image * cout * p..][..cout * p]);
-                let mut j = cols.start;
-                while j < cols.end {
-                    let width = NR.min(cols.end - j);
-                    for o in rows.clone().step_by(MR) {
-                        let tile = Tile {
-                            w: &self.panels[(o / MR) * kp * MR..][..kp * MR],
-                            bias: &self.bias[o..cout.min(o + MR)],
-                            x: &xi[j..],
-                            p,
-                            width,
-                            relu6,
-                            residual: ri.map(|r| &r[o * p + j..]),
-                        };
-                        // SAFETY: `out` has room for `total` values; this
-                        // task writes only image `image`'s rows `rows` ×
-                        // columns `cols`, which no other task writes, and
-                        // every value is written once before `set_len`.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            x86::tile(&tile, dst.at(image * cout * p + o * p + j))
-                        };
-                    }
-                    j += width;
+        let task = |image: usize,
+                    rows: std::ops::Range<usize>,
+                    cols: std::ops::Range<usize>,
+                    out: SharedOut| {
+            let xi = &pairs[image * kp * p..][..kp * p];
+            let ri = residual.map(|r| &r[image * cout * p..][..cout * p]);
+            let mut j = cols.start;
+            while j < cols.end {
+                let width = NR.min(cols.end - j);
+                for o in rows.clone().step_by(MR) {
+                    let tile = Tile {
+                        w: &self.panels[(o / MR) * kp * MR..][..kp * MR],
+                        bias: &self.bias[o..cout.min(o + MR)],
+                        x: &xi[j..],
+                        p,
+                        width,
+                        relu6,
+                        residual: ri.map(|r| &r[o * p + j..]),
+                    };
+                    // SAFETY: `in_tasks` gives room for the image's `cout ×
+                    // p` values at `out`; `new` only builds the type where
+                    // AVX512-BF16 exists.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        x86::tile(&tile, out.0.add(o * p + j))
+                    };
                 }
-            });
-        // SAFETY: the tasks above wrote all `total` values.
-        unsafe { out.set_len(total) };
-        out
+                j += width;
+            }
+        };
+        // SAFETY: `task` writes every value of its rows × columns (whole
+        // tiles of them), nothing else.
+        unsafe { in_tasks(n, cout, p, task) }
     }
 }
 
@@ -167,7 +145,9 @@ struct Tile<'a> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NV, Tile};
+    use super::{MR, Tile};
+    use crate::pointwise::NV;
+    use crate::pointwise::x86::mask;
 
     /// `dst[j]` = the bf16 pair (`lo[j]`, `hi[j]`) (`hi` zero when absent),
     /// rounded to nearest even as [`crate::bf16_gemm`] rounds.
@@ -213,13 +193,6 @@ mod x86 {
             2 => unsafe { tile_v::<2>(t, out) },
             _ => unsafe { tile_v::<NV>(t, out) },
         }
-    }
-
-    /// Lane mask of vector `v` of a tile `width` pixels wide.
-    #[inline(always)]
-    fn mask(width: usize, v: usize) -> __mmask16 {
-        let lanes = width.saturating_sub(v * 16).min(16);
-        ((1u32 << lanes) - 1) as __mmask16
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
