@@ -17,7 +17,7 @@ use crate::detectors::DetectorConfig;
 use crate::features::FeatureConfig;
 use crate::images::{ImageLimits, load_image};
 use crate::metrics::{Confusion, PixelMetrics, PixelReport, f1_max, image_auroc, recall_at_far};
-use crate::model::{FitOptions, Model};
+use crate::model::{FitOptions, Member, Model};
 use crate::operating_point::OperatingPoint;
 use crate::progress::Progress;
 use crate::runtime::Runtime;
@@ -82,7 +82,7 @@ pub fn evaluate(
     progress: &dyn Progress,
 ) -> Result<CategoryReport, Error> {
     evaluate_shots(
-        category, None, features, detector, runtime, limits, tile, batch, threshold, progress,
+        category, None, features, detector, None, runtime, limits, tile, batch, threshold, progress,
     )
 }
 
@@ -95,6 +95,7 @@ pub fn evaluate_shots(
     shots: Option<usize>,
     features: Option<&FeatureConfig>,
     detector: &DetectorConfig,
+    partner: Option<&Member>,
     runtime: &Runtime,
     limits: &ImageLimits,
     tile: TileChoice,
@@ -116,6 +117,7 @@ pub fn evaluate_shots(
         limits: *limits,
         tile,
         max_mar: threshold.max_mar,
+        partner: partner.cloned(),
         ..FitOptions::default()
     };
     let model = match shots {
@@ -134,7 +136,7 @@ pub fn evaluate_shots(
     results.into_report(
         category,
         FitSummary {
-            detector: info.detector.label(),
+            detector: info.detector_label(),
             backbone: info.detector.backbone_label(features),
             fit_seconds,
             memory_bank_size: info.memory_bank_size,

@@ -3,7 +3,7 @@
 //! face (CLI, server, TUI) loads, inspects and describes models through this
 //! one type, whatever the detector.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -111,8 +111,58 @@ pub struct ModelInfo {
     /// Set when fitted on a few shots ([`Model::fit_shots`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub few_shot: Option<FewShot>,
+    /// A second detector scored beside this one (`--detector
+    /// patchcore+padim`): its own fitted model and how the two raw scores
+    /// share one scale ([`Partner`]); absent for one detector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<Box<Partner>>,
     /// The flawscope version that wrote the file.
     pub written_by: String,
+}
+
+/// The second detector of a pair: what it is (its own model metadata, with
+/// its own calibration) and how its raw scores meet the first's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Partner {
+    pub info: ModelInfo,
+    pub scales: PairScales,
+}
+
+/// Puts two detectors' raw scores on one scale and averages them, as the
+/// whole-image view beside tiles does ([`ViewScales`]): each in its own
+/// calibration's spreads from its own threshold (0 at the threshold, −1 at
+/// the median normal image), then the mean, pixel by pixel for the maps.
+/// Two detectors that err on different images (a memory bank's nearest
+/// patch, PaDiM's per-position Gaussian) then vote, and the pair is
+/// calibrated again on the mean of their out-of-fold scores.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PairScales {
+    pub first: Scale,
+    pub second: Scale,
+}
+
+impl PairScales {
+    pub fn fuse(&self, first: f32, second: f32) -> f32 {
+        0.5 * (self.first.apply(first) + self.second.apply(second))
+    }
+}
+
+/// The second detector of a pair to fit ([`FitOptions::partner`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// `None` for detectors with their own network.
+    pub features: Option<FeatureConfig>,
+    pub detector: DetectorConfig,
+}
+
+impl ModelInfo {
+    /// The detector's name in reports: `patchcore+padim` for a pair.
+    pub fn detector_label(&self) -> String {
+        match &self.partner {
+            Some(p) => format!("{}+{}", self.detector.label(), p.info.detector.label()),
+            None => self.detector.label(),
+        }
+    }
 }
 
 /// What a model is, for listings and metadata (`/v1/models`, `fit`).
@@ -195,6 +245,8 @@ pub struct FitOptions {
     /// Set the threshold to miss at most this fraction of synthetic defects
     /// (instead of `max_far`).
     pub max_mar: Option<f64>,
+    /// A second calibrated detector to score beside the first ([`Partner`]).
+    pub partner: Option<Member>,
 }
 
 impl Default for FitOptions {
@@ -209,6 +261,7 @@ impl Default for FitOptions {
             limits: ImageLimits::default(),
             tile: TileChoice::Auto,
             max_mar: None,
+            partner: None,
         }
     }
 }
@@ -285,6 +338,8 @@ pub struct Model {
     detector: Box<dyn Detector>,
     /// The whole-image view scored beside the tiles ([`ModelInfo::whole_view`]).
     whole: Option<Box<dyn Detector>>,
+    /// The second detector of a pair ([`ModelInfo::partner`]).
+    partner: Option<Box<Model>>,
     info: ModelInfo,
     text: Option<TextLayer>,
 }
@@ -310,12 +365,54 @@ impl Model {
     /// thin local detail but lose the part as a whole. Under
     /// [`crate::tiling::AUTO_MIN_IMAGES`] normal images the size rule
     /// decides alone.
+    ///
+    /// With [`FitOptions::partner`] the second detector is fitted the same
+    /// way, and the pair is calibrated on the mean of the two detectors'
+    /// scaled out-of-fold scores ([`PairScales`]).
     pub fn fit(
         normal: &[PathBuf],
         options: &FitOptions,
         runtime: &Runtime,
         progress: &dyn Progress,
     ) -> Result<Self, Error> {
+        let Some(member) = &options.partner else {
+            return Ok(Self::fit_alone(normal, options, runtime, progress)?.0);
+        };
+        if !options.detector.is_calibrated() || !member.detector.is_calibrated() {
+            return Err(Error::InvalidConfig(format!(
+                "a pair of detectors needs two calibrated ones, not {} and {}",
+                options.detector.name(),
+                member.detector.name()
+            )));
+        }
+        let first_options = FitOptions {
+            partner: None,
+            ..options.clone()
+        };
+        let second_options = FitOptions {
+            features: member.features.clone(),
+            detector: member.detector.clone(),
+            partner: None,
+            ..options.clone()
+        };
+        let (first, first_out) = Self::fit_alone(normal, &first_options, runtime, progress)?;
+        let (second, second_out) = Self::fit_alone(normal, &second_options, runtime, progress)?;
+        let (Some(first_out), Some(second_out)) = (first_out, second_out) else {
+            return Err(Error::InvalidConfig(
+                "a pair of detectors needs out-of-fold scores from both".into(),
+            ));
+        };
+        Self::with_partner(first, second, &first_out, &second_out, options, progress)
+    }
+
+    /// [`Model::fit`] of one detector, and the out-of-fold scores its
+    /// calibration rests on (for calibrated detectors).
+    fn fit_alone(
+        normal: &[PathBuf],
+        options: &FitOptions,
+        runtime: &Runtime,
+        progress: &dyn Progress,
+    ) -> Result<(Self, Option<OutOfFold>), Error> {
         let tiling = options.tile.resolve(
             normal,
             options.detector.input_side(options.features.as_ref()),
@@ -328,21 +425,21 @@ impl Model {
                 TileChoice::Off | TileChoice::Side(_) => false,
             };
         let Some(tiles) = tiling.filter(|_| weigh) else {
-            return Ok(Self::fit_view(normal, None, options, tiling, runtime, progress)?.0);
+            return Self::fit_view(normal, None, options, tiling, runtime, progress);
         };
         let (untiled, untiled_out) =
             Self::fit_view(normal, None, options, None, runtime, progress)?;
         let (tiled, tiled_out) =
             Self::fit_view(normal, None, options, Some(tiles), runtime, progress)?;
         let (Some(untiled_out), Some(tiled_out)) = (untiled_out, tiled_out) else {
-            return Ok(untiled);
+            return Ok((untiled, None));
         };
         let separation = |out: &OutOfFold| ViewSeparation::measure(&out.normal, &out.synthetic);
         let scales = ViewScales {
             tiles: Scale::of(&tiled.info.calibration),
             whole: Scale::of(&untiled.info.calibration),
         };
-        let both_out = fuse_out(&scales, &tiled_out, &untiled_out);
+        let both_out = fuse_out(|t, w| scales.fuse(t, w), &tiled_out, &untiled_out);
         let (view, decision) = match (
             options.tile,
             separation(&untiled_out),
@@ -355,15 +452,53 @@ impl Model {
             }
             _ => (View::Whole, None),
         };
-        let mut chosen = match view {
-            View::Whole => untiled,
-            View::Tiles => tiled,
-            View::Both => {
-                Self::with_whole_view(tiled, untiled, scales, both_out, options, progress)?
-            }
+        let (mut chosen, out) = match view {
+            View::Whole => (untiled, untiled_out),
+            View::Tiles => (tiled, tiled_out),
+            View::Both => (
+                Self::with_whole_view(tiled, untiled, scales, &both_out, options, progress)?,
+                both_out,
+            ),
         };
         chosen.info.tiling_decision = decision;
-        Ok(chosen)
+        Ok((chosen, Some(out)))
+    }
+
+    /// The model `first` with `second` scored beside it ([`Partner`]),
+    /// calibrated on the mean of the two detectors' scaled out-of-fold
+    /// scores of the same images and synthetic defects (each out of sample
+    /// for its own detector, so their mean is too).
+    fn with_partner(
+        mut first: Self,
+        second: Self,
+        first_out: &OutOfFold,
+        second_out: &OutOfFold,
+        options: &FitOptions,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
+        let scales = PairScales {
+            first: Scale::of(&first.info.calibration),
+            second: Scale::of(&second.info.calibration),
+        };
+        let out = fuse_out(|a, b| scales.fuse(a, b), first_out, second_out);
+        first.info.memory_bank_size =
+            match (first.info.memory_bank_size, second.info.memory_bank_size) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+        first.info.partner = Some(Box::new(Partner {
+            info: second.info.clone(),
+            scales,
+        }));
+        first.partner = Some(Box::new(second));
+        let anomalous = score_anomalies(options, progress, |image| {
+            Ok(first.inspect_raw(image)?.score)
+        })?;
+        let (calibration, missed, scores) = calibrate(&out, &anomalous, options)?;
+        first.info.calibration = calibration;
+        first.info.missed_alarms = Some(missed);
+        first.info.calibration_scores = Some(scores);
+        Ok(first)
     }
 
     /// [`Model::fit`] with the tiling settled, and the out-of-fold scores
@@ -431,6 +566,7 @@ impl Model {
             tiling,
             tiling_decision: None,
             whole_view: None,
+            partner: None,
             missed_alarms,
             calibration_scores,
             refitted_from: None,
@@ -442,6 +578,7 @@ impl Model {
             Self {
                 detector,
                 whole: None,
+                partner: None,
                 info,
                 text: None,
             },
@@ -458,7 +595,7 @@ impl Model {
         mut tiled: Self,
         whole: Self,
         scales: ViewScales,
-        out: OutOfFold,
+        out: &OutOfFold,
         options: &FitOptions,
         progress: &dyn Progress,
     ) -> Result<Self, Error> {
@@ -472,7 +609,7 @@ impl Model {
         let anomalous = score_anomalies(options, progress, |image| {
             Ok(tiled.inspect_raw(image)?.score)
         })?;
-        let (calibration, missed, scores) = calibrate(&out, &anomalous, options)?;
+        let (calibration, missed, scores) = calibrate(out, &anomalous, options)?;
         tiled.info.calibration = calibration;
         tiled.info.missed_alarms = Some(missed);
         tiled.info.calibration_scores = Some(scores);
@@ -494,6 +631,11 @@ impl Model {
     ) -> Result<Self, Error> {
         if !options.detector.is_calibrated() {
             return Self::fit(normal, options, runtime, progress);
+        }
+        if options.partner.is_some() {
+            return Err(Error::InvalidConfig(
+                "a pair of detectors is fitted on all normal images, not on a few shots".into(),
+            ));
         }
         let chosen = first_shots(normal, shots, &options.detector)?;
         let mut options = options.clone();
@@ -588,6 +730,10 @@ impl Model {
                 (Some(t), None) => TileChoice::Side(t.side),
                 (None, _) => TileChoice::Off,
             },
+            partner: self.info.partner.as_ref().map(|p| Member {
+                features: p.info.features.clone(),
+                detector: p.info.detector.clone(),
+            }),
             ..FitOptions::default()
         };
         let mut model = Self::fit(&normal, &options, runtime, progress)?;
@@ -768,6 +914,14 @@ impl Model {
                     .map(|(name, t)| (format!("{WHOLE_VIEW_PREFIX}{name}"), t)),
             );
         }
+        if let Some(partner) = &self.partner {
+            tensors.extend(
+                partner
+                    .tensors()
+                    .into_iter()
+                    .map(|(name, t)| (format!("{PARTNER_PREFIX}{name}"), t)),
+            );
+        }
         match &self.text {
             Some(TextLayer::Ready(layer)) => tensors.extend(layer.tensors()),
             Some(TextLayer::Unavailable { tensors: kept, .. }) => {
@@ -795,9 +949,13 @@ impl Model {
         &self.info
     }
 
-    /// The detector's name (`patchcore`, `padim`, `flow`, `recon`, `winclip`).
-    pub fn detector_name(&self) -> &'static str {
-        self.info.detector.name()
+    /// The detector's name (`patchcore`, `padim`, `flow`, `recon`, `winclip`;
+    /// `patchcore+padim` for a pair).
+    pub fn detector_name(&self) -> String {
+        match &self.info.partner {
+            Some(p) => format!("{}+{}", self.info.detector.name(), p.info.detector.name()),
+            None => self.info.detector.name().to_owned(),
+        }
     }
 
     /// What the model is, for listings.
@@ -884,16 +1042,37 @@ impl Model {
 
     /// Loads a model file of any detector.
     pub fn load(path: &Path, runtime: &Runtime) -> Result<Self, Error> {
-        let (metadata, mut tensors): (serde_json::Value, _) =
-            model_file::load(path, runtime.device())?;
-        let mut info: ModelInfo =
-            serde_json::from_value(upgrade_metadata(metadata)).map_err(|e| {
-                ModelFileError::NotAModel {
-                    path: path.to_owned(),
-                    reason: format!("unreadable metadata: {e}"),
-                }
-            })?;
+        let (metadata, tensors): (serde_json::Value, _) = model_file::load(path, runtime.device())?;
+        let info: ModelInfo = serde_json::from_value(upgrade_metadata(metadata)).map_err(|e| {
+            ModelFileError::NotAModel {
+                path: path.to_owned(),
+                reason: format!("unreadable metadata: {e}"),
+            }
+        })?;
+        Self::from_parts(info, tensors, path, runtime)
+    }
+
+    /// The model `info` describes, from its tensors (those of a pair's
+    /// second detector are named with [`PARTNER_PREFIX`]).
+    fn from_parts(
+        mut info: ModelInfo,
+        mut tensors: HashMap<String, Tensor>,
+        path: &Path,
+        runtime: &Runtime,
+    ) -> Result<Self, Error> {
         info.calibration.refresh_bound();
+        let partner = match &info.partner {
+            Some(about) => {
+                let own = split_prefixed(&mut tensors, PARTNER_PREFIX);
+                Some(Box::new(Self::from_parts(
+                    about.info.clone(),
+                    own,
+                    path,
+                    runtime,
+                )?))
+            }
+            None => None,
+        };
         let text = match &info.prompt_layer {
             Some(layer) => {
                 let kept: BTreeMap<String, Tensor> = PromptLayer::tensor_names()
@@ -915,17 +1094,7 @@ impl Model {
         };
         let whole = match info.whole_view {
             Some(_) => {
-                let names: Vec<String> = tensors
-                    .keys()
-                    .filter(|k| k.starts_with(WHOLE_VIEW_PREFIX))
-                    .cloned()
-                    .collect();
-                let mut own = std::collections::HashMap::with_capacity(names.len());
-                for name in names {
-                    if let Some(t) = tensors.remove(&name) {
-                        own.insert(name[WHOLE_VIEW_PREFIX.len()..].to_owned(), t);
-                    }
-                }
+                let mut own = split_prefixed(&mut tensors, WHOLE_VIEW_PREFIX);
                 Some(
                     info.detector
                         .load(info.features.as_ref(), &mut own, path, runtime)?,
@@ -939,6 +1108,7 @@ impl Model {
         Ok(Self {
             detector,
             whole,
+            partner,
             info,
             text,
         })
@@ -946,6 +1116,31 @@ impl Model {
 
     /// The raw score and map of one image, before calibration.
     pub fn inspect_raw(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
+        let first = self.inspect_views(image)?;
+        let (Some(partner), Some(about)) = (&self.partner, &self.info.partner) else {
+            return Ok(first);
+        };
+        let second = partner.inspect_raw(image)?;
+        let mut map = first.map;
+        if map.values.len() != second.map.values.len() {
+            return Err(Error::InvalidConfig(format!(
+                "the pair's maps differ in size ({} and {} values)",
+                map.values.len(),
+                second.map.values.len()
+            )));
+        }
+        for (a, b) in map.values.iter_mut().zip(&second.map.values) {
+            *a = about.scales.fuse(*a, *b);
+        }
+        Ok(RawInspection {
+            score: about.scales.fuse(first.score, second.score),
+            map,
+        })
+    }
+
+    /// [`Model::inspect_raw`] of this model's own detector: its tiles, and
+    /// the whole image beside them where it keeps both views.
+    fn inspect_views(&self, image: &Rgb32FImage) -> Result<RawInspection, Error> {
         let tiled = self
             .detector
             .inspect_tiled(self.info.tiling.as_ref(), image)?;
@@ -1093,20 +1288,40 @@ impl Inspection {
 /// others: its object, prompts, checkpoint and shots sat beside `detector`.
 /// Tensor names of the whole-image view kept beside tiles start with this.
 const WHOLE_VIEW_PREFIX: &str = "whole_view.";
+/// Tensor names of a pair's second detector start with this.
+const PARTNER_PREFIX: &str = "partner.";
 
-/// The two-view model's out-of-fold scores from each view's scores of the
-/// same images and synthetic defects.
-fn fuse_out(scales: &ViewScales, tiles: &OutOfFold, whole: &OutOfFold) -> OutOfFold {
+/// Takes the tensors named `prefix…` out of `tensors`, the prefix removed.
+fn split_prefixed(tensors: &mut HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    let names: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let t = tensors.remove(&name)?;
+            Some((name[prefix.len()..].to_owned(), t))
+        })
+        .collect()
+}
+
+/// The out-of-fold scores of two views (or two detectors) of the same
+/// images and synthetic defects, fused image by image; the procedure named
+/// is the first's.
+fn fuse_out(fuse: impl Fn(f32, f32) -> f32, first: &OutOfFold, second: &OutOfFold) -> OutOfFold {
+    let pairs = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| fuse(*x, *y)).collect();
     OutOfFold {
-        normal: scales.fuse_all(&tiles.normal, &whole.normal),
-        synthetic: tiles
+        normal: pairs(&first.normal, &second.normal),
+        synthetic: first
             .synthetic
             .iter()
-            .zip(&whole.synthetic)
-            .map(|((kind, t), (_, w))| (*kind, scales.fuse_all(t, w)))
+            .zip(&second.synthetic)
+            .map(|((kind, a), (_, b))| (*kind, pairs(a, b)))
             .collect(),
-        procedure: tiles.procedure,
-        folds: tiles.folds,
+        procedure: first.procedure,
+        folds: first.folds,
     }
 }
 
@@ -1398,6 +1613,111 @@ mod tests {
             .unwrap();
         assert_eq!(again.info().whole_view, Some(scales));
         assert_eq!(again.inspect_raw(&image).unwrap().score, fused.score);
+    }
+
+    #[test]
+    fn a_pair_scores_the_mean_of_its_detectors_scaled_scores_and_survives_a_save() {
+        use crate::detectors::padim::PadimConfig;
+        use crate::features::{BackboneKind, Resize, parse_stage};
+        let cells = four_demo_cells();
+        let features = |stages: &[&str]| FeatureConfig {
+            backbone: BackboneKind::Lite0,
+            stages: stages.iter().map(|s| parse_stage(s).unwrap()).collect(),
+            resize: Resize::Fixed {
+                width: 64,
+                height: 64,
+            },
+            weights: None,
+            layers: Vec::new(),
+            precision: Default::default(),
+        };
+        let padim = Member {
+            features: Some(features(&["stage3", "stage4"])),
+            detector: DetectorConfig::Padim(PadimConfig {
+                channels: 20,
+                ..Default::default()
+            }),
+        };
+        let runtime = Runtime::new(candle_core::Device::Cpu);
+        let fit = |options: FitOptions| {
+            Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap()
+        };
+        let first = fit(small_patchcore(features(&["stage4"])));
+        let second = fit(FitOptions {
+            features: padim.features.clone(),
+            detector: padim.detector.clone(),
+            tile: TileChoice::Off,
+            ..FitOptions::default()
+        });
+        let pair = fit(FitOptions {
+            partner: Some(padim.clone()),
+            ..small_patchcore(features(&["stage4"]))
+        });
+        let about = pair.info().partner.as_deref().expect("a partner");
+        assert_eq!(about.scales.first, Scale::of(&first.info().calibration));
+        assert_eq!(about.scales.second, Scale::of(&second.info().calibration));
+        assert_eq!(pair.detector_name(), "patchcore+padim");
+        assert_eq!(pair.summary().detector, "patchcore+padim");
+
+        // A bright square: the pair's score and map are the mean of the two
+        // detectors' scaled ones, and the pair has its own threshold.
+        let mut image = load_image(&cells[0], &ImageLimits::default()).unwrap();
+        for y in 100..140 {
+            for x in 100..140 {
+                image.put_pixel(x, y, image::Rgb([1.0, 1.0, 1.0]));
+            }
+        }
+        let (a, b) = (
+            first.inspect_raw(&image).unwrap(),
+            second.inspect_raw(&image).unwrap(),
+        );
+        let fused = pair.inspect_raw(&image).unwrap();
+        assert_eq!(fused.score, about.scales.fuse(a.score, b.score));
+        let at = 120 * 300 + 120;
+        assert_eq!(
+            fused.map.values[at],
+            about.scales.fuse(a.map.values[at], b.map.values[at])
+        );
+        assert!(
+            fused.score > 0.0,
+            "a white square is above the pair's threshold: {fused:?}"
+        );
+        assert_ne!(pair.info().calibration, first.info().calibration);
+        assert_eq!(pair.info().calibration.normal_images, cells.len());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pair.flawscope");
+        pair.save(&path).unwrap();
+        let back = Model::load(&path, &runtime).unwrap();
+        assert_eq!(
+            back.info().partner.as_ref().map(|p| p.scales),
+            Some(about.scales)
+        );
+        assert_eq!(back.detector_name(), "patchcore+padim");
+        assert_eq!(back.inspect_raw(&image).unwrap().score, fused.score);
+        assert_eq!(
+            back.inspect(&image).unwrap().score,
+            pair.inspect(&image).unwrap().score
+        );
+
+        // A refit keeps the pair, and few shots are refused for it.
+        let again = back
+            .refit(
+                &[],
+                &[],
+                "decisions.db",
+                &runtime,
+                &crate::progress::NoProgress,
+            )
+            .unwrap();
+        assert_eq!(again.detector_name(), "patchcore+padim");
+        assert_eq!(again.inspect_raw(&image).unwrap().score, fused.score);
+        let shots = FitOptions {
+            partner: Some(padim),
+            ..small_patchcore(features(&["stage4"]))
+        };
+        let refused = Model::fit_shots(&cells, 2, &shots, &runtime, &crate::progress::NoProgress);
+        assert!(refused.is_err());
     }
 
     #[test]

@@ -209,6 +209,12 @@ fn fit(
     detector_args: &DetectorArgs,
     json: bool,
 ) -> anyhow::Result<Outcome> {
+    if detector_args.partner(&ClipArgs::default())?.is_some() {
+        return Err(super::UsageError(
+            "bench fit times one detector; time a pair with `flawscope eval`".into(),
+        )
+        .into());
+    }
     let (features, detector_config) = detector_args.configs(&ClipArgs::default(), None)?;
     let all = scan_image_folder(train)
         .with_context(|| format!("reading training images in {}", train.display()))?;

@@ -78,6 +78,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     } else {
         args.detector.configs(&args.clip, args.shots)?
     };
+    let partner = args.detector.partner(&args.clip)?;
     if let Some(k) = args.shots
         && detector.is_calibrated()
         && !mutual
@@ -126,6 +127,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 args.shots,
                 features.as_ref(),
                 &detector,
+                partner.as_ref(),
                 &runtime,
                 &ImageLimits::default(),
                 args.tile.choice(),

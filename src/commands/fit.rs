@@ -55,6 +55,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let (features, detector) = args.detector.fit_configs(&args.clip, args.shots)?;
+    let partner = args.detector.partner(&args.clip)?;
     if let Some(k) = args.shots
         && detector.is_calibrated()
     {
@@ -98,6 +99,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         tile: args.tile.choice(),
         max_mar: args.max_mar,
         limits,
+        partner,
     };
     let started = std::time::Instant::now();
     let fitted = match args.shots {
@@ -148,7 +150,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     };
     eprintln!(
         "fitted {} ({}) on {} images in {:.1} s{}{}; {threshold}; wrote {}",
-        model.info().detector.label(),
+        model.info().detector_label(),
         summary.backbone,
         summary.training_images,
         started.elapsed().as_secs_f64(),

@@ -13,6 +13,7 @@ use flawscope_core::features::{
     BackboneKind, BackbonePrecision, BackboneWeights, FeatureConfig, Resize, default_vit_layers,
     parse_stage, resolve_vit_weights,
 };
+use flawscope_core::model::Member;
 use flawscope_core::tiling::{self, TileChoice};
 use flawscope_core::train::TrainingConfig;
 use flawscope_core::winclip::config::WinClipConfig;
@@ -53,6 +54,13 @@ pub enum DetectorKind {
     /// WinCLIP: CLIP and text prompts, plus --shots K normal images as a
     /// memory (K = 0: zero-shot). Takes --object, --prompt, --clip-weights.
     Winclip,
+    /// PatchCore and PaDiM together: each fitted and calibrated on its own,
+    /// the image scored by the mean of their scores in their own
+    /// calibrations' units (and the maps likewise), the pair calibrated
+    /// again on that mean. Feature options (--stages, --size, --square)
+    /// apply to PatchCore; PaDiM keeps its defaults.
+    #[value(name = "patchcore+padim")]
+    PatchcorePadim,
     /// Mutual scoring (MuSc) of an unlabeled batch: nothing is fitted; `eval`
     /// scores each category's test set as one batch (train/ is not read).
     Musc,
@@ -145,6 +153,25 @@ pub struct DetectorArgs {
 }
 
 impl DetectorArgs {
+    /// The second detector of a pair (`--detector patchcore+padim`): PaDiM
+    /// on its default features, with this backbone, its weights and
+    /// precision; `None` for one detector.
+    pub fn partner(&self, clip: &ClipArgs) -> Result<Option<Member>, UsageError> {
+        if self.detector != DetectorKind::PatchcorePadim {
+            return Ok(None);
+        }
+        let padim = Self {
+            detector: DetectorKind::Padim,
+            stages: None,
+            size: None,
+            square: false,
+            layers: None,
+            ..self.clone()
+        };
+        let (features, detector) = padim.configs(clip, None)?;
+        Ok(Some(Member { features, detector }))
+    }
+
     /// [`configs`](Self::configs) for `fit`, where WinCLIP must be told how
     /// many shots to keep (0 writes a zero-shot model file).
     pub fn fit_configs(
@@ -177,13 +204,15 @@ impl DetectorArgs {
                         .into(),
                 ));
             }
-            DetectorKind::Patchcore => DetectorConfig::PatchCore(PatchCoreConfig {
-                coreset_ratio: self.coreset,
-                max_bank: self.max_bank,
-                seed: self.seed,
-                coarse_side: (self.coarse_size > 0).then_some(self.coarse_size),
-                ..Default::default()
-            }),
+            DetectorKind::Patchcore | DetectorKind::PatchcorePadim => {
+                DetectorConfig::PatchCore(PatchCoreConfig {
+                    coreset_ratio: self.coreset,
+                    max_bank: self.max_bank,
+                    seed: self.seed,
+                    coarse_side: (self.coarse_size > 0).then_some(self.coarse_size),
+                    ..Default::default()
+                })
+            }
             DetectorKind::Padim => DetectorConfig::Padim(PadimConfig {
                 channels: self.padim_channels,
                 seed: self.seed,

@@ -10,7 +10,7 @@ use crate::pipeline::{demo_dir, json_lines};
 fn eval_reports_verdicts_at_the_threshold_for_every_calibrated_detector() {
     let tmp = tempfile::tempdir().unwrap();
     tiny_tile_dataset(&tmp.path().join("tile"));
-    for detector in ["patchcore", "padim", "recon"] {
+    for detector in ["patchcore", "padim", "recon", "patchcore+padim"] {
         let out = flawscope(&[
             "eval",
             "--dataset",
@@ -24,6 +24,7 @@ fn eval_reports_verdicts_at_the_threshold_for_every_calibrated_detector() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{detector}: {stderr}");
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["detector"], detector);
         let at = &report["at_threshold"];
         assert_eq!(at["good_images"], 3, "{detector}: {report}");
         assert_eq!(at["defective_images"], 3, "{detector}: {report}");
