@@ -54,6 +54,9 @@ pub struct CategoryReport {
     /// Why automatic tiling tiled or not, when the fit weighed both.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tiling_decision: Option<crate::tiling::TilingDecision>,
+    /// Which detector an automatic choice kept (`--detector auto`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detector_choice: Option<crate::choice::DetectorChoice>,
     /// Image AUROC of each defect type against all good test images.
     pub per_defect_image_auroc: BTreeMap<String, f64>,
     /// Verdicts at the threshold the model gives users.
@@ -144,6 +147,7 @@ pub fn evaluate_shots(
             tile_side: info.tiling.map(|t| t.side),
             whole_image_view: info.whole_view.is_some(),
             tiling_decision: info.tiling_decision,
+            detector_choice: info.detector_choice.clone(),
             operating_point,
             max_far: threshold.max_far,
             max_mar: threshold.max_mar,
@@ -217,6 +221,7 @@ pub struct FitSummary {
     pub tile_side: Option<u32>,
     pub whole_image_view: bool,
     pub tiling_decision: Option<crate::tiling::TilingDecision>,
+    pub detector_choice: Option<crate::choice::DetectorChoice>,
     /// The model's own operating point (its threshold and estimates).
     pub operating_point: OperatingPoint,
     pub max_far: f64,
@@ -386,6 +391,7 @@ pub fn evaluate_batch(
             tile_side: None,
             whole_image_view: false,
             tiling_decision: None,
+            detector_choice: None,
             operating_point,
             max_far: 0.0,
             max_mar: None,
@@ -447,6 +453,7 @@ impl TestSetResults {
             tile_side: fit.tile_side,
             whole_image_view: fit.whole_image_view,
             tiling_decision: fit.tiling_decision,
+            detector_choice: fit.detector_choice,
             test_images: category.test.len(),
             per_defect_image_auroc,
         })
@@ -559,6 +566,7 @@ mod tests {
             tile_side: None,
             whole_image_view: false,
             tiling_decision: None,
+            detector_choice: None,
             operating_point: point,
             max_far: 0.01,
             max_mar: None,

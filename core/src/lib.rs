@@ -26,6 +26,7 @@
 
 pub mod anomaly_map;
 pub mod calibration;
+pub mod choice;
 pub mod coreset;
 pub mod crossfit;
 pub mod dataset;

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
 use crate::calibration::{Calibration, CalibrationError, DECISION_THRESHOLD, ThresholdMethod};
+use crate::choice::{DetectorChoice, Kept};
 use crate::crossfit::{OutOfFold, score_out_of_fold};
 use crate::detector::{Detector, FitInputs, RawInspection};
 use crate::detectors::patchcore::PatchCoreConfig;
@@ -116,6 +117,10 @@ pub struct ModelInfo {
     /// share one scale ([`Partner`]); absent for one detector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partner: Option<Box<Partner>>,
+    /// The automatic choice between two detectors and their pair, when the
+    /// fit weighed them (`--detector auto`, [`DetectorChoice`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector_choice: Option<DetectorChoice>,
     /// The flawscope version that wrote the file.
     pub written_by: String,
 }
@@ -153,6 +158,10 @@ pub struct Member {
     /// `None` for detectors with their own network.
     pub features: Option<FeatureConfig>,
     pub detector: DetectorConfig,
+    /// Keep whichever of the first detector, this one and the pair misses
+    /// the fewest synthetic defects at its threshold ([`DetectorChoice`])
+    /// instead of the pair.
+    pub pick_best: bool,
 }
 
 impl ModelInfo {
@@ -202,6 +211,9 @@ pub struct ModelSummary {
     /// Why automatic tiling tiled or not, when the fit weighed both.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tiling_decision: Option<TilingDecision>,
+    /// Which detector an automatic choice kept, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detector_choice: Option<DetectorChoice>,
     pub training_images: usize,
     pub memory_bank_size: Option<usize>,
     /// What is inspected and the typed defect descriptions, for
@@ -481,6 +493,37 @@ impl Model {
             second: Scale::of(&second.info.calibration),
         };
         let out = fuse_out(|a, b| scales.fuse(a, b), first_out, second_out);
+        // The pair's raw score is this mean (`first` has no partner yet).
+        let anomalous = score_anomalies(options, progress, |image| {
+            let (a, b) = (first.inspect_raw(image)?, second.inspect_raw(image)?);
+            Ok(scales.fuse(a.score, b.score))
+        })?;
+        let (calibration, missed, scores) = calibrate(&out, &anomalous, options)?;
+        if options.partner.as_ref().is_some_and(|m| m.pick_best) {
+            let names = [
+                first.detector_name(),
+                second.detector_name(),
+                format!("{}+{}", first.detector_name(), second.detector_name()),
+            ];
+            let choice = DetectorChoice::weigh(
+                [&names[0], &names[1], &names[2]],
+                first.info.missed_alarms.as_ref(),
+                second.info.missed_alarms.as_ref(),
+                Some(&missed),
+            );
+            match choice.kept {
+                Kept::First => {
+                    first.info.detector_choice = Some(choice);
+                    return Ok(first);
+                }
+                Kept::Second => {
+                    let mut second = second;
+                    second.info.detector_choice = Some(choice);
+                    return Ok(second);
+                }
+                Kept::Pair => first.info.detector_choice = Some(choice),
+            }
+        }
         first.info.memory_bank_size =
             match (first.info.memory_bank_size, second.info.memory_bank_size) {
                 (Some(a), Some(b)) => Some(a + b),
@@ -491,10 +534,6 @@ impl Model {
             scales,
         }));
         first.partner = Some(Box::new(second));
-        let anomalous = score_anomalies(options, progress, |image| {
-            Ok(first.inspect_raw(image)?.score)
-        })?;
-        let (calibration, missed, scores) = calibrate(&out, &anomalous, options)?;
         first.info.calibration = calibration;
         first.info.missed_alarms = Some(missed);
         first.info.calibration_scores = Some(scores);
@@ -567,6 +606,7 @@ impl Model {
             tiling_decision: None,
             whole_view: None,
             partner: None,
+            detector_choice: None,
             missed_alarms,
             calibration_scores,
             refitted_from: None,
@@ -733,6 +773,7 @@ impl Model {
             partner: self.info.partner.as_ref().map(|p| Member {
                 features: p.info.features.clone(),
                 detector: p.info.detector.clone(),
+                pick_best: false,
             }),
             ..FitOptions::default()
         };
@@ -748,6 +789,7 @@ impl Model {
             scores.labelled = vec![(String::new(), kept(&labelled))];
         }
         model.info.tiling_decision = self.info.tiling_decision;
+        model.info.detector_choice = self.info.detector_choice.clone();
         model.info.refitted_from = Some(Refit {
             database: database.to_owned(),
             added_normal: added_normal
@@ -1008,6 +1050,7 @@ impl Model {
             tile_side: self.info.tiling.map(|t| t.side),
             whole_image_view: self.info.whole_view.is_some(),
             tiling_decision: self.info.tiling_decision,
+            detector_choice: self.info.detector_choice.clone(),
             training_images: self.info.training_images,
             memory_bank_size: self.info.memory_bank_size,
             object,
@@ -1631,13 +1674,15 @@ mod tests {
             layers: Vec::new(),
             precision: Default::default(),
         };
-        let padim = Member {
+        let padim_member = || Member {
             features: Some(features(&["stage3", "stage4"])),
             detector: DetectorConfig::Padim(PadimConfig {
                 channels: 20,
                 ..Default::default()
             }),
+            pick_best: false,
         };
+        let padim = padim_member();
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let fit = |options: FitOptions| {
             Model::fit(&cells, &options, &runtime, &crate::progress::NoProgress).unwrap()
@@ -1718,6 +1763,25 @@ mod tests {
         };
         let refused = Model::fit_shots(&cells, 2, &shots, &runtime, &crate::progress::NoProgress);
         assert!(refused.is_err());
+
+        // Picking the best keeps one of the three as it is, with the evidence.
+        let picked = fit(FitOptions {
+            partner: Some(Member {
+                pick_best: true,
+                ..padim_member()
+            }),
+            ..small_patchcore(features(&["stage4"]))
+        });
+        let choice = picked.info().detector_choice.clone().expect("a choice");
+        let names: Vec<&str> = choice.candidates.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["patchcore", "padim", "patchcore+padim"]);
+        let (kept, expected) = match choice.kept {
+            Kept::First => ("patchcore", a.score),
+            Kept::Second => ("padim", b.score),
+            Kept::Pair => ("patchcore+padim", fused.score),
+        };
+        assert_eq!(picked.detector_name(), kept);
+        assert_eq!(picked.inspect_raw(&image).unwrap().score, expected);
     }
 
     #[test]

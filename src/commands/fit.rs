@@ -187,6 +187,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if let Some(decision) = &summary.tiling_decision {
         eprintln!("automatic tiling {}", decision.describe());
     }
+    if let Some(choice) = &summary.detector_choice {
+        eprintln!("automatic detector choice {}", choice.describe());
+    }
     if let Some(warning) = &summary.calibration_warning {
         eprintln!("warning: {warning}");
     }

@@ -61,6 +61,12 @@ pub enum DetectorKind {
     /// apply to PatchCore; PaDiM keeps its defaults.
     #[value(name = "patchcore+padim")]
     PatchcorePadim,
+    /// PatchCore, PaDiM or the two together, whichever misses the fewest
+    /// synthetic defects at its threshold (decided at fit time, local and
+    /// global kinds weighed equally; PatchCore unless another is better by
+    /// more than 0.01). Fits both, so it takes both fits' time; feature
+    /// options apply to PatchCore.
+    Auto,
     /// Mutual scoring (MuSc) of an unlabeled batch: nothing is fitted; `eval`
     /// scores each category's test set as one batch (train/ is not read).
     Musc,
@@ -153,11 +159,15 @@ pub struct DetectorArgs {
 }
 
 impl DetectorArgs {
-    /// The second detector of a pair (`--detector patchcore+padim`): PaDiM
-    /// on its default features, with this backbone, its weights and
-    /// precision; `None` for one detector.
+    /// The second detector of a pair (`--detector patchcore+padim`, or
+    /// `auto`, which also weighs each alone): PaDiM on its default
+    /// features, with this backbone, its weights and precision; `None` for
+    /// one detector.
     pub fn partner(&self, clip: &ClipArgs) -> Result<Option<Member>, UsageError> {
-        if self.detector != DetectorKind::PatchcorePadim {
+        if !matches!(
+            self.detector,
+            DetectorKind::PatchcorePadim | DetectorKind::Auto
+        ) {
             return Ok(None);
         }
         let padim = Self {
@@ -169,7 +179,11 @@ impl DetectorArgs {
             ..self.clone()
         };
         let (features, detector) = padim.configs(clip, None)?;
-        Ok(Some(Member { features, detector }))
+        Ok(Some(Member {
+            features,
+            detector,
+            pick_best: self.detector == DetectorKind::Auto,
+        }))
     }
 
     /// [`configs`](Self::configs) for `fit`, where WinCLIP must be told how
@@ -204,7 +218,7 @@ impl DetectorArgs {
                         .into(),
                 ));
             }
-            DetectorKind::Patchcore | DetectorKind::PatchcorePadim => {
+            DetectorKind::Patchcore | DetectorKind::PatchcorePadim | DetectorKind::Auto => {
                 DetectorConfig::PatchCore(PatchCoreConfig {
                     coreset_ratio: self.coreset,
                     max_bank: self.max_bank,

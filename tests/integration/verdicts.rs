@@ -10,7 +10,7 @@ use crate::pipeline::{demo_dir, json_lines};
 fn eval_reports_verdicts_at_the_threshold_for_every_calibrated_detector() {
     let tmp = tempfile::tempdir().unwrap();
     tiny_tile_dataset(&tmp.path().join("tile"));
-    for detector in ["patchcore", "padim", "recon", "patchcore+padim"] {
+    for detector in ["patchcore", "padim", "recon", "patchcore+padim", "auto"] {
         let out = flawscope(&[
             "eval",
             "--dataset",
@@ -24,7 +24,18 @@ fn eval_reports_verdicts_at_the_threshold_for_every_calibrated_detector() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{detector}: {stderr}");
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(report["detector"], detector);
+        if detector == "auto" {
+            // One of the three candidates, with the evidence that chose it.
+            let kept = report["detector"].as_str().unwrap();
+            assert!(
+                ["patchcore", "padim", "patchcore+padim"].contains(&kept),
+                "{report}"
+            );
+            let candidates = report["detector_choice"]["candidates"].as_array().unwrap();
+            assert_eq!(candidates.len(), 3, "{report}");
+        } else {
+            assert_eq!(report["detector"], detector);
+        }
         let at = &report["at_threshold"];
         assert_eq!(at["good_images"], 3, "{detector}: {report}");
         assert_eq!(at["defective_images"], 3, "{detector}: {report}");
