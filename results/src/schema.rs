@@ -92,9 +92,22 @@ pub(crate) fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
 /// switching to WAL rewrites its header.
 pub(crate) fn use_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let sql = |e| classify(path, e);
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-        .map_err(sql)?;
+    // Switching to WAL needs the file to itself, and SQLite answers "busy"
+    // at once instead of calling the busy handler when another connection
+    // holds it (processes opening one fresh file together), so retry here
+    // for as long as the busy timeout would have waited.
+    let started = std::time::Instant::now();
+    let mode: String = loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && started.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => break other.map_err(sql)?,
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Corrupt {
             path: path.to_path_buf(),
