@@ -1580,13 +1580,12 @@ mod tests {
         assert_eq!(fresh.is_anomalous, loaded.is_anomalous);
     }
 
-    #[test]
-    fn a_whole_image_view_beside_tiles_scores_the_mean_of_the_two_and_survives_a_save() {
+    /// Lite0 `stages` at 64 × 64: features small enough for many fits.
+    fn tiny_features(stages: &[&str]) -> FeatureConfig {
         use crate::features::{BackboneKind, Resize, parse_stage};
-        let cells = four_demo_cells();
-        let features = FeatureConfig {
+        FeatureConfig {
             backbone: BackboneKind::Lite0,
-            stages: vec![parse_stage("stage4").unwrap()],
+            stages: stages.iter().map(|s| parse_stage(s).unwrap()).collect(),
             resize: Resize::Fixed {
                 width: 64,
                 height: 64,
@@ -1594,7 +1593,50 @@ mod tests {
             weights: None,
             layers: Vec::new(),
             precision: Default::default(),
-        };
+        }
+    }
+
+    /// A demo cell with a white 40-px square: a defect every model flags.
+    fn cell_with_white_square(cell: &Path) -> Rgb32FImage {
+        let mut image = load_image(cell, &ImageLimits::default()).unwrap();
+        for y in 100..140 {
+            for x in 100..140 {
+                image.put_pixel(x, y, image::Rgb([1.0, 1.0, 1.0]));
+            }
+        }
+        image
+    }
+
+    /// `model` saved and loaded back, and refitted with nothing added;
+    /// both must score `image` as `model` does.
+    fn saved_and_refitted(model: &Model, image: &Rgb32FImage, runtime: &Runtime) -> (Model, Model) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.flawscope");
+        model.save(&path).unwrap();
+        let back = Model::load(&path, runtime).unwrap();
+        let raw = model.inspect_raw(image).unwrap().score;
+        assert_eq!(back.inspect_raw(image).unwrap().score, raw);
+        assert_eq!(
+            back.inspect(image).unwrap().score,
+            model.inspect(image).unwrap().score
+        );
+        let again = back
+            .refit(
+                &[],
+                &[],
+                "decisions.db",
+                runtime,
+                &crate::progress::NoProgress,
+            )
+            .unwrap();
+        assert_eq!(again.inspect_raw(image).unwrap().score, raw);
+        (back, again)
+    }
+
+    #[test]
+    fn a_whole_image_view_beside_tiles_scores_the_mean_of_the_two_and_survives_a_save() {
+        let cells = four_demo_cells();
+        let features = tiny_features(&["stage4"]);
         let runtime = Runtime::new(candle_core::Device::Cpu);
         let fit = |tile| {
             let options = FitOptions {
@@ -1611,13 +1653,8 @@ mod tests {
         assert_eq!(scales.tiles, Scale::of(&tiles.info().calibration));
         assert_eq!(scales.whole, Scale::of(&whole.info().calibration));
 
-        // A bright square: its score is the larger of the views' scaled ones.
-        let mut image = load_image(&cells[0], &ImageLimits::default()).unwrap();
-        for y in 100..140 {
-            for x in 100..140 {
-                image.put_pixel(x, y, image::Rgb([1.0, 1.0, 1.0]));
-            }
-        }
+        // A bright square: its score is the mean of the views' scaled ones.
+        let image = cell_with_white_square(&cells[0]);
         let (t, w) = (
             tiles.inspect_raw(&image).unwrap(),
             whole.inspect_raw(&image).unwrap(),
@@ -1633,47 +1670,17 @@ mod tests {
             Some(tiles.info().memory_bank_size.unwrap() + whole.info().memory_bank_size.unwrap())
         );
 
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("both.flawscope");
-        both.save(&path).unwrap();
-        let back = Model::load(&path, &runtime).unwrap();
+        // Saved, loaded and refitted, it keeps both views.
+        let (back, again) = saved_and_refitted(&both, &image, &runtime);
         assert_eq!(back.info().whole_view, Some(scales));
-        assert_eq!(back.inspect_raw(&image).unwrap().score, fused.score);
-        assert_eq!(
-            back.inspect(&image).unwrap().score,
-            both.inspect(&image).unwrap().score
-        );
-
-        // A refit keeps both views.
-        let again = both
-            .refit(
-                &[],
-                &[],
-                "decisions.db",
-                &runtime,
-                &crate::progress::NoProgress,
-            )
-            .unwrap();
         assert_eq!(again.info().whole_view, Some(scales));
-        assert_eq!(again.inspect_raw(&image).unwrap().score, fused.score);
     }
 
     #[test]
     fn a_pair_scores_the_mean_of_its_detectors_scaled_scores_and_survives_a_save() {
         use crate::detectors::padim::PadimConfig;
-        use crate::features::{BackboneKind, Resize, parse_stage};
         let cells = four_demo_cells();
-        let features = |stages: &[&str]| FeatureConfig {
-            backbone: BackboneKind::Lite0,
-            stages: stages.iter().map(|s| parse_stage(s).unwrap()).collect(),
-            resize: Resize::Fixed {
-                width: 64,
-                height: 64,
-            },
-            weights: None,
-            layers: Vec::new(),
-            precision: Default::default(),
-        };
+        let features = tiny_features;
         let padim_member = || Member {
             features: Some(features(&["stage3", "stage4"])),
             detector: DetectorConfig::Padim(PadimConfig {
@@ -1706,12 +1713,7 @@ mod tests {
 
         // A bright square: the pair's score and map are the mean of the two
         // detectors' scaled ones, and the pair has its own threshold.
-        let mut image = load_image(&cells[0], &ImageLimits::default()).unwrap();
-        for y in 100..140 {
-            for x in 100..140 {
-                image.put_pixel(x, y, image::Rgb([1.0, 1.0, 1.0]));
-            }
-        }
+        let image = cell_with_white_square(&cells[0]);
         let (a, b) = (
             first.inspect_raw(&image).unwrap(),
             second.inspect_raw(&image).unwrap(),
@@ -1730,33 +1732,14 @@ mod tests {
         assert_ne!(pair.info().calibration, first.info().calibration);
         assert_eq!(pair.info().calibration.normal_images, cells.len());
 
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pair.flawscope");
-        pair.save(&path).unwrap();
-        let back = Model::load(&path, &runtime).unwrap();
+        // Saved, loaded and refitted, it stays a pair; few shots are refused.
+        let (back, again) = saved_and_refitted(&pair, &image, &runtime);
         assert_eq!(
             back.info().partner.as_ref().map(|p| p.scales),
             Some(about.scales)
         );
         assert_eq!(back.detector_name(), "patchcore+padim");
-        assert_eq!(back.inspect_raw(&image).unwrap().score, fused.score);
-        assert_eq!(
-            back.inspect(&image).unwrap().score,
-            pair.inspect(&image).unwrap().score
-        );
-
-        // A refit keeps the pair, and few shots are refused for it.
-        let again = back
-            .refit(
-                &[],
-                &[],
-                "decisions.db",
-                &runtime,
-                &crate::progress::NoProgress,
-            )
-            .unwrap();
         assert_eq!(again.detector_name(), "patchcore+padim");
-        assert_eq!(again.inspect_raw(&image).unwrap().score, fused.score);
         let shots = FitOptions {
             partner: Some(padim),
             ..small_patchcore(features(&["stage4"]))
