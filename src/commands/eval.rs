@@ -96,7 +96,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let bars = Bars::new(false);
     if !args.json {
         println!(
-            "{:<16} {:<10} {:>9} {:>9} {:>7} {:>7} {:>11} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
+            "{:<16} {:<15} {:>9} {:>9} {:>7} {:>7} {:>11} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
             "category",
             "detector",
             "img AUROC",
@@ -146,7 +146,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         } else {
             let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
             println!(
-                "{:<16} {:<10} {:>9.3} {:>9} {:>7} {:>7.3} {:>11} {:>8.3} {:>10} {:>10} {:>8.1} {:>8.1} {:>8}",
+                "{:<16} {:<15} {:>9.3} {:>9} {:>7} {:>7.3} {:>11} {:>8.3} {:>10} {:>10} {:>8.1} {:>8.1} {:>8}",
                 report.category,
                 report.detector,
                 report.image_auroc,
@@ -168,6 +168,21 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     .memory_bank_size
                     .map_or("-".to_string(), |n| n.to_string()),
             );
+            // What the fit decided on its own, as `fit` reports it.
+            if let Some(decision) = &report.tiling_decision {
+                eprintln!(
+                    "{}: automatic tiling {}",
+                    report.category,
+                    decision.describe()
+                );
+            }
+            if let Some(choice) = &report.detector_choice {
+                eprintln!(
+                    "{}: automatic detector choice {}",
+                    report.category,
+                    choice.describe()
+                );
+            }
         }
     }
     Ok(Outcome::Success)
