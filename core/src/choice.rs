@@ -9,7 +9,10 @@
 //! threshold — the recall a user gets, where AUROC would average over
 //! thresholds nobody runs at. Local kinds (cut-paste, blotch, scratch) and
 //! global kinds (a missing or moved piece) weigh the same, as in the tiling
-//! choice ([`crate::tiling`]).
+//! choice ([`crate::tiling`]). When a missed-alarm target set the
+//! thresholds instead (`--max-mar`), every candidate misses about that
+//! share by construction, and the share of normal images each flags there
+//! tells them apart.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,13 +32,24 @@ pub enum Kept {
     Pair,
 }
 
+/// What the candidates were weighed by (lower is better for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Evidence {
+    /// [`balanced_missed_rate`] at each candidate's own threshold.
+    SyntheticMissed,
+    /// The out-of-fold false-alarm rate at each candidate's own threshold
+    /// (thresholds set by a missed-alarm target).
+    NormalFlagged,
+}
+
 /// The evidence and the outcome; stored in the model file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DetectorChoice {
-    /// Each candidate's name and its balanced missed-alarm rate on
-    /// synthetic defects at its own threshold
-    /// ([`balanced_missed_rate`]): the first detector, the second, the pair.
+    /// Each candidate's name and its rate ([`DetectorChoice::evidence`]):
+    /// the first detector, the second, the pair.
     pub candidates: Vec<(String, f64)>,
+    pub evidence: Evidence,
     pub kept: Kept,
 }
 
@@ -58,18 +72,11 @@ pub fn balanced_missed_rate(estimate: &MissedAlarmEstimate) -> Option<f64> {
 }
 
 impl DetectorChoice {
-    /// The first detector (the default) unless the second misses fewer
-    /// synthetic defects by more than [`CHOICE_MARGIN`]; the pair over
-    /// that single one only when it beats it by the margin too, since it
-    /// costs both detectors' time. Without evidence for a candidate, the
-    /// first is kept.
-    pub fn weigh(
-        names: [&str; 3],
-        first: Option<&MissedAlarmEstimate>,
-        second: Option<&MissedAlarmEstimate>,
-        pair: Option<&MissedAlarmEstimate>,
-    ) -> Self {
-        let rates = [first, second, pair].map(|e| e.and_then(balanced_missed_rate));
+    /// The first detector (the default) unless the second's rate is lower
+    /// by more than [`CHOICE_MARGIN`]; the pair over that single one only
+    /// when it beats it by the margin too, since it costs both detectors'
+    /// time. Without a rate for every candidate, the first is kept.
+    pub fn weigh(names: [&str; 3], evidence: Evidence, rates: [Option<f64>; 3]) -> Self {
         let kept = match rates {
             [Some(a), Some(b), Some(p)] => {
                 let (single, rate) = if b < a - CHOICE_MARGIN {
@@ -91,6 +98,7 @@ impl DetectorChoice {
                 .zip(rates)
                 .filter_map(|(n, r)| Some(((*n).to_owned(), r?)))
                 .collect(),
+            evidence,
             kept,
         }
     }
@@ -112,11 +120,16 @@ impl DetectorChoice {
             .iter()
             .map(|(n, r)| format!("{n} {r:.3}"))
             .collect();
-        format!(
-            "kept {name}: synthetic defects missed at each one's threshold (local and global \
-             kinds weighed equally) {}",
-            rates.join(", ")
-        )
+        let what = match self.evidence {
+            Evidence::SyntheticMissed => {
+                "synthetic defects missed at each one's threshold (local and global kinds \
+                 weighed equally)"
+            }
+            Evidence::NormalFlagged => {
+                "normal images flagged (out of fold) at each one's threshold"
+            }
+        };
+        format!("kept {name}: {what} {}", rates.join(", "))
     }
 }
 
@@ -160,8 +173,8 @@ mod tests {
     #[test]
     fn the_first_is_kept_unless_another_misses_fewer_by_the_margin() {
         let weigh = |a: (f64, f64), b: (f64, f64), p: (f64, f64)| {
-            let (a, b, p) = (estimate(a.0, a.1), estimate(b.0, b.1), estimate(p.0, p.1));
-            DetectorChoice::weigh(NAMES, Some(&a), Some(&b), Some(&p)).kept
+            let rates = [a, b, p].map(|(l, g)| balanced_missed_rate(&estimate(l, g)));
+            DetectorChoice::weigh(NAMES, Evidence::SyntheticMissed, rates).kept
         };
         // MTD-like evidence: the pair beats the better single by 0.015.
         assert_eq!(weigh((0.46, 0.89), (0.28, 0.90), (0.29, 0.86)), Kept::Pair);
@@ -180,18 +193,31 @@ mod tests {
             weigh((0.40, 0.60), (0.20, 0.40), (0.20, 0.39)),
             Kept::Second
         );
-        let choice = DetectorChoice::weigh(NAMES, None, None, None);
+        let choice = DetectorChoice::weigh(NAMES, Evidence::SyntheticMissed, [None; 3]);
         assert_eq!(choice.kept, Kept::First);
         assert!(choice.candidates.is_empty());
+        let partial = [Some(0.5), Some(0.1), None];
+        let choice = DetectorChoice::weigh(NAMES, Evidence::NormalFlagged, partial);
+        assert_eq!(choice.kept, Kept::First);
     }
 
     #[test]
     fn the_report_names_the_kept_one_and_every_rate() {
-        let (a, b, p) = (estimate(0.4, 0.8), estimate(0.2, 0.6), estimate(0.3, 0.7));
-        let text = DetectorChoice::weigh(NAMES, Some(&a), Some(&b), Some(&p)).describe();
-        assert!(text.starts_with("kept padim: "), "{text}");
+        let rates = [(0.4, 0.8), (0.2, 0.6), (0.3, 0.7)]
+            .map(|(l, g)| balanced_missed_rate(&estimate(l, g)));
+        let text = DetectorChoice::weigh(NAMES, Evidence::SyntheticMissed, rates).describe();
+        assert!(
+            text.starts_with("kept padim: synthetic defects missed"),
+            "{text}"
+        );
         assert!(
             text.contains("patchcore 0.600, padim 0.400, patchcore+padim 0.500"),
+            "{text}"
+        );
+        let flagged = [Some(0.02), Some(0.05), Some(0.004)];
+        let text = DetectorChoice::weigh(NAMES, Evidence::NormalFlagged, flagged).describe();
+        assert!(
+            text.starts_with("kept patchcore+padim: normal images flagged"),
             "{text}"
         );
     }

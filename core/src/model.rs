@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::Error;
 use crate::anomaly_map::AnomalyMap;
 use crate::calibration::{Calibration, CalibrationError, DECISION_THRESHOLD, ThresholdMethod};
-use crate::choice::{DetectorChoice, Kept};
+use crate::choice::{DetectorChoice, Evidence, Kept, balanced_missed_rate};
 use crate::crossfit::{OutOfFold, score_out_of_fold};
 use crate::detector::{Detector, FitInputs, RawInspection};
 use crate::detectors::patchcore::PatchCoreConfig;
@@ -505,12 +505,31 @@ impl Model {
                 second.detector_name(),
                 format!("{}+{}", first.detector_name(), second.detector_name()),
             ];
-            let choice = DetectorChoice::weigh(
-                [&names[0], &names[1], &names[2]],
-                first.info.missed_alarms.as_ref(),
-                second.info.missed_alarms.as_ref(),
-                Some(&missed),
-            );
+            // With a missed-alarm target every candidate misses about the
+            // same share; the normal images each flags then tell them apart.
+            let names = [&names[0] as &str, &names[1], &names[2]];
+            let choice = match options.max_mar {
+                None => DetectorChoice::weigh(
+                    names,
+                    Evidence::SyntheticMissed,
+                    [
+                        first.info.missed_alarms.as_ref(),
+                        second.info.missed_alarms.as_ref(),
+                        Some(&missed),
+                    ]
+                    .map(|m| m.and_then(balanced_missed_rate)),
+                ),
+                Some(_) => DetectorChoice::weigh(
+                    names,
+                    Evidence::NormalFlagged,
+                    [
+                        &first.info.calibration,
+                        &second.info.calibration,
+                        &calibration,
+                    ]
+                    .map(|c| Some(c.estimated_far)),
+                ),
+            };
             match choice.kept {
                 Kept::First => {
                     first.info.detector_choice = Some(choice);
@@ -1765,6 +1784,19 @@ mod tests {
         };
         assert_eq!(picked.detector_name(), kept);
         assert_eq!(picked.inspect_raw(&image).unwrap().score, expected);
+        assert_eq!(choice.evidence, Evidence::SyntheticMissed);
+        // With a missed-alarm target, the normal images flagged decide.
+        let by_far = fit(FitOptions {
+            partner: Some(Member {
+                pick_best: true,
+                ..padim_member()
+            }),
+            max_mar: Some(0.5),
+            ..small_patchcore(features(&["stage4"]))
+        });
+        let choice = by_far.info().detector_choice.clone().expect("a choice");
+        assert_eq!(choice.evidence, Evidence::NormalFlagged);
+        assert_eq!(choice.candidates.len(), 3);
     }
 
     #[test]
