@@ -693,7 +693,9 @@ impl Model {
         }
         if options.partner.is_some() {
             return Err(Error::InvalidConfig(
-                "a pair of detectors is fitted on all normal images, not on a few shots".into(),
+                "two detectors (a pair, or --detector auto) are fitted on all normal images, not \
+                 on a few shots"
+                    .into(),
             ));
         }
         let chosen = first_shots(normal, shots, &options.detector)?;

@@ -246,3 +246,27 @@ fn refit_learns_from_ok_and_ng_marks() {
         "no refit record in the file"
     );
 }
+
+#[test]
+fn two_detectors_refuse_a_few_shots_before_fitting() {
+    let train = demo_dir().join("train/good");
+    for detector in ["patchcore+padim", "auto"] {
+        let out = flawscope(&[
+            "fit",
+            "--train",
+            train.to_str().unwrap(),
+            "--detector",
+            detector,
+            "--shots",
+            "2",
+            "--out",
+            "/nonexistent/never-written.flawscope",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{detector}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("fit two on all of them"),
+            "{detector}: {stderr}"
+        );
+    }
+}
