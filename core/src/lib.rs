@@ -12,7 +12,8 @@
 //! (zero-shot, or few-shot with a handful of normal images).
 //! [`tiling`] lets any detector score large or elongated images in tiles at
 //! native resolution; [`synthetic`] pastes defects into normal images so
-//! calibration can estimate the missed-alarm rate.
+//! calibration can estimate the missed-alarm rate, and [`choice`] weighs two
+//! detectors and their pair (a [`model::Partner`]) on those defects.
 //! [`model`] ties detector and calibration into one fitted model stored in
 //! one file ([`model_file`]), optionally with a [`prompt_layer`] that checks
 //! typed defect descriptions with CLIP, calibrated on the normal images; the
