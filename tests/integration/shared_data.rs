@@ -126,3 +126,30 @@ fn shared_mtd_patchcore_accuracy() {
         "{tile}"
     );
 }
+
+#[test]
+#[ignore = "needs ../shared/data; run by .ci/run"]
+fn shared_mtd_auto_keeps_the_pair_and_its_verdicts() {
+    let reports = eval("mtd", "auto");
+    let tile = &reports[0];
+    eprintln!("{tile}");
+    // The synthetic evidence kept the pair (missed 0.577 against PaDiM's
+    // 0.592 and PatchCore's 0.674; docs/operating-points.md).
+    assert_eq!(tile["detector"], "patchcore+padim", "{tile}");
+    assert_eq!(tile["detector_choice"]["kept"], "pair", "{tile}");
+    // Measured: image AUROC 0.970, 2 of 189 good tiles flagged, 228 of 392
+    // defective ones, 0.885 at <= 5 % false alarms (PatchCore: 0.806).
+    assert!(tile["image_auroc"].as_f64().unwrap() >= 0.96, "{tile}");
+    let at = &tile["at_threshold"];
+    assert_eq!(at["calibration_images"], 763, "{at}");
+    let far = at["false_alarm_rate"].as_f64().unwrap();
+    assert!(
+        (0.0025..=0.03).contains(&far),
+        "false-alarm rate {far}: {at}"
+    );
+    assert!(at["recall"].as_f64().unwrap() >= 0.5, "{at}");
+    assert!(
+        tile["recall_at_far"]["0.05"].as_f64().unwrap() >= 0.85,
+        "{tile}"
+    );
+}
