@@ -165,6 +165,25 @@ pub struct Member {
 }
 
 impl ModelInfo {
+    /// How the out-of-fold scores were made; for a pair, each detector's
+    /// way (the pair's threshold rests on the mean of the two).
+    pub fn calibration_procedure(&self) -> Option<String> {
+        let own = |info: &ModelInfo| {
+            let s = info.calibration_scores.as_ref()?;
+            Some(s.procedure.describe(s.folds))
+        };
+        let first = own(self)?;
+        Some(match &self.partner {
+            Some(p) => format!(
+                "{}: {first}; {}: {}; the pair on the mean of both",
+                self.detector.name(),
+                p.info.detector.name(),
+                own(&p.info)?
+            ),
+            None => first,
+        })
+    }
+
     /// The detector's name in reports: `patchcore+padim` for a pair.
     pub fn detector_label(&self) -> String {
         match &self.partner {
@@ -1052,11 +1071,7 @@ impl Model {
             estimated_false_alarm_rate: c.estimated_far,
             false_alarm_upper_bound_95: c.far_upper_95,
             calibration_images: c.normal_images,
-            calibration_procedure: self
-                .info
-                .calibration_scores
-                .as_ref()
-                .map(|s| s.procedure.describe(s.folds)),
+            calibration_procedure: self.info.calibration_procedure(),
             calibration_warning: c.holdout_warning(),
             max_mar: match c.method {
                 ThresholdMethod::MissedAlarmTarget { max_mar } => Some(max_mar),
@@ -1731,6 +1746,11 @@ mod tests {
         assert_eq!(about.scales.second, Scale::of(&second.info().calibration));
         assert_eq!(pair.detector_name(), "patchcore+padim");
         assert_eq!(pair.summary().detector, "patchcore+padim");
+        let procedure = pair.summary().calibration_procedure.unwrap();
+        assert!(
+            procedure.starts_with("patchcore: ") && procedure.contains("; padim: "),
+            "{procedure}"
+        );
 
         // A bright square: the pair's score and map are the mean of the two
         // detectors' scaled ones, and the pair has its own threshold.
