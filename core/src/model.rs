@@ -162,9 +162,22 @@ pub struct Member {
     /// the fewest synthetic defects at its threshold ([`DetectorChoice`])
     /// instead of the pair.
     pub pick_best: bool,
+    /// Its own tiling; `None`: the first's ([`FitOptions::tile`]), each
+    /// detector then deciding for itself where that is automatic.
+    pub tile: Option<TileChoice>,
 }
 
 impl ModelInfo {
+    /// The tiling this model was fitted with, as a fixed choice (what a
+    /// refit keeps).
+    fn tile_kept(&self) -> TileChoice {
+        match (self.tiling, &self.whole_view) {
+            (Some(t), Some(_)) => TileChoice::SideAndWhole(t.side),
+            (Some(t), None) => TileChoice::Side(t.side),
+            (None, _) => TileChoice::Off,
+        }
+    }
+
     /// How the out-of-fold scores were made; for a pair, each detector's
     /// way (the pair's threshold rests on the mean of the two).
     pub fn calibration_procedure(&self) -> Option<String> {
@@ -423,6 +436,7 @@ impl Model {
         let second_options = FitOptions {
             features: member.features.clone(),
             detector: member.detector.clone(),
+            tile: member.tile.unwrap_or(options.tile),
             partner: None,
             ..options.clone()
         };
@@ -805,15 +819,12 @@ impl Model {
                 ThresholdMethod::MissedAlarmTarget { max_mar } => Some(max_mar),
                 _ => None,
             },
-            tile: match (self.info.tiling, &self.info.whole_view) {
-                (Some(t), Some(_)) => TileChoice::SideAndWhole(t.side),
-                (Some(t), None) => TileChoice::Side(t.side),
-                (None, _) => TileChoice::Off,
-            },
+            tile: self.info.tile_kept(),
             partner: self.info.partner.as_ref().map(|p| Member {
                 features: p.info.features.clone(),
                 detector: p.info.detector.clone(),
                 pick_best: false,
+                tile: Some(p.info.tile_kept()),
             }),
             ..FitOptions::default()
         };
@@ -1724,6 +1735,7 @@ mod tests {
                 ..Default::default()
             }),
             pick_best: false,
+            tile: None,
         };
         let padim = padim_member();
         let runtime = Runtime::new(candle_core::Device::Cpu);
@@ -1819,6 +1831,23 @@ mod tests {
         let choice = by_far.info().detector_choice.clone().expect("a choice");
         assert_eq!(choice.evidence, Evidence::NormalFlagged);
         assert_eq!(choice.candidates.len(), 3);
+
+        // Each detector keeps its own tiling, through a refit too.
+        let mixed = fit(FitOptions {
+            tile: TileChoice::Side(160),
+            partner: Some(Member {
+                tile: Some(TileChoice::Off),
+                ..padim_member()
+            }),
+            ..small_patchcore(features(&["stage4"]))
+        });
+        let tilings = |m: &Model| {
+            let second = m.info().partner.as_ref().map(|p| p.info.tiling);
+            (m.info().tiling, second)
+        };
+        assert_eq!(tilings(&mixed), (Some(Tiling { side: 160 }), Some(None)));
+        let (_, again) = saved_and_refitted(&mixed, &image, &runtime);
+        assert_eq!(tilings(&again), tilings(&mixed));
     }
 
     #[test]

@@ -183,6 +183,7 @@ impl DetectorArgs {
             features,
             detector,
             pick_best: self.detector == DetectorKind::Auto,
+            tile: None,
         }))
     }
 
