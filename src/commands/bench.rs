@@ -209,7 +209,7 @@ fn fit(
     detector_args: &DetectorArgs,
     json: bool,
 ) -> anyhow::Result<Outcome> {
-    if detector_args.partner(&ClipArgs::default())?.is_some() {
+    if detector_args.partner(&ClipArgs::default(), None)?.is_some() {
         return Err(super::UsageError(
             "bench fit times one detector; time a pair with `flawscope eval`".into(),
         )

@@ -50,7 +50,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .with_context(|| format!("reading demo sample {}", sample.display()))?;
     let category = &dataset.categories[0];
     let (features, detector) = args.detector.configs(&ClipArgs::default(), None)?;
-    let partner = args.detector.partner(&ClipArgs::default())?;
+    let partner = args.detector.partner(&ClipArgs::default(), None)?;
     let limits = ImageLimits::default();
     let options = FitOptions {
         features,

@@ -78,15 +78,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     } else {
         args.detector.configs(&args.clip, args.shots)?
     };
-    let partner = args.detector.partner(&args.clip)?;
-    if partner.is_some() && args.shots.is_some() {
-        return Err(UsageError(
-            "--shots fits one detector on a few images; patchcore+padim and auto fit two on \
-             all of them"
-                .into(),
-        )
-        .into());
-    }
+    let partner = args.detector.partner(&args.clip, args.shots)?;
     if let Some(k) = args.shots
         && detector.is_calibrated()
         && !mutual

@@ -162,13 +162,25 @@ impl DetectorArgs {
     /// The second detector of a pair (`--detector patchcore+padim`, or
     /// `auto`, which also weighs each alone): PaDiM on its default
     /// features, with this backbone, its weights and precision; `None` for
-    /// one detector.
-    pub fn partner(&self, clip: &ClipArgs) -> Result<Option<Member>, UsageError> {
+    /// one detector. Two detectors fit on all normal images, so `shots`
+    /// is refused.
+    pub fn partner(
+        &self,
+        clip: &ClipArgs,
+        shots: Option<usize>,
+    ) -> Result<Option<Member>, UsageError> {
         if !matches!(
             self.detector,
             DetectorKind::PatchcorePadim | DetectorKind::Auto
         ) {
             return Ok(None);
+        }
+        if shots.is_some() {
+            return Err(UsageError(
+                "--shots fits one detector on a few images; patchcore+padim and auto fit two \
+                 on all of them"
+                    .into(),
+            ));
         }
         let padim = Self {
             detector: DetectorKind::Padim,

@@ -113,6 +113,14 @@ fn shared_mtd_patchcore_accuracy() {
     // The verdict users get at the default --max-far 0.01, the threshold
     // cross-fitted on all 763 training images (measured: 1 of 189 good
     // test tiles flagged, 184 of 392 defective ones).
+    assert_mtd_verdicts(tile, 0.4, 0.75);
+}
+
+/// The false-alarm rate on MTD's good test tiles lies in [0.25 %, 3 %] at
+/// the model's own threshold (cross-fitted on all 763 training images), the
+/// recall there is at least `recall` and at <= 5 % false alarms at least
+/// `recall_at_5`.
+fn assert_mtd_verdicts(tile: &serde_json::Value, recall: f64, recall_at_5: f64) {
     let at = &tile["at_threshold"];
     assert_eq!(at["calibration_images"], 763, "{at}");
     let far = at["false_alarm_rate"].as_f64().unwrap();
@@ -120,9 +128,9 @@ fn shared_mtd_patchcore_accuracy() {
         (0.0025..=0.03).contains(&far),
         "false-alarm rate {far}: {at}"
     );
-    assert!(at["recall"].as_f64().unwrap() >= 0.4, "{at}");
+    assert!(at["recall"].as_f64().unwrap() >= recall, "{at}");
     assert!(
-        tile["recall_at_far"]["0.05"].as_f64().unwrap() >= 0.75,
+        tile["recall_at_far"]["0.05"].as_f64().unwrap() >= recall_at_5,
         "{tile}"
     );
 }
@@ -140,16 +148,5 @@ fn shared_mtd_auto_keeps_the_pair_and_its_verdicts() {
     // Measured: image AUROC 0.970, 2 of 189 good tiles flagged, 228 of 392
     // defective ones, 0.885 at <= 5 % false alarms (PatchCore: 0.806).
     assert!(tile["image_auroc"].as_f64().unwrap() >= 0.96, "{tile}");
-    let at = &tile["at_threshold"];
-    assert_eq!(at["calibration_images"], 763, "{at}");
-    let far = at["false_alarm_rate"].as_f64().unwrap();
-    assert!(
-        (0.0025..=0.03).contains(&far),
-        "false-alarm rate {far}: {at}"
-    );
-    assert!(at["recall"].as_f64().unwrap() >= 0.5, "{at}");
-    assert!(
-        tile["recall_at_far"]["0.05"].as_f64().unwrap() >= 0.85,
-        "{tile}"
-    );
+    assert_mtd_verdicts(tile, 0.5, 0.85);
 }
