@@ -78,43 +78,6 @@ impl PackedPointwise {
         })
     }
 
-    /// `out[i, o, j] = act(bias[o] + Σ_k w[o, k] · x[i, k, j]) + residual[i, o, j]`
-    /// for `n` images of `cin × p` values; returns `n · cout · p` values.
-    /// `act` is ReLU6 when `relu6` is set.
-    ///
-    /// # Panics
-    /// When `x` or `residual` does not have the sizes above (callers check).
-    pub(crate) fn forward(
-        &self,
-        x: &[f32],
-        n: usize,
-        p: usize,
-        relu6: bool,
-        residual: Option<&[f32]>,
-    ) -> Vec<f32> {
-        let (cin, cout) = (self.cin, self.cout);
-        assert_eq!(x.len(), n * cin * p, "pointwise: input size");
-        let total = n * cout * p;
-        if let Some(r) = residual {
-            assert_eq!(r.len(), total, "pointwise: residual size");
-        }
-        let task = |image: usize, rows, cols, out: SharedOut| {
-            let band = Band {
-                x: &x[image * cin * p..][..cin * p],
-                x_stride: p,
-                out_stride: p,
-                relu6,
-                residual: residual.map(|r| &r[image * cout * p..][..cout * p]),
-            };
-            // SAFETY: `in_tasks` gives room for the image's `cout × p`
-            // values at `out`; the CPU has AVX-512F (`new`).
-            unsafe { self.task(&band, rows, cols, out.0) };
-        };
-        // SAFETY: `task` writes every value of its rows × columns, nothing
-        // else.
-        unsafe { in_tasks(n, cout, p, task) }
-    }
-
     /// The first `cols` pixels of every output channel, on the calling
     /// thread: `out[o · out_stride + j]` for `o < cout`, `j < cols`, from
     /// `band.x[k · x_stride + j]` (the fused block's row bands).
@@ -387,9 +350,31 @@ pub(crate) mod x86 {
 pub(crate) trait Packed1x1: Sync {
     fn input_channels(&self) -> usize;
     fn output_channels(&self) -> usize;
-    /// `act(W x + b) + residual` for `n` images of `cin × p` values (see
-    /// [`PackedPointwise::forward`]).
+    /// `out[i, o, j] = act(bias[o] + Σ_k w[o, k] · x[i, k, j]) + residual[i, o, j]`
+    /// for `n` images of `cin × p` values; returns `n · cout · p` values.
+    /// `act` is ReLU6 when `relu6` is set; the bf16 kernel rounds `w` and
+    /// `x` to bf16 first.
+    ///
+    /// # Panics
+    /// When `x` or `residual` does not have the sizes above (callers check).
     fn apply(
+        &self,
+        x: &[f32],
+        n: usize,
+        p: usize,
+        relu6: bool,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let (cin, cout) = (self.input_channels(), self.output_channels());
+        assert_eq!(x.len(), n * cin * p, "pointwise: input size");
+        if let Some(r) = residual {
+            assert_eq!(r.len(), n * cout * p, "pointwise: residual size");
+        }
+        self.kernel(x, n, p, relu6, residual)
+    }
+
+    /// [`Packed1x1::apply`] once its sizes are checked.
+    fn kernel(
         &self,
         x: &[f32],
         n: usize,
@@ -408,7 +393,7 @@ impl Packed1x1 for PackedPointwise {
         self.cout
     }
 
-    fn apply(
+    fn kernel(
         &self,
         x: &[f32],
         n: usize,
@@ -416,7 +401,22 @@ impl Packed1x1 for PackedPointwise {
         relu6: bool,
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
-        self.forward(x, n, p, relu6, residual)
+        let (cin, cout) = (self.cin, self.cout);
+        let task = |image: usize, rows, cols, out: SharedOut| {
+            let band = Band {
+                x: &x[image * cin * p..][..cin * p],
+                x_stride: p,
+                out_stride: p,
+                relu6,
+                residual: residual.map(|r| &r[image * cout * p..][..cout * p]),
+            };
+            // SAFETY: `in_tasks` gives room for the image's `cout × p`
+            // values at `out`; the CPU has AVX-512F (`new`).
+            unsafe { self.task(&band, rows, cols, out.0) };
+        };
+        // SAFETY: `task` writes every value of its rows × columns, nothing
+        // else.
+        unsafe { in_tasks(n, cout, p, task) }
     }
 }
 
@@ -551,7 +551,7 @@ mod tests {
             let packed = PackedPointwise::new(&w, &b, cout, cin).unwrap();
             for relu6 in [false, true] {
                 for r in [None, Some(&res[..])] {
-                    let got = packed.forward(&x, n, p, relu6, r);
+                    let got = packed.apply(&x, n, p, relu6, r);
                     let want = naive(&w, &b, &x, n, cin, p, relu6, r);
                     for (g, e) in got.iter().zip(&want) {
                         let tol = 1e-5 * (1.0 + cin as f32) * 9.0;

@@ -56,73 +56,6 @@ impl PackedPointwiseBf16 {
             bias: bias.to_vec(),
         })
     }
-
-    /// `out[i, o, j] = act(bias[o] + Σ_k w[o, k] · x[i, k, j]) + residual[i,
-    /// o, j]` with `w` and `x` rounded to bf16, for `n` images of `cin × p`
-    /// values; returns `n · cout · p` values.
-    ///
-    /// # Panics
-    /// When `x` or `residual` does not have the sizes above (callers check).
-    pub(crate) fn forward(
-        &self,
-        x: &[f32],
-        n: usize,
-        p: usize,
-        relu6: bool,
-        residual: Option<&[f32]>,
-    ) -> Vec<f32> {
-        let (cin, cout, kp) = (self.cin, self.cout, self.k_pairs);
-        assert_eq!(x.len(), n * cin * p, "pointwise bf16: input size");
-        let total = n * cout * p;
-        if let Some(r) = residual {
-            assert_eq!(r.len(), total, "pointwise bf16: residual size");
-        }
-        // The input as pairs of channels, `[n][k_pairs][p]`.
-        let mut pairs = vec![0u32; n * kp * p];
-        pairs.par_chunks_mut(p).enumerate().for_each(|(row, dst)| {
-            let (image, k2) = (row / kp, 2 * (row % kp));
-            let plane = |k: usize| &x[(image * cin + k) * p..][..p];
-            let hi = (k2 + 1 < cin).then(|| plane(k2 + 1));
-            // SAFETY: `new` only builds the type where AVX512-BF16 exists.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                x86::interleave(plane(k2), hi, dst)
-            };
-        });
-        let task = |image: usize,
-                    rows: std::ops::Range<usize>,
-                    cols: std::ops::Range<usize>,
-                    out: SharedOut| {
-            let xi = &pairs[image * kp * p..][..kp * p];
-            let ri = residual.map(|r| &r[image * cout * p..][..cout * p]);
-            let mut j = cols.start;
-            while j < cols.end {
-                let width = NR.min(cols.end - j);
-                for o in rows.clone().step_by(MR) {
-                    let tile = Tile {
-                        w: &self.panels[(o / MR) * kp * MR..][..kp * MR],
-                        bias: &self.bias[o..cout.min(o + MR)],
-                        x: &xi[j..],
-                        p,
-                        width,
-                        relu6,
-                        residual: ri.map(|r| &r[o * p + j..]),
-                    };
-                    // SAFETY: `in_tasks` gives room for the image's `cout ×
-                    // p` values at `out`; `new` only builds the type where
-                    // AVX512-BF16 exists.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        x86::tile(&tile, out.0.add(o * p + j))
-                    };
-                }
-                j += width;
-            }
-        };
-        // SAFETY: `task` writes every value of its rows × columns (whole
-        // tiles of them), nothing else.
-        unsafe { in_tasks(n, cout, p, task) }
-    }
 }
 
 /// One micro-tile's operands: up to `MR` output channels × `width ≤ NR`
@@ -268,7 +201,7 @@ impl Packed1x1 for PackedPointwiseBf16 {
         self.cout
     }
 
-    fn apply(
+    fn kernel(
         &self,
         x: &[f32],
         n: usize,
@@ -276,7 +209,52 @@ impl Packed1x1 for PackedPointwiseBf16 {
         relu6: bool,
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
-        self.forward(x, n, p, relu6, residual)
+        let (cin, cout, kp) = (self.cin, self.cout, self.k_pairs);
+        // The input as pairs of channels, `[n][k_pairs][p]`.
+        let mut pairs = vec![0u32; n * kp * p];
+        pairs.par_chunks_mut(p).enumerate().for_each(|(row, dst)| {
+            let (image, k2) = (row / kp, 2 * (row % kp));
+            let plane = |k: usize| &x[(image * cin + k) * p..][..p];
+            let hi = (k2 + 1 < cin).then(|| plane(k2 + 1));
+            // SAFETY: `new` only builds the type where AVX512-BF16 exists.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::interleave(plane(k2), hi, dst)
+            };
+        });
+        let task = |image: usize,
+                    rows: std::ops::Range<usize>,
+                    cols: std::ops::Range<usize>,
+                    out: SharedOut| {
+            let xi = &pairs[image * kp * p..][..kp * p];
+            let ri = residual.map(|r| &r[image * cout * p..][..cout * p]);
+            let mut j = cols.start;
+            while j < cols.end {
+                let width = NR.min(cols.end - j);
+                for o in rows.clone().step_by(MR) {
+                    let tile = Tile {
+                        w: &self.panels[(o / MR) * kp * MR..][..kp * MR],
+                        bias: &self.bias[o..cout.min(o + MR)],
+                        x: &xi[j..],
+                        p,
+                        width,
+                        relu6,
+                        residual: ri.map(|r| &r[o * p + j..]),
+                    };
+                    // SAFETY: `in_tasks` gives room for the image's `cout ×
+                    // p` values at `out`; `new` only builds the type where
+                    // AVX512-BF16 exists.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        x86::tile(&tile, out.0.add(o * p + j))
+                    };
+                }
+                j += width;
+            }
+        };
+        // SAFETY: `task` writes every value of its rows × columns (whole
+        // tiles of them), nothing else.
+        unsafe { in_tasks(n, cout, p, task) }
     }
 }
 
@@ -320,7 +298,7 @@ mod tests {
             let packed = PackedPointwiseBf16::new(&w, &b, cout, cin).unwrap();
             for relu6 in [false, true] {
                 for r in [None, Some(&res[..])] {
-                    let got = packed.forward(&x, n, p, relu6, r);
+                    let got = packed.apply(&x, n, p, relu6, r);
                     for i in 0..n {
                         for o in 0..cout {
                             for j in 0..p {
