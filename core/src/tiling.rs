@@ -250,15 +250,6 @@ impl ViewScales {
     pub fn fuse(&self, tiles: f32, whole: f32) -> f32 {
         0.5 * (self.tiles.apply(tiles) + self.whole.apply(whole))
     }
-
-    /// One list from two lists of raw scores of the same images.
-    pub fn fuse_all(&self, tiles: &[f32], whole: &[f32]) -> Vec<f32> {
-        tiles
-            .iter()
-            .zip(whole)
-            .map(|(t, w)| self.fuse(*t, *w))
-            .collect()
-    }
 }
 
 /// How a model cuts images into tiles; stored in the model file.
@@ -602,7 +593,6 @@ mod tests {
         assert_eq!(scales.fuse(8.0, 3.0), 1.5);
         // …a little above it does not.
         assert_eq!(scales.fuse(11.0, 0.5), -0.25);
-        assert_eq!(scales.fuse_all(&[8.0, 11.0], &[3.0, 0.5]), vec![1.5, -0.25]);
     }
 
     #[test]
